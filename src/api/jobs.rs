@@ -1,0 +1,190 @@
+//! `/v1/jobs`: follow, long-poll and cancel background jobs.
+
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::{Query, parse_id};
+use super::problem::Problem;
+use super::{AppState, PageQuery, accepted, page};
+use crate::domain::{Job, JobKind, JobStatus, TargetType, Uuid};
+use crate::error::{Error, ErrorCode, Result};
+use crate::store;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_jobs)).routes(routes!(get_job)).routes(routes!(cancel_job))
+}
+
+/// The resource a job works on.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobTarget {
+    #[serde(rename = "type")]
+    pub target_type: TargetType,
+    pub id: Uuid,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobError {
+    /// Same codes as problem answers (e.g. `insufficient_storage`, `vm_running`, `qemu_failed`).
+    pub code: String,
+    pub message: String,
+}
+
+/// A background job.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "019a6f5e-7c1d-7b3e-9f2a-3c4d5e6f7a8b",
+    "kind": "snapshot_delete",
+    "status": "succeeded",
+    "progress": 100,
+    "target": {"type": "snapshot", "id": "019a6f5e-1111-7b3e-9f2a-3c4d5e6f7a8b"},
+    "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
+    "created_at": "2026-11-21T10:00:00Z",
+    "started_at": "2026-11-21T10:00:00.010Z",
+    "finished_at": "2026-11-21T10:00:00.420Z",
+    "cancel_requested": false,
+    "error": null,
+    "detail": {"merges": [{"disk_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "action": "commit",
+        "commit_bytes": 1048576, "stream_bytes": 536870912, "bytes_to_copy": 1048576}], "space_needed_bytes": 1048576}
+}))]
+pub struct JobView {
+    pub id: Uuid,
+    pub kind: JobKind,
+    pub status: JobStatus,
+    /// 0 to 100.
+    pub progress: u8,
+    pub target: JobTarget,
+    pub vm_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub cancel_requested: bool,
+    pub error: Option<JobError>,
+    /// What the planner chose once the job started: for snapshot deletions, per disk
+    /// the merge `action` (`drop`, `commit`, `stream`) and the byte estimates compared.
+    #[schema(value_type = Option<Object>)]
+    pub detail: Option<serde_json::Value>,
+}
+
+impl From<Job> for JobView {
+    fn from(job: Job) -> Self {
+        let error = job.error_code.map(|code| JobError { code, message: job.error_message.unwrap_or_default() });
+        Self {
+            id: job.id,
+            kind: job.kind,
+            status: job.status,
+            progress: job.progress,
+            target: JobTarget { target_type: job.target_type, id: job.target_id },
+            vm_id: job.vm_id,
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            cancel_requested: job.cancel_requested,
+            error,
+            detail: job.detail,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    pub items: Vec<JobView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct JobFilterQuery {
+    /// Only jobs in this status.
+    pub status: Option<JobStatus>,
+    /// Only jobs of this VM.
+    pub vm_id: Option<Uuid>,
+    /// Only jobs of this kind.
+    pub kind: Option<JobKind>,
+}
+
+/// List jobs, newest first.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    params(JobFilterQuery, PageQuery),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobList),
+        (status = 400, description = "Bad filter, limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_jobs(
+    State(state): State<AppState>,
+    Query(filter): Query<JobFilterQuery>,
+    Query(page_query): Query<PageQuery>,
+) -> Result<axum::Json<JobList>> {
+    let (limit, cursor) = page_query.parse()?;
+    let filter = store::jobs::JobFilter { status: filter.status, vm_id: filter.vm_id, kind: filter.kind };
+    let mut conn = state.engine.db.reader().await?;
+    let rows = store::jobs::list(&mut conn, &filter, cursor, limit + 1).await?;
+    let (rows, next_cursor) = page(rows, limit, |j| j.id);
+    Ok(axum::Json(JobList { items: rows.into_iter().map(JobView::from).collect(), next_cursor }))
+}
+
+/// Longest long-poll accepted, in seconds.
+pub const MAX_WAIT_SECONDS: u64 = 60;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WaitQuery {
+    /// Hold the answer until the job ends or this many seconds pass (0 to 60).
+    #[param(maximum = 60, example = 30)]
+    pub wait: Option<u64>,
+}
+
+/// Get a job, optionally waiting for it to end.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id"), WaitQuery),
+    responses(
+        (status = 200, description = "The job (ended, or as it stands when the wait ran out)", body = JobView),
+        (status = 400, description = "`wait` out of range (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job (`job_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_job(State(state): State<AppState>, Path(id): Path<String>, Query(wait): Query<WaitQuery>) -> Result<axum::Json<JobView>> {
+    let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;
+    let wait = wait.wait.unwrap_or(0);
+    if wait > MAX_WAIT_SECONDS {
+        return Err(Error::problem(ErrorCode::InvalidQuery, format!("wait must be at most {MAX_WAIT_SECONDS} seconds")));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut changes = state.engine.subscribe();
+    loop {
+        let job = load(&state, id).await?;
+        if job.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+            return Ok(axum::Json(job.into()));
+        }
+        // Wake on any job change, or poll now and then in case a change raced us.
+        let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)), changes.changed()).await;
+    }
+}
+
+async fn load(state: &AppState, id: Uuid) -> Result<Job> {
+    let mut conn = state.engine.db.reader().await?;
+    store::jobs::get(&mut conn, id).await?.ok_or_else(|| Error::problem(ErrorCode::JobNotFound, format!("job {id} does not exist")))
+}
+
+/// Cancel a job. A queued job is cancelled at once; a running one stops at its next
+/// safe point and rolls back, which is possible until it starts rewriting a file's own
+/// content (a commit): after that it is refused.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 202, description = "Cancelled (queued job) or cancel requested (running job)", body = JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 404, description = "No such job (`job_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job has ended or passed its point of no return (`job_not_cancellable`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+    let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;
+    let job = state.engine.cancel(id).await?;
+    Ok(accepted(job.into()))
+}

@@ -1,0 +1,143 @@
+//! The HTTP API: one router per resource, request/response types with OpenAPI
+//! derives, and the OpenAPI document itself. Handlers validate, write the records and
+//! the job in one transaction and answer 202; they never run qemu-img.
+
+mod extract;
+pub mod jobs;
+pub mod problem;
+pub mod snapshots;
+pub mod system;
+pub mod vms;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa::openapi::OpenApi;
+use utoipa::{IntoParams, OpenApi as _};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::domain::Uuid;
+use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::Engine;
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    /// Largest disk size accepted, in bytes.
+    pub max_disk_size: u64,
+    /// Turns true once interrupted jobs have been recovered.
+    pub ready: Arc<AtomicBool>,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "strata",
+        description = "Manage VM disks, snapshot trees, clones and templates on qcow2 files. \
+            Every operation that touches disk files answers 202 with a job (`Location: /v1/jobs/{id}`); \
+            errors are RFC 9457 problem documents with a stable `code`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0")
+    ),
+    tags(
+        (name = "vms", description = "VMs and their disks"),
+        (name = "snapshots", description = "Snapshot trees: create, revert, delete (with merges)"),
+        (name = "jobs", description = "Background jobs that touch disk files"),
+        (name = "system", description = "Health and the API description"),
+    )
+)]
+struct ApiDoc;
+
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(vms::routes())
+        .merge(snapshots::routes())
+        .merge(jobs::routes())
+        .merge(system::routes())
+}
+
+/// The service's routes, with problem answers for unknown paths and methods.
+pub fn router(state: AppState) -> axum::Router {
+    let (router, _) = api_router().split_for_parts();
+    router
+        .fallback(|| async { Error::problem(ErrorCode::RouteNotFound, "no endpoint at this path; see /v1/openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            Error::problem(ErrorCode::MethodNotAllowed, "this endpoint does not support the method; see /v1/openapi.json")
+        })
+        .with_state(state)
+}
+
+/// The OpenAPI document, generated from the same handler list as the router; served at
+/// /v1/openapi.json and checked in as openapi/openapi.json.
+pub fn openapi_document() -> OpenApi {
+    let (_, mut api) = api_router().split_for_parts();
+    api.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    api
+}
+
+/// `limit` and `cursor` of every list endpoint.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// Items per page, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000, example = 100)]
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+pub const MAX_PAGE: u32 = 1000;
+
+impl PageQuery {
+    /// The validated limit and the id the page starts after.
+    pub fn parse(&self) -> Result<(u32, Option<Uuid>)> {
+        let limit = self.limit.unwrap_or(100);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(Error::problem(ErrorCode::InvalidQuery, format!("limit must be between 1 and {MAX_PAGE}")));
+        }
+        let cursor = match self.cursor.as_deref() {
+            None | Some("") => None,
+            Some(text) => Some(
+                text.parse()
+                    .map_err(|_| Error::problem(ErrorCode::InvalidCursor, "cursor must be the next_cursor of a previous page"))?,
+            ),
+        };
+        Ok((limit, cursor))
+    }
+}
+
+/// Cut a page fetched with `limit + 1` rows to `limit` and give the next cursor.
+pub fn page<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> Uuid) -> (Vec<T>, Option<String>) {
+    if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        let next = rows.last().map(|r| id(r).to_string());
+        (rows, next)
+    } else {
+        (rows, None)
+    }
+}
+
+/// 202 Accepted with the job and where to follow it.
+pub fn accepted(job: jobs::JobView) -> Response {
+    let location = format!("/v1/jobs/{}", job.id);
+    let mut response = (StatusCode::ACCEPTED, axum::Json(job)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// Map a UNIQUE violation on a name column to `name_taken`.
+pub fn name_conflict(error: Error, detail: impl FnOnce() -> String) -> Error {
+    if crate::store::is_unique_violation(&error) { Error::problem(ErrorCode::NameTaken, detail()) } else { error }
+}
+
+/// The OpenAPI document as pretty JSON with a trailing newline (the checked-in form).
+pub fn openapi_json_pretty() -> String {
+    let mut text = serde_json::to_string_pretty(&openapi_document()).expect("the document serialises");
+    text.push('\n');
+    text
+}

@@ -1,0 +1,345 @@
+//! `/v1/vms/{id}/snapshots` and `/v1/snapshots/{id}`: the snapshot tree of a VM.
+
+use chrono::{DateTime, Utc};
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::{Json, Query, parse_id};
+use super::problem::Problem;
+use super::vms::{enqueue, find_vm, require_ready, require_stopped};
+use super::{AppState, PageQuery, name_conflict, page};
+use crate::domain::{JobKind, ResourceStatus, Snapshot, TargetType, Uuid, Vm, new_id, validate};
+use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::{preflight, storage};
+use crate::store;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_snapshots, create_snapshot, delete_all_snapshots))
+        .routes(routes!(get_snapshot, delete_snapshot))
+        .routes(routes!(revert_snapshot))
+}
+
+/// The layer a snapshot froze on one disk.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnapshotVolume {
+    pub disk_id: Uuid,
+    pub volume_id: Uuid,
+    /// Absolute path of the frozen qcow2 file.
+    pub path: String,
+}
+
+/// A restore point covering every disk the VM had when it was taken.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "019a6f5e-1111-7b3e-9f2a-3c4d5e6f7a8b", "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
+    "name": "before-upgrade", "description": "", "parent_id": null, "created_at": "2026-11-21T10:00:00Z",
+    "status": "ready", "is_current": true,
+    "volumes": [{"disk_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "volume_id": "019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b",
+        "path": "/var/lib/strata/volumes/019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b.qcow2"}]
+}))]
+pub struct SnapshotView {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub name: String,
+    pub description: String,
+    /// The snapshot this one was taken after (its parent in the tree).
+    pub parent_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    /// `error`: a deletion failed part-way; the snapshot cannot be reverted to, only
+    /// deleted again.
+    pub status: ResourceStatus,
+    /// True for the snapshot the VM's present state grows from.
+    pub is_current: bool,
+    pub volumes: Vec<SnapshotVolume>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnapshotList {
+    pub items: Vec<SnapshotView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+    /// The snapshot the present state grows from.
+    pub current_snapshot_id: Option<Uuid>,
+}
+
+/// A snapshot with the snapshots taken after it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnapshotNode {
+    #[serde(flatten)]
+    pub snapshot: SnapshotView,
+    #[schema(no_recursion)]
+    pub children: Vec<SnapshotNode>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnapshotTree {
+    pub vm_id: Uuid,
+    pub current_snapshot_id: Option<Uuid>,
+    /// Snapshots without a parent (normally one), each with its subtree.
+    pub roots: Vec<SnapshotNode>,
+}
+
+/// `?view=list` (default) or `?view=tree`.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum SnapshotListing {
+    List(SnapshotList),
+    Tree(SnapshotTree),
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ListView {
+    #[default]
+    List,
+    Tree,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListSnapshotsQuery {
+    /// `list` (flat, paginated) or `tree` (nested, whole tree).
+    pub view: Option<ListView>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "before-upgrade", "description": "kernel 6.12 upgrade"}))]
+pub struct CreateSnapshot {
+    /// Unique among the VM's snapshots.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+fn snapshot_view(state: &AppState, vm: &Vm, snapshot: Snapshot) -> SnapshotView {
+    let dir = &state.engine.config.volumes_dir;
+    SnapshotView {
+        is_current: vm.current_snapshot_id == Some(snapshot.id),
+        id: snapshot.id,
+        vm_id: snapshot.vm_id,
+        name: snapshot.name,
+        description: snapshot.description,
+        parent_id: snapshot.parent_id,
+        created_at: snapshot.created_at,
+        status: snapshot.status,
+        volumes: snapshot
+            .volumes
+            .into_iter()
+            .map(|(disk_id, volume_id)| SnapshotVolume {
+                disk_id,
+                volume_id,
+                path: storage::volume_path(dir, volume_id).display().to_string(),
+            })
+            .collect(),
+    }
+}
+
+fn build_tree(parent: Option<Uuid>, views: &mut Vec<SnapshotView>) -> Vec<SnapshotNode> {
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(views).into_iter().partition(|v| v.parent_id == parent);
+    *views = rest;
+    mine.into_iter()
+        .map(|snapshot| {
+            let children = build_tree(Some(snapshot.id), views);
+            SnapshotNode { snapshot, children }
+        })
+        .collect()
+}
+
+async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<(Snapshot, Vm)> {
+    let id = parse_id(id, ErrorCode::SnapshotNotFound, "snapshot")?;
+    let snapshot = store::snapshots::get(conn, id)
+        .await?
+        .ok_or_else(|| Error::problem(ErrorCode::SnapshotNotFound, format!("snapshot {id} does not exist")))?;
+    let vm = store::vms::get_vm(conn, snapshot.vm_id)
+        .await?
+        .ok_or_else(|| Error::problem(ErrorCode::SnapshotNotFound, format!("snapshot {id} does not exist")))?;
+    Ok((snapshot, vm))
+}
+
+/// Take a snapshot of every disk of a (stopped) VM at once.
+#[utoipa::path(post, path = "/v1/vms/{id}/snapshots", tag = "snapshots", request_body = CreateSnapshot,
+    params(("id" = Uuid, Path, description = "VM id")),
+    responses(
+        (status = 202, description = "The snapshot exists with status `creating`", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Invalid name or description (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name used (`name_taken`), VM running (`vm_running`), without disks (`vm_has_no_disks`) or not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn create_snapshot(State(state): State<AppState>, Path(id): Path<String>, Json(body): Json<CreateSnapshot>) -> Result<Response> {
+    validate::name("name", &body.name).map_err(Error::validation)?;
+    validate::description(&body.description).map_err(Error::validation)?;
+    let mut tx = state.engine.db.begin().await?;
+    let vm = find_vm(&mut tx, &id).await?;
+    require_ready(&vm)?;
+    require_stopped(&vm, "take an offline snapshot")?;
+    if store::vms::list_disks(&mut tx, vm.id).await?.is_empty() {
+        return Err(Error::problem(ErrorCode::VmHasNoDisks, format!("VM {} has no disks to snapshot", vm.name)));
+    }
+    let snapshot = Snapshot {
+        id: new_id(),
+        vm_id: vm.id,
+        name: body.name,
+        description: body.description,
+        // Provisional: the job sets the VM's current snapshot at the time it runs.
+        parent_id: vm.current_snapshot_id,
+        status: ResourceStatus::Creating,
+        created_at: store::now(),
+        volumes: Vec::new(),
+    };
+    store::snapshots::insert(&mut tx, &snapshot)
+        .await
+        .map_err(|e| name_conflict(e, || format!("VM {} already has a snapshot named {}", vm.name, snapshot.name)))?;
+    enqueue(&state, tx, JobKind::SnapshotCreate, (TargetType::Snapshot, snapshot.id), vm.id, serde_json::json!({})).await
+}
+
+/// List a VM's snapshots (flat and paginated, or as a tree).
+#[utoipa::path(get, path = "/v1/vms/{id}/snapshots", tag = "snapshots",
+    params(("id" = Uuid, Path, description = "VM id"), ListSnapshotsQuery, PageQuery),
+    responses(
+        (status = 200, description = "`SnapshotList` for `view=list`, `SnapshotTree` for `view=tree`", body = SnapshotListing),
+        (status = 400, description = "Bad view, limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_snapshots(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<ListSnapshotsQuery>,
+    Query(page_query): Query<PageQuery>,
+) -> Result<axum::Json<SnapshotListing>> {
+    let (limit, cursor) = page_query.parse()?;
+    let mut conn = state.engine.db.reader().await?;
+    let vm = find_vm(&mut conn, &id).await?;
+    Ok(axum::Json(match query.view.unwrap_or_default() {
+        ListView::List => {
+            let rows = store::snapshots::list(&mut conn, vm.id, cursor, limit + 1).await?;
+            let (rows, next_cursor) = page(rows, limit, |s| s.id);
+            SnapshotListing::List(SnapshotList {
+                items: rows.into_iter().map(|s| snapshot_view(&state, &vm, s)).collect(),
+                next_cursor,
+                current_snapshot_id: vm.current_snapshot_id,
+            })
+        }
+        ListView::Tree => {
+            let rows = store::snapshots::list(&mut conn, vm.id, None, u32::MAX).await?;
+            let mut views: Vec<SnapshotView> = rows.into_iter().map(|s| snapshot_view(&state, &vm, s)).collect();
+            let roots = build_tree(None, &mut views);
+            SnapshotListing::Tree(SnapshotTree { vm_id: vm.id, current_snapshot_id: vm.current_snapshot_id, roots })
+        }
+    }))
+}
+
+/// Get one snapshot.
+#[utoipa::path(get, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = Uuid, Path, description = "Snapshot id")),
+    responses(
+        (status = 200, description = "The snapshot", body = SnapshotView),
+        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<SnapshotView>> {
+    let mut conn = state.engine.db.reader().await?;
+    let (snapshot, vm) = find_snapshot(&mut conn, &id).await?;
+    Ok(axum::Json(snapshot_view(&state, &vm, snapshot)))
+}
+
+/// Refuse deleting a snapshot that another job creates, deletes or reverts to.
+async fn require_deletable(conn: &mut sqlx::SqliteConnection, snapshot: &Snapshot) -> Result<()> {
+    match snapshot.status {
+        ResourceStatus::Ready | ResourceStatus::Error => {}
+        ResourceStatus::Deleting => {
+            return Err(Error::problem(ErrorCode::SnapshotBusy, format!("snapshot {} is already being deleted", snapshot.name)));
+        }
+        status => {
+            return Err(Error::problem(ErrorCode::SnapshotNotReady, format!("snapshot {} is {status}", snapshot.name)));
+        }
+    }
+    let reverts = store::jobs::pending_for_target(conn, snapshot.id, &[JobKind::SnapshotRevert]).await?;
+    if let Some(job) = reverts.first() {
+        return Err(Error::with_extra(
+            ErrorCode::SnapshotBusy,
+            format!("a revert to snapshot {} is pending (job {})", snapshot.name, job.id),
+            serde_json::json!({ "job_ids": [job.id] }),
+        ));
+    }
+    Ok(())
+}
+
+/// Delete a snapshot. Every other snapshot and the present state keep their exact
+/// content: the layer is dropped if nothing sits on it, else merged with its child in
+/// the cheaper direction (the job's `detail.merges` tells which).
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = Uuid, Path, description = "Snapshot id")),
+    responses(
+        (status = 202, description = "The snapshot is `deleting`", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Being deleted or reverted to (`snapshot_busy`), still being created (`snapshot_not_ready`), the merge would touch the running VM's chain (`vm_running`), or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "Not enough free space for the merge (`insufficient_storage`, with `needed_bytes` and `available_bytes`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+    let (snapshot, vm) = find_snapshot(&mut *state.engine.db.reader().await?, &id).await?;
+    preflight(&state.engine, JobKind::SnapshotDelete, vm.id, snapshot.id, &serde_json::Value::Null).await?;
+    let mut tx = state.engine.db.begin().await?;
+    let (snapshot, vm) = find_snapshot(&mut tx, &id).await?;
+    require_ready(&vm)?;
+    require_deletable(&mut tx, &snapshot).await?;
+    store::snapshots::set_status(&mut tx, snapshot.id, ResourceStatus::Deleting).await?;
+    let params = serde_json::json!({ "previous_status": snapshot.status });
+    enqueue(&state, tx, JobKind::SnapshotDelete, (TargetType::Snapshot, snapshot.id), vm.id, params).await
+}
+
+/// Delete every snapshot of a VM: each disk collapses into one file holding the
+/// present state.
+#[utoipa::path(delete, path = "/v1/vms/{id}/snapshots", tag = "snapshots", params(("id" = Uuid, Path, description = "VM id")),
+    responses(
+        (status = 202, description = "All snapshots are `deleting`", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A snapshot is busy (`snapshot_busy`, `snapshot_not_ready`), the VM is running (`vm_running`) or not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "Not enough free space for the merge (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_all_snapshots(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+    let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+    preflight(&state.engine, JobKind::SnapshotDeleteAll, vm.id, vm.id, &serde_json::Value::Null).await?;
+    let mut tx = state.engine.db.begin().await?;
+    let vm = find_vm(&mut tx, &id).await?;
+    require_ready(&vm)?;
+    let snapshots = store::snapshots::list(&mut tx, vm.id, None, u32::MAX).await?;
+    let mut previous = Vec::new();
+    for snapshot in &snapshots {
+        require_deletable(&mut tx, snapshot).await?;
+        previous.push(serde_json::json!({ "id": snapshot.id, "previous_status": snapshot.status }));
+    }
+    for snapshot in &snapshots {
+        store::snapshots::set_status(&mut tx, snapshot.id, ResourceStatus::Deleting).await?;
+    }
+    let params = serde_json::json!({ "snapshots": previous });
+    enqueue(&state, tx, JobKind::SnapshotDeleteAll, (TargetType::Vm, vm.id), vm.id, params).await
+}
+
+/// Revert the VM to a snapshot: its present state is replaced by a new empty layer on
+/// the snapshot. Later snapshots stay in the tree (writing now opens a new branch).
+#[utoipa::path(post, path = "/v1/snapshots/{id}/revert", tag = "snapshots", params(("id" = Uuid, Path, description = "Snapshot id")),
+    responses(
+        (status = 202, description = "The revert job was queued", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "VM running (`vm_running`), snapshot not ready or failed (`snapshot_not_ready`), VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn revert_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+    let mut tx = state.engine.db.begin().await?;
+    let (snapshot, vm) = find_snapshot(&mut tx, &id).await?;
+    require_ready(&vm)?;
+    require_stopped(&vm, "revert")?;
+    if snapshot.status != ResourceStatus::Ready {
+        return Err(Error::problem(
+            ErrorCode::SnapshotNotReady,
+            format!("snapshot {} is {}; only a ready snapshot can be reverted to", snapshot.name, snapshot.status),
+        ));
+    }
+    enqueue(&state, tx, JobKind::SnapshotRevert, (TargetType::Snapshot, snapshot.id), vm.id, serde_json::json!({})).await
+}

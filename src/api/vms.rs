@@ -1,0 +1,511 @@
+//! `/v1/vms` and `/v1/vms/{id}/disks`: VMs and their disks.
+
+use chrono::{DateTime, Utc};
+use std::collections::HashSet;
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::{Json, Query, parse_id};
+use super::problem::Problem;
+use super::{AppState, PageQuery, accepted, name_conflict, page};
+use crate::domain::{Disk, JobKind, ResourceStatus, TargetType, Uuid, Vm, VmState, Volume, VolumeStatus, new_id, validate};
+use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::storage;
+use crate::store::{self, Tx};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_vms, create_vm))
+        .routes(routes!(get_vm, patch_vm, delete_vm))
+        .routes(routes!(list_disks, create_disk))
+        .routes(routes!(get_disk, delete_disk))
+        .routes(routes!(resize_disk))
+}
+
+/// Role of a layer in a disk's chain.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeRole {
+    /// The writable top that a hypervisor opens.
+    Active,
+    /// A layer frozen by a snapshot (read-only while anything sits on it).
+    Snapshot,
+}
+
+/// One qcow2 file in a disk's backing chain.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChainEntry {
+    pub volume_id: Uuid,
+    /// Absolute path of the file.
+    pub path: String,
+    pub role: VolumeRole,
+    /// The snapshot that froze this layer (role `snapshot`).
+    pub snapshot_id: Option<Uuid>,
+    /// Virtual size of the layer.
+    pub size_bytes: u64,
+    /// Bytes the file occupies on disk.
+    pub allocated_bytes: u64,
+    /// `rewriting` while a merge changes the file's own content (its snapshot is not
+    /// usable until the job ends), `deleting` while it is about to go.
+    pub status: VolumeStatus,
+}
+
+/// A virtual disk: a chain of qcow2 files, of which the top is writable.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DiskView {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub name: String,
+    /// Guest-visible size.
+    pub size_bytes: u64,
+    /// Image format of every layer (`qcow2`).
+    pub format: String,
+    pub status: ResourceStatus,
+    /// Absolute path of the writable qcow2 a hypervisor should open (absent until the
+    /// disk has been created).
+    pub active_path: Option<String>,
+    /// The backing chain, top (active) first.
+    pub chain: Vec<ChainEntry>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A VM with its disks.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "web-01", "description": "front end",
+    "state": "stopped", "status": "ready", "current_snapshot_id": null,
+    "disks": [{"id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
+        "name": "root", "size_bytes": 10737418240u64, "format": "qcow2", "status": "ready",
+        "active_path": "/var/lib/strata/volumes/019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b.qcow2",
+        "chain": [{"volume_id": "019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b",
+            "path": "/var/lib/strata/volumes/019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b.qcow2", "role": "active",
+            "snapshot_id": null, "size_bytes": 10737418240u64, "allocated_bytes": 200704, "status": "ready"}],
+        "created_at": "2026-11-21T10:00:00Z"}],
+    "created_at": "2026-11-21T10:00:00Z", "updated_at": "2026-11-21T10:00:00Z"
+}))]
+pub struct VmView {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    /// Power state, set by the orchestrator.
+    pub state: VmState,
+    pub status: ResourceStatus,
+    /// The snapshot the present state grows from.
+    pub current_snapshot_id: Option<Uuid>,
+    pub disks: Vec<DiskView>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VmList {
+    pub items: Vec<VmView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "root", "size_bytes": 10737418240u64}))]
+pub struct NewDisk {
+    /// Unique within the VM.
+    pub name: String,
+    /// Positive multiple of 512, at most the configured maximum.
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "web-01", "description": "front end", "disks": [{"name": "root", "size_bytes": 10737418240u64}]}))]
+pub struct CreateVm {
+    /// Unique among VMs.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub disks: Vec<NewDisk>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"state": "running"}))]
+pub struct PatchVm {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// Set by the orchestrator when it starts or stops the VM. While `running`,
+    /// snapshot, revert, resize and merges of the active chain are refused.
+    pub state: Option<VmState>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"size_bytes": 21474836480u64}))]
+pub struct ResizeDisk {
+    /// New size: larger than the current one, a multiple of 512.
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct VmFilter {
+    /// Only the VM with exactly this name.
+    pub name: Option<String>,
+}
+
+/// Paths of the disk's chain, top first, with live allocation figures.
+fn disk_view(state: &AppState, disk: Disk, volumes: &[Volume]) -> DiskView {
+    let dir = &state.engine.config.volumes_dir;
+    let mut chain = Vec::new();
+    let mut next = disk.active_volume_id;
+    while let Some(id) = next {
+        let Some(volume) = volumes.iter().find(|v| v.id == id) else { break };
+        let path = storage::volume_path(dir, id);
+        chain.push(ChainEntry {
+            volume_id: id,
+            path: path.display().to_string(),
+            role: if volume.snapshot_id.is_some() { VolumeRole::Snapshot } else { VolumeRole::Active },
+            snapshot_id: volume.snapshot_id,
+            size_bytes: volume.size_bytes,
+            allocated_bytes: storage::allocated_bytes(&path),
+            status: volume.status,
+        });
+        next = volume.parent_id;
+    }
+    DiskView {
+        id: disk.id,
+        vm_id: disk.vm_id,
+        name: disk.name,
+        size_bytes: disk.size_bytes,
+        format: "qcow2".into(),
+        status: disk.status,
+        active_path: chain.first().map(|c| c.path.clone()),
+        chain,
+        created_at: disk.created_at,
+    }
+}
+
+async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) -> Result<VmView> {
+    let disks = store::vms::list_disks(conn, vm.id).await?;
+    let volumes = store::vms::list_volumes(conn, vm.id).await?;
+    Ok(VmView {
+        id: vm.id,
+        name: vm.name,
+        description: vm.description,
+        state: vm.state,
+        status: vm.status,
+        current_snapshot_id: vm.current_snapshot_id,
+        disks: disks.into_iter().map(|d| disk_view(state, d, &volumes)).collect(),
+        created_at: vm.created_at,
+        updated_at: vm.updated_at,
+    })
+}
+
+pub(crate) async fn find_vm(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<Vm> {
+    let id = parse_id(id, ErrorCode::VmNotFound, "VM")?;
+    store::vms::get_vm(conn, id).await?.ok_or_else(|| Error::problem(ErrorCode::VmNotFound, format!("VM {id} does not exist")))
+}
+
+async fn find_disk(conn: &mut sqlx::SqliteConnection, vm: &Vm, id: &str) -> Result<Disk> {
+    let id = parse_id(id, ErrorCode::DiskNotFound, "disk")?;
+    match store::vms::get_disk(conn, id).await? {
+        Some(disk) if disk.vm_id == vm.id => Ok(disk),
+        _ => Err(Error::problem(ErrorCode::DiskNotFound, format!("VM {} has no disk {id}", vm.name))),
+    }
+}
+
+/// Refuse work on a VM that is still being created, is going away, or failed.
+pub(crate) fn require_ready(vm: &Vm) -> Result<()> {
+    if vm.status != ResourceStatus::Ready {
+        return Err(Error::problem(ErrorCode::VmNotReady, format!("VM {} is {}, not ready", vm.name, vm.status)));
+    }
+    Ok(())
+}
+
+pub(crate) fn require_stopped(vm: &Vm, action: &str) -> Result<()> {
+    if vm.state == VmState::Running {
+        return Err(Error::problem(ErrorCode::VmRunning, format!("cannot {action} while VM {} is running; stop it first", vm.name)));
+    }
+    Ok(())
+}
+
+fn validate_disks(disks: &[NewDisk], max: u64) -> Result<()> {
+    let mut names = HashSet::new();
+    for (i, disk) in disks.iter().enumerate() {
+        validate::name(&format!("disks[{i}].name"), &disk.name).map_err(Error::validation)?;
+        validate::disk_size(disk.size_bytes, max).map_err(|m| Error::validation(format!("disks[{i}].{m}")))?;
+        if !names.insert(disk.name.as_str()) {
+            return Err(Error::problem(ErrorCode::NameTaken, format!("disk name {} is used twice", disk.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Insert a queued job inside the caller's transaction, commit, and wake the workers.
+pub(crate) async fn enqueue(
+    state: &AppState,
+    mut tx: Tx,
+    kind: JobKind,
+    target: (TargetType, Uuid),
+    vm: Uuid,
+    params: serde_json::Value,
+) -> Result<Response> {
+    let job = store::jobs::new_job(kind, target.0, target.1, Some(vm), params);
+    store::jobs::insert(&mut tx, &job).await?;
+    tx.commit().await?;
+    state.engine.notify_enqueued();
+    Ok(accepted(job.into()))
+}
+
+/// Create a VM and its disks (empty qcow2 files).
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVm,
+    responses(
+        (status = 202, description = "The VM exists with status `creating`; the job creates its disk files", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Invalid name, description or size (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name already used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) -> Result<Response> {
+    validate::name("name", &body.name).map_err(Error::validation)?;
+    validate::description(&body.description).map_err(Error::validation)?;
+    validate_disks(&body.disks, state.max_disk_size)?;
+    let now = store::now();
+    let vm = Vm {
+        id: new_id(),
+        name: body.name,
+        description: body.description,
+        state: VmState::Stopped,
+        status: ResourceStatus::Creating,
+        current_snapshot_id: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let mut tx = state.engine.db.begin().await?;
+    store::vms::insert_vm(&mut tx, &vm).await.map_err(|e| name_conflict(e, || format!("a VM named {} already exists", vm.name)))?;
+    for disk in body.disks {
+        let disk = Disk {
+            id: new_id(),
+            vm_id: vm.id,
+            name: disk.name,
+            size_bytes: disk.size_bytes,
+            status: ResourceStatus::Creating,
+            active_volume_id: None,
+            created_at: now,
+        };
+        store::vms::insert_disk(&mut tx, &disk).await?;
+    }
+    enqueue(&state, tx, JobKind::VmCreate, (TargetType::Vm, vm.id), vm.id, serde_json::json!({})).await
+}
+
+/// List VMs in creation order.
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", params(VmFilter, PageQuery),
+    responses(
+        (status = 200, description = "A page of VMs", body = VmList),
+        (status = 400, description = "Bad limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_vms(State(state): State<AppState>, Query(filter): Query<VmFilter>, Query(page_query): Query<PageQuery>) -> Result<axum::Json<VmList>> {
+    let (limit, cursor) = page_query.parse()?;
+    let mut conn = state.engine.db.reader().await?;
+    let rows = store::vms::list_vms(&mut conn, filter.name.as_deref(), cursor, limit + 1).await?;
+    let (rows, next_cursor) = page(rows, limit, |vm| vm.id);
+    let mut items = Vec::with_capacity(rows.len());
+    for vm in rows {
+        items.push(vm_view(&state, &mut conn, vm).await?);
+    }
+    Ok(axum::Json(VmList { items, next_cursor }))
+}
+
+/// Get a VM with its disks and their chains.
+#[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(("id" = Uuid, Path, description = "VM id")),
+    responses(
+        (status = 200, description = "The VM", body = VmView),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<VmView>> {
+    let mut conn = state.engine.db.reader().await?;
+    let vm = find_vm(&mut conn, &id).await?;
+    Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
+}
+
+/// Rename a VM, change its description, or record its power state.
+#[utoipa::path(patch, path = "/v1/vms/{id}", tag = "vms", request_body = PatchVm, params(("id" = Uuid, Path, description = "VM id")),
+    responses(
+        (status = 200, description = "The updated VM", body = VmView),
+        (status = 400, description = "Invalid field (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name already used (`name_taken`), or jobs still work on the VM's files so it cannot be marked running (`vm_busy`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn patch_vm(State(state): State<AppState>, Path(id): Path<String>, Json(body): Json<PatchVm>) -> Result<axum::Json<VmView>> {
+    if let Some(name) = &body.name {
+        validate::name("name", name).map_err(Error::validation)?;
+    }
+    if let Some(description) = &body.description {
+        validate::description(description).map_err(Error::validation)?;
+    }
+    let mut tx = state.engine.db.begin().await?;
+    let mut vm = find_vm(&mut tx, &id).await?;
+    if body.state == Some(VmState::Running) && vm.state != VmState::Running {
+        let pending = store::jobs::pending_for_vm(&mut tx, vm.id).await?;
+        if !pending.is_empty() {
+            return Err(Error::with_extra(
+                ErrorCode::VmBusy,
+                format!("VM {} has {} unfinished job(s) working on its files; wait for them before starting it", vm.name, pending.len()),
+                serde_json::json!({ "job_ids": pending.iter().map(|j| j.id).collect::<Vec<_>>() }),
+            ));
+        }
+    }
+    if let Some(name) = body.name {
+        vm.name = name;
+    }
+    if let Some(description) = body.description {
+        vm.description = description;
+    }
+    if let Some(power) = body.state {
+        vm.state = power;
+    }
+    vm.updated_at = store::now();
+    store::vms::update_vm(&mut tx, &vm).await.map_err(|e| name_conflict(e, || format!("a VM named {} already exists", vm.name)))?;
+    tx.commit().await?;
+    let mut conn = state.engine.db.reader().await?;
+    Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
+}
+
+/// Delete a VM with all its disks, snapshots and files.
+#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", params(("id" = Uuid, Path, description = "VM id")),
+    responses(
+        (status = 202, description = "The VM is `deleting`; the job removes its files and records", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The VM is running (`vm_running`) or already being deleted (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+    let mut tx = state.engine.db.begin().await?;
+    let vm = find_vm(&mut tx, &id).await?;
+    if vm.status == ResourceStatus::Deleting {
+        return Err(Error::problem(ErrorCode::VmNotReady, format!("VM {} is already being deleted", vm.name)));
+    }
+    require_stopped(&vm, "delete the VM")?;
+    store::vms::set_vm_status(&mut tx, vm.id, ResourceStatus::Deleting).await?;
+    let params = serde_json::json!({ "previous_status": vm.status });
+    enqueue(&state, tx, JobKind::VmDelete, (TargetType::Vm, vm.id), vm.id, params).await
+}
+
+/// List a VM's disks.
+#[utoipa::path(get, path = "/v1/vms/{id}/disks", tag = "vms", params(("id" = Uuid, Path, description = "VM id")),
+    responses(
+        (status = 200, description = "The VM's disks", body = Vec<DiskView>),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_disks(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<Vec<DiskView>>> {
+    let mut conn = state.engine.db.reader().await?;
+    let vm = find_vm(&mut conn, &id).await?;
+    Ok(axum::Json(vm_view(&state, &mut conn, vm).await?.disks))
+}
+
+/// Add a disk (an empty qcow2 file) to a VM.
+#[utoipa::path(post, path = "/v1/vms/{id}/disks", tag = "vms", request_body = NewDisk, params(("id" = Uuid, Path, description = "VM id")),
+    responses(
+        (status = 202, description = "The disk exists with status `creating`", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Invalid name or size (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name used in this VM (`name_taken`) or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn create_disk(State(state): State<AppState>, Path(id): Path<String>, Json(body): Json<NewDisk>) -> Result<Response> {
+    validate_disks(std::slice::from_ref(&body), state.max_disk_size)?;
+    let mut tx = state.engine.db.begin().await?;
+    let vm = find_vm(&mut tx, &id).await?;
+    require_ready(&vm)?;
+    let disk = Disk {
+        id: new_id(),
+        vm_id: vm.id,
+        name: body.name,
+        size_bytes: body.size_bytes,
+        status: ResourceStatus::Creating,
+        active_volume_id: None,
+        created_at: store::now(),
+    };
+    store::vms::insert_disk(&mut tx, &disk)
+        .await
+        .map_err(|e| name_conflict(e, || format!("VM {} already has a disk named {}", vm.name, disk.name)))?;
+    enqueue(&state, tx, JobKind::DiskCreate, (TargetType::Disk, disk.id), vm.id, serde_json::json!({})).await
+}
+
+/// Get one disk with its chain.
+#[utoipa::path(get, path = "/v1/vms/{vm_id}/disks/{disk_id}", tag = "vms",
+    params(("vm_id" = Uuid, Path, description = "VM id"), ("disk_id" = Uuid, Path, description = "Disk id")),
+    responses(
+        (status = 200, description = "The disk", body = DiskView),
+        (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_disk(State(state): State<AppState>, Path((vm_id, disk_id)): Path<(String, String)>) -> Result<axum::Json<DiskView>> {
+    let mut conn = state.engine.db.reader().await?;
+    let vm = find_vm(&mut conn, &vm_id).await?;
+    let disk = find_disk(&mut conn, &vm, &disk_id).await?;
+    let volumes = store::vms::list_volumes(&mut conn, vm.id).await?;
+    Ok(axum::Json(disk_view(&state, disk, &volumes)))
+}
+
+/// Remove a disk, its layers in every snapshot, and its files.
+#[utoipa::path(delete, path = "/v1/vms/{vm_id}/disks/{disk_id}", tag = "vms",
+    params(("vm_id" = Uuid, Path, description = "VM id"), ("disk_id" = Uuid, Path, description = "Disk id")),
+    responses(
+        (status = 202, description = "The disk is `deleting`", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "VM running (`vm_running`), VM or disk not ready (`vm_not_ready`, `disk_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_disk(State(state): State<AppState>, Path((vm_id, disk_id)): Path<(String, String)>) -> Result<Response> {
+    let mut tx = state.engine.db.begin().await?;
+    let vm = find_vm(&mut tx, &vm_id).await?;
+    let disk = find_disk(&mut tx, &vm, &disk_id).await?;
+    require_ready(&vm)?;
+    require_stopped(&vm, "remove a disk")?;
+    if !matches!(disk.status, ResourceStatus::Ready | ResourceStatus::Error) {
+        return Err(Error::problem(ErrorCode::DiskNotReady, format!("disk {} is {}", disk.name, disk.status)));
+    }
+    store::vms::set_disk_status(&mut tx, disk.id, ResourceStatus::Deleting).await?;
+    let params = serde_json::json!({ "previous_status": disk.status });
+    enqueue(&state, tx, JobKind::DiskDelete, (TargetType::Disk, disk.id), vm.id, params).await
+}
+
+/// Grow a disk. Only the writable top grows; snapshots keep the size they had, and a
+/// revert restores it.
+#[utoipa::path(post, path = "/v1/vms/{vm_id}/disks/{disk_id}/resize", tag = "vms", request_body = ResizeDisk,
+    params(("vm_id" = Uuid, Path, description = "VM id"), ("disk_id" = Uuid, Path, description = "Disk id")),
+    responses(
+        (status = 202, description = "The disk grows when the job runs", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Invalid size (`validation_failed`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not larger than now (`disk_shrink_refused`), VM running (`vm_running`), or not ready (`vm_not_ready`, `disk_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn resize_disk(
+    State(state): State<AppState>,
+    Path((vm_id, disk_id)): Path<(String, String)>,
+    Json(body): Json<ResizeDisk>,
+) -> Result<Response> {
+    validate::disk_size(body.size_bytes, state.max_disk_size).map_err(Error::validation)?;
+    let mut tx = state.engine.db.begin().await?;
+    let vm = find_vm(&mut tx, &vm_id).await?;
+    let disk = find_disk(&mut tx, &vm, &disk_id).await?;
+    require_ready(&vm)?;
+    require_stopped(&vm, "resize a disk")?;
+    if disk.status != ResourceStatus::Ready {
+        return Err(Error::problem(ErrorCode::DiskNotReady, format!("disk {} is {}", disk.name, disk.status)));
+    }
+    if body.size_bytes <= disk.size_bytes {
+        return Err(Error::with_extra(
+            ErrorCode::DiskShrinkRefused,
+            format!("disk {} is {} bytes; a resize must make it larger (shrinking would cut guest data)", disk.name, disk.size_bytes),
+            serde_json::json!({ "current_size_bytes": disk.size_bytes }),
+        ));
+    }
+    let params = serde_json::json!({ "size_bytes": body.size_bytes, "previous_status": disk.status });
+    enqueue(&state, tx, JobKind::DiskResize, (TargetType::Disk, disk.id), vm.id, params).await
+}

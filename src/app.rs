@@ -1,0 +1,166 @@
+//! Wires the service together: data directory, database, qemu-img, job engine, HTTP
+//! router with its middleware, recovery of interrupted jobs, and graceful shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::api::{self, AppState};
+use crate::api::problem::Problem;
+use crate::config::ServeConfig;
+use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::{Engine, EngineConfig};
+use crate::qemu::Qemu;
+use crate::store::Db;
+
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info,sqlx=warn,tower_http=info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Run the service until SIGINT or SIGTERM.
+pub async fn serve(config: ServeConfig) -> Result<()> {
+    let volumes_dir = config.data_dir.join("volumes");
+    std::fs::create_dir_all(&volumes_dir)
+        .map_err(|e| Error::Internal(format!("cannot create data directory {}: {e}", volumes_dir.display())))?;
+    let data_dir = std::fs::canonicalize(&config.data_dir)?;
+    let volumes_dir = data_dir.join("volumes");
+    check_qemu_img(&config).await?;
+    let db = Db::open(&data_dir.join("strata.db")).await?;
+    let qemu = Qemu::new(config.qemu_img.clone(), Duration::from_secs(config.copy_timeout_secs));
+    let engine = Engine::new(
+        db.clone(),
+        qemu,
+        EngineConfig {
+            workers: config.workers,
+            volumes_dir,
+            reserved_bytes: config.reserved_space,
+            fault: config.fault.clone(),
+        },
+    );
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = AppState { engine: Arc::clone(&engine), max_disk_size: config.max_disk_size, ready: Arc::clone(&ready) };
+    let app = with_middleware(api::router(state), &config);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Internal(format!("cannot listen on {}: {e}", config.listen)))?;
+    let address = listener.local_addr()?;
+    // Printed on stdout so scripts and tests learn the port when --listen asks for 0.
+    println!("strata listening on http://{address}");
+    tracing::info!(%address, data_dir = %data_dir.display(), "strata started");
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let jobs = {
+        let engine = Arc::clone(&engine);
+        let shutdown_rx = shutdown_rx.clone();
+        tokio::spawn(async move {
+            match engine.recover().await {
+                Ok(count) if count > 0 => tracing::info!(count, "interrupted jobs recovered"),
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "recovering interrupted jobs failed"),
+            }
+            ready.store(true, Ordering::Release);
+            let workers = engine.spawn_workers(shutdown_rx);
+            for worker in workers {
+                let _ = worker.await;
+            }
+        })
+    };
+
+    let mut http_shutdown = shutdown_rx.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = http_shutdown.wait_for(|stop| *stop).await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    if tokio::time::timeout(grace, jobs).await.is_err() {
+        tracing::warn!("jobs still running after the grace period; they resume at the next start");
+    }
+    let _ = tokio::time::timeout(grace, server).await;
+    db.close().await;
+    Ok(())
+}
+
+async fn check_qemu_img(config: &ServeConfig) -> Result<()> {
+    let output = tokio::process::Command::new(&config.qemu_img).arg("--version").output().await.map_err(|e| {
+        Error::Internal(format!("cannot run {} ({e}); install qemu-utils or pass --qemu-img", config.qemu_img.display()))
+    })?;
+    let version = String::from_utf8_lossy(&output.stdout);
+    tracing::info!(version = %version.lines().next().unwrap_or_default(), "qemu-img found");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+fn with_middleware(router: axum::Router, config: &ServeConfig) -> axum::Router {
+    let mut router = router
+        .layer(axum::middleware::map_response(problem_for_bare_errors))
+        .layer(RequestBodyLimitLayer::new(config.body_limit))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(config.request_timeout_secs)))
+        .layer(TraceLayer::new_for_http());
+    if !config.cors_origins.is_empty() {
+        let origin = if config.cors_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(config.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        };
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(origin)
+                .allow_methods(tower_http::cors::Any)
+                .allow_headers(tower_http::cors::Any)
+                .expose_headers([header::LOCATION]),
+        );
+    }
+    router
+}
+
+/// Middleware (body limit, timeout) answers with bare status codes; give them the same
+/// problem shape as every other error.
+async fn problem_for_bare_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if is_problem || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
+        StatusCode::NOT_FOUND => ErrorCode::RouteNotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
+        s if s.is_client_error() => ErrorCode::ValidationFailed,
+        _ => ErrorCode::Internal,
+    };
+    Problem::new(code, code.title().to_owned(), None).into_response()
+}

@@ -1,0 +1,74 @@
+//! Command line and environment (`STRATA_*`) configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "strata", version, about = "REST service for VM disks, snapshot trees, clones and templates on qcow2 files")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service.
+    Serve(ServeConfig),
+    /// Print the OpenAPI document (the one checked in as openapi/openapi.json).
+    Openapi,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "STRATA_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Directory for the database (strata.db) and the image files (volumes/); created
+    /// if missing.
+    #[arg(long, env = "STRATA_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Jobs that may run at once (jobs of one VM always run one after another).
+    #[arg(long, env = "STRATA_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+
+    /// Largest disk size accepted, in bytes (default 16 TiB).
+    #[arg(long, env = "STRATA_MAX_DISK_SIZE", default_value_t = 16 << 40)]
+    pub max_disk_size: u64,
+
+    /// Free space, in bytes, that a merge must leave on the data file system.
+    #[arg(long, env = "STRATA_RESERVED_SPACE", default_value_t = 256 << 20)]
+    pub reserved_space: u64,
+
+    /// The qemu-img binary.
+    #[arg(long, env = "STRATA_QEMU_IMG", default_value = "qemu-img")]
+    pub qemu_img: PathBuf,
+
+    /// Longest a single data-copying qemu-img call (commit, rebase) may run, in seconds.
+    #[arg(long, env = "STRATA_COPY_TIMEOUT", default_value_t = 24 * 3600)]
+    pub copy_timeout_secs: u64,
+
+    /// Longest an HTTP request may take, in seconds (long-polls wait at most 60).
+    #[arg(long, env = "STRATA_REQUEST_TIMEOUT", default_value_t = 90)]
+    pub request_timeout_secs: u64,
+
+    /// Largest JSON request body, in bytes.
+    #[arg(long, env = "STRATA_BODY_LIMIT", default_value_t = 1 << 20)]
+    pub body_limit: usize,
+
+    /// Origins allowed to call the API from a browser (repeat the flag, or `*`).
+    #[arg(long = "cors-origin", env = "STRATA_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Seconds to let running jobs reach a step boundary on shutdown before the process
+    /// exits (interrupted jobs resume at the next start).
+    #[arg(long, env = "STRATA_SHUTDOWN_GRACE", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+
+    /// Test-only crash injection: `<job kind>:<point>` aborts the process there.
+    #[arg(long, env = "STRATA_FAULT", hide = true)]
+    pub fault: Option<String>,
+}

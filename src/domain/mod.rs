@@ -1,0 +1,162 @@
+//! Pure domain types and rules: resource states, validation and the chain planner.
+//! Nothing here knows about HTTP, SQL or processes, so every rule is unit-testable.
+
+pub mod plan;
+pub mod validate;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub use uuid::Uuid;
+
+/// Sort-friendly unique id (UUIDv7) for every resource and job.
+pub fn new_id() -> Uuid {
+    Uuid::now_v7()
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some(Self::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Power state of a VM, reported by the orchestrator that runs it.
+    VmState { Stopped => "stopped", Running => "running" }
+);
+string_enum!(
+    /// Lifecycle of a VM, disk or snapshot record while background jobs work on it.
+    /// `error` means a job failed part-way: the record is kept so it can be inspected
+    /// and deleted again; a snapshot in `error` cannot be reverted to.
+    ResourceStatus { Creating => "creating", Ready => "ready", Deleting => "deleting", Error => "error" }
+);
+string_enum!(
+    /// State of one qcow2 file. `rewriting` marks a file whose own content is being
+    /// changed by a merge (oVirt calls such a volume ILLEGAL): only the chains above it
+    /// are guaranteed to read correctly until the job ends.
+    VolumeStatus { Ready => "ready", Rewriting => "rewriting", Deleting => "deleting" }
+);
+string_enum!(
+    /// What a job does; one runner per kind.
+    JobKind {
+        VmCreate => "vm_create",
+        VmDelete => "vm_delete",
+        DiskCreate => "disk_create",
+        DiskDelete => "disk_delete",
+        DiskResize => "disk_resize",
+        SnapshotCreate => "snapshot_create",
+        SnapshotDelete => "snapshot_delete",
+        SnapshotDeleteAll => "snapshot_delete_all",
+        SnapshotRevert => "snapshot_revert",
+    }
+);
+string_enum!(
+    JobStatus { Queued => "queued", Running => "running", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" }
+);
+string_enum!(
+    /// Kind of resource a job works on.
+    TargetType { Vm => "vm", Disk => "disk", Snapshot => "snapshot" }
+);
+
+impl JobStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+pub type Timestamp = chrono::DateTime<chrono::Utc>;
+
+/// A VM record as stored.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub state: VmState,
+    pub status: ResourceStatus,
+    pub current_snapshot_id: Option<Uuid>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub name: String,
+    pub size_bytes: u64,
+    pub status: ResourceStatus,
+    pub active_volume_id: Option<Uuid>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub id: Uuid,
+    pub disk_id: Uuid,
+    pub parent_id: Option<Uuid>,
+    pub size_bytes: u64,
+    pub status: VolumeStatus,
+    /// The snapshot that froze this layer, if any.
+    pub snapshot_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub id: Uuid,
+    pub vm_id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub parent_id: Option<Uuid>,
+    pub status: ResourceStatus,
+    pub created_at: Timestamp,
+    /// (disk id, frozen volume id) for each disk the snapshot covers.
+    pub volumes: Vec<(Uuid, Uuid)>,
+}
+
+/// A job as stored: the API view leaves out the journal.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub seq: i64,
+    pub id: Uuid,
+    pub kind: JobKind,
+    pub status: JobStatus,
+    pub progress: u8,
+    pub target_type: TargetType,
+    pub target_id: Uuid,
+    pub vm_id: Option<Uuid>,
+    pub params: serde_json::Value,
+    pub phase: Option<JobPhase>,
+    pub plan: Option<plan::Plan>,
+    pub next_step: usize,
+    pub detail: Option<serde_json::Value>,
+    pub cancel_requested: bool,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub created_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+string_enum!(
+    /// Where a job stands in its journal.
+    JobPhase { Executing => "executing", Committed => "committed" }
+);

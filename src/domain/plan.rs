@@ -1,0 +1,519 @@
+//! The chain planner: given the volume trees of a VM's disks, decide which files to
+//! create, merge, repoint and drop for one operation, and which metadata changes go
+//! with each step. Plans are pure data (serialised into the job journal before any file
+//! is touched) so the job engine can replay them after a crash.
+//!
+//! Safety rules the planner enforces:
+//! - a file's own content is only rewritten (`Commit` into it) when nothing but the
+//!   doomed snapshot and the chain being merged reads it, i.e. never a branch point;
+//! - every step keeps the guest-visible content of every remaining chain identical, so
+//!   any prefix of a plan leaves metadata and files describing the same bytes;
+//! - files are dropped only after the metadata that referenced them is gone.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::{ResourceStatus, Uuid, VolumeStatus, new_id};
+
+/// Who reads a volume as its own content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// The writable top of a disk.
+    Active,
+    /// The layer a snapshot froze.
+    Snapshot(Uuid),
+}
+
+/// One qcow2 file as the planner sees it.
+#[derive(Debug, Clone)]
+pub struct VolumeNode {
+    pub id: Uuid,
+    pub parent: Option<Uuid>,
+    pub size_bytes: u64,
+    /// Bytes the file occupies on disk: the upper bound of what a merge copies out of it.
+    pub allocated_bytes: u64,
+    pub owner: Owner,
+}
+
+/// All volumes of one disk (a tree rooted at the base image).
+#[derive(Debug, Clone)]
+pub struct DiskGraph {
+    pub disk_id: Uuid,
+    pub size_bytes: u64,
+    pub volumes: Vec<VolumeNode>,
+}
+
+impl DiskGraph {
+    pub fn get(&self, id: Uuid) -> Option<&VolumeNode> {
+        self.volumes.iter().find(|v| v.id == id)
+    }
+
+    pub fn children(&self, id: Uuid) -> Vec<&VolumeNode> {
+        self.volumes.iter().filter(|v| v.parent == Some(id)).collect()
+    }
+
+    pub fn active(&self) -> Option<&VolumeNode> {
+        self.volumes.iter().find(|v| v.owner == Owner::Active)
+    }
+
+    pub fn frozen_by(&self, snapshot: Uuid) -> Option<&VolumeNode> {
+        self.volumes.iter().find(|v| v.owner == Owner::Snapshot(snapshot))
+    }
+
+    /// The chain from `top` down to the base, top first.
+    pub fn chain_from(&self, top: Uuid) -> Vec<&VolumeNode> {
+        let mut chain = Vec::new();
+        let mut next = self.get(top);
+        while let Some(volume) = next {
+            chain.push(volume);
+            next = volume.parent.and_then(|p| self.get(p));
+        }
+        chain
+    }
+
+    /// Volume ids with every child listed before its parent, so drops never orphan a
+    /// file that still has something on top of it.
+    fn leaves_first(&self, ids: &[Uuid]) -> Vec<Uuid> {
+        let depth = |id: Uuid| self.chain_from(id).len();
+        let mut sorted = ids.to_vec();
+        sorted.sort_by_key(|id| std::cmp::Reverse(depth(*id)));
+        sorted
+    }
+}
+
+/// A file operation, executed by the job engine with qemu-img. Each is idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum FileOp {
+    /// Create an empty qcow2 file, optionally on top of a backing volume.
+    Create { volume: Uuid, backing: Option<Uuid>, size_bytes: u64 },
+    /// Copy the clusters of `top` (and any layers between) down into `base`.
+    Commit { top: Uuid, base: Uuid },
+    /// Copy into `volume` whatever its current backing shows and `backing` does not,
+    /// then point it at `backing` (`None`: make it standalone). Safe rebase.
+    Stream { volume: Uuid, backing: Option<Uuid> },
+    /// Only rewrite the backing pointer; the caller guarantees identical content.
+    Repoint { volume: Uuid, backing: Uuid },
+    /// Grow the virtual size.
+    Resize { volume: Uuid, size_bytes: u64 },
+}
+
+impl FileOp {
+    /// A commit rewrites its base: once one starts, the doomed snapshot's own content is
+    /// gone and the job can only go forward.
+    pub fn is_point_of_no_return(&self) -> bool {
+        matches!(self, FileOp::Commit { .. } | FileOp::Resize { .. })
+    }
+
+    /// Steps whose child process may be killed at any moment without changing what any
+    /// chain reads (a partial safe rebase only adds clusters equal to the old backing).
+    pub fn is_interruptible(&self) -> bool {
+        matches!(self, FileOp::Create { .. } | FileOp::Stream { .. })
+    }
+
+    /// The volumes whose files this operation writes (content or header).
+    pub fn written_volumes(&self) -> Vec<Uuid> {
+        match *self {
+            FileOp::Create { volume, .. }
+            | FileOp::Stream { volume, .. }
+            | FileOp::Repoint { volume, .. }
+            | FileOp::Resize { volume, .. } => vec![volume],
+            FileOp::Commit { top, base } => vec![top, base],
+        }
+    }
+}
+
+/// A metadata change, applied by the store in the same transaction that records the
+/// step (or the job's end) in the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum MetaOp {
+    InsertVolume { volume: Uuid, disk: Uuid, parent: Option<Uuid>, size_bytes: u64 },
+    SetVolumeParent { volume: Uuid, parent: Option<Uuid> },
+    SetVolumeStatus { volume: Uuid, status: VolumeStatus },
+    /// Remove a volume row; references to it must already be gone.
+    RemoveVolume { volume: Uuid },
+    SetActiveVolume { disk: Uuid, volume: Uuid },
+    SetSnapshotVolume { snapshot: Uuid, disk: Uuid, volume: Uuid },
+    SetSnapshotStatus { snapshot: Uuid, status: ResourceStatus },
+    SetSnapshotParent { snapshot: Uuid, parent: Option<Uuid> },
+    /// Delete a snapshot row: its children move to its parent, and a VM whose current
+    /// snapshot it was now grows from that parent.
+    DeleteSnapshot { snapshot: Uuid },
+    SetCurrentSnapshot { vm: Uuid, snapshot: Option<Uuid> },
+    SetDiskStatus { disk: Uuid, status: ResourceStatus },
+    SetDiskSize { disk: Uuid, size_bytes: u64 },
+    DeleteDisk { disk: Uuid },
+    SetVmStatus { vm: Uuid, status: ResourceStatus },
+    DeleteVm { vm: Uuid },
+}
+
+/// One step of a plan: a file operation and the metadata that describes its result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub op: FileOp,
+    #[serde(default)]
+    pub then: Vec<MetaOp>,
+}
+
+/// How one disk's layers are merged when a snapshot goes away (shown in the job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeAction {
+    /// Nothing reads the layer any more: its file is removed, nothing is copied.
+    Drop,
+    /// The child's clusters were committed down into the snapshot's layer.
+    Commit,
+    /// The snapshot's clusters were streamed up into the child (safe rebase).
+    Stream,
+    /// The snapshot did not cover this disk, or there was nothing to merge.
+    None,
+}
+
+/// The planner's choice for one disk, with the estimates it compared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MergeChoice {
+    pub disk_id: Uuid,
+    pub action: MergeAction,
+    /// Upper bound of bytes copied by committing the upper side down.
+    pub commit_bytes: u64,
+    /// Upper bound of bytes copied by streaming the lower side up (all children).
+    pub stream_bytes: u64,
+    /// What the chosen action copies (0 for a drop).
+    pub bytes_to_copy: u64,
+}
+
+/// Everything a job does, in order, with what to do if it has to stop early.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Applied when the plan is journaled, before any file is touched.
+    pub mark: Vec<MetaOp>,
+    pub steps: Vec<Step>,
+    /// Applied with the final journal entry, after every step.
+    pub finish: Vec<MetaOp>,
+    /// Files removed after `finish` is committed, children before parents.
+    pub drops: Vec<Uuid>,
+    /// Applied when the job stops before its point of no return (failure or cancel);
+    /// the engine also removes the files that `Create` steps made.
+    pub undo: Vec<MetaOp>,
+    /// Applied when the job is cancelled, instead of `undo`, where they differ.
+    pub cancel: Option<Vec<MetaOp>>,
+    /// Applied when the job fails after its point of no return.
+    pub fail: Vec<MetaOp>,
+    /// Free bytes the steps may consume before anything is freed.
+    pub space_needed: u64,
+    pub merges: Vec<MergeChoice>,
+}
+
+impl Plan {
+    /// Index of the first step after which the job can no longer be undone.
+    pub fn point_of_no_return(&self) -> Option<usize> {
+        self.steps.iter().position(|s| s.op.is_point_of_no_return())
+    }
+
+    /// True when the plan writes or removes a file that a hypervisor running the VM
+    /// holds open (any layer of a disk's active chain).
+    pub fn touches_active_chains(&self, disks: &[DiskGraph]) -> bool {
+        let mut touched: Vec<Uuid> = self.steps.iter().flat_map(|s| s.op.written_volumes()).collect();
+        touched.extend(&self.drops);
+        disks.iter().any(|disk| {
+            disk.active()
+                .map(|active| disk.chain_from(active.id).iter().any(|v| touched.contains(&v.id)))
+                .unwrap_or(false)
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("disk {0} has no active volume")]
+    NoActiveVolume(Uuid),
+    #[error("volume {0} is missing from the disk's volume tree")]
+    MissingVolume(Uuid),
+    #[error("the active volume {0} of a disk has volumes on top of it")]
+    ActiveHasChildren(Uuid),
+}
+
+/// Create empty base images for new disks (VM creation or disk addition).
+pub fn plan_create_disks(vm: Uuid, disks: &[(Uuid, u64)], new_vm: bool) -> Plan {
+    let mut plan = Plan::default();
+    for &(disk, size_bytes) in disks {
+        let volume = new_id();
+        plan.steps.push(Step { op: FileOp::Create { volume, backing: None, size_bytes }, then: vec![] });
+        plan.finish.extend([
+            MetaOp::InsertVolume { volume, disk, parent: None, size_bytes },
+            MetaOp::SetActiveVolume { disk, volume },
+            MetaOp::SetDiskStatus { disk, status: ResourceStatus::Ready },
+        ]);
+        plan.undo.push(MetaOp::SetDiskStatus { disk, status: ResourceStatus::Error });
+        if !new_vm {
+            plan.cancel.get_or_insert_with(Vec::new).push(MetaOp::DeleteDisk { disk });
+        }
+        plan.space_needed += 1 << 20; // qcow2 header and tables of an empty image
+    }
+    if new_vm {
+        plan.finish.push(MetaOp::SetVmStatus { vm, status: ResourceStatus::Ready });
+        plan.undo.push(MetaOp::SetVmStatus { vm, status: ResourceStatus::Error });
+        plan.cancel = Some(vec![MetaOp::DeleteVm { vm }]);
+    }
+    plan
+}
+
+/// Freeze every disk's active layer for `snapshot` and put an empty overlay on top.
+/// `parent` is the VM's current snapshot when the job runs.
+pub fn plan_snapshot_create(
+    vm: Uuid,
+    snapshot: Uuid,
+    parent: Option<Uuid>,
+    disks: &[DiskGraph],
+) -> Result<Plan, PlanError> {
+    let mut plan = Plan::default();
+    for disk in disks {
+        let active = disk.active().ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
+        let overlay = new_id();
+        plan.steps.push(Step {
+            op: FileOp::Create { volume: overlay, backing: Some(active.id), size_bytes: disk.size_bytes },
+            then: vec![],
+        });
+        plan.finish.extend([
+            MetaOp::InsertVolume { volume: overlay, disk: disk.disk_id, parent: Some(active.id), size_bytes: disk.size_bytes },
+            MetaOp::SetSnapshotVolume { snapshot, disk: disk.disk_id, volume: active.id },
+            MetaOp::SetActiveVolume { disk: disk.disk_id, volume: overlay },
+        ]);
+        plan.space_needed += 1 << 20;
+    }
+    plan.finish.extend([
+        MetaOp::SetSnapshotParent { snapshot, parent },
+        MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Ready },
+        MetaOp::SetCurrentSnapshot { vm, snapshot: Some(snapshot) },
+    ]);
+    // A snapshot that could not be taken never existed.
+    plan.undo.push(MetaOp::DeleteSnapshot { snapshot });
+    Ok(plan)
+}
+
+/// Throw away each covered disk's present layer and start a new empty one on the
+/// snapshot's layer. Disks the snapshot does not cover keep their present state.
+pub fn plan_revert(vm: Uuid, snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan, PlanError> {
+    let mut plan = Plan::default();
+    for disk in disks {
+        let Some(frozen) = disk.frozen_by(snapshot) else { continue };
+        let active = disk.active().ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
+        if !disk.children(active.id).is_empty() {
+            return Err(PlanError::ActiveHasChildren(active.id));
+        }
+        let overlay = new_id();
+        plan.steps.push(Step {
+            op: FileOp::Create { volume: overlay, backing: Some(frozen.id), size_bytes: frozen.size_bytes },
+            then: vec![],
+        });
+        plan.finish.extend([
+            MetaOp::InsertVolume { volume: overlay, disk: disk.disk_id, parent: Some(frozen.id), size_bytes: frozen.size_bytes },
+            MetaOp::SetActiveVolume { disk: disk.disk_id, volume: overlay },
+            MetaOp::SetDiskSize { disk: disk.disk_id, size_bytes: frozen.size_bytes },
+            MetaOp::RemoveVolume { volume: active.id },
+        ]);
+        plan.drops.push(active.id);
+        plan.space_needed += 1 << 20;
+    }
+    plan.finish.push(MetaOp::SetCurrentSnapshot { vm, snapshot: Some(snapshot) });
+    Ok(plan)
+}
+
+/// Remove one snapshot, keeping every other snapshot and the present state identical.
+/// Per disk, the snapshot's layer V is dropped when nothing sits on it (case 3), merged
+/// with its only child in the cheaper direction (cases 1 and 2), or streamed into each
+/// child when it is a branch point (never committed into).
+pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan, PlanError> {
+    let mut plan = Plan::default();
+    plan.mark.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Deleting });
+    for disk in disks {
+        let Some(frozen) = disk.frozen_by(snapshot) else { continue };
+        let children = disk.children(frozen.id);
+        let stream_bytes = frozen.allocated_bytes * children.len() as u64;
+        match children.as_slice() {
+            [] => {
+                plan.mark.push(MetaOp::SetVolumeStatus { volume: frozen.id, status: VolumeStatus::Deleting });
+                plan.merges.push(MergeChoice {
+                    disk_id: disk.disk_id,
+                    action: MergeAction::Drop,
+                    commit_bytes: 0,
+                    stream_bytes: 0,
+                    bytes_to_copy: 0,
+                });
+            }
+            [child] if child.allocated_bytes <= frozen.allocated_bytes => {
+                commit_child_into(&mut plan, disk, frozen, child);
+                plan.merges.push(MergeChoice {
+                    disk_id: disk.disk_id,
+                    action: MergeAction::Commit,
+                    commit_bytes: child.allocated_bytes,
+                    stream_bytes,
+                    bytes_to_copy: child.allocated_bytes,
+                });
+                continue;
+            }
+            _ => {
+                let commit_bytes = match children.as_slice() {
+                    [child] => child.allocated_bytes,
+                    _ => 0, // not allowed: a branch point is never committed into
+                };
+                for child in &children {
+                    plan.steps.push(Step {
+                        op: FileOp::Stream { volume: child.id, backing: frozen.parent },
+                        then: vec![MetaOp::SetVolumeParent { volume: child.id, parent: frozen.parent }],
+                    });
+                }
+                plan.mark.push(MetaOp::SetVolumeStatus { volume: frozen.id, status: VolumeStatus::Deleting });
+                plan.space_needed += stream_bytes;
+                plan.merges.push(MergeChoice {
+                    disk_id: disk.disk_id,
+                    action: MergeAction::Stream,
+                    commit_bytes,
+                    stream_bytes,
+                    bytes_to_copy: stream_bytes,
+                });
+            }
+        }
+        plan.finish.push(MetaOp::RemoveVolume { volume: frozen.id });
+        plan.drops.push(frozen.id);
+    }
+    // Remove the snapshot row before the volume rows it references.
+    plan.finish.insert(0, MetaOp::DeleteSnapshot { snapshot });
+    plan.undo.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Ready });
+    plan.fail.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Error });
+    Ok(plan)
+}
+
+/// Commit `child` down into `frozen` (which must have no other child); the child's
+/// owner then reads `frozen`, the child's children are repointed, and the child's file
+/// is dropped.
+fn commit_child_into(plan: &mut Plan, disk: &DiskGraph, frozen: &VolumeNode, child: &VolumeNode) {
+    plan.mark.extend([
+        MetaOp::SetVolumeStatus { volume: frozen.id, status: VolumeStatus::Rewriting },
+        MetaOp::SetVolumeStatus { volume: child.id, status: VolumeStatus::Deleting },
+    ]);
+    plan.steps.push(Step { op: FileOp::Commit { top: child.id, base: frozen.id }, then: vec![] });
+    for grandchild in disk.children(child.id) {
+        plan.steps.push(Step {
+            op: FileOp::Repoint { volume: grandchild.id, backing: frozen.id },
+            then: vec![MetaOp::SetVolumeParent { volume: grandchild.id, parent: Some(frozen.id) }],
+        });
+    }
+    plan.finish.push(match child.owner {
+        Owner::Active => MetaOp::SetActiveVolume { disk: disk.disk_id, volume: frozen.id },
+        Owner::Snapshot(owner) => MetaOp::SetSnapshotVolume { snapshot: owner, disk: disk.disk_id, volume: frozen.id },
+    });
+    // The child's newer content now lives in `frozen`, so its virtual size does too.
+    plan.finish.extend([
+        MetaOp::RemoveVolume { volume: child.id },
+        MetaOp::SetVolumeStatus { volume: frozen.id, status: VolumeStatus::Ready },
+    ]);
+    plan.drops.push(child.id);
+    plan.space_needed += child.allocated_bytes;
+}
+
+/// Remove every snapshot of a VM: each disk collapses into one file holding the present
+/// state, and every layer off the present chain is dropped.
+pub fn plan_delete_all_snapshots(vm: Uuid, snapshots: &[Uuid], disks: &[DiskGraph]) -> Result<Plan, PlanError> {
+    let mut plan = Plan::default();
+    for &snapshot in snapshots {
+        plan.mark.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Deleting });
+        plan.undo.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Ready });
+        plan.fail.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Error });
+        plan.finish.push(MetaOp::DeleteSnapshot { snapshot });
+    }
+    plan.finish.push(MetaOp::SetCurrentSnapshot { vm, snapshot: None });
+    for disk in disks {
+        let active = disk.active().ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
+        let chain = disk.chain_from(active.id); // top first
+        let off_chain: Vec<Uuid> =
+            disk.volumes.iter().map(|v| v.id).filter(|id| !chain.iter().any(|c| c.id == *id)).collect();
+        let mut removed = disk.leaves_first(&off_chain);
+        let base = *chain.last().expect("a chain holds at least its top");
+        if chain.len() == 1 {
+            plan.merges.push(MergeChoice {
+                disk_id: disk.disk_id,
+                action: if removed.is_empty() { MergeAction::None } else { MergeAction::Drop },
+                commit_bytes: 0,
+                stream_bytes: 0,
+                bytes_to_copy: 0,
+            });
+        } else {
+            let commit_bytes: u64 = chain[..chain.len() - 1].iter().map(|v| v.allocated_bytes).sum();
+            let stream_bytes: u64 = chain[1..].iter().map(|v| v.allocated_bytes).sum();
+            // Committing into the base rewrites it even if other branches sit on it; that
+            // is safe here only because every one of those branches is dropped too.
+            let action = if commit_bytes <= stream_bytes { MergeAction::Commit } else { MergeAction::Stream };
+            if action == MergeAction::Commit {
+                plan.mark.push(MetaOp::SetVolumeStatus { volume: base.id, status: VolumeStatus::Rewriting });
+                plan.steps.push(Step { op: FileOp::Commit { top: active.id, base: base.id }, then: vec![] });
+                plan.finish.push(MetaOp::SetActiveVolume { disk: disk.disk_id, volume: base.id });
+                plan.finish.push(MetaOp::SetVolumeStatus { volume: base.id, status: VolumeStatus::Ready });
+                removed.extend(chain[..chain.len() - 1].iter().map(|v| v.id));
+            } else {
+                plan.steps.push(Step {
+                    op: FileOp::Stream { volume: active.id, backing: None },
+                    then: vec![MetaOp::SetVolumeParent { volume: active.id, parent: None }],
+                });
+                removed.extend(chain[1..].iter().map(|v| v.id));
+            }
+            let bytes_to_copy = if action == MergeAction::Commit { commit_bytes } else { stream_bytes };
+            plan.space_needed += bytes_to_copy;
+            plan.merges.push(MergeChoice { disk_id: disk.disk_id, action, commit_bytes, stream_bytes, bytes_to_copy });
+        }
+        for &volume in &removed {
+            plan.mark.push(MetaOp::SetVolumeStatus { volume, status: VolumeStatus::Deleting });
+            plan.finish.push(MetaOp::RemoveVolume { volume });
+        }
+        plan.drops.extend(removed);
+    }
+    Ok(plan)
+}
+
+/// Grow a disk: only the writable top changes size; lower layers keep theirs.
+pub fn plan_resize(disk: &DiskGraph, size_bytes: u64) -> Result<Plan, PlanError> {
+    let active = disk.active().ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
+    Ok(Plan {
+        steps: vec![Step { op: FileOp::Resize { volume: active.id, size_bytes }, then: vec![] }],
+        finish: vec![
+            MetaOp::SetDiskSize { disk: disk.disk_id, size_bytes },
+            MetaOp::SetDiskStatus { disk: disk.disk_id, status: ResourceStatus::Ready },
+        ],
+        undo: vec![MetaOp::SetDiskStatus { disk: disk.disk_id, status: ResourceStatus::Ready }],
+        fail: vec![MetaOp::SetDiskStatus { disk: disk.disk_id, status: ResourceStatus::Error }],
+        space_needed: 1 << 20,
+        ..Plan::default()
+    })
+}
+
+/// Remove disks and every file they own. `delete_vm` also removes the VM record.
+pub fn plan_delete_disks(vm: Uuid, disks: &[DiskGraph], delete_vm: bool) -> Plan {
+    let mut plan = Plan::default();
+    for disk in disks {
+        let ids: Vec<Uuid> = disk.volumes.iter().map(|v| v.id).collect();
+        for &volume in &ids {
+            plan.mark.push(MetaOp::SetVolumeStatus { volume, status: VolumeStatus::Deleting });
+        }
+        if !delete_vm {
+            plan.finish.push(MetaOp::DeleteDisk { disk: disk.disk_id });
+            plan.undo.push(MetaOp::SetDiskStatus { disk: disk.disk_id, status: ResourceStatus::Ready });
+        }
+        plan.drops.extend(disk.leaves_first(&ids));
+    }
+    if delete_vm {
+        plan.finish.push(MetaOp::DeleteVm { vm });
+        plan.undo.push(MetaOp::SetVmStatus { vm, status: ResourceStatus::Ready });
+    }
+    plan
+}
+
+/// Volume ids mapped to the disk that holds them, for lookups across a VM.
+pub fn volume_index(disks: &[DiskGraph]) -> HashMap<Uuid, Uuid> {
+    disks.iter().flat_map(|d| d.volumes.iter().map(move |v| (v.id, d.disk_id))).collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,74 @@
+//! Input rules shared by every endpoint. Each returns a message fit for a problem answer.
+
+/// Longest accepted name, in characters.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest accepted description, in characters.
+pub const MAX_DESCRIPTION_LEN: usize = 4096;
+/// Disk sizes must be whole sectors: qemu rounds anything else and the guest would
+/// see a different size from the one asked for.
+pub const SECTOR: u64 = 512;
+
+/// Names are shown in UIs and used in file-free contexts only, but must be printable,
+/// non-empty and short so that lists and logs stay readable.
+pub fn name(field: &str, value: &str) -> Result<(), String> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(format!("{field} must not be empty"));
+    }
+    if trimmed.len() != value.len() {
+        return Err(format!("{field} must not start or end with white space"));
+    }
+    if value.chars().count() > MAX_NAME_LEN {
+        return Err(format!("{field} must be at most {MAX_NAME_LEN} characters"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("{field} must not contain control characters"));
+    }
+    Ok(())
+}
+
+pub fn description(value: &str) -> Result<(), String> {
+    if value.chars().count() > MAX_DESCRIPTION_LEN {
+        return Err(format!("description must be at most {MAX_DESCRIPTION_LEN} characters"));
+    }
+    Ok(())
+}
+
+/// A disk size: positive, whole sectors, not above the operator's cap.
+pub fn disk_size(value: u64, max: u64) -> Result<(), String> {
+    if value == 0 {
+        return Err("size_bytes must be greater than zero".into());
+    }
+    if value % SECTOR != 0 {
+        return Err(format!("size_bytes must be a multiple of {SECTOR}"));
+    }
+    if value > max {
+        return Err(format!("size_bytes must be at most {max} (the configured maximum disk size)"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_be_printable_trimmed_and_short() {
+        assert!(name("name", "web-01").is_ok());
+        assert!(name("name", "").is_err());
+        assert!(name("name", "  ").is_err());
+        assert!(name("name", " web").is_err());
+        assert!(name("name", "a\nb").is_err());
+        assert!(name("name", &"x".repeat(MAX_NAME_LEN)).is_ok());
+        assert!(name("name", &"x".repeat(MAX_NAME_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn sizes_must_be_positive_sector_multiples_under_the_cap() {
+        assert!(disk_size(1 << 20, 1 << 30).is_ok());
+        assert!(disk_size(0, 1 << 30).is_err());
+        assert!(disk_size(1000, 1 << 30).is_err());
+        assert!(disk_size(2 << 30, 1 << 30).is_err());
+        assert!(disk_size(1 << 30, 1 << 30).is_ok());
+    }
+}

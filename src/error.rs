@@ -1,0 +1,101 @@
+//! The crate error and the one table that maps each client-facing error code to its
+//! HTTP status and title. Codes are stable API: clients branch on them.
+
+use axum::http::StatusCode;
+
+use crate::qemu::QemuError;
+
+macro_rules! error_codes {
+    ($($variant:ident => ($code:literal, $status:ident, $title:literal)),+ $(,)?) => {
+        /// Machine-readable error codes; `code` in every problem answer.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode { $($variant),+ }
+
+        impl ErrorCode {
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),+];
+            pub fn as_str(self) -> &'static str { match self { $(Self::$variant => $code),+ } }
+            pub fn status(self) -> StatusCode { match self { $(Self::$variant => StatusCode::$status),+ } }
+            pub fn title(self) -> &'static str { match self { $(Self::$variant => $title),+ } }
+        }
+    };
+}
+
+error_codes! {
+    ValidationFailed => ("validation_failed", BAD_REQUEST, "The request is not valid"),
+    InvalidJson => ("invalid_json", BAD_REQUEST, "The request body is not valid JSON for this endpoint"),
+    InvalidQuery => ("invalid_query", BAD_REQUEST, "A query parameter is not valid"),
+    InvalidCursor => ("invalid_cursor", BAD_REQUEST, "The pagination cursor is not valid"),
+    UnsupportedMediaType => ("unsupported_media_type", UNSUPPORTED_MEDIA_TYPE, "The request body must be application/json"),
+    PayloadTooLarge => ("payload_too_large", PAYLOAD_TOO_LARGE, "The request body is too large"),
+    RouteNotFound => ("route_not_found", NOT_FOUND, "No such endpoint"),
+    MethodNotAllowed => ("method_not_allowed", METHOD_NOT_ALLOWED, "The endpoint does not support this method"),
+    VmNotFound => ("vm_not_found", NOT_FOUND, "No such VM"),
+    DiskNotFound => ("disk_not_found", NOT_FOUND, "No such disk"),
+    SnapshotNotFound => ("snapshot_not_found", NOT_FOUND, "No such snapshot"),
+    JobNotFound => ("job_not_found", NOT_FOUND, "No such job"),
+    NameTaken => ("name_taken", CONFLICT, "The name is already in use"),
+    VmRunning => ("vm_running", CONFLICT, "The VM is running"),
+    VmNotReady => ("vm_not_ready", CONFLICT, "The VM is not ready for this operation"),
+    VmBusy => ("vm_busy", CONFLICT, "Jobs are still working on the VM's files"),
+    VmHasNoDisks => ("vm_has_no_disks", CONFLICT, "The VM has no disks"),
+    DiskNotReady => ("disk_not_ready", CONFLICT, "The disk is not ready for this operation"),
+    DiskShrinkRefused => ("disk_shrink_refused", CONFLICT, "Disks can only grow"),
+    SnapshotNotReady => ("snapshot_not_ready", CONFLICT, "The snapshot is not ready for this operation"),
+    SnapshotBusy => ("snapshot_busy", CONFLICT, "Another job is using the snapshot"),
+    JobNotCancellable => ("job_not_cancellable", CONFLICT, "The job can no longer be cancelled"),
+    InsufficientStorage => ("insufficient_storage", INSUFFICIENT_STORAGE, "Not enough free space for the operation"),
+    RequestTimeout => ("request_timeout", REQUEST_TIMEOUT, "The request took too long"),
+    NotReady => ("not_ready", SERVICE_UNAVAILABLE, "The service is not ready"),
+    Internal => ("internal_error", INTERNAL_SERVER_ERROR, "Internal error"),
+    QemuFailed => ("qemu_failed", INTERNAL_SERVER_ERROR, "A qemu-img operation failed"),
+    Interrupted => ("interrupted", INTERNAL_SERVER_ERROR, "The job could not be resumed"),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An answer meant for the client, with optional extension members.
+    #[error("{detail}")]
+    Problem { code: ErrorCode, detail: String, extra: Option<serde_json::Value> },
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Qemu(#[from] QemuError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn problem(code: ErrorCode, detail: impl Into<String>) -> Self {
+        Error::Problem { code, detail: detail.into(), extra: None }
+    }
+
+    pub fn with_extra(code: ErrorCode, detail: impl Into<String>, extra: serde_json::Value) -> Self {
+        Error::Problem { code, detail: detail.into(), extra: Some(extra) }
+    }
+
+    pub fn validation(detail: impl Into<String>) -> Self {
+        Self::problem(ErrorCode::ValidationFailed, detail)
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::Problem { code, .. } => *code,
+            Error::Qemu(QemuError::Cancelled) => ErrorCode::Internal,
+            Error::Qemu(e) if e.is_out_of_space() => ErrorCode::InsufficientStorage,
+            Error::Qemu(_) => ErrorCode::QemuFailed,
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<crate::domain::plan::PlanError> for Error {
+    fn from(e: crate::domain::plan::PlanError) -> Self {
+        Error::Internal(format!("inconsistent volume tree: {e}"))
+    }
+}

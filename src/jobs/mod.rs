@@ -1,0 +1,399 @@
+//! The durable job engine: workers claim queued jobs (one at a time per VM), journal a
+//! plan before touching any file, record each finished step together with the metadata
+//! that describes it, and on start resume every job a crash interrupted.
+//!
+//! A job moves through: queued -> (plan journaled, `mark` applied) -> steps ->
+//! (`finish` applied, phase committed) -> files dropped -> succeeded. Stopping before
+//! the plan's point of no return rolls back (`undo`, created files removed); failing
+//! after it applies `fail`, which flags what the interrupted merge made unreadable.
+
+mod kinds;
+pub mod storage;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::domain::plan::{FileOp, MetaOp, Plan};
+use crate::domain::{Job, JobPhase, JobStatus, Uuid, VolumeStatus};
+use crate::error::{Error, ErrorCode, Result};
+use crate::qemu::{Qemu, QemuError};
+use crate::store::{self, Db};
+
+pub use kinds::preflight;
+
+/// Engine settings (a slice of the service config).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub workers: usize,
+    pub volumes_dir: PathBuf,
+    /// Free space a merge must leave untouched on the data file system.
+    pub reserved_bytes: u64,
+    /// Test-only crash point, `<job kind>:<point>` (see [`Engine::crash_point`]).
+    pub fault: Option<String>,
+}
+
+pub struct Engine {
+    pub db: Db,
+    pub qemu: Qemu,
+    pub config: EngineConfig,
+    wake: Notify,
+    /// Bumped whenever a job changes state; long-polls wait on it.
+    changed: watch::Sender<u64>,
+    /// Cancel signals of running jobs.
+    running: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
+}
+
+/// How a job ended early.
+enum Stop {
+    Cancelled,
+    Failed(Error),
+}
+
+impl Engine {
+    pub fn new(db: Db, qemu: Qemu, config: EngineConfig) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            qemu,
+            config,
+            wake: Notify::new(),
+            changed: watch::channel(0).0,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn volume_path(&self, volume: Uuid) -> PathBuf {
+        storage::volume_path(&self.config.volumes_dir, volume)
+    }
+
+    /// Tell idle workers that a job was queued.
+    pub fn notify_enqueued(&self) {
+        self.wake.notify_waiters();
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever any job changes state.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Ask a running job to stop; it honours the request at its next safe point.
+    pub fn signal_cancel(&self, job: Uuid) {
+        if let Some(tx) = self.running.lock().expect("cancel map").get(&job) {
+            let _ = tx.send(true);
+        }
+    }
+
+    /// Cancel a queued job at once, or ask a running one to stop while it still can.
+    pub async fn cancel(&self, id: Uuid) -> Result<Job> {
+        let mut tx = self.db.begin().await?;
+        let job = store::jobs::get(&mut tx, id)
+            .await?
+            .ok_or_else(|| Error::problem(ErrorCode::JobNotFound, format!("job {id} does not exist")))?;
+        match job.status {
+            JobStatus::Queued => {
+                // The single write connection serialises this with claiming, so the job
+                // cannot start in between.
+                let ops = kinds::abandon(self, &job, true).await?;
+                store::apply(&mut tx, &ops).await?;
+                store::jobs::finish(&mut tx, id, JobStatus::Cancelled, None, store::now()).await?;
+            }
+            JobStatus::Running => {
+                let past = job.plan.as_ref().and_then(Plan::point_of_no_return).is_some_and(|p| job.next_step >= p);
+                if past {
+                    return Err(Error::problem(
+                        ErrorCode::JobNotCancellable,
+                        "the job is already rewriting a file's content (a merge commit) and must finish",
+                    ));
+                }
+                store::jobs::request_cancel(&mut tx, id).await?;
+            }
+            status => {
+                return Err(Error::problem(ErrorCode::JobNotCancellable, format!("the job has already ended ({status})")));
+            }
+        }
+        let job = store::jobs::get(&mut tx, id).await?.expect("job read in this transaction");
+        tx.commit().await?;
+        self.signal_cancel(id);
+        self.bump();
+        Ok(job)
+    }
+
+    /// Finish or roll back every job a crash interrupted, oldest first, before any
+    /// worker claims new work. Each resumes from its journal.
+    pub async fn recover(self: &Arc<Self>) -> Result<usize> {
+        let interrupted = store::jobs::list_running(&mut *self.db.reader().await?).await?;
+        let count = interrupted.len();
+        for job in interrupted {
+            tracing::warn!(job = %job.id, kind = %job.kind, phase = ?job.phase, step = job.next_step, "resuming interrupted job");
+            self.run(job).await;
+        }
+        Ok(count)
+    }
+
+    /// Start the worker tasks; they stop when `shutdown` turns true.
+    pub fn spawn_workers(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.config.workers.max(1))
+            .map(|_| {
+                let engine = Arc::clone(self);
+                let mut shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    loop {
+                        if *shutdown.borrow() {
+                            break;
+                        }
+                        let notified = engine.wake.notified();
+                        match engine.claim().await {
+                            Ok(Some(job)) => {
+                                engine.run(job).await;
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::error!(error = %e, "claiming a job failed"),
+                        }
+                        tokio::select! {
+                            _ = notified => {}
+                            _ = shutdown.changed() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
+
+    async fn claim(&self) -> Result<Option<Job>> {
+        let mut tx = self.db.begin().await?;
+        let job = store::jobs::claim_next(&mut tx, store::now()).await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// Drive one claimed job to its end and record the outcome.
+    async fn run(self: &Arc<Self>, job: Job) {
+        let (cancel_tx, cancel_rx) = watch::channel(job.cancel_requested);
+        self.running.lock().expect("cancel map").insert(job.id, cancel_tx);
+        self.bump();
+        let id = job.id;
+        let outcome = self.drive(job, cancel_rx).await;
+        self.running.lock().expect("cancel map").remove(&id);
+        if let Err(e) = outcome {
+            // Only the bookkeeping itself failed (the database): the job stays
+            // running in the table and is resumed at the next start.
+            tracing::error!(job = %id, error = %e, "job bookkeeping failed; it will be resumed at the next start");
+        }
+        self.bump();
+        // A finished job may unblock the next job of its VM.
+        self.wake.notify_waiters();
+    }
+
+    async fn drive(self: &Arc<Self>, mut job: Job, cancel: watch::Receiver<bool>) -> Result<()> {
+        if job.phase.is_none() {
+            if *cancel.borrow() {
+                return self.abandon(&job, Stop::Cancelled).await;
+            }
+            let plan = match kinds::plan(self, &job).await {
+                Ok(plan) => plan,
+                Err(e) => return self.abandon(&job, Stop::Failed(e)).await,
+            };
+            let mut tx = self.db.begin().await?;
+            store::apply(&mut tx, &plan.mark).await?;
+            store::jobs::save_plan(&mut tx, job.id, &plan).await?;
+            tx.commit().await?;
+            self.crash_point(&job, "planned");
+            job.phase = Some(JobPhase::Executing);
+            job.next_step = 0;
+            job.plan = Some(plan);
+        }
+        let plan = job.plan.clone().ok_or_else(|| Error::Internal(format!("job {} has a phase but no plan", job.id)))?;
+        if job.phase == Some(JobPhase::Executing) {
+            let total = plan.steps.len().max(1) as f32;
+            for index in job.next_step..plan.steps.len() {
+                let step = &plan.steps[index];
+                let cancellable = plan.point_of_no_return().is_none_or(|p| index <= p);
+                if *cancel.borrow() && cancellable {
+                    return self.stop(&job, &plan, index, Stop::Cancelled).await;
+                }
+                let progress = self.progress_reporter(job.id, index as f32 / total, 1.0 / total);
+                let interrupt = (cancellable && step.op.is_interruptible()).then_some(&cancel);
+                if let Err(e) = self.execute(&step.op, interrupt, &progress).await {
+                    let stop = if matches!(e, Error::Qemu(QemuError::Cancelled)) { Stop::Cancelled } else { Stop::Failed(e) };
+                    return self.stop(&job, &plan, index, stop).await;
+                }
+                let mut tx = self.db.begin().await?;
+                store::apply(&mut tx, &step.then).await?;
+                store::jobs::set_next_step(&mut tx, job.id, index + 1, ((index + 1) as f32 / total * 99.0) as u8).await?;
+                tx.commit().await?;
+                self.crash_point(&job, &format!("after-step-{index}"));
+            }
+            let mut tx = self.db.begin().await?;
+            store::apply(&mut tx, &plan.finish).await?;
+            store::jobs::set_phase(&mut tx, job.id, JobPhase::Committed).await?;
+            tx.commit().await?;
+            self.crash_point(&job, "committed");
+        }
+        self.drop_files(&plan.drops).await?;
+        let mut tx = self.db.begin().await?;
+        store::jobs::finish(&mut tx, job.id, JobStatus::Succeeded, None, store::now()).await?;
+        tx.commit().await?;
+        tracing::info!(job = %job.id, kind = %job.kind, "job succeeded");
+        Ok(())
+    }
+
+    async fn execute(&self, op: &FileOp, cancel: Option<&watch::Receiver<bool>>, progress: &(dyn Fn(f32) + Send + Sync)) -> Result<()> {
+        match *op {
+            FileOp::Create { volume, backing, size_bytes } => {
+                let path = self.volume_path(volume);
+                // Idempotent: a file left by an interrupted attempt is ours (the id is new).
+                remove_if_exists(&path).await?;
+                let backing = backing.map(storage::volume_file_name);
+                self.qemu.create(&path, size_bytes, backing.as_deref()).await?;
+            }
+            FileOp::Commit { top, base } => {
+                // An interrupted earlier attempt may have leaked clusters in the base.
+                self.qemu.repair_leaks(&self.volume_path(base)).await?;
+                self.qemu.commit(&self.volume_path(top), &self.volume_path(base), cancel, Some(progress)).await?;
+            }
+            FileOp::Stream { volume, backing } => {
+                let backing = backing.map(storage::volume_file_name);
+                self.qemu.stream(&self.volume_path(volume), backing.as_deref(), cancel, Some(progress)).await?;
+            }
+            FileOp::Repoint { volume, backing } => {
+                self.qemu.repoint(&self.volume_path(volume), &storage::volume_file_name(backing)).await?;
+            }
+            FileOp::Resize { volume, size_bytes } => {
+                self.qemu.resize(&self.volume_path(volume), size_bytes).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps a step's own progress into the job's 0-100 range and stores it (at most a
+    /// few times a second).
+    fn progress_reporter(self: &Arc<Self>, job: Uuid, start: f32, span: f32) -> impl Fn(f32) + Send + Sync + use<> {
+        let (tx, mut rx) = watch::channel(0u8);
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let value = *rx.borrow_and_update();
+                if let Ok(mut conn) = engine.db.begin().await {
+                    let _ = store::jobs::set_progress(&mut conn, job, value).await;
+                    let _ = conn.commit().await;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        move |fraction: f32| {
+            let _ = tx.send(((start + fraction * span) * 99.0) as u8);
+        }
+    }
+
+    /// Stop a job at step `index` (not completed): roll back if the point of no return
+    /// was not reached, otherwise record what the partial merge left unreadable.
+    async fn stop(&self, job: &Job, plan: &Plan, index: usize, stop: Stop) -> Result<()> {
+        let past_no_return = plan.point_of_no_return().is_some_and(|p| p <= index);
+        let mut ops = Vec::new();
+        if past_no_return {
+            ops.extend(plan.fail.iter().cloned());
+        } else {
+            for step in &plan.steps[..=index.min(plan.steps.len().saturating_sub(1))] {
+                if let FileOp::Create { volume, .. } = step.op {
+                    remove_if_exists(&self.volume_path(volume)).await?;
+                }
+            }
+            let undo = match (&stop, &plan.cancel) {
+                (Stop::Cancelled, Some(cancel)) => cancel,
+                _ => &plan.undo,
+            };
+            ops.extend(undo.iter().cloned());
+        }
+        // Volumes flagged for deletion are kept after all; a volume being rewritten
+        // stays flagged when its content may already be half-merged.
+        for op in &plan.mark {
+            if let MetaOp::SetVolumeStatus { volume, status } = *op {
+                if status == VolumeStatus::Deleting || !past_no_return {
+                    ops.push(MetaOp::SetVolumeStatus { volume, status: VolumeStatus::Ready });
+                }
+            }
+        }
+        self.end(job, &ops, stop).await
+    }
+
+    /// End a job that never journaled a plan.
+    async fn abandon(&self, job: &Job, stop: Stop) -> Result<()> {
+        let ops = kinds::abandon(self, job, matches!(stop, Stop::Cancelled)).await?;
+        self.end(job, &ops, stop).await
+    }
+
+    async fn end(&self, job: &Job, ops: &[MetaOp], stop: Stop) -> Result<()> {
+        let (status, error) = match &stop {
+            Stop::Cancelled => (JobStatus::Cancelled, None),
+            Stop::Failed(e) => {
+                if e.code().status().is_server_error() {
+                    tracing::error!(job = %job.id, kind = %job.kind, error = %e, "job failed");
+                } else {
+                    tracing::info!(job = %job.id, kind = %job.kind, error = %e, "job refused");
+                }
+                (JobStatus::Failed, Some((e.code().as_str(), e.to_string())))
+            }
+        };
+        let mut tx = self.db.begin().await?;
+        store::apply(&mut tx, ops).await?;
+        store::jobs::finish(&mut tx, job.id, status, error.as_ref().map(|(c, m)| (*c, m.as_str())), store::now()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Remove files whose metadata is gone, refusing any that something still uses as
+    /// its backing file.
+    async fn drop_files(&self, volumes: &[Uuid]) -> Result<()> {
+        let mut conn = self.db.reader().await?;
+        for &volume in volumes {
+            let children: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE parent_id = ? OR id = ?")
+                .bind(store::id_text(volume))
+                .bind(store::id_text(volume))
+                .fetch_one(&mut *conn)
+                .await?;
+            if children > 0 {
+                return Err(Error::Internal(format!("refusing to remove volume {volume}: it is still referenced")));
+            }
+            remove_if_exists(&self.volume_path(volume)).await?;
+        }
+        Ok(())
+    }
+
+    /// Deterministic crash injection for recovery tests: `STRATA_FAULT=<kind>:<point>`
+    /// aborts the process (no cleanup, like kill -9) when the job reaches the point.
+    fn crash_point(&self, job: &Job, point: &str) {
+        if let Some(fault) = &self.config.fault {
+            if fault.split_once(':') == Some((job.kind.as_str(), point)) {
+                tracing::warn!(job = %job.id, point, "fault injection: aborting");
+                std::process::abort();
+            }
+        }
+    }
+}
+
+async fn remove_if_exists(path: &std::path::Path) -> Result<()> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Build an `insufficient_storage` problem with the figures.
+pub fn insufficient_storage(needed: u64, available: u64) -> Error {
+    Error::with_extra(
+        ErrorCode::InsufficientStorage,
+        format!("the operation needs {needed} free bytes on the data file system (including the reserve) but only {available} are available"),
+        serde_json::json!({ "needed_bytes": needed, "available_bytes": available }),
+    )
+}

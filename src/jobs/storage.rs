@@ -1,0 +1,44 @@
+//! Where volume files live and how much room they take.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::domain::Uuid;
+use crate::domain::plan::DiskGraph;
+
+/// Every volume sits in one directory, so a backing reference is just a file name and
+/// the data directory can be moved or mounted elsewhere.
+pub fn volume_file_name(volume: Uuid) -> String {
+    format!("{}.qcow2", volume.hyphenated())
+}
+
+pub fn volume_path(volumes_dir: &Path, volume: Uuid) -> PathBuf {
+    volumes_dir.join(volume_file_name(volume))
+}
+
+/// Bytes a file occupies on disk (0 when it is missing).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// Fill the planner's allocation figures from the files.
+pub fn measure(volumes_dir: &Path, graphs: &mut [DiskGraph]) {
+    for graph in graphs {
+        for volume in &mut graph.volumes {
+            volume.allocated_bytes = allocated_bytes(&volume_path(volumes_dir, volume.id));
+        }
+    }
+}
+
+/// Bytes available to unprivileged writers on the file system holding `dir`.
+pub fn available_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stats a writable statvfs.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
+}

@@ -1,0 +1,11 @@
+//! strata: a REST service that manages VM disks and their snapshot trees as qcow2
+//! chains, running every file operation as a durable background job.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod jobs;
+pub mod qemu;
+pub mod store;

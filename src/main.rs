@@ -1,0 +1,24 @@
+use clap::Parser;
+use strata::config::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Openapi => {
+            println!("{}", strata::api::openapi_json_pretty());
+            std::process::ExitCode::SUCCESS
+        }
+        Command::Serve(config) => {
+            strata::app::init_tracing();
+            match strata::app::serve(config).await {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "strata stopped");
+                    eprintln!("strata: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The durable job queue and its journal (plan, next step, phase).
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+
+use super::{get_enum, get_id, get_opt_id, get_opt_ts, get_ts, id_text, opt_id_text, ts};
+use crate::domain::plan::Plan;
+use crate::domain::{Job, JobKind, JobPhase, JobStatus, TargetType, Timestamp, Uuid};
+use crate::error::{Error, Result};
+
+fn json_column<T: serde::de::DeserializeOwned>(row: &SqliteRow, column: &str) -> Result<Option<T>> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| Error::Internal(format!("bad JSON in jobs.{column}: {e}")))).transpose()
+}
+
+fn from_row(row: &SqliteRow) -> Result<Job> {
+    let phase: Option<String> = row.try_get("phase")?;
+    Ok(Job {
+        seq: row.try_get("seq")?,
+        id: get_id(row, "id")?,
+        kind: get_enum(row, "kind", JobKind::parse)?,
+        status: get_enum(row, "status", JobStatus::parse)?,
+        progress: row.try_get::<i64, _>("progress")?.clamp(0, 100) as u8,
+        target_type: get_enum(row, "target_type", TargetType::parse)?,
+        target_id: get_id(row, "target_id")?,
+        vm_id: get_opt_id(row, "vm_id")?,
+        params: json_column(row, "params")?.unwrap_or_default(),
+        phase: phase.as_deref().and_then(JobPhase::parse),
+        plan: json_column::<Plan>(row, "plan")?,
+        next_step: row.try_get::<i64, _>("next_step")? as usize,
+        detail: json_column(row, "detail")?,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        error_code: row.try_get("error_code")?,
+        error_message: row.try_get("error_message")?,
+        created_at: get_ts(row, "created_at")?,
+        started_at: get_opt_ts(row, "started_at")?,
+        finished_at: get_opt_ts(row, "finished_at")?,
+    })
+}
+
+/// A queued job for `target`, ready to insert.
+pub fn new_job(kind: JobKind, target_type: TargetType, target_id: Uuid, vm_id: Option<Uuid>, params: serde_json::Value) -> Job {
+    Job {
+        seq: 0,
+        id: crate::domain::new_id(),
+        kind,
+        status: JobStatus::Queued,
+        progress: 0,
+        target_type,
+        target_id,
+        vm_id,
+        params,
+        phase: None,
+        plan: None,
+        next_step: 0,
+        detail: None,
+        cancel_requested: false,
+        error_code: None,
+        error_message: None,
+        created_at: super::now(),
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+pub async fn insert(conn: &mut SqliteConnection, job: &Job) -> Result<()> {
+    sqlx::query("INSERT INTO jobs (id, kind, status, target_type, target_id, vm_id, params, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        .bind(id_text(job.id))
+        .bind(job.kind.as_str())
+        .bind(job.status.as_str())
+        .bind(job.target_type.as_str())
+        .bind(id_text(job.target_id))
+        .bind(opt_id_text(job.vm_id))
+        .bind(job.params.to_string())
+        .bind(ts(job.created_at))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn get(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Job>> {
+    let row = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id_text(id)).fetch_optional(conn).await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub vm_id: Option<Uuid>,
+    pub kind: Option<JobKind>,
+}
+
+/// Jobs newest first, after the job `before` (the cursor), at most `limit`.
+pub async fn list(conn: &mut SqliteConnection, filter: &JobFilter, before: Option<Uuid>, limit: u32) -> Result<Vec<Job>> {
+    let rows = sqlx::query(
+        "SELECT * FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR vm_id = ?2) AND (?3 IS NULL OR kind = ?3)
+         AND (?4 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?4)) ORDER BY seq DESC LIMIT ?5",
+    )
+    .bind(filter.status.map(|s| s.as_str()))
+    .bind(opt_id_text(filter.vm_id))
+    .bind(filter.kind.map(|k| k.as_str()))
+    .bind(opt_id_text(before))
+    .bind(limit as i64)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Take the oldest queued job whose VM has no running job and mark it running. Jobs of
+/// one VM therefore run one at a time, in the order they were accepted.
+pub async fn claim_next(conn: &mut SqliteConnection, now: Timestamp) -> Result<Option<Job>> {
+    let row = sqlx::query(
+        "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?1)
+         WHERE seq = (SELECT q.seq FROM jobs q WHERE q.status = 'queued'
+                      AND (q.vm_id IS NULL OR NOT EXISTS (SELECT 1 FROM jobs r WHERE r.vm_id = q.vm_id AND r.status = 'running'))
+                      ORDER BY q.seq LIMIT 1)
+         RETURNING *",
+    )
+    .bind(ts(now))
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Journal the plan: from here on, a restart resumes the job instead of re-planning.
+pub async fn save_plan(conn: &mut SqliteConnection, id: Uuid, plan: &Plan) -> Result<()> {
+    let detail = serde_json::json!({ "merges": plan.merges, "space_needed_bytes": plan.space_needed });
+    sqlx::query("UPDATE jobs SET phase = 'executing', plan = ?, next_step = 0, detail = ? WHERE id = ?")
+        .bind(serde_json::to_string(plan).map_err(|e| Error::Internal(e.to_string()))?)
+        .bind(detail.to_string())
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn set_next_step(conn: &mut SqliteConnection, id: Uuid, next_step: usize, progress: u8) -> Result<()> {
+    sqlx::query("UPDATE jobs SET next_step = ?, progress = MAX(progress, ?) WHERE id = ?")
+        .bind(next_step as i64)
+        .bind(progress as i64)
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn set_phase(conn: &mut SqliteConnection, id: Uuid, phase: JobPhase) -> Result<()> {
+    sqlx::query("UPDATE jobs SET phase = ? WHERE id = ?").bind(phase.as_str()).bind(id_text(id)).execute(conn).await?;
+    Ok(())
+}
+
+pub async fn set_progress(conn: &mut SqliteConnection, id: Uuid, progress: u8) -> Result<()> {
+    sqlx::query("UPDATE jobs SET progress = MAX(progress, ?) WHERE id = ?").bind(progress as i64).bind(id_text(id)).execute(conn).await?;
+    Ok(())
+}
+
+/// End a job. Only a job that has not ended yet changes.
+pub async fn finish(conn: &mut SqliteConnection, id: Uuid, status: JobStatus, error: Option<(&str, &str)>, now: Timestamp) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET status = ?, error_code = ?, error_message = ?, finished_at = ?,
+         progress = CASE WHEN ? = 'succeeded' THEN 100 ELSE progress END
+         WHERE id = ? AND status IN ('queued', 'running')",
+    )
+    .bind(status.as_str())
+    .bind(error.map(|e| e.0))
+    .bind(error.map(|e| e.1))
+    .bind(ts(now))
+    .bind(status.as_str())
+    .bind(id_text(id))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn request_cancel(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
+    sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?").bind(id_text(id)).execute(conn).await?;
+    Ok(())
+}
+
+/// Jobs left running by the previous process (it crashed or was killed), oldest first.
+pub async fn list_running(conn: &mut SqliteConnection) -> Result<Vec<Job>> {
+    let rows = sqlx::query("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq").fetch_all(conn).await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Unfinished jobs of these kinds that target `target`.
+pub async fn pending_for_target(conn: &mut SqliteConnection, target: Uuid, kinds: &[JobKind]) -> Result<Vec<Job>> {
+    let rows = sqlx::query("SELECT * FROM jobs WHERE target_id = ? AND status IN ('queued', 'running') ORDER BY seq")
+        .bind(id_text(target))
+        .fetch_all(conn)
+        .await?;
+    let jobs = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+    Ok(jobs.into_iter().filter(|j| kinds.contains(&j.kind)).collect())
+}
+
+/// Unfinished jobs of a VM, oldest first.
+pub async fn pending_for_vm(conn: &mut SqliteConnection, vm: Uuid) -> Result<Vec<Job>> {
+    let rows = sqlx::query("SELECT * FROM jobs WHERE vm_id = ? AND status IN ('queued', 'running') ORDER BY seq")
+        .bind(id_text(vm))
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(from_row).collect()
+}

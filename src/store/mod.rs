@@ -1,0 +1,217 @@
+//! SQLite access: typed queries returning domain records, and the one function that
+//! applies planner metadata changes. Knows nothing of HTTP.
+//!
+//! Writes go through a single-connection pool, so SQLite never sees two writers and a
+//! read-check-write sequence inside one transaction is atomic; reads use their own pool
+//! and see WAL snapshots.
+
+pub mod jobs;
+pub mod snapshots;
+pub mod vms;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use crate::domain::plan::MetaOp;
+use crate::domain::{Timestamp, Uuid};
+use crate::error::{Error, Result};
+
+pub type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+#[derive(Clone)]
+pub struct Db {
+    read: SqlitePool,
+    write: SqlitePool,
+}
+
+impl Db {
+    /// Open (creating if needed) `<data_dir>/strata.db` and run pending migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // The job journal must survive power loss, not just a process crash.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(30));
+        let write = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        sqlx::migrate!("./migrations").run(&write).await?;
+        let read = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
+        Ok(Self { read, write })
+    }
+
+    pub async fn reader(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
+        Ok(self.read.acquire().await?)
+    }
+
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(self.write.begin().await?)
+    }
+
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+}
+
+pub fn now() -> Timestamp {
+    Utc::now()
+}
+
+pub(crate) fn ts(value: Timestamp) -> String {
+    value.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+pub(crate) fn id_text(id: Uuid) -> String {
+    id.hyphenated().to_string()
+}
+
+pub(crate) fn opt_id_text(id: Option<Uuid>) -> Option<String> {
+    id.map(id_text)
+}
+
+pub(crate) fn get_id(row: &SqliteRow, column: &str) -> Result<Uuid> {
+    let text: String = row.try_get(column)?;
+    Uuid::from_str(&text).map_err(|e| Error::Internal(format!("bad id in {column}: {e}")))
+}
+
+pub(crate) fn get_opt_id(row: &SqliteRow, column: &str) -> Result<Option<Uuid>> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| Uuid::from_str(&t).map_err(|e| Error::Internal(format!("bad id in {column}: {e}")))).transpose()
+}
+
+pub(crate) fn get_ts(row: &SqliteRow, column: &str) -> Result<Timestamp> {
+    let text: String = row.try_get(column)?;
+    parse_ts(&text)
+}
+
+pub(crate) fn get_opt_ts(row: &SqliteRow, column: &str) -> Result<Option<Timestamp>> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| parse_ts(&t)).transpose()
+}
+
+fn parse_ts(text: &str) -> Result<Timestamp> {
+    DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)).map_err(|e| Error::Internal(format!("bad timestamp {text}: {e}")))
+}
+
+pub(crate) fn get_enum<T>(row: &SqliteRow, column: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
+    let text: String = row.try_get(column)?;
+    parse(&text).ok_or_else(|| Error::Internal(format!("unknown value {text:?} in {column}")))
+}
+
+pub(crate) fn get_u64(row: &SqliteRow, column: &str) -> Result<u64> {
+    let value: i64 = row.try_get(column)?;
+    u64::try_from(value).map_err(|_| Error::Internal(format!("negative {column}")))
+}
+
+/// True when a query failed on a UNIQUE constraint (turned into `name_taken`).
+pub fn is_unique_violation(error: &Error) -> bool {
+    matches!(error, Error::Database(sqlx::Error::Database(db)) if db.is_unique_violation())
+}
+
+/// Apply planner metadata changes in order, inside the caller's transaction.
+pub async fn apply(conn: &mut SqliteConnection, ops: &[MetaOp]) -> Result<()> {
+    let now = ts(now());
+    for op in ops {
+        match *op {
+            MetaOp::InsertVolume { volume, disk, parent, size_bytes } => {
+                sqlx::query("INSERT INTO volumes (id, disk_id, parent_id, size_bytes, status, created_at) VALUES (?, ?, ?, ?, 'ready', ?)")
+                    .bind(id_text(volume))
+                    .bind(id_text(disk))
+                    .bind(opt_id_text(parent))
+                    .bind(size_bytes as i64)
+                    .bind(&now)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            MetaOp::SetVolumeParent { volume, parent } => {
+                sqlx::query("UPDATE volumes SET parent_id = ? WHERE id = ?")
+                    .bind(opt_id_text(parent))
+                    .bind(id_text(volume))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            MetaOp::SetVolumeStatus { volume, status } => {
+                sqlx::query("UPDATE volumes SET status = ? WHERE id = ?")
+                    .bind(status.as_str())
+                    .bind(id_text(volume))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            MetaOp::RemoveVolume { volume } => {
+                sqlx::query("DELETE FROM volumes WHERE id = ?").bind(id_text(volume)).execute(&mut *conn).await?;
+            }
+            MetaOp::SetActiveVolume { disk, volume } => {
+                sqlx::query("UPDATE disks SET active_volume_id = ? WHERE id = ?")
+                    .bind(id_text(volume))
+                    .bind(id_text(disk))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            MetaOp::SetSnapshotVolume { snapshot, disk, volume } => {
+                sqlx::query(
+                    "INSERT INTO snapshot_volumes (snapshot_id, disk_id, volume_id) VALUES (?, ?, ?)
+                     ON CONFLICT (snapshot_id, disk_id) DO UPDATE SET volume_id = excluded.volume_id",
+                )
+                .bind(id_text(snapshot))
+                .bind(id_text(disk))
+                .bind(id_text(volume))
+                .execute(&mut *conn)
+                .await?;
+            }
+            MetaOp::SetSnapshotStatus { snapshot, status } => {
+                sqlx::query("UPDATE snapshots SET status = ? WHERE id = ?")
+                    .bind(status.as_str())
+                    .bind(id_text(snapshot))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            MetaOp::SetSnapshotParent { snapshot, parent } => {
+                sqlx::query("UPDATE snapshots SET parent_id = ? WHERE id = ?")
+                    .bind(opt_id_text(parent))
+                    .bind(id_text(snapshot))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            MetaOp::DeleteSnapshot { snapshot } => snapshots::delete(conn, snapshot).await?,
+            MetaOp::SetCurrentSnapshot { vm, snapshot } => {
+                sqlx::query("UPDATE vms SET current_snapshot_id = ?, updated_at = ? WHERE id = ?")
+                    .bind(opt_id_text(snapshot))
+                    .bind(&now)
+                    .bind(id_text(vm))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            MetaOp::SetDiskStatus { disk, status } => {
+                sqlx::query("UPDATE disks SET status = ? WHERE id = ?")
+                    .bind(status.as_str())
+                    .bind(id_text(disk))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            MetaOp::SetDiskSize { disk, size_bytes } => {
+                sqlx::query("UPDATE disks SET size_bytes = ? WHERE id = ?")
+                    .bind(size_bytes as i64)
+                    .bind(id_text(disk))
+                    .execute(&mut *conn)
+                    .await?;
+                // The writable top carries the disk's size.
+                sqlx::query("UPDATE volumes SET size_bytes = ? WHERE id = (SELECT active_volume_id FROM disks WHERE id = ?)")
+                    .bind(size_bytes as i64)
+                    .bind(id_text(disk))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            MetaOp::DeleteDisk { disk } => vms::delete_disk(conn, disk).await?,
+            MetaOp::SetVmStatus { vm, status } => vms::set_vm_status(conn, vm, status).await?,
+            MetaOp::DeleteVm { vm } => vms::delete_vm(conn, vm).await?,
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! VMs, their disks and the volumes (qcow2 files) of each disk.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+
+use super::{get_enum, get_id, get_opt_id, get_ts, get_u64, id_text, opt_id_text, ts};
+use crate::domain::plan::{DiskGraph, Owner, VolumeNode};
+use crate::domain::{Disk, ResourceStatus, Uuid, Vm, VmState, Volume, VolumeStatus};
+use crate::error::{Error, Result};
+
+fn vm_from_row(row: &SqliteRow) -> Result<Vm> {
+    Ok(Vm {
+        id: get_id(row, "id")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        state: get_enum(row, "state", VmState::parse)?,
+        status: get_enum(row, "status", ResourceStatus::parse)?,
+        current_snapshot_id: get_opt_id(row, "current_snapshot_id")?,
+        created_at: get_ts(row, "created_at")?,
+        updated_at: get_ts(row, "updated_at")?,
+    })
+}
+
+fn disk_from_row(row: &SqliteRow) -> Result<Disk> {
+    Ok(Disk {
+        id: get_id(row, "id")?,
+        vm_id: get_id(row, "vm_id")?,
+        name: row.try_get("name")?,
+        size_bytes: get_u64(row, "size_bytes")?,
+        status: get_enum(row, "status", ResourceStatus::parse)?,
+        active_volume_id: get_opt_id(row, "active_volume_id")?,
+        created_at: get_ts(row, "created_at")?,
+    })
+}
+
+pub async fn get_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Vm>> {
+    let row = sqlx::query("SELECT * FROM vms WHERE id = ?").bind(id_text(id)).fetch_optional(conn).await?;
+    row.as_ref().map(vm_from_row).transpose()
+}
+
+/// VMs in id (creation) order after `after`, optionally only those with `name`.
+pub async fn list_vms(conn: &mut SqliteConnection, name: Option<&str>, after: Option<Uuid>, limit: u32) -> Result<Vec<Vm>> {
+    let rows = sqlx::query(
+        "SELECT * FROM vms WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3",
+    )
+    .bind(name)
+    .bind(opt_id_text(after))
+    .bind(limit as i64)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(vm_from_row).collect()
+}
+
+pub async fn insert_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
+    sqlx::query("INSERT INTO vms (id, name, description, state, status, current_snapshot_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        .bind(id_text(vm.id))
+        .bind(&vm.name)
+        .bind(&vm.description)
+        .bind(vm.state.as_str())
+        .bind(vm.status.as_str())
+        .bind(opt_id_text(vm.current_snapshot_id))
+        .bind(ts(vm.created_at))
+        .bind(ts(vm.updated_at))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Write the editable fields of a VM (name, description, state).
+pub async fn update_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
+    sqlx::query("UPDATE vms SET name = ?, description = ?, state = ?, updated_at = ? WHERE id = ?")
+        .bind(&vm.name)
+        .bind(&vm.description)
+        .bind(vm.state.as_str())
+        .bind(ts(vm.updated_at))
+        .bind(id_text(vm.id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn set_vm_status(conn: &mut SqliteConnection, id: Uuid, status: ResourceStatus) -> Result<()> {
+    sqlx::query("UPDATE vms SET status = ?, updated_at = ? WHERE id = ?")
+        .bind(status.as_str())
+        .bind(ts(super::now()))
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn delete_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
+    // Snapshot rows reference each other and volumes; clear them before the cascade.
+    sqlx::query("DELETE FROM snapshot_volumes WHERE snapshot_id IN (SELECT id FROM snapshots WHERE vm_id = ?)")
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE snapshots SET parent_id = NULL WHERE vm_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM snapshots WHERE vm_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
+    for disk in list_disks(conn, id).await? {
+        delete_disk(conn, disk.id).await?;
+    }
+    sqlx::query("DELETE FROM vms WHERE id = ?").bind(id_text(id)).execute(conn).await?;
+    Ok(())
+}
+
+pub async fn list_disks(conn: &mut SqliteConnection, vm_id: Uuid) -> Result<Vec<Disk>> {
+    let rows = sqlx::query("SELECT * FROM disks WHERE vm_id = ? ORDER BY id").bind(id_text(vm_id)).fetch_all(conn).await?;
+    rows.iter().map(disk_from_row).collect()
+}
+
+/// Disks of many VMs at once (for list pages), in id order.
+pub async fn list_disks_of(conn: &mut SqliteConnection, vm_ids: &[Uuid]) -> Result<Vec<Disk>> {
+    let mut disks = Vec::new();
+    for &vm in vm_ids {
+        disks.extend(list_disks(conn, vm).await?);
+    }
+    Ok(disks)
+}
+
+pub async fn get_disk(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Disk>> {
+    let row = sqlx::query("SELECT * FROM disks WHERE id = ?").bind(id_text(id)).fetch_optional(conn).await?;
+    row.as_ref().map(disk_from_row).transpose()
+}
+
+pub async fn insert_disk(conn: &mut SqliteConnection, disk: &Disk) -> Result<()> {
+    sqlx::query("INSERT INTO disks (id, vm_id, name, size_bytes, status, active_volume_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        .bind(id_text(disk.id))
+        .bind(id_text(disk.vm_id))
+        .bind(&disk.name)
+        .bind(disk.size_bytes as i64)
+        .bind(disk.status.as_str())
+        .bind(opt_id_text(disk.active_volume_id))
+        .bind(ts(disk.created_at))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn set_disk_status(conn: &mut SqliteConnection, id: Uuid, status: ResourceStatus) -> Result<()> {
+    sqlx::query("UPDATE disks SET status = ? WHERE id = ?").bind(status.as_str()).bind(id_text(id)).execute(conn).await?;
+    Ok(())
+}
+
+pub async fn delete_disk(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
+    sqlx::query("DELETE FROM snapshot_volumes WHERE disk_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
+    // Volumes reference their parents: drop the links first so any order deletes.
+    sqlx::query("UPDATE volumes SET parent_id = NULL WHERE disk_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM volumes WHERE disk_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM disks WHERE id = ?").bind(id_text(id)).execute(conn).await?;
+    Ok(())
+}
+
+/// Every volume of a VM's disks, with the snapshot (if any) that froze it.
+pub async fn list_volumes(conn: &mut SqliteConnection, vm_id: Uuid) -> Result<Vec<Volume>> {
+    let rows = sqlx::query(
+        "SELECT v.*, sv.snapshot_id FROM volumes v JOIN disks d ON d.id = v.disk_id
+         LEFT JOIN snapshot_volumes sv ON sv.volume_id = v.id
+         WHERE d.vm_id = ? ORDER BY v.id",
+    )
+    .bind(id_text(vm_id))
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Volume {
+                id: get_id(row, "id")?,
+                disk_id: get_id(row, "disk_id")?,
+                parent_id: get_opt_id(row, "parent_id")?,
+                size_bytes: get_u64(row, "size_bytes")?,
+                status: get_enum(row, "status", VolumeStatus::parse)?,
+                snapshot_id: get_opt_id(row, "snapshot_id")?,
+            })
+        })
+        .collect()
+}
+
+/// The volume trees of a VM's disks as the planner wants them. Allocation is left at
+/// zero: the caller measures files. `only` restricts to some disks.
+pub async fn disk_graphs(conn: &mut SqliteConnection, vm_id: Uuid, only: Option<Uuid>) -> Result<Vec<DiskGraph>> {
+    let disks = list_disks(conn, vm_id).await?;
+    let volumes = list_volumes(conn, vm_id).await?;
+    disks
+        .into_iter()
+        .filter(|d| only.is_none_or(|id| id == d.id))
+        .map(|disk| {
+            let nodes = volumes
+                .iter()
+                .filter(|v| v.disk_id == disk.id)
+                .map(|v| {
+                    let owner = match v.snapshot_id {
+                        Some(snapshot) => Some(Owner::Snapshot(snapshot)),
+                        None if disk.active_volume_id == Some(v.id) => Some(Owner::Active),
+                        None => None,
+                    };
+                    let owner = owner.ok_or_else(|| Error::Internal(format!("volume {} has no owner", v.id)))?;
+                    Ok(VolumeNode { id: v.id, parent: v.parent_id, size_bytes: v.size_bytes, allocated_bytes: 0, owner })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(DiskGraph { disk_id: disk.id, size_bytes: disk.size_bytes, volumes: nodes })
+        })
+        .collect()
+}
