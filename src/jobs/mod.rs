@@ -32,7 +32,7 @@ pub struct EngineConfig {
     pub volumes_dir: PathBuf,
     /// Free space a merge must leave untouched on the data file system.
     pub reserved_bytes: u64,
-    /// Test-only crash point, `<job kind>:<point>` (see [`Engine::crash_point`]).
+    /// Test-only crash point, `<job kind>:<point>` (see `Engine::fault_point`).
     pub fault: Option<String>,
 }
 
@@ -207,7 +207,7 @@ impl Engine {
             store::apply(&mut tx, &plan.mark).await?;
             store::jobs::save_plan(&mut tx, job.id, &plan).await?;
             tx.commit().await?;
-            self.crash_point(&job, "planned");
+            self.fault_point(&job, "planned").await;
             job.phase = Some(JobPhase::Executing);
             job.next_step = 0;
             job.plan = Some(plan);
@@ -231,13 +231,13 @@ impl Engine {
                 store::apply(&mut tx, &step.then).await?;
                 store::jobs::set_next_step(&mut tx, job.id, index + 1, ((index + 1) as f32 / total * 99.0) as u8).await?;
                 tx.commit().await?;
-                self.crash_point(&job, &format!("after-step-{index}"));
+                self.fault_point(&job, &format!("after-step-{index}")).await;
             }
             let mut tx = self.db.begin().await?;
             store::apply(&mut tx, &plan.finish).await?;
             store::jobs::set_phase(&mut tx, job.id, JobPhase::Committed).await?;
             tx.commit().await?;
-            self.crash_point(&job, "committed");
+            self.fault_point(&job, "committed").await;
         }
         self.drop_files(&plan.drops).await?;
         let mut tx = self.db.begin().await?;
@@ -369,14 +369,21 @@ impl Engine {
         Ok(())
     }
 
-    /// Deterministic crash injection for recovery tests: `STRATA_FAULT=<kind>:<point>`
-    /// aborts the process (no cleanup, like kill -9) when the job reaches the point.
-    fn crash_point(&self, job: &Job, point: &str) {
-        if let Some(fault) = &self.config.fault {
-            if fault.split_once(':') == Some((job.kind.as_str(), point)) {
-                tracing::warn!(job = %job.id, point, "fault injection: aborting");
-                std::process::abort();
-            }
+    /// Deterministic fault injection for recovery tests: `STRATA_FAULT=<kind>:<point>`
+    /// aborts the process (no cleanup, like kill -9) when a job of that kind reaches the
+    /// point; `<kind>:<point>:pause` holds the job there for two seconds instead, so a
+    /// test can send a conflicting request while it runs.
+    async fn fault_point(&self, job: &Job, point: &str) {
+        let Some(fault) = &self.config.fault else { return };
+        let mut parts = fault.split(':');
+        if parts.next() != Some(job.kind.as_str()) || parts.next() != Some(point) {
+            return;
+        }
+        if parts.next() == Some("pause") {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        } else {
+            tracing::warn!(job = %job.id, point, "fault injection: aborting");
+            std::process::abort();
         }
     }
 }

@@ -1,0 +1,4 @@
+//! Black-box tests: the real service over HTTP, with bytes checked by qemu-io/qemu-img.
+
+mod helpers;
+mod snapshots;
