@@ -12,8 +12,8 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::api::{self, AppState};
 use crate::api::problem::Problem;
+use crate::api::{self, AppState};
 use crate::config::ServeConfig;
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::{Engine, EngineConfig};
@@ -21,20 +21,31 @@ use crate::qemu::Qemu;
 use crate::store::Db;
 
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info,sqlx=warn,tower_http=info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+        .unwrap_or_else(|_| "info,sqlx=warn,tower_http=info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Run the service until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> Result<()> {
     let volumes_dir = config.data_dir.join("volumes");
-    std::fs::create_dir_all(&volumes_dir)
-        .map_err(|e| Error::Internal(format!("cannot create data directory {}: {e}", volumes_dir.display())))?;
+    std::fs::create_dir_all(&volumes_dir).map_err(|e| {
+        Error::Internal(format!(
+            "cannot create data directory {}: {e}",
+            volumes_dir.display()
+        ))
+    })?;
     let data_dir = std::fs::canonicalize(&config.data_dir)?;
     let volumes_dir = data_dir.join("volumes");
     check_qemu_img(&config).await?;
     let db = Db::open(&data_dir.join("strata.db")).await?;
-    let qemu = Qemu::new(config.qemu_img.clone(), Duration::from_secs(config.copy_timeout_secs));
+    let qemu = Qemu::new(
+        config.qemu_img.clone(),
+        Duration::from_secs(config.copy_timeout_secs),
+    );
     let engine = Engine::new(
         db.clone(),
         qemu,
@@ -46,7 +57,11 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         },
     );
     let ready = Arc::new(AtomicBool::new(false));
-    let state = AppState { engine: Arc::clone(&engine), max_disk_size: config.max_disk_size, ready: Arc::clone(&ready) };
+    let state = AppState {
+        engine: Arc::clone(&engine),
+        max_disk_size: config.max_disk_size,
+        ready: Arc::clone(&ready),
+    };
     let app = with_middleware(api::router(state), &config);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -93,9 +108,16 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
 }
 
 async fn check_qemu_img(config: &ServeConfig) -> Result<()> {
-    let output = tokio::process::Command::new(&config.qemu_img).arg("--version").output().await.map_err(|e| {
-        Error::Internal(format!("cannot run {} ({e}); install qemu-utils or pass --qemu-img", config.qemu_img.display()))
-    })?;
+    let output = tokio::process::Command::new(&config.qemu_img)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|e| {
+            Error::Internal(format!(
+                "cannot run {} ({e}); install qemu-utils or pass --qemu-img",
+                config.qemu_img.display()
+            ))
+        })?;
     let version = String::from_utf8_lossy(&output.stdout);
     tracing::info!(version = %version.lines().next().unwrap_or_default(), "qemu-img found");
     Ok(())
@@ -123,13 +145,21 @@ fn with_middleware(router: axum::Router, config: &ServeConfig) -> axum::Router {
     let mut router = router
         .layer(axum::middleware::map_response(problem_for_bare_errors))
         .layer(RequestBodyLimitLayer::new(config.body_limit))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(config.request_timeout_secs)))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(config.request_timeout_secs),
+        ))
         .layer(TraceLayer::new_for_http());
     if !config.cors_origins.is_empty() {
         let origin = if config.cors_origins.iter().any(|o| o == "*") {
             AllowOrigin::any()
         } else {
-            AllowOrigin::list(config.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+            AllowOrigin::list(
+                config
+                    .cors_origins
+                    .iter()
+                    .filter_map(|o| HeaderValue::from_str(o).ok()),
+            )
         };
         router = router.layer(
             CorsLayer::new()

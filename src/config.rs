@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "strata", version, about = "REST service for VM disks, snapshot trees, clones and templates on qcow2 files")]
+#[command(
+    name = "strata",
+    version,
+    about = "REST service for VM disks, snapshot trees, clones and templates on qcow2 files"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -60,7 +64,11 @@ pub struct ServeConfig {
     pub body_limit: usize,
 
     /// Origins allowed to call the API from a browser (repeat the flag, or `*`).
-    #[arg(long = "cors-origin", env = "STRATA_CORS_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "cors-origin",
+        env = "STRATA_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
     pub cors_origins: Vec<String>,
 
     /// Seconds to let running jobs reach a step boundary on shutdown before the process

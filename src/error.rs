@@ -55,7 +55,11 @@ error_codes! {
 pub enum Error {
     /// An answer meant for the client, with optional extension members.
     #[error("{detail}")]
-    Problem { code: ErrorCode, detail: String, extra: Option<serde_json::Value> },
+    Problem {
+        code: ErrorCode,
+        detail: String,
+        extra: Option<serde_json::Value>,
+    },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migration: {0}")]
@@ -72,11 +76,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn problem(code: ErrorCode, detail: impl Into<String>) -> Self {
-        Error::Problem { code, detail: detail.into(), extra: None }
+        Error::Problem {
+            code,
+            detail: detail.into(),
+            extra: None,
+        }
     }
 
-    pub fn with_extra(code: ErrorCode, detail: impl Into<String>, extra: serde_json::Value) -> Self {
-        Error::Problem { code, detail: detail.into(), extra: Some(extra) }
+    pub fn with_extra(
+        code: ErrorCode,
+        detail: impl Into<String>,
+        extra: serde_json::Value,
+    ) -> Self {
+        Error::Problem {
+            code,
+            detail: detail.into(),
+            extra: Some(extra),
+        }
     }
 
     pub fn validation(detail: impl Into<String>) -> Self {

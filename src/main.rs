@@ -6,7 +6,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Openapi => {
-            println!("{}", strata::api::openapi_json_pretty());
+            print!("{}", strata::api::openapi_json_pretty());
             std::process::ExitCode::SUCCESS
         }
         Command::Serve(config) => {

@@ -18,10 +18,13 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(Json(value)),
-            Err(JsonRejection::MissingJsonContentType(_)) => {
-                Err(Error::problem(ErrorCode::UnsupportedMediaType, "send the body with Content-Type: application/json"))
-            }
-            Err(JsonRejection::BytesRejection(e)) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::problem(
+                ErrorCode::UnsupportedMediaType,
+                "send the body with Content-Type: application/json",
+            )),
+            Err(JsonRejection::BytesRejection(e))
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE =>
+            {
                 Err(Error::problem(ErrorCode::PayloadTooLarge, e.body_text()))
             }
             Err(e) => Err(Error::problem(ErrorCode::InvalidJson, e.body_text())),
@@ -45,5 +48,6 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
 
 /// Parse a path id; an id that cannot exist is reported as not found.
 pub fn parse_id(text: &str, not_found: ErrorCode, what: &str) -> Result<Uuid, Error> {
-    text.parse().map_err(|_| Error::problem(not_found, format!("{what} {text} does not exist")))
+    text.parse()
+        .map_err(|_| Error::problem(not_found, format!("{what} {text} does not exist")))
 }

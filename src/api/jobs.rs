@@ -18,7 +18,10 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list_jobs)).routes(routes!(get_job)).routes(routes!(cancel_job))
+    OpenApiRouter::new()
+        .routes(routes!(list_jobs))
+        .routes(routes!(get_job))
+        .routes(routes!(cancel_job))
 }
 
 /// The resource a job works on.
@@ -74,13 +77,19 @@ pub struct JobView {
 
 impl From<Job> for JobView {
     fn from(job: Job) -> Self {
-        let error = job.error_code.map(|code| JobError { code, message: job.error_message.unwrap_or_default() });
+        let error = job.error_code.map(|code| JobError {
+            code,
+            message: job.error_message.unwrap_or_default(),
+        });
         Self {
             id: job.id,
             kind: job.kind,
             status: job.status,
             progress: job.progress,
-            target: JobTarget { target_type: job.target_type, id: job.target_id },
+            target: JobTarget {
+                target_type: job.target_type,
+                id: job.target_id,
+            },
             vm_id: job.vm_id,
             created_at: job.created_at,
             started_at: job.started_at,
@@ -123,11 +132,18 @@ async fn list_jobs(
     Query(page_query): Query<PageQuery>,
 ) -> Result<axum::Json<JobList>> {
     let (limit, cursor) = page_query.parse()?;
-    let filter = store::jobs::JobFilter { status: filter.status, vm_id: filter.vm_id, kind: filter.kind };
+    let filter = store::jobs::JobFilter {
+        status: filter.status,
+        vm_id: filter.vm_id,
+        kind: filter.kind,
+    };
     let mut conn = state.engine.db.reader().await?;
     let rows = store::jobs::list(&mut conn, &filter, cursor, limit + 1).await?;
     let (rows, next_cursor) = page(rows, limit, |j| j.id);
-    Ok(axum::Json(JobList { items: rows.into_iter().map(JobView::from).collect(), next_cursor }))
+    Ok(axum::Json(JobList {
+        items: rows.into_iter().map(JobView::from).collect(),
+        next_cursor,
+    }))
 }
 
 /// Longest long-poll accepted, in seconds.
@@ -149,11 +165,18 @@ pub struct WaitQuery {
         (status = 400, description = "`wait` out of range (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job (`job_not_found`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn get_job(State(state): State<AppState>, Path(id): Path<String>, Query(wait): Query<WaitQuery>) -> Result<axum::Json<JobView>> {
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(wait): Query<WaitQuery>,
+) -> Result<axum::Json<JobView>> {
     let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;
     let wait = wait.wait.unwrap_or(0);
     if wait > MAX_WAIT_SECONDS {
-        return Err(Error::problem(ErrorCode::InvalidQuery, format!("wait must be at most {MAX_WAIT_SECONDS} seconds")));
+        return Err(Error::problem(
+            ErrorCode::InvalidQuery,
+            format!("wait must be at most {MAX_WAIT_SECONDS} seconds"),
+        ));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut changes = state.engine.subscribe();
@@ -163,13 +186,19 @@ async fn get_job(State(state): State<AppState>, Path(id): Path<String>, Query(wa
             return Ok(axum::Json(job.into()));
         }
         // Wake on any job change, or poll now and then in case a change raced us.
-        let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)), changes.changed()).await;
+        let _ = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_millis(500)),
+            changes.changed(),
+        )
+        .await;
     }
 }
 
 async fn load(state: &AppState, id: Uuid) -> Result<Job> {
     let mut conn = state.engine.db.reader().await?;
-    store::jobs::get(&mut conn, id).await?.ok_or_else(|| Error::problem(ErrorCode::JobNotFound, format!("job {id} does not exist")))
+    store::jobs::get(&mut conn, id)
+        .await?
+        .ok_or_else(|| Error::problem(ErrorCode::JobNotFound, format!("job {id} does not exist")))
 }
 
 /// Cancel a job. A queued job is cancelled at once; a running one stops at its next

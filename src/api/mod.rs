@@ -63,9 +63,17 @@ fn api_router() -> OpenApiRouter<AppState> {
 pub fn router(state: AppState) -> axum::Router {
     let (router, _) = api_router().split_for_parts();
     router
-        .fallback(|| async { Error::problem(ErrorCode::RouteNotFound, "no endpoint at this path; see /v1/openapi.json") })
+        .fallback(|| async {
+            Error::problem(
+                ErrorCode::RouteNotFound,
+                "no endpoint at this path; see /v1/openapi.json",
+            )
+        })
         .method_not_allowed_fallback(|| async {
-            Error::problem(ErrorCode::MethodNotAllowed, "this endpoint does not support the method; see /v1/openapi.json")
+            Error::problem(
+                ErrorCode::MethodNotAllowed,
+                "this endpoint does not support the method; see /v1/openapi.json",
+            )
         })
         .with_state(state)
 }
@@ -96,14 +104,19 @@ impl PageQuery {
     pub fn parse(&self) -> Result<(u32, Option<Uuid>)> {
         let limit = self.limit.unwrap_or(100);
         if limit == 0 || limit > MAX_PAGE {
-            return Err(Error::problem(ErrorCode::InvalidQuery, format!("limit must be between 1 and {MAX_PAGE}")));
+            return Err(Error::problem(
+                ErrorCode::InvalidQuery,
+                format!("limit must be between 1 and {MAX_PAGE}"),
+            ));
         }
         let cursor = match self.cursor.as_deref() {
             None | Some("") => None,
-            Some(text) => Some(
-                text.parse()
-                    .map_err(|_| Error::problem(ErrorCode::InvalidCursor, "cursor must be the next_cursor of a previous page"))?,
-            ),
+            Some(text) => Some(text.parse().map_err(|_| {
+                Error::problem(
+                    ErrorCode::InvalidCursor,
+                    "cursor must be the next_cursor of a previous page",
+                )
+            })?),
         };
         Ok((limit, cursor))
     }
@@ -132,12 +145,17 @@ pub fn accepted(job: jobs::JobView) -> Response {
 
 /// Map a UNIQUE violation on a name column to `name_taken`.
 pub fn name_conflict(error: Error, detail: impl FnOnce() -> String) -> Error {
-    if crate::store::is_unique_violation(&error) { Error::problem(ErrorCode::NameTaken, detail()) } else { error }
+    if crate::store::is_unique_violation(&error) {
+        Error::problem(ErrorCode::NameTaken, detail())
+    } else {
+        error
+    }
 }
 
 /// The OpenAPI document as pretty JSON with a trailing newline (the checked-in form).
 pub fn openapi_json_pretty() -> String {
-    let mut text = serde_json::to_string_pretty(&openapi_document()).expect("the document serialises");
+    let mut text =
+        serde_json::to_string_pretty(&openapi_document()).expect("the document serialises");
     text.push('\n');
     text
 }

@@ -50,7 +50,10 @@ impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, axum::Json(self)).into_response();
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         response
     }
 }
@@ -59,7 +62,11 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let code = self.code();
         match self {
-            Error::Problem { code, detail, extra } => Problem::new(code, detail, extra).into_response(),
+            Error::Problem {
+                code,
+                detail,
+                extra,
+            } => Problem::new(code, detail, extra).into_response(),
             other => {
                 let mut chain = other.to_string();
                 let mut source = std::error::Error::source(&other);
@@ -71,7 +78,11 @@ impl IntoResponse for Error {
                 if code.status().is_server_error() {
                     tracing::error!(error = %chain, "request failed");
                 }
-                let detail = if code == ErrorCode::InsufficientStorage { chain } else { format!("{}: {chain}", code.title()) };
+                let detail = if code == ErrorCode::InsufficientStorage {
+                    chain
+                } else {
+                    format!("{}: {chain}", code.title())
+                };
                 Problem::new(code, detail, None).into_response()
             }
         }

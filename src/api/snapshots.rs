@@ -1,8 +1,8 @@
 //! `/v1/vms/{id}/snapshots` and `/v1/snapshots/{id}`: the snapshot tree of a VM.
 
-use chrono::{DateTime, Utc};
 use axum::extract::{Path, State};
 use axum::response::Response;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -19,7 +19,11 @@ use crate::store;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list_snapshots, create_snapshot, delete_all_snapshots))
+        .routes(routes!(
+            list_snapshots,
+            create_snapshot,
+            delete_all_snapshots
+        ))
         .routes(routes!(get_snapshot, delete_snapshot))
         .routes(routes!(revert_snapshot))
 }
@@ -141,7 +145,9 @@ fn snapshot_view(state: &AppState, vm: &Vm, snapshot: Snapshot) -> SnapshotView 
 }
 
 fn build_tree(parent: Option<Uuid>, views: &mut Vec<SnapshotView>) -> Vec<SnapshotNode> {
-    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(views).into_iter().partition(|v| v.parent_id == parent);
+    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(views)
+        .into_iter()
+        .partition(|v| v.parent_id == parent);
     *views = rest;
     mine.into_iter()
         .map(|snapshot| {
@@ -153,12 +159,20 @@ fn build_tree(parent: Option<Uuid>, views: &mut Vec<SnapshotView>) -> Vec<Snapsh
 
 async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<(Snapshot, Vm)> {
     let id = parse_id(id, ErrorCode::SnapshotNotFound, "snapshot")?;
-    let snapshot = store::snapshots::get(conn, id)
-        .await?
-        .ok_or_else(|| Error::problem(ErrorCode::SnapshotNotFound, format!("snapshot {id} does not exist")))?;
+    let snapshot = store::snapshots::get(conn, id).await?.ok_or_else(|| {
+        Error::problem(
+            ErrorCode::SnapshotNotFound,
+            format!("snapshot {id} does not exist"),
+        )
+    })?;
     let vm = store::vms::get_vm(conn, snapshot.vm_id)
         .await?
-        .ok_or_else(|| Error::problem(ErrorCode::SnapshotNotFound, format!("snapshot {id} does not exist")))?;
+        .ok_or_else(|| {
+            Error::problem(
+                ErrorCode::SnapshotNotFound,
+                format!("snapshot {id} does not exist"),
+            )
+        })?;
     Ok((snapshot, vm))
 }
 
@@ -172,7 +186,11 @@ async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<(S
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Name used (`name_taken`), VM running (`vm_running`), without disks (`vm_has_no_disks`) or not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn create_snapshot(State(state): State<AppState>, Path(id): Path<String>, Json(body): Json<CreateSnapshot>) -> Result<Response> {
+async fn create_snapshot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<CreateSnapshot>,
+) -> Result<Response> {
     validate::name("name", &body.name).map_err(Error::validation)?;
     validate::description(&body.description).map_err(Error::validation)?;
     let mut tx = state.engine.db.begin().await?;
@@ -180,7 +198,10 @@ async fn create_snapshot(State(state): State<AppState>, Path(id): Path<String>, 
     require_ready(&vm)?;
     require_stopped(&vm, "take an offline snapshot")?;
     if store::vms::list_disks(&mut tx, vm.id).await?.is_empty() {
-        return Err(Error::problem(ErrorCode::VmHasNoDisks, format!("VM {} has no disks to snapshot", vm.name)));
+        return Err(Error::problem(
+            ErrorCode::VmHasNoDisks,
+            format!("VM {} has no disks to snapshot", vm.name),
+        ));
     }
     let snapshot = Snapshot {
         id: new_id(),
@@ -195,8 +216,23 @@ async fn create_snapshot(State(state): State<AppState>, Path(id): Path<String>, 
     };
     store::snapshots::insert(&mut tx, &snapshot)
         .await
-        .map_err(|e| name_conflict(e, || format!("VM {} already has a snapshot named {}", vm.name, snapshot.name)))?;
-    enqueue(&state, tx, JobKind::SnapshotCreate, (TargetType::Snapshot, snapshot.id), vm.id, serde_json::json!({})).await
+        .map_err(|e| {
+            name_conflict(e, || {
+                format!(
+                    "VM {} already has a snapshot named {}",
+                    vm.name, snapshot.name
+                )
+            })
+        })?;
+    enqueue(
+        &state,
+        tx,
+        JobKind::SnapshotCreate,
+        (TargetType::Snapshot, snapshot.id),
+        vm.id,
+        serde_json::json!({}),
+    )
+    .await
 }
 
 /// List a VM's snapshots (flat and paginated, or as a tree).
@@ -221,16 +257,26 @@ async fn list_snapshots(
             let rows = store::snapshots::list(&mut conn, vm.id, cursor, limit + 1).await?;
             let (rows, next_cursor) = page(rows, limit, |s| s.id);
             SnapshotListing::List(SnapshotList {
-                items: rows.into_iter().map(|s| snapshot_view(&state, &vm, s)).collect(),
+                items: rows
+                    .into_iter()
+                    .map(|s| snapshot_view(&state, &vm, s))
+                    .collect(),
                 next_cursor,
                 current_snapshot_id: vm.current_snapshot_id,
             })
         }
         ListView::Tree => {
             let rows = store::snapshots::list(&mut conn, vm.id, None, u32::MAX).await?;
-            let mut views: Vec<SnapshotView> = rows.into_iter().map(|s| snapshot_view(&state, &vm, s)).collect();
+            let mut views: Vec<SnapshotView> = rows
+                .into_iter()
+                .map(|s| snapshot_view(&state, &vm, s))
+                .collect();
             let roots = build_tree(None, &mut views);
-            SnapshotListing::Tree(SnapshotTree { vm_id: vm.id, current_snapshot_id: vm.current_snapshot_id, roots })
+            SnapshotListing::Tree(SnapshotTree {
+                vm_id: vm.id,
+                current_snapshot_id: vm.current_snapshot_id,
+                roots,
+            })
         }
     }))
 }
@@ -241,7 +287,10 @@ async fn list_snapshots(
         (status = 200, description = "The snapshot", body = SnapshotView),
         (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn get_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<SnapshotView>> {
+async fn get_snapshot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<SnapshotView>> {
     let mut conn = state.engine.db.reader().await?;
     let (snapshot, vm) = find_snapshot(&mut conn, &id).await?;
     Ok(axum::Json(snapshot_view(&state, &vm, snapshot)))
@@ -252,17 +301,27 @@ async fn require_deletable(conn: &mut sqlx::SqliteConnection, snapshot: &Snapsho
     match snapshot.status {
         ResourceStatus::Ready | ResourceStatus::Error => {}
         ResourceStatus::Deleting => {
-            return Err(Error::problem(ErrorCode::SnapshotBusy, format!("snapshot {} is already being deleted", snapshot.name)));
+            return Err(Error::problem(
+                ErrorCode::SnapshotBusy,
+                format!("snapshot {} is already being deleted", snapshot.name),
+            ));
         }
         status => {
-            return Err(Error::problem(ErrorCode::SnapshotNotReady, format!("snapshot {} is {status}", snapshot.name)));
+            return Err(Error::problem(
+                ErrorCode::SnapshotNotReady,
+                format!("snapshot {} is {status}", snapshot.name),
+            ));
         }
     }
-    let reverts = store::jobs::pending_for_target(conn, snapshot.id, &[JobKind::SnapshotRevert]).await?;
+    let reverts =
+        store::jobs::pending_for_target(conn, snapshot.id, &[JobKind::SnapshotRevert]).await?;
     if let Some(job) = reverts.first() {
         return Err(Error::with_extra(
             ErrorCode::SnapshotBusy,
-            format!("a revert to snapshot {} is pending (job {})", snapshot.name, job.id),
+            format!(
+                "a revert to snapshot {} is pending (job {})",
+                snapshot.name, job.id
+            ),
             serde_json::json!({ "job_ids": [job.id] }),
         ));
     }
@@ -280,16 +339,34 @@ async fn require_deletable(conn: &mut sqlx::SqliteConnection, snapshot: &Snapsho
         (status = 409, description = "Being deleted or reverted to (`snapshot_busy`), still being created (`snapshot_not_ready`), the merge would touch the running VM's chain (`vm_running`), or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "Not enough free space for the merge (`insufficient_storage`, with `needed_bytes` and `available_bytes`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn delete_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+async fn delete_snapshot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let (snapshot, vm) = find_snapshot(&mut *state.engine.db.reader().await?, &id).await?;
-    preflight(&state.engine, JobKind::SnapshotDelete, vm.id, snapshot.id, &serde_json::Value::Null).await?;
+    preflight(
+        &state.engine,
+        JobKind::SnapshotDelete,
+        vm.id,
+        snapshot.id,
+        &serde_json::Value::Null,
+    )
+    .await?;
     let mut tx = state.engine.db.begin().await?;
     let (snapshot, vm) = find_snapshot(&mut tx, &id).await?;
     require_ready(&vm)?;
     require_deletable(&mut tx, &snapshot).await?;
     store::snapshots::set_status(&mut tx, snapshot.id, ResourceStatus::Deleting).await?;
     let params = serde_json::json!({ "previous_status": snapshot.status });
-    enqueue(&state, tx, JobKind::SnapshotDelete, (TargetType::Snapshot, snapshot.id), vm.id, params).await
+    enqueue(
+        &state,
+        tx,
+        JobKind::SnapshotDelete,
+        (TargetType::Snapshot, snapshot.id),
+        vm.id,
+        params,
+    )
+    .await
 }
 
 /// Delete every snapshot of a VM: each disk collapses into one file holding the
@@ -302,9 +379,19 @@ async fn delete_snapshot(State(state): State<AppState>, Path(id): Path<String>) 
         (status = 409, description = "A snapshot is busy (`snapshot_busy`, `snapshot_not_ready`), the VM is running (`vm_running`) or not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "Not enough free space for the merge (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn delete_all_snapshots(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+async fn delete_all_snapshots(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
-    preflight(&state.engine, JobKind::SnapshotDeleteAll, vm.id, vm.id, &serde_json::Value::Null).await?;
+    preflight(
+        &state.engine,
+        JobKind::SnapshotDeleteAll,
+        vm.id,
+        vm.id,
+        &serde_json::Value::Null,
+    )
+    .await?;
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
     require_ready(&vm)?;
@@ -318,7 +405,15 @@ async fn delete_all_snapshots(State(state): State<AppState>, Path(id): Path<Stri
         store::snapshots::set_status(&mut tx, snapshot.id, ResourceStatus::Deleting).await?;
     }
     let params = serde_json::json!({ "snapshots": previous });
-    enqueue(&state, tx, JobKind::SnapshotDeleteAll, (TargetType::Vm, vm.id), vm.id, params).await
+    enqueue(
+        &state,
+        tx,
+        JobKind::SnapshotDeleteAll,
+        (TargetType::Vm, vm.id),
+        vm.id,
+        params,
+    )
+    .await
 }
 
 /// Revert the VM to a snapshot: its present state is replaced by a new empty layer on
@@ -330,7 +425,10 @@ async fn delete_all_snapshots(State(state): State<AppState>, Path(id): Path<Stri
         (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "VM running (`vm_running`), snapshot not ready or failed (`snapshot_not_ready`), VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn revert_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+async fn revert_snapshot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let mut tx = state.engine.db.begin().await?;
     let (snapshot, vm) = find_snapshot(&mut tx, &id).await?;
     require_ready(&vm)?;
@@ -338,8 +436,19 @@ async fn revert_snapshot(State(state): State<AppState>, Path(id): Path<String>) 
     if snapshot.status != ResourceStatus::Ready {
         return Err(Error::problem(
             ErrorCode::SnapshotNotReady,
-            format!("snapshot {} is {}; only a ready snapshot can be reverted to", snapshot.name, snapshot.status),
+            format!(
+                "snapshot {} is {}; only a ready snapshot can be reverted to",
+                snapshot.name, snapshot.status
+            ),
         ));
     }
-    enqueue(&state, tx, JobKind::SnapshotRevert, (TargetType::Snapshot, snapshot.id), vm.id, serde_json::json!({})).await
+    enqueue(
+        &state,
+        tx,
+        JobKind::SnapshotRevert,
+        (TargetType::Snapshot, snapshot.id),
+        vm.id,
+        serde_json::json!({}),
+    )
+    .await
 }

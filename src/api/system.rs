@@ -14,7 +14,10 @@ use super::problem::Problem;
 use crate::error::{Error, ErrorCode, Result};
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(healthz)).routes(routes!(readyz)).routes(routes!(openapi_json))
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi_json))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -26,7 +29,9 @@ pub struct Health {
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, description = "Alive", body = Health)))]
 async fn healthz() -> axum::Json<Health> {
-    axum::Json(Health { status: "ok".into() })
+    axum::Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// Readiness: the database answers and jobs interrupted by the last shutdown have been
@@ -38,11 +43,24 @@ async fn healthz() -> axum::Json<Health> {
     ))]
 async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Health>> {
     if !state.ready.load(Ordering::Acquire) {
-        return Err(Error::problem(ErrorCode::NotReady, "recovering jobs interrupted by the last shutdown"));
+        return Err(Error::problem(
+            ErrorCode::NotReady,
+            "recovering jobs interrupted by the last shutdown",
+        ));
     }
-    let mut conn = state.engine.db.reader().await.map_err(|e| Error::problem(ErrorCode::NotReady, e.to_string()))?;
-    sqlx::query("SELECT 1").execute(&mut *conn).await.map_err(|e| Error::problem(ErrorCode::NotReady, e.to_string()))?;
-    Ok(axum::Json(Health { status: "ready".into() }))
+    let mut conn = state
+        .engine
+        .db
+        .reader()
+        .await
+        .map_err(|e| Error::problem(ErrorCode::NotReady, e.to_string()))?;
+    sqlx::query("SELECT 1")
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| Error::problem(ErrorCode::NotReady, e.to_string()))?;
+    Ok(axum::Json(Health {
+        status: "ready".into(),
+    }))
 }
 
 /// This OpenAPI 3.1 document.
@@ -50,5 +68,11 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Health>> {
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object)))]
 async fn openapi_json() -> axum::Json<serde_json::Value> {
     static DOCUMENT: OnceLock<serde_json::Value> = OnceLock::new();
-    axum::Json(DOCUMENT.get_or_init(|| serde_json::to_value(super::openapi_document()).expect("the document serialises")).clone())
+    axum::Json(
+        DOCUMENT
+            .get_or_init(|| {
+                serde_json::to_value(super::openapi_document()).expect("the document serialises")
+            })
+            .clone(),
+    )
 }

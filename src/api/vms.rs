@@ -13,7 +13,10 @@ use utoipa_axum::routes;
 use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
 use super::{AppState, PageQuery, accepted, name_conflict, page};
-use crate::domain::{Disk, JobKind, ResourceStatus, TargetType, Uuid, Vm, VmState, Volume, VolumeStatus, new_id, validate};
+use crate::domain::{
+    Disk, JobKind, ResourceStatus, TargetType, Uuid, Vm, VmState, Volume, VolumeStatus, new_id,
+    validate,
+};
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::storage;
 use crate::store::{self, Tx};
@@ -163,12 +166,18 @@ fn disk_view(state: &AppState, disk: Disk, volumes: &[Volume]) -> DiskView {
     let mut chain = Vec::new();
     let mut next = disk.active_volume_id;
     while let Some(id) = next {
-        let Some(volume) = volumes.iter().find(|v| v.id == id) else { break };
+        let Some(volume) = volumes.iter().find(|v| v.id == id) else {
+            break;
+        };
         let path = storage::volume_path(dir, id);
         chain.push(ChainEntry {
             volume_id: id,
             path: path.display().to_string(),
-            role: if volume.snapshot_id.is_some() { VolumeRole::Snapshot } else { VolumeRole::Active },
+            role: if volume.snapshot_id.is_some() {
+                VolumeRole::Snapshot
+            } else {
+                VolumeRole::Active
+            },
             snapshot_id: volume.snapshot_id,
             size_bytes: volume.size_bytes,
             allocated_bytes: storage::allocated_bytes(&path),
@@ -199,7 +208,10 @@ async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) ->
         state: vm.state,
         status: vm.status,
         current_snapshot_id: vm.current_snapshot_id,
-        disks: disks.into_iter().map(|d| disk_view(state, d, &volumes)).collect(),
+        disks: disks
+            .into_iter()
+            .map(|d| disk_view(state, d, &volumes))
+            .collect(),
         created_at: vm.created_at,
         updated_at: vm.updated_at,
     })
@@ -207,28 +219,42 @@ async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) ->
 
 pub(crate) async fn find_vm(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<Vm> {
     let id = parse_id(id, ErrorCode::VmNotFound, "VM")?;
-    store::vms::get_vm(conn, id).await?.ok_or_else(|| Error::problem(ErrorCode::VmNotFound, format!("VM {id} does not exist")))
+    store::vms::get_vm(conn, id)
+        .await?
+        .ok_or_else(|| Error::problem(ErrorCode::VmNotFound, format!("VM {id} does not exist")))
 }
 
 async fn find_disk(conn: &mut sqlx::SqliteConnection, vm: &Vm, id: &str) -> Result<Disk> {
     let id = parse_id(id, ErrorCode::DiskNotFound, "disk")?;
     match store::vms::get_disk(conn, id).await? {
         Some(disk) if disk.vm_id == vm.id => Ok(disk),
-        _ => Err(Error::problem(ErrorCode::DiskNotFound, format!("VM {} has no disk {id}", vm.name))),
+        _ => Err(Error::problem(
+            ErrorCode::DiskNotFound,
+            format!("VM {} has no disk {id}", vm.name),
+        )),
     }
 }
 
 /// Refuse work on a VM that is still being created, is going away, or failed.
 pub(crate) fn require_ready(vm: &Vm) -> Result<()> {
     if vm.status != ResourceStatus::Ready {
-        return Err(Error::problem(ErrorCode::VmNotReady, format!("VM {} is {}, not ready", vm.name, vm.status)));
+        return Err(Error::problem(
+            ErrorCode::VmNotReady,
+            format!("VM {} is {}, not ready", vm.name, vm.status),
+        ));
     }
     Ok(())
 }
 
 pub(crate) fn require_stopped(vm: &Vm, action: &str) -> Result<()> {
     if vm.state == VmState::Running {
-        return Err(Error::problem(ErrorCode::VmRunning, format!("cannot {action} while VM {} is running; stop it first", vm.name)));
+        return Err(Error::problem(
+            ErrorCode::VmRunning,
+            format!(
+                "cannot {action} while VM {} is running; stop it first",
+                vm.name
+            ),
+        ));
     }
     Ok(())
 }
@@ -237,9 +263,13 @@ fn validate_disks(disks: &[NewDisk], max: u64) -> Result<()> {
     let mut names = HashSet::new();
     for (i, disk) in disks.iter().enumerate() {
         validate::name(&format!("disks[{i}].name"), &disk.name).map_err(Error::validation)?;
-        validate::disk_size(disk.size_bytes, max).map_err(|m| Error::validation(format!("disks[{i}].{m}")))?;
+        validate::disk_size(disk.size_bytes, max)
+            .map_err(|m| Error::validation(format!("disks[{i}].{m}")))?;
         if !names.insert(disk.name.as_str()) {
-            return Err(Error::problem(ErrorCode::NameTaken, format!("disk name {} is used twice", disk.name)));
+            return Err(Error::problem(
+                ErrorCode::NameTaken,
+                format!("disk name {} is used twice", disk.name),
+            ));
         }
     }
     Ok(())
@@ -286,7 +316,9 @@ async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) ->
         updated_at: now,
     };
     let mut tx = state.engine.db.begin().await?;
-    store::vms::insert_vm(&mut tx, &vm).await.map_err(|e| name_conflict(e, || format!("a VM named {} already exists", vm.name)))?;
+    store::vms::insert_vm(&mut tx, &vm)
+        .await
+        .map_err(|e| name_conflict(e, || format!("a VM named {} already exists", vm.name)))?;
     for disk in body.disks {
         let disk = Disk {
             id: new_id(),
@@ -299,7 +331,15 @@ async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) ->
         };
         store::vms::insert_disk(&mut tx, &disk).await?;
     }
-    enqueue(&state, tx, JobKind::VmCreate, (TargetType::Vm, vm.id), vm.id, serde_json::json!({})).await
+    enqueue(
+        &state,
+        tx,
+        JobKind::VmCreate,
+        (TargetType::Vm, vm.id),
+        vm.id,
+        serde_json::json!({}),
+    )
+    .await
 }
 
 /// List VMs in creation order.
@@ -308,7 +348,11 @@ async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) ->
         (status = 200, description = "A page of VMs", body = VmList),
         (status = 400, description = "Bad limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn list_vms(State(state): State<AppState>, Query(filter): Query<VmFilter>, Query(page_query): Query<PageQuery>) -> Result<axum::Json<VmList>> {
+async fn list_vms(
+    State(state): State<AppState>,
+    Query(filter): Query<VmFilter>,
+    Query(page_query): Query<PageQuery>,
+) -> Result<axum::Json<VmList>> {
     let (limit, cursor) = page_query.parse()?;
     let mut conn = state.engine.db.reader().await?;
     let rows = store::vms::list_vms(&mut conn, filter.name.as_deref(), cursor, limit + 1).await?;
@@ -326,7 +370,10 @@ async fn list_vms(State(state): State<AppState>, Query(filter): Query<VmFilter>,
         (status = 200, description = "The VM", body = VmView),
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn get_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<VmView>> {
+async fn get_vm(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<VmView>> {
     let mut conn = state.engine.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
@@ -340,7 +387,11 @@ async fn get_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Name already used (`name_taken`), or jobs still work on the VM's files so it cannot be marked running (`vm_busy`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn patch_vm(State(state): State<AppState>, Path(id): Path<String>, Json(body): Json<PatchVm>) -> Result<axum::Json<VmView>> {
+async fn patch_vm(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<PatchVm>,
+) -> Result<axum::Json<VmView>> {
     if let Some(name) = &body.name {
         validate::name("name", name).map_err(Error::validation)?;
     }
@@ -354,7 +405,11 @@ async fn patch_vm(State(state): State<AppState>, Path(id): Path<String>, Json(bo
         if !pending.is_empty() {
             return Err(Error::with_extra(
                 ErrorCode::VmBusy,
-                format!("VM {} has {} unfinished job(s) working on its files; wait for them before starting it", vm.name, pending.len()),
+                format!(
+                    "VM {} has {} unfinished job(s) working on its files; wait for them before starting it",
+                    vm.name,
+                    pending.len()
+                ),
                 serde_json::json!({ "job_ids": pending.iter().map(|j| j.id).collect::<Vec<_>>() }),
             ));
         }
@@ -369,7 +424,9 @@ async fn patch_vm(State(state): State<AppState>, Path(id): Path<String>, Json(bo
         vm.state = power;
     }
     vm.updated_at = store::now();
-    store::vms::update_vm(&mut tx, &vm).await.map_err(|e| name_conflict(e, || format!("a VM named {} already exists", vm.name)))?;
+    store::vms::update_vm(&mut tx, &vm)
+        .await
+        .map_err(|e| name_conflict(e, || format!("a VM named {} already exists", vm.name)))?;
     tx.commit().await?;
     let mut conn = state.engine.db.reader().await?;
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
@@ -387,12 +444,23 @@ async fn delete_vm(State(state): State<AppState>, Path(id): Path<String>) -> Res
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
     if vm.status == ResourceStatus::Deleting {
-        return Err(Error::problem(ErrorCode::VmNotReady, format!("VM {} is already being deleted", vm.name)));
+        return Err(Error::problem(
+            ErrorCode::VmNotReady,
+            format!("VM {} is already being deleted", vm.name),
+        ));
     }
     require_stopped(&vm, "delete the VM")?;
     store::vms::set_vm_status(&mut tx, vm.id, ResourceStatus::Deleting).await?;
     let params = serde_json::json!({ "previous_status": vm.status });
-    enqueue(&state, tx, JobKind::VmDelete, (TargetType::Vm, vm.id), vm.id, params).await
+    enqueue(
+        &state,
+        tx,
+        JobKind::VmDelete,
+        (TargetType::Vm, vm.id),
+        vm.id,
+        params,
+    )
+    .await
 }
 
 /// List a VM's disks.
@@ -401,7 +469,10 @@ async fn delete_vm(State(state): State<AppState>, Path(id): Path<String>) -> Res
         (status = 200, description = "The VM's disks", body = Vec<DiskView>),
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn list_disks(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<Vec<DiskView>>> {
+async fn list_disks(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Vec<DiskView>>> {
     let mut conn = state.engine.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?.disks))
@@ -416,7 +487,11 @@ async fn list_disks(State(state): State<AppState>, Path(id): Path<String>) -> Re
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Name used in this VM (`name_taken`) or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn create_disk(State(state): State<AppState>, Path(id): Path<String>, Json(body): Json<NewDisk>) -> Result<Response> {
+async fn create_disk(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<NewDisk>,
+) -> Result<Response> {
     validate_disks(std::slice::from_ref(&body), state.max_disk_size)?;
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
@@ -430,10 +505,20 @@ async fn create_disk(State(state): State<AppState>, Path(id): Path<String>, Json
         active_volume_id: None,
         created_at: store::now(),
     };
-    store::vms::insert_disk(&mut tx, &disk)
-        .await
-        .map_err(|e| name_conflict(e, || format!("VM {} already has a disk named {}", vm.name, disk.name)))?;
-    enqueue(&state, tx, JobKind::DiskCreate, (TargetType::Disk, disk.id), vm.id, serde_json::json!({})).await
+    store::vms::insert_disk(&mut tx, &disk).await.map_err(|e| {
+        name_conflict(e, || {
+            format!("VM {} already has a disk named {}", vm.name, disk.name)
+        })
+    })?;
+    enqueue(
+        &state,
+        tx,
+        JobKind::DiskCreate,
+        (TargetType::Disk, disk.id),
+        vm.id,
+        serde_json::json!({}),
+    )
+    .await
 }
 
 /// Get one disk with its chain.
@@ -443,7 +528,10 @@ async fn create_disk(State(state): State<AppState>, Path(id): Path<String>, Json
         (status = 200, description = "The disk", body = DiskView),
         (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn get_disk(State(state): State<AppState>, Path((vm_id, disk_id)): Path<(String, String)>) -> Result<axum::Json<DiskView>> {
+async fn get_disk(
+    State(state): State<AppState>,
+    Path((vm_id, disk_id)): Path<(String, String)>,
+) -> Result<axum::Json<DiskView>> {
     let mut conn = state.engine.db.reader().await?;
     let vm = find_vm(&mut conn, &vm_id).await?;
     let disk = find_disk(&mut conn, &vm, &disk_id).await?;
@@ -460,18 +548,32 @@ async fn get_disk(State(state): State<AppState>, Path((vm_id, disk_id)): Path<(S
         (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "VM running (`vm_running`), VM or disk not ready (`vm_not_ready`, `disk_not_ready`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn delete_disk(State(state): State<AppState>, Path((vm_id, disk_id)): Path<(String, String)>) -> Result<Response> {
+async fn delete_disk(
+    State(state): State<AppState>,
+    Path((vm_id, disk_id)): Path<(String, String)>,
+) -> Result<Response> {
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &vm_id).await?;
     let disk = find_disk(&mut tx, &vm, &disk_id).await?;
     require_ready(&vm)?;
     require_stopped(&vm, "remove a disk")?;
     if !matches!(disk.status, ResourceStatus::Ready | ResourceStatus::Error) {
-        return Err(Error::problem(ErrorCode::DiskNotReady, format!("disk {} is {}", disk.name, disk.status)));
+        return Err(Error::problem(
+            ErrorCode::DiskNotReady,
+            format!("disk {} is {}", disk.name, disk.status),
+        ));
     }
     store::vms::set_disk_status(&mut tx, disk.id, ResourceStatus::Deleting).await?;
     let params = serde_json::json!({ "previous_status": disk.status });
-    enqueue(&state, tx, JobKind::DiskDelete, (TargetType::Disk, disk.id), vm.id, params).await
+    enqueue(
+        &state,
+        tx,
+        JobKind::DiskDelete,
+        (TargetType::Disk, disk.id),
+        vm.id,
+        params,
+    )
+    .await
 }
 
 /// Grow a disk. Only the writable top grows; snapshots keep the size they had, and a
@@ -497,15 +599,30 @@ async fn resize_disk(
     require_ready(&vm)?;
     require_stopped(&vm, "resize a disk")?;
     if disk.status != ResourceStatus::Ready {
-        return Err(Error::problem(ErrorCode::DiskNotReady, format!("disk {} is {}", disk.name, disk.status)));
+        return Err(Error::problem(
+            ErrorCode::DiskNotReady,
+            format!("disk {} is {}", disk.name, disk.status),
+        ));
     }
     if body.size_bytes <= disk.size_bytes {
         return Err(Error::with_extra(
             ErrorCode::DiskShrinkRefused,
-            format!("disk {} is {} bytes; a resize must make it larger (shrinking would cut guest data)", disk.name, disk.size_bytes),
+            format!(
+                "disk {} is {} bytes; a resize must make it larger (shrinking would cut guest data)",
+                disk.name, disk.size_bytes
+            ),
             serde_json::json!({ "current_size_bytes": disk.size_bytes }),
         ));
     }
-    let params = serde_json::json!({ "size_bytes": body.size_bytes, "previous_status": disk.status });
-    enqueue(&state, tx, JobKind::DiskResize, (TargetType::Disk, disk.id), vm.id, params).await
+    let params =
+        serde_json::json!({ "size_bytes": body.size_bytes, "previous_status": disk.status });
+    enqueue(
+        &state,
+        tx,
+        JobKind::DiskResize,
+        (TargetType::Disk, disk.id),
+        vm.id,
+        params,
+    )
+    .await
 }

@@ -51,7 +51,10 @@ impl DiskGraph {
     }
 
     pub fn children(&self, id: Uuid) -> Vec<&VolumeNode> {
-        self.volumes.iter().filter(|v| v.parent == Some(id)).collect()
+        self.volumes
+            .iter()
+            .filter(|v| v.parent == Some(id))
+            .collect()
     }
 
     pub fn active(&self) -> Option<&VolumeNode> {
@@ -59,7 +62,9 @@ impl DiskGraph {
     }
 
     pub fn frozen_by(&self, snapshot: Uuid) -> Option<&VolumeNode> {
-        self.volumes.iter().find(|v| v.owner == Owner::Snapshot(snapshot))
+        self.volumes
+            .iter()
+            .find(|v| v.owner == Owner::Snapshot(snapshot))
     }
 
     /// The chain from `top` down to the base, top first.
@@ -88,7 +93,11 @@ impl DiskGraph {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum FileOp {
     /// Create an empty qcow2 file, optionally on top of a backing volume.
-    Create { volume: Uuid, backing: Option<Uuid>, size_bytes: u64 },
+    Create {
+        volume: Uuid,
+        backing: Option<Uuid>,
+        size_bytes: u64,
+    },
     /// Copy the clusters of `top` (and any layers between) down into `base`.
     Commit { top: Uuid, base: Uuid },
     /// Copy into `volume` whatever its current backing shows and `backing` does not,
@@ -130,24 +139,68 @@ impl FileOp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum MetaOp {
-    InsertVolume { volume: Uuid, disk: Uuid, parent: Option<Uuid>, size_bytes: u64 },
-    SetVolumeParent { volume: Uuid, parent: Option<Uuid> },
-    SetVolumeStatus { volume: Uuid, status: VolumeStatus },
+    InsertVolume {
+        volume: Uuid,
+        disk: Uuid,
+        parent: Option<Uuid>,
+        size_bytes: u64,
+    },
+    SetVolumeParent {
+        volume: Uuid,
+        parent: Option<Uuid>,
+    },
+    SetVolumeStatus {
+        volume: Uuid,
+        status: VolumeStatus,
+    },
     /// Remove a volume row; references to it must already be gone.
-    RemoveVolume { volume: Uuid },
-    SetActiveVolume { disk: Uuid, volume: Uuid },
-    SetSnapshotVolume { snapshot: Uuid, disk: Uuid, volume: Uuid },
-    SetSnapshotStatus { snapshot: Uuid, status: ResourceStatus },
-    SetSnapshotParent { snapshot: Uuid, parent: Option<Uuid> },
+    RemoveVolume {
+        volume: Uuid,
+    },
+    SetActiveVolume {
+        disk: Uuid,
+        volume: Uuid,
+    },
+    SetSnapshotVolume {
+        snapshot: Uuid,
+        disk: Uuid,
+        volume: Uuid,
+    },
+    SetSnapshotStatus {
+        snapshot: Uuid,
+        status: ResourceStatus,
+    },
+    SetSnapshotParent {
+        snapshot: Uuid,
+        parent: Option<Uuid>,
+    },
     /// Delete a snapshot row: its children move to its parent, and a VM whose current
     /// snapshot it was now grows from that parent.
-    DeleteSnapshot { snapshot: Uuid },
-    SetCurrentSnapshot { vm: Uuid, snapshot: Option<Uuid> },
-    SetDiskStatus { disk: Uuid, status: ResourceStatus },
-    SetDiskSize { disk: Uuid, size_bytes: u64 },
-    DeleteDisk { disk: Uuid },
-    SetVmStatus { vm: Uuid, status: ResourceStatus },
-    DeleteVm { vm: Uuid },
+    DeleteSnapshot {
+        snapshot: Uuid,
+    },
+    SetCurrentSnapshot {
+        vm: Uuid,
+        snapshot: Option<Uuid>,
+    },
+    SetDiskStatus {
+        disk: Uuid,
+        status: ResourceStatus,
+    },
+    SetDiskSize {
+        disk: Uuid,
+        size_bytes: u64,
+    },
+    DeleteDisk {
+        disk: Uuid,
+    },
+    SetVmStatus {
+        vm: Uuid,
+        status: ResourceStatus,
+    },
+    DeleteVm {
+        vm: Uuid,
+    },
 }
 
 /// One step of a plan: a file operation and the metadata that describes its result.
@@ -216,11 +269,19 @@ impl Plan {
     /// True when the plan writes or removes a file that a hypervisor running the VM
     /// holds open (any layer of a disk's active chain).
     pub fn touches_active_chains(&self, disks: &[DiskGraph]) -> bool {
-        let mut touched: Vec<Uuid> = self.steps.iter().flat_map(|s| s.op.written_volumes()).collect();
+        let mut touched: Vec<Uuid> = self
+            .steps
+            .iter()
+            .flat_map(|s| s.op.written_volumes())
+            .collect();
         touched.extend(&self.drops);
         disks.iter().any(|disk| {
             disk.active()
-                .map(|active| disk.chain_from(active.id).iter().any(|v| touched.contains(&v.id)))
+                .map(|active| {
+                    disk.chain_from(active.id)
+                        .iter()
+                        .any(|v| touched.contains(&v.id))
+                })
                 .unwrap_or(false)
         })
     }
@@ -241,21 +302,47 @@ pub fn plan_create_disks(vm: Uuid, disks: &[(Uuid, u64)], new_vm: bool) -> Plan 
     let mut plan = Plan::default();
     for &(disk, size_bytes) in disks {
         let volume = new_id();
-        plan.steps.push(Step { op: FileOp::Create { volume, backing: None, size_bytes }, then: vec![] });
+        plan.steps.push(Step {
+            op: FileOp::Create {
+                volume,
+                backing: None,
+                size_bytes,
+            },
+            then: vec![],
+        });
         plan.finish.extend([
-            MetaOp::InsertVolume { volume, disk, parent: None, size_bytes },
+            MetaOp::InsertVolume {
+                volume,
+                disk,
+                parent: None,
+                size_bytes,
+            },
             MetaOp::SetActiveVolume { disk, volume },
-            MetaOp::SetDiskStatus { disk, status: ResourceStatus::Ready },
+            MetaOp::SetDiskStatus {
+                disk,
+                status: ResourceStatus::Ready,
+            },
         ]);
-        plan.undo.push(MetaOp::SetDiskStatus { disk, status: ResourceStatus::Error });
+        plan.undo.push(MetaOp::SetDiskStatus {
+            disk,
+            status: ResourceStatus::Error,
+        });
         if !new_vm {
-            plan.cancel.get_or_insert_with(Vec::new).push(MetaOp::DeleteDisk { disk });
+            plan.cancel
+                .get_or_insert_with(Vec::new)
+                .push(MetaOp::DeleteDisk { disk });
         }
         plan.space_needed += 1 << 20; // qcow2 header and tables of an empty image
     }
     if new_vm {
-        plan.finish.push(MetaOp::SetVmStatus { vm, status: ResourceStatus::Ready });
-        plan.undo.push(MetaOp::SetVmStatus { vm, status: ResourceStatus::Error });
+        plan.finish.push(MetaOp::SetVmStatus {
+            vm,
+            status: ResourceStatus::Ready,
+        });
+        plan.undo.push(MetaOp::SetVmStatus {
+            vm,
+            status: ResourceStatus::Error,
+        });
         plan.cancel = Some(vec![MetaOp::DeleteVm { vm }]);
     }
     plan
@@ -271,23 +358,47 @@ pub fn plan_snapshot_create(
 ) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     for disk in disks {
-        let active = disk.active().ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
+        let active = disk
+            .active()
+            .ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
         let overlay = new_id();
         plan.steps.push(Step {
-            op: FileOp::Create { volume: overlay, backing: Some(active.id), size_bytes: disk.size_bytes },
+            op: FileOp::Create {
+                volume: overlay,
+                backing: Some(active.id),
+                size_bytes: disk.size_bytes,
+            },
             then: vec![],
         });
         plan.finish.extend([
-            MetaOp::InsertVolume { volume: overlay, disk: disk.disk_id, parent: Some(active.id), size_bytes: disk.size_bytes },
-            MetaOp::SetSnapshotVolume { snapshot, disk: disk.disk_id, volume: active.id },
-            MetaOp::SetActiveVolume { disk: disk.disk_id, volume: overlay },
+            MetaOp::InsertVolume {
+                volume: overlay,
+                disk: disk.disk_id,
+                parent: Some(active.id),
+                size_bytes: disk.size_bytes,
+            },
+            MetaOp::SetSnapshotVolume {
+                snapshot,
+                disk: disk.disk_id,
+                volume: active.id,
+            },
+            MetaOp::SetActiveVolume {
+                disk: disk.disk_id,
+                volume: overlay,
+            },
         ]);
         plan.space_needed += 1 << 20;
     }
     plan.finish.extend([
         MetaOp::SetSnapshotParent { snapshot, parent },
-        MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Ready },
-        MetaOp::SetCurrentSnapshot { vm, snapshot: Some(snapshot) },
+        MetaOp::SetSnapshotStatus {
+            snapshot,
+            status: ResourceStatus::Ready,
+        },
+        MetaOp::SetCurrentSnapshot {
+            vm,
+            snapshot: Some(snapshot),
+        },
     ]);
     // A snapshot that could not be taken never existed.
     plan.undo.push(MetaOp::DeleteSnapshot { snapshot });
@@ -299,26 +410,48 @@ pub fn plan_snapshot_create(
 pub fn plan_revert(vm: Uuid, snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     for disk in disks {
-        let Some(frozen) = disk.frozen_by(snapshot) else { continue };
-        let active = disk.active().ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
+        let Some(frozen) = disk.frozen_by(snapshot) else {
+            continue;
+        };
+        let active = disk
+            .active()
+            .ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
         if !disk.children(active.id).is_empty() {
             return Err(PlanError::ActiveHasChildren(active.id));
         }
         let overlay = new_id();
         plan.steps.push(Step {
-            op: FileOp::Create { volume: overlay, backing: Some(frozen.id), size_bytes: frozen.size_bytes },
+            op: FileOp::Create {
+                volume: overlay,
+                backing: Some(frozen.id),
+                size_bytes: frozen.size_bytes,
+            },
             then: vec![],
         });
         plan.finish.extend([
-            MetaOp::InsertVolume { volume: overlay, disk: disk.disk_id, parent: Some(frozen.id), size_bytes: frozen.size_bytes },
-            MetaOp::SetActiveVolume { disk: disk.disk_id, volume: overlay },
-            MetaOp::SetDiskSize { disk: disk.disk_id, size_bytes: frozen.size_bytes },
+            MetaOp::InsertVolume {
+                volume: overlay,
+                disk: disk.disk_id,
+                parent: Some(frozen.id),
+                size_bytes: frozen.size_bytes,
+            },
+            MetaOp::SetActiveVolume {
+                disk: disk.disk_id,
+                volume: overlay,
+            },
+            MetaOp::SetDiskSize {
+                disk: disk.disk_id,
+                size_bytes: frozen.size_bytes,
+            },
             MetaOp::RemoveVolume { volume: active.id },
         ]);
         plan.drops.push(active.id);
         plan.space_needed += 1 << 20;
     }
-    plan.finish.push(MetaOp::SetCurrentSnapshot { vm, snapshot: Some(snapshot) });
+    plan.finish.push(MetaOp::SetCurrentSnapshot {
+        vm,
+        snapshot: Some(snapshot),
+    });
     Ok(plan)
 }
 
@@ -328,14 +461,22 @@ pub fn plan_revert(vm: Uuid, snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan
 /// child when it is a branch point (never committed into).
 pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
-    plan.mark.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Deleting });
+    plan.mark.push(MetaOp::SetSnapshotStatus {
+        snapshot,
+        status: ResourceStatus::Deleting,
+    });
     for disk in disks {
-        let Some(frozen) = disk.frozen_by(snapshot) else { continue };
+        let Some(frozen) = disk.frozen_by(snapshot) else {
+            continue;
+        };
         let children = disk.children(frozen.id);
         let stream_bytes = frozen.allocated_bytes * children.len() as u64;
         match children.as_slice() {
             [] => {
-                plan.mark.push(MetaOp::SetVolumeStatus { volume: frozen.id, status: VolumeStatus::Deleting });
+                plan.mark.push(MetaOp::SetVolumeStatus {
+                    volume: frozen.id,
+                    status: VolumeStatus::Deleting,
+                });
                 plan.merges.push(MergeChoice {
                     disk_id: disk.disk_id,
                     action: MergeAction::Drop,
@@ -362,11 +503,20 @@ pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan,
                 };
                 for child in &children {
                     plan.steps.push(Step {
-                        op: FileOp::Stream { volume: child.id, backing: frozen.parent },
-                        then: vec![MetaOp::SetVolumeParent { volume: child.id, parent: frozen.parent }],
+                        op: FileOp::Stream {
+                            volume: child.id,
+                            backing: frozen.parent,
+                        },
+                        then: vec![MetaOp::SetVolumeParent {
+                            volume: child.id,
+                            parent: frozen.parent,
+                        }],
                     });
                 }
-                plan.mark.push(MetaOp::SetVolumeStatus { volume: frozen.id, status: VolumeStatus::Deleting });
+                plan.mark.push(MetaOp::SetVolumeStatus {
+                    volume: frozen.id,
+                    status: VolumeStatus::Deleting,
+                });
                 plan.space_needed += stream_bytes;
                 plan.merges.push(MergeChoice {
                     disk_id: disk.disk_id,
@@ -382,8 +532,14 @@ pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan,
     }
     // Remove the snapshot row before the volume rows it references.
     plan.finish.insert(0, MetaOp::DeleteSnapshot { snapshot });
-    plan.undo.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Ready });
-    plan.fail.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Error });
+    plan.undo.push(MetaOp::SetSnapshotStatus {
+        snapshot,
+        status: ResourceStatus::Ready,
+    });
+    plan.fail.push(MetaOp::SetSnapshotStatus {
+        snapshot,
+        status: ResourceStatus::Error,
+    });
     Ok(plan)
 }
 
@@ -392,24 +548,52 @@ pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan,
 /// is dropped.
 fn commit_child_into(plan: &mut Plan, disk: &DiskGraph, frozen: &VolumeNode, child: &VolumeNode) {
     plan.mark.extend([
-        MetaOp::SetVolumeStatus { volume: frozen.id, status: VolumeStatus::Rewriting },
-        MetaOp::SetVolumeStatus { volume: child.id, status: VolumeStatus::Deleting },
+        MetaOp::SetVolumeStatus {
+            volume: frozen.id,
+            status: VolumeStatus::Rewriting,
+        },
+        MetaOp::SetVolumeStatus {
+            volume: child.id,
+            status: VolumeStatus::Deleting,
+        },
     ]);
-    plan.steps.push(Step { op: FileOp::Commit { top: child.id, base: frozen.id }, then: vec![] });
+    plan.steps.push(Step {
+        op: FileOp::Commit {
+            top: child.id,
+            base: frozen.id,
+        },
+        then: vec![],
+    });
     for grandchild in disk.children(child.id) {
         plan.steps.push(Step {
-            op: FileOp::Repoint { volume: grandchild.id, backing: frozen.id },
-            then: vec![MetaOp::SetVolumeParent { volume: grandchild.id, parent: Some(frozen.id) }],
+            op: FileOp::Repoint {
+                volume: grandchild.id,
+                backing: frozen.id,
+            },
+            then: vec![MetaOp::SetVolumeParent {
+                volume: grandchild.id,
+                parent: Some(frozen.id),
+            }],
         });
     }
     plan.finish.push(match child.owner {
-        Owner::Active => MetaOp::SetActiveVolume { disk: disk.disk_id, volume: frozen.id },
-        Owner::Snapshot(owner) => MetaOp::SetSnapshotVolume { snapshot: owner, disk: disk.disk_id, volume: frozen.id },
+        Owner::Active => MetaOp::SetActiveVolume {
+            disk: disk.disk_id,
+            volume: frozen.id,
+        },
+        Owner::Snapshot(owner) => MetaOp::SetSnapshotVolume {
+            snapshot: owner,
+            disk: disk.disk_id,
+            volume: frozen.id,
+        },
     });
     // The child's newer content now lives in `frozen`, so its virtual size does too.
     plan.finish.extend([
         MetaOp::RemoveVolume { volume: child.id },
-        MetaOp::SetVolumeStatus { volume: frozen.id, status: VolumeStatus::Ready },
+        MetaOp::SetVolumeStatus {
+            volume: frozen.id,
+            status: VolumeStatus::Ready,
+        },
     ]);
     plan.drops.push(child.id);
     plan.space_needed += child.allocated_bytes;
@@ -417,55 +601,120 @@ fn commit_child_into(plan: &mut Plan, disk: &DiskGraph, frozen: &VolumeNode, chi
 
 /// Remove every snapshot of a VM: each disk collapses into one file holding the present
 /// state, and every layer off the present chain is dropped.
-pub fn plan_delete_all_snapshots(vm: Uuid, snapshots: &[Uuid], disks: &[DiskGraph]) -> Result<Plan, PlanError> {
+pub fn plan_delete_all_snapshots(
+    vm: Uuid,
+    snapshots: &[Uuid],
+    disks: &[DiskGraph],
+) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     for &snapshot in snapshots {
-        plan.mark.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Deleting });
-        plan.undo.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Ready });
-        plan.fail.push(MetaOp::SetSnapshotStatus { snapshot, status: ResourceStatus::Error });
+        plan.mark.push(MetaOp::SetSnapshotStatus {
+            snapshot,
+            status: ResourceStatus::Deleting,
+        });
+        plan.undo.push(MetaOp::SetSnapshotStatus {
+            snapshot,
+            status: ResourceStatus::Ready,
+        });
+        plan.fail.push(MetaOp::SetSnapshotStatus {
+            snapshot,
+            status: ResourceStatus::Error,
+        });
         plan.finish.push(MetaOp::DeleteSnapshot { snapshot });
     }
-    plan.finish.push(MetaOp::SetCurrentSnapshot { vm, snapshot: None });
+    plan.finish
+        .push(MetaOp::SetCurrentSnapshot { vm, snapshot: None });
     for disk in disks {
-        let active = disk.active().ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
+        let active = disk
+            .active()
+            .ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
         let chain = disk.chain_from(active.id); // top first
-        let off_chain: Vec<Uuid> =
-            disk.volumes.iter().map(|v| v.id).filter(|id| !chain.iter().any(|c| c.id == *id)).collect();
+        let off_chain: Vec<Uuid> = disk
+            .volumes
+            .iter()
+            .map(|v| v.id)
+            .filter(|id| !chain.iter().any(|c| c.id == *id))
+            .collect();
         let mut removed = disk.leaves_first(&off_chain);
         let base = *chain.last().expect("a chain holds at least its top");
         if chain.len() == 1 {
             plan.merges.push(MergeChoice {
                 disk_id: disk.disk_id,
-                action: if removed.is_empty() { MergeAction::None } else { MergeAction::Drop },
+                action: if removed.is_empty() {
+                    MergeAction::None
+                } else {
+                    MergeAction::Drop
+                },
                 commit_bytes: 0,
                 stream_bytes: 0,
                 bytes_to_copy: 0,
             });
         } else {
-            let commit_bytes: u64 = chain[..chain.len() - 1].iter().map(|v| v.allocated_bytes).sum();
+            let commit_bytes: u64 = chain[..chain.len() - 1]
+                .iter()
+                .map(|v| v.allocated_bytes)
+                .sum();
             let stream_bytes: u64 = chain[1..].iter().map(|v| v.allocated_bytes).sum();
             // Committing into the base rewrites it even if other branches sit on it; that
             // is safe here only because every one of those branches is dropped too.
-            let action = if commit_bytes <= stream_bytes { MergeAction::Commit } else { MergeAction::Stream };
+            let action = if commit_bytes <= stream_bytes {
+                MergeAction::Commit
+            } else {
+                MergeAction::Stream
+            };
             if action == MergeAction::Commit {
-                plan.mark.push(MetaOp::SetVolumeStatus { volume: base.id, status: VolumeStatus::Rewriting });
-                plan.steps.push(Step { op: FileOp::Commit { top: active.id, base: base.id }, then: vec![] });
-                plan.finish.push(MetaOp::SetActiveVolume { disk: disk.disk_id, volume: base.id });
-                plan.finish.push(MetaOp::SetVolumeStatus { volume: base.id, status: VolumeStatus::Ready });
+                plan.mark.push(MetaOp::SetVolumeStatus {
+                    volume: base.id,
+                    status: VolumeStatus::Rewriting,
+                });
+                plan.steps.push(Step {
+                    op: FileOp::Commit {
+                        top: active.id,
+                        base: base.id,
+                    },
+                    then: vec![],
+                });
+                plan.finish.push(MetaOp::SetActiveVolume {
+                    disk: disk.disk_id,
+                    volume: base.id,
+                });
+                plan.finish.push(MetaOp::SetVolumeStatus {
+                    volume: base.id,
+                    status: VolumeStatus::Ready,
+                });
                 removed.extend(chain[..chain.len() - 1].iter().map(|v| v.id));
             } else {
                 plan.steps.push(Step {
-                    op: FileOp::Stream { volume: active.id, backing: None },
-                    then: vec![MetaOp::SetVolumeParent { volume: active.id, parent: None }],
+                    op: FileOp::Stream {
+                        volume: active.id,
+                        backing: None,
+                    },
+                    then: vec![MetaOp::SetVolumeParent {
+                        volume: active.id,
+                        parent: None,
+                    }],
                 });
                 removed.extend(chain[1..].iter().map(|v| v.id));
             }
-            let bytes_to_copy = if action == MergeAction::Commit { commit_bytes } else { stream_bytes };
+            let bytes_to_copy = if action == MergeAction::Commit {
+                commit_bytes
+            } else {
+                stream_bytes
+            };
             plan.space_needed += bytes_to_copy;
-            plan.merges.push(MergeChoice { disk_id: disk.disk_id, action, commit_bytes, stream_bytes, bytes_to_copy });
+            plan.merges.push(MergeChoice {
+                disk_id: disk.disk_id,
+                action,
+                commit_bytes,
+                stream_bytes,
+                bytes_to_copy,
+            });
         }
         for &volume in &removed {
-            plan.mark.push(MetaOp::SetVolumeStatus { volume, status: VolumeStatus::Deleting });
+            plan.mark.push(MetaOp::SetVolumeStatus {
+                volume,
+                status: VolumeStatus::Deleting,
+            });
             plan.finish.push(MetaOp::RemoveVolume { volume });
         }
         plan.drops.extend(removed);
@@ -475,15 +724,35 @@ pub fn plan_delete_all_snapshots(vm: Uuid, snapshots: &[Uuid], disks: &[DiskGrap
 
 /// Grow a disk: only the writable top changes size; lower layers keep theirs.
 pub fn plan_resize(disk: &DiskGraph, size_bytes: u64) -> Result<Plan, PlanError> {
-    let active = disk.active().ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
+    let active = disk
+        .active()
+        .ok_or(PlanError::NoActiveVolume(disk.disk_id))?;
     Ok(Plan {
-        steps: vec![Step { op: FileOp::Resize { volume: active.id, size_bytes }, then: vec![] }],
+        steps: vec![Step {
+            op: FileOp::Resize {
+                volume: active.id,
+                size_bytes,
+            },
+            then: vec![],
+        }],
         finish: vec![
-            MetaOp::SetDiskSize { disk: disk.disk_id, size_bytes },
-            MetaOp::SetDiskStatus { disk: disk.disk_id, status: ResourceStatus::Ready },
+            MetaOp::SetDiskSize {
+                disk: disk.disk_id,
+                size_bytes,
+            },
+            MetaOp::SetDiskStatus {
+                disk: disk.disk_id,
+                status: ResourceStatus::Ready,
+            },
         ],
-        undo: vec![MetaOp::SetDiskStatus { disk: disk.disk_id, status: ResourceStatus::Ready }],
-        fail: vec![MetaOp::SetDiskStatus { disk: disk.disk_id, status: ResourceStatus::Error }],
+        undo: vec![MetaOp::SetDiskStatus {
+            disk: disk.disk_id,
+            status: ResourceStatus::Ready,
+        }],
+        fail: vec![MetaOp::SetDiskStatus {
+            disk: disk.disk_id,
+            status: ResourceStatus::Error,
+        }],
         space_needed: 1 << 20,
         ..Plan::default()
     })
@@ -495,24 +764,36 @@ pub fn plan_delete_disks(vm: Uuid, disks: &[DiskGraph], delete_vm: bool) -> Plan
     for disk in disks {
         let ids: Vec<Uuid> = disk.volumes.iter().map(|v| v.id).collect();
         for &volume in &ids {
-            plan.mark.push(MetaOp::SetVolumeStatus { volume, status: VolumeStatus::Deleting });
+            plan.mark.push(MetaOp::SetVolumeStatus {
+                volume,
+                status: VolumeStatus::Deleting,
+            });
         }
         if !delete_vm {
             plan.finish.push(MetaOp::DeleteDisk { disk: disk.disk_id });
-            plan.undo.push(MetaOp::SetDiskStatus { disk: disk.disk_id, status: ResourceStatus::Ready });
+            plan.undo.push(MetaOp::SetDiskStatus {
+                disk: disk.disk_id,
+                status: ResourceStatus::Ready,
+            });
         }
         plan.drops.extend(disk.leaves_first(&ids));
     }
     if delete_vm {
         plan.finish.push(MetaOp::DeleteVm { vm });
-        plan.undo.push(MetaOp::SetVmStatus { vm, status: ResourceStatus::Ready });
+        plan.undo.push(MetaOp::SetVmStatus {
+            vm,
+            status: ResourceStatus::Ready,
+        });
     }
     plan
 }
 
 /// Volume ids mapped to the disk that holds them, for lookups across a VM.
 pub fn volume_index(disks: &[DiskGraph]) -> HashMap<Uuid, Uuid> {
-    disks.iter().flat_map(|d| d.volumes.iter().map(move |v| (v.id, d.disk_id))).collect()
+    disks
+        .iter()
+        .flat_map(|d| d.volumes.iter().map(move |v| (v.id, d.disk_id)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -29,7 +29,9 @@ pub fn name(field: &str, value: &str) -> Result<(), String> {
 
 pub fn description(value: &str) -> Result<(), String> {
     if value.chars().count() > MAX_DESCRIPTION_LEN {
-        return Err(format!("description must be at most {MAX_DESCRIPTION_LEN} characters"));
+        return Err(format!(
+            "description must be at most {MAX_DESCRIPTION_LEN} characters"
+        ));
     }
     Ok(())
 }
@@ -39,11 +41,13 @@ pub fn disk_size(value: u64, max: u64) -> Result<(), String> {
     if value == 0 {
         return Err("size_bytes must be greater than zero".into());
     }
-    if value % SECTOR != 0 {
+    if !value.is_multiple_of(SECTOR) {
         return Err(format!("size_bytes must be a multiple of {SECTOR}"));
     }
     if value > max {
-        return Err(format!("size_bytes must be at most {max} (the configured maximum disk size)"));
+        return Err(format!(
+            "size_bytes must be at most {max} (the configured maximum disk size)"
+        ));
     }
     Ok(())
 }

@@ -15,17 +15,25 @@ use crate::store;
 
 /// Plan a job from the current state (also used by handlers to refuse early).
 pub async fn plan(engine: &Arc<Engine>, job: &Job) -> Result<Plan> {
-    let vm_id = job.vm_id.ok_or_else(|| Error::Internal(format!("job {} has no VM", job.id)))?;
+    let vm_id = job
+        .vm_id
+        .ok_or_else(|| Error::Internal(format!("job {} has no VM", job.id)))?;
     preflight(engine, job.kind, vm_id, job.target_id, &job.params).await
 }
 
 /// Compute the plan a job of `kind` would follow now, refusing with a problem when the
 /// VM's state or the free space does not allow it. Touches no file.
-pub async fn preflight(engine: &Engine, kind: JobKind, vm_id: Uuid, target: Uuid, params: &Value) -> Result<Plan> {
+pub async fn preflight(
+    engine: &Engine,
+    kind: JobKind,
+    vm_id: Uuid,
+    target: Uuid,
+    params: &Value,
+) -> Result<Plan> {
     let mut conn = engine.db.reader().await?;
-    let vm = store::vms::get_vm(&mut conn, vm_id)
-        .await?
-        .ok_or_else(|| Error::problem(ErrorCode::VmNotFound, format!("VM {vm_id} does not exist")))?;
+    let vm = store::vms::get_vm(&mut conn, vm_id).await?.ok_or_else(|| {
+        Error::problem(ErrorCode::VmNotFound, format!("VM {vm_id} does not exist"))
+    })?;
     let mut graphs = store::vms::disk_graphs(&mut conn, vm_id, None).await?;
     storage::measure(&engine.config.volumes_dir, &mut graphs);
     let disk_graph = |graphs: &[DiskGraph]| {
@@ -33,12 +41,24 @@ pub async fn preflight(engine: &Engine, kind: JobKind, vm_id: Uuid, target: Uuid
             .iter()
             .find(|g| g.disk_id == target)
             .cloned()
-            .ok_or_else(|| Error::problem(ErrorCode::DiskNotFound, format!("disk {target} does not exist")))
+            .ok_or_else(|| {
+                Error::problem(
+                    ErrorCode::DiskNotFound,
+                    format!("disk {target} does not exist"),
+                )
+            })
     };
     let plan = match kind {
         JobKind::VmCreate => {
             let disks = store::vms::list_disks(&mut conn, vm_id).await?;
-            plan::plan_create_disks(vm_id, &disks.iter().map(|d| (d.id, d.size_bytes)).collect::<Vec<_>>(), true)
+            plan::plan_create_disks(
+                vm_id,
+                &disks
+                    .iter()
+                    .map(|d| (d.id, d.size_bytes))
+                    .collect::<Vec<_>>(),
+                true,
+            )
         }
         JobKind::DiskCreate => {
             let disk = disk_graph(&graphs)?;
@@ -50,13 +70,18 @@ pub async fn preflight(engine: &Engine, kind: JobKind, vm_id: Uuid, target: Uuid
         }
         JobKind::DiskResize => {
             refuse_if_running(&vm, "resize a disk of")?;
-            let size = params["size_bytes"].as_u64().ok_or_else(|| Error::Internal("resize job without size_bytes".into()))?;
+            let size = params["size_bytes"]
+                .as_u64()
+                .ok_or_else(|| Error::Internal("resize job without size_bytes".into()))?;
             let disk = disk_graph(&graphs)?;
             // Re-checked here: an earlier resize in the queue may have grown it further.
             if size <= disk.size_bytes {
                 return Err(Error::problem(
                     ErrorCode::DiskShrinkRefused,
-                    format!("disk {target} is already {} bytes; a resize must make it larger", disk.size_bytes),
+                    format!(
+                        "disk {target} is already {} bytes; a resize must make it larger",
+                        disk.size_bytes
+                    ),
                 ));
             }
             plan::plan_resize(&disk, size)?
@@ -68,7 +93,10 @@ pub async fn preflight(engine: &Engine, kind: JobKind, vm_id: Uuid, target: Uuid
         JobKind::SnapshotCreate => {
             refuse_if_running(&vm, "snapshot")?;
             if graphs.is_empty() {
-                return Err(Error::problem(ErrorCode::VmHasNoDisks, "a snapshot needs at least one disk"));
+                return Err(Error::problem(
+                    ErrorCode::VmHasNoDisks,
+                    "a snapshot needs at least one disk",
+                ));
             }
             plan::plan_snapshot_create(vm_id, target, vm.current_snapshot_id, &graphs)?
         }
@@ -82,7 +110,11 @@ pub async fn preflight(engine: &Engine, kind: JobKind, vm_id: Uuid, target: Uuid
             plan
         }
         JobKind::SnapshotDeleteAll => {
-            let snapshots: Vec<Uuid> = store::snapshots::list(&mut conn, vm_id, None, u32::MAX).await?.iter().map(|s| s.id).collect();
+            let snapshots: Vec<Uuid> = store::snapshots::list(&mut conn, vm_id, None, u32::MAX)
+                .await?
+                .iter()
+                .map(|s| s.id)
+                .collect();
             let plan = plan::plan_delete_all_snapshots(vm_id, &snapshots, &graphs)?;
             refuse_merge_while_running(&vm, &plan, &graphs)?;
             plan
@@ -94,7 +126,13 @@ pub async fn preflight(engine: &Engine, kind: JobKind, vm_id: Uuid, target: Uuid
 
 fn refuse_if_running(vm: &Vm, action: &str) -> Result<()> {
     if vm.state == VmState::Running {
-        return Err(Error::problem(ErrorCode::VmRunning, format!("cannot {action} VM {} while it is running; stop it first", vm.name)));
+        return Err(Error::problem(
+            ErrorCode::VmRunning,
+            format!(
+                "cannot {action} VM {} while it is running; stop it first",
+                vm.name
+            ),
+        ));
     }
     Ok(())
 }
@@ -105,7 +143,10 @@ fn refuse_merge_while_running(vm: &Vm, plan: &Plan, graphs: &[DiskGraph]) -> Res
     if vm.state == VmState::Running && plan.touches_active_chains(graphs) {
         return Err(Error::problem(
             ErrorCode::VmRunning,
-            format!("deleting this snapshot merges layers VM {} is running on; stop the VM first", vm.name),
+            format!(
+                "deleting this snapshot merges layers VM {} is running on; stop the VM first",
+                vm.name
+            ),
         ));
     }
     Ok(())
@@ -117,7 +158,9 @@ fn check_space(engine: &Engine, plan: &Plan) -> Result<()> {
         return Ok(());
     }
     let available = storage::available_bytes(&engine.config.volumes_dir)?;
-    let needed = plan.space_needed.saturating_add(engine.config.reserved_bytes);
+    let needed = plan
+        .space_needed
+        .saturating_add(engine.config.reserved_bytes);
     if available < needed {
         return Err(insufficient_storage(needed, available));
     }
@@ -128,28 +171,61 @@ fn check_space(engine: &Engine, plan: &Plan) -> Result<()> {
 /// the request created or flagged go back to how they were.
 pub async fn abandon(engine: &Engine, job: &Job, cancelled: bool) -> Result<Vec<MetaOp>> {
     let vm = job.vm_id.unwrap_or(job.target_id);
-    let previous = |params: &Value| params["previous_status"].as_str().and_then(ResourceStatus::parse).unwrap_or(ResourceStatus::Ready);
+    let previous = |params: &Value| {
+        params["previous_status"]
+            .as_str()
+            .and_then(ResourceStatus::parse)
+            .unwrap_or(ResourceStatus::Ready)
+    };
     Ok(match job.kind {
         JobKind::VmCreate if cancelled => vec![MetaOp::DeleteVm { vm }],
         JobKind::VmCreate => {
             let disks = store::vms::list_disks(&mut *engine.db.reader().await?, vm).await?;
-            let mut ops: Vec<MetaOp> = disks.iter().map(|d| MetaOp::SetDiskStatus { disk: d.id, status: ResourceStatus::Error }).collect();
-            ops.push(MetaOp::SetVmStatus { vm, status: ResourceStatus::Error });
+            let mut ops: Vec<MetaOp> = disks
+                .iter()
+                .map(|d| MetaOp::SetDiskStatus {
+                    disk: d.id,
+                    status: ResourceStatus::Error,
+                })
+                .collect();
+            ops.push(MetaOp::SetVmStatus {
+                vm,
+                status: ResourceStatus::Error,
+            });
             ops
         }
-        JobKind::DiskCreate if cancelled => vec![MetaOp::DeleteDisk { disk: job.target_id }],
-        JobKind::DiskCreate => vec![MetaOp::SetDiskStatus { disk: job.target_id, status: ResourceStatus::Error }],
-        JobKind::DiskDelete | JobKind::DiskResize => vec![MetaOp::SetDiskStatus { disk: job.target_id, status: previous(&job.params) }],
-        JobKind::VmDelete => vec![MetaOp::SetVmStatus { vm, status: previous(&job.params) }],
-        JobKind::SnapshotCreate => vec![MetaOp::DeleteSnapshot { snapshot: job.target_id }],
-        JobKind::SnapshotDelete => vec![MetaOp::SetSnapshotStatus { snapshot: job.target_id, status: previous(&job.params) }],
+        JobKind::DiskCreate if cancelled => vec![MetaOp::DeleteDisk {
+            disk: job.target_id,
+        }],
+        JobKind::DiskCreate => vec![MetaOp::SetDiskStatus {
+            disk: job.target_id,
+            status: ResourceStatus::Error,
+        }],
+        JobKind::DiskDelete | JobKind::DiskResize => vec![MetaOp::SetDiskStatus {
+            disk: job.target_id,
+            status: previous(&job.params),
+        }],
+        JobKind::VmDelete => vec![MetaOp::SetVmStatus {
+            vm,
+            status: previous(&job.params),
+        }],
+        JobKind::SnapshotCreate => vec![MetaOp::DeleteSnapshot {
+            snapshot: job.target_id,
+        }],
+        JobKind::SnapshotDelete => vec![MetaOp::SetSnapshotStatus {
+            snapshot: job.target_id,
+            status: previous(&job.params),
+        }],
         JobKind::SnapshotDeleteAll => job.params["snapshots"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|s| {
                 let snapshot = s["id"].as_str()?.parse().ok()?;
-                Some(MetaOp::SetSnapshotStatus { snapshot, status: previous(s) })
+                Some(MetaOp::SetSnapshotStatus {
+                    snapshot,
+                    status: previous(s),
+                })
             })
             .collect(),
         JobKind::SnapshotRevert => vec![],

@@ -94,9 +94,9 @@ impl Engine {
     /// Cancel a queued job at once, or ask a running one to stop while it still can.
     pub async fn cancel(&self, id: Uuid) -> Result<Job> {
         let mut tx = self.db.begin().await?;
-        let job = store::jobs::get(&mut tx, id)
-            .await?
-            .ok_or_else(|| Error::problem(ErrorCode::JobNotFound, format!("job {id} does not exist")))?;
+        let job = store::jobs::get(&mut tx, id).await?.ok_or_else(|| {
+            Error::problem(ErrorCode::JobNotFound, format!("job {id} does not exist"))
+        })?;
         match job.status {
             JobStatus::Queued => {
                 // The single write connection serialises this with claiming, so the job
@@ -106,7 +106,11 @@ impl Engine {
                 store::jobs::finish(&mut tx, id, JobStatus::Cancelled, None, store::now()).await?;
             }
             JobStatus::Running => {
-                let past = job.plan.as_ref().and_then(Plan::point_of_no_return).is_some_and(|p| job.next_step >= p);
+                let past = job
+                    .plan
+                    .as_ref()
+                    .and_then(Plan::point_of_no_return)
+                    .is_some_and(|p| job.next_step >= p);
                 if past {
                     return Err(Error::problem(
                         ErrorCode::JobNotCancellable,
@@ -116,10 +120,15 @@ impl Engine {
                 store::jobs::request_cancel(&mut tx, id).await?;
             }
             status => {
-                return Err(Error::problem(ErrorCode::JobNotCancellable, format!("the job has already ended ({status})")));
+                return Err(Error::problem(
+                    ErrorCode::JobNotCancellable,
+                    format!("the job has already ended ({status})"),
+                ));
             }
         }
-        let job = store::jobs::get(&mut tx, id).await?.expect("job read in this transaction");
+        let job = store::jobs::get(&mut tx, id)
+            .await?
+            .expect("job read in this transaction");
         tx.commit().await?;
         self.signal_cancel(id);
         self.bump();
@@ -139,7 +148,10 @@ impl Engine {
     }
 
     /// Start the worker tasks; they stop when `shutdown` turns true.
-    pub fn spawn_workers(self: &Arc<Self>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn_workers(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         (0..self.config.workers.max(1))
             .map(|_| {
                 let engine = Arc::clone(self);
@@ -179,7 +191,10 @@ impl Engine {
     /// Drive one claimed job to its end and record the outcome.
     async fn run(self: &Arc<Self>, job: Job) {
         let (cancel_tx, cancel_rx) = watch::channel(job.cancel_requested);
-        self.running.lock().expect("cancel map").insert(job.id, cancel_tx);
+        self.running
+            .lock()
+            .expect("cancel map")
+            .insert(job.id, cancel_tx);
         self.bump();
         let id = job.id;
         let outcome = self.drive(job, cancel_rx).await;
@@ -212,7 +227,10 @@ impl Engine {
             job.next_step = 0;
             job.plan = Some(plan);
         }
-        let plan = job.plan.clone().ok_or_else(|| Error::Internal(format!("job {} has a phase but no plan", job.id)))?;
+        let plan = job
+            .plan
+            .clone()
+            .ok_or_else(|| Error::Internal(format!("job {} has a phase but no plan", job.id)))?;
         if job.phase == Some(JobPhase::Executing) {
             let total = plan.steps.len().max(1) as f32;
             for index in job.next_step..plan.steps.len() {
@@ -224,12 +242,22 @@ impl Engine {
                 let progress = self.progress_reporter(job.id, index as f32 / total, 1.0 / total);
                 let interrupt = (cancellable && step.op.is_interruptible()).then_some(&cancel);
                 if let Err(e) = self.execute(&step.op, interrupt, &progress).await {
-                    let stop = if matches!(e, Error::Qemu(QemuError::Cancelled)) { Stop::Cancelled } else { Stop::Failed(e) };
+                    let stop = if matches!(e, Error::Qemu(QemuError::Cancelled)) {
+                        Stop::Cancelled
+                    } else {
+                        Stop::Failed(e)
+                    };
                     return self.stop(&job, &plan, index, stop).await;
                 }
                 let mut tx = self.db.begin().await?;
                 store::apply(&mut tx, &step.then).await?;
-                store::jobs::set_next_step(&mut tx, job.id, index + 1, ((index + 1) as f32 / total * 99.0) as u8).await?;
+                store::jobs::set_next_step(
+                    &mut tx,
+                    job.id,
+                    index + 1,
+                    ((index + 1) as f32 / total * 99.0) as u8,
+                )
+                .await?;
                 tx.commit().await?;
                 self.fault_point(&job, &format!("after-step-{index}")).await;
             }
@@ -247,29 +275,61 @@ impl Engine {
         Ok(())
     }
 
-    async fn execute(&self, op: &FileOp, cancel: Option<&watch::Receiver<bool>>, progress: &(dyn Fn(f32) + Send + Sync)) -> Result<()> {
+    async fn execute(
+        &self,
+        op: &FileOp,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: &(dyn Fn(f32) + Send + Sync),
+    ) -> Result<()> {
         match *op {
-            FileOp::Create { volume, backing, size_bytes } => {
+            FileOp::Create {
+                volume,
+                backing,
+                size_bytes,
+            } => {
                 let path = self.volume_path(volume);
                 // Idempotent: a file left by an interrupted attempt is ours (the id is new).
                 remove_if_exists(&path).await?;
                 let backing = backing.map(storage::volume_file_name);
-                self.qemu.create(&path, size_bytes, backing.as_deref()).await?;
+                self.qemu
+                    .create(&path, size_bytes, backing.as_deref())
+                    .await?;
             }
             FileOp::Commit { top, base } => {
                 // An interrupted earlier attempt may have leaked clusters in the base.
                 self.qemu.repair_leaks(&self.volume_path(base)).await?;
-                self.qemu.commit(&self.volume_path(top), &self.volume_path(base), cancel, Some(progress)).await?;
+                self.qemu
+                    .commit(
+                        &self.volume_path(top),
+                        &self.volume_path(base),
+                        cancel,
+                        Some(progress),
+                    )
+                    .await?;
             }
             FileOp::Stream { volume, backing } => {
                 let backing = backing.map(storage::volume_file_name);
-                self.qemu.stream(&self.volume_path(volume), backing.as_deref(), cancel, Some(progress)).await?;
+                self.qemu
+                    .stream(
+                        &self.volume_path(volume),
+                        backing.as_deref(),
+                        cancel,
+                        Some(progress),
+                    )
+                    .await?;
             }
             FileOp::Repoint { volume, backing } => {
-                self.qemu.repoint(&self.volume_path(volume), &storage::volume_file_name(backing)).await?;
+                self.qemu
+                    .repoint(
+                        &self.volume_path(volume),
+                        &storage::volume_file_name(backing),
+                    )
+                    .await?;
             }
             FileOp::Resize { volume, size_bytes } => {
-                self.qemu.resize(&self.volume_path(volume), size_bytes).await?;
+                self.qemu
+                    .resize(&self.volume_path(volume), size_bytes)
+                    .await?;
             }
         }
         Ok(())
@@ -277,7 +337,12 @@ impl Engine {
 
     /// Maps a step's own progress into the job's 0-100 range and stores it (at most a
     /// few times a second).
-    fn progress_reporter(self: &Arc<Self>, job: Uuid, start: f32, span: f32) -> impl Fn(f32) + Send + Sync + use<> {
+    fn progress_reporter(
+        self: &Arc<Self>,
+        job: Uuid,
+        start: f32,
+        span: f32,
+    ) -> impl Fn(f32) + Send + Sync + use<> {
         let (tx, mut rx) = watch::channel(0u8);
         let engine = Arc::clone(self);
         tokio::spawn(async move {
@@ -317,10 +382,13 @@ impl Engine {
         // Volumes flagged for deletion are kept after all; a volume being rewritten
         // stays flagged when its content may already be half-merged.
         for op in &plan.mark {
-            if let MetaOp::SetVolumeStatus { volume, status } = *op {
-                if status == VolumeStatus::Deleting || !past_no_return {
-                    ops.push(MetaOp::SetVolumeStatus { volume, status: VolumeStatus::Ready });
-                }
+            if let MetaOp::SetVolumeStatus { volume, status } = *op
+                && (status == VolumeStatus::Deleting || !past_no_return)
+            {
+                ops.push(MetaOp::SetVolumeStatus {
+                    volume,
+                    status: VolumeStatus::Ready,
+                });
             }
         }
         self.end(job, &ops, stop).await
@@ -346,7 +414,14 @@ impl Engine {
         };
         let mut tx = self.db.begin().await?;
         store::apply(&mut tx, ops).await?;
-        store::jobs::finish(&mut tx, job.id, status, error.as_ref().map(|(c, m)| (*c, m.as_str())), store::now()).await?;
+        store::jobs::finish(
+            &mut tx,
+            job.id,
+            status,
+            error.as_ref().map(|(c, m)| (*c, m.as_str())),
+            store::now(),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -356,13 +431,16 @@ impl Engine {
     async fn drop_files(&self, volumes: &[Uuid]) -> Result<()> {
         let mut conn = self.db.reader().await?;
         for &volume in volumes {
-            let children: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE parent_id = ? OR id = ?")
-                .bind(store::id_text(volume))
-                .bind(store::id_text(volume))
-                .fetch_one(&mut *conn)
-                .await?;
+            let children: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE parent_id = ? OR id = ?")
+                    .bind(store::id_text(volume))
+                    .bind(store::id_text(volume))
+                    .fetch_one(&mut *conn)
+                    .await?;
             if children > 0 {
-                return Err(Error::Internal(format!("refusing to remove volume {volume}: it is still referenced")));
+                return Err(Error::Internal(format!(
+                    "refusing to remove volume {volume}: it is still referenced"
+                )));
             }
             remove_if_exists(&self.volume_path(volume)).await?;
         }
@@ -374,7 +452,9 @@ impl Engine {
     /// point; `<kind>:<point>:pause` holds the job there for two seconds instead, so a
     /// test can send a conflicting request while it runs.
     async fn fault_point(&self, job: &Job, point: &str) {
-        let Some(fault) = &self.config.fault else { return };
+        let Some(fault) = &self.config.fault else {
+            return;
+        };
         let mut parts = fault.split(':');
         if parts.next() != Some(job.kind.as_str()) || parts.next() != Some(point) {
             return;
@@ -400,7 +480,9 @@ async fn remove_if_exists(path: &std::path::Path) -> Result<()> {
 pub fn insufficient_storage(needed: u64, available: u64) -> Error {
     Error::with_extra(
         ErrorCode::InsufficientStorage,
-        format!("the operation needs {needed} free bytes on the data file system (including the reserve) but only {available} are available"),
+        format!(
+            "the operation needs {needed} free bytes on the data file system (including the reserve) but only {available} are available"
+        ),
         serde_json::json!({ "needed_bytes": needed, "available_bytes": available }),
     )
 }

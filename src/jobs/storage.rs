@@ -18,7 +18,9 @@ pub fn volume_path(volumes_dir: &Path, volume: Uuid) -> PathBuf {
 
 /// Bytes a file occupies on disk (0 when it is missing).
 pub fn allocated_bytes(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// Fill the planner's allocation figures from the files.

@@ -15,11 +15,23 @@ use tokio::sync::watch;
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
     #[error("could not start {program}: {source}")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("{program} {args} failed ({status}): {stderr}")]
-    Failed { program: String, args: String, status: String, stderr: String },
+    Failed {
+        program: String,
+        args: String,
+        status: String,
+        stderr: String,
+    },
     #[error("{program} {args} did not finish within {seconds} s")]
-    Timeout { program: String, args: String, seconds: u64 },
+    Timeout {
+        program: String,
+        args: String,
+        seconds: u64,
+    },
     #[error("cancelled")]
     Cancelled,
     #[error("unexpected output from {program}: {message}")]
@@ -81,19 +93,41 @@ pub type Progress<'a> = &'a (dyn Fn(f32) + Send + Sync);
 
 impl Qemu {
     pub fn new(qemu_img: PathBuf, copy_timeout: Duration) -> Self {
-        Self { qemu_img, quick_timeout: Duration::from_secs(120), copy_timeout }
+        Self {
+            qemu_img,
+            quick_timeout: Duration::from_secs(120),
+            copy_timeout,
+        }
     }
 
     /// Create an empty qcow2 file, optionally on a backing file given by name relative
     /// to the new file's directory (`-u`: the size is known, so the backing file is not
     /// opened and the cost does not depend on its size).
-    pub async fn create(&self, path: &Path, size_bytes: u64, backing: Option<&str>) -> Result<(), QemuError> {
-        let mut args = vec!["create".to_owned(), "-q".into(), "-f".into(), "qcow2".into()];
+    pub async fn create(
+        &self,
+        path: &Path,
+        size_bytes: u64,
+        backing: Option<&str>,
+    ) -> Result<(), QemuError> {
+        let mut args = vec![
+            "create".to_owned(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+        ];
         if let Some(backing) = backing {
-            args.extend(["-u".into(), "-b".into(), backing.into(), "-F".into(), "qcow2".into()]);
+            args.extend([
+                "-u".into(),
+                "-b".into(),
+                backing.into(),
+                "-F".into(),
+                "qcow2".into(),
+            ]);
         }
         args.extend([path_arg(path), size_bytes.to_string()]);
-        self.run(&args, self.quick_timeout, None, None).await.map(drop)
+        self.run(&args, self.quick_timeout, None, None)
+            .await
+            .map(drop)
     }
 
     /// Copy `top`'s clusters (and those of any layer between) into `base`, keeping
@@ -105,8 +139,18 @@ impl Qemu {
         cancel: Option<&watch::Receiver<bool>>,
         progress: Option<Progress<'_>>,
     ) -> Result<(), QemuError> {
-        let args = ["commit", "-p", "-f", "qcow2", "-d", "-b"].map(String::from).into_iter().chain([path_arg(base), path_arg(top)]);
-        self.run(&args.collect::<Vec<_>>(), self.copy_timeout, cancel, progress).await.map(drop)
+        let args = ["commit", "-p", "-f", "qcow2", "-d", "-b"]
+            .map(String::from)
+            .into_iter()
+            .chain([path_arg(base), path_arg(top)]);
+        self.run(
+            &args.collect::<Vec<_>>(),
+            self.copy_timeout,
+            cancel,
+            progress,
+        )
+        .await
+        .map(drop)
     }
 
     /// Safe rebase: copy into `volume` what differs between its backing chain and the new
@@ -124,49 +168,93 @@ impl Qemu {
             None => args.extend(["-b".into(), String::new()]),
         }
         args.push(path_arg(volume));
-        self.run(&args, self.copy_timeout, cancel, progress).await.map(drop)
+        self.run(&args, self.copy_timeout, cancel, progress)
+            .await
+            .map(drop)
     }
 
     /// Unsafe rebase: rewrite only the backing pointer (the caller knows both backings
     /// show the same content).
     pub async fn repoint(&self, volume: &Path, backing: &str) -> Result<(), QemuError> {
-        let args = ["rebase", "-u", "-f", "qcow2", "-b", backing, "-F", "qcow2"].map(String::from).into_iter().chain([path_arg(volume)]);
-        self.run(&args.collect::<Vec<_>>(), self.quick_timeout, None, None).await.map(drop)
+        let args = ["rebase", "-u", "-f", "qcow2", "-b", backing, "-F", "qcow2"]
+            .map(String::from)
+            .into_iter()
+            .chain([path_arg(volume)]);
+        self.run(&args.collect::<Vec<_>>(), self.quick_timeout, None, None)
+            .await
+            .map(drop)
     }
 
     pub async fn resize(&self, volume: &Path, size_bytes: u64) -> Result<(), QemuError> {
-        let args = vec!["resize".into(), "-q".into(), "-f".into(), "qcow2".into(), path_arg(volume), size_bytes.to_string()];
-        self.run(&args, self.quick_timeout, None, None).await.map(drop)
+        let args = vec![
+            "resize".into(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            path_arg(volume),
+            size_bytes.to_string(),
+        ];
+        self.run(&args, self.quick_timeout, None, None)
+            .await
+            .map(drop)
     }
 
     /// Header facts of one file (without following its backing chain).
     pub async fn info(&self, path: &Path) -> Result<ImageInfo, QemuError> {
-        let args = ["info", "--output=json", "-f", "qcow2"].map(String::from).into_iter().chain([path_arg(path)]);
-        let out = self.run(&args.collect::<Vec<_>>(), self.quick_timeout, None, None).await?;
+        let args = ["info", "--output=json", "-f", "qcow2"]
+            .map(String::from)
+            .into_iter()
+            .chain([path_arg(path)]);
+        let out = self
+            .run(&args.collect::<Vec<_>>(), self.quick_timeout, None, None)
+            .await?;
         serde_json::from_slice(&out).map_err(|e| self.output_error(e))
     }
 
     /// Consistency check; leaks alone (exit 3) are reported, not treated as failure.
     pub async fn check(&self, path: &Path) -> Result<CheckReport, QemuError> {
-        let args = ["check", "--output=json", "-f", "qcow2"].map(String::from).into_iter().chain([path_arg(path)]);
-        let out = self.run_allowing(&args.collect::<Vec<_>>(), self.copy_timeout, &[0, 2, 3]).await?;
+        let args = ["check", "--output=json", "-f", "qcow2"]
+            .map(String::from)
+            .into_iter()
+            .chain([path_arg(path)]);
+        let out = self
+            .run_allowing(&args.collect::<Vec<_>>(), self.copy_timeout, &[0, 2, 3])
+            .await?;
         serde_json::from_slice(&out).map_err(|e| self.output_error(e))
     }
 
     /// Repair leaked clusters: what an interrupted qemu-img leaves in the file it wrote.
     pub async fn repair_leaks(&self, path: &Path) -> Result<(), QemuError> {
-        let args = ["check", "-q", "-r", "leaks", "-f", "qcow2"].map(String::from).into_iter().chain([path_arg(path)]);
-        self.run_allowing(&args.collect::<Vec<_>>(), self.copy_timeout, &[0, 3]).await.map(drop)
+        let args = ["check", "-q", "-r", "leaks", "-f", "qcow2"]
+            .map(String::from)
+            .into_iter()
+            .chain([path_arg(path)]);
+        self.run_allowing(&args.collect::<Vec<_>>(), self.copy_timeout, &[0, 3])
+            .await
+            .map(drop)
     }
 
     fn output_error(&self, e: serde_json::Error) -> QemuError {
-        QemuError::Output { program: self.qemu_img.display().to_string(), message: e.to_string() }
+        QemuError::Output {
+            program: self.qemu_img.display().to_string(),
+            message: e.to_string(),
+        }
     }
 
-    async fn run_allowing(&self, args: &[String], timeout: Duration, ok: &[i32]) -> Result<Vec<u8>, QemuError> {
+    async fn run_allowing(
+        &self,
+        args: &[String],
+        timeout: Duration,
+        ok: &[i32],
+    ) -> Result<Vec<u8>, QemuError> {
         let output = self.spawn(args)?.wait_with_output();
-        let output = tokio::time::timeout(timeout, output).await.map_err(|_| self.timeout_error(args, timeout))?;
-        let output = output.map_err(|source| QemuError::Spawn { program: self.program(), source })?;
+        let output = tokio::time::timeout(timeout, output)
+            .await
+            .map_err(|_| self.timeout_error(args, timeout))?;
+        let output = output.map_err(|source| QemuError::Spawn {
+            program: self.program(),
+            source,
+        })?;
         match output.status.code() {
             Some(code) if ok.contains(&code) => Ok(output.stdout),
             _ => Err(self.failed(args, output.status, &output.stderr)),
@@ -200,10 +288,8 @@ impl Qemu {
                     break;
                 }
                 out.extend_from_slice(&chunk[..n]);
-                if let Some(report) = progress {
-                    if let Some(fraction) = last_progress(&out) {
-                        report(fraction);
-                    }
+                if let (Some(report), Some(fraction)) = (progress, last_progress(&out)) {
+                    report(fraction);
                 }
             }
             let status = child.wait().await;
@@ -222,14 +308,26 @@ impl Qemu {
             result = tokio::time::timeout(timeout, work) => result.map_err(|_| self.timeout_error(args, timeout))?,
             _ = cancelled => return Err(QemuError::Cancelled),
         };
-        let status = status.map_err(|source| QemuError::Spawn { program: self.program(), source })?;
+        let status = status.map_err(|source| QemuError::Spawn {
+            program: self.program(),
+            source,
+        })?;
         let stderr = stderr_task.await.unwrap_or_default();
-        if status.success() { Ok(out) } else { Err(self.failed(args, status, &stderr)) }
+        if status.success() {
+            Ok(out)
+        } else {
+            Err(self.failed(args, status, &stderr))
+        }
     }
 
     fn spawn(&self, args: &[String]) -> Result<tokio::process::Child, QemuError> {
         let mut command = Command::new(&self.qemu_img);
-        command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It asks
         // the kernel to kill qemu-img if strata dies (e.g. kill -9), so a restarted
         // service never races an orphaned writer on the same file.
@@ -242,14 +340,22 @@ impl Qemu {
             });
         }
         tracing::debug!(program = %self.qemu_img.display(), ?args, "running");
-        command.spawn().map_err(|source| QemuError::Spawn { program: self.program(), source })
+        command.spawn().map_err(|source| QemuError::Spawn {
+            program: self.program(),
+            source,
+        })
     }
 
     fn program(&self) -> String {
         self.qemu_img.display().to_string()
     }
 
-    fn failed(&self, args: &[String], status: std::process::ExitStatus, stderr: &[u8]) -> QemuError {
+    fn failed(
+        &self,
+        args: &[String],
+        status: std::process::ExitStatus,
+        stderr: &[u8],
+    ) -> QemuError {
         QemuError::Failed {
             program: self.program(),
             args: args.join(" "),
@@ -259,7 +365,11 @@ impl Qemu {
     }
 
     fn timeout_error(&self, args: &[String], timeout: Duration) -> QemuError {
-        QemuError::Timeout { program: self.program(), args: args.join(" "), seconds: timeout.as_secs() }
+        QemuError::Timeout {
+            program: self.program(),
+            args: args.join(" "),
+            seconds: timeout.as_secs(),
+        }
     }
 }
 
@@ -270,8 +380,13 @@ fn path_arg(path: &Path) -> String {
 /// The newest `(NN.NN/100%)` figure that qemu-img's `-p` printed so far.
 pub fn last_progress(output: &[u8]) -> Option<f32> {
     let text = String::from_utf8_lossy(output);
-    let last = text.rsplit('(').find_map(|tail| tail.split_once("/100%").map(|(n, _)| n))?;
-    last.trim().parse::<f32>().ok().map(|p| (p / 100.0).clamp(0.0, 1.0))
+    let last = text
+        .rsplit('(')
+        .find_map(|tail| tail.split_once("/100%").map(|(n, _)| n))?;
+    last.trim()
+        .parse::<f32>()
+        .ok()
+        .map(|p| (p / 100.0).clamp(0.0, 1.0))
 }
 
 #[cfg(test)]
@@ -280,7 +395,10 @@ mod tests {
 
     #[test]
     fn progress_takes_the_newest_figure() {
-        assert_eq!(last_progress(b"    (0.00/100%)\r    (12.50/100%)\r"), Some(0.125));
+        assert_eq!(
+            last_progress(b"    (0.00/100%)\r    (12.50/100%)\r"),
+            Some(0.125)
+        );
         assert_eq!(last_progress(b"    (100.00/100%)\r"), Some(1.0));
         assert_eq!(last_progress(b""), None);
         assert_eq!(last_progress(b"    (12.5"), None);

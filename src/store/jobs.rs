@@ -10,7 +10,11 @@ use crate::error::{Error, Result};
 
 fn json_column<T: serde::de::DeserializeOwned>(row: &SqliteRow, column: &str) -> Result<Option<T>> {
     let text: Option<String> = row.try_get(column)?;
-    text.map(|t| serde_json::from_str(&t).map_err(|e| Error::Internal(format!("bad JSON in jobs.{column}: {e}")))).transpose()
+    text.map(|t| {
+        serde_json::from_str(&t)
+            .map_err(|e| Error::Internal(format!("bad JSON in jobs.{column}: {e}")))
+    })
+    .transpose()
 }
 
 fn from_row(row: &SqliteRow) -> Result<Job> {
@@ -39,7 +43,13 @@ fn from_row(row: &SqliteRow) -> Result<Job> {
 }
 
 /// A queued job for `target`, ready to insert.
-pub fn new_job(kind: JobKind, target_type: TargetType, target_id: Uuid, vm_id: Option<Uuid>, params: serde_json::Value) -> Job {
+pub fn new_job(
+    kind: JobKind,
+    target_type: TargetType,
+    target_id: Uuid,
+    vm_id: Option<Uuid>,
+    params: serde_json::Value,
+) -> Job {
     Job {
         seq: 0,
         id: crate::domain::new_id(),
@@ -79,7 +89,10 @@ pub async fn insert(conn: &mut SqliteConnection, job: &Job) -> Result<()> {
 }
 
 pub async fn get(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Job>> {
-    let row = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id_text(id)).fetch_optional(conn).await?;
+    let row = sqlx::query("SELECT * FROM jobs WHERE id = ?")
+        .bind(id_text(id))
+        .fetch_optional(conn)
+        .await?;
     row.as_ref().map(from_row).transpose()
 }
 
@@ -91,7 +104,12 @@ pub struct JobFilter {
 }
 
 /// Jobs newest first, after the job `before` (the cursor), at most `limit`.
-pub async fn list(conn: &mut SqliteConnection, filter: &JobFilter, before: Option<Uuid>, limit: u32) -> Result<Vec<Job>> {
+pub async fn list(
+    conn: &mut SqliteConnection,
+    filter: &JobFilter,
+    before: Option<Uuid>,
+    limit: u32,
+) -> Result<Vec<Job>> {
     let rows = sqlx::query(
         "SELECT * FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR vm_id = ?2) AND (?3 IS NULL OR kind = ?3)
          AND (?4 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?4)) ORDER BY seq DESC LIMIT ?5",
@@ -124,17 +142,25 @@ pub async fn claim_next(conn: &mut SqliteConnection, now: Timestamp) -> Result<O
 
 /// Journal the plan: from here on, a restart resumes the job instead of re-planning.
 pub async fn save_plan(conn: &mut SqliteConnection, id: Uuid, plan: &Plan) -> Result<()> {
-    let detail = serde_json::json!({ "merges": plan.merges, "space_needed_bytes": plan.space_needed });
-    sqlx::query("UPDATE jobs SET phase = 'executing', plan = ?, next_step = 0, detail = ? WHERE id = ?")
-        .bind(serde_json::to_string(plan).map_err(|e| Error::Internal(e.to_string()))?)
-        .bind(detail.to_string())
-        .bind(id_text(id))
-        .execute(conn)
-        .await?;
+    let detail =
+        serde_json::json!({ "merges": plan.merges, "space_needed_bytes": plan.space_needed });
+    sqlx::query(
+        "UPDATE jobs SET phase = 'executing', plan = ?, next_step = 0, detail = ? WHERE id = ?",
+    )
+    .bind(serde_json::to_string(plan).map_err(|e| Error::Internal(e.to_string()))?)
+    .bind(detail.to_string())
+    .bind(id_text(id))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
-pub async fn set_next_step(conn: &mut SqliteConnection, id: Uuid, next_step: usize, progress: u8) -> Result<()> {
+pub async fn set_next_step(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    next_step: usize,
+    progress: u8,
+) -> Result<()> {
     sqlx::query("UPDATE jobs SET next_step = ?, progress = MAX(progress, ?) WHERE id = ?")
         .bind(next_step as i64)
         .bind(progress as i64)
@@ -145,17 +171,31 @@ pub async fn set_next_step(conn: &mut SqliteConnection, id: Uuid, next_step: usi
 }
 
 pub async fn set_phase(conn: &mut SqliteConnection, id: Uuid, phase: JobPhase) -> Result<()> {
-    sqlx::query("UPDATE jobs SET phase = ? WHERE id = ?").bind(phase.as_str()).bind(id_text(id)).execute(conn).await?;
+    sqlx::query("UPDATE jobs SET phase = ? WHERE id = ?")
+        .bind(phase.as_str())
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 pub async fn set_progress(conn: &mut SqliteConnection, id: Uuid, progress: u8) -> Result<()> {
-    sqlx::query("UPDATE jobs SET progress = MAX(progress, ?) WHERE id = ?").bind(progress as i64).bind(id_text(id)).execute(conn).await?;
+    sqlx::query("UPDATE jobs SET progress = MAX(progress, ?) WHERE id = ?")
+        .bind(progress as i64)
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// End a job. Only a job that has not ended yet changes.
-pub async fn finish(conn: &mut SqliteConnection, id: Uuid, status: JobStatus, error: Option<(&str, &str)>, now: Timestamp) -> Result<()> {
+pub async fn finish(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    status: JobStatus,
+    error: Option<(&str, &str)>,
+    now: Timestamp,
+) -> Result<()> {
     sqlx::query(
         "UPDATE jobs SET status = ?, error_code = ?, error_message = ?, finished_at = ?,
          progress = CASE WHEN ? = 'succeeded' THEN 100 ELSE progress END
@@ -173,31 +213,47 @@ pub async fn finish(conn: &mut SqliteConnection, id: Uuid, status: JobStatus, er
 }
 
 pub async fn request_cancel(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
-    sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?").bind(id_text(id)).execute(conn).await?;
+    sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?")
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// Jobs left running by the previous process (it crashed or was killed), oldest first.
 pub async fn list_running(conn: &mut SqliteConnection) -> Result<Vec<Job>> {
-    let rows = sqlx::query("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq").fetch_all(conn).await?;
+    let rows = sqlx::query("SELECT * FROM jobs WHERE status = 'running' ORDER BY seq")
+        .fetch_all(conn)
+        .await?;
     rows.iter().map(from_row).collect()
 }
 
 /// Unfinished jobs of these kinds that target `target`.
-pub async fn pending_for_target(conn: &mut SqliteConnection, target: Uuid, kinds: &[JobKind]) -> Result<Vec<Job>> {
-    let rows = sqlx::query("SELECT * FROM jobs WHERE target_id = ? AND status IN ('queued', 'running') ORDER BY seq")
-        .bind(id_text(target))
-        .fetch_all(conn)
-        .await?;
+pub async fn pending_for_target(
+    conn: &mut SqliteConnection,
+    target: Uuid,
+    kinds: &[JobKind],
+) -> Result<Vec<Job>> {
+    let rows = sqlx::query(
+        "SELECT * FROM jobs WHERE target_id = ? AND status IN ('queued', 'running') ORDER BY seq",
+    )
+    .bind(id_text(target))
+    .fetch_all(conn)
+    .await?;
     let jobs = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
-    Ok(jobs.into_iter().filter(|j| kinds.contains(&j.kind)).collect())
+    Ok(jobs
+        .into_iter()
+        .filter(|j| kinds.contains(&j.kind))
+        .collect())
 }
 
 /// Unfinished jobs of a VM, oldest first.
 pub async fn pending_for_vm(conn: &mut SqliteConnection, vm: Uuid) -> Result<Vec<Job>> {
-    let rows = sqlx::query("SELECT * FROM jobs WHERE vm_id = ? AND status IN ('queued', 'running') ORDER BY seq")
-        .bind(id_text(vm))
-        .fetch_all(conn)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT * FROM jobs WHERE vm_id = ? AND status IN ('queued', 'running') ORDER BY seq",
+    )
+    .bind(id_text(vm))
+    .fetch_all(conn)
+    .await?;
     rows.iter().map(from_row).collect()
 }

@@ -14,7 +14,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
 use crate::domain::plan::MetaOp;
@@ -40,9 +42,15 @@ impl Db {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(30));
-        let write = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
         sqlx::migrate!("./migrations").run(&write).await?;
-        let read = SqlitePoolOptions::new().max_connections(4).connect_with(options.read_only(true)).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
         Ok(Self { read, write })
     }
 
@@ -83,7 +91,10 @@ pub(crate) fn get_id(row: &SqliteRow, column: &str) -> Result<Uuid> {
 
 pub(crate) fn get_opt_id(row: &SqliteRow, column: &str) -> Result<Option<Uuid>> {
     let text: Option<String> = row.try_get(column)?;
-    text.map(|t| Uuid::from_str(&t).map_err(|e| Error::Internal(format!("bad id in {column}: {e}")))).transpose()
+    text.map(|t| {
+        Uuid::from_str(&t).map_err(|e| Error::Internal(format!("bad id in {column}: {e}")))
+    })
+    .transpose()
 }
 
 pub(crate) fn get_ts(row: &SqliteRow, column: &str) -> Result<Timestamp> {
@@ -97,10 +108,16 @@ pub(crate) fn get_opt_ts(row: &SqliteRow, column: &str) -> Result<Option<Timesta
 }
 
 fn parse_ts(text: &str) -> Result<Timestamp> {
-    DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)).map_err(|e| Error::Internal(format!("bad timestamp {text}: {e}")))
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| Error::Internal(format!("bad timestamp {text}: {e}")))
 }
 
-pub(crate) fn get_enum<T>(row: &SqliteRow, column: &str, parse: fn(&str) -> Option<T>) -> Result<T> {
+pub(crate) fn get_enum<T>(
+    row: &SqliteRow,
+    column: &str,
+    parse: fn(&str) -> Option<T>,
+) -> Result<T> {
     let text: String = row.try_get(column)?;
     parse(&text).ok_or_else(|| Error::Internal(format!("unknown value {text:?} in {column}")))
 }
@@ -120,7 +137,12 @@ pub async fn apply(conn: &mut SqliteConnection, ops: &[MetaOp]) -> Result<()> {
     let now = ts(now());
     for op in ops {
         match *op {
-            MetaOp::InsertVolume { volume, disk, parent, size_bytes } => {
+            MetaOp::InsertVolume {
+                volume,
+                disk,
+                parent,
+                size_bytes,
+            } => {
                 sqlx::query("INSERT INTO volumes (id, disk_id, parent_id, size_bytes, status, created_at) VALUES (?, ?, ?, ?, 'ready', ?)")
                     .bind(id_text(volume))
                     .bind(id_text(disk))
@@ -145,7 +167,10 @@ pub async fn apply(conn: &mut SqliteConnection, ops: &[MetaOp]) -> Result<()> {
                     .await?;
             }
             MetaOp::RemoveVolume { volume } => {
-                sqlx::query("DELETE FROM volumes WHERE id = ?").bind(id_text(volume)).execute(&mut *conn).await?;
+                sqlx::query("DELETE FROM volumes WHERE id = ?")
+                    .bind(id_text(volume))
+                    .execute(&mut *conn)
+                    .await?;
             }
             MetaOp::SetActiveVolume { disk, volume } => {
                 sqlx::query("UPDATE disks SET active_volume_id = ? WHERE id = ?")
@@ -154,7 +179,11 @@ pub async fn apply(conn: &mut SqliteConnection, ops: &[MetaOp]) -> Result<()> {
                     .execute(&mut *conn)
                     .await?;
             }
-            MetaOp::SetSnapshotVolume { snapshot, disk, volume } => {
+            MetaOp::SetSnapshotVolume {
+                snapshot,
+                disk,
+                volume,
+            } => {
                 sqlx::query(
                     "INSERT INTO snapshot_volumes (snapshot_id, disk_id, volume_id) VALUES (?, ?, ?)
                      ON CONFLICT (snapshot_id, disk_id) DO UPDATE SET volume_id = excluded.volume_id",

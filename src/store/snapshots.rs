@@ -20,31 +20,49 @@ fn from_row(row: &SqliteRow) -> Result<Snapshot> {
     })
 }
 
-async fn with_volumes(conn: &mut SqliteConnection, mut snapshots: Vec<Snapshot>) -> Result<Vec<Snapshot>> {
+async fn with_volumes(
+    conn: &mut SqliteConnection,
+    mut snapshots: Vec<Snapshot>,
+) -> Result<Vec<Snapshot>> {
     for snapshot in &mut snapshots {
         let rows = sqlx::query("SELECT disk_id, volume_id FROM snapshot_volumes WHERE snapshot_id = ? ORDER BY disk_id")
             .bind(id_text(snapshot.id))
             .fetch_all(&mut *conn)
             .await?;
-        snapshot.volumes = rows.iter().map(|r| Ok((get_id(r, "disk_id")?, get_id(r, "volume_id")?))).collect::<Result<_>>()?;
+        snapshot.volumes = rows
+            .iter()
+            .map(|r| Ok((get_id(r, "disk_id")?, get_id(r, "volume_id")?)))
+            .collect::<Result<_>>()?;
     }
     Ok(snapshots)
 }
 
 pub async fn get(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Snapshot>> {
-    let row = sqlx::query("SELECT * FROM snapshots WHERE id = ?").bind(id_text(id)).fetch_optional(&mut *conn).await?;
-    let Some(snapshot) = row.as_ref().map(from_row).transpose()? else { return Ok(None) };
+    let row = sqlx::query("SELECT * FROM snapshots WHERE id = ?")
+        .bind(id_text(id))
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(snapshot) = row.as_ref().map(from_row).transpose()? else {
+        return Ok(None);
+    };
     Ok(with_volumes(conn, vec![snapshot]).await?.pop())
 }
 
 /// A VM's snapshots in creation order, after `after`, at most `limit`.
-pub async fn list(conn: &mut SqliteConnection, vm_id: Uuid, after: Option<Uuid>, limit: u32) -> Result<Vec<Snapshot>> {
-    let rows = sqlx::query("SELECT * FROM snapshots WHERE vm_id = ?1 AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3")
-        .bind(id_text(vm_id))
-        .bind(opt_id_text(after))
-        .bind(limit as i64)
-        .fetch_all(&mut *conn)
-        .await?;
+pub async fn list(
+    conn: &mut SqliteConnection,
+    vm_id: Uuid,
+    after: Option<Uuid>,
+    limit: u32,
+) -> Result<Vec<Snapshot>> {
+    let rows = sqlx::query(
+        "SELECT * FROM snapshots WHERE vm_id = ?1 AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3",
+    )
+    .bind(id_text(vm_id))
+    .bind(opt_id_text(after))
+    .bind(limit as i64)
+    .fetch_all(&mut *conn)
+    .await?;
     let snapshots = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
     with_volumes(conn, snapshots).await
 }
@@ -63,26 +81,45 @@ pub async fn insert(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<
     Ok(())
 }
 
-pub async fn set_status(conn: &mut SqliteConnection, id: Uuid, status: ResourceStatus) -> Result<()> {
-    sqlx::query("UPDATE snapshots SET status = ? WHERE id = ?").bind(status.as_str()).bind(id_text(id)).execute(conn).await?;
+pub async fn set_status(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    status: ResourceStatus,
+) -> Result<()> {
+    sqlx::query("UPDATE snapshots SET status = ? WHERE id = ?")
+        .bind(status.as_str())
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// Remove a snapshot from the tree: children hang from its parent afterwards, and a VM
 /// that grew from it now grows from that parent.
 pub async fn delete(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
-    let parent: Option<Option<String>> = sqlx::query_scalar("SELECT parent_id FROM snapshots WHERE id = ?")
-        .bind(id_text(id))
-        .fetch_optional(&mut *conn)
-        .await?;
+    let parent: Option<Option<String>> =
+        sqlx::query_scalar("SELECT parent_id FROM snapshots WHERE id = ?")
+            .bind(id_text(id))
+            .fetch_optional(&mut *conn)
+            .await?;
     let Some(parent) = parent else { return Ok(()) };
-    sqlx::query("UPDATE snapshots SET parent_id = ? WHERE parent_id = ?").bind(&parent).bind(id_text(id)).execute(&mut *conn).await?;
+    sqlx::query("UPDATE snapshots SET parent_id = ? WHERE parent_id = ?")
+        .bind(&parent)
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("UPDATE vms SET current_snapshot_id = ? WHERE current_snapshot_id = ?")
         .bind(&parent)
         .bind(id_text(id))
         .execute(&mut *conn)
         .await?;
-    sqlx::query("DELETE FROM snapshot_volumes WHERE snapshot_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
-    sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(id_text(id)).execute(conn).await?;
+    sqlx::query("DELETE FROM snapshot_volumes WHERE snapshot_id = ?")
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM snapshots WHERE id = ?")
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
     Ok(())
 }

@@ -34,12 +34,20 @@ fn disk_from_row(row: &SqliteRow) -> Result<Disk> {
 }
 
 pub async fn get_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Vm>> {
-    let row = sqlx::query("SELECT * FROM vms WHERE id = ?").bind(id_text(id)).fetch_optional(conn).await?;
+    let row = sqlx::query("SELECT * FROM vms WHERE id = ?")
+        .bind(id_text(id))
+        .fetch_optional(conn)
+        .await?;
     row.as_ref().map(vm_from_row).transpose()
 }
 
 /// VMs in id (creation) order after `after`, optionally only those with `name`.
-pub async fn list_vms(conn: &mut SqliteConnection, name: Option<&str>, after: Option<Uuid>, limit: u32) -> Result<Vec<Vm>> {
+pub async fn list_vms(
+    conn: &mut SqliteConnection,
+    name: Option<&str>,
+    after: Option<Uuid>,
+    limit: u32,
+) -> Result<Vec<Vm>> {
     let rows = sqlx::query(
         "SELECT * FROM vms WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3",
     )
@@ -79,7 +87,11 @@ pub async fn update_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
     Ok(())
 }
 
-pub async fn set_vm_status(conn: &mut SqliteConnection, id: Uuid, status: ResourceStatus) -> Result<()> {
+pub async fn set_vm_status(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    status: ResourceStatus,
+) -> Result<()> {
     sqlx::query("UPDATE vms SET status = ?, updated_at = ? WHERE id = ?")
         .bind(status.as_str())
         .bind(ts(super::now()))
@@ -95,17 +107,29 @@ pub async fn delete_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
         .bind(id_text(id))
         .execute(&mut *conn)
         .await?;
-    sqlx::query("UPDATE snapshots SET parent_id = NULL WHERE vm_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
-    sqlx::query("DELETE FROM snapshots WHERE vm_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
+    sqlx::query("UPDATE snapshots SET parent_id = NULL WHERE vm_id = ?")
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM snapshots WHERE vm_id = ?")
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await?;
     for disk in list_disks(conn, id).await? {
         delete_disk(conn, disk.id).await?;
     }
-    sqlx::query("DELETE FROM vms WHERE id = ?").bind(id_text(id)).execute(conn).await?;
+    sqlx::query("DELETE FROM vms WHERE id = ?")
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 pub async fn list_disks(conn: &mut SqliteConnection, vm_id: Uuid) -> Result<Vec<Disk>> {
-    let rows = sqlx::query("SELECT * FROM disks WHERE vm_id = ? ORDER BY id").bind(id_text(vm_id)).fetch_all(conn).await?;
+    let rows = sqlx::query("SELECT * FROM disks WHERE vm_id = ? ORDER BY id")
+        .bind(id_text(vm_id))
+        .fetch_all(conn)
+        .await?;
     rows.iter().map(disk_from_row).collect()
 }
 
@@ -119,7 +143,10 @@ pub async fn list_disks_of(conn: &mut SqliteConnection, vm_ids: &[Uuid]) -> Resu
 }
 
 pub async fn get_disk(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Disk>> {
-    let row = sqlx::query("SELECT * FROM disks WHERE id = ?").bind(id_text(id)).fetch_optional(conn).await?;
+    let row = sqlx::query("SELECT * FROM disks WHERE id = ?")
+        .bind(id_text(id))
+        .fetch_optional(conn)
+        .await?;
     row.as_ref().map(disk_from_row).transpose()
 }
 
@@ -137,17 +164,37 @@ pub async fn insert_disk(conn: &mut SqliteConnection, disk: &Disk) -> Result<()>
     Ok(())
 }
 
-pub async fn set_disk_status(conn: &mut SqliteConnection, id: Uuid, status: ResourceStatus) -> Result<()> {
-    sqlx::query("UPDATE disks SET status = ? WHERE id = ?").bind(status.as_str()).bind(id_text(id)).execute(conn).await?;
+pub async fn set_disk_status(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    status: ResourceStatus,
+) -> Result<()> {
+    sqlx::query("UPDATE disks SET status = ? WHERE id = ?")
+        .bind(status.as_str())
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 pub async fn delete_disk(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
-    sqlx::query("DELETE FROM snapshot_volumes WHERE disk_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
+    sqlx::query("DELETE FROM snapshot_volumes WHERE disk_id = ?")
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await?;
     // Volumes reference their parents: drop the links first so any order deletes.
-    sqlx::query("UPDATE volumes SET parent_id = NULL WHERE disk_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
-    sqlx::query("DELETE FROM volumes WHERE disk_id = ?").bind(id_text(id)).execute(&mut *conn).await?;
-    sqlx::query("DELETE FROM disks WHERE id = ?").bind(id_text(id)).execute(conn).await?;
+    sqlx::query("UPDATE volumes SET parent_id = NULL WHERE disk_id = ?")
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM volumes WHERE disk_id = ?")
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("DELETE FROM disks WHERE id = ?")
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -177,7 +224,11 @@ pub async fn list_volumes(conn: &mut SqliteConnection, vm_id: Uuid) -> Result<Ve
 
 /// The volume trees of a VM's disks as the planner wants them. Allocation is left at
 /// zero: the caller measures files. `only` restricts to some disks.
-pub async fn disk_graphs(conn: &mut SqliteConnection, vm_id: Uuid, only: Option<Uuid>) -> Result<Vec<DiskGraph>> {
+pub async fn disk_graphs(
+    conn: &mut SqliteConnection,
+    vm_id: Uuid,
+    only: Option<Uuid>,
+) -> Result<Vec<DiskGraph>> {
     let disks = list_disks(conn, vm_id).await?;
     let volumes = list_volumes(conn, vm_id).await?;
     disks
@@ -193,11 +244,22 @@ pub async fn disk_graphs(conn: &mut SqliteConnection, vm_id: Uuid, only: Option<
                         None if disk.active_volume_id == Some(v.id) => Some(Owner::Active),
                         None => None,
                     };
-                    let owner = owner.ok_or_else(|| Error::Internal(format!("volume {} has no owner", v.id)))?;
-                    Ok(VolumeNode { id: v.id, parent: v.parent_id, size_bytes: v.size_bytes, allocated_bytes: 0, owner })
+                    let owner = owner
+                        .ok_or_else(|| Error::Internal(format!("volume {} has no owner", v.id)))?;
+                    Ok(VolumeNode {
+                        id: v.id,
+                        parent: v.parent_id,
+                        size_bytes: v.size_bytes,
+                        allocated_bytes: 0,
+                        owner,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(DiskGraph { disk_id: disk.id, size_bytes: disk.size_bytes, volumes: nodes })
+            Ok(DiskGraph {
+                disk_id: disk.id,
+                size_bytes: disk.size_bytes,
+                volumes: nodes,
+            })
         })
         .collect()
 }

@@ -58,9 +58,21 @@ impl TestApp {
         let mut child = command.spawn().expect("start strata");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read listen line");
-        let base = line.trim().strip_prefix("strata listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_owned();
-        Self { base, client: reqwest::Client::new(), data_dir, _temp: temp, child: Some(child) }
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
+        let base = line
+            .trim()
+            .strip_prefix("strata listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self {
+            base,
+            client: reqwest::Client::new(),
+            data_dir,
+            _temp: temp,
+            child: Some(child),
+        }
     }
 
     /// Kill the service like `kill -9` (no cleanup) and wait for it to exit.
@@ -98,7 +110,12 @@ impl TestApp {
 
     pub async fn wait_ready(&self) {
         for _ in 0..600 {
-            if let Ok(response) = self.client.get(format!("{}/readyz", self.base)).send().await {
+            if let Ok(response) = self
+                .client
+                .get(format!("{}/readyz", self.base))
+                .send()
+                .await
+            {
                 if response.status() == StatusCode::OK {
                     return;
                 }
@@ -108,15 +125,26 @@ impl TestApp {
         panic!("strata never became ready");
     }
 
-    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        let mut request = self.client.request(method, format!("{}{}", self.base, path));
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("{}{}", self.base, path));
         if let Some(body) = body {
             request = request.json(&body);
         }
         let response = request.send().await.expect("request");
         let status = response.status();
         let text = response.text().await.expect("body");
-        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         (status, value)
     }
 
@@ -138,11 +166,16 @@ impl TestApp {
 
     /// Long-poll a job until it ends and return it.
     pub async fn wait_job_end(&self, job: &Value) -> Value {
-        let id = job["id"].as_str().unwrap_or_else(|| panic!("not a job: {job}"));
+        let id = job["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not a job: {job}"));
         for _ in 0..20 {
             let (status, job) = self.get(&format!("/v1/jobs/{id}?wait=30")).await;
             assert_eq!(status, StatusCode::OK, "{job}");
-            if matches!(job["status"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            if matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
                 return job;
             }
         }
@@ -159,8 +192,16 @@ impl TestApp {
 
     /// Create a VM with `disks` (name, size) and wait until it is ready.
     pub async fn create_vm(&self, name: &str, disks: &[(&str, u64)]) -> Value {
-        let disks: Vec<Value> = disks.iter().map(|(n, s)| json!({"name": n, "size_bytes": s})).collect();
-        let job = self.expect_job(self.post("/v1/vms", json!({"name": name, "disks": disks})).await).await;
+        let disks: Vec<Value> = disks
+            .iter()
+            .map(|(n, s)| json!({"name": n, "size_bytes": s}))
+            .collect();
+        let job = self
+            .expect_job(
+                self.post("/v1/vms", json!({"name": name, "disks": disks}))
+                    .await,
+            )
+            .await;
         self.vm(job["target"]["id"].as_str().unwrap()).await
     }
 
@@ -172,33 +213,59 @@ impl TestApp {
 
     /// Take a snapshot and return its id.
     pub async fn snapshot(&self, vm: &str, name: &str) -> String {
-        let job = self.expect_job(self.post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": name})).await).await;
+        let job = self
+            .expect_job(
+                self.post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": name}))
+                    .await,
+            )
+            .await;
         job["target"]["id"].as_str().unwrap().to_owned()
     }
 
     pub async fn revert(&self, snapshot: &str) {
-        self.expect_job(self.post(&format!("/v1/snapshots/{snapshot}/revert"), json!({})).await).await;
+        self.expect_job(
+            self.post(&format!("/v1/snapshots/{snapshot}/revert"), json!({}))
+                .await,
+        )
+        .await;
     }
 
     /// Delete a snapshot and return the finished job (with its merge detail).
     pub async fn delete_snapshot(&self, snapshot: &str) -> Value {
-        self.expect_job(self.delete(&format!("/v1/snapshots/{snapshot}")).await).await
+        self.expect_job(self.delete(&format!("/v1/snapshots/{snapshot}")).await)
+            .await
     }
 
     /// Active path of the VM's disk named `disk`.
     pub async fn active_path(&self, vm: &str, disk: &str) -> String {
         let vm = self.vm(vm).await;
-        let disk = vm["disks"].as_array().unwrap().iter().find(|d| d["name"] == disk).unwrap_or_else(|| panic!("no disk {disk}"));
+        let disk = vm["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == disk)
+            .unwrap_or_else(|| panic!("no disk {disk}"));
         disk["active_path"].as_str().unwrap().to_owned()
     }
 
     /// Path of the layer a snapshot froze for `disk` (its chain is the snapshot's content).
     pub async fn snapshot_path(&self, vm: &str, snapshot: &str, disk: &str) -> String {
         let vm_view = self.vm(vm).await;
-        let disk_id = vm_view["disks"].as_array().unwrap().iter().find(|d| d["name"] == disk).unwrap()["id"].clone();
+        let disk_id = vm_view["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == disk)
+            .unwrap()["id"]
+            .clone();
         let (status, snap) = self.get(&format!("/v1/snapshots/{snapshot}")).await;
         assert_eq!(status, StatusCode::OK, "{snap}");
-        let volume = snap["volumes"].as_array().unwrap().iter().find(|v| v["disk_id"] == disk_id).expect("snapshot covers disk");
+        let volume = snap["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["disk_id"] == disk_id)
+            .expect("snapshot covers disk");
         volume["path"].as_str().unwrap().to_owned()
     }
 
@@ -214,12 +281,20 @@ impl TestApp {
 
 /// Write `pattern` over [offset, offset+len) MiB of the image.
 pub fn write(path: &str, pattern: u8, offset_mib: u64, len_mib: u64) {
-    qemu_io(path, &format!("write -P {pattern:#x} {}M {}M", offset_mib, len_mib), false);
+    qemu_io(
+        path,
+        &format!("write -P {pattern:#x} {}M {}M", offset_mib, len_mib),
+        false,
+    );
 }
 
 /// Assert the image reads `pattern` over [offset, offset+len) MiB.
 pub fn expect(path: &str, pattern: u8, offset_mib: u64, len_mib: u64) {
-    qemu_io(path, &format!("read -P {pattern:#x} {}M {}M", offset_mib, len_mib), true);
+    qemu_io(
+        path,
+        &format!("read -P {pattern:#x} {}M {}M", offset_mib, len_mib),
+        true,
+    );
 }
 
 /// Assert each (pattern, offset MiB, length MiB) region of the image.
@@ -235,10 +310,15 @@ fn qemu_io(path: &str, command: &str, read_only: bool) {
         args.push("-r");
     }
     args.extend(["-c", command, path]);
-    let output = Command::new("qemu-io").args(&args).output().expect("run qemu-io");
+    let output = Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .expect("run qemu-io");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        output.status.success() && !stdout.contains("Pattern verification failed") && !stdout.contains("failed"),
+        output.status.success()
+            && !stdout.contains("Pattern verification failed")
+            && !stdout.contains("failed"),
         "qemu-io {command} on {path}: {stdout} {}",
         String::from_utf8_lossy(&output.stderr)
     );
@@ -247,26 +327,54 @@ fn qemu_io(path: &str, command: &str, read_only: bool) {
 /// Assert `qemu-img check` finds every layer of the chain clean.
 pub fn check_clean(path: &str) {
     for layer in chain(path) {
-        let output = Command::new("qemu-img").args(["check", "-f", "qcow2", &layer]).output().expect("run qemu-img check");
-        assert!(output.status.success(), "qemu-img check {layer}: {}", String::from_utf8_lossy(&output.stdout));
+        let output = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2", &layer])
+            .output()
+            .expect("run qemu-img check");
+        assert!(
+            output.status.success(),
+            "qemu-img check {layer}: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
     }
 }
 
 /// The file names of the backing chain, top first (fails if a backing file is missing).
 pub fn chain(path: &str) -> Vec<String> {
     let output = Command::new("qemu-img")
-        .args(["info", "--output=json", "--backing-chain", "-f", "qcow2", path])
+        .args([
+            "info",
+            "--output=json",
+            "--backing-chain",
+            "-f",
+            "qcow2",
+            path,
+        ])
         .output()
         .expect("run qemu-img info");
-    assert!(output.status.success(), "qemu-img info --backing-chain {path}: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "qemu-img info --backing-chain {path}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let infos: Vec<Value> = serde_json::from_slice(&output.stdout).expect("info JSON");
-    infos.iter().map(|i| i["filename"].as_str().unwrap().to_owned()).collect()
+    infos
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 /// Assert two images show identical guest content.
 pub fn compare(a: &str, b: &str) {
-    let output = Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "qcow2", a, b]).output().expect("run qemu-img compare");
-    assert!(output.status.success(), "qemu-img compare {a} {b}: {}", String::from_utf8_lossy(&output.stdout));
+    let output = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "qcow2", a, b])
+        .output()
+        .expect("run qemu-img compare");
+    assert!(
+        output.status.success(),
+        "qemu-img compare {a} {b}: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
 }
 
 pub fn exists(path: &str) -> bool {

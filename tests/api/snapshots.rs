@@ -12,8 +12,17 @@ const DISK: u64 = 64 * MIB;
 /// A one-disk VM with snapshots s1 and s2 taken in turn (the DOMAIN.md example):
 /// L0 holds `base` MiB of 0x11, L1 holds 0x22 over [1, 1+mid) MiB, the present 0x33
 /// over [2, 2+top) MiB.
-async fn chain_of_three(app: &TestApp, name: &str, base: u64, mid: u64, top: u64) -> (String, String, String) {
-    let vm = app.create_vm(name, &[("root", DISK)]).await["id"].as_str().unwrap().to_owned();
+async fn chain_of_three(
+    app: &TestApp,
+    name: &str,
+    base: u64,
+    mid: u64,
+    top: u64,
+) -> (String, String, String) {
+    let vm = app.create_vm(name, &[("root", DISK)]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     write(&app.active_path(&vm, "root").await, 0x11, 0, base);
     let s1 = app.snapshot(&vm, "s1").await;
     write(&app.active_path(&vm, "root").await, 0x22, 1, mid);
@@ -23,13 +32,19 @@ async fn chain_of_three(app: &TestApp, name: &str, base: u64, mid: u64, top: u64
 }
 
 fn merge_action(job: &serde_json::Value) -> String {
-    job["detail"]["merges"][0]["action"].as_str().unwrap_or_default().to_owned()
+    job["detail"]["merges"][0]["action"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[tokio::test]
 async fn taking_a_snapshot_freezes_the_active_layer_and_adds_an_empty_overlay() {
     let app = TestApp::spawn().await;
-    let vm = app.create_vm("snap-basic", &[("root", DISK)]).await["id"].as_str().unwrap().to_owned();
+    let vm = app.create_vm("snap-basic", &[("root", DISK)]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let before = app.active_path(&vm, "root").await;
     write(&before, 0x5a, 0, 2);
     let s1 = app.snapshot(&vm, "first").await;
@@ -62,10 +77,18 @@ async fn deleting_the_snapshot_before_the_current_one_commits_a_small_child_down
     let files_before = app.volume_files().len();
     let job = app.delete_snapshot(&s1).await;
     assert_eq!(merge_action(&job), "commit", "{job}");
-    assert!(job["detail"]["merges"][0]["bytes_to_copy"].as_u64().unwrap() < 4 * MIB);
+    assert!(
+        job["detail"]["merges"][0]["bytes_to_copy"]
+            .as_u64()
+            .unwrap()
+            < 4 * MIB
+    );
 
     let present = app.active_path(&vm, "root").await;
-    expect_all(&present, &[(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 1), (0x11, 3, 13)]);
+    expect_all(
+        &present,
+        &[(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 1), (0x11, 3, 13)],
+    );
     let s2_path = app.snapshot_path(&vm, &s2, "root").await;
     expect_all(&s2_path, &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 14)]);
     assert_eq!(chain(&present).len(), 2);
@@ -78,7 +101,10 @@ async fn deleting_the_snapshot_before_the_current_one_commits_a_small_child_down
 
     // Reached by revert, s2 still reads exactly as it did.
     app.revert(&s2).await;
-    expect_all(&app.active_path(&vm, "root").await, &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 14)]);
+    expect_all(
+        &app.active_path(&vm, "root").await,
+        &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 14)],
+    );
 }
 
 #[tokio::test]
@@ -89,7 +115,10 @@ async fn deleting_the_snapshot_before_the_current_one_streams_a_small_parent_up(
     assert_eq!(merge_action(&job), "stream", "{job}");
 
     let present = app.active_path(&vm, "root").await;
-    expect_all(&present, &[(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 1), (0x22, 3, 14)]);
+    expect_all(
+        &present,
+        &[(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 1), (0x22, 3, 14)],
+    );
     let s2_path = app.snapshot_path(&vm, &s2, "root").await;
     expect_all(&s2_path, &[(0x11, 0, 1), (0x22, 1, 16)]);
     assert_eq!(chain(&present).len(), 2);
@@ -105,9 +134,22 @@ async fn deleting_the_current_snapshot_commits_a_small_present_into_it() {
     assert_eq!(merge_action(&job), "commit", "{job}");
 
     let view = app.vm(&vm).await;
-    assert_eq!(view["current_snapshot_id"], s1.as_str(), "s1 becomes the current snapshot");
+    assert_eq!(
+        view["current_snapshot_id"],
+        s1.as_str(),
+        "s1 becomes the current snapshot"
+    );
     let present = app.active_path(&vm, "root").await;
-    expect_all(&present, &[(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 1), (0x22, 3, 6), (0x11, 9, 0)]);
+    expect_all(
+        &present,
+        &[
+            (0x11, 0, 1),
+            (0x22, 1, 1),
+            (0x33, 2, 1),
+            (0x22, 3, 6),
+            (0x11, 9, 0),
+        ],
+    );
     expect_all(&app.snapshot_path(&vm, &s1, "root").await, &[(0x11, 0, 8)]);
     assert_eq!(chain(&present).len(), 2);
     check_clean(&present);
@@ -152,7 +194,12 @@ async fn deleting_a_snapshot_on_a_branch_the_vm_left_drops_its_file_without_merg
 #[tokio::test]
 async fn deleting_all_snapshots_collapses_every_chain_into_one_file_with_the_present_state() {
     let app = TestApp::spawn().await;
-    let vm = app.create_vm("case4", &[("root", DISK), ("data", DISK)]).await["id"].as_str().unwrap().to_owned();
+    let vm = app
+        .create_vm("case4", &[("root", DISK), ("data", DISK)])
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     write(&app.active_path(&vm, "root").await, 0x11, 0, 4);
     write(&app.active_path(&vm, "data").await, 0x61, 0, 4);
     let s1 = app.snapshot(&vm, "s1").await;
@@ -165,7 +212,9 @@ async fn deleting_all_snapshots_collapses_every_chain_into_one_file_with_the_pre
     let _s3 = app.snapshot(&vm, "s3").await;
     write(&app.active_path(&vm, "root").await, 0x34, 3, 1);
 
-    let job = app.expect_job(app.delete(&format!("/v1/vms/{vm}/snapshots")).await).await;
+    let job = app
+        .expect_job(app.delete(&format!("/v1/vms/{vm}/snapshots")).await)
+        .await;
     assert_eq!(job["kind"], "snapshot_delete_all");
     let view = app.vm(&vm).await;
     assert_eq!(view["current_snapshot_id"], serde_json::Value::Null);
@@ -196,17 +245,31 @@ async fn a_revert_opens_a_new_branch_and_the_tree_view_shows_both() {
     let roots = tree["roots"].as_array().unwrap();
     assert_eq!(roots.len(), 1);
     assert_eq!(roots[0]["id"], s1.as_str());
-    let mut children: Vec<&str> = roots[0]["children"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    let mut children: Vec<&str> = roots[0]["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
     children.sort();
     let mut expected = vec![s2.as_str(), s3.as_str()];
     expected.sort();
     assert_eq!(children, expected);
 
     // Both branches keep their bytes.
-    expect_all(&app.snapshot_path(&vm, &s2, "root").await, &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 2)]);
-    expect_all(&app.snapshot_path(&vm, &s3, "root").await, &[(0x55, 0, 1), (0x11, 1, 3)]);
+    expect_all(
+        &app.snapshot_path(&vm, &s2, "root").await,
+        &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 2)],
+    );
+    expect_all(
+        &app.snapshot_path(&vm, &s3, "root").await,
+        &[(0x55, 0, 1), (0x11, 1, 3)],
+    );
     app.revert(&s2).await;
-    expect_all(&app.active_path(&vm, "root").await, &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 2)]);
+    expect_all(
+        &app.active_path(&vm, "root").await,
+        &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 2)],
+    );
 }
 
 #[tokio::test]
@@ -222,20 +285,41 @@ async fn deleting_a_branch_point_streams_it_into_every_child_and_never_commits()
 
     let job = app.delete_snapshot(&s1).await;
     assert_eq!(merge_action(&job), "stream", "{job}");
-    expect_all(&app.snapshot_path(&vm, &s2, "root").await, &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 14)]);
-    expect_all(&app.snapshot_path(&vm, &s3, "root").await, &[(0x55, 0, 1), (0x11, 1, 15)]);
+    expect_all(
+        &app.snapshot_path(&vm, &s2, "root").await,
+        &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 14)],
+    );
+    expect_all(
+        &app.snapshot_path(&vm, &s3, "root").await,
+        &[(0x55, 0, 1), (0x11, 1, 15)],
+    );
     let present = app.active_path(&vm, "root").await;
-    expect_all(&present, &[(0x55, 0, 1), (0x11, 1, 4), (0x66, 5, 1), (0x11, 6, 10)]);
+    expect_all(
+        &present,
+        &[(0x55, 0, 1), (0x11, 1, 4), (0x66, 5, 1), (0x11, 6, 10)],
+    );
     check_clean(&present);
     check_clean(&app.snapshot_path(&vm, &s2, "root").await);
     let (_, tree) = app.get(&format!("/v1/vms/{vm}/snapshots?view=tree")).await;
-    assert_eq!(tree["roots"].as_array().unwrap().len(), 2, "s2 and s3 are roots now: {tree}");
+    assert_eq!(
+        tree["roots"].as_array().unwrap().len(),
+        2,
+        "s2 and s3 are roots now: {tree}"
+    );
 }
 
 #[tokio::test]
 async fn a_snapshot_covers_every_disk_and_a_revert_restores_them_all() {
     let app = TestApp::spawn().await;
-    let vm = app.create_vm("multi", &[("root", DISK), ("data", DISK), ("logs", 32 * MIB)]).await["id"].as_str().unwrap().to_owned();
+    let vm = app
+        .create_vm(
+            "multi",
+            &[("root", DISK), ("data", DISK), ("logs", 32 * MIB)],
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     for (disk, pattern) in [("root", 0x71), ("data", 0x72), ("logs", 0x73)] {
         write(&app.active_path(&vm, disk).await, pattern, 0, 2);
     }
@@ -260,10 +344,20 @@ async fn a_snapshot_covers_every_disk_and_a_revert_restores_them_all() {
 async fn a_revert_restores_the_disk_size_the_snapshot_had() {
     let app = TestApp::spawn().await;
     let vm = app.create_vm("resize-revert", &[("root", DISK)]).await;
-    let (vm_id, disk_id) = (vm["id"].as_str().unwrap().to_owned(), vm["disks"][0]["id"].as_str().unwrap().to_owned());
+    let (vm_id, disk_id) = (
+        vm["id"].as_str().unwrap().to_owned(),
+        vm["disks"][0]["id"].as_str().unwrap().to_owned(),
+    );
     write(&app.active_path(&vm_id, "root").await, 0x21, 0, 1);
     let s1 = app.snapshot(&vm_id, "small").await;
-    app.expect_job(app.post(&format!("/v1/vms/{vm_id}/disks/{disk_id}/resize"), json!({"size_bytes": 2 * DISK})).await).await;
+    app.expect_job(
+        app.post(
+            &format!("/v1/vms/{vm_id}/disks/{disk_id}/resize"),
+            json!({"size_bytes": 2 * DISK}),
+        )
+        .await,
+    )
+    .await;
     let path = app.active_path(&vm_id, "root").await;
     write(&path, 0x22, 100, 1);
     assert_eq!(app.vm(&vm_id).await["disks"][0]["size_bytes"], 2 * DISK);
@@ -277,26 +371,60 @@ async fn operations_that_would_fight_a_running_guest_are_refused_and_change_noth
     let app = TestApp::spawn().await;
     let (vm, s1, s2) = chain_of_three(&app, "running", 2, 1, 1).await;
     let present = app.active_path(&vm, "root").await;
-    let (status, _) = app.patch(&format!("/v1/vms/{vm}"), json!({"state": "running"})).await;
+    let (status, _) = app
+        .patch(&format!("/v1/vms/{vm}"), json!({"state": "running"}))
+        .await;
     assert_eq!(status, StatusCode::OK);
 
-    let (status, problem) = app.post(&format!("/v1/snapshots/{s1}/revert"), json!({})).await;
-    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("vm_running")), "{problem}");
+    let (status, problem) = app
+        .post(&format!("/v1/snapshots/{s1}/revert"), json!({}))
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("vm_running")),
+        "{problem}"
+    );
     let (status, problem) = app.delete(&format!("/v1/snapshots/{s2}")).await;
-    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("vm_running")), "{problem}");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("vm_running")),
+        "{problem}"
+    );
     let (status, problem) = app.delete(&format!("/v1/vms/{vm}/snapshots")).await;
-    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("vm_running")), "{problem}");
-    let (status, problem) = app.post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "live"})).await;
-    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("vm_running")), "{problem}");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("vm_running")),
+        "{problem}"
+    );
+    let (status, problem) = app
+        .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "live"}))
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("vm_running")),
+        "{problem}"
+    );
     let (status, problem) = app.delete(&format!("/v1/vms/{vm}")).await;
-    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("vm_running")), "{problem}");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("vm_running")),
+        "{problem}"
+    );
 
     assert_eq!(app.active_path(&vm, "root").await, present);
     let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
-    assert!(list["items"].as_array().unwrap().iter().all(|s| s["status"] == "ready"), "{list}");
+    assert!(
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "ready"),
+        "{list}"
+    );
     expect_all(&present, &[(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 1)]);
 
-    app.patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"})).await;
+    app.patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"}))
+        .await;
     app.revert(&s1).await;
 }
 
@@ -305,7 +433,8 @@ async fn dropping_a_layer_on_another_branch_is_allowed_while_the_vm_runs() {
     let app = TestApp::spawn().await;
     let (vm, s1, s2) = chain_of_three(&app, "running-drop", 2, 1, 1).await;
     app.revert(&s1).await;
-    app.patch(&format!("/v1/vms/{vm}"), json!({"state": "running"})).await;
+    app.patch(&format!("/v1/vms/{vm}"), json!({"state": "running"}))
+        .await;
     let job = app.delete_snapshot(&s2).await;
     assert_eq!(merge_action(&job), "drop");
     expect(&app.active_path(&vm, "root").await, 0x11, 0, 2);
@@ -318,12 +447,25 @@ async fn deleting_a_snapshot_that_is_already_being_deleted_is_a_conflict() {
     let (status, first) = app.delete(&format!("/v1/snapshots/{s1}")).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let (status, problem) = app.delete(&format!("/v1/snapshots/{s1}")).await;
-    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("snapshot_busy")), "{problem}");
-    let (status, problem) = app.post(&format!("/v1/snapshots/{s1}/revert"), json!({})).await;
-    assert_eq!((status, problem["code"].as_str()), (StatusCode::CONFLICT, Some("snapshot_not_ready")), "{problem}");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("snapshot_busy")),
+        "{problem}"
+    );
+    let (status, problem) = app
+        .post(&format!("/v1/snapshots/{s1}/revert"), json!({}))
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("snapshot_not_ready")),
+        "{problem}"
+    );
     let job = app.wait_job_end(&first).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    expect_all(&app.active_path(&vm, "root").await, &[(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 1)]);
+    expect_all(
+        &app.active_path(&vm, "root").await,
+        &[(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 1)],
+    );
 }
 
 #[tokio::test]
@@ -332,18 +474,29 @@ async fn a_merge_that_does_not_fit_in_free_space_is_refused_with_507_before_any_
     let app = TestApp::spawn_with(&[("STRATA_RESERVED_SPACE", "1125899906842624")]).await;
     let (vm, s1, s2) = chain_of_three(&app, "no-space", 2, 1, 1).await;
     let files = app.volume_files();
-    let sizes: Vec<u64> = files.iter().map(|f| std::fs::metadata(f).unwrap().len()).collect();
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .collect();
     let (status, problem) = app.delete(&format!("/v1/snapshots/{s1}")).await;
     assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{problem}");
     assert_eq!(problem["code"], "insufficient_storage");
-    assert!(problem["needed_bytes"].as_u64().unwrap() > problem["available_bytes"].as_u64().unwrap());
+    assert!(
+        problem["needed_bytes"].as_u64().unwrap() > problem["available_bytes"].as_u64().unwrap()
+    );
     let (status, _) = app.delete(&format!("/v1/vms/{vm}/snapshots")).await;
     assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
 
     assert_eq!(app.volume_files(), files);
-    let sizes_after: Vec<u64> = files.iter().map(|f| std::fs::metadata(f).unwrap().len()).collect();
+    let sizes_after: Vec<u64> = files
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .collect();
     assert_eq!(sizes, sizes_after);
     let (_, snap) = app.get(&format!("/v1/snapshots/{s1}")).await;
     assert_eq!(snap["status"], "ready");
-    expect_all(&app.snapshot_path(&vm, &s2, "root").await, &[(0x11, 0, 1), (0x22, 1, 1)]);
+    expect_all(
+        &app.snapshot_path(&vm, &s2, "root").await,
+        &[(0x11, 0, 1), (0x22, 1, 1)],
+    );
 }

@@ -1,0 +1,220 @@
+//! Crash recovery: the service is aborted (like kill -9) at journal points of a job,
+//! restarted over the same data directory, and must finish or roll back the job so
+//! that metadata and files agree and no snapshot's bytes are lost.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::*;
+
+const DISK: u64 = 64 * MIB;
+
+/// Two disks, snapshots s1 and s2 in turn, and a small present layer on top.
+async fn two_disk_chain(app: &TestApp) -> (String, String, String) {
+    let vm = app
+        .create_vm("crashy", &[("root", DISK), ("data", DISK)])
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    write(&app.active_path(&vm, "root").await, 0x11, 0, 8);
+    write(&app.active_path(&vm, "data").await, 0x61, 0, 8);
+    let s1 = app.snapshot(&vm, "s1").await;
+    write(&app.active_path(&vm, "root").await, 0x22, 1, 1);
+    write(&app.active_path(&vm, "data").await, 0x62, 1, 1);
+    let s2 = app.snapshot(&vm, "s2").await;
+    write(&app.active_path(&vm, "root").await, 0x33, 2, 1);
+    write(&app.active_path(&vm, "data").await, 0x63, 2, 1);
+    (vm, s1, s2)
+}
+
+async fn assert_two_disk_present(app: &TestApp, vm: &str) {
+    let root = app.active_path(vm, "root").await;
+    let data = app.active_path(vm, "data").await;
+    expect_all(
+        &root,
+        &[(0x11, 0, 1), (0x22, 1, 1), (0x33, 2, 1), (0x11, 3, 5)],
+    );
+    expect_all(
+        &data,
+        &[(0x61, 0, 1), (0x62, 1, 1), (0x63, 2, 1), (0x61, 3, 5)],
+    );
+    check_clean(&root);
+    check_clean(&data);
+}
+
+/// Every file in volumes/ belongs to some chain the API shows, and every chain opens.
+async fn assert_files_match_metadata(app: &TestApp, vm: &str) {
+    let view = app.vm(vm).await;
+    let mut known: Vec<String> = Vec::new();
+    for disk in view["disks"].as_array().unwrap() {
+        let active = disk["active_path"].as_str().unwrap();
+        assert_eq!(
+            chain(active).len(),
+            disk["chain"].as_array().unwrap().len(),
+            "{disk}"
+        );
+        for entry in disk["chain"].as_array().unwrap() {
+            known.push(entry["path"].as_str().unwrap().to_owned());
+            assert_eq!(entry["status"], "ready", "{entry}");
+        }
+    }
+    let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
+    for snapshot in list["items"].as_array().unwrap() {
+        assert_eq!(snapshot["status"], "ready", "{snapshot}");
+        for volume in snapshot["volumes"].as_array().unwrap() {
+            let path = volume["path"].as_str().unwrap();
+            assert!(exists(path), "snapshot layer {path} is missing");
+            chain(path);
+            known.push(path.to_owned());
+        }
+    }
+    known.sort();
+    known.dedup();
+    let on_disk: Vec<String> = app
+        .volume_files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(
+        on_disk, known,
+        "files on disk differ from what the metadata references"
+    );
+}
+
+/// Wait for the injected abort, then start a new process over the same data.
+async fn restart_after_crash(app: &mut TestApp) {
+    let status = app.wait_exit();
+    assert!(!status.success(), "the injected fault aborts the process");
+    app.restart(&[]).await;
+}
+
+#[tokio::test]
+async fn a_crash_at_any_point_of_a_snapshot_delete_is_finished_at_the_next_start() {
+    // Commit direction on two disks: steps are commit(root), commit(data), then the
+    // metadata switch; each point is a different state of the journal.
+    for point in ["planned", "after-step-0", "after-step-1", "committed"] {
+        let mut app =
+            TestApp::spawn_with(&[("STRATA_FAULT", &format!("snapshot_delete:{point}"))]).await;
+        let (vm, s1, s2) = two_disk_chain(&app).await;
+        let (status, job) = app.delete(&format!("/v1/snapshots/{s1}")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        restart_after_crash(&mut app).await;
+
+        let job = app.wait_job_end(&job).await;
+        assert_eq!(job["status"], "succeeded", "{point}: {job}");
+        assert_eq!(
+            job["detail"]["merges"][0]["action"], "commit",
+            "{point}: {job}"
+        );
+        let (status, _) = app.get(&format!("/v1/snapshots/{s1}")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{point}");
+        assert_two_disk_present(&app, &vm).await;
+        expect_all(
+            &app.snapshot_path(&vm, &s2, "root").await,
+            &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 6)],
+        );
+        expect_all(
+            &app.snapshot_path(&vm, &s2, "data").await,
+            &[(0x61, 0, 1), (0x62, 1, 1), (0x61, 2, 6)],
+        );
+        assert_files_match_metadata(&app, &vm).await;
+    }
+}
+
+#[tokio::test]
+async fn a_crash_during_a_streaming_delete_is_finished_at_the_next_start() {
+    for point in ["after-step-0", "committed"] {
+        let mut app =
+            TestApp::spawn_with(&[("STRATA_FAULT", &format!("snapshot_delete:{point}"))]).await;
+        let vm = app.create_vm("stream-crash", &[("root", DISK)]).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        write(&app.active_path(&vm, "root").await, 0x11, 0, 1);
+        let s1 = app.snapshot(&vm, "s1").await;
+        write(&app.active_path(&vm, "root").await, 0x22, 1, 16);
+        let s2 = app.snapshot(&vm, "s2").await;
+        let (status, job) = app.delete(&format!("/v1/snapshots/{s1}")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        restart_after_crash(&mut app).await;
+
+        let job = app.wait_job_end(&job).await;
+        assert_eq!(job["status"], "succeeded", "{point}: {job}");
+        assert_eq!(
+            job["detail"]["merges"][0]["action"], "stream",
+            "{point}: {job}"
+        );
+        expect_all(
+            &app.snapshot_path(&vm, &s2, "root").await,
+            &[(0x11, 0, 1), (0x22, 1, 16)],
+        );
+        expect_all(
+            &app.active_path(&vm, "root").await,
+            &[(0x11, 0, 1), (0x22, 1, 16)],
+        );
+        assert_files_match_metadata(&app, &vm).await;
+    }
+}
+
+#[tokio::test]
+async fn a_crash_while_taking_a_snapshot_leaves_either_the_snapshot_or_nothing() {
+    for point in ["planned", "after-step-0", "committed"] {
+        let mut app =
+            TestApp::spawn_with(&[("STRATA_FAULT", &format!("snapshot_create:{point}"))]).await;
+        let vm = app
+            .create_vm("create-crash", &[("root", DISK), ("data", DISK)])
+            .await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        write(&app.active_path(&vm, "root").await, 0x11, 0, 2);
+        write(&app.active_path(&vm, "data").await, 0x61, 0, 2);
+        let (status, job) = app
+            .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s1"}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        restart_after_crash(&mut app).await;
+
+        let job = app.wait_job_end(&job).await;
+        assert_eq!(job["status"], "succeeded", "{point}: {job}");
+        let snapshot = job["target"]["id"].as_str().unwrap();
+        expect(&app.snapshot_path(&vm, snapshot, "root").await, 0x11, 0, 2);
+        let root = app.active_path(&vm, "root").await;
+        assert_eq!(chain(&root).len(), 2);
+        expect(&root, 0x11, 0, 2);
+        expect(&app.active_path(&vm, "data").await, 0x61, 0, 2);
+        assert_files_match_metadata(&app, &vm).await;
+    }
+}
+
+#[tokio::test]
+async fn a_crash_during_a_revert_or_a_delete_all_is_finished_at_the_next_start() {
+    for (kind, point) in [
+        ("snapshot_revert", "after-step-0"),
+        ("snapshot_revert", "committed"),
+        ("snapshot_delete_all", "planned"),
+        ("snapshot_delete_all", "committed"),
+    ] {
+        let mut app = TestApp::spawn_with(&[("STRATA_FAULT", &format!("{kind}:{point}"))]).await;
+        let (vm, s1, _s2) = two_disk_chain(&app).await;
+        let (status, job) = if kind == "snapshot_revert" {
+            app.post(&format!("/v1/snapshots/{s1}/revert"), json!({}))
+                .await
+        } else {
+            app.delete(&format!("/v1/vms/{vm}/snapshots")).await
+        };
+        assert_eq!(status, StatusCode::ACCEPTED);
+        restart_after_crash(&mut app).await;
+        let job = app.wait_job_end(&job).await;
+        assert_eq!(job["status"], "succeeded", "{kind} {point}: {job}");
+        if kind == "snapshot_revert" {
+            expect_all(&app.active_path(&vm, "root").await, &[(0x11, 0, 8)]);
+            expect_all(&app.active_path(&vm, "data").await, &[(0x61, 0, 8)]);
+        } else {
+            assert_two_disk_present(&app, &vm).await;
+            assert_eq!(app.volume_files().len(), 2, "{kind} {point}");
+        }
+        assert_files_match_metadata(&app, &vm).await;
+    }
+}
