@@ -10,8 +10,6 @@
 //!   any prefix of a plan leaves metadata and files describing the same bytes;
 //! - files are dropped only after the metadata that referenced them is gone.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -152,6 +150,11 @@ pub enum MetaOp {
     SetVolumeStatus {
         volume: Uuid,
         status: VolumeStatus,
+    },
+    /// Record a volume's virtual size (a commit grows the base to the top's size).
+    SetVolumeSize {
+        volume: Uuid,
+        size_bytes: u64,
     },
     /// Remove a volume row; references to it must already be gone.
     RemoveVolume {
@@ -587,8 +590,13 @@ fn commit_child_into(plan: &mut Plan, disk: &DiskGraph, frozen: &VolumeNode, chi
             volume: frozen.id,
         },
     });
-    // The child's newer content now lives in `frozen`, so its virtual size does too.
+    // `qemu-img commit` grows the base to the top's size (sizes only grow up a chain),
+    // so the merged volume now has the child's virtual size.
     plan.finish.extend([
+        MetaOp::SetVolumeSize {
+            volume: frozen.id,
+            size_bytes: child.size_bytes.max(frozen.size_bytes),
+        },
         MetaOp::RemoveVolume { volume: child.id },
         MetaOp::SetVolumeStatus {
             volume: frozen.id,
@@ -674,14 +682,21 @@ pub fn plan_delete_all_snapshots(
                     },
                     then: vec![],
                 });
-                plan.finish.push(MetaOp::SetActiveVolume {
-                    disk: disk.disk_id,
-                    volume: base.id,
-                });
-                plan.finish.push(MetaOp::SetVolumeStatus {
-                    volume: base.id,
-                    status: VolumeStatus::Ready,
-                });
+                plan.finish.extend([
+                    MetaOp::SetActiveVolume {
+                        disk: disk.disk_id,
+                        volume: base.id,
+                    },
+                    // The commit grew the base to the present layer's size.
+                    MetaOp::SetVolumeSize {
+                        volume: base.id,
+                        size_bytes: active.size_bytes.max(base.size_bytes),
+                    },
+                    MetaOp::SetVolumeStatus {
+                        volume: base.id,
+                        status: VolumeStatus::Ready,
+                    },
+                ]);
                 removed.extend(chain[..chain.len() - 1].iter().map(|v| v.id));
             } else {
                 plan.steps.push(Step {
@@ -786,14 +801,6 @@ pub fn plan_delete_disks(vm: Uuid, disks: &[DiskGraph], delete_vm: bool) -> Plan
         });
     }
     plan
-}
-
-/// Volume ids mapped to the disk that holds them, for lookups across a VM.
-pub fn volume_index(disks: &[DiskGraph]) -> HashMap<Uuid, Uuid> {
-    disks
-        .iter()
-        .flat_map(|d| d.volumes.iter().map(move |v| (v.id, d.disk_id)))
-        .collect()
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ pub async fn preflight(
     let vm = store::vms::get_vm(&mut conn, vm_id).await?.ok_or_else(|| {
         Error::problem(ErrorCode::VmNotFound, format!("VM {vm_id} does not exist"))
     })?;
-    let mut graphs = store::vms::disk_graphs(&mut conn, vm_id, None).await?;
+    let mut graphs = store::vms::disk_graphs(&mut conn, vm_id).await?;
     storage::measure(&engine.config.volumes_dir, &mut graphs);
     let disk_graph = |graphs: &[DiskGraph]| {
         graphs
@@ -61,12 +61,25 @@ pub async fn preflight(
             )
         }
         JobKind::DiskCreate => {
-            let disk = disk_graph(&graphs)?;
-            plan::plan_create_disks(vm_id, &[(disk.disk_id, disk.size_bytes)], false)
+            let disk = store::vms::get_disk(&mut conn, target)
+                .await?
+                .ok_or_else(|| {
+                    Error::problem(
+                        ErrorCode::DiskNotFound,
+                        format!("disk {target} does not exist"),
+                    )
+                })?;
+            plan::plan_create_disks(vm_id, &[(disk.id, disk.size_bytes)], false)
         }
         JobKind::DiskDelete => {
             refuse_if_running(&vm, "delete a disk of")?;
-            plan::plan_delete_disks(vm_id, &[disk_graph(&graphs)?], false)
+            // A disk whose creation failed has no files, only its record to remove.
+            let graph = disk_graph(&graphs).unwrap_or(DiskGraph {
+                disk_id: target,
+                size_bytes: 0,
+                volumes: Vec::new(),
+            });
+            plan::plan_delete_disks(vm_id, &[graph], false)
         }
         JobKind::DiskResize => {
             refuse_if_running(&vm, "resize a disk of")?;

@@ -166,6 +166,13 @@ pub async fn apply(conn: &mut SqliteConnection, ops: &[MetaOp]) -> Result<()> {
                     .execute(&mut *conn)
                     .await?;
             }
+            MetaOp::SetVolumeSize { volume, size_bytes } => {
+                sqlx::query("UPDATE volumes SET size_bytes = ? WHERE id = ?")
+                    .bind(size_bytes as i64)
+                    .bind(id_text(volume))
+                    .execute(&mut *conn)
+                    .await?;
+            }
             MetaOp::RemoveVolume { volume } => {
                 sqlx::query("DELETE FROM volumes WHERE id = ?")
                     .bind(id_text(volume))

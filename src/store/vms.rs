@@ -222,18 +222,15 @@ pub async fn list_volumes(conn: &mut SqliteConnection, vm_id: Uuid) -> Result<Ve
         .collect()
 }
 
-/// The volume trees of a VM's disks as the planner wants them. Allocation is left at
-/// zero: the caller measures files. `only` restricts to some disks.
-pub async fn disk_graphs(
-    conn: &mut SqliteConnection,
-    vm_id: Uuid,
-    only: Option<Uuid>,
-) -> Result<Vec<DiskGraph>> {
+/// The volume trees of a VM's disks as the planner wants them. Disks whose files were
+/// never created (still queued, or their creation failed) have no tree and are left
+/// out. Allocation is left at zero: the caller measures files.
+pub async fn disk_graphs(conn: &mut SqliteConnection, vm_id: Uuid) -> Result<Vec<DiskGraph>> {
     let disks = list_disks(conn, vm_id).await?;
     let volumes = list_volumes(conn, vm_id).await?;
     disks
         .into_iter()
-        .filter(|d| only.is_none_or(|id| id == d.id))
+        .filter(|d| d.active_volume_id.is_some())
         .map(|disk| {
             let nodes = volumes
                 .iter()
