@@ -110,15 +110,13 @@ impl TestApp {
 
     pub async fn wait_ready(&self) {
         for _ in 0..600 {
-            if let Ok(response) = self
+            let ready = self
                 .client
                 .get(format!("{}/readyz", self.base))
                 .send()
-                .await
-            {
-                if response.status() == StatusCode::OK {
-                    return;
-                }
+                .await;
+            if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -375,6 +373,23 @@ pub fn compare(a: &str, b: &str) {
         "qemu-img compare {a} {b}: {}",
         String::from_utf8_lossy(&output.stdout)
     );
+}
+
+/// Copy the guest-visible content of an image (its whole chain) into a standalone
+/// reference file outside the data directory, for a later `compare`.
+pub fn reference_copy(path: &str, name: &str) -> String {
+    let dest = std::env::temp_dir().join(format!("strata-ref-{}-{name}.qcow2", std::process::id()));
+    let dest = dest.display().to_string();
+    let output = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "qcow2", path, &dest])
+        .output()
+        .expect("run qemu-img convert");
+    assert!(
+        output.status.success(),
+        "qemu-img convert {path}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    dest
 }
 
 pub fn exists(path: &str) -> bool {

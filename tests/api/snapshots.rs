@@ -75,7 +75,15 @@ async fn deleting_the_snapshot_before_the_current_one_commits_a_small_child_down
     let app = TestApp::spawn().await;
     let (vm, s1, s2) = chain_of_three(&app, "case1-commit", 16, 1, 1).await;
     let files_before = app.volume_files().len();
+    let present_before = reference_copy(&app.active_path(&vm, "root").await, "case1-present");
+    let s2_before = reference_copy(&app.snapshot_path(&vm, &s2, "root").await, "case1-s2");
     let job = app.delete_snapshot(&s1).await;
+    compare(&app.active_path(&vm, "root").await, &present_before);
+    compare(&app.snapshot_path(&vm, &s2, "root").await, &s2_before);
+    let _ = (
+        std::fs::remove_file(present_before),
+        std::fs::remove_file(s2_before),
+    );
     assert_eq!(merge_action(&job), "commit", "{job}");
     assert!(
         job["detail"]["merges"][0]["bytes_to_copy"]
@@ -159,7 +167,10 @@ async fn deleting_the_current_snapshot_commits_a_small_present_into_it() {
 async fn deleting_the_current_snapshot_streams_it_into_a_large_present() {
     let app = TestApp::spawn().await;
     let (vm, s1, s2) = chain_of_three(&app, "case2-stream", 8, 1, 16).await;
+    let present_before = reference_copy(&app.active_path(&vm, "root").await, "case2-present");
     let job = app.delete_snapshot(&s2).await;
+    compare(&app.active_path(&vm, "root").await, &present_before);
+    let _ = std::fs::remove_file(present_before);
     assert_eq!(merge_action(&job), "stream", "{job}");
 
     let present = app.active_path(&vm, "root").await;
@@ -499,4 +510,34 @@ async fn a_merge_that_does_not_fit_in_free_space_is_refused_with_507_before_any_
         &app.snapshot_path(&vm, &s2, "root").await,
         &[(0x11, 0, 1), (0x22, 1, 1)],
     );
+}
+
+#[tokio::test]
+async fn a_commit_keeps_the_size_of_a_disk_that_grew_between_snapshots() {
+    let app = TestApp::spawn().await;
+    let vm = app.create_vm("grow-commit", &[("root", DISK)]).await;
+    let (vm_id, disk_id) = (
+        vm["id"].as_str().unwrap().to_owned(),
+        vm["disks"][0]["id"].as_str().unwrap().to_owned(),
+    );
+    write(&app.active_path(&vm_id, "root").await, 0x11, 0, 16);
+    let s1 = app.snapshot(&vm_id, "small").await;
+    app.expect_job(
+        app.post(
+            &format!("/v1/vms/{vm_id}/disks/{disk_id}/resize"),
+            json!({"size_bytes": 2 * DISK}),
+        )
+        .await,
+    )
+    .await;
+    write(&app.active_path(&vm_id, "root").await, 0x22, 100, 1);
+    let s2 = app.snapshot(&vm_id, "big").await;
+    // s2's layer is small, so deleting s1 commits it into s1's 64 MiB layer.
+    let job = app.delete_snapshot(&s1).await;
+    assert_eq!(merge_action(&job), "commit", "{job}");
+    app.revert(&s2).await;
+    assert_eq!(app.vm(&vm_id).await["disks"][0]["size_bytes"], 2 * DISK);
+    let present = app.active_path(&vm_id, "root").await;
+    expect_all(&present, &[(0x11, 0, 16), (0x22, 100, 1)]);
+    check_clean(&present);
 }
