@@ -185,6 +185,8 @@ async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<(S
         (status = 400, description = "Invalid name or description (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Name used (`name_taken`), VM running (`vm_running`), without disks (`vm_has_no_disks`) or not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn create_snapshot(
     State(state): State<AppState>,

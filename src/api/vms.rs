@@ -299,6 +299,7 @@ pub(crate) async fn enqueue(
         (status = 400, description = "Invalid name, description or size (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Name already used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) -> Result<Response> {
     validate::name("name", &body.name).map_err(Error::validation)?;
@@ -386,6 +387,8 @@ async fn get_vm(
         (status = 400, description = "Invalid field (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Name already used (`name_taken`), or jobs still work on the VM's files so it cannot be marked running (`vm_busy`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn patch_vm(
     State(state): State<AppState>,
@@ -486,6 +489,8 @@ async fn list_disks(
         (status = 400, description = "Invalid name or size (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Name used in this VM (`name_taken`) or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn create_disk(
     State(state): State<AppState>,
@@ -586,6 +591,8 @@ async fn delete_disk(
         (status = 400, description = "Invalid size (`validation_failed`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not larger than now (`disk_shrink_refused`), VM running (`vm_running`), or not ready (`vm_not_ready`, `disk_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn resize_disk(
     State(state): State<AppState>,
