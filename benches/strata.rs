@@ -1,1 +1,1013 @@
-fn main() {}
+//! End-to-end benchmarks of the strata service against plain qemu-img.
+//!
+//! The bench spawns the release binary of the service (it builds nothing itself besides
+//! running `cargo build --release` when the binary is missing), drives it over HTTP
+//! exactly as a client would, and times the same file operations done with qemu-img /
+//! qemu-io directly on similar files in the same run. Only the ratios within one run are
+//! meaningful: the machines this runs on are shared, so absolute times drift between runs.
+//!
+//! 1. Snapshot of a VM with 4 disks: POST /v1/vms/{id}/snapshots + waiting for the job,
+//!    against 4 sequential `qemu-img create -b` calls; repeated with 64 GiB disks to
+//!    show the cost does not depend on the virtual size.
+//! 2. Deleting a snapshot in each merge direction: the service must pick the cheaper of
+//!    commit and stream (job `detail.merges[0]`); compared with the plain qemu-img
+//!    command for that direction and with the opposite (wrong) direction.
+//!
+//! Prints a Markdown table and rewrites the "Latest run" section of docs/benchmarks.md.
+//! Any HTTP status, job status or qemu tool failure aborts the run with the details; a
+//! wrong merge direction or a content mismatch is recorded, reported and makes the bench
+//! exit non-zero after writing its figures.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Disks of the VM in the snapshot benchmark.
+const DISKS: usize = 4;
+/// Timed snapshots per variant (after one untimed warm-up round).
+const SNAPSHOT_ROUNDS: usize = 20;
+/// Timed deletions per merge case: each copies hundreds of MiB in the wrong direction,
+/// so a few rounds keep the run short while a median still filters one outlier.
+const DELETE_ROUNDS: usize = 3;
+/// Longest a single job may take before the bench gives up on it.
+const JOB_DEADLINE: Duration = Duration::from_secs(600);
+/// Service/plain ratio the snapshot path is expected to stay under.
+const SNAPSHOT_TARGET_RATIO: f64 = 1.3;
+
+fn main() -> ExitCode {
+    // `cargo test --all-targets` runs harness-less benches too, without `--bench`: a
+    // multi-minute benchmark must not run as part of the test suite.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("strata bench: skipped (run it with `cargo bench --bench strata`)");
+        return ExitCode::SUCCESS;
+    }
+    match run() {
+        Ok(problems) if problems.is_empty() => ExitCode::SUCCESS,
+        Ok(problems) => {
+            eprintln!("\nstrata bench: the service misbehaved:");
+            for problem in &problems {
+                eprintln!("  - {problem}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("\nstrata bench failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<Vec<String>> {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binary = service_binary(manifest_dir)?;
+    // One temporary directory for the service's data and the plain baselines, so both
+    // sides write to the same file system.
+    let work = tempfile::Builder::new().prefix("strata-bench-").tempdir()?;
+    let machine = Machine::describe(work.path())?;
+    let server = Server::start(&binary, work.path())?;
+    let api = Api::new(&server.url)?;
+    eprintln!(
+        "strata bench: service at {}, work dir {}",
+        server.url,
+        work.path().display()
+    );
+
+    let outcome = (|| -> Result<(SnapshotFigures, Vec<MergeFigures>)> {
+        let snapshots = bench_snapshots(&api, work.path())?;
+        let merges = bench_merges(&api, work.path())?;
+        Ok((snapshots, merges))
+    })();
+    let (snapshots, merges) = match outcome {
+        Ok(figures) => figures,
+        Err(e) => {
+            // The service's own account of what went wrong is in its log.
+            eprintln!(
+                "--- last lines of the service log ---\n{}",
+                server.log_tail(40)
+            );
+            return Err(e);
+        }
+    };
+    drop(server);
+
+    let mut problems = Vec::new();
+    for merge in &merges {
+        problems.extend(merge.problems.iter().cloned());
+    }
+    let section = report(&machine, &snapshots, &merges, &problems);
+    println!("\n{section}");
+    let doc = manifest_dir.join("docs").join("benchmarks.md");
+    write_latest_run(&doc, &section)?;
+    eprintln!("strata bench: wrote {}", doc.display());
+    Ok(problems)
+}
+
+/// The release binary `cargo bench` built alongside this bench; built on demand when the
+/// bench is run some other way.
+fn service_binary(manifest_dir: &Path) -> Result<PathBuf> {
+    let binary = manifest_dir.join("target").join("release").join("strata");
+    if !binary.exists() {
+        eprintln!(
+            "strata bench: {} missing, running cargo build --release",
+            binary.display()
+        );
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--release", "--bin", "strata"])
+            .current_dir(manifest_dir)
+            .status()?;
+        if !status.success() || !binary.exists() {
+            return Err(format!("cargo build --release failed ({status})").into());
+        }
+    }
+    Ok(binary)
+}
+
+// ---------------------------------------------------------------------------------------
+// The service process and its HTTP API
+// ---------------------------------------------------------------------------------------
+
+/// The running service; killed when dropped so that no error path leaves it behind.
+struct Server {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(binary: &Path, work: &Path) -> Result<Self> {
+        let data_dir = work.join("service");
+        let log = work.join("service.log");
+        let mut child = Command::new(binary)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            // The service logs every request on stderr; a file keeps it for post-mortems
+            // without a pipe that could fill up and stall the service.
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        // Built before the address is known so that an early return still kills it.
+        let mut server = Self {
+            child,
+            url: String::new(),
+            log,
+        };
+        let Some(url) = line.trim().strip_prefix("strata listening on ") else {
+            return Err(format!(
+                "service did not announce its address (got {line:?}); log:\n{}",
+                server.log_tail(40)
+            )
+            .into());
+        };
+        server.url = url.to_owned();
+        // Keep draining stdout so a later print can never block the service.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        Ok(server)
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A blocking facade over the async HTTP client: the benchmark itself is sequential and
+/// times external processes, so plain blocking code reads best.
+struct Api {
+    rt: tokio::runtime::Runtime,
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(base: &str) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // Above the longest long-poll (?wait=30) so a slow job is not mistaken for a hang.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(90))
+            .build()?;
+        Ok(Self {
+            rt,
+            http,
+            base: base.to_owned(),
+        })
+    }
+
+    /// One request; any status other than `expect` is an error carrying the body (a
+    /// problem+json document that says why).
+    fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        expect: StatusCode,
+    ) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        self.rt.block_on(async {
+            let mut request = self.http.request(method.clone(), &url);
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| format!("{method} {path}: {e}"))?;
+            let status = response.status();
+            let text = response
+                .text()
+                .await
+                .map_err(|e| format!("{method} {path}: reading the body: {e}"))?;
+            if status != expect {
+                return Err(
+                    format!("{method} {path}: expected {expect}, got {status}: {text}").into(),
+                );
+            }
+            let value: Value = serde_json::from_str(&text)
+                .map_err(|e| format!("{method} {path}: not JSON ({e}): {text}"))?;
+            Ok(value)
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        self.call(Method::GET, path, None, StatusCode::OK)
+    }
+
+    /// Send a request that queues a job (202) and wait until the job has succeeded.
+    fn run_job(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
+        let job = self.call(method.clone(), path, body, StatusCode::ACCEPTED)?;
+        self.wait_job(&job)
+            .map_err(|e| format!("{method} {path}: {e}").into())
+    }
+
+    /// Long-poll the job until it ends; anything but `succeeded` is an error.
+    fn wait_job(&self, job: &Value) -> Result<Value> {
+        let id = str_field(job, "id")?;
+        let deadline = Instant::now() + JOB_DEADLINE;
+        loop {
+            let job = self.get(&format!("/v1/jobs/{id}?wait=30"))?;
+            match str_field(&job, "status")? {
+                "succeeded" => return Ok(job),
+                "queued" | "running" if Instant::now() < deadline => continue,
+                "queued" | "running" => {
+                    return Err(
+                        format!("job {id} still unfinished after {JOB_DEADLINE:?}: {job}").into(),
+                    );
+                }
+                status => return Err(format!("job {id} ended {status}: {}", job["error"]).into()),
+            }
+        }
+    }
+
+    /// Create a VM with `disks` disks of `size` bytes; returns its id.
+    fn create_vm(&self, name: &str, disks: usize, size: u64) -> Result<String> {
+        let disks: Vec<Value> = (0..disks)
+            .map(|i| json!({ "name": format!("disk{i}"), "size_bytes": size }))
+            .collect();
+        let job = self.run_job(
+            Method::POST,
+            "/v1/vms",
+            Some(&json!({ "name": name, "disks": disks })),
+        )?;
+        Ok(str_field(&job["target"], "id")?.to_owned())
+    }
+
+    fn delete_vm(&self, vm: &str) -> Result<()> {
+        self.run_job(Method::DELETE, &format!("/v1/vms/{vm}"), None)
+            .map(drop)
+    }
+
+    /// The writable top file of each disk, in the service's disk order.
+    fn active_paths(&self, vm: &str) -> Result<Vec<PathBuf>> {
+        let view = self.get(&format!("/v1/vms/{vm}"))?;
+        let disks = view["disks"]
+            .as_array()
+            .ok_or_else(|| format!("VM {vm}: no disks array in {view}"))?;
+        disks
+            .iter()
+            .map(|d| str_field(d, "active_path").map(PathBuf::from))
+            .collect()
+    }
+
+    /// Chain length of each disk (1 = a single standalone file).
+    fn chain_lengths(&self, vm: &str) -> Result<Vec<usize>> {
+        let view = self.get(&format!("/v1/vms/{vm}"))?;
+        let disks = view["disks"]
+            .as_array()
+            .ok_or_else(|| format!("VM {vm}: no disks array in {view}"))?;
+        disks
+            .iter()
+            .map(|d| {
+                d["chain"]
+                    .as_array()
+                    .map(Vec::len)
+                    .ok_or_else(|| format!("disk without chain: {d}").into())
+            })
+            .collect()
+    }
+
+    /// Take a snapshot and wait for it; returns the snapshot id.
+    fn snapshot(&self, vm: &str, name: &str) -> Result<String> {
+        let job = self.run_job(
+            Method::POST,
+            &format!("/v1/vms/{vm}/snapshots"),
+            Some(&json!({ "name": name })),
+        )?;
+        Ok(str_field(&job["target"], "id")?.to_owned())
+    }
+}
+
+fn str_field<'a>(value: &'a Value, key: &str) -> Result<&'a str> {
+    value[key]
+        .as_str()
+        .ok_or_else(|| format!("missing string field {key:?} in {value}").into())
+}
+
+// ---------------------------------------------------------------------------------------
+// qemu tools
+// ---------------------------------------------------------------------------------------
+
+/// Run a tool to completion; a non-zero exit is an error with its stderr.
+fn tool(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!(
+            "{program} {} failed ({}): {stderr}{stdout}",
+            args.join(" "),
+            output.status
+        )
+        .into());
+    }
+    Ok(stdout)
+}
+
+fn timed_tool(program: &str, args: &[&str]) -> Result<Duration> {
+    let start = Instant::now();
+    tool(program, args)?;
+    Ok(start.elapsed())
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str()
+        .ok_or_else(|| format!("path is not UTF-8: {}", path.display()).into())
+}
+
+fn qemu_io_write(path: &Path, pattern: u8, offset: u64, len: u64) -> Result<()> {
+    let command = format!("write -P {pattern:#04x} {offset} {len}");
+    tool("qemu-io", &["-f", "qcow2", "-c", &command, path_str(path)?]).map(drop)
+}
+
+/// Check that the image reads back `pattern` over each region. qemu-io reports a
+/// mismatch ("Pattern verification failed") on stdout, not always through its exit
+/// status.
+fn qemu_io_verify(path: &Path, regions: &[(u8, u64, u64)]) -> Result<()> {
+    let mut args = vec!["-r".to_owned(), "-f".into(), "qcow2".into()];
+    for (pattern, offset, len) in regions {
+        args.extend([
+            "-c".into(),
+            format!("read -P {pattern:#04x} {offset} {len}"),
+        ]);
+    }
+    args.push(path_str(path)?.to_owned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = tool("qemu-io", &args)?;
+    if out.contains("failed") {
+        return Err(format!(
+            "{}: content differs from what was written: {out}",
+            path.display()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn qemu_img_create(
+    path: &Path,
+    size: u64,
+    backing: Option<&str>,
+    unsafe_backing: bool,
+) -> Result<()> {
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(backing) = backing {
+        if unsafe_backing {
+            args.push("-u");
+        }
+        args.extend(["-b", backing, "-F", "qcow2"]);
+    }
+    args.extend([path_str(path)?, &size]);
+    tool("qemu-img", &args).map(drop)
+}
+
+/// Flush dirty pages left by building the test files, so that a timed merge does not
+/// pay for writing back data an earlier step produced.
+fn sync_fs() -> Result<()> {
+    tool("sync", &[]).map(drop)
+}
+
+// ---------------------------------------------------------------------------------------
+// Benchmark 1: snapshot of a 4-disk VM
+// ---------------------------------------------------------------------------------------
+
+struct SnapshotFigures {
+    service_1g: Vec<Duration>,
+    service_64g: Vec<Duration>,
+    /// `qemu-img create -b BASE -F qcow2 NEW SIZE`, as an operator would type it.
+    plain: Vec<Duration>,
+    /// The same with `-u` (backing not opened), which is what the service runs.
+    plain_unsafe: Vec<Duration>,
+}
+
+/// A chain of plain qcow2 files per disk, grown by one overlay per round as the
+/// service's chains are.
+struct PlainChains {
+    dir: PathBuf,
+    tops: Vec<String>,
+    size: u64,
+    unsafe_backing: bool,
+}
+
+impl PlainChains {
+    fn new(dir: PathBuf, size: u64, unsafe_backing: bool) -> Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let mut tops = Vec::new();
+        for disk in 0..DISKS {
+            let name = format!("disk{disk}-base.qcow2");
+            let path = dir.join(&name);
+            qemu_img_create(&path, size, None, false)?;
+            qemu_io_write(&path, 0xaa, 0, 64 * MIB)?;
+            tops.push(name);
+        }
+        Ok(Self {
+            dir,
+            tops,
+            size,
+            unsafe_backing,
+        })
+    }
+
+    /// Put a new overlay on every disk's top, one qemu-img call after the other; the
+    /// backing is named relative to the overlay's directory, as the service does.
+    fn add_layer(&mut self, round: usize) -> Result<Duration> {
+        let start = Instant::now();
+        for (disk, top) in self.tops.iter_mut().enumerate() {
+            let name = format!("disk{disk}-{round}.qcow2");
+            qemu_img_create(
+                &self.dir.join(&name),
+                self.size,
+                Some(top),
+                self.unsafe_backing,
+            )?;
+            *top = name;
+        }
+        Ok(start.elapsed())
+    }
+}
+
+fn bench_snapshots(api: &Api, work: &Path) -> Result<SnapshotFigures> {
+    eprintln!("strata bench: snapshot of a {DISKS}-disk VM, {SNAPSHOT_ROUNDS} rounds");
+    let vm_1g = api.create_vm("bench-snap-1g", DISKS, GIB)?;
+    let vm_64g = api.create_vm("bench-snap-64g", DISKS, 64 * GIB)?;
+    for vm in [&vm_1g, &vm_64g] {
+        for path in api.active_paths(vm)? {
+            qemu_io_write(&path, 0xaa, 0, 64 * MIB)?;
+        }
+    }
+    let mut plain = PlainChains::new(work.join("plain-snapshot"), GIB, false)?;
+    let mut plain_unsafe = PlainChains::new(work.join("plain-snapshot-u"), GIB, true)?;
+
+    let time_snapshot = |vm: &str, round: usize| -> Result<Duration> {
+        let start = Instant::now();
+        api.snapshot(vm, &format!("round-{round}"))?;
+        Ok(start.elapsed())
+    };
+    let mut figures = SnapshotFigures {
+        service_1g: vec![],
+        service_64g: vec![],
+        plain: vec![],
+        plain_unsafe: vec![],
+    };
+    // Variants are interleaved round by round so that a burst of load from other users
+    // of the machine hits all of them alike instead of skewing one variant. Round 0
+    // warms caches and connections and is not counted.
+    for round in 0..=SNAPSHOT_ROUNDS {
+        let service_1g = time_snapshot(&vm_1g, round)?;
+        let service_64g = time_snapshot(&vm_64g, round)?;
+        let plain_time = plain.add_layer(round)?;
+        let plain_unsafe_time = plain_unsafe.add_layer(round)?;
+        if round > 0 {
+            figures.service_1g.push(service_1g);
+            figures.service_64g.push(service_64g);
+            figures.plain.push(plain_time);
+            figures.plain_unsafe.push(plain_unsafe_time);
+        }
+    }
+    // The data written before the first snapshot must still read through the chain.
+    for vm in [&vm_1g, &vm_64g] {
+        for path in api.active_paths(vm)? {
+            qemu_io_verify(&path, &[(0xaa, 0, 64 * MIB)])?;
+        }
+        api.delete_vm(vm)?;
+    }
+    std::fs::remove_dir_all(&plain.dir)?;
+    std::fs::remove_dir_all(&plain_unsafe.dir)?;
+    Ok(figures)
+}
+
+// ---------------------------------------------------------------------------------------
+// Benchmark 2: deleting a snapshot in each merge direction
+// ---------------------------------------------------------------------------------------
+
+/// A two-layer chain base <- top. The top's data sits after the base's so that neither
+/// layer hides the other: each direction must really copy its side's bytes.
+#[derive(Clone, Copy)]
+struct MergeCase {
+    label: &'static str,
+    base_mib: u64,
+    top_mib: u64,
+    /// The direction the service should choose (the smaller side moves).
+    expected: &'static str,
+}
+
+const MERGE_CASES: [MergeCase; 2] = [
+    MergeCase {
+        label: "big base, small top",
+        base_mib: 512,
+        top_mib: 8,
+        expected: "commit",
+    },
+    MergeCase {
+        label: "small base, big top",
+        base_mib: 8,
+        top_mib: 512,
+        expected: "stream",
+    },
+];
+
+const BASE_PATTERN: u8 = 0xaa;
+const TOP_PATTERN: u8 = 0xbb;
+const MERGE_DISK_SIZE: u64 = GIB;
+
+impl MergeCase {
+    fn base_region(&self) -> (u8, u64, u64) {
+        (BASE_PATTERN, 0, self.base_mib * MIB)
+    }
+
+    fn top_region(&self) -> (u8, u64, u64) {
+        (TOP_PATTERN, self.base_mib * MIB, self.top_mib * MIB)
+    }
+
+    /// The opposite of the expected direction.
+    fn wrong(&self) -> &'static str {
+        if self.expected == "commit" {
+            "stream"
+        } else {
+            "commit"
+        }
+    }
+}
+
+struct MergeFigures {
+    case: MergeCase,
+    /// `action` of the job's `detail.merges[0]` in each round.
+    actions: Vec<String>,
+    bytes_to_copy: Vec<u64>,
+    service: Vec<Duration>,
+    /// The job's own started_at..finished_at: separates the merge itself from queueing
+    /// and HTTP round trips in the service's time.
+    job_run: Vec<Duration>,
+    /// The plain qemu-img command for the expected direction.
+    right: Vec<Duration>,
+    /// The plain qemu-img command for the opposite direction.
+    wrong: Vec<Duration>,
+    problems: Vec<String>,
+}
+
+fn bench_merges(api: &Api, work: &Path) -> Result<Vec<MergeFigures>> {
+    let mut all: Vec<MergeFigures> = MERGE_CASES
+        .iter()
+        .map(|&case| MergeFigures {
+            case,
+            actions: vec![],
+            bytes_to_copy: vec![],
+            service: vec![],
+            job_run: vec![],
+            right: vec![],
+            wrong: vec![],
+            problems: vec![],
+        })
+        .collect();
+    for round in 0..DELETE_ROUNDS {
+        // Cases alternate within a round for the same reason variants do in benchmark 1.
+        for figures in &mut all {
+            let case = figures.case;
+            eprintln!(
+                "strata bench: delete snapshot, {} (round {}/{DELETE_ROUNDS})",
+                case.label,
+                round + 1
+            );
+            service_merge(api, case, round, figures)?;
+            figures.right.push(plain_merge(work, case, case.expected)?);
+            figures.wrong.push(plain_merge(work, case, case.wrong())?);
+        }
+    }
+    Ok(all)
+}
+
+/// Build base <- top in a fresh VM, delete the snapshot that froze the base, and record
+/// the time, the chosen direction and whether the content survived.
+fn service_merge(
+    api: &Api,
+    case: MergeCase,
+    round: usize,
+    figures: &mut MergeFigures,
+) -> Result<()> {
+    let vm = api.create_vm(
+        &format!("bench-merge-{}-{round}", case.expected),
+        1,
+        MERGE_DISK_SIZE,
+    )?;
+    let base = single_active_path(api, &vm)?;
+    let (pattern, offset, len) = case.base_region();
+    qemu_io_write(&base, pattern, offset, len)?;
+    let snapshot = api.snapshot(&vm, "s1")?;
+    let top = single_active_path(api, &vm)?;
+    let (pattern, offset, len) = case.top_region();
+    qemu_io_write(&top, pattern, offset, len)?;
+    sync_fs()?;
+
+    let start = Instant::now();
+    let job = api.run_job(Method::DELETE, &format!("/v1/snapshots/{snapshot}"), None)?;
+    figures.service.push(start.elapsed());
+    figures.job_run.push(job_run_time(&job)?);
+
+    let merge = &job["detail"]["merges"][0];
+    let action = str_field(merge, "action")
+        .map_err(|e| format!("snapshot delete job without detail.merges[0]: {e}; job: {job}"))?;
+    let bytes = merge["bytes_to_copy"]
+        .as_u64()
+        .ok_or_else(|| format!("merge without bytes_to_copy: {merge}"))?;
+    if action != case.expected {
+        figures.problems.push(format!(
+            "{} (round {}): the service chose {action}, expected {} (merge detail: {merge})",
+            case.label,
+            round + 1,
+            case.expected
+        ));
+    }
+    figures.actions.push(action.to_owned());
+    figures.bytes_to_copy.push(bytes);
+
+    // Whatever the direction, the present state must be one file with both layers' data.
+    let chains = api.chain_lengths(&vm)?;
+    let active = single_active_path(api, &vm)?;
+    if chains != [1] {
+        figures.problems.push(format!(
+            "{}: after the delete the chain has {chains:?} layers, expected [1]",
+            case.label
+        ));
+    }
+    if let Err(e) = qemu_io_verify(&active, &[case.base_region(), case.top_region()]) {
+        figures
+            .problems
+            .push(format!("{}: after the delete: {e}", case.label));
+    }
+    api.delete_vm(&vm)
+}
+
+/// How long the job itself ran, from its timestamps.
+fn job_run_time(job: &Value) -> Result<Duration> {
+    let at = |key: &str| -> Result<chrono::DateTime<chrono::FixedOffset>> {
+        let text = str_field(job, key)?;
+        chrono::DateTime::parse_from_rfc3339(text)
+            .map_err(|e| format!("job {key} {text:?}: {e}").into())
+    };
+    let run = at("finished_at")? - at("started_at")?;
+    run.to_std()
+        .map_err(|_| format!("job finished before it started: {job}").into())
+}
+
+fn single_active_path(api: &Api, vm: &str) -> Result<PathBuf> {
+    match <[PathBuf; 1]>::try_from(api.active_paths(vm)?) {
+        Ok([path]) => Ok(path),
+        Err(paths) => Err(format!("VM {vm} should have one disk, has {}", paths.len()).into()),
+    }
+}
+
+/// Build the same chain with qemu-img/qemu-io and time merging it in `direction`:
+/// `commit -d` keeps the top as the service does (it drops the file itself later);
+/// `rebase -b ''` streams the base into the top, which has no parent to fall back on.
+fn plain_merge(work: &Path, case: MergeCase, direction: &str) -> Result<Duration> {
+    let dir = work.join("plain-merge");
+    std::fs::create_dir_all(&dir)?;
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img_create(&base, MERGE_DISK_SIZE, None, false)?;
+    let (pattern, offset, len) = case.base_region();
+    qemu_io_write(&base, pattern, offset, len)?;
+    qemu_img_create(&top, MERGE_DISK_SIZE, Some("base.qcow2"), false)?;
+    let (pattern, offset, len) = case.top_region();
+    qemu_io_write(&top, pattern, offset, len)?;
+    sync_fs()?;
+    let elapsed = match direction {
+        "commit" => timed_tool(
+            "qemu-img",
+            &[
+                "commit",
+                "-q",
+                "-f",
+                "qcow2",
+                "-d",
+                "-b",
+                path_str(&base)?,
+                path_str(&top)?,
+            ],
+        )?,
+        _ => timed_tool(
+            "qemu-img",
+            &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(&top)?],
+        )?,
+    };
+    std::fs::remove_dir_all(&dir)?;
+    Ok(elapsed)
+}
+
+// ---------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------
+
+struct Machine {
+    date: String,
+    cpus: String,
+    cpu_model: String,
+    memory: String,
+    filesystem: String,
+    qemu_img: String,
+}
+
+impl Machine {
+    fn describe(work: &Path) -> Result<Self> {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")
+                    .and_then(|r| r.split_once(':'))
+                    .map(|(_, m)| m.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo")?;
+        let mem_kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or("no MemTotal in /proc/meminfo")?;
+        // `df -T DIR`: the second line holds device, type, ...
+        let df = tool("df", &["-T", path_str(work)?])?;
+        let fields: Vec<&str> = df
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let filesystem = match fields.as_slice() {
+            [device, fs_type, ..] => format!("{fs_type} ({device})"),
+            _ => format!("unknown (df said {df:?})"),
+        };
+        let qemu_img = tool("qemu-img", &["--version"])?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        Ok(Self {
+            date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            cpus: tool("nproc", &[])?.trim().to_owned(),
+            cpu_model,
+            memory: format!("{:.1} GiB", mem_kib as f64 / (1 << 20) as f64),
+            filesystem,
+            qemu_img,
+        })
+    }
+}
+
+fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    match sorted.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2,
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+/// "median (min–max)" of a sample.
+fn spread(samples: &[Duration]) -> String {
+    let min = samples.iter().min().copied().unwrap_or_default();
+    let max = samples.iter().max().copied().unwrap_or_default();
+    format!("{} ({}–{})", ms(median(samples)), ms(min), ms(max))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / MIB as f64)
+}
+
+/// The "Latest run" section of docs/benchmarks.md, also printed on stdout.
+fn report(
+    machine: &Machine,
+    snap: &SnapshotFigures,
+    merges: &[MergeFigures],
+    problems: &[String],
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "## Latest run\n");
+    let _ = writeln!(
+        s,
+        "Written by `cargo bench --bench strata` on {}.\n",
+        machine.date
+    );
+    let _ = writeln!(s, "- CPUs: {} ({})", machine.cpus, machine.cpu_model);
+    let _ = writeln!(s, "- Memory: {}", machine.memory);
+    let _ = writeln!(s, "- File system of the temp dir: {}", machine.filesystem);
+    let _ = writeln!(s, "- {}\n", machine.qemu_img);
+    let _ = writeln!(
+        s,
+        "The machine is shared with other workloads, so absolute times are noisy; the ratios \
+         between figures of this one run (variants interleaved) are what to compare.\n"
+    );
+
+    let (s1, s64, p, pu) = (
+        median(&snap.service_1g),
+        median(&snap.service_64g),
+        median(&snap.plain),
+        median(&snap.plain_unsafe),
+    );
+    let _ = writeln!(
+        s,
+        "### Snapshot of a VM with {DISKS} disks ({SNAPSHOT_ROUNDS} rounds; median (min–max))\n"
+    );
+    let _ = writeln!(s, "| what | time | ratio |");
+    let _ = writeln!(s, "| --- | --- | --- |");
+    let _ = writeln!(
+        s,
+        "| service: POST snapshot + job end, {DISKS} × 1 GiB disks | {} | {:.2} × plain |",
+        spread(&snap.service_1g),
+        ratio(s1, p)
+    );
+    let _ = writeln!(
+        s,
+        "| service: same, {DISKS} × 64 GiB disks | {} | {:.2} × the 1 GiB case |",
+        spread(&snap.service_64g),
+        ratio(s64, s1)
+    );
+    let _ = writeln!(
+        s,
+        "| plain: {DISKS} × `qemu-img create -b BASE -F qcow2` in sequence | {} | 1 |",
+        spread(&snap.plain)
+    );
+    let _ = writeln!(
+        s,
+        "| plain: {DISKS} × `qemu-img create -u -b BASE -F qcow2` (backing not opened, as the service runs it) | {} | {:.2} × plain |",
+        spread(&snap.plain_unsafe),
+        ratio(pu, p)
+    );
+    let verdict = if ratio(s1, p) < SNAPSHOT_TARGET_RATIO {
+        "met"
+    } else {
+        "NOT met"
+    };
+    let _ = writeln!(
+        s,
+        "\nService/plain: {:.2} (target under {SNAPSHOT_TARGET_RATIO}: {verdict}); 64 GiB/1 GiB disks: {:.2}.\n",
+        ratio(s1, p),
+        ratio(s64, s1)
+    );
+
+    let _ = writeln!(
+        s,
+        "### Delete a snapshot: base <- top, one disk of 1 GiB ({DELETE_ROUNDS} rounds; median (min–max))\n"
+    );
+    let _ = writeln!(
+        s,
+        "| chain | service chose | bytes_to_copy | service | of which the job ran | plain, same direction | service/plain | plain, opposite direction | opposite/same |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for m in merges {
+        let mut actions = m.actions.clone();
+        actions.dedup();
+        let (service, right, wrong) = (median(&m.service), median(&m.right), median(&m.wrong));
+        let bytes = m.bytes_to_copy.iter().copied().max().unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "| base {} MiB, top {} MiB | {} (expected {}) | {} | {} | {} | {} `{}` | {:.2} | {} `{}` | {:.1} |",
+            m.case.base_mib,
+            m.case.top_mib,
+            actions.join(", "),
+            m.case.expected,
+            mib(bytes),
+            spread(&m.service),
+            ms(median(&m.job_run)),
+            spread(&m.right),
+            plain_command(m.case.expected),
+            ratio(service, right),
+            spread(&m.wrong),
+            plain_command(m.case.wrong()),
+            ratio(wrong, right)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nPlain commands: `qemu-img commit -f qcow2 -d -b BASE TOP` (commit) and `qemu-img rebase -f qcow2 -b '' TOP` \
+         (stream). Service times run from the DELETE request to the end of the job's long-poll; \
+         the job's run time is its `finished_at - started_at`."
+    );
+    if problems.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nNo problem found: every job succeeded, each merge went the expected way and kept the data."
+        );
+    } else {
+        let _ = writeln!(s, "\n**Problems found:**\n");
+        for problem in problems {
+            let _ = writeln!(s, "- {problem}");
+        }
+    }
+    s
+}
+
+fn plain_command(direction: &str) -> &'static str {
+    if direction == "commit" {
+        "commit -d"
+    } else {
+        "rebase -b ''"
+    }
+}
+
+/// Replace the "## Latest run" section (up to the next level-2 heading) of the document,
+/// keeping the hand-written rest; create the document if needed.
+fn write_latest_run(doc: &Path, section: &str) -> Result<()> {
+    const HEADING: &str = "## Latest run";
+    let old = match std::fs::File::open(doc) {
+        Ok(mut file) => {
+            let mut text = String::new();
+            file.read_to_string(&mut text)?;
+            text
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            "# Benchmarks\n\nRun `cargo bench --bench strata`.\n".to_owned()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let new = match old.find(&format!("\n{HEADING}\n")) {
+        Some(at) => {
+            let start = at + 1;
+            let end = old[start + HEADING.len()..]
+                .find("\n## ")
+                .map_or(old.len(), |i| start + HEADING.len() + i + 1);
+            format!("{}{section}\n{}", &old[..start], &old[end..])
+        }
+        None => format!("{}\n\n{section}", old.trim_end_matches('\n')),
+    };
+    if let Some(parent) = doc.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(doc, new.trim_end_matches('\n').to_owned() + "\n")?;
+    Ok(())
+}

@@ -118,6 +118,13 @@ async fn check_qemu_img(config: &ServeConfig) -> Result<()> {
                 config.qemu_img.display()
             ))
         })?;
+    if !output.status.success() {
+        return Err(Error::Internal(format!(
+            "{} --version failed: {}",
+            config.qemu_img.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
     let version = String::from_utf8_lossy(&output.stdout);
     tracing::info!(version = %version.lines().next().unwrap_or_default(), "qemu-img found");
     Ok(())
@@ -143,12 +150,13 @@ async fn shutdown_signal() {
 
 fn with_middleware(router: axum::Router, config: &ServeConfig) -> axum::Router {
     let mut router = router
-        .layer(axum::middleware::map_response(problem_for_bare_errors))
         .layer(RequestBodyLimitLayer::new(config.body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(config.request_timeout_secs),
         ))
+        // Outside the limit and timeout layers, so their bare answers become problems.
+        .layer(axum::middleware::map_response(problem_for_bare_errors))
         .layer(TraceLayer::new_for_http());
     if !config.cors_origins.is_empty() {
         let origin = if config.cors_origins.iter().any(|o| o == "*") {

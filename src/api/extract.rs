@@ -16,19 +16,31 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Json(value)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(Error::problem(
-                ErrorCode::UnsupportedMediaType,
-                "send the body with Content-Type: application/json",
-            )),
+        let value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(value)) => value,
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                return Err(Error::problem(
+                    ErrorCode::UnsupportedMediaType,
+                    "send the body with Content-Type: application/json",
+                ));
+            }
             Err(JsonRejection::BytesRejection(e))
                 if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE =>
             {
-                Err(Error::problem(ErrorCode::PayloadTooLarge, e.body_text()))
+                return Err(Error::problem(ErrorCode::PayloadTooLarge, e.body_text()));
             }
-            Err(e) => Err(Error::problem(ErrorCode::InvalidJson, e.body_text())),
+            Err(e) => return Err(Error::problem(ErrorCode::InvalidJson, e.body_text())),
+        };
+        // serde would read a struct from an array by position; every body here is an object.
+        if !value.is_object() {
+            return Err(Error::problem(
+                ErrorCode::InvalidJson,
+                "the request body must be a JSON object",
+            ));
         }
+        serde_json::from_value(value).map(Json).map_err(|e| {
+            Error::problem(ErrorCode::InvalidJson, format!("invalid request body: {e}"))
+        })
     }
 }
 

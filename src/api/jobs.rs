@@ -104,7 +104,7 @@ impl From<Job> for JobView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobList {
     pub items: Vec<JobView>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
+    /// Pass as `cursor` to get the next page; null on the last page.
     pub next_cursor: Option<String>,
 }
 
@@ -138,6 +138,14 @@ async fn list_jobs(
         kind: filter.kind,
     };
     let mut conn = state.engine.db.reader().await?;
+    if let Some(cursor) = cursor
+        && store::jobs::get(&mut conn, cursor).await?.is_none()
+    {
+        return Err(Error::problem(
+            ErrorCode::InvalidCursor,
+            "cursor must be the next_cursor of a previous page",
+        ));
+    }
     let rows = store::jobs::list(&mut conn, &filter, cursor, limit + 1).await?;
     let (rows, next_cursor) = page(rows, limit, |j| j.id);
     Ok(axum::Json(JobList {

@@ -65,7 +65,7 @@ pub struct SnapshotView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SnapshotList {
     pub items: Vec<SnapshotView>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
+    /// Pass as `cursor` to get the next page; null on the last page.
     pub next_cursor: Option<String>,
     /// The snapshot the present state grows from.
     pub current_snapshot_id: Option<Uuid>,

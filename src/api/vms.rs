@@ -108,7 +108,7 @@ pub struct VmView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct VmList {
     pub items: Vec<VmView>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
+    /// Pass as `cursor` to get the next page; null on the last page.
     pub next_cursor: Option<String>,
 }
 

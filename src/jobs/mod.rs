@@ -210,6 +210,8 @@ impl Engine {
     }
 
     async fn drive(self: &Arc<Self>, mut job: Job, cancel: watch::Receiver<bool>) -> Result<()> {
+        // The step a previous process was in the middle of when it died, if any.
+        let interrupted_step = (job.phase == Some(JobPhase::Executing)).then_some(job.next_step);
         if job.phase.is_none() {
             if *cancel.borrow() {
                 return self.abandon(&job, Stop::Cancelled).await;
@@ -241,7 +243,8 @@ impl Engine {
                 }
                 let progress = self.progress_reporter(job.id, index as f32 / total, 1.0 / total);
                 let interrupt = (cancellable && step.op.is_interruptible()).then_some(&cancel);
-                if let Err(e) = self.execute(&step.op, interrupt, &progress).await {
+                let retry = interrupted_step == Some(index);
+                if let Err(e) = self.execute(&step.op, retry, interrupt, &progress).await {
                     let stop = if matches!(e, Error::Qemu(QemuError::Cancelled)) {
                         Stop::Cancelled
                     } else {
@@ -249,23 +252,32 @@ impl Engine {
                     };
                     return self.stop(&job, &plan, index, stop).await;
                 }
-                let mut tx = self.db.begin().await?;
-                store::apply(&mut tx, &step.then).await?;
-                store::jobs::set_next_step(
-                    &mut tx,
-                    job.id,
-                    index + 1,
-                    ((index + 1) as f32 / total * 99.0) as u8,
-                )
-                .await?;
-                tx.commit().await?;
+                // Creating an empty file is cheap and is redone from scratch on resume,
+                // so only steps that copy data or change metadata cost a journal write.
+                if !(matches!(step.op, FileOp::Create { .. }) && step.then.is_empty()) {
+                    let mut tx = self.db.begin().await?;
+                    store::apply(&mut tx, &step.then).await?;
+                    let progress = ((index + 1) as f32 / total * 99.0) as u8;
+                    store::jobs::set_next_step(&mut tx, job.id, index + 1, progress).await?;
+                    tx.commit().await?;
+                }
                 self.fault_point(&job, &format!("after-step-{index}")).await;
             }
             let mut tx = self.db.begin().await?;
             store::apply(&mut tx, &plan.finish).await?;
             store::jobs::set_phase(&mut tx, job.id, JobPhase::Committed).await?;
+            let done = plan.drops.is_empty();
+            if done {
+                // Nothing left to clean up: end the job in the same transaction.
+                store::jobs::finish(&mut tx, job.id, JobStatus::Succeeded, None, store::now())
+                    .await?;
+            }
             tx.commit().await?;
             self.fault_point(&job, "committed").await;
+            if done {
+                tracing::info!(job = %job.id, kind = %job.kind, "job succeeded");
+                return Ok(());
+            }
         }
         self.drop_files(&plan.drops).await?;
         let mut tx = self.db.begin().await?;
@@ -275,9 +287,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Run one file operation. `retry` is true when a previous process died during it.
     async fn execute(
         &self,
         op: &FileOp,
+        retry: bool,
         cancel: Option<&watch::Receiver<bool>>,
         progress: &(dyn Fn(f32) + Send + Sync),
     ) -> Result<()> {
@@ -296,8 +310,10 @@ impl Engine {
                     .await?;
             }
             FileOp::Commit { top, base } => {
-                // An interrupted earlier attempt may have leaked clusters in the base.
-                self.qemu.repair_leaks(&self.volume_path(base)).await?;
+                if retry {
+                    // A killed qemu-img leaves leaked clusters in the file it wrote.
+                    self.qemu.repair_leaks(&self.volume_path(base)).await?;
+                }
                 self.qemu
                     .commit(
                         &self.volume_path(top),

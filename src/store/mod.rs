@@ -68,8 +68,11 @@ impl Db {
     }
 }
 
+/// The current time at the precision stored (microseconds), so a record reads back
+/// exactly as it was first returned.
 pub fn now() -> Timestamp {
-    Utc::now()
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(6)
 }
 
 pub(crate) fn ts(value: Timestamp) -> String {

@@ -68,7 +68,12 @@ impl TestApp {
             .to_owned();
         Self {
             base,
-            client: reqwest::Client::new(),
+            // No connection reuse: the service may close a connection after refusing a
+            // body early (413), and a pooled connection would then fail the next request.
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("client"),
             data_dir,
             _temp: temp,
             child: Some(child),

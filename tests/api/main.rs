@@ -1,6 +1,9 @@
 //! Black-box tests: the real service over HTTP, with bytes checked by qemu-io/qemu-img.
 
+mod deploy;
 mod helpers;
+mod jobs;
 mod openapi;
 mod recovery;
 mod snapshots;
+mod vms;

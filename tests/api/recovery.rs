@@ -222,7 +222,10 @@ async fn a_crash_during_a_revert_or_a_delete_all_is_finished_at_the_next_start()
 #[tokio::test]
 async fn killing_the_service_while_qemu_img_merges_loses_nothing() {
     let mut app = TestApp::spawn().await;
-    let vm = app.create_vm("kill-9", &[("root", 1024 * MIB)]).await["id"].as_str().unwrap().to_owned();
+    let vm = app.create_vm("kill-9", &[("root", 1024 * MIB)]).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     write(&app.active_path(&vm, "root").await, 0x11, 0, 384);
     let s1 = app.snapshot(&vm, "s1").await;
     write(&app.active_path(&vm, "root").await, 0x22, 64, 320);
@@ -235,7 +238,9 @@ async fn killing_the_service_while_qemu_img_merges_loses_nothing() {
     let id = job["id"].as_str().unwrap().to_owned();
     for _ in 0..400 {
         let (_, current) = app.get(&format!("/v1/jobs/{id}")).await;
-        if !current["detail"].is_null() || current["status"] != "queued" && current["status"] != "running" {
+        if !current["detail"].is_null()
+            || current["status"] != "queued" && current["status"] != "running"
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -245,8 +250,14 @@ async fn killing_the_service_while_qemu_img_merges_loses_nothing() {
 
     let job = app.wait_job_end(&job).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    expect_all(&app.active_path(&vm, "root").await, &[(0x33, 0, 1), (0x11, 1, 63), (0x22, 64, 320)]);
-    expect_all(&app.snapshot_path(&vm, &s2, "root").await, &[(0x11, 0, 64), (0x22, 64, 320)]);
+    expect_all(
+        &app.active_path(&vm, "root").await,
+        &[(0x33, 0, 1), (0x11, 1, 63), (0x22, 64, 320)],
+    );
+    expect_all(
+        &app.snapshot_path(&vm, &s2, "root").await,
+        &[(0x11, 0, 64), (0x22, 64, 320)],
+    );
     check_clean(&app.active_path(&vm, "root").await);
     assert_files_match_metadata(&app, &vm).await;
 }
