@@ -112,6 +112,13 @@ pub struct VmList {
     pub next_cursor: Option<String>,
 }
 
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DiskList {
+    pub items: Vec<DiskView>,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"name": "root", "size_bytes": 10737418240u64}))]
@@ -466,19 +473,35 @@ async fn delete_vm(State(state): State<AppState>, Path(id): Path<String>) -> Res
     .await
 }
 
-/// List a VM's disks.
-#[utoipa::path(get, path = "/v1/vms/{id}/disks", tag = "vms", params(("id" = Uuid, Path, description = "VM id")),
+/// List a VM's disks in creation order.
+#[utoipa::path(get, path = "/v1/vms/{id}/disks", tag = "vms", params(("id" = Uuid, Path, description = "VM id"), PageQuery),
     responses(
-        (status = 200, description = "The VM's disks", body = Vec<DiskView>),
+        (status = 200, description = "A page of the VM's disks", body = DiskList),
+        (status = 400, description = "Bad limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn list_disks(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<axum::Json<Vec<DiskView>>> {
+    Query(page_query): Query<PageQuery>,
+) -> Result<axum::Json<DiskList>> {
+    let (limit, cursor) = page_query.parse()?;
     let mut conn = state.engine.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
-    Ok(axum::Json(vm_view(&state, &mut conn, vm).await?.disks))
+    // A VM has a handful of disks: page over the full list rather than in SQL.
+    let disks = store::vms::list_disks(&mut conn, vm.id).await?;
+    let volumes = store::vms::list_volumes(&mut conn, vm.id).await?;
+    let rows: Vec<Disk> = disks
+        .into_iter()
+        .filter(|d| cursor.is_none_or(|c| d.id > c))
+        .take(limit as usize + 1)
+        .collect();
+    let (rows, next_cursor) = page(rows, limit, |d| d.id);
+    let items = rows
+        .into_iter()
+        .map(|d| disk_view(&state, d, &volumes))
+        .collect();
+    Ok(axum::Json(DiskList { items, next_cursor }))
 }
 
 /// Add a disk (an empty qcow2 file) to a VM.

@@ -847,7 +847,20 @@ async fn adding_a_disk_creates_its_file_and_another_disk_with_the_same_name_is_a
     check_clean(&data);
     let (status, disks) = app.get(&format!("/v1/vms/{vm_id}/disks")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(disks.as_array().unwrap().len(), 2);
+    assert_eq!(disks["items"].as_array().unwrap().len(), 2);
+    assert_eq!(disks["next_cursor"], Value::Null);
+    let (_, first) = app.get(&format!("/v1/vms/{vm_id}/disks?limit=1")).await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 1);
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a second page")
+        .to_owned();
+    let (_, second) = app
+        .get(&format!("/v1/vms/{vm_id}/disks?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(second["items"].as_array().unwrap().len(), 1);
+    assert_ne!(second["items"][0]["id"], first["items"][0]["id"]);
+    assert_eq!(second["next_cursor"], Value::Null);
     assert_eq!(app.volume_files().len(), 2);
 
     let before = world(&app).await;
