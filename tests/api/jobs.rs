@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, LOCATION};
+use reqwest::header::LOCATION;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -12,75 +12,6 @@ use crate::helpers::*;
 
 const DISK: u64 = 64 * MIB;
 const PAUSE_SNAPSHOT: (&str, &str) = ("STRATA_FAULT", "snapshot_create:planned:pause");
-/// A well-formed id that no job has.
-const UNKNOWN_ID: &str = "01900000-0000-7000-8000-000000000000";
-
-/// A response with its headers, for checks `TestApp::request` cannot make.
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Value,
-}
-
-async fn send(app: &TestApp, method: Method, path: &str) -> Reply {
-    let response = app
-        .client
-        .request(method, format!("{}{}", app.base, path))
-        .send()
-        .await
-        .expect("request");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let text = response.text().await.expect("body");
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// Assert an RFC 9457 problem answer with `status` and `code`.
-fn assert_problem(reply: &Reply, status: StatusCode, code: &str) {
-    let problem = &reply.body;
-    assert_eq!(reply.status, status, "expected {code}: {problem}");
-    let content_type = reply
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    assert!(
-        content_type.starts_with("application/problem+json"),
-        "content type {content_type:?} for {problem}"
-    );
-    assert_eq!(problem["code"], code, "{problem}");
-    assert_eq!(
-        problem["type"],
-        format!("urn:strata:problem:{code}"),
-        "{problem}"
-    );
-    assert_eq!(problem["status"], status.as_u16(), "{problem}");
-    assert!(
-        problem["title"].as_str().is_some_and(|t| !t.is_empty()),
-        "{problem}"
-    );
-    assert!(
-        problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
-        "{problem}"
-    );
-}
-
-fn id(value: &Value) -> String {
-    value["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id in {value}"))
-        .to_owned()
-}
-
 /// Ids of a job list page, in the order given.
 fn ids(list: &Value) -> Vec<String> {
     list["items"]
@@ -265,13 +196,13 @@ async fn jobs_are_listed_newest_first_and_filtered_by_status_vm_and_kind() {
         "limit=x",
     ] {
         assert_problem(
-            &send(&app, Method::GET, &format!("/v1/jobs?{query}")).await,
+            &send(&app, Method::GET, &format!("/v1/jobs?{query}"), None, None).await,
             StatusCode::BAD_REQUEST,
             "invalid_query",
         );
     }
     assert_problem(
-        &send(&app, Method::GET, "/v1/jobs?cursor=garbage").await,
+        &send(&app, Method::GET, "/v1/jobs?cursor=garbage", None, None).await,
         StatusCode::BAD_REQUEST,
         "invalid_cursor",
     );
@@ -303,30 +234,58 @@ async fn a_long_poll_on_an_ended_job_answers_at_once_and_bad_waits_or_ids_are_re
 
     for query in ["wait=61", "wait=3600", "wait=-1", "wait=soon"] {
         assert_problem(
-            &send(&app, Method::GET, &format!("/v1/jobs/{job}?{query}")).await,
+            &send(
+                &app,
+                Method::GET,
+                &format!("/v1/jobs/{job}?{query}"),
+                None,
+                None,
+            )
+            .await,
             StatusCode::BAD_REQUEST,
             "invalid_query",
         );
     }
     for unknown in [UNKNOWN_ID, "not-a-uuid"] {
         assert_problem(
-            &send(&app, Method::GET, &format!("/v1/jobs/{unknown}")).await,
+            &send(
+                &app,
+                Method::GET,
+                &format!("/v1/jobs/{unknown}"),
+                None,
+                None,
+            )
+            .await,
             StatusCode::NOT_FOUND,
             "job_not_found",
         );
         assert_problem(
-            &send(&app, Method::GET, &format!("/v1/jobs/{unknown}?wait=1")).await,
+            &send(
+                &app,
+                Method::GET,
+                &format!("/v1/jobs/{unknown}?wait=1"),
+                None,
+                None,
+            )
+            .await,
             StatusCode::NOT_FOUND,
             "job_not_found",
         );
         assert_problem(
-            &send(&app, Method::POST, &format!("/v1/jobs/{unknown}/cancel")).await,
+            &send(
+                &app,
+                Method::POST,
+                &format!("/v1/jobs/{unknown}/cancel"),
+                None,
+                None,
+            )
+            .await,
             StatusCode::NOT_FOUND,
             "job_not_found",
         );
     }
     assert_problem(
-        &send(&app, Method::DELETE, &format!("/v1/jobs/{job}")).await,
+        &send(&app, Method::DELETE, &format!("/v1/jobs/{job}"), None, None).await,
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
     );
@@ -416,6 +375,8 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
         &app,
         Method::POST,
         &format!("/v1/jobs/{}/cancel", id(&queued)),
+        None,
+        None,
     )
     .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
@@ -429,6 +390,8 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
             &app,
             Method::GET,
             &format!("/v1/snapshots/{queued_snapshot}"),
+            None,
+            None,
         )
         .await,
         StatusCode::NOT_FOUND,
@@ -438,6 +401,8 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
         &app,
         Method::POST,
         &format!("/v1/jobs/{}/cancel", id(&queued_disk)),
+        None,
+        None,
     )
     .await;
     assert_eq!(
@@ -451,6 +416,8 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
             &app,
             Method::GET,
             &format!("/v1/vms/{vm_id}/disks/{queued_disk_id}"),
+            None,
+            None,
         )
         .await,
         StatusCode::NOT_FOUND,
@@ -467,6 +434,8 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
         &app,
         Method::POST,
         &format!("/v1/jobs/{}/cancel", id(&running)),
+        None,
+        None,
     )
     .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
@@ -481,6 +450,8 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
             &app,
             Method::GET,
             &format!("/v1/snapshots/{running_snapshot}"),
+            None,
+            None,
         )
         .await,
         StatusCode::NOT_FOUND,
@@ -507,7 +478,14 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
         .get(&format!("/v1/jobs?vm_id={vm_id}&kind=vm_create"))
         .await;
     for job in [id(&running), id(&queued), id(&created["items"][0])] {
-        let reply = send(&app, Method::POST, &format!("/v1/jobs/{job}/cancel")).await;
+        let reply = send(
+            &app,
+            Method::POST,
+            &format!("/v1/jobs/{job}/cancel"),
+            None,
+            None,
+        )
+        .await;
         assert_problem(&reply, StatusCode::CONFLICT, "job_not_cancellable");
     }
     let (_, cancelled) = app.get("/v1/jobs?status=cancelled").await;
@@ -536,13 +514,9 @@ async fn health_readiness_and_the_openapi_document_are_served() {
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["status"], "ready");
 
-    let reply = send(&app, Method::GET, "/v1/openapi.json").await;
+    let reply = send(&app, Method::GET, "/v1/openapi.json", None, None).await;
     assert_eq!(reply.status, StatusCode::OK);
-    let content_type = reply
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    let content_type = reply.content_type();
     assert!(
         content_type.starts_with("application/json"),
         "{content_type}"

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, LOCATION};
+use reqwest::header::LOCATION;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -14,87 +14,6 @@ use crate::helpers::*;
 
 const DISK: u64 = 64 * MIB;
 const TIB: u64 = 1 << 40;
-/// A well-formed id that no resource has.
-const UNKNOWN_ID: &str = "01900000-0000-7000-8000-000000000000";
-
-/// A response with its headers, for checks `TestApp::request` cannot make.
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Value,
-}
-
-/// Send a request with an exact body and Content-Type (or none).
-async fn send(
-    app: &TestApp,
-    method: Method,
-    path: &str,
-    content_type: Option<&str>,
-    body: Option<Vec<u8>>,
-) -> Reply {
-    let mut request = app.client.request(method, format!("{}{}", app.base, path));
-    if let Some(content_type) = content_type {
-        request = request.header(CONTENT_TYPE, content_type);
-    }
-    if let Some(body) = body {
-        request = request.body(body);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let text = response.text().await.expect("body");
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn send_json(app: &TestApp, method: Method, path: &str, body: &Value) -> Reply {
-    send(
-        app,
-        method,
-        path,
-        Some("application/json"),
-        Some(body.to_string().into_bytes()),
-    )
-    .await
-}
-
-/// Assert an RFC 9457 problem answer with `status` and `code`.
-fn assert_problem(reply: &Reply, status: StatusCode, code: &str) {
-    let problem = &reply.body;
-    assert_eq!(reply.status, status, "expected {code}: {problem}");
-    let content_type = reply
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    assert!(
-        content_type.starts_with("application/problem+json"),
-        "content type {content_type:?} for {problem}"
-    );
-    assert_eq!(problem["code"], code, "{problem}");
-    assert_eq!(
-        problem["type"],
-        format!("urn:strata:problem:{code}"),
-        "{problem}"
-    );
-    assert_eq!(problem["status"], status.as_u16(), "{problem}");
-    assert!(
-        problem["title"].as_str().is_some_and(|t| !t.is_empty()),
-        "{problem}"
-    );
-    assert!(
-        problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
-        "{problem}"
-    );
-}
 
 /// Everything a refused request must leave alone: VM records with their disks and
 /// chains, the jobs, and every file with its size.
@@ -127,13 +46,6 @@ fn virtual_size(path: &str) -> u64 {
     );
     let info: Value = serde_json::from_slice(&output.stdout).expect("info JSON");
     info["virtual-size"].as_u64().expect("virtual-size")
-}
-
-fn id(value: &Value) -> String {
-    value["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id in {value}"))
-        .to_owned()
 }
 
 fn disk<'a>(vm: &'a Value, name: &str) -> &'a Value {
