@@ -465,8 +465,8 @@ impl Engine {
 
     /// Deterministic fault injection for recovery tests: `STRATA_FAULT=<kind>:<point>`
     /// aborts the process (no cleanup, like kill -9) when a job of that kind reaches the
-    /// point; `<kind>:<point>:pause` holds the job there for two seconds instead, so a
-    /// test can send a conflicting request while it runs.
+    /// point; `<kind>:<point>:pause[=MS]` holds the job there (two seconds by default)
+    /// instead, so a test can act while it runs.
     async fn fault_point(&self, job: &Job, point: &str) {
         let Some(fault) = &self.config.fault else {
             return;
@@ -475,8 +475,12 @@ impl Engine {
         if parts.next() != Some(job.kind.as_str()) || parts.next() != Some(point) {
             return;
         }
-        if parts.next() == Some("pause") {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+        if let Some(pause) = parts.next().and_then(|action| action.strip_prefix("pause")) {
+            let millis = pause
+                .strip_prefix('=')
+                .and_then(|ms| ms.parse().ok())
+                .unwrap_or(2000);
+            tokio::time::sleep(Duration::from_millis(millis)).await;
         } else {
             tracing::warn!(job = %job.id, point, "fault injection: aborting");
             std::process::abort();

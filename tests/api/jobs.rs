@@ -548,3 +548,45 @@ async fn health_readiness_and_the_openapi_document_are_served() {
     }
     assert!(paths["/v1/vms"].get("post").is_some() && paths["/v1/vms"].get("get").is_some());
 }
+
+#[tokio::test]
+async fn jobs_of_different_vms_run_side_by_side_while_jobs_of_one_vm_wait_their_turn() {
+    // Every snapshot job pauses 5 s after journaling its plan; the harness runs 2 workers.
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "snapshot_create:planned:pause=5000")]).await;
+    let a = id(&app.create_vm("side-a", &[("root", DISK)]).await);
+    let b = id(&app.create_vm("side-b", &[("root", DISK)]).await);
+    let first_a = accepted(
+        app.post(&format!("/v1/vms/{a}/snapshots"), json!({"name": "one"}))
+            .await,
+    );
+    let second_a = accepted(
+        app.post(&format!("/v1/vms/{a}/snapshots"), json!({"name": "two"}))
+            .await,
+    );
+    let first_b = accepted(
+        app.post(&format!("/v1/vms/{b}/snapshots"), json!({"name": "one"}))
+            .await,
+    );
+
+    // Both VMs' first jobs are inside their pause at the same moment...
+    wait_planned(&app, &id(&first_a)).await;
+    wait_planned(&app, &id(&first_b)).await;
+    let (_, a_view) = app.get(&format!("/v1/jobs/{}", id(&first_a))).await;
+    assert_eq!(a_view["status"], "running", "{a_view}");
+    // ...while the second job of VM a has not started.
+    let (_, queued) = app.get(&format!("/v1/jobs/{}", id(&second_a))).await;
+    assert_eq!(queued["status"], "queued", "{queued}");
+
+    for job in [&first_a, &second_a, &first_b] {
+        let job = app.wait_job_end(job).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    // The second snapshot of a grew from the first: they ran in order.
+    let (_, second) = app
+        .get(&format!(
+            "/v1/snapshots/{}",
+            second_a["target"]["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(second["parent_id"], first_a["target"]["id"]);
+}
