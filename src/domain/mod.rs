@@ -2,6 +2,7 @@
 //! Nothing here knows about HTTP, SQL or processes, so every rule is unit-testable.
 
 pub mod plan;
+pub mod retention;
 pub mod validate;
 
 use serde::{Deserialize, Serialize};
