@@ -73,6 +73,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     tracing::info!(%address, data_dir = %data_dir.display(), "strata started");
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let sweep_interval = config.sweep_interval_secs;
     let jobs = {
         let engine = Arc::clone(&engine);
         let shutdown_rx = shutdown_rx.clone();
@@ -83,7 +84,13 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
                 Err(e) => tracing::error!(error = %e, "recovering interrupted jobs failed"),
             }
             ready.store(true, Ordering::Release);
+            let sweep = crate::scheduler::spawn_expiry_sweep(
+                Arc::clone(&engine),
+                Duration::from_secs(sweep_interval.max(1)),
+                shutdown_rx.clone(),
+            );
             let workers = engine.spawn_workers(shutdown_rx);
+            let _ = sweep.await;
             for worker in workers {
                 let _ = worker.await;
             }

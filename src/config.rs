@@ -76,6 +76,10 @@ pub struct ServeConfig {
     #[arg(long, env = "STRATA_SHUTDOWN_GRACE", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
+    /// Seconds between sweeps that delete expired snapshots.
+    #[arg(long, env = "STRATA_SWEEP_INTERVAL", default_value_t = 60)]
+    pub sweep_interval_secs: u64,
+
     /// Test-only crash injection: `<job kind>:<point>` aborts the process there.
     #[arg(long, env = "STRATA_FAULT", hide = true)]
     pub fault: Option<String>,

@@ -8,4 +8,5 @@ pub mod domain;
 pub mod error;
 pub mod jobs;
 pub mod qemu;
+pub mod scheduler;
 pub mod store;

@@ -10,10 +10,11 @@ use utoipa_axum::routes;
 
 use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
-use super::vms::{enqueue, find_vm, require_ready, require_stopped};
-use super::{AppState, PageQuery, name_conflict, page};
+use super::vms::{enqueue, find_vm};
+use super::{AppState, PageQuery, accepted, name_conflict, page};
 use crate::domain::{JobKind, ResourceStatus, Snapshot, TargetType, Uuid, Vm, new_id, validate};
 use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::requests::{self, require_deletable, require_ready, require_stopped};
 use crate::jobs::{preflight, storage};
 use crate::store;
 
@@ -24,7 +25,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
             create_snapshot,
             delete_all_snapshots
         ))
-        .routes(routes!(get_snapshot, delete_snapshot))
+        .routes(routes!(get_snapshot, patch_snapshot, delete_snapshot))
         .routes(routes!(revert_snapshot))
 }
 
@@ -59,6 +60,10 @@ pub struct SnapshotView {
     pub status: ResourceStatus,
     /// True for the snapshot the VM's present state grows from.
     pub is_current: bool,
+    /// When the periodic sweep deletes the snapshot (unless `hold`).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Never pruned by expiry while set.
+    pub hold: bool,
     pub volumes: Vec<SnapshotVolume>,
 }
 
@@ -113,12 +118,50 @@ pub struct ListSnapshotsQuery {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"name": "before-upgrade", "description": "kernel 6.12 upgrade"}))]
+#[schema(example = json!({"name": "before-upgrade", "description": "kernel 6.12 upgrade", "expires_at": "2026-12-01T00:00:00Z"}))]
 pub struct CreateSnapshot {
     /// Unique among the VM's snapshots.
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// When the periodic sweep deletes the snapshot (must be in the future).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Keep the snapshot whatever its expiry says.
+    #[serde(default)]
+    pub hold: bool,
+}
+
+/// Absent: leave as is; `null`: clear; a value: set.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"expires_at": null, "hold": true}))]
+pub struct PatchSnapshot {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    /// A future time to set the expiry, or `null` to clear it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<DateTime<Utc>>)]
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// Put the snapshot on hold (never pruned) or release it.
+    pub hold: Option<bool>,
+}
+
+/// An expiry must lie ahead: a snapshot to remove now is deleted, not expired.
+fn validate_expiry(expires_at: Option<DateTime<Utc>>) -> Result<()> {
+    if let Some(at) = expires_at
+        && at <= store::now()
+    {
+        return Err(Error::validation(format!(
+            "expires_at {at} is not in the future"
+        )));
+    }
+    Ok(())
 }
 
 fn snapshot_view(state: &AppState, vm: &Vm, snapshot: Snapshot) -> SnapshotView {
@@ -132,6 +175,8 @@ fn snapshot_view(state: &AppState, vm: &Vm, snapshot: Snapshot) -> SnapshotView 
         parent_id: snapshot.parent_id,
         created_at: snapshot.created_at,
         status: snapshot.status,
+        expires_at: snapshot.expires_at,
+        hold: snapshot.hold,
         volumes: snapshot
             .volumes
             .into_iter()
@@ -158,22 +203,7 @@ fn build_tree(parent: Option<Uuid>, views: &mut Vec<SnapshotView>) -> Vec<Snapsh
 }
 
 async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<(Snapshot, Vm)> {
-    let id = parse_id(id, ErrorCode::SnapshotNotFound, "snapshot")?;
-    let snapshot = store::snapshots::get(conn, id).await?.ok_or_else(|| {
-        Error::problem(
-            ErrorCode::SnapshotNotFound,
-            format!("snapshot {id} does not exist"),
-        )
-    })?;
-    let vm = store::vms::get_vm(conn, snapshot.vm_id)
-        .await?
-        .ok_or_else(|| {
-            Error::problem(
-                ErrorCode::SnapshotNotFound,
-                format!("snapshot {id} does not exist"),
-            )
-        })?;
-    Ok((snapshot, vm))
+    requests::find_snapshot(conn, parse_id(id, ErrorCode::SnapshotNotFound, "snapshot")?).await
 }
 
 /// Take a snapshot of every disk of a (stopped) VM at once.
@@ -195,6 +225,7 @@ async fn create_snapshot(
 ) -> Result<Response> {
     validate::name("name", &body.name).map_err(Error::validation)?;
     validate::description(&body.description).map_err(Error::validation)?;
+    validate_expiry(body.expires_at)?;
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
     require_ready(&vm)?;
@@ -214,6 +245,8 @@ async fn create_snapshot(
         parent_id: vm.current_snapshot_id,
         status: ResourceStatus::Creating,
         created_at: store::now(),
+        expires_at: body.expires_at,
+        hold: body.hold,
         volumes: Vec::new(),
     };
     store::snapshots::insert(&mut tx, &snapshot)
@@ -298,38 +331,6 @@ async fn get_snapshot(
     Ok(axum::Json(snapshot_view(&state, &vm, snapshot)))
 }
 
-/// Refuse deleting a snapshot that another job creates, deletes or reverts to.
-async fn require_deletable(conn: &mut sqlx::SqliteConnection, snapshot: &Snapshot) -> Result<()> {
-    match snapshot.status {
-        ResourceStatus::Ready | ResourceStatus::Error => {}
-        ResourceStatus::Deleting => {
-            return Err(Error::problem(
-                ErrorCode::SnapshotBusy,
-                format!("snapshot {} is already being deleted", snapshot.name),
-            ));
-        }
-        status => {
-            return Err(Error::problem(
-                ErrorCode::SnapshotNotReady,
-                format!("snapshot {} is {status}", snapshot.name),
-            ));
-        }
-    }
-    let reverts =
-        store::jobs::pending_for_target(conn, snapshot.id, &[JobKind::SnapshotRevert]).await?;
-    if let Some(job) = reverts.first() {
-        return Err(Error::with_extra(
-            ErrorCode::SnapshotBusy,
-            format!(
-                "a revert to snapshot {} is pending (job {})",
-                snapshot.name, job.id
-            ),
-            serde_json::json!({ "job_ids": [job.id] }),
-        ));
-    }
-    Ok(())
-}
-
 /// Delete a snapshot. Every other snapshot and the present state keep their exact
 /// content: the layer is dropped if nothing sits on it, else merged with its child in
 /// the cheaper direction (the job's `detail.merges` tells which).
@@ -345,30 +346,9 @@ async fn delete_snapshot(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let (snapshot, vm) = find_snapshot(&mut *state.engine.db.reader().await?, &id).await?;
-    preflight(
-        &state.engine,
-        JobKind::SnapshotDelete,
-        vm.id,
-        snapshot.id,
-        &serde_json::Value::Null,
-    )
-    .await?;
-    let mut tx = state.engine.db.begin().await?;
-    let (snapshot, vm) = find_snapshot(&mut tx, &id).await?;
-    require_ready(&vm)?;
-    require_deletable(&mut tx, &snapshot).await?;
-    store::snapshots::set_status(&mut tx, snapshot.id, ResourceStatus::Deleting).await?;
-    let params = serde_json::json!({ "previous_status": snapshot.status });
-    enqueue(
-        &state,
-        tx,
-        JobKind::SnapshotDelete,
-        (TargetType::Snapshot, snapshot.id),
-        vm.id,
-        params,
-    )
-    .await
+    let id = parse_id(&id, ErrorCode::SnapshotNotFound, "snapshot")?;
+    let job = requests::delete_snapshot(&state.engine, id).await?;
+    Ok(accepted(job.into()))
 }
 
 /// Delete every snapshot of a VM: each disk collapses into one file holding the
@@ -453,4 +433,64 @@ async fn revert_snapshot(
         serde_json::json!({}),
     )
     .await
+}
+
+/// Rename a snapshot, change its description, set or clear its expiry, or put it on
+/// hold. Touches no file.
+#[utoipa::path(patch, path = "/v1/snapshots/{id}", tag = "snapshots", request_body = PatchSnapshot,
+    params(("id" = Uuid, Path, description = "Snapshot id")),
+    responses(
+        (status = 200, description = "The updated snapshot", body = SnapshotView),
+        (status = 400, description = "Invalid field or an expiry in the past (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name used by another snapshot of the VM (`name_taken`) or the snapshot is being deleted (`snapshot_busy`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn patch_snapshot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<PatchSnapshot>,
+) -> Result<axum::Json<SnapshotView>> {
+    if let Some(name) = &body.name {
+        validate::name("name", name).map_err(Error::validation)?;
+    }
+    if let Some(description) = &body.description {
+        validate::description(description).map_err(Error::validation)?;
+    }
+    if let Some(expires_at) = body.expires_at {
+        validate_expiry(expires_at)?;
+    }
+    let mut tx = state.engine.db.begin().await?;
+    let (mut snapshot, vm) = find_snapshot(&mut tx, &id).await?;
+    if snapshot.status == ResourceStatus::Deleting {
+        return Err(Error::problem(
+            ErrorCode::SnapshotBusy,
+            format!("snapshot {} is being deleted", snapshot.name),
+        ));
+    }
+    if let Some(name) = body.name {
+        snapshot.name = name;
+    }
+    if let Some(description) = body.description {
+        snapshot.description = description;
+    }
+    if let Some(expires_at) = body.expires_at {
+        snapshot.expires_at = expires_at;
+    }
+    if let Some(hold) = body.hold {
+        snapshot.hold = hold;
+    }
+    store::snapshots::update(&mut tx, &snapshot)
+        .await
+        .map_err(|e| {
+            name_conflict(e, || {
+                format!(
+                    "VM {} already has a snapshot named {}",
+                    vm.name, snapshot.name
+                )
+            })
+        })?;
+    tx.commit().await?;
+    Ok(axum::Json(snapshot_view(&state, &vm, snapshot)))
 }

@@ -18,6 +18,7 @@ use crate::domain::{
     validate,
 };
 use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::requests::{self, require_ready, require_stopped};
 use crate::jobs::storage;
 use crate::store::{self, Tx};
 
@@ -242,30 +243,6 @@ async fn find_disk(conn: &mut sqlx::SqliteConnection, vm: &Vm, id: &str) -> Resu
     }
 }
 
-/// Refuse work on a VM that is still being created, is going away, or failed.
-pub(crate) fn require_ready(vm: &Vm) -> Result<()> {
-    if vm.status != ResourceStatus::Ready {
-        return Err(Error::problem(
-            ErrorCode::VmNotReady,
-            format!("VM {} is {}, not ready", vm.name, vm.status),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn require_stopped(vm: &Vm, action: &str) -> Result<()> {
-    if vm.state == VmState::Running {
-        return Err(Error::problem(
-            ErrorCode::VmRunning,
-            format!(
-                "cannot {action} while VM {} is running; stop it first",
-                vm.name
-            ),
-        ));
-    }
-    Ok(())
-}
-
 fn validate_disks(disks: &[NewDisk], max: u64) -> Result<()> {
     let mut names = HashSet::new();
     for (i, disk) in disks.iter().enumerate() {
@@ -282,19 +259,16 @@ fn validate_disks(disks: &[NewDisk], max: u64) -> Result<()> {
     Ok(())
 }
 
-/// Insert a queued job inside the caller's transaction, commit, and wake the workers.
+/// Queue a job inside the caller's transaction and answer 202 with it.
 pub(crate) async fn enqueue(
     state: &AppState,
-    mut tx: Tx,
+    tx: Tx,
     kind: JobKind,
     target: (TargetType, Uuid),
     vm: Uuid,
     params: serde_json::Value,
 ) -> Result<Response> {
-    let job = store::jobs::new_job(kind, target.0, target.1, Some(vm), params);
-    store::jobs::insert(&mut tx, &job).await?;
-    tx.commit().await?;
-    state.engine.notify_enqueued();
+    let job = requests::enqueue(&state.engine, tx, kind, target, vm, params).await?;
     Ok(accepted(job.into()))
 }
 

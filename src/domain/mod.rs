@@ -129,6 +129,10 @@ pub struct Snapshot {
     pub parent_id: Option<Uuid>,
     pub status: ResourceStatus,
     pub created_at: Timestamp,
+    /// The periodic sweep deletes the snapshot after this time (unless on hold).
+    pub expires_at: Option<Timestamp>,
+    /// Never pruned by expiry or retention while set.
+    pub hold: bool,
     /// (disk id, frozen volume id) for each disk the snapshot covers.
     pub volumes: Vec<(Uuid, Uuid)>,
 }

@@ -8,6 +8,7 @@
 //! after it applies `fail`, which flags what the interrupted merge made unreadable.
 
 mod kinds;
+pub mod requests;
 pub mod storage;
 
 use std::collections::HashMap;

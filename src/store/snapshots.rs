@@ -16,6 +16,8 @@ fn from_row(row: &SqliteRow) -> Result<Snapshot> {
         parent_id: get_opt_id(row, "parent_id")?,
         status: get_enum(row, "status", ResourceStatus::parse)?,
         created_at: get_ts(row, "created_at")?,
+        expires_at: super::get_opt_ts(row, "expires_at")?,
+        hold: row.try_get::<i64, _>("hold")? != 0,
         volumes: Vec::new(),
     })
 }
@@ -68,7 +70,10 @@ pub async fn list(
 }
 
 pub async fn insert(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<()> {
-    sqlx::query("INSERT INTO snapshots (id, vm_id, name, description, parent_id, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+    sqlx::query(
+        "INSERT INTO snapshots (id, vm_id, name, description, parent_id, status, created_at, expires_at, hold)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
         .bind(id_text(snapshot.id))
         .bind(id_text(snapshot.vm_id))
         .bind(&snapshot.name)
@@ -76,6 +81,8 @@ pub async fn insert(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<
         .bind(opt_id_text(snapshot.parent_id))
         .bind(snapshot.status.as_str())
         .bind(ts(snapshot.created_at))
+        .bind(snapshot.expires_at.map(ts))
+        .bind(snapshot.hold as i64)
         .execute(conn)
         .await?;
     Ok(())
@@ -122,4 +129,35 @@ pub async fn delete(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Write the editable fields of a snapshot (name, description, expiry, hold).
+pub async fn update(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<()> {
+    sqlx::query(
+        "UPDATE snapshots SET name = ?, description = ?, expires_at = ?, hold = ? WHERE id = ?",
+    )
+    .bind(&snapshot.name)
+    .bind(&snapshot.description)
+    .bind(snapshot.expires_at.map(ts))
+    .bind(snapshot.hold as i64)
+    .bind(id_text(snapshot.id))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Ready snapshots past their expiry and not on hold, oldest expiry first.
+pub async fn expired(
+    conn: &mut SqliteConnection,
+    now: crate::domain::Timestamp,
+) -> Result<Vec<Snapshot>> {
+    let rows = sqlx::query(
+        "SELECT * FROM snapshots WHERE expires_at IS NOT NULL AND expires_at <= ? AND hold = 0
+         AND status IN ('ready', 'error') ORDER BY expires_at, id",
+    )
+    .bind(ts(now))
+    .fetch_all(&mut *conn)
+    .await?;
+    let snapshots = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+    with_volumes(conn, snapshots).await
 }

@@ -1,6 +1,7 @@
 //! Black-box tests: the real service over HTTP, with bytes checked by qemu-io/qemu-img.
 
 mod deploy;
+mod expiry;
 mod helpers;
 mod jobs;
 mod openapi;
