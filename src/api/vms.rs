@@ -1,7 +1,7 @@
 //! `/v1/vms` and `/v1/vms/{id}/disks`: VMs and their disks.
 
 use chrono::{DateTime, Utc};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -96,6 +96,7 @@ pub struct VmView {
     pub id: Uuid,
     pub name: String,
     pub description: String,
+    pub labels: BTreeMap<String, String>,
     /// Power state, set by the orchestrator.
     pub state: VmState,
     pub status: ResourceStatus,
@@ -138,6 +139,9 @@ pub struct CreateVm {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// Key/value labels (keys and values: letters, digits, `-`, `_`, `.`; keys may hold `/`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub disks: Vec<NewDisk>,
 }
@@ -148,6 +152,8 @@ pub struct CreateVm {
 pub struct PatchVm {
     pub name: Option<String>,
     pub description: Option<String>,
+    /// Replaces all labels of the VM.
+    pub labels: Option<BTreeMap<String, String>>,
     /// Set by the orchestrator when it starts or stops the VM. While `running`,
     /// snapshot, revert, resize and merges of the active chain are refused.
     pub state: Option<VmState>,
@@ -166,6 +172,22 @@ pub struct ResizeDisk {
 pub struct VmFilter {
     /// Only the VM with exactly this name.
     pub name: Option<String>,
+    /// Only VMs carrying this label, written `key=value`.
+    #[param(example = "tier=web")]
+    pub label: Option<String>,
+}
+
+impl VmFilter {
+    fn label(&self) -> Result<Option<(&str, &str)>> {
+        self.label
+            .as_deref()
+            .map(|l| {
+                l.split_once('=').ok_or_else(|| {
+                    Error::problem(ErrorCode::InvalidQuery, "label must be written key=value")
+                })
+            })
+            .transpose()
+    }
 }
 
 /// Paths of the disk's chain, top first, with live allocation figures.
@@ -213,6 +235,7 @@ async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) ->
         id: vm.id,
         name: vm.name,
         description: vm.description,
+        labels: vm.labels,
         state: vm.state,
         status: vm.status,
         current_snapshot_id: vm.current_snapshot_id,
@@ -285,12 +308,14 @@ pub(crate) async fn enqueue(
 async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) -> Result<Response> {
     validate::name("name", &body.name).map_err(Error::validation)?;
     validate::description(&body.description).map_err(Error::validation)?;
+    validate::labels(&body.labels).map_err(Error::validation)?;
     validate_disks(&body.disks, state.max_disk_size)?;
     let now = store::now();
     let vm = Vm {
         id: new_id(),
         name: body.name,
         description: body.description,
+        labels: body.labels,
         state: VmState::Stopped,
         status: ResourceStatus::Creating,
         current_snapshot_id: None,
@@ -337,7 +362,14 @@ async fn list_vms(
 ) -> Result<axum::Json<VmList>> {
     let (limit, cursor) = page_query.parse()?;
     let mut conn = state.engine.db.reader().await?;
-    let rows = store::vms::list_vms(&mut conn, filter.name.as_deref(), cursor, limit + 1).await?;
+    let rows = store::vms::list_vms(
+        &mut conn,
+        filter.name.as_deref(),
+        filter.label()?,
+        cursor,
+        limit + 1,
+    )
+    .await?;
     let (rows, next_cursor) = page(rows, limit, |vm| vm.id);
     let mut items = Vec::with_capacity(rows.len());
     for vm in rows {
@@ -382,6 +414,9 @@ async fn patch_vm(
     if let Some(description) = &body.description {
         validate::description(description).map_err(Error::validation)?;
     }
+    if let Some(labels) = &body.labels {
+        validate::labels(labels).map_err(Error::validation)?;
+    }
     let mut tx = state.engine.db.begin().await?;
     let mut vm = find_vm(&mut tx, &id).await?;
     if body.state == Some(VmState::Running) && vm.state != VmState::Running {
@@ -403,6 +438,9 @@ async fn patch_vm(
     }
     if let Some(description) = body.description {
         vm.description = description;
+    }
+    if let Some(labels) = body.labels {
+        vm.labels = labels;
     }
     if let Some(power) = body.state {
         vm.state = power;

@@ -91,6 +91,8 @@ pub struct Vm {
     pub id: Uuid,
     pub name: String,
     pub description: String,
+    /// Free-form key/value labels for selecting VMs.
+    pub labels: std::collections::BTreeMap<String, String>,
     pub state: VmState,
     pub status: ResourceStatus,
     pub current_snapshot_id: Option<Uuid>,

@@ -52,6 +52,34 @@ pub fn disk_size(value: u64, max: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Most labels a VM may carry.
+pub const MAX_LABELS: usize = 64;
+
+/// Label keys and values follow the Kubernetes shape (letters, digits, `-`, `_`, `.`,
+/// and `/` in keys, at most 63 characters; values may be empty), so they can be passed
+/// through to orchestrators unchanged and written in `k=v` selectors unambiguously.
+pub fn labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!("at most {MAX_LABELS} labels"));
+    }
+    let allowed = |c: char, slash: bool| {
+        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') || (slash && c == '/')
+    };
+    for (key, value) in labels {
+        if key.is_empty() || key.len() > 63 || !key.chars().all(|c| allowed(c, true)) {
+            return Err(format!(
+                "label key {key:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'"
+            ));
+        }
+        if value.len() > 63 || !value.chars().all(|c| allowed(c, false)) {
+            return Err(format!(
+                "label value {value:?} of {key} must be at most 63 characters of letters, digits, '-', '_', '.'"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +93,27 @@ mod tests {
         assert!(name("name", "a\nb").is_err());
         assert!(name("name", &"x".repeat(MAX_NAME_LEN)).is_ok());
         assert!(name("name", &"x".repeat(MAX_NAME_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn labels_have_a_kubernetes_like_shape() {
+        let ok: std::collections::BTreeMap<String, String> = [
+            ("tier".into(), "web".into()),
+            ("example.com/team".into(), "".into()),
+        ]
+        .into();
+        assert!(labels(&ok).is_ok());
+        for (k, v) in [
+            ("", "x"),
+            ("a=b", "x"),
+            ("k", "a b"),
+            ("k", "a/b"),
+            (&"k".repeat(64) as &str, "x"),
+        ] {
+            let bad: std::collections::BTreeMap<String, String> =
+                [(k.to_owned(), v.to_owned())].into();
+            assert!(labels(&bad).is_err(), "{k:?}={v:?}");
+        }
     }
 
     #[test]

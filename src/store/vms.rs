@@ -13,6 +13,8 @@ fn vm_from_row(row: &SqliteRow) -> Result<Vm> {
         id: get_id(row, "id")?,
         name: row.try_get("name")?,
         description: row.try_get("description")?,
+        labels: serde_json::from_str(&row.try_get::<String, _>("labels")?)
+            .map_err(|e| Error::Internal(format!("bad labels JSON: {e}")))?,
         state: get_enum(row, "state", VmState::parse)?,
         status: get_enum(row, "status", ResourceStatus::parse)?,
         current_snapshot_id: get_opt_id(row, "current_snapshot_id")?,
@@ -33,6 +35,10 @@ fn disk_from_row(row: &SqliteRow) -> Result<Disk> {
     })
 }
 
+fn labels_json(vm: &Vm) -> String {
+    serde_json::to_string(&vm.labels).expect("a string map serialises")
+}
+
 pub async fn get_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Vm>> {
     let row = sqlx::query("SELECT * FROM vms WHERE id = ?")
         .bind(id_text(id))
@@ -42,28 +48,39 @@ pub async fn get_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Vm>>
 }
 
 /// VMs in id (creation) order after `after`, optionally only those with `name`.
+/// VMs in id (creation) order after `after`, optionally only the one named `name` and
+/// only those carrying the label `(key, value)`.
 pub async fn list_vms(
     conn: &mut SqliteConnection,
     name: Option<&str>,
+    label: Option<(&str, &str)>,
     after: Option<Uuid>,
     limit: u32,
 ) -> Result<Vec<Vm>> {
     let rows = sqlx::query(
-        "SELECT * FROM vms WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3",
+        "SELECT * FROM vms WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR id > ?2)
+         AND (?4 IS NULL OR EXISTS (SELECT 1 FROM json_each(vms.labels) WHERE key = ?4 AND value = ?5))
+         ORDER BY id LIMIT ?3",
     )
     .bind(name)
     .bind(opt_id_text(after))
     .bind(limit as i64)
+    .bind(label.map(|l| l.0))
+    .bind(label.map(|l| l.1))
     .fetch_all(conn)
     .await?;
     rows.iter().map(vm_from_row).collect()
 }
 
 pub async fn insert_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
-    sqlx::query("INSERT INTO vms (id, name, description, state, status, current_snapshot_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+    sqlx::query(
+        "INSERT INTO vms (id, name, description, labels, state, status, current_snapshot_id, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
         .bind(id_text(vm.id))
         .bind(&vm.name)
         .bind(&vm.description)
+        .bind(labels_json(vm))
         .bind(vm.state.as_str())
         .bind(vm.status.as_str())
         .bind(opt_id_text(vm.current_snapshot_id))
@@ -76,9 +93,10 @@ pub async fn insert_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
 
 /// Write the editable fields of a VM (name, description, state).
 pub async fn update_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
-    sqlx::query("UPDATE vms SET name = ?, description = ?, state = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE vms SET name = ?, description = ?, labels = ?, state = ?, updated_at = ? WHERE id = ?")
         .bind(&vm.name)
         .bind(&vm.description)
+        .bind(labels_json(vm))
         .bind(vm.state.as_str())
         .bind(ts(vm.updated_at))
         .bind(id_text(vm.id))

@@ -1096,3 +1096,67 @@ async fn a_vm_cannot_be_marked_running_while_a_job_still_works_on_its_files() {
     );
     expect(&app.active_path(&vm_id, "root").await, 0x77, 0, 1);
 }
+
+#[tokio::test]
+async fn labels_are_set_on_creation_replaced_by_patch_and_select_vms_in_listings() {
+    let app = TestApp::spawn().await;
+    let (status, job) = app
+        .post("/v1/vms", json!({"name": "web-1", "labels": {"tier": "web", "example.com/team": "blue"}, "disks": []}))
+        .await;
+    let web1 = app.expect_job((status, job)).await["target"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let web2 = id(&app.create_vm("web-2", &[]).await);
+    let db = id(&app.create_vm("db-1", &[]).await);
+    let (status, vm) = app
+        .patch(
+            &format!("/v1/vms/{web2}"),
+            json!({"labels": {"tier": "web"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{vm}");
+    assert_eq!(vm["labels"], json!({"tier": "web"}));
+    app.patch(&format!("/v1/vms/{db}"), json!({"labels": {"tier": "db"}}))
+        .await;
+
+    let names = |list: &Value| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let (_, list) = app.get("/v1/vms?label=tier=web").await;
+    assert_eq!(names(&list), vec!["web-1", "web-2"]);
+    let (_, list) = app.get("/v1/vms?label=example.com/team=blue").await;
+    assert_eq!(names(&list), vec!["web-1"]);
+    let (_, list) = app.get("/v1/vms?label=tier=web&limit=1").await;
+    assert_eq!(names(&list), vec!["web-1"]);
+    assert!(list["next_cursor"].is_string());
+    let (_, one) = app.get(&format!("/v1/vms/{web1}")).await;
+    assert_eq!(one["labels"]["example.com/team"], "blue");
+
+    // Replacing with an empty map clears them; bad shapes are refused and change nothing.
+    app.patch(&format!("/v1/vms/{web2}"), json!({"labels": {}}))
+        .await;
+    let (_, list) = app.get("/v1/vms?label=tier=web").await;
+    assert_eq!(names(&list), vec!["web-1"]);
+    let (status, problem) = app
+        .patch(
+            &format!("/v1/vms/{db}"),
+            json!({"labels": {"bad key": "x"}}),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("validation_failed"))
+    );
+    assert_eq!(app.vm(&db).await["labels"], json!({"tier": "db"}));
+    let (status, problem) = app.get("/v1/vms?label=tier").await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_query"))
+    );
+}
