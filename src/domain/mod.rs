@@ -3,6 +3,7 @@
 
 pub mod plan;
 pub mod retention;
+pub mod schedule;
 pub mod validate;
 
 use serde::{Deserialize, Serialize};
