@@ -247,6 +247,7 @@ async fn create_snapshot(
         created_at: store::now(),
         expires_at: body.expires_at,
         hold: body.hold,
+        schedule_id: None,
         volumes: Vec::new(),
     };
     store::snapshots::insert(&mut tx, &snapshot)

@@ -136,6 +136,8 @@ pub struct Snapshot {
     pub expires_at: Option<Timestamp>,
     /// Never pruned by expiry or retention while set.
     pub hold: bool,
+    /// The schedule that took it (None for manual snapshots).
+    pub schedule_id: Option<Uuid>,
     /// (disk id, frozen volume id) for each disk the snapshot covers.
     pub volumes: Vec<(Uuid, Uuid)>,
 }
@@ -168,3 +170,47 @@ string_enum!(
     /// Where a job stands in its journal.
     JobPhase { Executing => "executing", Committed => "committed" }
 );
+
+/// Which VMs a schedule snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScheduleTarget {
+    Vm(Uuid),
+    /// Every VM carrying the label `key=value` at the time of the run.
+    Selector {
+        key: String,
+        value: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub id: Uuid,
+    pub name: String,
+    pub target: ScheduleTarget,
+    pub cron: String,
+    pub timezone: String,
+    pub enabled: bool,
+    pub name_template: String,
+    pub retention: retention::RetentionPolicy,
+    pub next_run_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+string_enum!(
+    /// Outcome of one schedule run.
+    RunStatus { Running => "running", Succeeded => "succeeded", Failed => "failed", Skipped => "skipped" }
+);
+
+#[derive(Debug, Clone)]
+pub struct ScheduleRun {
+    pub id: Uuid,
+    pub schedule_id: Uuid,
+    /// `cron` or `manual`.
+    pub trigger: String,
+    pub started_at: Timestamp,
+    pub finished_at: Option<Timestamp>,
+    pub status: RunStatus,
+    pub reason: Option<String>,
+    pub detail: serde_json::Value,
+}

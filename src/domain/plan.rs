@@ -33,6 +33,9 @@ pub struct VolumeNode {
     /// Bytes the file occupies on disk: the upper bound of what a merge copies out of it.
     pub allocated_bytes: u64,
     pub owner: Owner,
+    /// Status before the plan: what an undo restores (a half-merged `rewriting` layer
+    /// must stay flagged even if a later attempt is rolled back).
+    pub status: VolumeStatus,
 }
 
 /// All volumes of one disk (a tree rooted at the base image).
@@ -111,7 +114,7 @@ impl FileOp {
     /// A commit rewrites its base: once one starts, the doomed snapshot's own content is
     /// gone and the job can only go forward.
     pub fn is_point_of_no_return(&self) -> bool {
-        matches!(self, FileOp::Commit { .. } | FileOp::Resize { .. })
+        matches!(self, FileOp::Commit { .. })
     }
 
     /// Steps whose child process may be killed at any moment without changing what any
@@ -264,6 +267,24 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Flag a volume for the job and record how to put it back: an undo restores its
+    /// old status; a failure after the point of no return restores a layer that was
+    /// only to be deleted but leaves one being rewritten flagged.
+    fn flag_volume(&mut self, volume: &VolumeNode, status: VolumeStatus) {
+        self.mark.push(MetaOp::SetVolumeStatus {
+            volume: volume.id,
+            status,
+        });
+        let restore = MetaOp::SetVolumeStatus {
+            volume: volume.id,
+            status: volume.status,
+        };
+        if status != VolumeStatus::Rewriting {
+            self.fail.push(restore.clone());
+        }
+        self.undo.push(restore);
+    }
+
     /// Index of the first step after which the job can no longer be undone.
     pub fn point_of_no_return(&self) -> Option<usize> {
         self.steps.iter().position(|s| s.op.is_point_of_no_return())
@@ -462,7 +483,12 @@ pub fn plan_revert(vm: Uuid, snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan
 /// Per disk, the snapshot's layer V is dropped when nothing sits on it (case 3), merged
 /// with its only child in the cheaper direction (cases 1 and 2), or streamed into each
 /// child when it is a branch point (never committed into).
-pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan, PlanError> {
+/// `previous` is the snapshot's status before the request (restored on undo).
+pub fn plan_snapshot_delete(
+    snapshot: Uuid,
+    previous: ResourceStatus,
+    disks: &[DiskGraph],
+) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     plan.mark.push(MetaOp::SetSnapshotStatus {
         snapshot,
@@ -476,10 +502,7 @@ pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan,
         let stream_bytes = frozen.allocated_bytes * children.len() as u64;
         match children.as_slice() {
             [] => {
-                plan.mark.push(MetaOp::SetVolumeStatus {
-                    volume: frozen.id,
-                    status: VolumeStatus::Deleting,
-                });
+                plan.flag_volume(frozen, VolumeStatus::Deleting);
                 plan.merges.push(MergeChoice {
                     disk_id: disk.disk_id,
                     action: MergeAction::Drop,
@@ -516,10 +539,7 @@ pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan,
                         }],
                     });
                 }
-                plan.mark.push(MetaOp::SetVolumeStatus {
-                    volume: frozen.id,
-                    status: VolumeStatus::Deleting,
-                });
+                plan.flag_volume(frozen, VolumeStatus::Deleting);
                 plan.space_needed += stream_bytes;
                 plan.merges.push(MergeChoice {
                     disk_id: disk.disk_id,
@@ -537,7 +557,7 @@ pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan,
     plan.finish.insert(0, MetaOp::DeleteSnapshot { snapshot });
     plan.undo.push(MetaOp::SetSnapshotStatus {
         snapshot,
-        status: ResourceStatus::Ready,
+        status: previous,
     });
     plan.fail.push(MetaOp::SetSnapshotStatus {
         snapshot,
@@ -550,16 +570,8 @@ pub fn plan_snapshot_delete(snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan,
 /// owner then reads `frozen`, the child's children are repointed, and the child's file
 /// is dropped.
 fn commit_child_into(plan: &mut Plan, disk: &DiskGraph, frozen: &VolumeNode, child: &VolumeNode) {
-    plan.mark.extend([
-        MetaOp::SetVolumeStatus {
-            volume: frozen.id,
-            status: VolumeStatus::Rewriting,
-        },
-        MetaOp::SetVolumeStatus {
-            volume: child.id,
-            status: VolumeStatus::Deleting,
-        },
-    ]);
+    plan.flag_volume(frozen, VolumeStatus::Rewriting);
+    plan.flag_volume(child, VolumeStatus::Deleting);
     plan.steps.push(Step {
         op: FileOp::Commit {
             top: child.id,
@@ -609,20 +621,21 @@ fn commit_child_into(plan: &mut Plan, disk: &DiskGraph, frozen: &VolumeNode, chi
 
 /// Remove every snapshot of a VM: each disk collapses into one file holding the present
 /// state, and every layer off the present chain is dropped.
+/// `snapshots` lists every snapshot of the VM with its status before the request.
 pub fn plan_delete_all_snapshots(
     vm: Uuid,
-    snapshots: &[Uuid],
+    snapshots: &[(Uuid, ResourceStatus)],
     disks: &[DiskGraph],
 ) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
-    for &snapshot in snapshots {
+    for &(snapshot, previous) in snapshots {
         plan.mark.push(MetaOp::SetSnapshotStatus {
             snapshot,
             status: ResourceStatus::Deleting,
         });
         plan.undo.push(MetaOp::SetSnapshotStatus {
             snapshot,
-            status: ResourceStatus::Ready,
+            status: previous,
         });
         plan.fail.push(MetaOp::SetSnapshotStatus {
             snapshot,
@@ -671,10 +684,7 @@ pub fn plan_delete_all_snapshots(
                 MergeAction::Stream
             };
             if action == MergeAction::Commit {
-                plan.mark.push(MetaOp::SetVolumeStatus {
-                    volume: base.id,
-                    status: VolumeStatus::Rewriting,
-                });
+                plan.flag_volume(base, VolumeStatus::Rewriting);
                 plan.steps.push(Step {
                     op: FileOp::Commit {
                         top: active.id,
@@ -726,10 +736,8 @@ pub fn plan_delete_all_snapshots(
             });
         }
         for &volume in &removed {
-            plan.mark.push(MetaOp::SetVolumeStatus {
-                volume,
-                status: VolumeStatus::Deleting,
-            });
+            let node = disk.get(volume).ok_or(PlanError::MissingVolume(volume))?;
+            plan.flag_volume(node, VolumeStatus::Deleting);
             plan.finish.push(MetaOp::RemoveVolume { volume });
         }
         plan.drops.extend(removed);
@@ -737,7 +745,8 @@ pub fn plan_delete_all_snapshots(
     Ok(plan)
 }
 
-/// Grow a disk: only the writable top changes size; lower layers keep theirs.
+/// Grow a disk: only the writable top changes size; lower layers keep theirs. A grow
+/// either happens or not, so a failed one is simply undone.
 pub fn plan_resize(disk: &DiskGraph, size_bytes: u64) -> Result<Plan, PlanError> {
     let active = disk
         .active()
@@ -764,10 +773,6 @@ pub fn plan_resize(disk: &DiskGraph, size_bytes: u64) -> Result<Plan, PlanError>
             disk: disk.disk_id,
             status: ResourceStatus::Ready,
         }],
-        fail: vec![MetaOp::SetDiskStatus {
-            disk: disk.disk_id,
-            status: ResourceStatus::Error,
-        }],
         space_needed: 1 << 20,
         ..Plan::default()
     })
@@ -778,11 +783,8 @@ pub fn plan_delete_disks(vm: Uuid, disks: &[DiskGraph], delete_vm: bool) -> Plan
     let mut plan = Plan::default();
     for disk in disks {
         let ids: Vec<Uuid> = disk.volumes.iter().map(|v| v.id).collect();
-        for &volume in &ids {
-            plan.mark.push(MetaOp::SetVolumeStatus {
-                volume,
-                status: VolumeStatus::Deleting,
-            });
+        for volume in &disk.volumes {
+            plan.flag_volume(volume, VolumeStatus::Deleting);
         }
         if !delete_vm {
             plan.finish.push(MetaOp::DeleteDisk { disk: disk.disk_id });

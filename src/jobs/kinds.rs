@@ -115,19 +115,52 @@ pub async fn preflight(
         }
         JobKind::SnapshotRevert => {
             refuse_if_running(&vm, "revert")?;
-            plan::plan_revert(vm_id, target, &graphs)?
+            let plan = plan::plan_revert(vm_id, target, &graphs)?;
+            if plan.steps.is_empty() {
+                return Err(Error::problem(
+                    ErrorCode::SnapshotNotReady,
+                    "the snapshot covers none of the VM's disks any more (they were deleted); there is nothing to revert to",
+                ));
+            }
+            plan
         }
         JobKind::SnapshotDelete => {
-            let plan = plan::plan_snapshot_delete(target, &graphs)?;
+            let plan = plan::plan_snapshot_delete(target, previous_status(params), &graphs)?;
             refuse_merge_while_running(&vm, &plan, &graphs)?;
             plan
         }
         JobKind::SnapshotDeleteAll => {
-            let snapshots: Vec<Uuid> = store::snapshots::list(&mut conn, vm_id, None, u32::MAX)
-                .await?
-                .iter()
-                .map(|s| s.id)
-                .collect();
+            let current: Vec<(Uuid, ResourceStatus)> =
+                store::snapshots::list(&mut conn, vm_id, None, u32::MAX)
+                    .await?
+                    .iter()
+                    // A snapshot still being created (queued after this job) has no layer yet
+                    // and is taken after the collapse.
+                    .filter(|s| s.status != ResourceStatus::Creating)
+                    .map(|s| (s.id, s.status))
+                    .collect();
+            // A queued job deletes exactly the snapshots its request saw (and flagged);
+            // anything else means the tree changed and collapsing it would take more.
+            let snapshots = match params["snapshots"].as_array() {
+                None => current,
+                Some(listed) => {
+                    let listed: Vec<(Uuid, ResourceStatus)> = listed
+                        .iter()
+                        .filter_map(|s| Some((s["id"].as_str()?.parse().ok()?, previous_status(s))))
+                        .collect();
+                    let mut a: Vec<Uuid> = listed.iter().map(|s| s.0).collect();
+                    let mut b: Vec<Uuid> = current.iter().map(|s| s.0).collect();
+                    a.sort();
+                    b.sort();
+                    if a != b {
+                        return Err(Error::problem(
+                            ErrorCode::SnapshotBusy,
+                            "the VM's snapshots changed since the request; ask again to delete the current set",
+                        ));
+                    }
+                    listed
+                }
+            };
             let plan = plan::plan_delete_all_snapshots(vm_id, &snapshots, &graphs)?;
             refuse_merge_while_running(&vm, &plan, &graphs)?;
             plan
@@ -178,6 +211,14 @@ fn check_space(engine: &Engine, plan: &Plan) -> Result<()> {
         return Err(insufficient_storage(needed, available));
     }
     Ok(())
+}
+
+/// The status a request found its snapshot in (restored if the job is undone).
+fn previous_status(params: &Value) -> ResourceStatus {
+    params["previous_status"]
+        .as_str()
+        .and_then(ResourceStatus::parse)
+        .unwrap_or(ResourceStatus::Ready)
 }
 
 /// Metadata changes that unwind a job ended before it journaled a plan: the records

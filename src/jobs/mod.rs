@@ -19,12 +19,16 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use crate::domain::plan::{FileOp, MetaOp, Plan};
-use crate::domain::{Job, JobPhase, JobStatus, Uuid, VolumeStatus};
+use crate::domain::{Job, JobPhase, JobStatus, Uuid};
 use crate::error::{Error, ErrorCode, Result};
 use crate::qemu::{Qemu, QemuError};
 use crate::store::{self, Db};
 
 pub use kinds::preflight;
+
+/// How often a job whose journal write failed is resumed before it is left for the
+/// next start.
+const BOOKKEEPING_RETRIES: u32 = 4;
 
 /// Engine settings (a slice of the service config).
 #[derive(Debug, Clone)]
@@ -107,11 +111,13 @@ impl Engine {
                 store::jobs::finish(&mut tx, id, JobStatus::Cancelled, None, store::now()).await?;
             }
             JobStatus::Running => {
-                let past = job
-                    .plan
-                    .as_ref()
-                    .and_then(Plan::point_of_no_return)
-                    .is_some_and(|p| job.next_step >= p);
+                // Past the last step, or at/after the first commit, the job only goes forward.
+                let past = job.plan.as_ref().is_some_and(|plan| {
+                    job.next_step >= plan.steps.len()
+                        || plan
+                            .point_of_no_return()
+                            .is_some_and(|p| job.next_step >= p)
+                });
                 if past {
                     return Err(Error::problem(
                         ErrorCode::JobNotCancellable,
@@ -198,16 +204,33 @@ impl Engine {
             .insert(job.id, cancel_tx);
         self.bump();
         let id = job.id;
-        let outcome = self.drive(job, cancel_rx).await;
+        let mut outcome = self.drive(job, cancel_rx.clone()).await;
+        // A failed journal write (e.g. the database's file system was full) leaves the
+        // job as its last committed entry describes it: resume from there, as a restart
+        // would, after a pause.
+        for attempt in 1..=BOOKKEEPING_RETRIES {
+            let Err(e) = &outcome else { break };
+            tracing::error!(job = %id, error = %e, attempt, "job bookkeeping failed; resuming from the journal");
+            tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
+            outcome = match self.reload(id).await {
+                Ok(Some(job)) if job.status == JobStatus::Running => {
+                    self.drive(job, cancel_rx.clone()).await
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
         self.running.lock().expect("cancel map").remove(&id);
         if let Err(e) = outcome {
-            // Only the bookkeeping itself failed (the database): the job stays
-            // running in the table and is resumed at the next start.
-            tracing::error!(job = %id, error = %e, "job bookkeeping failed; it will be resumed at the next start");
+            tracing::error!(job = %id, error = %e, "job bookkeeping keeps failing; it will be resumed at the next start");
         }
         self.bump();
         // A finished job may unblock the next job of its VM.
         self.wake.notify_waiters();
+    }
+
+    async fn reload(&self, id: Uuid) -> Result<Option<Job>> {
+        store::jobs::get(&mut *self.db.reader().await?, id).await
     }
 
     async fn drive(self: &Arc<Self>, mut job: Job, cancel: watch::Receiver<bool>) -> Result<()> {
@@ -240,7 +263,7 @@ impl Engine {
                 let step = &plan.steps[index];
                 let cancellable = plan.point_of_no_return().is_none_or(|p| index <= p);
                 if *cancel.borrow() && cancellable {
-                    return self.stop(&job, &plan, index, Stop::Cancelled).await;
+                    return self.stop(&job, &plan, index, false, Stop::Cancelled).await;
                 }
                 let progress = self.progress_reporter(job.id, index as f32 / total, 1.0 / total);
                 let interrupt = (cancellable && step.op.is_interruptible()).then_some(&cancel);
@@ -251,7 +274,7 @@ impl Engine {
                     } else {
                         Stop::Failed(e)
                     };
-                    return self.stop(&job, &plan, index, stop).await;
+                    return self.stop(&job, &plan, index, true, stop).await;
                 }
                 // Creating an empty file is cheap and is redone from scratch on resume,
                 // so only steps that copy data or change metadata cost a journal write.
@@ -325,6 +348,10 @@ impl Engine {
                     .await?;
             }
             FileOp::Stream { volume, backing } => {
+                if retry {
+                    // A killed rebase leaves leaked clusters in the file it wrote.
+                    self.qemu.repair_leaks(&self.volume_path(volume)).await?;
+                }
                 let backing = backing.map(storage::volume_file_name);
                 self.qemu
                     .stream(
@@ -377,38 +404,36 @@ impl Engine {
         }
     }
 
-    /// Stop a job at step `index` (not completed): roll back if the point of no return
-    /// was not reached, otherwise record what the partial merge left unreadable.
-    async fn stop(&self, job: &Job, plan: &Plan, index: usize, stop: Stop) -> Result<()> {
-        let past_no_return = plan.point_of_no_return().is_some_and(|p| p <= index);
-        let mut ops = Vec::new();
+    /// Stop a job at step `index` (not completed; `started` tells whether it began):
+    /// roll back if the point of no return was not reached, otherwise record what the
+    /// partial merge left unreadable. The plan's `undo` and `fail` restore every status
+    /// it flagged to what it was before the job.
+    async fn stop(
+        &self,
+        job: &Job,
+        plan: &Plan,
+        index: usize,
+        started: bool,
+        stop: Stop,
+    ) -> Result<()> {
+        let past_no_return = plan
+            .point_of_no_return()
+            .is_some_and(|p| p < index || (started && p == index));
         if past_no_return {
-            ops.extend(plan.fail.iter().cloned());
-        } else {
-            for step in &plan.steps[..=index.min(plan.steps.len().saturating_sub(1))] {
-                if let FileOp::Create { volume, .. } = step.op {
-                    remove_if_exists(&self.volume_path(volume)).await?;
-                }
-            }
-            let undo = match (&stop, &plan.cancel) {
-                (Stop::Cancelled, Some(cancel)) => cancel,
-                _ => &plan.undo,
-            };
-            ops.extend(undo.iter().cloned());
+            return self.end(job, &plan.fail, stop).await;
         }
-        // Volumes flagged for deletion are kept after all; a volume being rewritten
-        // stays flagged when its content may already be half-merged.
-        for op in &plan.mark {
-            if let MetaOp::SetVolumeStatus { volume, status } = *op
-                && (status == VolumeStatus::Deleting || !past_no_return)
-            {
-                ops.push(MetaOp::SetVolumeStatus {
-                    volume,
-                    status: VolumeStatus::Ready,
-                });
+        // Every file a Create step made is new and ours, including those of later steps
+        // an earlier process ran before it died (they are not journaled one by one).
+        for step in &plan.steps {
+            if let FileOp::Create { volume, .. } = step.op {
+                remove_if_exists(&self.volume_path(volume)).await?;
             }
         }
-        self.end(job, &ops, stop).await
+        let undo = match (&stop, &plan.cancel) {
+            (Stop::Cancelled, Some(cancel)) => cancel,
+            _ => &plan.undo,
+        };
+        self.end(job, undo, stop).await
     }
 
     /// End a job that never journaled a plan.

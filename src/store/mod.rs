@@ -6,6 +6,7 @@
 //! and see WAL snapshots.
 
 pub mod jobs;
+pub mod schedules;
 pub mod snapshots;
 pub mod vms;
 

@@ -18,6 +18,7 @@ fn from_row(row: &SqliteRow) -> Result<Snapshot> {
         created_at: get_ts(row, "created_at")?,
         expires_at: super::get_opt_ts(row, "expires_at")?,
         hold: row.try_get::<i64, _>("hold")? != 0,
+        schedule_id: get_opt_id(row, "schedule_id")?,
         volumes: Vec::new(),
     })
 }
@@ -71,8 +72,8 @@ pub async fn list(
 
 pub async fn insert(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<()> {
     sqlx::query(
-        "INSERT INTO snapshots (id, vm_id, name, description, parent_id, status, created_at, expires_at, hold)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO snapshots (id, vm_id, name, description, parent_id, status, created_at, expires_at, hold, schedule_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
         .bind(id_text(snapshot.id))
         .bind(id_text(snapshot.vm_id))
@@ -83,9 +84,27 @@ pub async fn insert(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<
         .bind(ts(snapshot.created_at))
         .bind(snapshot.expires_at.map(ts))
         .bind(snapshot.hold as i64)
+        .bind(opt_id_text(snapshot.schedule_id))
         .execute(conn)
         .await?;
     Ok(())
+}
+
+/// Snapshots a schedule took on a VM, oldest first.
+pub async fn of_schedule(
+    conn: &mut SqliteConnection,
+    schedule: Uuid,
+    vm: Uuid,
+) -> Result<Vec<Snapshot>> {
+    let rows = sqlx::query(
+        "SELECT * FROM snapshots WHERE schedule_id = ? AND vm_id = ? ORDER BY created_at, id",
+    )
+    .bind(id_text(schedule))
+    .bind(id_text(vm))
+    .fetch_all(&mut *conn)
+    .await?;
+    let snapshots = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
+    with_volumes(conn, snapshots).await
 }
 
 pub async fn set_status(

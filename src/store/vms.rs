@@ -267,6 +267,7 @@ pub async fn disk_graphs(conn: &mut SqliteConnection, vm_id: Uuid) -> Result<Vec
                         size_bytes: v.size_bytes,
                         allocated_bytes: 0,
                         owner,
+                        status: v.status,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;

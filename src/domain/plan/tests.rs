@@ -42,6 +42,7 @@ impl Disk {
             size_bytes,
             allocated_bytes,
             owner,
+            status: VolumeStatus::Ready,
         });
         id
     }
@@ -411,6 +412,7 @@ impl Store {
                             size_bytes: row.size_bytes,
                             allocated_bytes: 0,
                             owner,
+                            status: row.status,
                         }
                     })
                     .collect();
@@ -692,7 +694,7 @@ fn deleting_the_snapshot_before_the_current_one_commits_its_smaller_child_down()
     let graphs = [c.disk.build()];
     let d = c.disk.id();
 
-    let plan = plan_snapshot_delete(c.snap01, &graphs).unwrap();
+    let plan = plan_snapshot_delete(c.snap01, ResourceStatus::Ready, &graphs).unwrap();
 
     assert_eq!(
         plan.steps,
@@ -765,19 +767,37 @@ fn deleting_the_snapshot_before_the_current_one_commits_its_smaller_child_down()
         }]
     );
     assert_eq!(plan.space_needed, 100 * MIB);
+    // Undo puts every flag back as it was; a failure after the commit started keeps the
+    // half-merged base flagged `rewriting` and only releases the child.
     assert_eq!(
         plan.undo,
-        vec![MetaOp::SetSnapshotStatus {
-            snapshot: c.snap01,
-            status: ResourceStatus::Ready
-        }]
+        vec![
+            MetaOp::SetVolumeStatus {
+                volume: c.l0,
+                status: VolumeStatus::Ready
+            },
+            MetaOp::SetVolumeStatus {
+                volume: c.l1,
+                status: VolumeStatus::Ready
+            },
+            MetaOp::SetSnapshotStatus {
+                snapshot: c.snap01,
+                status: ResourceStatus::Ready
+            },
+        ]
     );
     assert_eq!(
         plan.fail,
-        vec![MetaOp::SetSnapshotStatus {
-            snapshot: c.snap01,
-            status: ResourceStatus::Error
-        }]
+        vec![
+            MetaOp::SetVolumeStatus {
+                volume: c.l1,
+                status: VolumeStatus::Ready
+            },
+            MetaOp::SetSnapshotStatus {
+                snapshot: c.snap01,
+                status: ResourceStatus::Error
+            },
+        ]
     );
 
     // snap02 now reads L0 (which holds L1's content); the present still grows from it.
@@ -794,7 +814,7 @@ fn deleting_the_snapshot_before_the_current_one_streams_its_smaller_parent_up() 
     let graphs = [c.disk.build()];
     let d = c.disk.id();
 
-    let plan = plan_snapshot_delete(c.snap01, &graphs).unwrap();
+    let plan = plan_snapshot_delete(c.snap01, ResourceStatus::Ready, &graphs).unwrap();
 
     assert_eq!(
         plan.steps,
@@ -862,7 +882,7 @@ fn streaming_a_deleted_layer_up_rebases_its_child_onto_the_layer_below() {
         .parent = Some(base);
     let graphs = [c.disk.build()];
 
-    let plan = plan_snapshot_delete(c.snap01, &graphs).unwrap();
+    let plan = plan_snapshot_delete(c.snap01, ResourceStatus::Ready, &graphs).unwrap();
 
     assert_eq!(
         plan.steps,
@@ -884,7 +904,7 @@ fn streaming_a_deleted_layer_up_rebases_its_child_onto_the_layer_below() {
 fn equal_sides_are_merged_by_commit() {
     let c = classic(64 * MIB, 64 * MIB, MIB);
 
-    let plan = plan_snapshot_delete(c.snap01, &[c.disk.build()]).unwrap();
+    let plan = plan_snapshot_delete(c.snap01, ResourceStatus::Ready, &[c.disk.build()]).unwrap();
 
     assert_eq!(plan.merges[0].action, MergeAction::Commit);
     assert_eq!(plan.merges[0].bytes_to_copy, 64 * MIB);
@@ -898,7 +918,7 @@ fn a_commit_repoints_every_volume_on_the_committed_child() {
     let other = disk.frozen(Some(c.l1), new_id(), 5 * MIB);
     let graphs = [disk.build()];
 
-    let plan = plan_snapshot_delete(c.snap01, &graphs).unwrap();
+    let plan = plan_snapshot_delete(c.snap01, ResourceStatus::Ready, &graphs).unwrap();
 
     assert_eq!(
         plan.steps[0].op,
@@ -936,7 +956,7 @@ fn deleting_the_current_snapshot_commits_the_present_and_moves_the_active_role_d
     let graphs = [c.disk.build()];
     let d = c.disk.id();
 
-    let plan = plan_snapshot_delete(c.snap02, &graphs).unwrap();
+    let plan = plan_snapshot_delete(c.snap02, ResourceStatus::Ready, &graphs).unwrap();
 
     assert_eq!(
         plan.steps,
@@ -991,7 +1011,7 @@ fn deleting_the_current_snapshot_streams_it_into_a_bigger_present() {
     let graphs = [c.disk.build()];
     let d = c.disk.id();
 
-    let plan = plan_snapshot_delete(c.snap02, &graphs).unwrap();
+    let plan = plan_snapshot_delete(c.snap02, ResourceStatus::Ready, &graphs).unwrap();
 
     assert_eq!(
         plan.steps,
@@ -1039,7 +1059,7 @@ fn deleting_a_snapshot_nothing_sits_on_drops_its_layer_without_copying() {
     let r = reverted();
     let graphs = [r.disk.build()];
 
-    let plan = plan_snapshot_delete(r.snap02, &graphs).unwrap();
+    let plan = plan_snapshot_delete(r.snap02, ResourceStatus::Ready, &graphs).unwrap();
 
     assert!(plan.steps.is_empty());
     assert_eq!(
@@ -1088,7 +1108,7 @@ fn deleting_a_snapshot_skips_disks_it_does_not_cover() {
     let added_active = added.active(None, 300 * MIB);
     let graphs = [c.disk.build(), added.build()];
 
-    let plan = plan_snapshot_delete(c.snap01, &graphs).unwrap();
+    let plan = plan_snapshot_delete(c.snap01, ResourceStatus::Ready, &graphs).unwrap();
 
     assert_eq!(plan.merges.len(), 1);
     assert_eq!(plan.merges[0].disk_id, c.disk.id());
@@ -1116,7 +1136,7 @@ fn deleting_a_branch_point_streams_into_every_child() {
     let present = disk.active(Some(point), MIB);
     let graphs = [disk.build()];
 
-    let plan = plan_snapshot_delete(snap01, &graphs).unwrap();
+    let plan = plan_snapshot_delete(snap01, ResourceStatus::Ready, &graphs).unwrap();
 
     assert_eq!(
         plan.steps,
@@ -1189,7 +1209,7 @@ fn a_branch_point_at_the_base_makes_every_child_standalone() {
         disk.active(Some(point), 0),
     ];
 
-    let plan = plan_snapshot_delete(snapshot, &[disk.build()]).unwrap();
+    let plan = plan_snapshot_delete(snapshot, ResourceStatus::Ready, &[disk.build()]).unwrap();
 
     let expected: Vec<FileOp> = children
         .iter()
@@ -1243,7 +1263,7 @@ fn deleting_all_snapshots_commits_the_present_chain_into_its_base_when_the_top_i
     let graphs = [t.disk.build()];
     let (vm, d) = (new_id(), t.disk.id());
 
-    let plan = plan_delete_all_snapshots(vm, &t.snapshots, &graphs).unwrap();
+    let plan = plan_delete_all_snapshots(vm, &ready(&t.snapshots), &graphs).unwrap();
 
     assert_eq!(
         plan.steps,
@@ -1315,7 +1335,7 @@ fn deleting_all_snapshots_streams_the_chain_into_the_present_when_the_base_is_sm
     let graphs = [t.disk.build()];
     let vm = new_id();
 
-    let plan = plan_delete_all_snapshots(vm, &t.snapshots, &graphs).unwrap();
+    let plan = plan_delete_all_snapshots(vm, &ready(&t.snapshots), &graphs).unwrap();
 
     assert_eq!(
         plan.steps,
@@ -1362,7 +1382,7 @@ fn deleting_all_snapshots_of_a_disk_with_one_volume_copies_nothing() {
     let added_active = added.active(None, 300 * MIB);
     let graphs = [t.disk.build(), added.build()];
 
-    let plan = plan_delete_all_snapshots(new_id(), &t.snapshots, &graphs).unwrap();
+    let plan = plan_delete_all_snapshots(new_id(), &ready(&t.snapshots), &graphs).unwrap();
 
     assert_eq!(plan.merges.len(), 2);
     assert_eq!(
@@ -1405,7 +1425,7 @@ fn deleting_all_snapshots_drops_every_branch_children_before_parents() {
     let present = disk.active(Some(mid), MIB);
     let graphs = [disk.build()];
 
-    let plan = plan_delete_all_snapshots(new_id(), &snapshots, &graphs).unwrap();
+    let plan = plan_delete_all_snapshots(new_id(), &ready(&snapshots), &graphs).unwrap();
 
     assert_store_order(&plan, &graphs);
     let mut dropped = plan.drops.clone();
@@ -1425,27 +1445,40 @@ fn deleting_all_snapshots_drops_every_branch_children_before_parents() {
 #[test]
 fn only_plans_that_commit_have_a_point_of_no_return() {
     let commit_case1 = classic(800 * MIB, 100 * MIB, 10 * MIB);
-    let plan = plan_snapshot_delete(commit_case1.snap01, &[commit_case1.disk.build()]).unwrap();
+    let plan = plan_snapshot_delete(
+        commit_case1.snap01,
+        ResourceStatus::Ready,
+        &[commit_case1.disk.build()],
+    )
+    .unwrap();
     assert_eq!(plan.point_of_no_return(), Some(0));
 
     let commit_case2 = classic(800 * MIB, 100 * MIB, 10 * MIB);
-    let plan = plan_snapshot_delete(commit_case2.snap02, &[commit_case2.disk.build()]).unwrap();
+    let plan = plan_snapshot_delete(
+        commit_case2.snap02,
+        ResourceStatus::Ready,
+        &[commit_case2.disk.build()],
+    )
+    .unwrap();
     assert_eq!(plan.point_of_no_return(), Some(0));
 
     let stream = classic(20 * MIB, 300 * MIB, 10 * MIB);
-    let plan = plan_snapshot_delete(stream.snap01, &[stream.disk.build()]).unwrap();
+    let plan =
+        plan_snapshot_delete(stream.snap01, ResourceStatus::Ready, &[stream.disk.build()]).unwrap();
     assert_eq!(plan.point_of_no_return(), None);
 
     let r = reverted();
-    let plan = plan_snapshot_delete(r.snap02, &[r.disk.build()]).unwrap();
+    let plan = plan_snapshot_delete(r.snap02, ResourceStatus::Ready, &[r.disk.build()]).unwrap();
     assert_eq!(plan.point_of_no_return(), None);
 
     let t = tree(GIB, 50 * MIB, 5 * MIB);
-    let plan = plan_delete_all_snapshots(new_id(), &t.snapshots, &[t.disk.build()]).unwrap();
+    let plan =
+        plan_delete_all_snapshots(new_id(), &ready(&t.snapshots), &[t.disk.build()]).unwrap();
     assert_eq!(plan.point_of_no_return(), Some(0));
 
     let t = tree(10 * MIB, 50 * MIB, 500 * MIB);
-    let plan = plan_delete_all_snapshots(new_id(), &t.snapshots, &[t.disk.build()]).unwrap();
+    let plan =
+        plan_delete_all_snapshots(new_id(), &ready(&t.snapshots), &[t.disk.build()]).unwrap();
     assert_eq!(plan.point_of_no_return(), None);
 }
 
@@ -1459,7 +1492,7 @@ fn a_commit_on_a_second_disk_is_the_point_of_no_return_after_the_first_disks_str
     second.active(Some(s_l1), MIB);
     let graphs = [stream.disk.build(), second.build()];
 
-    let plan = plan_snapshot_delete(stream.snap01, &graphs).unwrap();
+    let plan = plan_snapshot_delete(stream.snap01, ResourceStatus::Ready, &graphs).unwrap();
 
     assert!(matches!(plan.steps[0].op, FileOp::Stream { .. }));
     assert_eq!(
@@ -1481,7 +1514,7 @@ fn dropping_a_leaf_on_another_branch_leaves_the_active_chain_alone() {
     let r = reverted();
     let graphs = [r.disk.build()];
 
-    let plan = plan_snapshot_delete(r.snap02, &graphs).unwrap();
+    let plan = plan_snapshot_delete(r.snap02, ResourceStatus::Ready, &graphs).unwrap();
 
     assert!(!plan.touches_active_chains(&graphs));
 }
@@ -1491,7 +1524,7 @@ fn merging_layers_of_another_branch_leaves_the_active_chain_alone() {
     let t = tree(GIB, 50 * MIB, 5 * MIB);
     let graphs = [t.disk.build()];
     // x (s3) has one child y (s4): a merge, but only on the old branch.
-    let plan = plan_snapshot_delete(t.snapshots[2], &graphs).unwrap();
+    let plan = plan_snapshot_delete(t.snapshots[2], ResourceStatus::Ready, &graphs).unwrap();
 
     assert!(!plan.steps.is_empty());
     assert!(!plan.touches_active_chains(&graphs));
@@ -1507,12 +1540,13 @@ fn a_merge_into_the_active_chain_touches_it() {
             let c = classic(l0, l1, l2);
             let graphs = [c.disk.build()];
             let snapshot = if current { c.snap02 } else { c.snap01 };
-            let plan = plan_snapshot_delete(snapshot, &graphs).unwrap();
+            let plan = plan_snapshot_delete(snapshot, ResourceStatus::Ready, &graphs).unwrap();
             assert!(plan.touches_active_chains(&graphs), "{:?}", plan.merges);
         }
     }
     let t = tree(GIB, 50 * MIB, 5 * MIB);
-    let plan = plan_delete_all_snapshots(new_id(), &t.snapshots, &[t.disk.build()]).unwrap();
+    let plan =
+        plan_delete_all_snapshots(new_id(), &ready(&t.snapshots), &[t.disk.build()]).unwrap();
     assert!(plan.touches_active_chains(&[t.disk.build()]));
 }
 
@@ -1531,14 +1565,14 @@ fn delete_plans() -> Vec<(Vec<DiskGraph>, Plan)> {
         let c = classic(l0, l1, l2);
         for snapshot in [c.snap01, c.snap02] {
             let graphs = vec![c.disk.build()];
-            let plan = plan_snapshot_delete(snapshot, &graphs).unwrap();
+            let plan = plan_snapshot_delete(snapshot, ResourceStatus::Ready, &graphs).unwrap();
             plans.push((graphs, plan));
         }
     }
     let r = reverted();
     for snapshot in [r.snap01, r.snap02] {
         let graphs = vec![r.disk.build()];
-        let plan = plan_snapshot_delete(snapshot, &graphs).unwrap();
+        let plan = plan_snapshot_delete(snapshot, ResourceStatus::Ready, &graphs).unwrap();
         plans.push((graphs, plan));
     }
     for (base, mid, present) in [(GIB, 50 * MIB, 5 * MIB), (10 * MIB, 50 * MIB, 500 * MIB)] {
@@ -1547,12 +1581,12 @@ fn delete_plans() -> Vec<(Vec<DiskGraph>, Plan)> {
         for &snapshot in &t.snapshots {
             plans.push((
                 graphs.clone(),
-                plan_snapshot_delete(snapshot, &graphs).unwrap(),
+                plan_snapshot_delete(snapshot, ResourceStatus::Ready, &graphs).unwrap(),
             ));
         }
         plans.push((
             graphs.clone(),
-            plan_delete_all_snapshots(new_id(), &t.snapshots, &graphs).unwrap(),
+            plan_delete_all_snapshots(new_id(), &ready(&t.snapshots), &graphs).unwrap(),
         ));
     }
     plans
@@ -1624,7 +1658,7 @@ fn a_snapshot_taken_then_deleted_leaves_the_chain_as_it_was() {
     store.run(&take);
     // The new overlay is empty, so deleting the new (current) snapshot commits it.
     let taken = store.graphs();
-    let delete = plan_snapshot_delete(snapshot, &taken).unwrap();
+    let delete = plan_snapshot_delete(snapshot, ResourceStatus::Ready, &taken).unwrap();
     assert_eq!(delete.merges[0].action, MergeAction::Commit);
     store.run(&delete);
 
@@ -1661,7 +1695,7 @@ fn resized_between_snapshots() -> Classic {
 fn reverting_after_a_commit_restores_the_size_of_the_merged_snapshot() {
     let c = resized_between_snapshots();
     let graphs = [c.disk.build()];
-    let delete = plan_snapshot_delete(c.snap01, &graphs).unwrap();
+    let delete = plan_snapshot_delete(c.snap01, ResourceStatus::Ready, &graphs).unwrap();
     assert_eq!(delete.merges[0].action, MergeAction::Commit);
     let mut store = Store::from_graphs(&graphs);
     store.run(&delete);
@@ -1692,7 +1726,7 @@ fn committing_the_present_keeps_the_disk_size_on_the_new_active_volume() {
     let l1 = disk.active(Some(l0), 10 * MIB);
     disk.sized(l0, GIB).sized(l1, 2 * GIB);
     let graphs = [disk.build()];
-    let delete = plan_snapshot_delete(snap01, &graphs).unwrap();
+    let delete = plan_snapshot_delete(snap01, ResourceStatus::Ready, &graphs).unwrap();
     assert_eq!(delete.merges[0].action, MergeAction::Commit);
     let mut store = Store::from_graphs(&graphs);
     store.run(&delete);
@@ -1712,11 +1746,46 @@ fn committing_the_present_keeps_the_disk_size_on_the_new_active_volume() {
 fn deleting_all_snapshots_by_commit_keeps_the_disk_size_on_the_base() {
     let c = resized_between_snapshots();
     let graphs = [c.disk.build()];
-    let plan = plan_delete_all_snapshots(new_id(), &[c.snap01, c.snap02], &graphs).unwrap();
+    let plan = plan_delete_all_snapshots(new_id(), &ready(&[c.snap01, c.snap02]), &graphs).unwrap();
     assert_eq!(plan.merges[0].action, MergeAction::Commit);
 
     let graph = &after(&plan, &graphs)[0];
 
     assert_eq!(graph.active().unwrap().id, c.l0);
     assert_eq!(graph.active().unwrap().size_bytes, 2 * GIB);
+}
+
+/// Snapshot ids paired with the status `ready`, as a request finds them.
+fn ready(ids: &[Uuid]) -> Vec<(Uuid, ResourceStatus)> {
+    ids.iter().map(|id| (*id, ResourceStatus::Ready)).collect()
+}
+
+#[test]
+fn undoing_a_retried_delete_restores_the_error_and_rewriting_flags_it_found() {
+    // A first delete of snap01 failed half-way through its commit: snap01 is `error`
+    // and L0 `rewriting`. A retry (here by stream, the child having grown) that is
+    // undone must leave both flagged, or a revert could read half-merged data.
+    let mut c = classic(MIB, 100 * MIB, MIB);
+    for volume in &mut c.disk.graph.volumes {
+        if volume.id == c.l0 {
+            volume.status = VolumeStatus::Rewriting;
+        }
+    }
+    let plan = plan_snapshot_delete(c.snap01, ResourceStatus::Error, &[c.disk.build()]).unwrap();
+    assert_eq!(plan.merges[0].action, MergeAction::Stream);
+    assert!(plan.undo.contains(&MetaOp::SetVolumeStatus {
+        volume: c.l0,
+        status: VolumeStatus::Rewriting
+    }));
+    assert!(plan.undo.contains(&MetaOp::SetSnapshotStatus {
+        snapshot: c.snap01,
+        status: ResourceStatus::Error
+    }));
+    assert!(!plan.undo.iter().any(|op| matches!(
+        op,
+        MetaOp::SetSnapshotStatus {
+            status: ResourceStatus::Ready,
+            ..
+        }
+    )));
 }
