@@ -159,6 +159,8 @@ pub struct Job {
     pub next_step: usize,
     pub detail: Option<serde_json::Value>,
     pub cancel_requested: bool,
+    /// The job has started (or finished) the step it cannot undo.
+    pub past_no_return: bool,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub created_at: Timestamp,

@@ -112,12 +112,11 @@ impl Engine {
             }
             JobStatus::Running => {
                 // Past the last step, or at/after the first commit, the job only goes forward.
-                let past = job.plan.as_ref().is_some_and(|plan| {
-                    job.next_step >= plan.steps.len()
-                        || plan
-                            .point_of_no_return()
-                            .is_some_and(|p| job.next_step >= p)
-                });
+                let past = job.past_no_return
+                    || job
+                        .plan
+                        .as_ref()
+                        .is_some_and(|plan| job.next_step >= plan.steps.len());
                 if past {
                     return Err(Error::problem(
                         ErrorCode::JobNotCancellable,
@@ -263,7 +262,16 @@ impl Engine {
                 let step = &plan.steps[index];
                 let cancellable = plan.point_of_no_return().is_none_or(|p| index <= p);
                 if *cancel.borrow() && cancellable {
-                    return self.stop(&job, &plan, index, false, Stop::Cancelled).await;
+                    return self.stop(&job, &plan, index, Stop::Cancelled).await;
+                }
+                if plan.point_of_no_return() == Some(index) && !job.past_no_return {
+                    let mut tx = self.db.begin().await?;
+                    let entered = store::jobs::enter_no_return(&mut tx, job.id).await?;
+                    tx.commit().await?;
+                    if !entered {
+                        return self.stop(&job, &plan, index, Stop::Cancelled).await;
+                    }
+                    job.past_no_return = true;
                 }
                 let progress = self.progress_reporter(job.id, index as f32 / total, 1.0 / total);
                 let interrupt = (cancellable && step.op.is_interruptible()).then_some(&cancel);
@@ -274,7 +282,7 @@ impl Engine {
                     } else {
                         Stop::Failed(e)
                     };
-                    return self.stop(&job, &plan, index, true, stop).await;
+                    return self.stop(&job, &plan, index, stop).await;
                 }
                 // Creating an empty file is cheap and is redone from scratch on resume,
                 // so only steps that copy data or change metadata cost a journal write.
@@ -404,21 +412,14 @@ impl Engine {
         }
     }
 
-    /// Stop a job at step `index` (not completed; `started` tells whether it began):
+    /// Stop a job at step `index` (not completed):
     /// roll back if the point of no return was not reached, otherwise record what the
     /// partial merge left unreadable. The plan's `undo` and `fail` restore every status
     /// it flagged to what it was before the job.
-    async fn stop(
-        &self,
-        job: &Job,
-        plan: &Plan,
-        index: usize,
-        started: bool,
-        stop: Stop,
-    ) -> Result<()> {
-        let past_no_return = plan
-            .point_of_no_return()
-            .is_some_and(|p| p < index || (started && p == index));
+    async fn stop(&self, job: &Job, plan: &Plan, index: usize, stop: Stop) -> Result<()> {
+        // The journal says whether the step of no return was entered (see `enter_no_return`).
+        let past_no_return =
+            job.past_no_return || plan.point_of_no_return().is_some_and(|p| p < index);
         if past_no_return {
             return self.end(job, &plan.fail, stop).await;
         }

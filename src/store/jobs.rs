@@ -34,6 +34,7 @@ fn from_row(row: &SqliteRow) -> Result<Job> {
         next_step: row.try_get::<i64, _>("next_step")? as usize,
         detail: json_column(row, "detail")?,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        past_no_return: row.try_get::<i64, _>("past_no_return")? != 0,
         error_code: row.try_get("error_code")?,
         error_message: row.try_get("error_message")?,
         created_at: get_ts(row, "created_at")?,
@@ -65,6 +66,7 @@ pub fn new_job(
         next_step: 0,
         detail: None,
         cancel_requested: false,
+        past_no_return: false,
         error_code: None,
         error_message: None,
         created_at: super::now(),
@@ -256,4 +258,16 @@ pub async fn pending_for_vm(conn: &mut SqliteConnection, vm: Uuid) -> Result<Vec
     .fetch_all(conn)
     .await?;
     rows.iter().map(from_row).collect()
+}
+
+/// Record that the job starts its step of no return, unless a cancel was requested
+/// first (then nothing changes and `false` is returned). One statement, so it cannot
+/// interleave with a cancel request.
+pub async fn enter_no_return(conn: &mut SqliteConnection, id: Uuid) -> Result<bool> {
+    let done =
+        sqlx::query("UPDATE jobs SET past_no_return = 1 WHERE id = ? AND cancel_requested = 0")
+            .bind(id_text(id))
+            .execute(conn)
+            .await?;
+    Ok(done.rows_affected() == 1)
 }

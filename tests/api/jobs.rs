@@ -590,3 +590,44 @@ async fn jobs_of_different_vms_run_side_by_side_while_jobs_of_one_vm_wait_their_
         .await;
     assert_eq!(second["parent_id"], first_a["target"]["id"]);
 }
+
+#[tokio::test]
+async fn cancelling_a_delete_before_its_commit_starts_leaves_the_snapshot_usable() {
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "snapshot_delete:planned:pause=3000")]).await;
+    let vm = id(&app.create_vm("cancel-merge", &[("root", DISK)]).await);
+    write(&app.active_path(&vm, "root").await, 0x11, 0, 8);
+    let s1 = app.snapshot(&vm, "s1").await;
+    write(&app.active_path(&vm, "root").await, 0x22, 1, 1);
+    let s2 = app.snapshot(&vm, "s2").await;
+    let job = accepted(app.delete(&format!("/v1/snapshots/{s1}")).await);
+    let planned = wait_planned(&app, &id(&job)).await;
+    assert_eq!(
+        planned["detail"]["merges"][0]["action"], "commit",
+        "{planned}"
+    );
+    let (status, cancelled) = app
+        .post(&format!("/v1/jobs/{}/cancel", id(&job)), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{cancelled}");
+    let ended = app.wait_job_end(&job).await;
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+
+    let (_, snap) = app.get(&format!("/v1/snapshots/{s1}")).await;
+    assert_eq!(snap["status"], "ready", "no byte was merged: {snap}");
+    let view = app.vm(&vm).await;
+    assert!(
+        view["disks"][0]["chain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["status"] == "ready"),
+        "{view}"
+    );
+    expect_all(&app.snapshot_path(&vm, &s1, "root").await, &[(0x11, 0, 8)]);
+    expect_all(
+        &app.snapshot_path(&vm, &s2, "root").await,
+        &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 6)],
+    );
+    app.revert(&s1).await;
+    expect_all(&app.active_path(&vm, "root").await, &[(0x11, 0, 8)]);
+}

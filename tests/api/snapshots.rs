@@ -541,3 +541,56 @@ async fn a_commit_keeps_the_size_of_a_disk_that_grew_between_snapshots() {
     expect_all(&present, &[(0x11, 0, 16), (0x22, 100, 1)]);
     check_clean(&present);
 }
+
+#[tokio::test]
+async fn a_snapshot_requested_after_a_queued_delete_all_is_taken_after_the_collapse() {
+    // A resize holds the VM's queue; delete-all and a new snapshot queue up behind it.
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "disk_resize:planned:pause=1500")]).await;
+    let vm = app.create_vm("collapse-then-snap", &[("root", DISK)]).await;
+    let (vm_id, disk_id) = (
+        vm["id"].as_str().unwrap().to_owned(),
+        vm["disks"][0]["id"].as_str().unwrap().to_owned(),
+    );
+    write(&app.active_path(&vm_id, "root").await, 0x11, 0, 2);
+    let _s1 = app.snapshot(&vm_id, "s1").await;
+    write(&app.active_path(&vm_id, "root").await, 0x22, 1, 1);
+    let (status, resize) = app
+        .post(
+            &format!("/v1/vms/{vm_id}/disks/{disk_id}/resize"),
+            json!({"size_bytes": 2 * DISK}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, delete_all) = app.delete(&format!("/v1/vms/{vm_id}/snapshots")).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{delete_all}");
+    let (status, create) = app
+        .post(
+            &format!("/v1/vms/{vm_id}/snapshots"),
+            json!({"name": "after"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{create}");
+    for job in [&resize, &delete_all, &create] {
+        let job = app.wait_job_end(job).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    let (_, list) = app.get(&format!("/v1/vms/{vm_id}/snapshots")).await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert_eq!(items[0]["name"], "after");
+    assert_eq!(items[0]["parent_id"], serde_json::Value::Null);
+    let after = app
+        .snapshot_path(&vm_id, items[0]["id"].as_str().unwrap(), "root")
+        .await;
+    assert_eq!(
+        chain(&after).len(),
+        1,
+        "the snapshot froze the collapsed single file"
+    );
+    expect_all(&after, &[(0x11, 0, 1), (0x22, 1, 1)]);
+    assert_eq!(app.volume_files().len(), 2);
+    let (status, _) = app
+        .patch(&format!("/v1/vms/{vm_id}"), json!({"state": "running"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "no job is left stuck on the VM");
+}
