@@ -225,12 +225,6 @@ fn previous_status(params: &Value) -> ResourceStatus {
 /// the request created or flagged go back to how they were.
 pub async fn abandon(engine: &Engine, job: &Job, cancelled: bool) -> Result<Vec<MetaOp>> {
     let vm = job.vm_id.unwrap_or(job.target_id);
-    let previous = |params: &Value| {
-        params["previous_status"]
-            .as_str()
-            .and_then(ResourceStatus::parse)
-            .unwrap_or(ResourceStatus::Ready)
-    };
     Ok(match job.kind {
         JobKind::VmCreate if cancelled => vec![MetaOp::DeleteVm { vm }],
         JobKind::VmCreate => {
@@ -257,18 +251,18 @@ pub async fn abandon(engine: &Engine, job: &Job, cancelled: bool) -> Result<Vec<
         }],
         JobKind::DiskDelete | JobKind::DiskResize => vec![MetaOp::SetDiskStatus {
             disk: job.target_id,
-            status: previous(&job.params),
+            status: previous_status(&job.params),
         }],
         JobKind::VmDelete => vec![MetaOp::SetVmStatus {
             vm,
-            status: previous(&job.params),
+            status: previous_status(&job.params),
         }],
         JobKind::SnapshotCreate => vec![MetaOp::DeleteSnapshot {
             snapshot: job.target_id,
         }],
         JobKind::SnapshotDelete => vec![MetaOp::SetSnapshotStatus {
             snapshot: job.target_id,
-            status: previous(&job.params),
+            status: previous_status(&job.params),
         }],
         JobKind::SnapshotDeleteAll => job.params["snapshots"]
             .as_array()
@@ -278,7 +272,7 @@ pub async fn abandon(engine: &Engine, job: &Job, cancelled: bool) -> Result<Vec<
                 let snapshot = s["id"].as_str()?.parse().ok()?;
                 Some(MetaOp::SetSnapshotStatus {
                     snapshot,
-                    status: previous(s),
+                    status: previous_status(s),
                 })
             })
             .collect(),
