@@ -234,6 +234,13 @@ impl TestApp {
         .await;
     }
 
+    /// Grow a disk and wait for the job.
+    pub async fn resize(&self, vm: &str, disk: &str, size_bytes: u64) {
+        let path = format!("/v1/vms/{vm}/disks/{disk}/resize");
+        self.expect_job(self.post(&path, json!({ "size_bytes": size_bytes })).await)
+            .await;
+    }
+
     /// Delete a snapshot and return the finished job (with its merge detail).
     pub async fn delete_snapshot(&self, snapshot: &str) -> Value {
         self.expect_job(self.delete(&format!("/v1/snapshots/{snapshot}")).await)

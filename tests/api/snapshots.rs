@@ -361,14 +361,7 @@ async fn a_revert_restores_the_disk_size_the_snapshot_had() {
     );
     write(&app.active_path(&vm_id, "root").await, 0x21, 0, 1);
     let s1 = app.snapshot(&vm_id, "small").await;
-    app.expect_job(
-        app.post(
-            &format!("/v1/vms/{vm_id}/disks/{disk_id}/resize"),
-            json!({"size_bytes": 2 * DISK}),
-        )
-        .await,
-    )
-    .await;
+    app.resize(&vm_id, &disk_id, 2 * DISK).await;
     let path = app.active_path(&vm_id, "root").await;
     write(&path, 0x22, 100, 1);
     assert_eq!(app.vm(&vm_id).await["disks"][0]["size_bytes"], 2 * DISK);
@@ -522,14 +515,7 @@ async fn a_commit_keeps_the_size_of_a_disk_that_grew_between_snapshots() {
     );
     write(&app.active_path(&vm_id, "root").await, 0x11, 0, 16);
     let s1 = app.snapshot(&vm_id, "small").await;
-    app.expect_job(
-        app.post(
-            &format!("/v1/vms/{vm_id}/disks/{disk_id}/resize"),
-            json!({"size_bytes": 2 * DISK}),
-        )
-        .await,
-    )
-    .await;
+    app.resize(&vm_id, &disk_id, 2 * DISK).await;
     write(&app.active_path(&vm_id, "root").await, 0x22, 100, 1);
     let s2 = app.snapshot(&vm_id, "big").await;
     // s2's layer is small, so deleting s1 commits it into s1's 64 MiB layer.
