@@ -285,6 +285,24 @@ impl Plan {
         self.undo.push(restore);
     }
 
+    /// Flag a snapshot for deletion: an undo puts back the status the request found;
+    /// a failure after the point of no return marks it `error` (its layer may be
+    /// half-merged, so it must not be reverted to).
+    fn flag_snapshot_deleting(&mut self, snapshot: Uuid, previous: ResourceStatus) {
+        self.mark.push(MetaOp::SetSnapshotStatus {
+            snapshot,
+            status: ResourceStatus::Deleting,
+        });
+        self.undo.push(MetaOp::SetSnapshotStatus {
+            snapshot,
+            status: previous,
+        });
+        self.fail.push(MetaOp::SetSnapshotStatus {
+            snapshot,
+            status: ResourceStatus::Error,
+        });
+    }
+
     /// Index of the first step after which the job can no longer be undone.
     pub fn point_of_no_return(&self) -> Option<usize> {
         self.steps.iter().position(|s| s.op.is_point_of_no_return())
@@ -490,10 +508,7 @@ pub fn plan_snapshot_delete(
     disks: &[DiskGraph],
 ) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
-    plan.mark.push(MetaOp::SetSnapshotStatus {
-        snapshot,
-        status: ResourceStatus::Deleting,
-    });
+    plan.flag_snapshot_deleting(snapshot, previous);
     for disk in disks {
         let Some(frozen) = disk.frozen_by(snapshot) else {
             continue;
@@ -555,14 +570,6 @@ pub fn plan_snapshot_delete(
     }
     // Remove the snapshot row before the volume rows it references.
     plan.finish.insert(0, MetaOp::DeleteSnapshot { snapshot });
-    plan.undo.push(MetaOp::SetSnapshotStatus {
-        snapshot,
-        status: previous,
-    });
-    plan.fail.push(MetaOp::SetSnapshotStatus {
-        snapshot,
-        status: ResourceStatus::Error,
-    });
     Ok(plan)
 }
 
@@ -629,18 +636,7 @@ pub fn plan_delete_all_snapshots(
 ) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     for &(snapshot, previous) in snapshots {
-        plan.mark.push(MetaOp::SetSnapshotStatus {
-            snapshot,
-            status: ResourceStatus::Deleting,
-        });
-        plan.undo.push(MetaOp::SetSnapshotStatus {
-            snapshot,
-            status: previous,
-        });
-        plan.fail.push(MetaOp::SetSnapshotStatus {
-            snapshot,
-            status: ResourceStatus::Error,
-        });
+        plan.flag_snapshot_deleting(snapshot, previous);
         plan.finish.push(MetaOp::DeleteSnapshot { snapshot });
     }
     plan.finish

@@ -772,6 +772,10 @@ fn deleting_the_snapshot_before_the_current_one_commits_its_smaller_child_down()
     assert_eq!(
         plan.undo,
         vec![
+            MetaOp::SetSnapshotStatus {
+                snapshot: c.snap01,
+                status: ResourceStatus::Ready
+            },
             MetaOp::SetVolumeStatus {
                 volume: c.l0,
                 status: VolumeStatus::Ready
@@ -780,22 +784,18 @@ fn deleting_the_snapshot_before_the_current_one_commits_its_smaller_child_down()
                 volume: c.l1,
                 status: VolumeStatus::Ready
             },
-            MetaOp::SetSnapshotStatus {
-                snapshot: c.snap01,
-                status: ResourceStatus::Ready
-            },
         ]
     );
     assert_eq!(
         plan.fail,
         vec![
-            MetaOp::SetVolumeStatus {
-                volume: c.l1,
-                status: VolumeStatus::Ready
-            },
             MetaOp::SetSnapshotStatus {
                 snapshot: c.snap01,
                 status: ResourceStatus::Error
+            },
+            MetaOp::SetVolumeStatus {
+                volume: c.l1,
+                status: VolumeStatus::Ready
             },
         ]
     );
