@@ -31,6 +31,10 @@ pub fn init_tracing() {
 
 /// Run the service until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> Result<()> {
+    if let Some(path) = &config.clock_file {
+        tracing::warn!(path = %path.display(), "using a test clock file instead of the system clock");
+        crate::clock::use_file(path.clone());
+    }
     let volumes_dir = config.data_dir.join("volumes");
     std::fs::create_dir_all(&volumes_dir).map_err(|e| {
         Error::Internal(format!(
@@ -73,7 +77,11 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     tracing::info!(%address, data_dir = %data_dir.display(), "strata started");
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let sweep_interval = config.sweep_interval_secs;
+    let scheduler_settings = crate::scheduler::Settings {
+        tick: Duration::from_millis(config.scheduler_tick_ms.max(10)),
+        sweep_interval: Duration::from_secs(config.sweep_interval_secs.max(1)),
+        run_history: config.run_history.max(1),
+    };
     let jobs = {
         let engine = Arc::clone(&engine);
         let shutdown_rx = shutdown_rx.clone();
@@ -84,13 +92,13 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
                 Err(e) => tracing::error!(error = %e, "recovering interrupted jobs failed"),
             }
             ready.store(true, Ordering::Release);
-            let sweep = crate::scheduler::spawn_expiry_sweep(
+            let scheduler = crate::scheduler::spawn(
                 Arc::clone(&engine),
-                Duration::from_secs(sweep_interval.max(1)),
+                scheduler_settings,
                 shutdown_rx.clone(),
             );
             let workers = engine.spawn_workers(shutdown_rx);
-            let _ = sweep.await;
+            let _ = scheduler.await;
             for worker in workers {
                 let _ = worker.await;
             }

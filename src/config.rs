@@ -76,9 +76,23 @@ pub struct ServeConfig {
     #[arg(long, env = "STRATA_SHUTDOWN_GRACE", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
-    /// Seconds between sweeps that delete expired snapshots.
+    /// Seconds between sweeps that prune expired snapshots and those outside their
+    /// schedule's retention policy.
     #[arg(long, env = "STRATA_SWEEP_INTERVAL", default_value_t = 60)]
     pub sweep_interval_secs: u64,
+
+    /// Runs kept in each schedule's history; older ones are forgotten.
+    #[arg(long, env = "STRATA_RUN_HISTORY", default_value_t = 200)]
+    pub run_history: u32,
+
+    /// Milliseconds between scheduler ticks (finding due schedules is one indexed
+    /// query, so a short tick costs little).
+    #[arg(long, env = "STRATA_SCHEDULER_TICK_MS", default_value_t = 1000, hide = true)]
+    pub scheduler_tick_ms: u64,
+
+    /// Test-only clock: a file holding an RFC 3339 instant read as "now" (see `clock`).
+    #[arg(long, env = "STRATA_CLOCK_FILE", hide = true)]
+    pub clock_file: Option<PathBuf>,
 
     /// Test-only crash injection: `<job kind>:<point>` aborts the process there.
     #[arg(long, env = "STRATA_FAULT", hide = true)]

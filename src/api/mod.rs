@@ -5,6 +5,7 @@
 mod extract;
 pub mod jobs;
 pub mod problem;
+pub mod schedules;
 pub mod snapshots;
 pub mod system;
 pub mod vms;
@@ -45,6 +46,7 @@ pub struct AppState {
     tags(
         (name = "vms", description = "VMs and their disks"),
         (name = "snapshots", description = "Snapshot trees: create, revert, delete (with merges)"),
+        (name = "schedules", description = "Scheduled snapshots with retention: runs, manual runs, previews"),
         (name = "jobs", description = "Background jobs that touch disk files"),
         (name = "system", description = "Health and the API description"),
     )
@@ -55,6 +57,7 @@ fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(vms::routes())
         .merge(snapshots::routes())
+        .merge(schedules::routes())
         .merge(jobs::routes())
         .merge(system::routes())
 }

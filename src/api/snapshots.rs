@@ -12,9 +12,9 @@ use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
 use super::vms::{enqueue, find_vm};
 use super::{AppState, PageQuery, accepted, name_conflict, page};
-use crate::domain::{JobKind, ResourceStatus, Snapshot, TargetType, Uuid, Vm, new_id, validate};
+use crate::domain::{JobKind, ResourceStatus, Snapshot, TargetType, Uuid, Vm, validate};
 use crate::error::{Error, ErrorCode, Result};
-use crate::jobs::requests::{self, require_deletable, require_ready, require_stopped};
+use crate::jobs::requests::{self, NewSnapshot, require_deletable, require_ready, require_stopped};
 use crate::jobs::{preflight, storage};
 use crate::store;
 
@@ -62,8 +62,11 @@ pub struct SnapshotView {
     pub is_current: bool,
     /// When the periodic sweep deletes the snapshot (unless `hold`).
     pub expires_at: Option<DateTime<Utc>>,
-    /// Never pruned by expiry while set.
+    /// Never pruned, by expiry or by a retention policy, while set.
     pub hold: bool,
+    /// The schedule that took the snapshot; absent for manual snapshots, which no
+    /// retention policy prunes (only their own `expires_at`).
+    pub schedule_id: Option<Uuid>,
     pub volumes: Vec<SnapshotVolume>,
 }
 
@@ -177,6 +180,7 @@ fn snapshot_view(state: &AppState, vm: &Vm, snapshot: Snapshot) -> SnapshotView 
         status: snapshot.status,
         expires_at: snapshot.expires_at,
         hold: snapshot.hold,
+        schedule_id: snapshot.schedule_id,
         volumes: snapshot
             .volumes
             .into_iter()
@@ -228,47 +232,17 @@ async fn create_snapshot(
     validate_expiry(body.expires_at)?;
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
-    require_ready(&vm)?;
-    require_stopped(&vm, "take an offline snapshot")?;
-    if store::vms::list_disks(&mut tx, vm.id).await?.is_empty() {
-        return Err(Error::problem(
-            ErrorCode::VmHasNoDisks,
-            format!("VM {} has no disks to snapshot", vm.name),
-        ));
-    }
-    let snapshot = Snapshot {
-        id: new_id(),
-        vm_id: vm.id,
+    let new = NewSnapshot {
         name: body.name,
         description: body.description,
-        // Provisional: the job sets the VM's current snapshot at the time it runs.
-        parent_id: vm.current_snapshot_id,
-        status: ResourceStatus::Creating,
-        created_at: store::now(),
         expires_at: body.expires_at,
         hold: body.hold,
         schedule_id: None,
-        volumes: Vec::new(),
     };
-    store::snapshots::insert(&mut tx, &snapshot)
-        .await
-        .map_err(|e| {
-            name_conflict(e, || {
-                format!(
-                    "VM {} already has a snapshot named {}",
-                    vm.name, snapshot.name
-                )
-            })
-        })?;
-    enqueue(
-        &state,
-        tx,
-        JobKind::SnapshotCreate,
-        (TargetType::Snapshot, snapshot.id),
-        vm.id,
-        serde_json::json!({}),
-    )
-    .await
+    let (_, job) = requests::insert_snapshot(&mut tx, &vm, new).await?;
+    tx.commit().await?;
+    state.engine.notify_enqueued();
+    Ok(accepted(job.into()))
 }
 
 /// List a VM's snapshots (flat and paginated, or as a tree).

@@ -200,19 +200,77 @@ pub struct Schedule {
 }
 
 string_enum!(
-    /// Outcome of one schedule run.
+    /// Outcome of one schedule run. `running` until the snapshot jobs it queued end;
+    /// `skipped` when it took no snapshot (the reason says why).
     RunStatus { Running => "running", Succeeded => "succeeded", Failed => "failed", Skipped => "skipped" }
+);
+string_enum!(
+    /// What started a run: the schedule's cron expression or `POST .../run`.
+    RunTrigger { Cron => "cron", Manual => "manual" }
+);
+string_enum!(
+    /// Outcome of one run for one VM.
+    TargetOutcome { Queued => "queued", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled", Skipped => "skipped" }
 );
 
 #[derive(Debug, Clone)]
 pub struct ScheduleRun {
     pub id: Uuid,
     pub schedule_id: Uuid,
-    /// `cron` or `manual`.
-    pub trigger: String,
+    pub trigger: RunTrigger,
     pub started_at: Timestamp,
     pub finished_at: Option<Timestamp>,
     pub status: RunStatus,
     pub reason: Option<String>,
-    pub detail: serde_json::Value,
+    pub detail: RunDetail,
+}
+
+/// What a run did, per VM, and what retention decided afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunDetail {
+    pub targets: Vec<RunTarget>,
+    /// Filled in when the run's snapshots are done and its retention pass has run.
+    pub retention: Option<PruneReport>,
+}
+
+/// One VM of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunTarget {
+    pub vm_id: Uuid,
+    pub vm_name: String,
+    pub outcome: TargetOutcome,
+    /// The snapshot the run took, absent when skipped.
+    pub snapshot_id: Option<Uuid>,
+    pub job_id: Option<Uuid>,
+    /// Why the VM was skipped or its job failed: an error code such as `vm_running`.
+    pub code: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// What a pruning pass (after a run, or the periodic sweep) did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PruneReport {
+    /// Deletions queued, oldest snapshot first.
+    pub pruned: Vec<PruneEntry>,
+    /// Snapshots the policy prunes that cannot be deleted now (a running VM, a linked
+    /// clone depending on them, short of space...): `code` and `reason` say why. They
+    /// are tried again by every later pass.
+    pub held: Vec<PruneEntry>,
+    /// Snapshots left for a later pass so that merges do not all start at once.
+    pub deferred: Vec<PruneEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PruneEntry {
+    pub snapshot_id: Uuid,
+    pub snapshot_name: String,
+    pub vm_id: Uuid,
+    /// `expired` or `outside_policy`.
+    pub why_pruned: retention::PruneReason,
+    /// The deletion job, for queued deletions.
+    pub job_id: Option<Uuid>,
+    /// For held and deferred snapshots: an error code (`vm_running`, `snapshot_in_use`,
+    /// `insufficient_storage`...) or `spread` / `vm_busy`.
+    pub code: Option<String>,
+    pub reason: Option<String>,
 }

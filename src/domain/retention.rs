@@ -33,8 +33,80 @@ pub struct RetentionPolicy {
     pub keep_weekly: Option<u32>,
     pub keep_monthly: Option<u32>,
     pub keep_yearly: Option<u32>,
-    /// Keep every snapshot younger than this many seconds.
-    pub max_age_seconds: Option<u64>,
+    /// Keep every snapshot younger than this: a number with a unit, `s`, `m`, `h`, `d`
+    /// or `w`, or several of them (`7d`, `36h`, `1d12h`).
+    #[schema(value_type = Option<String>, example = "7d")]
+    pub max_age: Option<MaxAge>,
+}
+
+/// A retention age limit, written like `7d` or `1d12h` and kept in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxAge(pub u64);
+
+const AGE_UNITS: &[(char, u64)] = &[('w', 604_800), ('d', 86_400), ('h', 3_600), ('m', 60), ('s', 1)];
+
+/// Ten years: anything longer is a typo, not a policy.
+const MAX_AGE_LIMIT: u64 = 10 * 366 * 86_400;
+
+impl std::str::FromStr for MaxAge {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "max_age {text:?} must be a number with a unit (s, m, h, d, w), like 7d or 1d12h"
+            )
+        };
+        let mut total: u64 = 0;
+        let mut digits = String::new();
+        for c in text.chars() {
+            if c.is_ascii_digit() {
+                digits.push(c);
+                continue;
+            }
+            let (_, unit) = AGE_UNITS.iter().find(|(u, _)| *u == c).ok_or_else(bad)?;
+            let count: u64 = digits.parse().map_err(|_| bad())?;
+            digits.clear();
+            total = count
+                .checked_mul(*unit)
+                .and_then(|s| total.checked_add(s))
+                .ok_or_else(bad)?;
+        }
+        if !digits.is_empty() || total == 0 {
+            return Err(bad());
+        }
+        if total > MAX_AGE_LIMIT {
+            return Err(format!("max_age {text:?} is longer than ten years"));
+        }
+        Ok(MaxAge(total))
+    }
+}
+
+impl std::fmt::Display for MaxAge {
+    /// The shortest spelling in whole units: `7d` rather than `1w`, `90m` as `1h30m`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rest = self.0;
+        for (unit, seconds) in AGE_UNITS.iter().skip(1) {
+            if rest >= *seconds {
+                write!(f, "{}{unit}", rest / seconds)?;
+                rest %= seconds;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for MaxAge {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxAge {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl RetentionPolicy {
@@ -71,7 +143,7 @@ pub enum KeepReason {
 }
 
 /// Why a snapshot goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PruneReason {
     Expired,
@@ -157,9 +229,9 @@ pub fn evaluate<Tz: TimeZone>(
             }
         }
     }
-    if let Some(max_age) = policy.max_age_seconds {
-        let cutoff =
-            now - chrono::Duration::seconds(i64::try_from(max_age).unwrap_or(i64::MAX / 1000));
+    if let Some(MaxAge(max_age)) = policy.max_age {
+        // Bounded by MAX_AGE_LIMIT, so the conversion cannot overflow.
+        let cutoff = now - chrono::Duration::seconds(max_age as i64);
         kept.extend(
             scheduled
                 .iter()

@@ -80,6 +80,46 @@ pub fn labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(),
     Ok(())
 }
 
+/// A label selector `key=value` (as in `GET /v1/vms?label=`), split and checked.
+pub fn selector(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("selector {text:?} must be written key=value"))?;
+    labels(&[(key.to_owned(), value.to_owned())].into())?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// Most snapshots a retention rule may keep: far above any real policy, low enough that
+/// a typo (an extra zero or two) is caught.
+pub const MAX_RETENTION_COUNT: u32 = 100_000;
+
+pub fn retention(policy: &super::retention::RetentionPolicy) -> Result<(), String> {
+    let counts = [
+        ("keep_last", policy.keep_last),
+        ("keep_hourly", policy.keep_hourly),
+        ("keep_daily", policy.keep_daily),
+        ("keep_weekly", policy.keep_weekly),
+        ("keep_monthly", policy.keep_monthly),
+        ("keep_yearly", policy.keep_yearly),
+    ];
+    for (field, count) in counts {
+        match count {
+            Some(0) => {
+                return Err(format!(
+                    "retention.{field} must be at least 1; leave it out to not use the rule"
+                ));
+            }
+            Some(n) if n > MAX_RETENTION_COUNT => {
+                return Err(format!(
+                    "retention.{field} must be at most {MAX_RETENTION_COUNT}"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +154,37 @@ mod tests {
                 [(k.to_owned(), v.to_owned())].into();
             assert!(labels(&bad).is_err(), "{k:?}={v:?}");
         }
+    }
+
+    #[test]
+    fn selectors_are_one_label_written_key_equals_value() {
+        assert_eq!(selector("tier=web"), Ok(("tier".into(), "web".into())));
+        assert_eq!(selector("team="), Ok(("team".into(), "".into())));
+        for bad in ["tier", "=web", "tier=a=b", "tier=a b", ""] {
+            assert!(selector(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retention_counts_are_positive_and_bounded() {
+        use super::super::retention::RetentionPolicy;
+        let ok = RetentionPolicy {
+            keep_last: Some(1),
+            keep_daily: Some(MAX_RETENTION_COUNT),
+            ..Default::default()
+        };
+        assert!(retention(&ok).is_ok());
+        assert!(retention(&RetentionPolicy::default()).is_ok());
+        let zero = RetentionPolicy {
+            keep_weekly: Some(0),
+            ..Default::default()
+        };
+        assert!(retention(&zero).unwrap_err().contains("keep_weekly"));
+        let huge = RetentionPolicy {
+            keep_last: Some(MAX_RETENTION_COUNT + 1),
+            ..Default::default()
+        };
+        assert!(retention(&huge).is_err());
     }
 
     #[test]

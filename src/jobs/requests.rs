@@ -3,7 +3,9 @@
 //! the write transaction (the single write connection serialises them), so two
 //! conflicting requests can never both be accepted.
 
-use crate::domain::{Job, JobKind, ResourceStatus, Snapshot, TargetType, Uuid, Vm, VmState};
+use crate::domain::{
+    Job, JobKind, ResourceStatus, Snapshot, TargetType, Timestamp, Uuid, Vm, VmState, new_id,
+};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store::{self, Tx};
 
@@ -47,6 +49,70 @@ pub async fn enqueue(
     tx.commit().await?;
     engine.notify_enqueued();
     Ok(job)
+}
+
+/// What a new snapshot carries besides its place in the tree.
+pub struct NewSnapshot {
+    pub name: String,
+    pub description: String,
+    pub expires_at: Option<Timestamp>,
+    pub hold: bool,
+    /// The schedule taking it; `None` for a manual snapshot.
+    pub schedule_id: Option<Uuid>,
+}
+
+/// Check that `vm` can be snapshotted now, and record the snapshot (status `creating`)
+/// with its job in the caller's transaction, which the caller commits before calling
+/// `Engine::notify_enqueued`. Shared by `POST /v1/vms/{id}/snapshots` and schedule runs.
+pub async fn insert_snapshot(
+    tx: &mut sqlx::SqliteConnection,
+    vm: &Vm,
+    new: NewSnapshot,
+) -> Result<(Snapshot, Job)> {
+    require_ready(vm)?;
+    require_stopped(vm, "take an offline snapshot")?;
+    if store::vms::list_disks(tx, vm.id).await?.is_empty() {
+        return Err(Error::problem(
+            ErrorCode::VmHasNoDisks,
+            format!("VM {} has no disks to snapshot", vm.name),
+        ));
+    }
+    let snapshot = Snapshot {
+        id: new_id(),
+        vm_id: vm.id,
+        name: new.name,
+        description: new.description,
+        // Provisional: the job sets the VM's current snapshot at the time it runs.
+        parent_id: vm.current_snapshot_id,
+        status: ResourceStatus::Creating,
+        created_at: store::now(),
+        expires_at: new.expires_at,
+        hold: new.hold,
+        schedule_id: new.schedule_id,
+        volumes: Vec::new(),
+    };
+    if let Err(e) = store::snapshots::insert(tx, &snapshot).await {
+        return Err(if store::is_unique_violation(&e) {
+            Error::problem(
+                ErrorCode::NameTaken,
+                format!(
+                    "VM {} already has a snapshot named {}",
+                    vm.name, snapshot.name
+                ),
+            )
+        } else {
+            e
+        });
+    }
+    let job = store::jobs::new_job(
+        JobKind::SnapshotCreate,
+        TargetType::Snapshot,
+        snapshot.id,
+        Some(vm.id),
+        serde_json::json!({}),
+    );
+    store::jobs::insert(tx, &job).await?;
+    Ok((snapshot, job))
 }
 
 pub async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: Uuid) -> Result<(Snapshot, Vm)> {
@@ -100,10 +166,15 @@ pub async fn require_deletable(
     Ok(())
 }
 
-/// Queue the deletion of one snapshot, refusing early (409, 507) when the merge it
-/// needs cannot run now.
-pub async fn delete_snapshot(engine: &Engine, id: Uuid) -> Result<Job> {
-    let (snapshot, vm) = find_snapshot(&mut *engine.db.reader().await?, id).await?;
+/// Why snapshot `id` cannot be deleted now (409, 507...), checked without writing:
+/// the record's state, then the merge's own run-time conditions (a running VM, free
+/// space). Retention previews use it to show which prunes would be held.
+pub async fn check_deletable(engine: &Engine, id: Uuid) -> Result<(Snapshot, Vm)> {
+    let mut conn = engine.db.reader().await?;
+    let (snapshot, vm) = find_snapshot(&mut conn, id).await?;
+    require_ready(&vm)?;
+    require_deletable(&mut conn, &snapshot).await?;
+    drop(conn);
     kinds::preflight(
         engine,
         JobKind::SnapshotDelete,
@@ -112,6 +183,14 @@ pub async fn delete_snapshot(engine: &Engine, id: Uuid) -> Result<Job> {
         &serde_json::Value::Null,
     )
     .await?;
+    Ok((snapshot, vm))
+}
+
+/// Queue the deletion of one snapshot, refusing early (409, 507) when the merge it
+/// needs cannot run now.
+pub async fn delete_snapshot(engine: &Engine, id: Uuid) -> Result<Job> {
+    check_deletable(engine, id).await?;
+    // Checked again in the write transaction: another request may have come between.
     let mut tx = engine.db.begin().await?;
     let (snapshot, vm) = find_snapshot(&mut tx, id).await?;
     require_ready(&vm)?;

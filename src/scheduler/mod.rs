@@ -1,90 +1,68 @@
-//! Time-driven policies. They only ever enqueue ordinary jobs (through
-//! `jobs::requests`), never touch files. For now: the expiry sweep, which deletes
-//! snapshots past their `expires_at` unless they are on hold.
+//! Time-driven work: scheduled snapshot runs and pruning (retention and expiry). It
+//! only ever enqueues ordinary jobs (through `jobs::requests`), never touches files.
+//! The rules themselves are pure and live in `domain::schedule` and
+//! `domain::retention`; this module applies them on a tick.
+//!
+//! - `runs`: start due runs, follow their snapshot jobs, close them with a retention
+//!   pass for their schedule.
+//! - `prune`: the pruning pass shared by runs, the periodic sweep and previews.
+//!
+//! Every tick reads `crate::clock`, so tests drive schedules with a test clock.
 
-use std::collections::HashSet;
+pub mod prune;
+pub mod runs;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::domain::{Timestamp, Uuid};
-use crate::error::Result;
-use crate::jobs::{Engine, requests};
+use crate::jobs::Engine;
 use crate::store;
 
-/// What one sweep did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct SweepReport {
-    /// Snapshots whose deletion was queued.
-    pub queued: Vec<Uuid>,
-    /// Expired snapshots left for a later sweep, with the reason (VM busy, running,
-    /// short of space...).
-    pub deferred: Vec<(Uuid, String)>,
+/// How often the scheduler looks at the clock and sweeps.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub tick: Duration,
+    pub sweep_interval: Duration,
+    /// Runs kept per schedule.
+    pub run_history: u32,
 }
 
-/// Queue the deletion of expired snapshots, oldest expiry first. Merges are spread out:
-/// at most one per VM, none on a VM that still has jobs in flight, and no more per
-/// sweep than there are workers, so a backlog drains over several sweeps instead of
-/// flooding the disks at once.
-pub async fn sweep_expired(engine: &Engine, now: Timestamp) -> Result<SweepReport> {
-    let mut report = SweepReport::default();
-    let expired = store::snapshots::expired(&mut *engine.db.reader().await?, now).await?;
-    let mut vms_seen = HashSet::new();
-    for snapshot in expired {
-        if !vms_seen.insert(snapshot.vm_id) {
-            report.deferred.push((
-                snapshot.id,
-                "another expired snapshot of the VM goes first".into(),
-            ));
-            continue;
-        }
-        if report.queued.len() >= engine.config.workers.max(1) {
-            report
-                .deferred
-                .push((snapshot.id, "the sweep's share of merges is used up".into()));
-            continue;
-        }
-        let pending =
-            store::jobs::pending_for_vm(&mut *engine.db.reader().await?, snapshot.vm_id).await?;
-        if !pending.is_empty() {
-            report
-                .deferred
-                .push((snapshot.id, "the VM has jobs in flight".into()));
-            continue;
-        }
-        match requests::delete_snapshot(engine, snapshot.id).await {
-            Ok(job) => {
-                tracing::info!(snapshot = %snapshot.id, job = %job.id, "expired snapshot queued for deletion");
-                report.queued.push(snapshot.id);
-            }
-            Err(e)
-                if !e.code().status().is_server_error()
-                    || e.code() == crate::error::ErrorCode::InsufficientStorage =>
-            {
-                tracing::info!(snapshot = %snapshot.id, reason = %e, "expired snapshot kept for now");
-                report.deferred.push((snapshot.id, e.to_string()));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(report)
-}
-
-/// Run the expiry sweep every `interval` until `shutdown` turns true.
-pub fn spawn_expiry_sweep(
+/// Run the scheduler until `shutdown` turns true. Each tick closes ended runs (with
+/// their retention pass), then starts due ones. The full sweep (every schedule's
+/// retention and every expiry) runs every `sweep_interval`, and also as soon as jobs
+/// have finished while the previous sweep left deletions deferred, so a backlog drains
+/// at the pace merges finish.
+pub fn spawn(
     engine: Arc<Engine>,
-    interval: Duration,
+    settings: Settings,
     mut shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut jobs_changed = engine.subscribe();
+        let mut last_sweep = tokio::time::Instant::now();
+        let mut backlog = false;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(settings.tick) => {}
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
-            if let Err(e) = sweep_expired(&engine, store::now()).await {
-                tracing::error!(error = %e, "expiry sweep failed");
+            let now = store::now();
+            if let Err(e) = runs::finish_ended(&engine, now, settings.run_history).await {
+                tracing::error!(error = %e, "closing schedule runs failed");
+            }
+            if let Err(e) = runs::start_due(&engine, now).await {
+                tracing::error!(error = %e, "starting schedule runs failed");
+            }
+            let changed = jobs_changed.has_changed().unwrap_or(false);
+            if last_sweep.elapsed() >= settings.sweep_interval || (backlog && changed) {
+                jobs_changed.mark_unchanged();
+                last_sweep = tokio::time::Instant::now();
+                match prune::prune(&engine, now, None).await {
+                    Ok(report) => backlog = !report.deferred.is_empty(),
+                    Err(e) => tracing::error!(error = %e, "pruning sweep failed"),
+                }
             }
         }
     })

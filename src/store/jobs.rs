@@ -249,6 +249,26 @@ pub async fn pending_for_target(
         .collect())
 }
 
+/// VMs with unfinished jobs.
+pub async fn busy_vms(conn: &mut SqliteConnection) -> Result<std::collections::HashSet<Uuid>> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT vm_id FROM jobs WHERE status IN ('queued', 'running') AND vm_id IS NOT NULL",
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(|r| get_id(r, "vm_id")).collect()
+}
+
+/// How many jobs of `kind` are queued or running.
+pub async fn count_pending(conn: &mut SqliteConnection, kind: JobKind) -> Result<usize> {
+    let count: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE kind = ? AND status IN ('queued', 'running')")
+            .bind(kind.as_str())
+            .fetch_one(conn)
+            .await?;
+    Ok(count as usize)
+}
+
 /// Unfinished jobs of a VM, oldest first.
 pub async fn pending_for_vm(conn: &mut SqliteConnection, vm: Uuid) -> Result<Vec<Job>> {
     let rows = sqlx::query(

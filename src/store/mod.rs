@@ -69,11 +69,9 @@ impl Db {
     }
 }
 
-/// The current time at the precision stored (microseconds), so a record reads back
-/// exactly as it was first returned.
+/// The current time (see `crate::clock`) at the precision stored.
 pub fn now() -> Timestamp {
-    use chrono::SubsecRound;
-    Utc::now().trunc_subsecs(6)
+    crate::clock::now()
 }
 
 pub(crate) fn ts(value: Timestamp) -> String {

@@ -4,7 +4,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
 use super::{get_enum, get_id, get_opt_id, get_opt_ts, get_ts, id_text, opt_id_text, ts};
-use crate::domain::{RunStatus, Schedule, ScheduleRun, ScheduleTarget, Timestamp, Uuid};
+use crate::domain::{RunStatus, RunTrigger, Schedule, ScheduleRun, ScheduleTarget, Timestamp, Uuid};
 use crate::error::{Error, Result};
 
 fn from_row(row: &SqliteRow) -> Result<Schedule> {
@@ -81,17 +81,30 @@ pub async fn get(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Schedul
     row.as_ref().map(from_row).transpose()
 }
 
+/// Schedules in id order after `after`, optionally only those targeting VM `vm`.
 pub async fn list(
     conn: &mut SqliteConnection,
+    vm: Option<Uuid>,
     after: Option<Uuid>,
     limit: u32,
 ) -> Result<Vec<Schedule>> {
-    let rows =
-        sqlx::query("SELECT * FROM schedules WHERE (?1 IS NULL OR id > ?1) ORDER BY id LIMIT ?2")
-            .bind(opt_id_text(after))
-            .bind(limit as i64)
-            .fetch_all(conn)
-            .await?;
+    let rows = sqlx::query(
+        "SELECT * FROM schedules WHERE (?1 IS NULL OR vm_id = ?1) AND (?2 IS NULL OR id > ?2)
+         ORDER BY id LIMIT ?3",
+    )
+    .bind(opt_id_text(vm))
+    .bind(opt_id_text(after))
+    .bind(limit as i64)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Every schedule (the retention sweep judges them all).
+pub async fn all(conn: &mut SqliteConnection) -> Result<Vec<Schedule>> {
+    let rows = sqlx::query("SELECT * FROM schedules ORDER BY id")
+        .fetch_all(conn)
+        .await?;
     rows.iter().map(from_row).collect()
 }
 
@@ -106,7 +119,13 @@ pub async fn due(conn: &mut SqliteConnection, now: Timestamp) -> Result<Vec<Sche
     rows.iter().map(from_row).collect()
 }
 
+/// Delete a schedule and its run history. The snapshots it took stay and count as
+/// manual from now on: no policy prunes them any more.
 pub async fn delete(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
+    sqlx::query("UPDATE snapshots SET schedule_id = NULL WHERE schedule_id = ?")
+        .bind(id_text(id))
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("DELETE FROM schedules WHERE id = ?")
         .bind(id_text(id))
         .execute(conn)
@@ -118,7 +137,7 @@ fn run_from_row(row: &SqliteRow) -> Result<ScheduleRun> {
     Ok(ScheduleRun {
         id: get_id(row, "id")?,
         schedule_id: get_id(row, "schedule_id")?,
-        trigger: row.try_get("trigger")?,
+        trigger: get_enum(row, "trigger", RunTrigger::parse)?,
         started_at: get_ts(row, "started_at")?,
         finished_at: get_opt_ts(row, "finished_at")?,
         status: get_enum(row, "status", RunStatus::parse)?,
@@ -136,18 +155,19 @@ pub async fn save_run(conn: &mut SqliteConnection, run: &ScheduleRun) -> Result<
     )
     .bind(id_text(run.id))
     .bind(id_text(run.schedule_id))
-    .bind(&run.trigger)
+    .bind(run.trigger.as_str())
     .bind(ts(run.started_at))
     .bind(run.finished_at.map(ts))
     .bind(run.status.as_str())
     .bind(&run.reason)
-    .bind(run.detail.to_string())
+    .bind(serde_json::to_string(&run.detail).expect("run detail serialises"))
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// A schedule's runs, newest first, after the run `before`.
+/// A schedule's runs, newest first, after the run `before` (ids are UUIDv7, so id
+/// order is start order even when a test clock gives runs the same start time).
 pub async fn runs(
     conn: &mut SqliteConnection,
     schedule: Uuid,
@@ -165,10 +185,54 @@ pub async fn runs(
     rows.iter().map(run_from_row).collect()
 }
 
-/// Runs still waiting for their snapshot jobs.
+pub async fn get_run(
+    conn: &mut SqliteConnection,
+    schedule: Uuid,
+    run: Uuid,
+) -> Result<Option<ScheduleRun>> {
+    let row = sqlx::query("SELECT * FROM schedule_runs WHERE schedule_id = ? AND id = ?")
+        .bind(id_text(schedule))
+        .bind(id_text(run))
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(run_from_row).transpose()
+}
+
+pub async fn last_run(conn: &mut SqliteConnection, schedule: Uuid) -> Result<Option<ScheduleRun>> {
+    Ok(runs(conn, schedule, None, 1).await?.pop())
+}
+
+/// The schedule's run still waiting for its snapshot jobs, if any.
+pub async fn running_run(
+    conn: &mut SqliteConnection,
+    schedule: Uuid,
+) -> Result<Option<ScheduleRun>> {
+    let row = sqlx::query(
+        "SELECT * FROM schedule_runs WHERE status = 'running' AND schedule_id = ? ORDER BY id LIMIT 1",
+    )
+    .bind(id_text(schedule))
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(run_from_row).transpose()
+}
+
+/// Runs still waiting for their snapshot jobs, of every schedule.
 pub async fn running_runs(conn: &mut SqliteConnection) -> Result<Vec<ScheduleRun>> {
     let rows = sqlx::query("SELECT * FROM schedule_runs WHERE status = 'running' ORDER BY id")
         .fetch_all(conn)
         .await?;
     rows.iter().map(run_from_row).collect()
+}
+
+/// Forget all but the newest `keep` finished runs of a schedule.
+pub async fn trim_runs(conn: &mut SqliteConnection, schedule: Uuid, keep: u32) -> Result<()> {
+    sqlx::query(
+        "DELETE FROM schedule_runs WHERE schedule_id = ?1 AND status <> 'running' AND id NOT IN
+           (SELECT id FROM schedule_runs WHERE schedule_id = ?1 ORDER BY id DESC LIMIT ?2)",
+    )
+    .bind(id_text(schedule))
+    .bind(keep as i64)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -90,23 +90,6 @@ pub async fn insert(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<
     Ok(())
 }
 
-/// Snapshots a schedule took on a VM, oldest first.
-pub async fn of_schedule(
-    conn: &mut SqliteConnection,
-    schedule: Uuid,
-    vm: Uuid,
-) -> Result<Vec<Snapshot>> {
-    let rows = sqlx::query(
-        "SELECT * FROM snapshots WHERE schedule_id = ? AND vm_id = ? ORDER BY created_at, id",
-    )
-    .bind(id_text(schedule))
-    .bind(id_text(vm))
-    .fetch_all(&mut *conn)
-    .await?;
-    let snapshots = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
-    with_volumes(conn, snapshots).await
-}
-
 pub async fn set_status(
     conn: &mut SqliteConnection,
     id: Uuid,
@@ -165,7 +148,8 @@ pub async fn update(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<
     Ok(())
 }
 
-/// Ready snapshots past their expiry and not on hold, oldest expiry first.
+/// Ready (or failed) snapshots past their expiry and not on hold, oldest expiry first.
+/// Without their volumes: pruning needs only ids.
 pub async fn expired(
     conn: &mut SqliteConnection,
     now: crate::domain::Timestamp,
@@ -177,6 +161,33 @@ pub async fn expired(
     .bind(ts(now))
     .fetch_all(&mut *conn)
     .await?;
-    let snapshots = rows.iter().map(from_row).collect::<Result<Vec<_>>>()?;
-    with_volumes(conn, snapshots).await
+    rows.iter().map(from_row).collect()
+}
+
+/// Snapshots that schedules took and retention may judge (ready or failed; not those
+/// being created or deleted), of one schedule or of all, grouped by schedule and VM and
+/// oldest first. Without their volumes: retention needs only times and flags.
+pub async fn scheduled(
+    conn: &mut SqliteConnection,
+    schedule: Option<Uuid>,
+) -> Result<Vec<Snapshot>> {
+    let rows = sqlx::query(
+        "SELECT * FROM snapshots WHERE schedule_id IS NOT NULL AND (?1 IS NULL OR schedule_id = ?1)
+         AND status IN ('ready', 'error') ORDER BY schedule_id, vm_id, created_at, id",
+    )
+    .bind(opt_id_text(schedule))
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Whether a VM already has a snapshot with this name.
+pub async fn name_exists(conn: &mut SqliteConnection, vm: Uuid, name: &str) -> Result<bool> {
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM snapshots WHERE vm_id = ? AND name = ?")
+            .bind(id_text(vm))
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
+    Ok(found.is_some())
 }

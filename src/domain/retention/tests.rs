@@ -165,7 +165,7 @@ fn an_iso_week_spans_the_turn_of_the_year() {
 #[test]
 fn max_age_keeps_what_is_younger_than_the_limit() {
     let policy = RetentionPolicy {
-        max_age_seconds: Some(7 * 86400),
+        max_age: Some(MaxAge(7 * 86400)),
         ..Default::default()
     };
     let snaps = vec![
@@ -313,4 +313,23 @@ fn held_snapshots_still_count_for_the_rules() {
         ..Default::default()
     };
     assert_eq!(kept(&policy, &snaps, NOW, &Utc), vec![2]);
+}
+
+#[test]
+fn max_age_reads_units_and_prints_the_shortest_form() {
+    assert_eq!("7d".parse::<MaxAge>(), Ok(MaxAge(7 * 86400)));
+    assert_eq!("1d12h".parse::<MaxAge>(), Ok(MaxAge(36 * 3600)));
+    assert_eq!("2w".parse::<MaxAge>(), Ok(MaxAge(14 * 86400)));
+    assert_eq!("90m".parse::<MaxAge>().unwrap().to_string(), "1h30m");
+    assert_eq!(MaxAge(14 * 86400).to_string(), "14d");
+    assert_eq!(MaxAge(61).to_string(), "1m1s");
+    for bad in ["", "7", "d", "7x", "-1d", "0d", "1.5d", "7 d", "99999999999999999999d", "4000d"] {
+        assert!(bad.parse::<MaxAge>().is_err(), "{bad:?}");
+    }
+    let policy: RetentionPolicy = serde_json::from_str(r#"{"max_age":"36h","keep_daily":7}"#).unwrap();
+    assert_eq!(policy.max_age, Some(MaxAge(36 * 3600)));
+    assert_eq!(
+        serde_json::to_value(&policy).unwrap()["max_age"],
+        serde_json::json!("1d12h")
+    );
 }

@@ -1,0 +1,3 @@
+-- The scheduler looks for runs still waiting on their jobs at every tick; keep that a
+-- lookup in a tiny index rather than a scan of the whole run history.
+CREATE INDEX schedule_runs_running ON schedule_runs(schedule_id) WHERE status = 'running';

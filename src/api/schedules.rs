@@ -1,0 +1,583 @@
+//! `/v1/schedules`: scheduled snapshots with retention, their runs, manual runs and the
+//! retention preview. Handlers validate and write records; runs and prunes are started
+//! by `scheduler`, which this module calls for manual runs and previews.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::{Json, Query, parse_id};
+use super::problem::Problem;
+use super::{AppState, PageQuery, name_conflict, page};
+use crate::domain::retention::{Decision, KeepReason, PruneReason, RetentionPolicy};
+use crate::domain::schedule::{self, CronSpec};
+use crate::domain::{
+    PruneReport, RunStatus, RunTarget, RunTrigger, Schedule, ScheduleRun, ScheduleTarget, Uuid,
+    new_id, validate,
+};
+use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::requests;
+use crate::scheduler::{prune, runs};
+use crate::store;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_schedules, create_schedule))
+        .routes(routes!(get_schedule, patch_schedule, delete_schedule))
+        .routes(routes!(list_runs, trigger_run))
+        .routes(routes!(get_run))
+        .routes(routes!(preview))
+}
+
+/// A new schedule: what to snapshot (`vm_id` or `selector`), when (`cron` in
+/// `timezone`), how to name the snapshots, and which to keep.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "name": "web-nightly", "selector": "tier=web", "cron": "0 3 * * *", "timezone": "Europe/Paris",
+    "retention": {"keep_daily": 7, "keep_weekly": 4, "max_age": "60d"}
+}))]
+pub struct CreateSchedule {
+    pub name: String,
+    /// Snapshot this one VM. Give either `vm_id` or `selector`.
+    pub vm_id: Option<Uuid>,
+    /// Snapshot every VM carrying this label (`key=value`) at the time of each run.
+    pub selector: Option<String>,
+    /// 5 fields (minute hour day-of-month month day-of-week) or `@hourly`, `@daily`,
+    /// `@weekly`, `@monthly`, `@yearly`.
+    pub cron: String,
+    /// IANA zone the cron fields, snapshot names and calendar retention rules are read
+    /// in (default `UTC`).
+    pub timezone: Option<String>,
+    /// Default true. A disabled schedule keeps its snapshots and policy but never runs
+    /// on its own.
+    pub enabled: Option<bool>,
+    /// Snapshot names: strftime fields plus `{vm}` and `{schedule}` (default
+    /// `auto-%Y%m%d-%H%M%S`).
+    pub name_template: Option<String>,
+    /// Default: keep everything (only `expires_at` prunes).
+    #[serde(default)]
+    pub retention: RetentionPolicy,
+}
+
+/// Change a schedule: fields left out stay; `retention` replaces the whole policy;
+/// `vm_id` or `selector` replaces the target.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"enabled": false}))]
+pub struct PatchSchedule {
+    pub name: Option<String>,
+    pub vm_id: Option<Uuid>,
+    pub selector: Option<String>,
+    pub cron: Option<String>,
+    pub timezone: Option<String>,
+    pub enabled: Option<bool>,
+    pub name_template: Option<String>,
+    pub retention: Option<RetentionPolicy>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleView {
+    pub id: Uuid,
+    pub name: String,
+    pub vm_id: Option<Uuid>,
+    pub selector: Option<String>,
+    pub cron: String,
+    pub timezone: String,
+    pub enabled: bool,
+    pub name_template: String,
+    pub retention: RetentionPolicy,
+    /// When the next run is due (absent while disabled).
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub last_run: Option<LastRun>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The newest run, in short.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LastRun {
+    pub id: Uuid,
+    pub at: DateTime<Utc>,
+    pub status: RunStatus,
+    /// The snapshot job of the run (the first one, for a selector reaching several VMs).
+    pub job_id: Option<Uuid>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleList {
+    pub items: Vec<ScheduleView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunView {
+    pub id: Uuid,
+    pub schedule_id: Uuid,
+    pub trigger: RunTrigger,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// `running` until its snapshot jobs end; `skipped` when it took no snapshot.
+    pub status: RunStatus,
+    pub reason: Option<String>,
+    /// The snapshot jobs the run queued.
+    pub job_ids: Vec<Uuid>,
+    /// One entry per VM the run reached.
+    pub targets: Vec<RunTarget>,
+    /// The retention pass made when the run ended.
+    pub retention: Option<PruneReport>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunList {
+    pub items: Vec<RunView>,
+    pub next_cursor: Option<String>,
+}
+
+/// What the policy would do now, without doing it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Preview {
+    pub evaluated_at: DateTime<Utc>,
+    pub keep_count: usize,
+    pub prune_count: usize,
+    /// The schedule's snapshots, by VM and oldest first.
+    pub items: Vec<PreviewItem>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PreviewAction {
+    Keep,
+    Prune,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PreviewItem {
+    pub vm_id: Uuid,
+    pub snapshot_id: Uuid,
+    pub snapshot_name: String,
+    pub created_at: DateTime<Utc>,
+    pub hold: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub action: PreviewAction,
+    /// For `keep`: every rule that keeps the snapshot.
+    pub keep_reasons: Vec<KeepReason>,
+    /// For `prune`: `expired` or `outside_policy`.
+    pub prune_reason: Option<PruneReason>,
+    /// For `prune`: why the deletion would be held now (`vm_running`,
+    /// `insufficient_storage`...), if it would.
+    pub held: Option<Held>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Held {
+    pub code: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ScheduleFilter {
+    /// Only schedules that target this VM by id.
+    pub vm_id: Option<Uuid>,
+}
+
+fn view(schedule: Schedule, last: Option<ScheduleRun>) -> ScheduleView {
+    let (vm_id, selector) = match schedule.target {
+        ScheduleTarget::Vm(id) => (Some(id), None),
+        ScheduleTarget::Selector { key, value } => (None, Some(format!("{key}={value}"))),
+    };
+    ScheduleView {
+        id: schedule.id,
+        name: schedule.name,
+        vm_id,
+        selector,
+        cron: schedule.cron,
+        timezone: schedule.timezone,
+        enabled: schedule.enabled,
+        name_template: schedule.name_template,
+        retention: schedule.retention,
+        next_run_at: schedule.next_run_at,
+        last_run: last.map(|run| LastRun {
+            id: run.id,
+            at: run.started_at,
+            status: run.status,
+            job_id: run.detail.targets.iter().find_map(|t| t.job_id),
+            reason: run.reason,
+        }),
+        created_at: schedule.created_at,
+        updated_at: schedule.updated_at,
+    }
+}
+
+fn run_view(run: ScheduleRun) -> RunView {
+    RunView {
+        id: run.id,
+        schedule_id: run.schedule_id,
+        trigger: run.trigger,
+        started_at: run.started_at,
+        finished_at: run.finished_at,
+        status: run.status,
+        reason: run.reason,
+        job_ids: run.detail.targets.iter().filter_map(|t| t.job_id).collect(),
+        targets: run.detail.targets,
+        retention: run.detail.retention,
+    }
+}
+
+async fn view_with_last(state: &AppState, schedule: Schedule) -> Result<ScheduleView> {
+    let last = store::schedules::last_run(&mut *state.engine.db.reader().await?, schedule.id).await?;
+    Ok(view(schedule, last))
+}
+
+async fn find_schedule(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<Schedule> {
+    let id = parse_id(id, ErrorCode::ScheduleNotFound, "schedule")?;
+    store::schedules::get(conn, id).await?.ok_or_else(|| {
+        Error::problem(
+            ErrorCode::ScheduleNotFound,
+            format!("schedule {id} does not exist"),
+        )
+    })
+}
+
+/// The target from `vm_id` / `selector`, exactly one of which must be given.
+async fn target(
+    conn: &mut sqlx::SqliteConnection,
+    vm_id: Option<Uuid>,
+    selector: Option<&str>,
+) -> Result<ScheduleTarget> {
+    match (vm_id, selector) {
+        (Some(id), None) => {
+            if store::vms::get_vm(conn, id).await?.is_none() {
+                return Err(Error::problem(
+                    ErrorCode::VmNotFound,
+                    format!("VM {id} does not exist"),
+                ));
+            }
+            Ok(ScheduleTarget::Vm(id))
+        }
+        (None, Some(text)) => {
+            let (key, value) = validate::selector(text).map_err(Error::validation)?;
+            Ok(ScheduleTarget::Selector { key, value })
+        }
+        _ => Err(Error::validation(
+            "give exactly one of vm_id (one VM) and selector (every VM with a label)",
+        )),
+    }
+}
+
+/// Check every rule of a schedule and compute its next run from now.
+fn validate_schedule(schedule: &mut Schedule) -> Result<()> {
+    validate::name("name", &schedule.name).map_err(Error::validation)?;
+    let spec = CronSpec::parse(&schedule.cron, &schedule.timezone).map_err(Error::validation)?;
+    schedule::validate_template(&schedule.name_template).map_err(Error::validation)?;
+    // The template must make a valid snapshot name for a typical VM.
+    let sample = schedule::render_name(
+        &schedule.name_template,
+        store::now(),
+        spec.timezone(),
+        "vm",
+        &schedule.name,
+    );
+    validate::name("the snapshot name from name_template", &sample)
+        .map_err(|e| Error::validation(format!("{e} (it gives {sample:?})")))?;
+    validate::retention(&schedule.retention).map_err(Error::validation)?;
+    schedule.next_run_at = if schedule.enabled {
+        spec.next_after(store::now())
+    } else {
+        None
+    };
+    Ok(())
+}
+
+/// Create a schedule.
+#[utoipa::path(post, path = "/v1/schedules", tag = "schedules", request_body = CreateSchedule,
+    responses(
+        (status = 201, description = "The schedule", body = ScheduleView,
+            headers(("Location" = String, description = "/v1/schedules/{id}"))),
+        (status = 400, description = "Invalid field: name, cron, timezone, template, retention, or not exactly one of vm_id and selector (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name already used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn create_schedule(
+    State(state): State<AppState>,
+    Json(body): Json<CreateSchedule>,
+) -> Result<Response> {
+    let now = store::now();
+    let mut tx = state.engine.db.begin().await?;
+    let mut schedule = Schedule {
+        id: new_id(),
+        name: body.name,
+        target: target(&mut tx, body.vm_id, body.selector.as_deref()).await?,
+        cron: body.cron.trim().to_owned(),
+        timezone: body.timezone.unwrap_or_else(|| "UTC".into()),
+        enabled: body.enabled.unwrap_or(true),
+        name_template: body
+            .name_template
+            .unwrap_or_else(|| schedule::DEFAULT_NAME_TEMPLATE.into()),
+        retention: body.retention,
+        next_run_at: None,
+        created_at: now,
+        updated_at: now,
+    };
+    validate_schedule(&mut schedule)?;
+    store::schedules::save(&mut tx, &schedule)
+        .await
+        .map_err(|e| name_conflict(e, || format!("a schedule named {} exists", schedule.name)))?;
+    tx.commit().await?;
+    let location = format!("/v1/schedules/{}", schedule.id);
+    let mut response = (StatusCode::CREATED, axum::Json(view(schedule, None))).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+/// List schedules.
+#[utoipa::path(get, path = "/v1/schedules", tag = "schedules", params(ScheduleFilter, PageQuery),
+    responses(
+        (status = 200, description = "One page of schedules in id order", body = ScheduleList),
+        (status = 400, description = "Bad filter, limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_schedules(
+    State(state): State<AppState>,
+    Query(filter): Query<ScheduleFilter>,
+    Query(page_query): Query<PageQuery>,
+) -> Result<axum::Json<ScheduleList>> {
+    let (limit, cursor) = page_query.parse()?;
+    let mut conn = state.engine.db.reader().await?;
+    let rows = store::schedules::list(&mut conn, filter.vm_id, cursor, limit + 1).await?;
+    let (rows, next_cursor) = page(rows, limit, |s| s.id);
+    let mut items = Vec::with_capacity(rows.len());
+    for schedule in rows {
+        let last = store::schedules::last_run(&mut conn, schedule.id).await?;
+        items.push(view(schedule, last));
+    }
+    Ok(axum::Json(ScheduleList { items, next_cursor }))
+}
+
+/// Get a schedule with its next and last run.
+#[utoipa::path(get, path = "/v1/schedules/{id}", tag = "schedules",
+    params(("id" = Uuid, Path, description = "Schedule id")),
+    responses(
+        (status = 200, description = "The schedule", body = ScheduleView),
+        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_schedule(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ScheduleView>> {
+    let schedule = find_schedule(&mut *state.engine.db.reader().await?, &id).await?;
+    Ok(axum::Json(view_with_last(&state, schedule).await?))
+}
+
+/// Change a schedule. A new cron expression, time zone or `enabled: true` computes the
+/// next run from now (missed runs are not caught up).
+#[utoipa::path(patch, path = "/v1/schedules/{id}", tag = "schedules", request_body = PatchSchedule,
+    params(("id" = Uuid, Path, description = "Schedule id")),
+    responses(
+        (status = 200, description = "The updated schedule", body = ScheduleView),
+        (status = 400, description = "Invalid field, or both vm_id and selector (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such schedule or VM (`schedule_not_found`, `vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name already used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn patch_schedule(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<PatchSchedule>,
+) -> Result<axum::Json<ScheduleView>> {
+    let mut tx = state.engine.db.begin().await?;
+    let mut schedule = find_schedule(&mut tx, &id).await?;
+    let timing_before = (
+        schedule.cron.clone(),
+        schedule.timezone.clone(),
+        schedule.enabled,
+    );
+    if body.vm_id.is_some() || body.selector.is_some() {
+        schedule.target = target(&mut tx, body.vm_id, body.selector.as_deref()).await?;
+    }
+    if let Some(name) = body.name {
+        schedule.name = name;
+    }
+    if let Some(cron) = body.cron {
+        schedule.cron = cron.trim().to_owned();
+    }
+    if let Some(timezone) = body.timezone {
+        schedule.timezone = timezone;
+    }
+    if let Some(enabled) = body.enabled {
+        schedule.enabled = enabled;
+    }
+    if let Some(template) = body.name_template {
+        schedule.name_template = template;
+    }
+    if let Some(retention) = body.retention {
+        schedule.retention = retention;
+    }
+    let next_run_at = schedule.next_run_at;
+    validate_schedule(&mut schedule)?;
+    let timing_after = (
+        schedule.cron.clone(),
+        schedule.timezone.clone(),
+        schedule.enabled,
+    );
+    if timing_before == timing_after {
+        // Same timing: keep the run that was due, even one already missed.
+        schedule.next_run_at = next_run_at;
+    }
+    schedule.updated_at = store::now();
+    store::schedules::save(&mut tx, &schedule)
+        .await
+        .map_err(|e| name_conflict(e, || format!("a schedule named {} exists", schedule.name)))?;
+    tx.commit().await?;
+    Ok(axum::Json(view_with_last(&state, schedule).await?))
+}
+
+/// Delete a schedule and its run history. Its snapshots stay, as manual snapshots that
+/// no policy prunes any more; a run in progress finishes its snapshots.
+#[utoipa::path(delete, path = "/v1/schedules/{id}", tag = "schedules",
+    params(("id" = Uuid, Path, description = "Schedule id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_schedule(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
+    let mut tx = state.engine.db.begin().await?;
+    let schedule = find_schedule(&mut tx, &id).await?;
+    store::schedules::delete(&mut tx, schedule.id).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A schedule's runs, newest first.
+#[utoipa::path(get, path = "/v1/schedules/{id}/runs", tag = "schedules",
+    params(("id" = Uuid, Path, description = "Schedule id"), PageQuery),
+    responses(
+        (status = 200, description = "One page of runs, newest first", body = RunList),
+        (status = 400, description = "Bad limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_runs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(page_query): Query<PageQuery>,
+) -> Result<axum::Json<RunList>> {
+    let (limit, cursor) = page_query.parse()?;
+    let mut conn = state.engine.db.reader().await?;
+    let schedule = find_schedule(&mut conn, &id).await?;
+    let rows = store::schedules::runs(&mut conn, schedule.id, cursor, limit + 1).await?;
+    let (rows, next_cursor) = page(rows, limit, |r| r.id);
+    Ok(axum::Json(RunList {
+        items: rows.into_iter().map(run_view).collect(),
+        next_cursor,
+    }))
+}
+
+/// One run, with what it did per VM and what retention decided after it.
+#[utoipa::path(get, path = "/v1/schedules/{id}/runs/{run_id}", tag = "schedules",
+    params(("id" = Uuid, Path, description = "Schedule id"), ("run_id" = Uuid, Path, description = "Run id")),
+    responses(
+        (status = 200, description = "The run", body = RunView),
+        (status = 404, description = "No such schedule or run (`schedule_not_found`, `run_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_run(
+    State(state): State<AppState>,
+    Path((id, run_id)): Path<(String, String)>,
+) -> Result<axum::Json<RunView>> {
+    let mut conn = state.engine.db.reader().await?;
+    let schedule = find_schedule(&mut conn, &id).await?;
+    let run_id = parse_id(&run_id, ErrorCode::RunNotFound, "run")?;
+    let run = store::schedules::get_run(&mut conn, schedule.id, run_id)
+        .await?
+        .ok_or_else(|| {
+            Error::problem(ErrorCode::RunNotFound, format!("run {run_id} does not exist"))
+        })?;
+    Ok(axum::Json(run_view(run)))
+}
+
+/// Run a schedule now (enabled or not). The run is recorded like a cron run; a VM that
+/// cannot be snapshotted now (running, not ready) is skipped with the reason. The
+/// schedule's next cron run is unchanged.
+#[utoipa::path(post, path = "/v1/schedules/{id}/run", tag = "schedules",
+    params(("id" = Uuid, Path, description = "Schedule id")),
+    responses(
+        (status = 202, description = "The run: `running` with its snapshot jobs queued, or `skipped` with the reason", body = RunView,
+            headers(("Location" = String, description = "/v1/schedules/{id}/runs/{run_id}"))),
+        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A run of the schedule is still in progress (`schedule_busy`; `run_id` names it)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+    let schedule = find_schedule(&mut *state.engine.db.reader().await?, &id).await?;
+    let run = runs::start(&state.engine, &schedule, RunTrigger::Manual, store::now(), None).await?;
+    let location = format!("/v1/schedules/{}/runs/{}", schedule.id, run.id);
+    let mut response = (StatusCode::ACCEPTED, axum::Json(run_view(run))).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    Ok(response)
+}
+
+/// Dry run of the retention policy: which of the schedule's snapshots it keeps (and by
+/// which rules) and which it prunes now, and whether a prune would be held. Changes
+/// nothing.
+#[utoipa::path(get, path = "/v1/schedules/{id}/preview", tag = "schedules",
+    params(("id" = Uuid, Path, description = "Schedule id")),
+    responses(
+        (status = 200, description = "The decision for each snapshot of the schedule", body = Preview),
+        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn preview(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<Preview>> {
+    let schedule = find_schedule(&mut *state.engine.db.reader().await?, &id).await?;
+    let now = store::now();
+    let decisions = prune::decisions(&state.engine, &schedule, now).await?;
+    let mut items = Vec::with_capacity(decisions.len());
+    for (snapshot, decision) in decisions {
+        let (action, keep_reasons, prune_reason) = match decision {
+            Decision::Keep(reasons) => (PreviewAction::Keep, reasons, None),
+            Decision::Prune(why) => (PreviewAction::Prune, Vec::new(), Some(why)),
+        };
+        let held = match action {
+            PreviewAction::Prune => match requests::check_deletable(&state.engine, snapshot.id).await {
+                Ok(_) => None,
+                Err(e) if prune::is_hold(&e) => Some(Held {
+                    code: e.code().as_str().to_owned(),
+                    reason: e.to_string(),
+                }),
+                Err(e) => return Err(e),
+            },
+            PreviewAction::Keep => None,
+        };
+        items.push(PreviewItem {
+            vm_id: snapshot.vm_id,
+            snapshot_id: snapshot.id,
+            snapshot_name: snapshot.name,
+            created_at: snapshot.created_at,
+            hold: snapshot.hold,
+            expires_at: snapshot.expires_at,
+            action,
+            keep_reasons,
+            prune_reason,
+            held,
+        });
+    }
+    let prune_count = items
+        .iter()
+        .filter(|i| matches!(i.action, PreviewAction::Prune))
+        .count();
+    Ok(axum::Json(Preview {
+        evaluated_at: now,
+        keep_count: items.len() - prune_count,
+        prune_count,
+        items,
+    }))
+}

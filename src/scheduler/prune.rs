@@ -1,0 +1,175 @@
+//! Pruning: which snapshots go (expired ones, and those outside their schedule's
+//! retention policy), and queueing their deletion as ordinary snapshot-delete jobs,
+//! oldest first and spread out.
+//!
+//! Spreading: a pass queues at most one deletion per VM, none on a VM that still has
+//! jobs in flight, and never lets more deletions be in flight at once than there are
+//! workers. What is left is `deferred` and taken by a later pass (the scheduler runs one
+//! whenever jobs have finished and a backlog remains), so a thousand prunes become a
+//! steady stream of merges instead of a storm.
+//!
+//! A snapshot the policy prunes but that cannot be deleted now (its VM runs and the
+//! merge touches the live chain, a linked clone depends on it, short of space...) is
+//! reported as `held` with the refusal's code and reason, and tried again next pass.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono_tz::Tz;
+
+use crate::domain::retention::{self, Candidate, Decision, PruneReason};
+use crate::domain::{JobKind, PruneEntry, PruneReport, Schedule, Snapshot, Timestamp, Uuid};
+use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::{Engine, requests};
+use crate::store;
+
+/// The zone a schedule's calendar rules count days in (validated on write).
+pub fn schedule_zone(schedule: &Schedule) -> Tz {
+    schedule.timezone.parse().unwrap_or(Tz::UTC)
+}
+
+/// Judge one schedule's snapshots on one VM (oldest first) with its policy.
+pub fn judge(schedule: &Schedule, snapshots: &[Snapshot], now: Timestamp) -> Vec<Decision> {
+    let candidates: Vec<Candidate> = snapshots
+        .iter()
+        .map(|s| Candidate {
+            id: s.id,
+            created_at: s.created_at,
+            scheduled: s.schedule_id == Some(schedule.id),
+            hold: s.hold,
+            expires_at: s.expires_at,
+        })
+        .collect();
+    retention::evaluate(&schedule.retention, &candidates, now, &schedule_zone(schedule))
+        .into_iter()
+        .map(|(_, decision)| decision)
+        .collect()
+}
+
+/// A schedule's snapshots with the decision for each, grouped by VM, oldest first.
+pub async fn decisions(
+    engine: &Engine,
+    schedule: &Schedule,
+    now: Timestamp,
+) -> Result<Vec<(Snapshot, Decision)>> {
+    let snapshots =
+        store::snapshots::scheduled(&mut *engine.db.reader().await?, Some(schedule.id)).await?;
+    Ok(judge_all(&[schedule.clone()], snapshots, now))
+}
+
+/// Decide for snapshots sorted by schedule and VM, each group under its schedule.
+fn judge_all(
+    schedules: &[Schedule],
+    snapshots: Vec<Snapshot>,
+    now: Timestamp,
+) -> Vec<(Snapshot, Decision)> {
+    let by_id: HashMap<Uuid, &Schedule> = schedules.iter().map(|s| (s.id, s)).collect();
+    let mut out = Vec::with_capacity(snapshots.len());
+    for group in snapshots.chunk_by(|a, b| a.schedule_id == b.schedule_id && a.vm_id == b.vm_id) {
+        let Some(schedule) = group[0].schedule_id.and_then(|id| by_id.get(&id)) else {
+            continue;
+        };
+        let decided = judge(schedule, group, now);
+        out.extend(group.iter().cloned().zip(decided));
+    }
+    out
+}
+
+/// Snapshots to delete now, oldest first: those outside the retention of `scope` (one
+/// schedule after its run), or of every schedule plus every expired snapshot, manual
+/// ones included (the periodic sweep).
+async fn doomed(
+    engine: &Engine,
+    now: Timestamp,
+    scope: Option<&Schedule>,
+) -> Result<Vec<(Snapshot, PruneReason)>> {
+    let mut conn = engine.db.reader().await?;
+    let schedules = match scope {
+        Some(schedule) => vec![schedule.clone()],
+        None => store::schedules::all(&mut conn).await?,
+    };
+    let snapshots = store::snapshots::scheduled(&mut conn, scope.map(|s| s.id)).await?;
+    let mut doomed: Vec<(Snapshot, PruneReason)> = judge_all(&schedules, snapshots, now)
+        .into_iter()
+        .filter_map(|(snapshot, decision)| match decision {
+            Decision::Prune(why) => Some((snapshot, why)),
+            Decision::Keep(_) => None,
+        })
+        .collect();
+    if scope.is_none() {
+        let judged: HashSet<Uuid> = doomed.iter().map(|(s, _)| s.id).collect();
+        for snapshot in store::snapshots::expired(&mut conn, now).await? {
+            // Scheduled snapshots were judged above, expiry included.
+            if snapshot.schedule_id.is_none() && !judged.contains(&snapshot.id) {
+                doomed.push((snapshot, PruneReason::Expired));
+            }
+        }
+    }
+    doomed.sort_by(|(a, _), (b, _)| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+    Ok(doomed)
+}
+
+/// One pruning pass (see the module doc): queue what may go now, report the rest.
+pub async fn prune(engine: &Engine, now: Timestamp, scope: Option<&Schedule>) -> Result<PruneReport> {
+    let doomed = doomed(engine, now, scope).await?;
+    let mut report = PruneReport::default();
+    if doomed.is_empty() {
+        return Ok(report);
+    }
+    let (mut busy, in_flight) = {
+        let mut conn = engine.db.reader().await?;
+        (
+            store::jobs::busy_vms(&mut conn).await?,
+            store::jobs::count_pending(&mut conn, JobKind::SnapshotDelete).await?,
+        )
+    };
+    let workers = engine.config.workers.max(1);
+    let mut budget = workers.saturating_sub(in_flight);
+    for (snapshot, why) in doomed {
+        let mut entry = PruneEntry {
+            snapshot_id: snapshot.id,
+            snapshot_name: snapshot.name.clone(),
+            vm_id: snapshot.vm_id,
+            why_pruned: why,
+            job_id: None,
+            code: None,
+            reason: None,
+        };
+        if busy.contains(&snapshot.vm_id) {
+            entry.code = Some("vm_busy".into());
+            entry.reason = Some("the VM has jobs in flight; pruned once they end".into());
+            report.deferred.push(entry);
+            continue;
+        }
+        if budget == 0 {
+            entry.code = Some("spread".into());
+            entry.reason = Some(format!(
+                "at most {workers} deletions run at once; the rest follow as they finish"
+            ));
+            report.deferred.push(entry);
+            continue;
+        }
+        match requests::delete_snapshot(engine, snapshot.id).await {
+            Ok(job) => {
+                tracing::info!(snapshot = %snapshot.id, job = %job.id, why = ?why, "snapshot pruned");
+                entry.job_id = Some(job.id);
+                busy.insert(snapshot.vm_id);
+                budget -= 1;
+                report.pruned.push(entry);
+            }
+            Err(e) if is_hold(&e) => {
+                tracing::info!(snapshot = %snapshot.id, reason = %e, "snapshot to prune is held");
+                entry.code = Some(e.code().as_str().to_owned());
+                entry.reason = Some(e.to_string());
+                report.held.push(entry);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(report)
+}
+
+/// Refusals that hold a prune back until the state changes, as opposed to failures of
+/// the service itself.
+pub fn is_hold(error: &Error) -> bool {
+    matches!(error, Error::Problem { .. }) || error.code() == ErrorCode::InsufficientStorage
+}
