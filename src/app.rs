@@ -65,6 +65,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         engine: Arc::clone(&engine),
         max_disk_size: config.max_disk_size,
         ready: Arc::clone(&ready),
+        run_history: config.run_history.max(1),
     };
     let app = with_middleware(api::router(state), &config);
 

@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Print the OpenAPI document (the one checked in as openapi/openapi.json).
     Openapi,
 }
@@ -87,7 +87,12 @@ pub struct ServeConfig {
 
     /// Milliseconds between scheduler ticks (finding due schedules is one indexed
     /// query, so a short tick costs little).
-    #[arg(long, env = "STRATA_SCHEDULER_TICK_MS", default_value_t = 1000, hide = true)]
+    #[arg(
+        long,
+        env = "STRATA_SCHEDULER_TICK_MS",
+        default_value_t = 1000,
+        hide = true
+    )]
     pub scheduler_tick_ms: u64,
 
     /// Test-only clock: a file holding an RFC 3339 instant read as "now" (see `clock`).

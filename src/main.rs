@@ -11,7 +11,7 @@ async fn main() -> std::process::ExitCode {
         }
         Command::Serve(config) => {
             strata::app::init_tracing();
-            match strata::app::serve(config).await {
+            match strata::app::serve(*config).await {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "strata stopped");

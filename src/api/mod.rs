@@ -32,6 +32,8 @@ pub struct AppState {
     pub max_disk_size: u64,
     /// Turns true once interrupted jobs have been recovered.
     pub ready: Arc<AtomicBool>,
+    /// Runs kept per schedule (`--run-history`).
+    pub run_history: u32,
 }
 
 #[derive(utoipa::OpenApi)]

@@ -232,7 +232,8 @@ fn run_view(run: ScheduleRun) -> RunView {
 }
 
 async fn view_with_last(state: &AppState, schedule: Schedule) -> Result<ScheduleView> {
-    let last = store::schedules::last_run(&mut *state.engine.db.reader().await?, schedule.id).await?;
+    let last =
+        store::schedules::last_run(&mut *state.engine.db.reader().await?, schedule.id).await?;
     Ok(view(schedule, last))
 }
 
@@ -451,7 +452,10 @@ async fn patch_schedule(
         (status = 204, description = "Deleted"),
         (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn delete_schedule(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode> {
+async fn delete_schedule(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
     let mut tx = state.engine.db.begin().await?;
     let schedule = find_schedule(&mut tx, &id).await?;
     store::schedules::delete(&mut tx, schedule.id).await?;
@@ -500,7 +504,10 @@ async fn get_run(
     let run = store::schedules::get_run(&mut conn, schedule.id, run_id)
         .await?
         .ok_or_else(|| {
-            Error::problem(ErrorCode::RunNotFound, format!("run {run_id} does not exist"))
+            Error::problem(
+                ErrorCode::RunNotFound,
+                format!("run {run_id} does not exist"),
+            )
         })?;
     Ok(axum::Json(run_view(run)))
 }
@@ -518,7 +525,15 @@ async fn get_run(
     ))]
 async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let schedule = find_schedule(&mut *state.engine.db.reader().await?, &id).await?;
-    let run = runs::start(&state.engine, &schedule, RunTrigger::Manual, store::now(), None).await?;
+    let run = runs::start(
+        &state.engine,
+        &schedule,
+        RunTrigger::Manual,
+        store::now(),
+        None,
+        state.run_history,
+    )
+    .await?;
     let location = format!("/v1/schedules/{}/runs/{}", schedule.id, run.id);
     let mut response = (StatusCode::ACCEPTED, axum::Json(run_view(run))).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {
@@ -536,7 +551,10 @@ async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> R
         (status = 200, description = "The decision for each snapshot of the schedule", body = Preview),
         (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn preview(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<Preview>> {
+async fn preview(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Preview>> {
     let schedule = find_schedule(&mut *state.engine.db.reader().await?, &id).await?;
     let now = store::now();
     let decisions = prune::decisions(&state.engine, &schedule, now).await?;
@@ -547,14 +565,16 @@ async fn preview(State(state): State<AppState>, Path(id): Path<String>) -> Resul
             Decision::Prune(why) => (PreviewAction::Prune, Vec::new(), Some(why)),
         };
         let held = match action {
-            PreviewAction::Prune => match requests::check_deletable(&state.engine, snapshot.id).await {
-                Ok(_) => None,
-                Err(e) if prune::is_hold(&e) => Some(Held {
-                    code: e.code().as_str().to_owned(),
-                    reason: e.to_string(),
-                }),
-                Err(e) => return Err(e),
-            },
+            PreviewAction::Prune => {
+                match requests::check_deletable(&state.engine, snapshot.id).await {
+                    Ok(_) => None,
+                    Err(e) if prune::is_hold(&e) => Some(Held {
+                        code: e.code().as_str().to_owned(),
+                        reason: e.to_string(),
+                    }),
+                    Err(e) => return Err(e),
+                }
+            }
             PreviewAction::Keep => None,
         };
         items.push(PreviewItem {

@@ -43,7 +43,13 @@ pub struct RetentionPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MaxAge(pub u64);
 
-const AGE_UNITS: &[(char, u64)] = &[('w', 604_800), ('d', 86_400), ('h', 3_600), ('m', 60), ('s', 1)];
+const AGE_UNITS: &[(char, u64)] = &[
+    ('w', 604_800),
+    ('d', 86_400),
+    ('h', 3_600),
+    ('m', 60),
+    ('s', 1),
+];
 
 /// Ten years: anything longer is a typo, not a policy.
 const MAX_AGE_LIMIT: u64 = 10 * 366 * 86_400;

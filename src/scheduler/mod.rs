@@ -49,10 +49,10 @@ pub fn spawn(
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
             let now = store::now();
-            if let Err(e) = runs::finish_ended(&engine, now, settings.run_history).await {
+            if let Err(e) = runs::finish_ended(&engine, now).await {
                 tracing::error!(error = %e, "closing schedule runs failed");
             }
-            if let Err(e) = runs::start_due(&engine, now).await {
+            if let Err(e) = runs::start_due(&engine, now, settings.run_history).await {
                 tracing::error!(error = %e, "starting schedule runs failed");
             }
             let changed = jobs_changed.has_changed().unwrap_or(false);

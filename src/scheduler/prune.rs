@@ -39,10 +39,15 @@ pub fn judge(schedule: &Schedule, snapshots: &[Snapshot], now: Timestamp) -> Vec
             expires_at: s.expires_at,
         })
         .collect();
-    retention::evaluate(&schedule.retention, &candidates, now, &schedule_zone(schedule))
-        .into_iter()
-        .map(|(_, decision)| decision)
-        .collect()
+    retention::evaluate(
+        &schedule.retention,
+        &candidates,
+        now,
+        &schedule_zone(schedule),
+    )
+    .into_iter()
+    .map(|(_, decision)| decision)
+    .collect()
 }
 
 /// A schedule's snapshots with the decision for each, grouped by VM, oldest first.
@@ -53,7 +58,7 @@ pub async fn decisions(
 ) -> Result<Vec<(Snapshot, Decision)>> {
     let snapshots =
         store::snapshots::scheduled(&mut *engine.db.reader().await?, Some(schedule.id)).await?;
-    Ok(judge_all(&[schedule.clone()], snapshots, now))
+    Ok(judge_all(std::slice::from_ref(schedule), snapshots, now))
 }
 
 /// Decide for snapshots sorted by schedule and VM, each group under its schedule.
@@ -109,7 +114,11 @@ async fn doomed(
 }
 
 /// One pruning pass (see the module doc): queue what may go now, report the rest.
-pub async fn prune(engine: &Engine, now: Timestamp, scope: Option<&Schedule>) -> Result<PruneReport> {
+pub async fn prune(
+    engine: &Engine,
+    now: Timestamp,
+    scope: Option<&Schedule>,
+) -> Result<PruneReport> {
     let doomed = doomed(engine, now, scope).await?;
     let mut report = PruneReport::default();
     if doomed.is_empty() {

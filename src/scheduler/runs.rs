@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use super::prune;
 use crate::domain::schedule::{self, CronSpec};
 use crate::domain::{
-    JobStatus, RunDetail, RunStatus, RunTarget, RunTrigger, Schedule, ScheduleRun,
-    ScheduleTarget, TargetOutcome, Timestamp, Uuid, Vm, new_id, validate,
+    JobStatus, RunDetail, RunStatus, RunTarget, RunTrigger, Schedule, ScheduleRun, ScheduleTarget,
+    TargetOutcome, Timestamp, Uuid, Vm, new_id, validate,
 };
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::Engine;
@@ -28,7 +28,11 @@ const NAME_RETRIES: u32 = 20;
 /// Start the runs of every enabled schedule due at `now`. However many ticks were
 /// missed while the service was down, a due schedule runs once and continues from
 /// `now`. Returns the runs started (skipped ones included).
-pub async fn start_due(engine: &Engine, now: Timestamp) -> Result<Vec<ScheduleRun>> {
+pub async fn start_due(
+    engine: &Engine,
+    now: Timestamp,
+    run_history: u32,
+) -> Result<Vec<ScheduleRun>> {
     let due = store::schedules::due(&mut *engine.db.reader().await?, now).await?;
     let mut started = Vec::with_capacity(due.len());
     for schedule in due {
@@ -52,7 +56,7 @@ pub async fn start_due(engine: &Engine, now: Timestamp) -> Result<Vec<ScheduleRu
         };
         let (runs_now, next) = schedule::advance(&spec, next_run_at, now);
         if runs_now {
-            started.push(start(engine, &schedule, RunTrigger::Cron, now, next).await?);
+            started.push(start(engine, &schedule, RunTrigger::Cron, now, next, run_history).await?);
         }
     }
     Ok(started)
@@ -60,19 +64,22 @@ pub async fn start_due(engine: &Engine, now: Timestamp) -> Result<Vec<ScheduleRu
 
 /// Start one run of `schedule` at `now`. For a cron run, `next_run_at` is written in
 /// the same transaction, and a previous run still in progress makes this one `skipped`
-/// (runs never stack). A manual run is refused with `schedule_busy` instead.
+/// (runs never stack). A manual run is refused with `schedule_busy` instead. The
+/// schedule's history is trimmed to `run_history` runs.
 pub async fn start(
     engine: &Engine,
     schedule: &Schedule,
     trigger: RunTrigger,
     now: Timestamp,
     next_run_at: Option<DateTime<Utc>>,
+    run_history: u32,
 ) -> Result<ScheduleRun> {
     let mut tx = engine.db.begin().await?;
     // Re-read inside the write transaction: a PATCH may have changed it meanwhile.
     let mut schedule = store::schedules::get(&mut tx, schedule.id)
         .await?
         .ok_or_else(|| not_found(schedule.id))?;
+    let mut stacked = false;
     let mut run = ScheduleRun {
         id: new_id(),
         schedule_id: schedule.id,
@@ -98,6 +105,7 @@ pub async fn start(
         run.status = RunStatus::Skipped;
         run.finished_at = Some(now);
         run.reason = Some(reason);
+        stacked = true;
     } else {
         let vms = target_vms(&mut tx, &schedule.target).await?;
         let tz = CronSpec::parse(&schedule.cron, &schedule.timezone)
@@ -125,6 +133,7 @@ pub async fn start(
         }
     }
     store::schedules::save_run(&mut tx, &run).await?;
+    store::schedules::trim_runs(&mut tx, schedule.id, run_history).await?;
     if trigger == RunTrigger::Cron {
         schedule.next_run_at = next_run_at;
         store::schedules::save(&mut tx, &schedule).await?;
@@ -132,6 +141,11 @@ pub async fn start(
     tx.commit().await?;
     if run.status == RunStatus::Running {
         engine.notify_enqueued();
+    } else if !stacked {
+        // A run that took nothing still applies the policy (it may have changed, or
+        // time moved on), so what it holds back is reported with the run.
+        run.detail.retention = Some(prune::prune(engine, now, Some(&schedule)).await?);
+        save_if_scheduled(engine, &run).await?;
     }
     tracing::info!(schedule = %schedule.name, run = %run.id, status = %run.status, reason = run.reason.as_deref().unwrap_or(""), "schedule run started");
     Ok(run)
@@ -256,11 +270,7 @@ async fn free_name(
 
 /// Close every running run whose snapshot jobs have all ended, with a retention pass
 /// for its schedule. Returns the runs closed.
-pub async fn finish_ended(
-    engine: &Engine,
-    now: Timestamp,
-    run_history: u32,
-) -> Result<Vec<ScheduleRun>> {
+pub async fn finish_ended(engine: &Engine, now: Timestamp) -> Result<Vec<ScheduleRun>> {
     let running = store::schedules::running_runs(&mut *engine.db.reader().await?).await?;
     let mut finished = Vec::new();
     for mut run in running {
@@ -286,23 +296,31 @@ pub async fn finish_ended(
                 )),
             ),
         };
-        let schedule = store::schedules::get(&mut *engine.db.reader().await?, run.schedule_id).await?;
+        let schedule =
+            store::schedules::get(&mut *engine.db.reader().await?, run.schedule_id).await?;
         if let Some(schedule) = schedule {
             run.detail.retention = Some(prune::prune(engine, now, Some(&schedule)).await?);
         }
         run.finished_at = Some(now);
-        let mut tx = engine.db.begin().await?;
-        // The schedule may have been deleted meanwhile (its runs with it): then there
-        // is nothing to record.
-        if store::schedules::get(&mut tx, run.schedule_id).await?.is_some() {
-            store::schedules::save_run(&mut tx, &run).await?;
-            store::schedules::trim_runs(&mut tx, run.schedule_id, run_history).await?;
-        }
-        tx.commit().await?;
+        save_if_scheduled(engine, &run).await?;
         tracing::info!(run = %run.id, status = %run.status, "schedule run finished");
         finished.push(run);
     }
     Ok(finished)
+}
+
+/// Record a run's new state, unless its schedule was deleted meanwhile (its runs with
+/// it): then there is nothing to record.
+async fn save_if_scheduled(engine: &Engine, run: &ScheduleRun) -> Result<()> {
+    let mut tx = engine.db.begin().await?;
+    if store::schedules::get(&mut tx, run.schedule_id)
+        .await?
+        .is_some()
+    {
+        store::schedules::save_run(&mut tx, run).await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Bring the run's per-VM outcomes up to date with its jobs; true once all have ended.

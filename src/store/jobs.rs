@@ -261,11 +261,12 @@ pub async fn busy_vms(conn: &mut SqliteConnection) -> Result<std::collections::H
 
 /// How many jobs of `kind` are queued or running.
 pub async fn count_pending(conn: &mut SqliteConnection, kind: JobKind) -> Result<usize> {
-    let count: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE kind = ? AND status IN ('queued', 'running')")
-            .bind(kind.as_str())
-            .fetch_one(conn)
-            .await?;
+    let count: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM jobs WHERE kind = ? AND status IN ('queued', 'running')",
+    )
+    .bind(kind.as_str())
+    .fetch_one(conn)
+    .await?;
     Ok(count as usize)
 }
 

@@ -4,7 +4,9 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
 use super::{get_enum, get_id, get_opt_id, get_opt_ts, get_ts, id_text, opt_id_text, ts};
-use crate::domain::{RunStatus, RunTrigger, Schedule, ScheduleRun, ScheduleTarget, Timestamp, Uuid};
+use crate::domain::{
+    RunStatus, RunTrigger, Schedule, ScheduleRun, ScheduleTarget, Timestamp, Uuid,
+};
 use crate::error::{Error, Result};
 
 fn from_row(row: &SqliteRow) -> Result<Schedule> {

@@ -6,5 +6,6 @@ mod helpers;
 mod jobs;
 mod openapi;
 mod recovery;
+mod schedules;
 mod snapshots;
 mod vms;

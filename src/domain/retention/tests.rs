@@ -323,10 +323,22 @@ fn max_age_reads_units_and_prints_the_shortest_form() {
     assert_eq!("90m".parse::<MaxAge>().unwrap().to_string(), "1h30m");
     assert_eq!(MaxAge(14 * 86400).to_string(), "14d");
     assert_eq!(MaxAge(61).to_string(), "1m1s");
-    for bad in ["", "7", "d", "7x", "-1d", "0d", "1.5d", "7 d", "99999999999999999999d", "4000d"] {
+    for bad in [
+        "",
+        "7",
+        "d",
+        "7x",
+        "-1d",
+        "0d",
+        "1.5d",
+        "7 d",
+        "99999999999999999999d",
+        "4000d",
+    ] {
         assert!(bad.parse::<MaxAge>().is_err(), "{bad:?}");
     }
-    let policy: RetentionPolicy = serde_json::from_str(r#"{"max_age":"36h","keep_daily":7}"#).unwrap();
+    let policy: RetentionPolicy =
+        serde_json::from_str(r#"{"max_age":"36h","keep_daily":7}"#).unwrap();
     assert_eq!(policy.max_age, Some(MaxAge(36 * 3600)));
     assert_eq!(
         serde_json::to_value(&policy).unwrap()["max_age"],
