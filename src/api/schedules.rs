@@ -527,13 +527,13 @@ async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> R
     let schedule = find_schedule(&mut *state.engine.db.reader().await?, &id).await?;
     let run = runs::start(
         &state.engine,
-        &schedule,
+        schedule.id,
         RunTrigger::Manual,
         store::now(),
-        None,
         state.run_history,
     )
-    .await?;
+    .await?
+    .ok_or_else(|| Error::Internal("a manual run always starts or is refused".into()))?;
     let location = format!("/v1/schedules/{}/runs/{}", schedule.id, run.id);
     let mut response = (StatusCode::ACCEPTED, axum::Json(run_view(run))).into_response();
     if let Ok(value) = HeaderValue::from_str(&location) {

@@ -100,8 +100,23 @@ pub fn validate_template(template: &str) -> Result<(), String> {
 
 /// The snapshot name for a run at `at` (local time of `tz`).
 pub fn render_name(template: &str, at: DateTime<Utc>, tz: Tz, vm: &str, schedule: &str) -> String {
-    let filled = template.replace("{vm}", vm).replace("{schedule}", schedule);
-    at.with_timezone(&tz).format(&filled).to_string()
+    // Names are text, not format fields: a `%` in a VM's name must come out as itself.
+    let literal = |name: &str| name.replace('%', "%%");
+    let filled = template
+        .replace("{vm}", &literal(vm))
+        .replace("{schedule}", &literal(schedule));
+    let mut name = String::new();
+    // The template was validated on write; a failure here can only come from a field
+    // chrono cannot print, and then the template is used as written.
+    if std::fmt::Write::write_fmt(
+        &mut name,
+        format_args!("{}", at.with_timezone(&tz).format(&filled)),
+    )
+    .is_err()
+    {
+        return filled;
+    }
+    name
 }
 
 #[cfg(test)]
@@ -215,6 +230,10 @@ mod tests {
         assert_eq!(
             render_name("{schedule}-{vm}-%Y-%m-%dT%H%M", t, tokyo, "web", "nightly"),
             "nightly-web-2026-07-05T0605"
+        );
+        assert_eq!(
+            render_name("{vm}-%H", t, Tz::UTC, "100%done-%Y", "s"),
+            "100%done-%Y-21"
         );
         assert!(validate_template("snap-%Q").is_err());
         assert!(validate_template(" ").is_err());

@@ -5,8 +5,6 @@
 //! crash it is never half-started: either the run and all its jobs exist, or neither.
 //! A run in `running` state is simply picked up again after a restart.
 
-use chrono::{DateTime, Utc};
-
 use super::prune;
 use crate::domain::schedule::{self, CronSpec};
 use crate::domain::{
@@ -36,49 +34,57 @@ pub async fn start_due(
     let due = store::schedules::due(&mut *engine.db.reader().await?, now).await?;
     let mut started = Vec::with_capacity(due.len());
     for schedule in due {
-        let Some(next_run_at) = schedule.next_run_at else {
-            continue;
-        };
-        let spec = match CronSpec::parse(&schedule.cron, &schedule.timezone) {
-            Ok(spec) => spec,
-            Err(reason) => {
-                // Validated on write; only a change of the time zone database can get
-                // here. Stop the schedule rather than retrying it every tick.
-                tracing::error!(schedule = %schedule.id, %reason, "schedule no longer parses; disabling it");
-                let mut tx = engine.db.begin().await?;
-                let mut schedule = schedule;
-                schedule.enabled = false;
-                schedule.next_run_at = None;
-                store::schedules::save(&mut tx, &schedule).await?;
-                tx.commit().await?;
-                continue;
+        match start(engine, schedule.id, RunTrigger::Cron, now, run_history).await {
+            Ok(run) => started.extend(run),
+            // One schedule's trouble must not hold back the others.
+            Err(e @ Error::Problem { .. }) => {
+                tracing::warn!(schedule = %schedule.id, error = %e, "schedule not run");
             }
-        };
-        let (runs_now, next) = schedule::advance(&spec, next_run_at, now);
-        if runs_now {
-            started.push(start(engine, &schedule, RunTrigger::Cron, now, next, run_history).await?);
+            Err(e) => return Err(e),
         }
     }
     Ok(started)
 }
 
-/// Start one run of `schedule` at `now`. For a cron run, `next_run_at` is written in
-/// the same transaction, and a previous run still in progress makes this one `skipped`
-/// (runs never stack). A manual run is refused with `schedule_busy` instead. The
-/// schedule's history is trimmed to `run_history` runs.
+/// Start one run of schedule `id` at `now`. A cron run happens only if the schedule is
+/// still enabled and due (checked in the write transaction, so a PATCH racing the tick
+/// wins) and moves `next_run_at` in the same transaction; a previous run still in
+/// progress makes it `skipped` (runs never stack). A manual run is refused with
+/// `schedule_busy` instead. The schedule's history is trimmed to `run_history` runs.
 pub async fn start(
     engine: &Engine,
-    schedule: &Schedule,
+    id: Uuid,
     trigger: RunTrigger,
     now: Timestamp,
-    next_run_at: Option<DateTime<Utc>>,
     run_history: u32,
-) -> Result<ScheduleRun> {
+) -> Result<Option<ScheduleRun>> {
     let mut tx = engine.db.begin().await?;
-    // Re-read inside the write transaction: a PATCH may have changed it meanwhile.
-    let mut schedule = store::schedules::get(&mut tx, schedule.id)
+    let mut schedule = store::schedules::get(&mut tx, id)
         .await?
-        .ok_or_else(|| not_found(schedule.id))?;
+        .ok_or_else(|| not_found(id))?;
+    let spec = match CronSpec::parse(&schedule.cron, &schedule.timezone) {
+        Ok(spec) => spec,
+        Err(reason) => {
+            // Validated on write; only a change of the time zone database can get here.
+            // Stop the schedule rather than failing every tick.
+            tracing::error!(schedule = %schedule.id, %reason, "schedule no longer parses; disabling it");
+            schedule.enabled = false;
+            schedule.next_run_at = None;
+            store::schedules::save(&mut tx, &schedule).await?;
+            tx.commit().await?;
+            return Err(Error::validation(format!(
+                "schedule {} was disabled: {reason}",
+                schedule.name
+            )));
+        }
+    };
+    if trigger == RunTrigger::Cron {
+        let due_at = schedule.next_run_at.filter(|_| schedule.enabled);
+        match due_at.map(|at| schedule::advance(&spec, at, now)) {
+            Some((true, next)) => schedule.next_run_at = next,
+            _ => return Ok(None),
+        }
+    }
     let mut stacked = false;
     let mut run = ScheduleRun {
         id: new_id(),
@@ -108,9 +114,7 @@ pub async fn start(
         stacked = true;
     } else {
         let vms = target_vms(&mut tx, &schedule.target).await?;
-        let tz = CronSpec::parse(&schedule.cron, &schedule.timezone)
-            .map_err(Error::Internal)?
-            .timezone();
+        let tz = spec.timezone();
         for vm in &vms {
             let target = snapshot_vm(&mut tx, &schedule, vm, now, tz).await?;
             run.detail.targets.push(target);
@@ -135,7 +139,6 @@ pub async fn start(
     store::schedules::save_run(&mut tx, &run).await?;
     store::schedules::trim_runs(&mut tx, schedule.id, run_history).await?;
     if trigger == RunTrigger::Cron {
-        schedule.next_run_at = next_run_at;
         store::schedules::save(&mut tx, &schedule).await?;
     }
     tx.commit().await?;
@@ -148,7 +151,7 @@ pub async fn start(
         save_if_scheduled(engine, &run).await?;
     }
     tracing::info!(schedule = %schedule.name, run = %run.id, status = %run.status, reason = run.reason.as_deref().unwrap_or(""), "schedule run started");
-    Ok(run)
+    Ok(Some(run))
 }
 
 fn not_found(id: Uuid) -> Error {
