@@ -12,11 +12,18 @@
 //! 2. Deleting a snapshot in each merge direction: the service must pick the cheaper of
 //!    commit and stream (job `detail.merges[0]`); compared with the plain qemu-img
 //!    command for that direction and with the opposite (wrong) direction.
+//! 3. The scheduler (`scheduler.rs`): finding due schedules among 10,000, and pruning
+//!    1,000 expired snapshots across 100 VMs against the same merges by hand.
+//!
+//! `--only-scheduler` runs part 3 alone and prints it without touching the docs.
 //!
 //! Prints a Markdown table and rewrites the "Latest run" section of docs/benchmarks.md.
 //! Any HTTP status, job status or qemu tool failure aborts the run with the details; a
 //! wrong merge direction or a content mismatch is recorded, reported and makes the bench
 //! exit non-zero after writing its figures.
+
+#[path = "strata/scheduler.rs"]
+mod scheduler;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
@@ -74,7 +81,18 @@ fn run() -> Result<Vec<String>> {
     // sides write to the same file system.
     let work = tempfile::Builder::new().prefix("strata-bench-").tempdir()?;
     let machine = Machine::describe(work.path())?;
-    let server = Server::start(&binary, work.path())?;
+    let scheduler_part = || -> Result<(String, Vec<String>)> {
+        eprintln!("strata bench: scheduler");
+        let due = scheduler::bench_due(work.path())?;
+        let prune = scheduler::bench_prune(&binary, work.path())?;
+        Ok(scheduler::report(&due, &prune))
+    };
+    if std::env::args().any(|a| a == "--only-scheduler") {
+        let (section, problems) = scheduler_part()?;
+        println!("{section}");
+        return Ok(problems);
+    }
+    let server = Server::start(&binary, work.path(), "service", &[])?;
     let api = Api::new(&server.url)?;
     eprintln!(
         "strata bench: service at {}, work dir {}",
@@ -104,7 +122,10 @@ fn run() -> Result<Vec<String>> {
     for merge in &merges {
         problems.extend(merge.problems.iter().cloned());
     }
-    let section = report(&machine, &snapshots, &merges, &problems);
+    let (scheduler_section, scheduler_problems) = scheduler_part()?;
+    problems.extend(scheduler_problems);
+    let mut section = report(&machine, &snapshots, &merges, &problems);
+    section.push_str(&scheduler_section);
     println!("\n{section}");
     let doc = manifest_dir.join("docs").join("benchmarks.md");
     write_latest_run(&doc, &section)?;
@@ -145,12 +166,14 @@ struct Server {
 }
 
 impl Server {
-    fn start(binary: &Path, work: &Path) -> Result<Self> {
-        let data_dir = work.join("service");
-        let log = work.join("service.log");
+    /// Start the service over `work/<name>` with extra flags; logs go to `work/<name>.log`.
+    fn start(binary: &Path, work: &Path, name: &str, flags: &[&str]) -> Result<Self> {
+        let data_dir = work.join(name);
+        let log = work.join(format!("{name}.log"));
         let mut child = Command::new(binary)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             // The service logs every request on stderr; a file keeps it for post-mortems

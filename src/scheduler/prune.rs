@@ -182,3 +182,91 @@ pub async fn prune(
 pub fn is_hold(error: &Error) -> bool {
     matches!(error, Error::Problem { .. }) || error.code() == ErrorCode::InsufficientStorage
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::domain::{ResourceStatus, ScheduleTarget, new_id};
+
+    fn schedule(keep_last: u32) -> Schedule {
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        Schedule {
+            id: new_id(),
+            name: "s".into(),
+            target: ScheduleTarget::Selector {
+                key: "k".into(),
+                value: "v".into(),
+            },
+            cron: "@hourly".into(),
+            timezone: "UTC".into(),
+            enabled: true,
+            name_template: "x".into(),
+            retention: retention::RetentionPolicy {
+                keep_last: Some(keep_last),
+                ..Default::default()
+            },
+            next_run_at: None,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    fn snapshot(schedule: Uuid, vm: Uuid, hour: u32) -> Snapshot {
+        Snapshot {
+            id: new_id(),
+            vm_id: vm,
+            name: format!("h{hour}"),
+            description: String::new(),
+            parent_id: None,
+            status: ResourceStatus::Ready,
+            created_at: Utc.with_ymd_and_hms(2026, 1, 1, hour, 0, 0).unwrap(),
+            expires_at: None,
+            hold: false,
+            schedule_id: Some(schedule),
+            volumes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn each_schedule_judges_its_own_snapshots_separately_on_each_vm() {
+        let (one, two) = (schedule(1), schedule(2));
+        let (vm_a, vm_b) = (new_id(), new_id());
+        let gone = new_id();
+        // Sorted by schedule and VM, oldest first, as the store returns them.
+        let mut snapshots = vec![
+            snapshot(one.id, vm_a, 1),
+            snapshot(one.id, vm_a, 2),
+            snapshot(one.id, vm_b, 1),
+            snapshot(one.id, vm_b, 2),
+            snapshot(two.id, vm_a, 1),
+            snapshot(two.id, vm_a, 2),
+            snapshot(two.id, vm_a, 3),
+            // A schedule not in the list (deleted between two reads): not judged.
+            snapshot(gone, vm_a, 1),
+        ];
+        snapshots.sort_by_key(|s| (s.schedule_id, s.vm_id, s.created_at));
+        let now = Utc.with_ymd_and_hms(2026, 1, 2, 0, 0, 0).unwrap();
+        let decided = judge_all(&[one.clone(), two.clone()], snapshots, now);
+        let pruned: Vec<(Uuid, Uuid, String)> = decided
+            .iter()
+            .filter(|(_, d)| d.is_prune())
+            .map(|(s, _)| (s.schedule_id.unwrap(), s.vm_id, s.name.clone()))
+            .collect();
+        let mut expected = vec![
+            (one.id, vm_a, "h1".to_owned()),
+            (one.id, vm_b, "h1".to_owned()),
+            (two.id, vm_a, "h1".to_owned()),
+        ];
+        let mut pruned_sorted = pruned.clone();
+        pruned_sorted.sort();
+        expected.sort();
+        assert_eq!(pruned_sorted, expected);
+        assert_eq!(
+            decided.len(),
+            7,
+            "the unknown schedule's snapshot was judged"
+        );
+    }
+}
