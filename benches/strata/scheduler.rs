@@ -159,7 +159,12 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
         );
         for _ in 0..SWEEP_SAMPLES {
             let started = Instant::now();
-            let report = strata::scheduler::prune::prune(&engine, at(2, 0), None).await?;
+            let report = strata::scheduler::prune::prune(
+                &engine,
+                at(2, 0),
+                strata::scheduler::prune::Scope::All,
+            )
+            .await?;
             figures.sweep.push(started.elapsed());
             if !report.pruned.is_empty() || !report.held.is_empty() {
                 return Err("the sweep found something to prune in a policy that keeps all".into());

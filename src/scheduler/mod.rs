@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::domain::Uuid;
 use crate::jobs::Engine;
 use crate::store;
 
@@ -29,11 +30,15 @@ pub struct Settings {
     pub run_history: u32,
 }
 
+/// Shortest pause between two passes woken by job changes, so a burst of job events
+/// costs one pass, not one per event.
+const MIN_WAKE_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Run the scheduler until `shutdown` turns true. Each tick closes ended runs (with
 /// their retention pass), then starts due ones. The full sweep (every schedule's
-/// retention and every expiry) runs every `sweep_interval`, and also as soon as jobs
-/// have finished while the previous sweep left deletions deferred, so a backlog drains
-/// at the pace merges finish.
+/// retention and every expiry) runs every `sweep_interval`. Deletions a pass deferred
+/// (to spread merges) are refilled as soon as jobs change, by a pass over just the VMs
+/// they belong to, so a backlog drains at the pace merges finish.
 pub fn spawn(
     engine: Arc<Engine>,
     settings: Settings,
@@ -42,12 +47,14 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut jobs_changed = engine.subscribe();
         let mut last_sweep = tokio::time::Instant::now();
-        let mut backlog = false;
+        // VMs with deletions deferred by the last pass.
+        let mut backlog: Vec<Uuid> = Vec::new();
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(settings.tick) => {}
+            let woken_by_jobs = tokio::select! {
+                _ = tokio::time::sleep(settings.tick) => false,
+                changed = jobs_changed.changed(), if !backlog.is_empty() => changed.is_ok(),
                 _ = shutdown.wait_for(|stop| *stop) => break,
-            }
+            };
             let now = store::now();
             if let Err(e) = runs::finish_ended(&engine, now).await {
                 tracing::error!(error = %e, "closing schedule runs failed");
@@ -55,14 +62,30 @@ pub fn spawn(
             if let Err(e) = runs::start_due(&engine, now, settings.run_history).await {
                 tracing::error!(error = %e, "starting schedule runs failed");
             }
-            let changed = jobs_changed.has_changed().unwrap_or(false);
-            if last_sweep.elapsed() >= settings.sweep_interval || (backlog && changed) {
-                jobs_changed.mark_unchanged();
+            let scope = if last_sweep.elapsed() >= settings.sweep_interval {
                 last_sweep = tokio::time::Instant::now();
-                match prune::prune(&engine, now, None).await {
-                    Ok(report) => backlog = !report.deferred.is_empty(),
-                    Err(e) => tracing::error!(error = %e, "pruning sweep failed"),
+                Some(prune::Scope::All)
+            } else if !backlog.is_empty()
+                && (woken_by_jobs || jobs_changed.has_changed().unwrap_or(false))
+            {
+                Some(prune::Scope::Vms(&backlog))
+            } else {
+                None
+            };
+            if let Some(scope) = scope {
+                jobs_changed.mark_unchanged();
+                match prune::prune(&engine, now, scope).await {
+                    Ok(report) => {
+                        let mut vms: Vec<Uuid> = report.deferred.iter().map(|e| e.vm_id).collect();
+                        vms.sort();
+                        vms.dedup();
+                        backlog = vms;
+                    }
+                    Err(e) => tracing::error!(error = %e, "pruning pass failed"),
                 }
+            }
+            if woken_by_jobs {
+                tokio::time::sleep(MIN_WAKE_INTERVAL).await;
             }
         }
     })

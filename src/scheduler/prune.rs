@@ -12,7 +12,7 @@
 //! merge touches the live chain, a linked clone depends on it, short of space...) is
 //! reported as `held` with the refusal's code and reason, and tried again next pass.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono_tz::Tz;
 
@@ -57,7 +57,8 @@ pub async fn decisions(
     now: Timestamp,
 ) -> Result<Vec<(Snapshot, Decision)>> {
     let snapshots =
-        store::snapshots::scheduled(&mut *engine.db.reader().await?, Some(schedule.id)).await?;
+        store::snapshots::scheduled(&mut *engine.db.reader().await?, Some(schedule.id), None)
+            .await?;
     Ok(judge_all(std::slice::from_ref(schedule), snapshots, now))
 }
 
@@ -79,20 +80,47 @@ fn judge_all(
     out
 }
 
-/// Snapshots to delete now, oldest first: those outside the retention of `scope` (one
-/// schedule after its run), or of every schedule plus every expired snapshot, manual
-/// ones included (the periodic sweep).
+/// What a pruning pass looks at.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// One schedule's snapshots, after its run.
+    Schedule(&'a Schedule),
+    /// Every snapshot of these VMs: every schedule's policy and every expiry. The
+    /// scheduler uses it to refill the deletions a full pass deferred, as soon as the
+    /// VMs' jobs finish, without judging every schedule again.
+    Vms(&'a [Uuid]),
+    /// Every schedule and every expired snapshot: the periodic sweep.
+    All,
+}
+
+/// Snapshots to delete now, oldest first: those outside the retention of the schedules
+/// in scope, and, unless the scope is one schedule, every expired snapshot (manual ones
+/// included).
 async fn doomed(
     engine: &Engine,
     now: Timestamp,
-    scope: Option<&Schedule>,
+    scope: Scope<'_>,
 ) -> Result<Vec<(Snapshot, PruneReason)>> {
     let mut conn = engine.db.reader().await?;
-    let schedules = match scope {
-        Some(schedule) => vec![schedule.clone()],
-        None => store::schedules::all(&mut conn).await?,
+    let (schedule, vms) = match scope {
+        Scope::Schedule(schedule) => (Some(schedule.id), None),
+        Scope::Vms(vms) => (None, Some(vms)),
+        Scope::All => (None, None),
     };
-    let snapshots = store::snapshots::scheduled(&mut conn, scope.map(|s| s.id)).await?;
+    let snapshots = store::snapshots::scheduled(&mut conn, schedule, vms).await?;
+    let schedules = match scope {
+        Scope::Schedule(schedule) => vec![schedule.clone()],
+        Scope::All => store::schedules::all(&mut conn).await?,
+        Scope::Vms(_) => {
+            let mut ids: Vec<Uuid> = snapshots.iter().filter_map(|s| s.schedule_id).collect();
+            ids.dedup();
+            let mut schedules = Vec::with_capacity(ids.len());
+            for id in ids {
+                schedules.extend(store::schedules::get(&mut conn, id).await?);
+            }
+            schedules
+        }
+    };
     let mut doomed: Vec<(Snapshot, PruneReason)> = judge_all(&schedules, snapshots, now)
         .into_iter()
         .filter_map(|(snapshot, decision)| match decision {
@@ -100,11 +128,10 @@ async fn doomed(
             Decision::Keep(_) => None,
         })
         .collect();
-    if scope.is_none() {
-        let judged: HashSet<Uuid> = doomed.iter().map(|(s, _)| s.id).collect();
-        for snapshot in store::snapshots::expired(&mut conn, now).await? {
+    if !matches!(scope, Scope::Schedule(_)) {
+        for snapshot in store::snapshots::expired(&mut conn, now, vms).await? {
             // Scheduled snapshots were judged above, expiry included.
-            if snapshot.schedule_id.is_none() && !judged.contains(&snapshot.id) {
+            if snapshot.schedule_id.is_none() {
                 doomed.push((snapshot, PruneReason::Expired));
             }
         }
@@ -114,11 +141,7 @@ async fn doomed(
 }
 
 /// One pruning pass (see the module doc): queue what may go now, report the rest.
-pub async fn prune(
-    engine: &Engine,
-    now: Timestamp,
-    scope: Option<&Schedule>,
-) -> Result<PruneReport> {
+pub async fn prune(engine: &Engine, now: Timestamp, scope: Scope<'_>) -> Result<PruneReport> {
     let doomed = doomed(engine, now, scope).await?;
     let mut report = PruneReport::default();
     if doomed.is_empty() {

@@ -147,7 +147,8 @@ pub async fn start(
     } else if !stacked {
         // A run that took nothing still applies the policy (it may have changed, or
         // time moved on), so what it holds back is reported with the run.
-        run.detail.retention = Some(prune::prune(engine, now, Some(&schedule)).await?);
+        run.detail.retention =
+            Some(prune::prune(engine, now, prune::Scope::Schedule(&schedule)).await?);
         save_if_scheduled(engine, &run).await?;
     }
     tracing::info!(schedule = %schedule.name, run = %run.id, status = %run.status, reason = run.reason.as_deref().unwrap_or(""), "schedule run started");
@@ -302,7 +303,8 @@ pub async fn finish_ended(engine: &Engine, now: Timestamp) -> Result<Vec<Schedul
         let schedule =
             store::schedules::get(&mut *engine.db.reader().await?, run.schedule_id).await?;
         if let Some(schedule) = schedule {
-            run.detail.retention = Some(prune::prune(engine, now, Some(&schedule)).await?);
+            run.detail.retention =
+                Some(prune::prune(engine, now, prune::Scope::Schedule(&schedule)).await?);
         }
         run.finished_at = Some(now);
         save_if_scheduled(engine, &run).await?;

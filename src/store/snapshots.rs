@@ -148,37 +148,49 @@ pub async fn update(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<
     Ok(())
 }
 
-/// Ready (or failed) snapshots past their expiry and not on hold, oldest expiry first.
-/// Without their volumes: pruning needs only ids.
+/// Ready (or failed) snapshots past their expiry and not on hold, of some VMs or all,
+/// oldest expiry first. Without their volumes: pruning needs only ids.
 pub async fn expired(
     conn: &mut SqliteConnection,
     now: crate::domain::Timestamp,
+    vms: Option<&[Uuid]>,
 ) -> Result<Vec<Snapshot>> {
     let rows = sqlx::query(
-        "SELECT * FROM snapshots WHERE expires_at IS NOT NULL AND expires_at <= ? AND hold = 0
+        "SELECT * FROM snapshots WHERE expires_at IS NOT NULL AND expires_at <= ?1 AND hold = 0
+         AND (?2 IS NULL OR vm_id IN (SELECT value FROM json_each(?2)))
          AND status IN ('ready', 'error') ORDER BY expires_at, id",
     )
     .bind(ts(now))
+    .bind(vms.map(id_list))
     .fetch_all(&mut *conn)
     .await?;
     rows.iter().map(from_row).collect()
 }
 
 /// Snapshots that schedules took and retention may judge (ready or failed; not those
-/// being created or deleted), of one schedule or of all, grouped by schedule and VM and
-/// oldest first. Without their volumes: retention needs only times and flags.
+/// being created or deleted): of one schedule, of some VMs, or all; grouped by schedule
+/// and VM and oldest first. Without their volumes: retention needs only times and flags.
 pub async fn scheduled(
     conn: &mut SqliteConnection,
     schedule: Option<Uuid>,
+    vms: Option<&[Uuid]>,
 ) -> Result<Vec<Snapshot>> {
     let rows = sqlx::query(
         "SELECT * FROM snapshots WHERE schedule_id IS NOT NULL AND (?1 IS NULL OR schedule_id = ?1)
+         AND (?2 IS NULL OR vm_id IN (SELECT value FROM json_each(?2)))
          AND status IN ('ready', 'error') ORDER BY schedule_id, vm_id, created_at, id",
     )
     .bind(opt_id_text(schedule))
+    .bind(vms.map(id_list))
     .fetch_all(&mut *conn)
     .await?;
     rows.iter().map(from_row).collect()
+}
+
+/// Ids as a JSON array, bound as one parameter and read back with `json_each`.
+fn id_list(ids: &[Uuid]) -> String {
+    serde_json::to_string(&ids.iter().map(|id| id_text(*id)).collect::<Vec<_>>())
+        .expect("ids serialise")
 }
 
 /// Whether a VM already has a snapshot with this name.
