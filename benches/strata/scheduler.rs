@@ -22,7 +22,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use reqwest::Method;
 use serde_json::json;
 use strata::domain::retention::RetentionPolicy;
-use strata::domain::{ResourceStatus, Schedule, ScheduleTarget, Snapshot, Vm, VmState, new_id};
+use strata::domain::{ResourceStatus, Schedule, ScheduleTarget, Snapshot, Vm, new_id};
 use strata::jobs::{Engine, EngineConfig};
 use strata::store::{self, Db};
 
@@ -69,15 +69,8 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
         let mut tx = db.begin().await?;
         for k in 0..SCHEDULES {
             let vm = Vm {
-                id: new_id(),
-                name: format!("vm-{k}"),
-                description: String::new(),
-                labels: BTreeMap::new(),
-                state: VmState::Stopped,
                 status: ResourceStatus::Ready,
-                current_snapshot_id: None,
-                created_at: created,
-                updated_at: created,
+                ..Vm::new(format!("vm-{k}"), String::new(), created)
             };
             store::vms::insert_vm(&mut tx, &vm).await?;
             // Spread over the hour: minute k % 60, due from 01:00 on.

@@ -14,8 +14,8 @@ use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
 use super::{AppState, PageQuery, accepted, name_conflict, page};
 use crate::domain::{
-    Disk, JobKind, ResourceStatus, TargetType, Uuid, Vm, VmState, Volume, VolumeStatus, new_id,
-    validate,
+    Disk, JobKind, ResourceStatus, TargetType, Uuid, Vm, VmKind, VmState, Volume, VolumeStatus,
+    new_id, validate,
 };
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::requests::{self, require_ready, require_stopped};
@@ -312,15 +312,8 @@ async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) ->
     validate_disks(&body.disks, state.max_disk_size)?;
     let now = store::now();
     let vm = Vm {
-        id: new_id(),
-        name: body.name,
-        description: body.description,
         labels: body.labels,
-        state: VmState::Stopped,
-        status: ResourceStatus::Creating,
-        current_snapshot_id: None,
-        created_at: now,
-        updated_at: now,
+        ..Vm::new(body.name, body.description, now)
     };
     let mut tx = state.engine.db.begin().await?;
     store::vms::insert_vm(&mut tx, &vm)
@@ -364,6 +357,7 @@ async fn list_vms(
     let mut conn = state.engine.db.reader().await?;
     let rows = store::vms::list_vms(
         &mut conn,
+        VmKind::Vm,
         filter.name.as_deref(),
         filter.label()?,
         cursor,

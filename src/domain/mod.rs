@@ -45,6 +45,11 @@ string_enum!(
     VmState { Stopped => "stopped", Running => "running" }
 );
 string_enum!(
+    /// A VM, or a template: a read-only golden image VMs are deployed from. Both are
+    /// rows of one table, so converting one into the other copies nothing.
+    VmKind { Vm => "vm", Template => "template" }
+);
+string_enum!(
     /// Lifecycle of a VM, disk or snapshot record while background jobs work on it.
     /// `error` means a job failed part-way: the record is kept so it can be inspected
     /// and deleted again; a snapshot in `error` cannot be reverted to.
@@ -97,8 +102,33 @@ pub struct Vm {
     pub state: VmState,
     pub status: ResourceStatus,
     pub current_snapshot_id: Option<Uuid>,
+    pub kind: VmKind,
+    /// The VM this one was cloned from, or the VM a template was made from.
+    pub source_vm_id: Option<Uuid>,
+    /// The template this VM was deployed from.
+    pub template_id: Option<Uuid>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+impl Vm {
+    /// A new, stopped VM in status `creating` (its job makes it `ready`).
+    pub fn new(name: String, description: String, now: Timestamp) -> Self {
+        Self {
+            id: new_id(),
+            name,
+            description,
+            labels: Default::default(),
+            state: VmState::Stopped,
+            status: ResourceStatus::Creating,
+            current_snapshot_id: None,
+            kind: VmKind::Vm,
+            source_vm_id: None,
+            template_id: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

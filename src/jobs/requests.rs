@@ -45,7 +45,7 @@ pub async fn enqueue(
     params: serde_json::Value,
 ) -> Result<Job> {
     let job = store::jobs::new_job(kind, target.0, target.1, Some(vm), params);
-    store::jobs::insert(&mut tx, &job).await?;
+    store::jobs::insert(&mut tx, &job, &[]).await?;
     tx.commit().await?;
     engine.notify_enqueued();
     Ok(job)
@@ -111,7 +111,7 @@ pub async fn insert_snapshot(
         Some(vm.id),
         serde_json::json!({}),
     );
-    store::jobs::insert(tx, &job).await?;
+    store::jobs::insert(tx, &job, &[]).await?;
     Ok((snapshot, job))
 }
 

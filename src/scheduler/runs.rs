@@ -9,7 +9,7 @@ use super::prune;
 use crate::domain::schedule::{self, CronSpec};
 use crate::domain::{
     JobStatus, RunDetail, RunStatus, RunTarget, RunTrigger, Schedule, ScheduleRun, ScheduleTarget,
-    TargetOutcome, Timestamp, Uuid, Vm, new_id, validate,
+    TargetOutcome, Timestamp, Uuid, Vm, VmKind, new_id, validate,
 };
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::Engine;
@@ -33,12 +33,12 @@ pub async fn start_due(
 ) -> Result<Vec<ScheduleRun>> {
     let due = store::schedules::due(&mut *engine.db.reader().await?, now).await?;
     let mut started = Vec::with_capacity(due.len());
-    for schedule in due {
-        match start(engine, schedule.id, RunTrigger::Cron, now, run_history).await {
+    for id in due {
+        match start(engine, id, RunTrigger::Cron, now, run_history).await {
             Ok(run) => started.extend(run),
             // One schedule's trouble must not hold back the others.
             Err(e @ Error::Problem { .. }) => {
-                tracing::warn!(schedule = %schedule.id, error = %e, "schedule not run");
+                tracing::warn!(schedule = %id, error = %e, "schedule not run");
             }
             Err(e) => return Err(e),
         }
@@ -172,6 +172,7 @@ async fn target_vms(conn: &mut sqlx::SqliteConnection, target: &ScheduleTarget) 
             loop {
                 let page = store::vms::list_vms(
                     conn,
+                    VmKind::Vm,
                     None,
                     Some((key.as_str(), value.as_str())),
                     after,
@@ -207,6 +208,14 @@ async fn snapshot_vm(
         code: None,
         reason: None,
     };
+    if vm.kind != VmKind::Vm {
+        target.code = Some(ErrorCode::VmNotFound.as_str().to_owned());
+        target.reason = Some(format!(
+            "{} was converted to a template; templates take no snapshots",
+            vm.name
+        ));
+        return Ok(target);
+    }
     let base = schedule::render_name(&schedule.name_template, now, tz, &vm.name, &schedule.name);
     let name = match free_name(tx, vm.id, &base).await? {
         Ok(name) => name,

@@ -75,7 +75,9 @@ pub fn new_job(
     }
 }
 
-pub async fn insert(conn: &mut SqliteConnection, job: &Job) -> Result<()> {
+/// Insert a job. It locks its own VM (`vm_id`) and `other_vms`: it is claimed only when
+/// none of them has a running job, and after every older queued job that shares one.
+pub async fn insert(conn: &mut SqliteConnection, job: &Job, other_vms: &[Uuid]) -> Result<()> {
     sqlx::query("INSERT INTO jobs (id, kind, status, target_type, target_id, vm_id, params, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
         .bind(id_text(job.id))
         .bind(job.kind.as_str())
@@ -85,8 +87,17 @@ pub async fn insert(conn: &mut SqliteConnection, job: &Job) -> Result<()> {
         .bind(opt_id_text(job.vm_id))
         .bind(job.params.to_string())
         .bind(ts(job.created_at))
-        .execute(conn)
+        .execute(&mut *conn)
         .await?;
+    for vm in job.vm_id.iter().chain(other_vms) {
+        sqlx::query(
+            "INSERT OR IGNORE INTO job_vms (job_seq, vm_id) SELECT seq, ? FROM jobs WHERE id = ?",
+        )
+        .bind(id_text(*vm))
+        .bind(id_text(job.id))
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }
 
@@ -113,7 +124,8 @@ pub async fn list(
     limit: u32,
 ) -> Result<Vec<Job>> {
     let rows = sqlx::query(
-        "SELECT * FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR vm_id = ?2) AND (?3 IS NULL OR kind = ?3)
+        "SELECT * FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?3 IS NULL OR kind = ?3)
+         AND (?2 IS NULL OR EXISTS (SELECT 1 FROM job_vms v WHERE v.job_seq = jobs.seq AND v.vm_id = ?2))
          AND (?4 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?4)) ORDER BY seq DESC LIMIT ?5",
     )
     .bind(filter.status.map(|s| s.as_str()))
@@ -126,13 +138,18 @@ pub async fn list(
     rows.iter().map(from_row).collect()
 }
 
-/// Take the oldest queued job whose VM has no running job and mark it running. Jobs of
-/// one VM therefore run one at a time, in the order they were accepted.
+/// Take the oldest queued job none of whose VMs has a running job or an older queued
+/// job, and mark it running. Jobs of one VM therefore run one at a time, in the order
+/// they were accepted, and a job over several VMs (a clone and its source) waits for
+/// all of them.
 pub async fn claim_next(conn: &mut SqliteConnection, now: Timestamp) -> Result<Option<Job>> {
     let row = sqlx::query(
         "UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?1)
          WHERE seq = (SELECT q.seq FROM jobs q WHERE q.status = 'queued'
-                      AND (q.vm_id IS NULL OR NOT EXISTS (SELECT 1 FROM jobs r WHERE r.vm_id = q.vm_id AND r.status = 'running'))
+                      AND NOT EXISTS (SELECT 1 FROM job_vms qv JOIN job_vms ov ON ov.vm_id = qv.vm_id
+                                      JOIN jobs o ON o.seq = ov.job_seq
+                                      WHERE qv.job_seq = q.seq AND o.seq <> q.seq
+                                      AND (o.status = 'running' OR (o.status = 'queued' AND o.seq < q.seq)))
                       ORDER BY q.seq LIMIT 1)
          RETURNING *",
     )
@@ -252,7 +269,8 @@ pub async fn pending_for_target(
 /// VMs with unfinished jobs.
 pub async fn busy_vms(conn: &mut SqliteConnection) -> Result<std::collections::HashSet<Uuid>> {
     let rows = sqlx::query(
-        "SELECT DISTINCT vm_id FROM jobs WHERE status IN ('queued', 'running') AND vm_id IS NOT NULL",
+        "SELECT DISTINCT v.vm_id FROM job_vms v JOIN jobs j ON j.seq = v.job_seq
+         WHERE j.status IN ('queued', 'running')",
     )
     .fetch_all(conn)
     .await?;
@@ -270,10 +288,11 @@ pub async fn count_pending(conn: &mut SqliteConnection, kind: JobKind) -> Result
     Ok(count as usize)
 }
 
-/// Unfinished jobs of a VM, oldest first.
+/// Unfinished jobs that work on a VM (as their own or as a source), oldest first.
 pub async fn pending_for_vm(conn: &mut SqliteConnection, vm: Uuid) -> Result<Vec<Job>> {
     let rows = sqlx::query(
-        "SELECT * FROM jobs WHERE vm_id = ? AND status IN ('queued', 'running') ORDER BY seq",
+        "SELECT j.* FROM jobs j JOIN job_vms v ON v.job_seq = j.seq
+         WHERE v.vm_id = ? AND j.status IN ('queued', 'running') ORDER BY j.seq",
     )
     .bind(id_text(vm))
     .fetch_all(conn)

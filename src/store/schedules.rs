@@ -110,15 +110,17 @@ pub async fn all(conn: &mut SqliteConnection) -> Result<Vec<Schedule>> {
     rows.iter().map(from_row).collect()
 }
 
-/// Enabled schedules whose next run is due at `now` (indexed: one range scan per tick).
-pub async fn due(conn: &mut SqliteConnection, now: Timestamp) -> Result<Vec<Schedule>> {
+/// Ids of the enabled schedules whose next run is due at `now`, soonest first. One
+/// range scan of a partial index; only ids, since each run re-reads its schedule in its
+/// own write transaction anyway.
+pub async fn due(conn: &mut SqliteConnection, now: Timestamp) -> Result<Vec<Uuid>> {
     let rows = sqlx::query(
-        "SELECT * FROM schedules WHERE enabled = 1 AND next_run_at <= ? ORDER BY next_run_at, id",
+        "SELECT id FROM schedules WHERE enabled = 1 AND next_run_at <= ? ORDER BY next_run_at, id",
     )
     .bind(ts(now))
     .fetch_all(conn)
     .await?;
-    rows.iter().map(from_row).collect()
+    rows.iter().map(|row| get_id(row, "id")).collect()
 }
 
 /// Delete a schedule and its run history. The snapshots it took stay and count as

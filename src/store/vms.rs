@@ -5,7 +5,7 @@ use sqlx::{Row, SqliteConnection};
 
 use super::{get_enum, get_id, get_opt_id, get_ts, get_u64, id_text, opt_id_text, ts};
 use crate::domain::plan::{DiskGraph, Owner, VolumeNode};
-use crate::domain::{Disk, ResourceStatus, Uuid, Vm, VmState, Volume, VolumeStatus};
+use crate::domain::{Disk, ResourceStatus, Uuid, Vm, VmKind, VmState, Volume, VolumeStatus};
 use crate::error::{Error, Result};
 
 fn vm_from_row(row: &SqliteRow) -> Result<Vm> {
@@ -18,6 +18,9 @@ fn vm_from_row(row: &SqliteRow) -> Result<Vm> {
         state: get_enum(row, "state", VmState::parse)?,
         status: get_enum(row, "status", ResourceStatus::parse)?,
         current_snapshot_id: get_opt_id(row, "current_snapshot_id")?,
+        kind: get_enum(row, "kind", VmKind::parse)?,
+        source_vm_id: get_opt_id(row, "source_vm_id")?,
+        template_id: get_opt_id(row, "template_id")?,
         created_at: get_ts(row, "created_at")?,
         updated_at: get_ts(row, "updated_at")?,
     })
@@ -47,18 +50,18 @@ pub async fn get_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<Option<Vm>>
     row.as_ref().map(vm_from_row).transpose()
 }
 
-/// VMs in id (creation) order after `after`, optionally only those with `name`.
-/// VMs in id (creation) order after `after`, optionally only the one named `name` and
-/// only those carrying the label `(key, value)`.
+/// VMs (or templates: `kind`) in id (creation) order after `after`, optionally only
+/// the one named `name` and only those carrying the label `(key, value)`.
 pub async fn list_vms(
     conn: &mut SqliteConnection,
+    kind: VmKind,
     name: Option<&str>,
     label: Option<(&str, &str)>,
     after: Option<Uuid>,
     limit: u32,
 ) -> Result<Vec<Vm>> {
     let rows = sqlx::query(
-        "SELECT * FROM vms WHERE (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR id > ?2)
+        "SELECT * FROM vms WHERE kind = ?6 AND (?1 IS NULL OR name = ?1) AND (?2 IS NULL OR id > ?2)
          AND (?4 IS NULL OR EXISTS (SELECT 1 FROM json_each(vms.labels) WHERE key = ?4 AND value = ?5))
          ORDER BY id LIMIT ?3",
     )
@@ -67,6 +70,7 @@ pub async fn list_vms(
     .bind(limit as i64)
     .bind(label.map(|l| l.0))
     .bind(label.map(|l| l.1))
+    .bind(kind.as_str())
     .fetch_all(conn)
     .await?;
     rows.iter().map(vm_from_row).collect()
@@ -74,8 +78,8 @@ pub async fn list_vms(
 
 pub async fn insert_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
     sqlx::query(
-        "INSERT INTO vms (id, name, description, labels, state, status, current_snapshot_id, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO vms (id, name, description, labels, state, status, current_snapshot_id, kind, source_vm_id, template_id, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
         .bind(id_text(vm.id))
         .bind(&vm.name)
@@ -84,6 +88,9 @@ pub async fn insert_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
         .bind(vm.state.as_str())
         .bind(vm.status.as_str())
         .bind(opt_id_text(vm.current_snapshot_id))
+        .bind(vm.kind.as_str())
+        .bind(opt_id_text(vm.source_vm_id))
+        .bind(opt_id_text(vm.template_id))
         .bind(ts(vm.created_at))
         .bind(ts(vm.updated_at))
         .execute(conn)
