@@ -44,6 +44,8 @@ error_codes! {
     DiskShrinkRefused => ("disk_shrink_refused", CONFLICT, "Disks can only grow"),
     SnapshotNotReady => ("snapshot_not_ready", CONFLICT, "The snapshot is not ready for this operation"),
     SnapshotBusy => ("snapshot_busy", CONFLICT, "Another job is using the snapshot"),
+    HasDependents => ("has_dependents", CONFLICT, "Linked clones read the files this would change"),
+    DiskNotLinked => ("disk_not_linked", CONFLICT, "The disk is not a linked clone"),
     ScheduleBusy => ("schedule_busy", CONFLICT, "A run of the schedule is still in progress"),
     JobNotCancellable => ("job_not_cancellable", CONFLICT, "The job can no longer be cancelled"),
     InsufficientStorage => ("insufficient_storage", INSUFFICIENT_STORAGE, "Not enough free space for the operation"),

@@ -73,6 +73,12 @@ string_enum!(
         SnapshotDelete => "snapshot_delete",
         SnapshotDeleteAll => "snapshot_delete_all",
         SnapshotRevert => "snapshot_revert",
+        VmClone => "vm_clone",
+        DiskFlatten => "disk_flatten",
+        TemplateCreate => "template_create",
+        TemplateDeploy => "template_deploy",
+        VmToTemplate => "vm_to_template",
+        TemplateToVm => "template_to_vm",
     }
 );
 string_enum!(

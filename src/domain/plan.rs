@@ -10,10 +10,12 @@
 //!   any prefix of a plan leaves metadata and files describing the same bytes;
 //! - files are dropped only after the metadata that referenced them is gone.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ResourceStatus, Uuid, VolumeStatus, new_id};
+use super::{ResourceStatus, Uuid, VmKind, VolumeStatus, new_id};
 
 /// Who reads a volume as its own content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +24,10 @@ pub enum Owner {
     Active,
     /// The layer a snapshot froze.
     Snapshot(Uuid),
+    /// A frozen layer no snapshot names: the present state a linked clone was taken
+    /// from. The source's chain keeps it under its new writable layer, and the clones
+    /// read it as their base.
+    Shared,
 }
 
 /// One qcow2 file as the planner sees it.
@@ -36,6 +42,9 @@ pub struct VolumeNode {
     /// Status before the plan: what an undo restores (a half-merged `rewriting` layer
     /// must stay flagged even if a later attempt is rolled back).
     pub status: VolumeStatus,
+    /// VMs with a volume of their own directly on this one (linked clones, VMs deployed
+    /// from a template): they read this file and everything below it.
+    pub dependents: Vec<Uuid>,
 }
 
 /// All volumes of one disk (a tree rooted at the base image).
@@ -79,6 +88,29 @@ impl DiskGraph {
         chain
     }
 
+    /// Every volume that linked clones read (the one they sit on and all below it),
+    /// with the VMs reading it.
+    pub fn protected(&self) -> BTreeMap<Uuid, BTreeSet<Uuid>> {
+        let mut protected: BTreeMap<Uuid, BTreeSet<Uuid>> = BTreeMap::new();
+        for volume in self.volumes.iter().filter(|v| !v.dependents.is_empty()) {
+            for below in self.chain_from(volume.id) {
+                protected
+                    .entry(below.id)
+                    .or_default()
+                    .extend(volume.dependents.iter().copied());
+            }
+        }
+        protected
+    }
+
+    /// The lowest volume of the disk's own tree, and the volume of another disk it
+    /// sits on if the disk is a linked clone.
+    pub fn root(&self) -> Option<&VolumeNode> {
+        self.volumes
+            .iter()
+            .find(|v| v.parent.is_none_or(|p| self.get(p).is_none()))
+    }
+
     /// Volume ids with every child listed before its parent, so drops never orphan a
     /// file that still has something on top of it.
     fn leaves_first(&self, ids: &[Uuid]) -> Vec<Uuid> {
@@ -108,6 +140,9 @@ pub enum FileOp {
     Repoint { volume: Uuid, backing: Uuid },
     /// Grow the virtual size.
     Resize { volume: Uuid, size_bytes: u64 },
+    /// Write a new standalone file with what the chain topped by `source` shows (sparse:
+    /// zero clusters are not written). A full clone.
+    Convert { source: Uuid, volume: Uuid },
 }
 
 impl FileOp {
@@ -120,7 +155,18 @@ impl FileOp {
     /// Steps whose child process may be killed at any moment without changing what any
     /// chain reads (a partial safe rebase only adds clusters equal to the old backing).
     pub fn is_interruptible(&self) -> bool {
-        matches!(self, FileOp::Create { .. } | FileOp::Stream { .. })
+        matches!(
+            self,
+            FileOp::Create { .. } | FileOp::Stream { .. } | FileOp::Convert { .. }
+        )
+    }
+
+    /// The file this operation brings into existence, which an undo removes.
+    pub fn created_volume(&self) -> Option<Uuid> {
+        match *self {
+            FileOp::Create { volume, .. } | FileOp::Convert { volume, .. } => Some(volume),
+            _ => None,
+        }
     }
 
     /// The volumes whose files this operation writes (content or header).
@@ -129,7 +175,8 @@ impl FileOp {
             FileOp::Create { volume, .. }
             | FileOp::Stream { volume, .. }
             | FileOp::Repoint { volume, .. }
-            | FileOp::Resize { volume, .. } => vec![volume],
+            | FileOp::Resize { volume, .. }
+            | FileOp::Convert { volume, .. } => vec![volume],
             FileOp::Commit { top, base } => vec![top, base],
         }
     }
@@ -206,6 +253,11 @@ pub enum MetaOp {
     },
     DeleteVm {
         vm: Uuid,
+    },
+    /// Turn a VM into a template or back (same record, nothing copied).
+    SetVmKind {
+        vm: Uuid,
+        kind: VmKind,
     },
 }
 
@@ -303,9 +355,40 @@ impl Plan {
         });
     }
 
+    /// Whether any step copies data (and so needs free space checked first).
+    pub fn copies_data(&self) -> bool {
+        self.steps.iter().any(|s| {
+            matches!(
+                s.op,
+                FileOp::Commit { .. } | FileOp::Stream { .. } | FileOp::Convert { .. }
+            )
+        })
+    }
+
     /// Index of the first step after which the job can no longer be undone.
     pub fn point_of_no_return(&self) -> Option<usize> {
         self.steps.iter().position(|s| s.op.is_point_of_no_return())
+    }
+
+    /// The VMs (linked clones) reading a file this plan would rewrite or remove. A plan
+    /// with any must not run: their disks would change under them or break.
+    pub fn endangered_dependents(&self, disks: &[DiskGraph]) -> BTreeSet<Uuid> {
+        let mut touched: Vec<Uuid> = self
+            .steps
+            .iter()
+            .flat_map(|s| s.op.written_volumes())
+            .collect();
+        touched.extend(&self.drops);
+        let mut endangered = BTreeSet::new();
+        for disk in disks {
+            let protected = disk.protected();
+            for volume in &touched {
+                if let Some(vms) = protected.get(volume) {
+                    endangered.extend(vms.iter().copied());
+                }
+            }
+        }
+        endangered
     }
 
     /// True when the plan writes or removes a file that a hypervisor running the VM
@@ -598,17 +681,19 @@ fn commit_child_into(plan: &mut Plan, disk: &DiskGraph, frozen: &VolumeNode, chi
             }],
         });
     }
-    plan.finish.push(match child.owner {
-        Owner::Active => MetaOp::SetActiveVolume {
+    match child.owner {
+        Owner::Active => plan.finish.push(MetaOp::SetActiveVolume {
             disk: disk.disk_id,
             volume: frozen.id,
-        },
-        Owner::Snapshot(owner) => MetaOp::SetSnapshotVolume {
+        }),
+        Owner::Snapshot(owner) => plan.finish.push(MetaOp::SetSnapshotVolume {
             snapshot: owner,
             disk: disk.disk_id,
             volume: frozen.id,
-        },
-    });
+        }),
+        // No record names a shared layer: the merged file simply takes its place.
+        Owner::Shared => {}
+    }
     // `qemu-img commit` grows the base to the top's size (sizes only grow up a chain),
     // so the merged volume now has the child's virtual size.
     plan.finish.extend([
@@ -624,6 +709,146 @@ fn commit_child_into(plan: &mut Plan, disk: &DiskGraph, frozen: &VolumeNode, chi
     ]);
     plan.drops.push(child.id);
     plan.space_needed += child.allocated_bytes;
+}
+
+/// How a clone's disks relate to their source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneMode {
+    /// A new overlay on the source's layer: instant, but the source layer must stay.
+    Linked,
+    /// A standalone copy of what the source shows: independent of the source.
+    Full,
+}
+
+/// One disk a clone makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneDisk {
+    /// The new disk's record (inserted with the request, status `creating`).
+    pub disk: Uuid,
+    /// The source volume whose content the disk starts with: a snapshot's frozen layer,
+    /// a template's volume, or a source's active layer frozen by the same plan.
+    pub source: Uuid,
+    pub size_bytes: u64,
+    /// Upper bound of what a full copy writes (the source chain's allocated bytes).
+    pub copy_bytes: u64,
+}
+
+/// The present state of one source disk, frozen so a linked clone can sit on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Freeze {
+    pub disk: Uuid,
+    pub active: Uuid,
+    pub size_bytes: u64,
+}
+
+/// Make the disks of new VMs (or templates) from source layers, linked or copied, and
+/// mark each new VM ready when all its disks exist. `freeze` first puts a new writable
+/// layer on each listed source disk: its old active layer then holds the present state
+/// for good (a shared layer, no snapshot names it), so linked clones can sit on it
+/// while the source keeps its snapshot tree unchanged. A job that stops early removes
+/// what it created and deletes the new VMs' records.
+pub fn plan_clone(
+    new_vms: &[(Uuid, Vec<CloneDisk>)],
+    mode: CloneMode,
+    freeze: &[Freeze],
+) -> Plan {
+    let mut plan = Plan::default();
+    for frozen in freeze {
+        let volume = new_id();
+        plan.steps.push(Step {
+            op: FileOp::Create {
+                volume,
+                backing: Some(frozen.active),
+                size_bytes: frozen.size_bytes,
+            },
+            then: vec![],
+        });
+        plan.finish.extend([
+            MetaOp::InsertVolume {
+                volume,
+                disk: frozen.disk,
+                parent: Some(frozen.active),
+                size_bytes: frozen.size_bytes,
+            },
+            MetaOp::SetActiveVolume {
+                disk: frozen.disk,
+                volume,
+            },
+        ]);
+        plan.space_needed += 1 << 20;
+    }
+    for (vm, disks) in new_vms {
+        for disk in disks {
+            let volume = new_id();
+            let (op, parent) = match mode {
+                CloneMode::Linked => (
+                    FileOp::Create {
+                        volume,
+                        backing: Some(disk.source),
+                        size_bytes: disk.size_bytes,
+                    },
+                    Some(disk.source),
+                ),
+                CloneMode::Full => (
+                    FileOp::Convert {
+                        source: disk.source,
+                        volume,
+                    },
+                    None,
+                ),
+            };
+            plan.steps.push(Step { op, then: vec![] });
+            plan.finish.extend([
+                MetaOp::InsertVolume {
+                    volume,
+                    disk: disk.disk,
+                    parent,
+                    size_bytes: disk.size_bytes,
+                },
+                MetaOp::SetActiveVolume {
+                    disk: disk.disk,
+                    volume,
+                },
+                MetaOp::SetDiskStatus {
+                    disk: disk.disk,
+                    status: ResourceStatus::Ready,
+                },
+            ]);
+            plan.space_needed += match mode {
+                CloneMode::Linked => 1 << 20,
+                CloneMode::Full => disk.copy_bytes + (1 << 20),
+            };
+        }
+        plan.finish.push(MetaOp::SetVmStatus {
+            vm: *vm,
+            status: ResourceStatus::Ready,
+        });
+        plan.undo.push(MetaOp::DeleteVm { vm: *vm });
+    }
+    plan
+}
+
+/// Make a linked disk standalone: copy into its lowest layer whatever the source's
+/// layers below show (at most `copy_bytes`), then cut the link. Every layer of the disk
+/// reads the same throughout: a partial safe rebase only adds clusters equal to what
+/// the backing showed. `None` when the disk is not linked.
+pub fn plan_flatten(disk: &DiskGraph, copy_bytes: u64) -> Option<Plan> {
+    let root = disk.root()?;
+    root.parent?;
+    let mut plan = Plan::default();
+    plan.steps.push(Step {
+        op: FileOp::Stream {
+            volume: root.id,
+            backing: None,
+        },
+        then: vec![MetaOp::SetVolumeParent {
+            volume: root.id,
+            parent: None,
+        }],
+    });
+    plan.space_needed += copy_bytes;
+    Some(plan)
 }
 
 /// Remove every snapshot of a VM: each disk collapses into one file holding the present
@@ -705,14 +930,16 @@ pub fn plan_delete_all_snapshots(
                 ]);
                 removed.extend(chain[..chain.len() - 1].iter().map(|v| v.id));
             } else {
+                // Onto what the base sits on: nothing, or for a linked clone the
+                // source's layer, which stays shared rather than being copied in.
                 plan.steps.push(Step {
                     op: FileOp::Stream {
                         volume: active.id,
-                        backing: None,
+                        backing: base.parent,
                     },
                     then: vec![MetaOp::SetVolumeParent {
                         volume: active.id,
-                        parent: None,
+                        parent: base.parent,
                     }],
                 });
                 removed.extend(chain[1..].iter().map(|v| v.id));

@@ -3,13 +3,15 @@
 //! re-checks the preconditions at run time (the VM may have changed since the request)
 //! and measures files and free space.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Engine, insufficient_storage, storage};
-use crate::domain::plan::{self, DiskGraph, MetaOp, Plan};
-use crate::domain::{Job, JobKind, ResourceStatus, Uuid, Vm, VmState};
+use crate::domain::plan::{self, CloneMode, DiskGraph, MetaOp, Plan};
+use crate::domain::{Job, JobKind, ResourceStatus, Uuid, Vm, VmKind, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
@@ -129,45 +131,262 @@ pub async fn preflight(
             refuse_merge_while_running(&vm, &plan, &graphs)?;
             plan
         }
-        JobKind::SnapshotDeleteAll => {
-            let current: Vec<(Uuid, ResourceStatus)> =
-                store::snapshots::list(&mut conn, vm_id, None, u32::MAX)
+        JobKind::VmClone | JobKind::TemplateCreate | JobKind::TemplateDeploy => {
+            clone_plan(engine, &mut conn, &vm, &graphs, params).await?
+        }
+        JobKind::DiskFlatten => {
+            refuse_if_running(&vm, "flatten a disk of")?;
+            let disk = disk_graph(&graphs)?;
+            let copy_bytes = match disk.root().and_then(|r| r.parent) {
+                Some(source) => store::vms::volume_chain(&mut conn, source)
                     .await?
                     .iter()
-                    // A snapshot still being created (queued after this job) has no layer yet
-                    // and is taken after the collapse.
-                    .filter(|s| s.status != ResourceStatus::Creating)
-                    .map(|s| (s.id, s.status))
-                    .collect();
-            // A queued job deletes exactly the snapshots its request saw (and flagged);
-            // anything else means the tree changed and collapsing it would take more.
-            let snapshots = match params["snapshots"].as_array() {
-                None => current,
-                Some(listed) => {
-                    let listed: Vec<(Uuid, ResourceStatus)> = listed
-                        .iter()
-                        .filter_map(|s| Some((s["id"].as_str()?.parse().ok()?, previous_status(s))))
-                        .collect();
-                    let mut a: Vec<Uuid> = listed.iter().map(|s| s.0).collect();
-                    let mut b: Vec<Uuid> = current.iter().map(|s| s.0).collect();
-                    a.sort();
-                    b.sort();
-                    if a != b {
-                        return Err(Error::problem(
-                            ErrorCode::SnapshotBusy,
-                            "the VM's snapshots changed since the request; ask again to delete the current set",
-                        ));
-                    }
-                    listed
-                }
+                    .map(|v| storage::allocated_bytes(&engine.volume_path(*v)))
+                    .sum(),
+                None => 0,
             };
+            plan::plan_flatten(&disk, copy_bytes).ok_or_else(|| {
+                Error::problem(
+                    ErrorCode::DiskNotLinked,
+                    format!("disk {target} is not a linked clone: it has no source to cut loose from"),
+                )
+            })?
+        }
+        JobKind::VmToTemplate => {
+            refuse_if_running(&vm, "convert to a template")?;
+            let snapshots = listed_snapshots(&mut conn, vm_id, params).await?;
+            let mut plan = plan::plan_delete_all_snapshots(vm_id, &snapshots, &graphs)?;
+            plan.finish.extend([
+                MetaOp::SetVmKind {
+                    vm: vm_id,
+                    kind: VmKind::Template,
+                },
+                MetaOp::SetVmStatus {
+                    vm: vm_id,
+                    status: ResourceStatus::Ready,
+                },
+            ]);
+            plan
+        }
+        JobKind::TemplateToVm => {
+            // The template's volumes become writable again: nothing may read them.
+            let readers: Vec<Uuid> = graphs
+                .iter()
+                .flat_map(|g| g.volumes.iter().flat_map(|v| v.dependents.iter().copied()))
+                .collect();
+            if !readers.is_empty() {
+                return Err(dependents_problem(&mut conn, &readers).await?);
+            }
+            Plan {
+                finish: vec![
+                    MetaOp::SetVmKind {
+                        vm: vm_id,
+                        kind: VmKind::Vm,
+                    },
+                    MetaOp::SetVmStatus {
+                        vm: vm_id,
+                        status: ResourceStatus::Ready,
+                    },
+                ],
+                ..Plan::default()
+            }
+        }
+        JobKind::SnapshotDeleteAll => {
+            let snapshots = listed_snapshots(&mut conn, vm_id, params).await?;
             let plan = plan::plan_delete_all_snapshots(vm_id, &snapshots, &graphs)?;
             refuse_merge_while_running(&vm, &plan, &graphs)?;
             plan
         }
     };
+    refuse_endangering_dependents(&mut conn, &plan, &graphs).await?;
     check_space(engine, &plan)?;
     Ok(plan)
+}
+
+/// What a clone, deploy or template copy makes: for each new VM, its new disks and the
+/// source disk each starts from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloneParams {
+    pub mode: CloneMode,
+    /// Start from this snapshot of the source; without one, from its present state.
+    pub snapshot_id: Option<Uuid>,
+    pub vms: Vec<CloneTarget>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloneTarget {
+    pub id: Uuid,
+    /// (new disk, source disk)
+    pub disks: Vec<(Uuid, Uuid)>,
+}
+
+/// Plan a clone: resolve each source disk to the layer the clone starts from (the
+/// snapshot's frozen layer, the template's volume, or the present state, frozen first
+/// for a linked clone of a VM) and measure what a full copy writes.
+async fn clone_plan(
+    engine: &Engine,
+    conn: &mut sqlx::SqliteConnection,
+    source: &Vm,
+    graphs: &[DiskGraph],
+    params: &Value,
+) -> Result<Plan> {
+    let request: CloneParams = serde_json::from_value(params.clone())
+        .map_err(|e| Error::Internal(format!("bad clone parameters: {e}")))?;
+    let snapshot = match request.snapshot_id {
+        Some(id) => {
+            let snapshot = store::snapshots::get(conn, id)
+                .await?
+                .filter(|s| s.vm_id == source.id)
+                .ok_or_else(|| {
+                    Error::problem(
+                        ErrorCode::SnapshotNotFound,
+                        format!("snapshot {id} of VM {} does not exist", source.name),
+                    )
+                })?;
+            if snapshot.status != ResourceStatus::Ready {
+                return Err(Error::problem(
+                    ErrorCode::SnapshotNotReady,
+                    format!("snapshot {} is {}", snapshot.name, snapshot.status),
+                ));
+            }
+            Some(snapshot)
+        }
+        None => None,
+    };
+    // A template's volumes never change, so clones sit on them directly; a VM's present
+    // state is frozen first (it must be stopped, like for a snapshot).
+    let freeze_present = snapshot.is_none()
+        && source.kind == VmKind::Vm
+        && request.mode == CloneMode::Linked;
+    if snapshot.is_none() && source.kind == VmKind::Vm {
+        refuse_if_running(source, "clone the present state of")?;
+    }
+    let mut freeze = Vec::new();
+    let mut starts: HashMap<Uuid, (Uuid, u64)> = HashMap::new();
+    for graph in graphs {
+        let start = match &snapshot {
+            Some(snapshot) => snapshot
+                .volumes
+                .iter()
+                .find(|(disk, _)| *disk == graph.disk_id)
+                .map(|(_, volume)| *volume),
+            None => graph.active().map(|v| v.id),
+        };
+        let Some(start) = start else { continue };
+        let size = graph
+            .get(start)
+            .map_or(graph.size_bytes, |v| v.size_bytes);
+        if freeze_present {
+            freeze.push(plan::Freeze {
+                disk: graph.disk_id,
+                active: start,
+                size_bytes: size,
+            });
+        }
+        starts.insert(graph.disk_id, (start, size));
+    }
+    let mut new_vms = Vec::with_capacity(request.vms.len());
+    for target in &request.vms {
+        let mut disks = Vec::with_capacity(target.disks.len());
+        for (disk, source_disk) in &target.disks {
+            let (start, size_bytes) = *starts.get(source_disk).ok_or_else(|| {
+                Error::problem(
+                    ErrorCode::DiskNotFound,
+                    format!("source disk {source_disk} is gone (deleted since the request)"),
+                )
+            })?;
+            let copy_bytes = match request.mode {
+                CloneMode::Linked => 0,
+                CloneMode::Full => store::vms::volume_chain(conn, start)
+                    .await?
+                    .iter()
+                    .map(|v| storage::allocated_bytes(&engine.volume_path(*v)))
+                    .sum(),
+            };
+            disks.push(plan::CloneDisk {
+                disk: *disk,
+                source: start,
+                size_bytes,
+                copy_bytes,
+            });
+        }
+        new_vms.push((target.id, disks));
+    }
+    Ok(plan::plan_clone(&new_vms, request.mode, &freeze))
+}
+
+/// Refuse a plan that would rewrite or remove a file linked clones read, naming them.
+async fn refuse_endangering_dependents(
+    conn: &mut sqlx::SqliteConnection,
+    plan: &Plan,
+    graphs: &[DiskGraph],
+) -> Result<()> {
+    let endangered = plan.endangered_dependents(graphs);
+    if endangered.is_empty() {
+        return Ok(());
+    }
+    Err(dependents_problem(conn, &endangered.into_iter().collect::<Vec<_>>()).await?)
+}
+
+/// `has_dependents`, naming the VMs (id and name) whose disks read the files.
+pub async fn dependents_problem(
+    conn: &mut sqlx::SqliteConnection,
+    vms: &[Uuid],
+) -> Result<Error> {
+    let mut named = Vec::with_capacity(vms.len());
+    for id in vms {
+        let name = store::vms::get_vm(conn, *id)
+            .await?
+            .map(|vm| vm.name)
+            .unwrap_or_default();
+        named.push(serde_json::json!({ "id": id, "name": name }));
+    }
+    let names: Vec<&str> = named.iter().filter_map(|v| v["name"].as_str()).collect();
+    Ok(Error::with_extra(
+        ErrorCode::HasDependents,
+        format!(
+            "linked clones read these files: {}; delete or flatten them first (or pass flatten_dependents=true where offered)",
+            names.join(", ")
+        ),
+        serde_json::json!({ "dependent_vms": named }),
+    ))
+}
+
+/// The snapshots a delete-all (or a conversion to template) collapses: exactly those
+/// its request saw and flagged; if the tree changed since, collapsing it would take
+/// more than was asked, so the job is refused.
+async fn listed_snapshots(
+    conn: &mut sqlx::SqliteConnection,
+    vm_id: Uuid,
+    params: &Value,
+) -> Result<Vec<(Uuid, ResourceStatus)>> {
+    let current: Vec<(Uuid, ResourceStatus)> =
+        store::snapshots::list(conn, vm_id, None, u32::MAX)
+            .await?
+            .iter()
+            // A snapshot still being created (queued after this job) has no layer yet
+            // and is taken after the collapse.
+            .filter(|s| s.status != ResourceStatus::Creating)
+            .map(|s| (s.id, s.status))
+            .collect();
+    let Some(listed) = params["snapshots"].as_array() else {
+        return Ok(current);
+    };
+    let listed: Vec<(Uuid, ResourceStatus)> = listed
+        .iter()
+        .filter_map(|s| Some((s["id"].as_str()?.parse().ok()?, previous_status(s))))
+        .collect();
+    let mut a: Vec<Uuid> = listed.iter().map(|s| s.0).collect();
+    let mut b: Vec<Uuid> = current.iter().map(|s| s.0).collect();
+    a.sort();
+    b.sort();
+    if a != b {
+        return Err(Error::problem(
+            ErrorCode::SnapshotBusy,
+            "the VM's snapshots changed since the request; ask again to delete the current set",
+        ));
+    }
+    Ok(listed)
 }
 
 fn refuse_if_running(vm: &Vm, action: &str) -> Result<()> {
@@ -200,7 +419,7 @@ fn refuse_merge_while_running(vm: &Vm, plan: &Plan, graphs: &[DiskGraph]) -> Res
 
 /// Refuse before any file changes when a merge would not fit, keeping the reserve.
 fn check_space(engine: &Engine, plan: &Plan) -> Result<()> {
-    if plan.merges.iter().all(|m| m.bytes_to_copy == 0) {
+    if !plan.copies_data() {
         return Ok(());
     }
     let available = storage::available_bytes(&engine.config.volumes_dir)?;
@@ -276,6 +495,19 @@ pub async fn abandon(engine: &Engine, job: &Job, cancelled: bool) -> Result<Vec<
                 })
             })
             .collect(),
-        JobKind::SnapshotRevert => vec![],
+        JobKind::SnapshotRevert | JobKind::DiskFlatten => vec![],
+        JobKind::VmClone | JobKind::TemplateCreate | JobKind::TemplateDeploy => {
+            let params: CloneParams = serde_json::from_value(job.params.clone())
+                .map_err(|e| Error::Internal(format!("bad clone parameters: {e}")))?;
+            params
+                .vms
+                .iter()
+                .map(|target| MetaOp::DeleteVm { vm: target.id })
+                .collect()
+        }
+        JobKind::VmToTemplate | JobKind::TemplateToVm => vec![MetaOp::SetVmStatus {
+            vm,
+            status: ResourceStatus::Ready,
+        }],
     })
 }

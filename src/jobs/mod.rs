@@ -383,6 +383,21 @@ impl Engine {
                     .resize(&self.volume_path(volume), size_bytes)
                     .await?;
             }
+            FileOp::Convert { source, volume } => {
+                let path = self.volume_path(volume);
+                // A partial copy from an interrupted attempt is ours (the id is new):
+                // start over rather than trust it.
+                remove_if_exists(&path).await?;
+                let copied = self
+                    .qemu
+                    .convert(&self.volume_path(source), &path, false, cancel, Some(progress))
+                    .await;
+                if copied.is_err() {
+                    // Never leave a partial copy behind, cancelled or failed.
+                    remove_if_exists(&path).await?;
+                }
+                copied?;
+            }
         }
         Ok(())
     }
@@ -423,10 +438,11 @@ impl Engine {
         if past_no_return {
             return self.end(job, &plan.fail, stop).await;
         }
-        // Every file a Create step made is new and ours, including those of later steps
-        // an earlier process ran before it died (they are not journaled one by one).
+        // Every file a Create or Convert step made is new and ours, including those of
+        // later steps an earlier process ran before it died (Creates are not journaled
+        // one by one).
         for step in &plan.steps {
-            if let FileOp::Create { volume, .. } = step.op {
+            if let Some(volume) = step.op.created_volume() {
                 remove_if_exists(&self.volume_path(volume)).await?;
             }
         }

@@ -153,6 +153,29 @@ impl Qemu {
         .map(drop)
     }
 
+    /// Write `target`, a new standalone qcow2 file with what the chain topped by
+    /// `source` shows. Sparse: clusters reading as zeros are not allocated. `compress`
+    /// compresses the clusters written (for exports).
+    pub async fn convert(
+        &self,
+        source: &Path,
+        target: &Path,
+        compress: bool,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: Option<Progress<'_>>,
+    ) -> Result<(), QemuError> {
+        let mut args = ["convert", "-p", "-f", "qcow2", "-O", "qcow2"]
+            .map(String::from)
+            .to_vec();
+        if compress {
+            args.push("-c".into());
+        }
+        args.extend([path_arg(source), path_arg(target)]);
+        self.run(&args, self.copy_timeout, cancel, progress)
+            .await
+            .map(drop)
+    }
+
     /// Safe rebase: copy into `volume` what differs between its backing chain and the new
     /// backing (`None`: everything, making it standalone), then repoint it.
     pub async fn stream(

@@ -249,6 +249,7 @@ pub async fn apply(conn: &mut SqliteConnection, ops: &[MetaOp]) -> Result<()> {
             MetaOp::DeleteDisk { disk } => vms::delete_disk(conn, disk).await?,
             MetaOp::SetVmStatus { vm, status } => vms::set_vm_status(conn, vm, status).await?,
             MetaOp::DeleteVm { vm } => vms::delete_vm(conn, vm).await?,
+            MetaOp::SetVmKind { vm, kind } => vms::set_vm_kind(conn, vm, kind).await?,
         }
     }
     Ok(())

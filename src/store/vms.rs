@@ -126,6 +126,32 @@ pub async fn set_vm_status(
     Ok(())
 }
 
+pub async fn set_vm_kind(conn: &mut SqliteConnection, id: Uuid, kind: VmKind) -> Result<()> {
+    sqlx::query("UPDATE vms SET kind = ?, updated_at = ? WHERE id = ?")
+        .bind(kind.as_str())
+        .bind(ts(super::now()))
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A volume and every volume below it, following backing links across disks (a linked
+/// clone's chain continues into its source's), top first.
+pub async fn volume_chain(conn: &mut SqliteConnection, top: Uuid) -> Result<Vec<Uuid>> {
+    let rows = sqlx::query(
+        "WITH RECURSIVE chain(id, parent_id, depth) AS (
+           SELECT id, parent_id, 0 FROM volumes WHERE id = ?1
+           UNION ALL
+           SELECT v.id, v.parent_id, c.depth + 1 FROM volumes v JOIN chain c ON v.id = c.parent_id
+         ) SELECT id FROM chain ORDER BY depth",
+    )
+    .bind(id_text(top))
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(|row| get_id(row, "id")).collect()
+}
+
 pub async fn delete_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
     // Snapshot rows reference each other and volumes; clear them before the cascade.
     sqlx::query("DELETE FROM snapshot_volumes WHERE snapshot_id IN (SELECT id FROM snapshots WHERE vm_id = ?)")
@@ -247,42 +273,61 @@ pub async fn list_volumes(conn: &mut SqliteConnection, vm_id: Uuid) -> Result<Ve
         .collect()
 }
 
-/// The volume trees of a VM's disks as the planner wants them. Disks whose files were
-/// never created (still queued, or their creation failed) have no tree and are left
-/// out. Allocation is left at zero: the caller measures files.
+/// The volume trees of a VM's disks as the planner wants them, each volume with the
+/// VMs whose disks sit directly on it (linked clones). Disks whose files were never
+/// created (still queued, or their creation failed) have no tree and are left out.
+/// Allocation is left at zero: the caller measures files.
 pub async fn disk_graphs(conn: &mut SqliteConnection, vm_id: Uuid) -> Result<Vec<DiskGraph>> {
     let disks = list_disks(conn, vm_id).await?;
     let volumes = list_volumes(conn, vm_id).await?;
-    disks
+    let dependents = dependents_of(conn, vm_id).await?;
+    Ok(disks
         .into_iter()
         .filter(|d| d.active_volume_id.is_some())
         .map(|disk| {
             let nodes = volumes
                 .iter()
                 .filter(|v| v.disk_id == disk.id)
-                .map(|v| {
-                    let owner = match v.snapshot_id {
-                        Some(snapshot) => Some(Owner::Snapshot(snapshot)),
-                        None if disk.active_volume_id == Some(v.id) => Some(Owner::Active),
-                        None => None,
-                    };
-                    let owner = owner
-                        .ok_or_else(|| Error::Internal(format!("volume {} has no owner", v.id)))?;
-                    Ok(VolumeNode {
-                        id: v.id,
-                        parent: v.parent_id,
-                        size_bytes: v.size_bytes,
-                        allocated_bytes: 0,
-                        owner,
-                        status: v.status,
-                    })
+                .map(|v| VolumeNode {
+                    id: v.id,
+                    parent: v.parent_id,
+                    size_bytes: v.size_bytes,
+                    allocated_bytes: 0,
+                    owner: match v.snapshot_id {
+                        Some(snapshot) => Owner::Snapshot(snapshot),
+                        None if disk.active_volume_id == Some(v.id) => Owner::Active,
+                        None => Owner::Shared,
+                    },
+                    status: v.status,
+                    dependents: dependents
+                        .iter()
+                        .filter(|(volume, _)| *volume == v.id)
+                        .map(|(_, vm)| *vm)
+                        .collect(),
                 })
-                .collect::<Result<Vec<_>>>()?;
-            Ok(DiskGraph {
+                .collect();
+            DiskGraph {
                 disk_id: disk.id,
                 size_bytes: disk.size_bytes,
                 volumes: nodes,
-            })
+            }
         })
+        .collect())
+}
+
+/// (volume of `vm`, other VM) for every volume of another disk sitting directly on a
+/// volume of `vm`'s disks: the linked clones (and deployed VMs) that read its files.
+pub async fn dependents_of(conn: &mut SqliteConnection, vm: Uuid) -> Result<Vec<(Uuid, Uuid)>> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT v.parent_id AS volume, d.vm_id AS vm
+         FROM volumes v JOIN disks d ON d.id = v.disk_id
+         JOIN volumes p ON p.id = v.parent_id JOIN disks pd ON pd.id = p.disk_id
+         WHERE pd.vm_id = ?1 AND v.disk_id <> p.disk_id",
+    )
+    .bind(id_text(vm))
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((get_id(row, "volume")?, get_id(row, "vm")?)))
         .collect()
 }

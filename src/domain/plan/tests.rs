@@ -43,6 +43,7 @@ impl Disk {
             allocated_bytes,
             owner,
             status: VolumeStatus::Ready,
+            dependents: Vec::new(),
         });
         id
     }
@@ -349,7 +350,8 @@ impl Store {
                 | MetaOp::SetSnapshotParent { .. }
                 | MetaOp::SetCurrentSnapshot { .. }
                 | MetaOp::SetDiskStatus { .. }
-                | MetaOp::SetVmStatus { .. } => {}
+                | MetaOp::SetVmStatus { .. }
+                | MetaOp::SetVmKind { .. } => {}
                 MetaOp::DeleteDisk { .. } | MetaOp::DeleteVm { .. } => panic!("unexpected {op:?}"),
             }
         }
@@ -404,7 +406,7 @@ impl Store {
                             (Some(snapshot), false) => Owner::Snapshot(snapshot),
                             (None, true) => Owner::Active,
                             (Some(_), true) => panic!("volume {id} is both frozen and active"),
-                            (None, false) => panic!("volume {id} has no owner"),
+                            (None, false) => Owner::Shared,
                         };
                         VolumeNode {
                             id,
@@ -413,6 +415,7 @@ impl Store {
                             allocated_bytes: 0,
                             owner,
                             status: row.status,
+                            dependents: Vec::new(),
                         }
                     })
                     .collect();
