@@ -2,6 +2,7 @@
 //! derives, and the OpenAPI document itself. Handlers validate, write the records and
 //! the job in one transaction and answer 202; they never run qemu-img.
 
+pub mod clones;
 mod extract;
 pub mod jobs;
 pub mod problem;
@@ -47,6 +48,7 @@ pub struct AppState {
     ),
     tags(
         (name = "vms", description = "VMs and their disks"),
+        (name = "clones", description = "Linked and full clones of VMs, and flattening linked disks"),
         (name = "snapshots", description = "Snapshot trees: create, revert, delete (with merges)"),
         (name = "schedules", description = "Scheduled snapshots with retention: runs, manual runs, previews"),
         (name = "jobs", description = "Background jobs that touch disk files"),
@@ -59,6 +61,7 @@ fn api_router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(vms::routes())
         .merge(snapshots::routes())
+        .merge(clones::routes())
         .merge(schedules::routes())
         .merge(jobs::routes())
         .merge(system::routes())

@@ -39,6 +39,9 @@ pub enum VolumeRole {
     Active,
     /// A layer frozen by a snapshot (read-only while anything sits on it).
     Snapshot,
+    /// A frozen layer no snapshot names: the present state linked clones were taken
+    /// from, kept under the disk's writable layer because they read it.
+    Shared,
 }
 
 /// One qcow2 file in a disk's backing chain.
@@ -73,8 +76,11 @@ pub struct DiskView {
     /// Absolute path of the writable qcow2 a hypervisor should open (absent until the
     /// disk has been created).
     pub active_path: Option<String>,
-    /// The backing chain, top (active) first.
+    /// The disk's own layers, top (active) first.
     pub chain: Vec<ChainEntry>,
+    /// For a linked disk (a linked clone or a VM deployed from a template): the volume
+    /// of another VM or template its lowest layer sits on. Absent for a standalone disk.
+    pub source_volume_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -103,6 +109,13 @@ pub struct VmView {
     /// The snapshot the present state grows from.
     pub current_snapshot_id: Option<Uuid>,
     pub disks: Vec<DiskView>,
+    /// The VM this one was cloned from.
+    pub source_vm_id: Option<Uuid>,
+    /// The template this VM was deployed from.
+    pub template_id: Option<Uuid>,
+    /// VMs with linked disks reading this VM's files: while any exist, deleting the VM
+    /// or a snapshot they read is refused (`has_dependents`).
+    pub dependent_vm_ids: Vec<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -195,8 +208,11 @@ fn disk_view(state: &AppState, disk: Disk, volumes: &[Volume]) -> DiskView {
     let dir = &state.engine.config.volumes_dir;
     let mut chain = Vec::new();
     let mut next = disk.active_volume_id;
+    let mut source_volume_id = None;
     while let Some(id) = next {
-        let Some(volume) = volumes.iter().find(|v| v.id == id) else {
+        let Some(volume) = volumes.iter().find(|v| v.id == id && v.disk_id == disk.id) else {
+            // The chain goes on in another VM's (or template's) disk: a linked disk.
+            source_volume_id = Some(id);
             break;
         };
         let path = storage::volume_path(dir, id);
@@ -205,8 +221,10 @@ fn disk_view(state: &AppState, disk: Disk, volumes: &[Volume]) -> DiskView {
             path: path.display().to_string(),
             role: if volume.snapshot_id.is_some() {
                 VolumeRole::Snapshot
-            } else {
+            } else if Some(id) == disk.active_volume_id {
                 VolumeRole::Active
+            } else {
+                VolumeRole::Shared
             },
             snapshot_id: volume.snapshot_id,
             size_bytes: volume.size_bytes,
@@ -224,6 +242,7 @@ fn disk_view(state: &AppState, disk: Disk, volumes: &[Volume]) -> DiskView {
         status: disk.status,
         active_path: chain.first().map(|c| c.path.clone()),
         chain,
+        source_volume_id,
         created_at: disk.created_at,
     }
 }
@@ -231,6 +250,13 @@ fn disk_view(state: &AppState, disk: Disk, volumes: &[Volume]) -> DiskView {
 async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) -> Result<VmView> {
     let disks = store::vms::list_disks(conn, vm.id).await?;
     let volumes = store::vms::list_volumes(conn, vm.id).await?;
+    let mut dependent_vm_ids: Vec<Uuid> = store::vms::dependents_of(conn, vm.id)
+        .await?
+        .into_iter()
+        .map(|(_, vm)| vm)
+        .collect();
+    dependent_vm_ids.sort();
+    dependent_vm_ids.dedup();
     Ok(VmView {
         id: vm.id,
         name: vm.name,
@@ -243,16 +269,28 @@ async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) ->
             .into_iter()
             .map(|d| disk_view(state, d, &volumes))
             .collect(),
+        source_vm_id: vm.source_vm_id,
+        template_id: vm.template_id,
+        dependent_vm_ids,
         created_at: vm.created_at,
         updated_at: vm.updated_at,
     })
 }
 
+/// The VM with this id; a template is not a VM (it is under /v1/templates).
 pub(crate) async fn find_vm(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<Vm> {
     let id = parse_id(id, ErrorCode::VmNotFound, "VM")?;
-    store::vms::get_vm(conn, id)
-        .await?
-        .ok_or_else(|| Error::problem(ErrorCode::VmNotFound, format!("VM {id} does not exist")))
+    match store::vms::get_vm(conn, id).await? {
+        Some(vm) if vm.kind == VmKind::Vm => Ok(vm),
+        Some(_) => Err(Error::problem(
+            ErrorCode::VmNotFound,
+            format!("{id} is a template, not a VM: see /v1/templates/{id}"),
+        )),
+        None => Err(Error::problem(
+            ErrorCode::VmNotFound,
+            format!("VM {id} does not exist"),
+        )),
+    }
 }
 
 async fn find_disk(conn: &mut sqlx::SqliteConnection, vm: &Vm, id: &str) -> Result<Disk> {
@@ -457,6 +495,20 @@ async fn patch_vm(
         (status = 409, description = "The VM is running (`vm_running`) or already being deleted (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn delete_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+    {
+        // Refuse early what the job would refuse (linked clones reading its files).
+        let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+        if vm.state != VmState::Running && vm.status != ResourceStatus::Deleting {
+            crate::jobs::preflight(
+                &state.engine,
+                JobKind::VmDelete,
+                vm.id,
+                vm.id,
+                &serde_json::Value::Null,
+            )
+            .await?;
+        }
+    }
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
     if vm.status == ResourceStatus::Deleting {
@@ -586,6 +638,23 @@ async fn delete_disk(
     State(state): State<AppState>,
     Path((vm_id, disk_id)): Path<(String, String)>,
 ) -> Result<Response> {
+    {
+        // Refuse early what the job would refuse (linked clones reading the disk).
+        let mut conn = state.engine.db.reader().await?;
+        let vm = find_vm(&mut conn, &vm_id).await?;
+        let disk = find_disk(&mut conn, &vm, &disk_id).await?;
+        drop(conn);
+        if vm.state != VmState::Running {
+            crate::jobs::preflight(
+                &state.engine,
+                JobKind::DiskDelete,
+                vm.id,
+                disk.id,
+                &serde_json::Value::Null,
+            )
+            .await?;
+        }
+    }
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &vm_id).await?;
     let disk = find_disk(&mut tx, &vm, &disk_id).await?;

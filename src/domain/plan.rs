@@ -748,11 +748,7 @@ pub struct Freeze {
 /// for good (a shared layer, no snapshot names it), so linked clones can sit on it
 /// while the source keeps its snapshot tree unchanged. A job that stops early removes
 /// what it created and deletes the new VMs' records.
-pub fn plan_clone(
-    new_vms: &[(Uuid, Vec<CloneDisk>)],
-    mode: CloneMode,
-    freeze: &[Freeze],
-) -> Plan {
+pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &[Freeze]) -> Plan {
     let mut plan = Plan::default();
     for frozen in freeze {
         let volume = new_id();

@@ -148,7 +148,9 @@ pub async fn preflight(
             plan::plan_flatten(&disk, copy_bytes).ok_or_else(|| {
                 Error::problem(
                     ErrorCode::DiskNotLinked,
-                    format!("disk {target} is not a linked clone: it has no source to cut loose from"),
+                    format!(
+                        "disk {target} is not a linked clone: it has no source to cut loose from"
+                    ),
                 )
             })?
         }
@@ -255,9 +257,8 @@ async fn clone_plan(
     };
     // A template's volumes never change, so clones sit on them directly; a VM's present
     // state is frozen first (it must be stopped, like for a snapshot).
-    let freeze_present = snapshot.is_none()
-        && source.kind == VmKind::Vm
-        && request.mode == CloneMode::Linked;
+    let freeze_present =
+        snapshot.is_none() && source.kind == VmKind::Vm && request.mode == CloneMode::Linked;
     if snapshot.is_none() && source.kind == VmKind::Vm {
         refuse_if_running(source, "clone the present state of")?;
     }
@@ -273,9 +274,7 @@ async fn clone_plan(
             None => graph.active().map(|v| v.id),
         };
         let Some(start) = start else { continue };
-        let size = graph
-            .get(start)
-            .map_or(graph.size_bytes, |v| v.size_bytes);
+        let size = graph.get(start).map_or(graph.size_bytes, |v| v.size_bytes);
         if freeze_present {
             freeze.push(plan::Freeze {
                 disk: graph.disk_id,
@@ -329,10 +328,7 @@ async fn refuse_endangering_dependents(
 }
 
 /// `has_dependents`, naming the VMs (id and name) whose disks read the files.
-pub async fn dependents_problem(
-    conn: &mut sqlx::SqliteConnection,
-    vms: &[Uuid],
-) -> Result<Error> {
+pub async fn dependents_problem(conn: &mut sqlx::SqliteConnection, vms: &[Uuid]) -> Result<Error> {
     let mut named = Vec::with_capacity(vms.len());
     for id in vms {
         let name = store::vms::get_vm(conn, *id)
@@ -360,15 +356,14 @@ async fn listed_snapshots(
     vm_id: Uuid,
     params: &Value,
 ) -> Result<Vec<(Uuid, ResourceStatus)>> {
-    let current: Vec<(Uuid, ResourceStatus)> =
-        store::snapshots::list(conn, vm_id, None, u32::MAX)
-            .await?
-            .iter()
-            // A snapshot still being created (queued after this job) has no layer yet
-            // and is taken after the collapse.
-            .filter(|s| s.status != ResourceStatus::Creating)
-            .map(|s| (s.id, s.status))
-            .collect();
+    let current: Vec<(Uuid, ResourceStatus)> = store::snapshots::list(conn, vm_id, None, u32::MAX)
+        .await?
+        .iter()
+        // A snapshot still being created (queued after this job) has no layer yet
+        // and is taken after the collapse.
+        .filter(|s| s.status != ResourceStatus::Creating)
+        .map(|s| (s.id, s.status))
+        .collect();
     let Some(listed) = params["snapshots"].as_array() else {
         return Ok(current);
     };

@@ -390,7 +390,13 @@ impl Engine {
                 remove_if_exists(&path).await?;
                 let copied = self
                     .qemu
-                    .convert(&self.volume_path(source), &path, false, cancel, Some(progress))
+                    .convert(
+                        &self.volume_path(source),
+                        &path,
+                        false,
+                        cancel,
+                        Some(progress),
+                    )
                     .await;
                 if copied.is_err() {
                     // Never leave a partial copy behind, cancelled or failed.

@@ -3,8 +3,10 @@
 //! the write transaction (the single write connection serialises them), so two
 //! conflicting requests can never both be accepted.
 
+use crate::domain::plan::CloneMode;
 use crate::domain::{
-    Job, JobKind, ResourceStatus, Snapshot, TargetType, Timestamp, Uuid, Vm, VmState, new_id,
+    Disk, Job, JobKind, ResourceStatus, Snapshot, TargetType, Timestamp, Uuid, Vm, VmKind, VmState,
+    new_id,
 };
 use crate::error::{Error, ErrorCode, Result};
 use crate::store::{self, Tx};
@@ -206,4 +208,144 @@ pub async fn delete_snapshot(engine: &Engine, id: Uuid) -> Result<Job> {
         params,
     )
     .await
+}
+
+/// A clone, a batch deploy or a copy into a template, as accepted from a request.
+pub struct CloneRequest {
+    pub source: Uuid,
+    /// Start from this snapshot of the source instead of its present state.
+    pub snapshot_id: Option<Uuid>,
+    pub mode: CloneMode,
+    /// One new record per name.
+    pub names: Vec<String>,
+    pub description: String,
+    /// What the new records are.
+    pub kind: VmKind,
+    pub job_kind: JobKind,
+}
+
+/// Accept a clone: refuse early what the job would refuse (a running source for the
+/// present state, too little space for a full copy, a snapshot that is not ready),
+/// then record the new VMs (or templates) with their disks, status `creating`, and
+/// queue one job that locks the source and every new record.
+pub async fn clone(engine: &Engine, request: CloneRequest) -> Result<Job> {
+    let mut conn = engine.db.reader().await?;
+    let source = store::vms::get_vm(&mut conn, request.source)
+        .await?
+        .ok_or_else(|| {
+            Error::problem(
+                ErrorCode::VmNotFound,
+                format!("VM {} does not exist", request.source),
+            )
+        })?;
+    require_ready(&source)?;
+    let disks = store::vms::list_disks(&mut conn, source.id).await?;
+    // (source disk, name, size) of each disk the clone gets.
+    let starts: Vec<(Uuid, String, u64)> = match request.snapshot_id {
+        Some(id) => {
+            let (snapshot, owner) = find_snapshot(&mut conn, id).await?;
+            if owner.id != source.id {
+                return Err(Error::problem(
+                    ErrorCode::SnapshotNotFound,
+                    format!("snapshot {id} is not a snapshot of VM {}", source.name),
+                ));
+            }
+            let volumes = store::vms::list_volumes(&mut conn, source.id).await?;
+            snapshot
+                .volumes
+                .iter()
+                .filter_map(|(disk, volume)| {
+                    let disk = disks.iter().find(|d| d.id == *disk)?;
+                    let size = volumes.iter().find(|v| v.id == *volume)?.size_bytes;
+                    Some((disk.id, disk.name.clone(), size))
+                })
+                .collect()
+        }
+        None => disks
+            .iter()
+            .filter(|d| d.active_volume_id.is_some() && d.status == ResourceStatus::Ready)
+            .map(|d| (d.id, d.name.clone(), d.size_bytes))
+            .collect(),
+    };
+    drop(conn);
+    if starts.is_empty() {
+        return Err(Error::problem(
+            ErrorCode::VmHasNoDisks,
+            format!("{} has no disks to clone", source.name),
+        ));
+    }
+    let now = store::now();
+    let mut records = Vec::with_capacity(request.names.len());
+    let mut targets = Vec::with_capacity(request.names.len());
+    for name in &request.names {
+        let vm = Vm {
+            kind: request.kind,
+            source_vm_id: (source.kind == VmKind::Vm).then_some(source.id),
+            template_id: (source.kind == VmKind::Template).then_some(source.id),
+            ..Vm::new(name.clone(), request.description.clone(), now)
+        };
+        let disks: Vec<Disk> = starts
+            .iter()
+            .map(|(_, name, size)| Disk {
+                id: new_id(),
+                vm_id: vm.id,
+                name: name.clone(),
+                size_bytes: *size,
+                status: ResourceStatus::Creating,
+                active_volume_id: None,
+                created_at: now,
+            })
+            .collect();
+        targets.push(kinds::CloneTarget {
+            id: vm.id,
+            disks: disks
+                .iter()
+                .zip(&starts)
+                .map(|(disk, (source_disk, _, _))| (disk.id, *source_disk))
+                .collect(),
+        });
+        records.push((vm, disks));
+    }
+    let params = serde_json::to_value(kinds::CloneParams {
+        mode: request.mode,
+        snapshot_id: request.snapshot_id,
+        vms: targets,
+    })
+    .expect("clone parameters serialise");
+    let first = records[0].0.id;
+    kinds::preflight(engine, request.job_kind, source.id, first, &params).await?;
+
+    let mut tx = engine.db.begin().await?;
+    let source = store::vms::get_vm(&mut tx, source.id)
+        .await?
+        .ok_or_else(|| Error::problem(ErrorCode::VmNotFound, "the source VM was deleted"))?;
+    require_ready(&source)?;
+    for (vm, disks) in &records {
+        if let Err(e) = store::vms::insert_vm(&mut tx, vm).await {
+            return Err(if store::is_unique_violation(&e) {
+                Error::problem(
+                    ErrorCode::NameTaken,
+                    format!("a VM or template named {} already exists", vm.name),
+                )
+            } else {
+                e
+            });
+        }
+        for disk in disks {
+            store::vms::insert_disk(&mut tx, disk).await?;
+        }
+    }
+    let ids: Vec<Uuid> = records.iter().map(|(vm, _)| vm.id).collect();
+    let mut job = store::jobs::new_job(
+        request.job_kind,
+        TargetType::Vm,
+        first,
+        Some(source.id),
+        params,
+    );
+    job.detail = Some(serde_json::json!({ "vm_ids": ids }));
+    store::jobs::insert(&mut tx, &job, &ids).await?;
+    tx.commit().await?;
+    engine.notify_enqueued();
+    Ok(job)
 }

@@ -78,7 +78,7 @@ pub fn new_job(
 /// Insert a job. It locks its own VM (`vm_id`) and `other_vms`: it is claimed only when
 /// none of them has a running job, and after every older queued job that shares one.
 pub async fn insert(conn: &mut SqliteConnection, job: &Job, other_vms: &[Uuid]) -> Result<()> {
-    sqlx::query("INSERT INTO jobs (id, kind, status, target_type, target_id, vm_id, params, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO jobs (id, kind, status, target_type, target_id, vm_id, params, detail, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
         .bind(id_text(job.id))
         .bind(job.kind.as_str())
         .bind(job.status.as_str())
@@ -86,6 +86,7 @@ pub async fn insert(conn: &mut SqliteConnection, job: &Job, other_vms: &[Uuid]) 
         .bind(id_text(job.target_id))
         .bind(opt_id_text(job.vm_id))
         .bind(job.params.to_string())
+        .bind(job.detail.as_ref().map(|d| d.to_string()))
         .bind(ts(job.created_at))
         .execute(&mut *conn)
         .await?;
@@ -164,7 +165,8 @@ pub async fn save_plan(conn: &mut SqliteConnection, id: Uuid, plan: &Plan) -> Re
     let detail =
         serde_json::json!({ "merges": plan.merges, "space_needed_bytes": plan.space_needed });
     sqlx::query(
-        "UPDATE jobs SET phase = 'executing', plan = ?, next_step = 0, detail = ? WHERE id = ?",
+        "UPDATE jobs SET phase = 'executing', plan = ?, next_step = 0,
+           detail = json_patch(COALESCE(detail, '{}'), ?) WHERE id = ?",
     )
     .bind(serde_json::to_string(plan).map_err(|e| Error::Internal(e.to_string()))?)
     .bind(detail.to_string())

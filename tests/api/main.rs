@@ -1,5 +1,6 @@
 //! Black-box tests: the real service over HTTP, with bytes checked by qemu-io/qemu-img.
 
+mod clones;
 mod deploy;
 mod expiry;
 mod helpers;

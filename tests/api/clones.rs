@@ -1,0 +1,385 @@
+//! Linked and full clones: what each sees, that writes never leak between source and
+//! clone, that the source's files a linked clone reads are protected (refused, or kept
+//! until the clone is flattened), and that cloning the present state leaves the
+//! source's snapshot tree as it was.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+const DISK: u64 = 32 * MIB;
+
+async fn clone(app: &TestApp, source: &str, body: Value) -> Value {
+    let job = app
+        .expect_job(app.post(&format!("/v1/vms/{source}/clone"), body).await)
+        .await;
+    assert_eq!(job["kind"], "vm_clone");
+    assert_eq!(job["detail"]["vm_ids"][0], job["target"]["id"]);
+    let vm = app.vm(job["target"]["id"].as_str().unwrap()).await;
+    assert_eq!(vm["status"], "ready");
+    vm
+}
+
+fn problem_code(reply: &(StatusCode, Value)) -> (StatusCode, String) {
+    (
+        reply.0,
+        reply.1["code"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn root_disk(vm: &Value) -> &Value {
+    &vm["disks"][0]
+}
+
+#[tokio::test]
+async fn a_linked_clone_of_a_snapshot_reads_it_and_writes_only_to_itself() {
+    let app = TestApp::spawn().await;
+    let source = id(&app.create_vm("golden", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0xa1, 0, 2);
+    let s1 = app.snapshot(&source, "s1").await;
+    write(&app.active_path(&source, "root").await, 0xa2, 2, 1);
+
+    let clone_vm = clone(
+        &app,
+        &source,
+        json!({"name": "linked", "mode": "linked", "snapshot_id": s1}),
+    )
+    .await;
+    let clone_id = id(&clone_vm);
+    assert_eq!(clone_vm["source_vm_id"], source.as_str());
+    let frozen = app.snapshot_path(&source, &s1, "root").await;
+    let clone_disk = root_disk(&clone_vm);
+    assert_eq!(clone_disk["chain"].as_array().unwrap().len(), 1);
+    let base_volume = frozen
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .trim_end_matches(".qcow2");
+    assert_eq!(clone_disk["source_volume_id"], base_volume);
+    let clone_path = clone_disk["active_path"].as_str().unwrap().to_owned();
+    // The clone sees the snapshot, not what the source wrote after it.
+    expect_all(&clone_path, &[(0xa1, 0, 2), (0, 2, 1)]);
+    assert_eq!(chain(&clone_path).len(), 2);
+
+    // Writes on either side stay there.
+    write(&clone_path, 0xb1, 4, 1);
+    write(&app.active_path(&source, "root").await, 0xa3, 5, 1);
+    expect_all(&frozen, &[(0xa1, 0, 2), (0, 2, 4)]);
+    expect_all(
+        &app.active_path(&source, "root").await,
+        &[(0xa1, 0, 2), (0xa2, 2, 1), (0, 4, 1), (0xa3, 5, 1)],
+    );
+    expect_all(&clone_path, &[(0xa1, 0, 2), (0xb1, 4, 1), (0, 5, 1)]);
+    let view = app.vm(&source).await;
+    assert_eq!(view["dependent_vm_ids"], json!([clone_id]));
+
+    // The layer the clone reads is protected: the snapshot and the VM cannot go.
+    let refused = app.delete(&format!("/v1/snapshots/{s1}")).await;
+    assert_eq!(
+        problem_code(&refused),
+        (StatusCode::CONFLICT, "has_dependents".into())
+    );
+    assert_eq!(refused.1["dependent_vms"][0]["id"], clone_id.as_str());
+    assert_eq!(refused.1["dependent_vms"][0]["name"], "linked");
+    let refused = app.delete(&format!("/v1/vms/{source}")).await;
+    assert_eq!(
+        problem_code(&refused),
+        (StatusCode::CONFLICT, "has_dependents".into())
+    );
+    let refused = app.delete(&format!("/v1/vms/{source}/snapshots")).await;
+    assert_eq!(
+        problem_code(&refused),
+        (StatusCode::CONFLICT, "has_dependents".into())
+    );
+    let (_, snap) = app.get(&format!("/v1/snapshots/{s1}")).await;
+    assert_eq!(snap["status"], "ready", "a refusal changed the snapshot");
+    expect_all(&clone_path, &[(0xa1, 0, 2), (0xb1, 4, 1)]);
+
+    // Flattened, the clone stands alone and the source is free again.
+    let disk_id = clone_disk["id"].as_str().unwrap();
+    let job = app
+        .expect_job(
+            app.post(
+                &format!("/v1/vms/{clone_id}/disks/{disk_id}/flatten"),
+                json!({}),
+            )
+            .await,
+        )
+        .await;
+    assert_eq!(job["kind"], "disk_flatten");
+    let flat = app.vm(&clone_id).await;
+    assert!(root_disk(&flat)["source_volume_id"].is_null());
+    assert_eq!(chain(&clone_path).len(), 1);
+    let again = app
+        .post(
+            &format!("/v1/vms/{clone_id}/disks/{disk_id}/flatten"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        problem_code(&again),
+        (StatusCode::CONFLICT, "disk_not_linked".into())
+    );
+    app.delete_snapshot(&s1).await;
+    app.expect_job(app.delete(&format!("/v1/vms/{source}")).await)
+        .await;
+    expect_all(&clone_path, &[(0xa1, 0, 2), (0, 2, 2), (0xb1, 4, 1)]);
+    check_clean(&clone_path);
+    assert_eq!(app.volume_files().len(), 1);
+}
+
+#[tokio::test]
+async fn a_linked_clone_of_the_present_state_leaves_the_source_tree_as_it_was() {
+    let app = TestApp::spawn().await;
+    let source = id(&app
+        .create_vm("present", &[("root", DISK), ("data", DISK)])
+        .await);
+    write(&app.active_path(&source, "root").await, 0x11, 0, 1);
+    let s1 = app.snapshot(&source, "s1").await;
+    write(&app.active_path(&source, "root").await, 0x12, 1, 1);
+    write(&app.active_path(&source, "data").await, 0x21, 0, 1);
+    let before = app.vm(&source).await;
+    let (_, tree_before) = app
+        .get(&format!("/v1/vms/{source}/snapshots?view=tree"))
+        .await;
+
+    // The present state of a running VM cannot be frozen offline.
+    app.patch(&format!("/v1/vms/{source}"), json!({"state": "running"}))
+        .await;
+    let refused = app
+        .post(
+            &format!("/v1/vms/{source}/clone"),
+            json!({"name": "x", "mode": "linked"}),
+        )
+        .await;
+    assert_eq!(
+        problem_code(&refused),
+        (StatusCode::CONFLICT, "vm_running".into())
+    );
+    app.patch(&format!("/v1/vms/{source}"), json!({"state": "stopped"}))
+        .await;
+
+    let clone_vm = clone(&app, &source, json!({"name": "now", "mode": "linked"})).await;
+    let clone_id = id(&clone_vm);
+    let (_, tree_after) = app
+        .get(&format!("/v1/vms/{source}/snapshots?view=tree"))
+        .await;
+    assert_eq!(
+        tree_after, tree_before,
+        "the source's snapshot tree changed"
+    );
+    let after = app.vm(&source).await;
+    assert_eq!(after["current_snapshot_id"], before["current_snapshot_id"]);
+    // Each source disk got a new writable layer over the frozen present state.
+    let roles: Vec<&str> = after["disks"][0]["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles, ["active", "shared", "snapshot"]);
+
+    let clone_root = app.active_path(&clone_id, "root").await;
+    let clone_data = app.active_path(&clone_id, "data").await;
+    expect_all(&clone_root, &[(0x11, 0, 1), (0x12, 1, 1)]);
+    expect_all(&clone_data, &[(0x21, 0, 1)]);
+    write(&app.active_path(&source, "root").await, 0x13, 2, 1);
+    write(&clone_root, 0x31, 3, 1);
+    expect_all(
+        &clone_root,
+        &[(0x11, 0, 1), (0x12, 1, 1), (0, 2, 1), (0x31, 3, 1)],
+    );
+    expect_all(
+        &app.active_path(&source, "root").await,
+        &[(0x11, 0, 1), (0x12, 1, 1), (0x13, 2, 1), (0, 3, 1)],
+    );
+
+    // s1 lies under the shared layer the clone reads: protected.
+    let refused = app.delete(&format!("/v1/snapshots/{s1}")).await;
+    assert_eq!(
+        problem_code(&refused),
+        (StatusCode::CONFLICT, "has_dependents".into())
+    );
+    // Without the clone, s1 merges normally and every byte of the source stays.
+    app.expect_job(app.delete(&format!("/v1/vms/{clone_id}")).await)
+        .await;
+    app.delete_snapshot(&s1).await;
+    let present = app.active_path(&source, "root").await;
+    expect_all(&present, &[(0x11, 0, 1), (0x12, 1, 1), (0x13, 2, 1)]);
+    check_clean(&present);
+    assert_eq!(app.vm(&source).await["dependent_vm_ids"], json!([]));
+}
+
+#[tokio::test]
+async fn a_full_clone_equals_its_source_and_outlives_it() {
+    let app = TestApp::spawn().await;
+    let source = id(&app.create_vm("original", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x41, 0, 3);
+    let s1 = app.snapshot(&source, "s1").await;
+    write(&app.active_path(&source, "root").await, 0x42, 8, 2);
+
+    let copy = clone(&app, &source, json!({"name": "copy", "mode": "full"})).await;
+    let of_snapshot = clone(
+        &app,
+        &source,
+        json!({"name": "copy-s1", "mode": "full", "snapshot_id": s1}),
+    )
+    .await;
+    let copy_path = root_disk(&copy)["active_path"].as_str().unwrap().to_owned();
+    let snap_copy_path = root_disk(&of_snapshot)["active_path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        chain(&copy_path).len(),
+        1,
+        "a full clone has no backing file"
+    );
+    assert_eq!(chain(&snap_copy_path).len(), 1);
+    assert!(root_disk(&copy)["source_volume_id"].is_null());
+    compare(&copy_path, &app.active_path(&source, "root").await);
+    compare(
+        &snap_copy_path,
+        &app.snapshot_path(&source, &s1, "root").await,
+    );
+    // Sparse: only the written 5 MiB (plus metadata) are allocated.
+    let allocated = root_disk(&copy)["chain"][0]["allocated_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        allocated < 8 * MIB,
+        "{allocated} bytes allocated for 5 MiB of data"
+    );
+    assert!(app.vm(&source).await["dependent_vm_ids"] == json!([]));
+
+    app.expect_job(app.delete(&format!("/v1/vms/{source}")).await)
+        .await;
+    expect_all(&copy_path, &[(0x41, 0, 3), (0, 3, 5), (0x42, 8, 2)]);
+    expect_all(&snap_copy_path, &[(0x41, 0, 3), (0, 3, 7)]);
+    check_clean(&copy_path);
+    check_clean(&snap_copy_path);
+    assert_eq!(app.volume_files().len(), 2);
+}
+
+#[tokio::test]
+async fn a_cancelled_full_clone_leaves_no_vm_and_no_file() {
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=1500")]).await;
+    let source = id(&app.create_vm("busy", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x51, 0, 4);
+    let files_before = app.volume_files();
+    let (status, job) = app
+        .post(
+            &format!("/v1/vms/{source}/clone"),
+            json!({"name": "doomed", "mode": "full"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let new_vm = job["target"]["id"].as_str().unwrap().to_owned();
+    let (_, pending) = app.get(&format!("/v1/vms/{new_vm}")).await;
+    assert_eq!(pending["status"], "creating");
+    // Jobs of both VMs list it.
+    let (_, listed) = app.get(&format!("/v1/jobs?vm_id={new_vm}")).await;
+    assert_eq!(listed["items"][0]["id"], job["id"]);
+    let (status, _) = app
+        .post(
+            &format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap()),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let ended = app.wait_job_end(&job).await;
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    let (status, _) = app.get(&format!("/v1/vms/{new_vm}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(app.volume_files(), files_before);
+    expect(&app.active_path(&source, "root").await, 0x51, 0, 4);
+}
+
+#[tokio::test]
+async fn clone_requests_are_validated_and_change_nothing_when_refused() {
+    let app = TestApp::spawn().await;
+    let source = id(&app.create_vm("src", &[("root", DISK)]).await);
+    let other = id(&app.create_vm("other", &[("root", DISK)]).await);
+    let other_snapshot = app.snapshot(&other, "theirs").await;
+    let cases: Vec<(Value, StatusCode, &str)> = vec![
+        (
+            json!({"name": "", "mode": "linked"}),
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+        ),
+        (
+            json!({"name": "c", "mode": "thin"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            json!({"name": "c"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            json!({"name": "other", "mode": "linked"}),
+            StatusCode::CONFLICT,
+            "name_taken",
+        ),
+        (
+            json!({"name": "c", "mode": "linked", "snapshot_id": UNKNOWN_ID}),
+            StatusCode::NOT_FOUND,
+            "snapshot_not_found",
+        ),
+        (
+            json!({"name": "c", "mode": "full", "snapshot_id": other_snapshot}),
+            StatusCode::NOT_FOUND,
+            "snapshot_not_found",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let reply = app
+            .post(&format!("/v1/vms/{source}/clone"), body.clone())
+            .await;
+        assert_eq!(
+            problem_code(&reply),
+            (status, code.to_owned()),
+            "{body}: {}",
+            reply.1
+        );
+    }
+    let reply = app
+        .post(
+            &format!("/v1/vms/{UNKNOWN_ID}/clone"),
+            json!({"name": "c", "mode": "linked"}),
+        )
+        .await;
+    assert_eq!(
+        problem_code(&reply),
+        (StatusCode::NOT_FOUND, "vm_not_found".into())
+    );
+    let (_, vms) = app.get("/v1/vms").await;
+    assert_eq!(
+        vms["items"].as_array().unwrap().len(),
+        2,
+        "a refused clone left a VM"
+    );
+    let disk = root_disk(&app.vm(&source).await)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reply = app
+        .post(&format!("/v1/vms/{source}/disks/{disk}/flatten"), json!({}))
+        .await;
+    assert_eq!(
+        problem_code(&reply),
+        (StatusCode::CONFLICT, "disk_not_linked".into())
+    );
+    let reply = app
+        .post(
+            &format!("/v1/vms/{source}/disks/{UNKNOWN_ID}/flatten"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        problem_code(&reply),
+        (StatusCode::NOT_FOUND, "disk_not_found".into())
+    );
+}
