@@ -847,3 +847,70 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
     assert_eq!(kept.len(), 3);
     assert!(kept.iter().all(|s| s["schedule_id"].is_null()));
 }
+
+#[tokio::test]
+async fn a_snapshot_a_linked_clone_reads_is_held_by_retention_with_the_reason() {
+    let clock = Clock::at("2026-03-01T00:30:00Z");
+    let app = spawn(&clock, &[]).await;
+    let vm = id(&app.create_vm("cloned", &[("root", DISK)]).await);
+    let schedule = create_schedule(
+        &app,
+        json!({"name": "keep-one", "vm_id": vm, "cron": "0 0 1 1 *", "retention": {"keep_last": 1}}),
+    )
+    .await;
+    let sid = schedule["id"].as_str().unwrap().to_owned();
+    write(&app.active_path(&vm, "root").await, 0x61, 0, 1);
+    clock.set(time("2026-03-01T01:00:00Z"));
+    app.post(&format!("/v1/schedules/{sid}/run"), json!({}))
+        .await;
+    let first = wait_run(&app, &sid, 1).await;
+    let older = first["targets"][0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let clone_job = app
+        .expect_job(
+            app.post(
+                &format!("/v1/vms/{vm}/clone"),
+                json!({"name": "reader", "mode": "linked", "snapshot_id": older}),
+            )
+            .await,
+        )
+        .await;
+    let reader = clone_job["target"]["id"].as_str().unwrap().to_owned();
+
+    write(&app.active_path(&vm, "root").await, 0x62, 1, 1);
+    clock.set(time("2026-03-01T02:00:00Z"));
+    app.post(&format!("/v1/schedules/{sid}/run"), json!({}))
+        .await;
+    let second = wait_run(&app, &sid, 2).await;
+    let newer = second["targets"][0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let held = &second["retention"]["held"];
+    assert_eq!(held[0]["snapshot_id"], older.as_str(), "{second:#}");
+    assert_eq!(held[0]["code"], "has_dependents");
+    assert!(
+        held[0]["reason"].as_str().unwrap().contains("reader"),
+        "{held}"
+    );
+    let (_, preview) = app.get(&format!("/v1/schedules/{sid}/preview")).await;
+    assert_eq!(preview["items"][0]["held"]["code"], "has_dependents");
+    // Sweeps keep holding it while the clone reads it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(snapshots(&app, &vm).await.len(), 2);
+    expect(&app.active_path(&reader, "root").await, 0x61, 0, 1);
+
+    // The clone gone, the next sweep prunes it; the newer snapshot keeps its bytes.
+    app.expect_job(app.delete(&format!("/v1/vms/{reader}")).await)
+        .await;
+    settle(&app, &sid).await;
+    let left = snapshots(&app, &vm).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["id"], newer.as_str());
+    expect_all(
+        &app.snapshot_path(&vm, &newer, "root").await,
+        &[(0x61, 0, 1), (0x62, 1, 1)],
+    );
+}
