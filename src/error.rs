@@ -33,6 +33,7 @@ error_codes! {
     DiskNotFound => ("disk_not_found", NOT_FOUND, "No such disk"),
     SnapshotNotFound => ("snapshot_not_found", NOT_FOUND, "No such snapshot"),
     JobNotFound => ("job_not_found", NOT_FOUND, "No such job"),
+    TemplateNotFound => ("template_not_found", NOT_FOUND, "No such template"),
     ScheduleNotFound => ("schedule_not_found", NOT_FOUND, "No such schedule"),
     RunNotFound => ("run_not_found", NOT_FOUND, "No such schedule run"),
     NameTaken => ("name_taken", CONFLICT, "The name is already in use"),

@@ -9,6 +9,7 @@ pub mod problem;
 pub mod schedules;
 pub mod snapshots;
 pub mod system;
+pub mod templates;
 pub mod vms;
 
 use std::sync::Arc;
@@ -51,6 +52,7 @@ pub struct AppState {
         (name = "clones", description = "Linked and full clones of VMs, and flattening linked disks"),
         (name = "snapshots", description = "Snapshot trees: create, revert, delete (with merges)"),
         (name = "schedules", description = "Scheduled snapshots with retention: runs, manual runs, previews"),
+        (name = "templates", description = "Templates: read-only golden images, conversion both ways, batch deploys"),
         (name = "jobs", description = "Background jobs that touch disk files"),
         (name = "system", description = "Health and the API description"),
     )
@@ -62,6 +64,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(vms::routes())
         .merge(snapshots::routes())
         .merge(clones::routes())
+        .merge(templates::routes())
         .merge(schedules::routes())
         .merge(jobs::routes())
         .merge(system::routes())

@@ -14,7 +14,7 @@ use super::vms::{enqueue, find_vm};
 use super::{AppState, PageQuery, accepted, name_conflict, page};
 use crate::domain::{JobKind, ResourceStatus, Snapshot, TargetType, Uuid, Vm, validate};
 use crate::error::{Error, ErrorCode, Result};
-use crate::jobs::requests::{self, NewSnapshot, require_deletable, require_ready, require_stopped};
+use crate::jobs::requests::{self, NewSnapshot, require_ready, require_stopped};
 use crate::jobs::{preflight, storage};
 use crate::store;
 
@@ -352,16 +352,7 @@ async fn delete_all_snapshots(
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
     require_ready(&vm)?;
-    let snapshots = store::snapshots::list(&mut tx, vm.id, None, u32::MAX).await?;
-    let mut previous = Vec::new();
-    for snapshot in &snapshots {
-        require_deletable(&mut tx, snapshot).await?;
-        previous.push(serde_json::json!({ "id": snapshot.id, "previous_status": snapshot.status }));
-    }
-    for snapshot in &snapshots {
-        store::snapshots::set_status(&mut tx, snapshot.id, ResourceStatus::Deleting).await?;
-    }
-    let params = serde_json::json!({ "snapshots": previous });
+    let params = requests::flag_all_snapshots(&mut tx, vm.id).await?;
     enqueue(
         &state,
         tx,

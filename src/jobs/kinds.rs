@@ -329,8 +329,11 @@ async fn refuse_endangering_dependents(
 
 /// `has_dependents`, naming the VMs (id and name) whose disks read the files.
 pub async fn dependents_problem(conn: &mut sqlx::SqliteConnection, vms: &[Uuid]) -> Result<Error> {
+    let mut vms = vms.to_vec();
+    vms.sort();
+    vms.dedup();
     let mut named = Vec::with_capacity(vms.len());
-    for id in vms {
+    for id in &vms {
         let name = store::vms::get_vm(conn, *id)
             .await?
             .map(|vm| vm.name)

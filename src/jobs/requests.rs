@@ -188,6 +188,25 @@ pub async fn check_deletable(engine: &Engine, id: Uuid) -> Result<(Snapshot, Vm)
     Ok((snapshot, vm))
 }
 
+/// Flag every snapshot of `vm` `deleting` for a job that collapses them all (delete-all,
+/// conversion to a template), refusing if one is busy; returns the job parameters
+/// recording the set and the statuses to restore if the job is undone.
+pub async fn flag_all_snapshots(
+    tx: &mut sqlx::SqliteConnection,
+    vm: Uuid,
+) -> Result<serde_json::Value> {
+    let snapshots = store::snapshots::list(tx, vm, None, u32::MAX).await?;
+    let mut previous = Vec::with_capacity(snapshots.len());
+    for snapshot in &snapshots {
+        require_deletable(tx, snapshot).await?;
+        previous.push(serde_json::json!({ "id": snapshot.id, "previous_status": snapshot.status }));
+    }
+    for snapshot in &snapshots {
+        store::snapshots::set_status(tx, snapshot.id, ResourceStatus::Deleting).await?;
+    }
+    Ok(serde_json::json!({ "snapshots": previous }))
+}
+
 /// Queue the deletion of one snapshot, refusing early (409, 507) when the merge it
 /// needs cannot run now.
 pub async fn delete_snapshot(engine: &Engine, id: Uuid) -> Result<Job> {

@@ -9,4 +9,5 @@ mod openapi;
 mod recovery;
 mod schedules;
 mod snapshots;
+mod templates;
 mod vms;

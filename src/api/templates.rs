@@ -1,0 +1,438 @@
+//! `/v1/templates`: read-only golden images VMs are deployed from. A template is a VM
+//! record of kind `template`, so converting either way copies nothing; its disks are
+//! single files that linked VMs sit on.
+
+use axum::extract::{Path, State};
+use axum::response::Response;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::{Json, Query, parse_id};
+use super::problem::Problem;
+use super::vms::{enqueue, find_vm};
+use super::{AppState, PageQuery, accepted, page};
+use crate::domain::plan::CloneMode;
+use crate::domain::{JobKind, ResourceStatus, TargetType, Uuid, Vm, VmKind, validate};
+use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::requests::{self, CloneRequest, require_ready, require_stopped};
+use crate::jobs::{preflight, storage};
+use crate::store;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_templates, create_template))
+        .routes(routes!(get_template, delete_template))
+        .routes(routes!(convert_to_template))
+        .routes(routes!(convert_to_vm))
+        .routes(routes!(deploy))
+}
+
+/// Most VMs one deploy request makes.
+pub const MAX_DEPLOY: u32 = 1000;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateDisk {
+    pub id: Uuid,
+    pub name: String,
+    /// Guest-visible size.
+    pub size_bytes: u64,
+    /// The template's file for this disk (read-only: VMs deployed linked sit on it).
+    pub path: Option<String>,
+    pub allocated_bytes: u64,
+}
+
+/// A template.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "debian-13", "description": "generalised",
+    "status": "ready", "disks": [{"id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "name": "root",
+        "size_bytes": 10737418240u64, "path": "/var/lib/strata/volumes/019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b.qcow2",
+        "allocated_bytes": 1503657984u64}],
+    "source_vm_id": "019a6f5e-5555-7b3e-9f2a-3c4d5e6f7a8b", "linked_vm_count": 2,
+    "linked_vm_ids": ["019a6f5e-6666-7b3e-9f2a-3c4d5e6f7a8b", "019a6f5e-7777-7b3e-9f2a-3c4d5e6f7a8b"],
+    "created_at": "2026-11-21T10:00:00Z", "updated_at": "2026-11-21T10:00:00Z"
+}))]
+pub struct TemplateView {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    /// `creating` while a job makes or converts it.
+    pub status: ResourceStatus,
+    pub disks: Vec<TemplateDisk>,
+    /// The VM the template was made from.
+    pub source_vm_id: Option<Uuid>,
+    /// VMs whose disks sit on the template's files (deployed linked): while any exist,
+    /// the template cannot be deleted or converted back.
+    pub linked_vm_count: usize,
+    pub linked_vm_ids: Vec<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TemplateList {
+    pub items: Vec<TemplateView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TemplateFilter {
+    /// Only the template with this name.
+    pub name: Option<String>,
+}
+
+/// A new template from a full copy of a VM (which stays).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "web-golden", "from_vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b"}))]
+pub struct CreateTemplate {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub from_vm_id: Uuid,
+    /// Copy this snapshot of the VM (which may then be running); without one, its
+    /// present state (the VM must be stopped).
+    pub snapshot_id: Option<Uuid>,
+}
+
+/// VMs to deploy from a template.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "web", "mode": "linked", "count": 3}))]
+pub struct Deploy {
+    /// The VM's name, or with `count` the prefix: `name-1` .. `name-N`.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// `linked`: disks are overlays on the template's files (instant); `full`:
+    /// standalone copies.
+    pub mode: CloneMode,
+    /// Deploy a batch of this many VMs in one job (1 to 1000).
+    pub count: Option<u32>,
+}
+
+async fn template_view(
+    state: &AppState,
+    conn: &mut sqlx::SqliteConnection,
+    template: Vm,
+) -> Result<TemplateView> {
+    let disks = store::vms::list_disks(conn, template.id).await?;
+    let dir = &state.engine.config.volumes_dir;
+    let mut linked: Vec<Uuid> = store::vms::dependents_of(conn, template.id)
+        .await?
+        .into_iter()
+        .map(|(_, vm)| vm)
+        .collect();
+    linked.sort();
+    linked.dedup();
+    Ok(TemplateView {
+        id: template.id,
+        name: template.name,
+        description: template.description,
+        status: template.status,
+        disks: disks
+            .into_iter()
+            .map(|disk| {
+                let path = disk.active_volume_id.map(|v| storage::volume_path(dir, v));
+                TemplateDisk {
+                    id: disk.id,
+                    name: disk.name,
+                    size_bytes: disk.size_bytes,
+                    allocated_bytes: path.as_deref().map_or(0, storage::allocated_bytes),
+                    path: path.map(|p| p.display().to_string()),
+                }
+            })
+            .collect(),
+        source_vm_id: template.source_vm_id,
+        linked_vm_count: linked.len(),
+        linked_vm_ids: linked,
+        created_at: template.created_at,
+        updated_at: template.updated_at,
+    })
+}
+
+pub(crate) async fn find_template(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<Vm> {
+    let id = parse_id(id, ErrorCode::TemplateNotFound, "template")?;
+    match store::vms::get_vm(conn, id).await? {
+        Some(vm) if vm.kind == VmKind::Template => Ok(vm),
+        _ => Err(Error::problem(
+            ErrorCode::TemplateNotFound,
+            format!("template {id} does not exist"),
+        )),
+    }
+}
+
+/// List templates.
+#[utoipa::path(get, path = "/v1/templates", tag = "templates", params(TemplateFilter, PageQuery),
+    responses(
+        (status = 200, description = "One page of templates in creation order", body = TemplateList),
+        (status = 400, description = "Bad limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_templates(
+    State(state): State<AppState>,
+    Query(filter): Query<TemplateFilter>,
+    Query(page_query): Query<PageQuery>,
+) -> Result<axum::Json<TemplateList>> {
+    let (limit, cursor) = page_query.parse()?;
+    let mut conn = state.engine.db.reader().await?;
+    let rows = store::vms::list_vms(
+        &mut conn,
+        VmKind::Template,
+        filter.name.as_deref(),
+        None,
+        cursor,
+        limit + 1,
+    )
+    .await?;
+    let (rows, next_cursor) = page(rows, limit, |t| t.id);
+    let mut items = Vec::with_capacity(rows.len());
+    for template in rows {
+        items.push(template_view(&state, &mut conn, template).await?);
+    }
+    Ok(axum::Json(TemplateList { items, next_cursor }))
+}
+
+/// Get a template with its disks and the VMs linked to it.
+#[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates",
+    params(("id" = Uuid, Path, description = "Template id")),
+    responses(
+        (status = 200, description = "The template", body = TemplateView),
+        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn get_template(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<TemplateView>> {
+    let mut conn = state.engine.db.reader().await?;
+    let template = find_template(&mut conn, &id).await?;
+    Ok(axum::Json(
+        template_view(&state, &mut conn, template).await?,
+    ))
+}
+
+/// Make a template from a full copy of a VM (or of one of its snapshots); the VM
+/// stays. The template exists at once with status `creating`.
+#[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = CreateTemplate,
+    responses(
+        (status = 202, description = "The `template_create` job; `target.id` is the template", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Invalid name (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VM or snapshot (`vm_not_found`, `snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name used (`name_taken`); present state of a running VM (`vm_running`); VM not ready (`vm_not_ready`) or without disks (`vm_has_no_disks`); snapshot not ready (`snapshot_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "Not enough free space for the copy (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn create_template(
+    State(state): State<AppState>,
+    Json(body): Json<CreateTemplate>,
+) -> Result<Response> {
+    validate::name("name", &body.name).map_err(Error::validation)?;
+    validate::description(&body.description).map_err(Error::validation)?;
+    let source = find_vm(
+        &mut *state.engine.db.reader().await?,
+        &body.from_vm_id.to_string(),
+    )
+    .await?;
+    if body.snapshot_id.is_none() {
+        require_stopped(&source, "copy the present state of")?;
+    }
+    let job = requests::clone(
+        &state.engine,
+        CloneRequest {
+            source: source.id,
+            snapshot_id: body.snapshot_id,
+            mode: CloneMode::Full,
+            names: vec![body.name],
+            description: body.description,
+            kind: VmKind::Template,
+            job_kind: JobKind::TemplateCreate,
+        },
+    )
+    .await?;
+    Ok(accepted(job.into()))
+}
+
+/// Convert a VM into a template: it stops being a VM (same id, now under
+/// /v1/templates), its snapshots are collapsed into its present state first (merges,
+/// like deleting them all), and nothing is copied when each disk is one file.
+#[utoipa::path(post, path = "/v1/vms/{id}/convert-to-template", tag = "templates",
+    params(("id" = Uuid, Path, description = "VM id")),
+    responses(
+        (status = 202, description = "The `vm_to_template` job (the VM is `creating` until it ends)", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The VM is running (`vm_running`) or not ready (`vm_not_ready`); a snapshot is busy (`snapshot_busy`, `snapshot_not_ready`); linked clones read a layer the collapse would merge (`has_dependents`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "Not enough free space for the collapse (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn convert_to_template(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+    require_ready(&vm)?;
+    require_stopped(&vm, "convert to a template")?;
+    preflight(
+        &state.engine,
+        JobKind::VmToTemplate,
+        vm.id,
+        vm.id,
+        &serde_json::Value::Null,
+    )
+    .await?;
+    let mut tx = state.engine.db.begin().await?;
+    let vm = find_vm(&mut tx, &id).await?;
+    require_ready(&vm)?;
+    require_stopped(&vm, "convert to a template")?;
+    let params = requests::flag_all_snapshots(&mut tx, vm.id).await?;
+    // Nothing else may start on the VM meanwhile; undone, it is ready again.
+    store::vms::set_vm_status(&mut tx, vm.id, ResourceStatus::Creating).await?;
+    enqueue(
+        &state,
+        tx,
+        JobKind::VmToTemplate,
+        (TargetType::Vm, vm.id),
+        vm.id,
+        params,
+    )
+    .await
+}
+
+/// Convert a template back into a VM (same id, under /v1/vms again, stopped).
+/// Refused while VMs are linked to it: its files would become writable under them.
+#[utoipa::path(post, path = "/v1/templates/{id}/convert-to-vm", tag = "templates",
+    params(("id" = Uuid, Path, description = "Template id")),
+    responses(
+        (status = 202, description = "The `template_to_vm` job", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "VMs are linked to it (`has_dependents`, listing them) or it is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn convert_to_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+    let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
+    require_ready(&template)?;
+    preflight(
+        &state.engine,
+        JobKind::TemplateToVm,
+        template.id,
+        template.id,
+        &serde_json::Value::Null,
+    )
+    .await?;
+    let mut tx = state.engine.db.begin().await?;
+    let template = find_template(&mut tx, &id).await?;
+    require_ready(&template)?;
+    store::vms::set_vm_status(&mut tx, template.id, ResourceStatus::Creating).await?;
+    enqueue(
+        &state,
+        tx,
+        JobKind::TemplateToVm,
+        (TargetType::Vm, template.id),
+        template.id,
+        serde_json::json!({}),
+    )
+    .await
+}
+
+/// Deploy VMs from a template, linked (instant: each disk an overlay on the template's
+/// file) or full (standalone copies). With `count`, one job makes `name-1` ..
+/// `name-N`; every VM exists at once with status `creating`.
+#[utoipa::path(post, path = "/v1/templates/{id}/deploy", tag = "templates", request_body = Deploy,
+    params(("id" = Uuid, Path, description = "Template id")),
+    responses(
+        (status = 202, description = "The `template_deploy` job; `detail.vm_ids` lists the new VMs", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Invalid name, mode or count (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A name is used (`name_taken`) or the template is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "Not enough free space for full copies (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn deploy(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(body): Json<Deploy>,
+) -> Result<Response> {
+    let names = match body.count {
+        None => vec![body.name.clone()],
+        Some(count) if (1..=MAX_DEPLOY).contains(&count) => {
+            (1..=count).map(|i| format!("{}-{i}", body.name)).collect()
+        }
+        Some(_) => {
+            return Err(Error::validation(format!(
+                "count must be between 1 and {MAX_DEPLOY}"
+            )));
+        }
+    };
+    for name in &names {
+        validate::name("name", name).map_err(Error::validation)?;
+    }
+    validate::description(&body.description).map_err(Error::validation)?;
+    let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
+    let job = requests::clone(
+        &state.engine,
+        CloneRequest {
+            source: template.id,
+            snapshot_id: None,
+            mode: body.mode,
+            names,
+            description: body.description,
+            kind: VmKind::Vm,
+            job_kind: JobKind::TemplateDeploy,
+        },
+    )
+    .await?;
+    Ok(accepted(job.into()))
+}
+
+/// Delete a template and its files. Refused while VMs are linked to it (the answer
+/// lists them): flatten or delete them first.
+#[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates",
+    params(("id" = Uuid, Path, description = "Template id")),
+    responses(
+        (status = 202, description = "The template is `deleting`; the `vm_delete` job removes its files", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "VMs are linked to it (`has_dependents`, listing them) or it is busy (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_template(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
+    if !matches!(
+        template.status,
+        ResourceStatus::Ready | ResourceStatus::Error
+    ) {
+        return Err(Error::problem(
+            ErrorCode::VmNotReady,
+            format!("template {} is {}", template.name, template.status),
+        ));
+    }
+    preflight(
+        &state.engine,
+        JobKind::VmDelete,
+        template.id,
+        template.id,
+        &serde_json::Value::Null,
+    )
+    .await?;
+    let mut tx = state.engine.db.begin().await?;
+    let template = find_template(&mut tx, &id).await?;
+    store::vms::set_vm_status(&mut tx, template.id, ResourceStatus::Deleting).await?;
+    let params = serde_json::json!({ "previous_status": template.status });
+    enqueue(
+        &state,
+        tx,
+        JobKind::VmDelete,
+        (TargetType::Vm, template.id),
+        template.id,
+        params,
+    )
+    .await
+}
