@@ -8,8 +8,6 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::api::problem::Problem;
@@ -66,6 +64,12 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         max_disk_size: config.max_disk_size,
         ready: Arc::clone(&ready),
         run_history: config.run_history.max(1),
+        body_limit: config.body_limit,
+        request_timeout: Duration::from_secs(config.request_timeout_secs),
+        import: api::ImportSettings {
+            dir: config.import_dir.clone(),
+            max_bytes: config.import_max_bytes,
+        },
     };
     let app = with_middleware(api::router(state), &config);
 
@@ -92,7 +96,13 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "recovering interrupted jobs failed"),
             }
+            match crate::jobs::exports::prune(&engine, true).await {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(count, "stale export files removed"),
+                Err(e) => tracing::warn!(error = %e, "cleaning export files failed"),
+            }
             ready.store(true, Ordering::Release);
+            let exports = spawn_export_cleanup(Arc::clone(&engine), shutdown_rx.clone());
             let scheduler = crate::scheduler::spawn(
                 Arc::clone(&engine),
                 scheduler_settings,
@@ -100,6 +110,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
             );
             let workers = engine.spawn_workers(shutdown_rx);
             let _ = scheduler.await;
+            let _ = exports.await;
             for worker in workers {
                 let _ = worker.await;
             }
@@ -121,6 +132,25 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     let _ = tokio::time::timeout(grace, server).await;
     db.close().await;
     Ok(())
+}
+
+/// Every ten minutes, remove export files of templates that were deleted or changed
+/// (they are never served again; this only gives the space back).
+fn spawn_export_cleanup(
+    engine: Arc<Engine>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(600)) => {}
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            }
+            if let Err(e) = crate::jobs::exports::prune(&engine, false).await {
+                tracing::warn!(error = %e, "cleaning export files failed");
+            }
+        }
+    })
 }
 
 async fn check_qemu_img(config: &ServeConfig) -> Result<()> {
@@ -166,12 +196,8 @@ async fn shutdown_signal() {
 
 fn with_middleware(router: axum::Router, config: &ServeConfig) -> axum::Router {
     let mut router = router
-        .layer(RequestBodyLimitLayer::new(config.body_limit))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            Duration::from_secs(config.request_timeout_secs),
-        ))
-        // Outside the limit and timeout layers, so their bare answers become problems.
+        // Outside the limit and timeout layers (see `api::router`), so their bare
+        // answers become problems.
         .layer(axum::middleware::map_response(problem_for_bare_errors))
         .layer(TraceLayer::new_for_http());
     if !config.cors_origins.is_empty() {

@@ -81,6 +81,15 @@ pub struct ServeConfig {
     #[arg(long, env = "STRATA_SWEEP_INTERVAL", default_value_t = 60)]
     pub sweep_interval_secs: u64,
 
+    /// Directory whose files `POST /v1/templates/import?path=` may import (off when
+    /// unset).
+    #[arg(long, env = "STRATA_IMPORT_DIR")]
+    pub import_dir: Option<PathBuf>,
+
+    /// Largest image file an import accepts, in bytes (default 64 GiB).
+    #[arg(long, env = "STRATA_IMPORT_MAX_BYTES", default_value_t = 64 << 30)]
+    pub import_max_bytes: u64,
+
     /// Runs kept in each schedule's history; older ones are forgotten.
     #[arg(long, env = "STRATA_RUN_HISTORY", default_value_t = 200)]
     pub run_history: u32,

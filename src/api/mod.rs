@@ -4,6 +4,7 @@
 
 pub mod clones;
 mod extract;
+pub mod imports;
 pub mod jobs;
 pub mod problem;
 pub mod schedules;
@@ -36,6 +37,20 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Runs kept per schedule (`--run-history`).
     pub run_history: u32,
+    /// Largest JSON body (`--body-limit`) and longest request (`--request-timeout-secs`)
+    /// of every endpoint but the image import, which streams large files.
+    pub body_limit: usize,
+    pub request_timeout: std::time::Duration,
+    pub import: ImportSettings,
+}
+
+/// Where imports may come from and how large they may be.
+#[derive(Clone, Debug)]
+pub struct ImportSettings {
+    /// `--import-dir`: files `?path=` may name (off when unset).
+    pub dir: Option<std::path::PathBuf>,
+    /// `--import-max-bytes`.
+    pub max_bytes: u64,
 }
 
 #[derive(utoipa::OpenApi)]
@@ -59,8 +74,9 @@ pub struct AppState {
 )]
 struct ApiDoc;
 
-fn api_router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// Every endpoint but the image import.
+fn json_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
         .merge(vms::routes())
         .merge(snapshots::routes())
         .merge(clones::routes())
@@ -70,10 +86,27 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(system::routes())
 }
 
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(json_routes())
+        .merge(imports::routes())
+}
+
 /// The service's routes, with problem answers for unknown paths and methods.
 pub fn router(state: AppState) -> axum::Router {
-    let (router, _) = api_router().split_for_parts();
-    router
+    let (json, _) = json_routes().split_for_parts();
+    // The body limit and the timeout guard every endpoint except the import, whose
+    // body is an image file streamed to disk under its own limit.
+    let json = json
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            state.body_limit,
+        ))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.request_timeout,
+        ));
+    let (import, _) = imports::routes().split_for_parts();
+    json.merge(import)
         .fallback(|| async {
             Error::problem(
                 ErrorCode::RouteNotFound,

@@ -3,6 +3,7 @@
 //! single files that linked VMs sit on.
 
 use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -15,10 +16,10 @@ use super::problem::Problem;
 use super::vms::{enqueue, find_vm};
 use super::{AppState, PageQuery, accepted, page};
 use crate::domain::plan::CloneMode;
-use crate::domain::{JobKind, ResourceStatus, TargetType, Uuid, Vm, VmKind, validate};
+use crate::domain::{ExportKey, JobKind, ResourceStatus, TargetType, Uuid, Vm, VmKind, validate};
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::requests::{self, CloneRequest, require_ready, require_stopped};
-use crate::jobs::{preflight, storage};
+use crate::jobs::{exports, preflight, storage};
 use crate::store;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -28,6 +29,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(convert_to_template))
         .routes(routes!(convert_to_vm))
         .routes(routes!(deploy))
+        .routes(routes!(export))
+        .routes(routes!(manifest))
 }
 
 /// Most VMs one deploy request makes.
@@ -435,4 +438,236 @@ async fn delete_template(
         params,
     )
     .await
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ExportQuery {
+    /// The disk to export, by name or id (may be left out when the template has only
+    /// one disk).
+    pub disk: Option<String>,
+    /// Compress the qcow2 clusters: a smaller file that is slower to make.
+    pub compress: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ManifestQuery {
+    /// Describe the compressed exports.
+    pub compress: Option<bool>,
+}
+
+/// What a template's export holds: one qcow2 file per disk, with its digest.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "template_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "debian-13", "format": "qcow2", "compressed": false,
+    "disks": [{"id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "name": "root", "size_bytes": 10737418240u64,
+        "export_bytes": 1504772096u64, "sha256": "9f2c6b0e4d9d1f5a5f1f0d6c3a1e2b7c8d9e0f1a2b3c4d5e6f708192a3b4c5d6",
+        "url": "/v1/templates/019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b/export?disk=root"}]
+}))]
+pub struct Manifest {
+    pub template_id: Uuid,
+    pub name: String,
+    pub format: String,
+    pub compressed: bool,
+    pub disks: Vec<ManifestDisk>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ManifestDisk {
+    pub id: Uuid,
+    pub name: String,
+    /// Guest-visible size.
+    pub size_bytes: u64,
+    /// Size of the exported file.
+    pub export_bytes: u64,
+    /// SHA-256 of the exported file, hex.
+    pub sha256: String,
+    /// Where to download it.
+    pub url: String,
+}
+
+/// The template's disk a query names (by id or name), or its only disk.
+async fn export_disk(
+    conn: &mut sqlx::SqliteConnection,
+    template: &Vm,
+    wanted: Option<&str>,
+) -> Result<(String, Uuid)> {
+    let disks = store::vms::list_disks(conn, template.id).await?;
+    let found = match wanted {
+        Some(key) => disks
+            .iter()
+            .find(|d| d.name == key || d.id.to_string() == key)
+            .ok_or_else(|| {
+                Error::problem(
+                    ErrorCode::DiskNotFound,
+                    format!("template {} has no disk {key}", template.name),
+                )
+            })?,
+        None => match disks.as_slice() {
+            [only] => only,
+            _ => {
+                return Err(Error::problem(
+                    ErrorCode::InvalidQuery,
+                    format!(
+                        "template {} has {} disks: name one with ?disk=",
+                        template.name,
+                        disks.len()
+                    ),
+                ));
+            }
+        },
+    };
+    let volume = found.active_volume_id.ok_or_else(|| {
+        Error::problem(
+            ErrorCode::DiskNotReady,
+            format!("disk {} has no file yet", found.name),
+        )
+    })?;
+    Ok((found.name.clone(), volume))
+}
+
+/// Download one disk of a template as a self-contained qcow2 file (no backing file),
+/// to import on another host. A file already made is sent with `Content-Length`;
+/// otherwise it is made while the answer streams (chunked) and kept for later
+/// downloads. A failure while streaming aborts the transfer rather than ending it
+/// short.
+#[utoipa::path(get, path = "/v1/templates/{id}/export", tag = "templates",
+    params(("id" = Uuid, Path, description = "Template id"), ExportQuery),
+    responses(
+        (status = 200, description = "The qcow2 file", content_type = "application/octet-stream", body = Vec<u8>,
+            headers(("Content-Disposition" = String, description = "attachment; filename=\"<template>-<disk>.qcow2\""))),
+        (status = 400, description = "The template has several disks and none was named (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such template or disk (`template_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The template is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn export(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<ExportQuery>,
+) -> Result<Response> {
+    let mut conn = state.engine.db.reader().await?;
+    let template = find_template(&mut conn, &id).await?;
+    require_ready(&template)?;
+    let (disk_name, volume) = export_disk(&mut conn, &template, query.disk.as_deref()).await?;
+    drop(conn);
+    let export = ExportKey {
+        volume,
+        compress: query.compress.unwrap_or(false),
+        generation: template.updated_at.timestamp_micros(),
+    };
+    let ready = exports::ready_artifact(&state.engine, export).await?;
+    let length = match &ready {
+        Some(path) => Some(tokio::fs::metadata(path).await?.len()),
+        None => None,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<axum::body::Bytes>>(4);
+    let engine = std::sync::Arc::clone(&state.engine);
+    tokio::spawn(async move {
+        let sent = async {
+            let path = match ready {
+                Some(path) => path,
+                None => exports::artifact(&engine, export)
+                    .await
+                    .map_err(std::io::Error::other)?,
+            };
+            let mut file = tokio::fs::File::open(path).await?;
+            loop {
+                let mut chunk = vec![0u8; 256 << 10];
+                let read = tokio::io::AsyncReadExt::read(&mut file, &mut chunk).await?;
+                if read == 0 {
+                    return Ok::<_, std::io::Error>(());
+                }
+                chunk.truncate(read);
+                if tx.send(Ok(chunk.into())).await.is_err() {
+                    return Ok(()); // the client went away
+                }
+            }
+        }
+        .await;
+        if let Err(e) = sent {
+            tracing::error!(%volume, error = %e, "export failed while streaming");
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut response = Response::new(axum::body::Body::from_stream(stream));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    let file_name: String = format!("{}-{disk_name}.qcow2", template.name)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{file_name}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    if let Some(length) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    Ok(response)
+}
+
+/// Names, sizes and SHA-256 of each disk's export. The first call for a template makes
+/// the exports (if needed) and hashes them; later calls answer from what was kept.
+#[utoipa::path(get, path = "/v1/templates/{id}/manifest", tag = "templates",
+    params(("id" = Uuid, Path, description = "Template id"), ManifestQuery),
+    responses(
+        (status = 200, description = "The manifest", body = Manifest),
+        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The template is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn manifest(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<ManifestQuery>,
+) -> Result<axum::Json<Manifest>> {
+    let mut conn = state.engine.db.reader().await?;
+    let template = find_template(&mut conn, &id).await?;
+    require_ready(&template)?;
+    let disks = store::vms::list_disks(&mut conn, template.id).await?;
+    drop(conn);
+    let compressed = query.compress.unwrap_or(false);
+    let mut items = Vec::with_capacity(disks.len());
+    for disk in disks {
+        let Some(volume) = disk.active_volume_id else {
+            continue;
+        };
+        let export = ExportKey {
+            volume,
+            compress: compressed,
+            generation: template.updated_at.timestamp_micros(),
+        };
+        let (export_bytes, sha256) = exports::digest(&state.engine, export).await?;
+        items.push(ManifestDisk {
+            url: format!(
+                "/v1/templates/{}/export?disk={}{}",
+                template.id,
+                disk.id,
+                if compressed { "&compress=true" } else { "" }
+            ),
+            id: disk.id,
+            name: disk.name,
+            size_bytes: disk.size_bytes,
+            export_bytes,
+            sha256,
+        });
+    }
+    Ok(axum::Json(Manifest {
+        template_id: template.id,
+        name: template.name,
+        format: "qcow2".into(),
+        compressed,
+        disks: items,
+    }))
 }

@@ -1,6 +1,7 @@
 //! Pure domain types and rules: resource states, validation and the chain planner.
 //! Nothing here knows about HTTP, SQL or processes, so every rule is unit-testable.
 
+pub mod image;
 pub mod plan;
 pub mod retention;
 pub mod schedule;
@@ -79,6 +80,7 @@ string_enum!(
         TemplateDeploy => "template_deploy",
         VmToTemplate => "vm_to_template",
         TemplateToVm => "template_to_vm",
+        TemplateImport => "template_import",
     }
 );
 string_enum!(
@@ -135,6 +137,15 @@ impl Vm {
             updated_at: now,
         }
     }
+}
+
+/// One export of a template's disk: the volume, compressed or not, in the template's
+/// current generation (its `updated_at`; see `jobs::exports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportKey {
+    pub volume: Uuid,
+    pub compress: bool,
+    pub generation: i64,
 }
 
 #[derive(Debug, Clone)]

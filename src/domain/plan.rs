@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::image::ImageFormat;
 use super::{ResourceStatus, Uuid, VmKind, VolumeStatus, new_id};
 
 /// Who reads a volume as its own content.
@@ -143,6 +144,13 @@ pub enum FileOp {
     /// Write a new standalone file with what the chain topped by `source` shows (sparse:
     /// zero clusters are not written). A full clone.
     Convert { source: Uuid, volume: Uuid },
+    /// Write a new qcow2 file from an uploaded image (untrusted; its header and
+    /// `qemu-img info`/`check` passed when it was accepted), read as `format`.
+    Import {
+        upload: Uuid,
+        format: ImageFormat,
+        volume: Uuid,
+    },
 }
 
 impl FileOp {
@@ -157,14 +165,19 @@ impl FileOp {
     pub fn is_interruptible(&self) -> bool {
         matches!(
             self,
-            FileOp::Create { .. } | FileOp::Stream { .. } | FileOp::Convert { .. }
+            FileOp::Create { .. }
+                | FileOp::Stream { .. }
+                | FileOp::Convert { .. }
+                | FileOp::Import { .. }
         )
     }
 
     /// The file this operation brings into existence, which an undo removes.
     pub fn created_volume(&self) -> Option<Uuid> {
         match *self {
-            FileOp::Create { volume, .. } | FileOp::Convert { volume, .. } => Some(volume),
+            FileOp::Create { volume, .. }
+            | FileOp::Convert { volume, .. }
+            | FileOp::Import { volume, .. } => Some(volume),
             _ => None,
         }
     }
@@ -176,7 +189,8 @@ impl FileOp {
             | FileOp::Stream { volume, .. }
             | FileOp::Repoint { volume, .. }
             | FileOp::Resize { volume, .. }
-            | FileOp::Convert { volume, .. } => vec![volume],
+            | FileOp::Convert { volume, .. }
+            | FileOp::Import { volume, .. } => vec![volume],
             FileOp::Commit { top, base } => vec![top, base],
         }
     }
@@ -360,7 +374,10 @@ impl Plan {
         self.steps.iter().any(|s| {
             matches!(
                 s.op,
-                FileOp::Commit { .. } | FileOp::Stream { .. } | FileOp::Convert { .. }
+                FileOp::Commit { .. }
+                    | FileOp::Stream { .. }
+                    | FileOp::Convert { .. }
+                    | FileOp::Import { .. }
             )
         })
     }
@@ -822,6 +839,49 @@ pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &
         });
         plan.undo.push(MetaOp::DeleteVm { vm: *vm });
     }
+    plan
+}
+
+/// Make a template's only disk from an uploaded image: a new qcow2 file converted
+/// from the upload (at most `upload_bytes` of data), then the template is ready. A job
+/// that stops early removes the file and the template's record.
+pub fn plan_import(
+    template: Uuid,
+    disk: Uuid,
+    size_bytes: u64,
+    upload: Uuid,
+    format: ImageFormat,
+    upload_bytes: u64,
+) -> Plan {
+    let volume = new_id();
+    let mut plan = Plan::default();
+    plan.steps.push(Step {
+        op: FileOp::Import {
+            upload,
+            format,
+            volume,
+        },
+        then: vec![],
+    });
+    plan.finish.extend([
+        MetaOp::InsertVolume {
+            volume,
+            disk,
+            parent: None,
+            size_bytes,
+        },
+        MetaOp::SetActiveVolume { disk, volume },
+        MetaOp::SetDiskStatus {
+            disk,
+            status: ResourceStatus::Ready,
+        },
+        MetaOp::SetVmStatus {
+            vm: template,
+            status: ResourceStatus::Ready,
+        },
+    ]);
+    plan.undo.push(MetaOp::DeleteVm { vm: template });
+    plan.space_needed = upload_bytes + (1 << 20);
     plan
 }
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Engine, insufficient_storage, storage};
+use crate::domain::image::ImageFormat;
 use crate::domain::plan::{self, CloneMode, DiskGraph, MetaOp, Plan};
 use crate::domain::{Job, JobKind, ResourceStatus, Uuid, Vm, VmKind, VmState};
 use crate::error::{Error, ErrorCode, Result};
@@ -153,6 +154,29 @@ pub async fn preflight(
                     ),
                 )
             })?
+        }
+        JobKind::TemplateImport => {
+            let upload: Uuid = params["upload"]
+                .as_str()
+                .and_then(|u| u.parse().ok())
+                .ok_or_else(|| Error::Internal("import job without upload".into()))?;
+            let format: ImageFormat = serde_json::from_value(params["format"].clone())
+                .map_err(|e| Error::Internal(format!("import job format: {e}")))?;
+            let disk = store::vms::list_disks(&mut conn, vm_id)
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::Internal("import template without a disk".into()))?;
+            let upload_bytes =
+                storage::allocated_bytes(&storage::upload_path(&engine.config.volumes_dir, upload));
+            plan::plan_import(
+                vm_id,
+                disk.id,
+                disk.size_bytes,
+                upload,
+                format,
+                upload_bytes,
+            )
         }
         JobKind::VmToTemplate => {
             refuse_if_running(&vm, "convert to a template")?;
@@ -494,6 +518,7 @@ pub async fn abandon(engine: &Engine, job: &Job, cancelled: bool) -> Result<Vec<
             })
             .collect(),
         JobKind::SnapshotRevert | JobKind::DiskFlatten => vec![],
+        JobKind::TemplateImport => vec![MetaOp::DeleteVm { vm }],
         JobKind::VmClone | JobKind::TemplateCreate | JobKind::TemplateDeploy => {
             let params: CloneParams = serde_json::from_value(job.params.clone())
                 .map_err(|e| Error::Internal(format!("bad clone parameters: {e}")))?;

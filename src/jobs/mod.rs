@@ -7,6 +7,7 @@
 //! the plan's point of no return rolls back (`undo`, created files removed); failing
 //! after it applies `fail`, which flags what the interrupted merge made unreadable.
 
+pub mod exports;
 mod kinds;
 pub mod requests;
 pub mod storage;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use crate::domain::plan::{FileOp, MetaOp, Plan};
-use crate::domain::{Job, JobPhase, JobStatus, Uuid};
+use crate::domain::{Job, JobKind, JobPhase, JobStatus, Uuid};
 use crate::error::{Error, ErrorCode, Result};
 use crate::qemu::{Qemu, QemuError};
 use crate::store::{self, Db};
@@ -203,6 +204,9 @@ impl Engine {
             .insert(job.id, cancel_tx);
         self.bump();
         let id = job.id;
+        let upload: Option<Uuid> = (job.kind == JobKind::TemplateImport)
+            .then(|| job.params["upload"].as_str().and_then(|u| u.parse().ok()))
+            .flatten();
         let mut outcome = self.drive(job, cancel_rx.clone()).await;
         // A failed journal write (e.g. the database's file system was full) leaves the
         // job as its last committed entry describes it: resume from there, as a restart
@@ -222,6 +226,12 @@ impl Engine {
         self.running.lock().expect("cancel map").remove(&id);
         if let Err(e) = outcome {
             tracing::error!(job = %id, error = %e, "job bookkeeping keeps failing; it will be resumed at the next start");
+        } else if let Some(upload) = upload {
+            // Imported or not, the job is over: the upload is not needed any more.
+            let path = storage::upload_path(&self.config.volumes_dir, upload);
+            if let Err(e) = remove_if_exists(&path).await {
+                tracing::warn!(path = %path.display(), error = %e, "removing an upload failed");
+            }
         }
         self.bump();
         // A finished job may unblock the next job of its VM.
@@ -382,6 +392,23 @@ impl Engine {
                 self.qemu
                     .resize(&self.volume_path(volume), size_bytes)
                     .await?;
+            }
+            FileOp::Import {
+                upload,
+                format,
+                volume,
+            } => {
+                let path = self.volume_path(volume);
+                remove_if_exists(&path).await?;
+                let source = storage::upload_path(&self.config.volumes_dir, upload);
+                let copied = self
+                    .qemu
+                    .import(&source, format.as_str(), &path, cancel, Some(progress))
+                    .await;
+                if copied.is_err() {
+                    remove_if_exists(&path).await?;
+                }
+                copied?;
             }
             FileOp::Convert { source, volume } => {
                 let path = self.volume_path(volume);

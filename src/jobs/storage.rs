@@ -44,3 +44,15 @@ pub fn available_bytes(dir: &Path) -> std::io::Result<u64> {
     }
     Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
 }
+
+/// A directory beside the volumes in the data directory (`exports`, `imports`).
+pub fn data_subdir(volumes_dir: &Path, name: &str) -> PathBuf {
+    volumes_dir
+        .parent()
+        .map_or_else(|| PathBuf::from(name), |data| data.join(name))
+}
+
+/// Where an accepted upload waits for its import job.
+pub fn upload_path(volumes_dir: &Path, upload: Uuid) -> PathBuf {
+    data_subdir(volumes_dir, "imports").join(format!("{upload}.upload"))
+}

@@ -64,6 +64,37 @@ pub struct ImageInfo {
     pub backing_filename_format: Option<String>,
     #[serde(default)]
     pub dirty_flag: Option<bool>,
+    /// Format details; for qcow2, `data.data-file` names an external data file.
+    #[serde(default)]
+    pub format_specific: Option<serde_json::Value>,
+}
+
+impl ImageInfo {
+    /// The external data file a qcow2 image names, if any.
+    pub fn data_file(&self) -> Option<String> {
+        let data = self.format_specific.as_ref()?.get("data")?;
+        data.get("data-file")
+            .and_then(|f| f.as_str())
+            .map(str::to_owned)
+    }
+}
+
+/// Resource limits for qemu-img reading a file nobody vouches for (an import), as
+/// OpenStack runs `qemu-img info` under prlimit: a crafted header must not be able to
+/// spin the CPU or balloon memory on the host.
+#[derive(Debug, Clone, Copy)]
+pub struct UntrustedLimits {
+    pub cpu_seconds: u64,
+    pub address_space_bytes: u64,
+}
+
+impl Default for UntrustedLimits {
+    fn default() -> Self {
+        Self {
+            cpu_seconds: 30,
+            address_space_bytes: 1 << 30,
+        }
+    }
 }
 
 /// `qemu-img check --output=json`; counters are absent when zero.
@@ -246,6 +277,69 @@ impl Qemu {
         serde_json::from_slice(&out).map_err(|e| self.output_error(e))
     }
 
+    /// `qemu-img info` of an untrusted file, read as the declared `format` only (never
+    /// probed), under `limits`.
+    pub async fn info_untrusted(
+        &self,
+        path: &Path,
+        format: &str,
+        limits: UntrustedLimits,
+    ) -> Result<ImageInfo, QemuError> {
+        let args = vec![
+            "info".into(),
+            "--output=json".into(),
+            "-f".into(),
+            format.into(),
+            path_arg(path),
+        ];
+        let out = self
+            .run_limited(&args, self.quick_timeout, &[0], Some(limits))
+            .await?;
+        serde_json::from_slice(&out).map_err(|e| self.output_error(e))
+    }
+
+    /// `qemu-img check` of an untrusted qcow2 file under `limits`.
+    pub async fn check_untrusted(
+        &self,
+        path: &Path,
+        limits: UntrustedLimits,
+    ) -> Result<CheckReport, QemuError> {
+        let args = ["check", "--output=json", "-f", "qcow2"]
+            .map(String::from)
+            .into_iter()
+            .chain([path_arg(path)])
+            .collect::<Vec<_>>();
+        let out = self
+            .run_limited(&args, self.quick_timeout, &[0, 2, 3], Some(limits))
+            .await?;
+        serde_json::from_slice(&out).map_err(|e| self.output_error(e))
+    }
+
+    /// Write `target`, a new qcow2 file with the content of the untrusted `source` read
+    /// as `format` (an import, after its header and `info`/`check` passed).
+    pub async fn import(
+        &self,
+        source: &Path,
+        format: &str,
+        target: &Path,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: Option<Progress<'_>>,
+    ) -> Result<(), QemuError> {
+        let args = vec![
+            "convert".into(),
+            "-p".into(),
+            "-f".into(),
+            format.into(),
+            "-O".into(),
+            "qcow2".into(),
+            path_arg(source),
+            path_arg(target),
+        ];
+        self.run(&args, self.copy_timeout, cancel, progress)
+            .await
+            .map(drop)
+    }
+
     /// Repair leaked clusters: what an interrupted qemu-img leaves in the file it wrote.
     pub async fn repair_leaks(&self, path: &Path) -> Result<(), QemuError> {
         let args = ["check", "-q", "-r", "leaks", "-f", "qcow2"]
@@ -270,7 +364,17 @@ impl Qemu {
         timeout: Duration,
         ok: &[i32],
     ) -> Result<Vec<u8>, QemuError> {
-        let output = self.spawn(args)?.wait_with_output();
+        self.run_limited(args, timeout, ok, None).await
+    }
+
+    async fn run_limited(
+        &self,
+        args: &[String],
+        timeout: Duration,
+        ok: &[i32],
+        limits: Option<UntrustedLimits>,
+    ) -> Result<Vec<u8>, QemuError> {
+        let output = self.spawn_limited(args, limits)?.wait_with_output();
         let output = tokio::time::timeout(timeout, output)
             .await
             .map_err(|_| self.timeout_error(args, timeout))?;
@@ -344,6 +448,14 @@ impl Qemu {
     }
 
     fn spawn(&self, args: &[String]) -> Result<tokio::process::Child, QemuError> {
+        self.spawn_limited(args, None)
+    }
+
+    fn spawn_limited(
+        &self,
+        args: &[String],
+        limits: Option<UntrustedLimits>,
+    ) -> Result<tokio::process::Child, QemuError> {
         let mut command = Command::new(&self.qemu_img);
         command
             .args(args)
@@ -355,9 +467,26 @@ impl Qemu {
         // the kernel to kill qemu-img if strata dies (e.g. kill -9), so a restarted
         // service never races an orphaned writer on the same file.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // setrlimit is async-signal-safe too; past the CPU limit the kernel
+                // kills the child (SIGKILL after SIGXCPU), past the address space
+                // limit its allocations fail.
+                if let Some(limits) = limits {
+                    for (resource, value) in [
+                        (libc::RLIMIT_CPU, limits.cpu_seconds),
+                        (libc::RLIMIT_AS, limits.address_space_bytes),
+                    ] {
+                        let limit = libc::rlimit {
+                            rlim_cur: value as libc::rlim_t,
+                            rlim_max: value as libc::rlim_t,
+                        };
+                        if libc::setrlimit(resource, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                 }
                 Ok(())
             });

@@ -5,7 +5,9 @@ use sqlx::{Row, SqliteConnection};
 
 use super::{get_enum, get_id, get_opt_id, get_ts, get_u64, id_text, opt_id_text, ts};
 use crate::domain::plan::{DiskGraph, Owner, VolumeNode};
-use crate::domain::{Disk, ResourceStatus, Uuid, Vm, VmKind, VmState, Volume, VolumeStatus};
+use crate::domain::{
+    Disk, ExportKey, ResourceStatus, Uuid, Vm, VmKind, VmState, Volume, VolumeStatus,
+};
 use crate::error::{Error, Result};
 
 fn vm_from_row(row: &SqliteRow) -> Result<Vm> {
@@ -330,4 +332,58 @@ pub async fn dependents_of(conn: &mut SqliteConnection, vm: Uuid) -> Result<Vec<
     rows.iter()
         .map(|row| Ok((get_id(row, "volume")?, get_id(row, "vm")?)))
         .collect()
+}
+
+/// The VM or template whose disk holds `volume`.
+pub async fn volume_owner(conn: &mut SqliteConnection, volume: Uuid) -> Result<Option<Vm>> {
+    let row = sqlx::query(
+        "SELECT vm.* FROM volumes v JOIN disks d ON d.id = v.disk_id JOIN vms vm ON vm.id = d.vm_id
+         WHERE v.id = ?",
+    )
+    .bind(id_text(volume))
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(vm_from_row).transpose()
+}
+
+pub async fn export_digest(
+    conn: &mut SqliteConnection,
+    export: &ExportKey,
+) -> Result<Option<(u64, String)>> {
+    let row = sqlx::query(
+        "SELECT bytes, sha256 FROM export_digests WHERE volume_id = ? AND compressed = ? AND generation = ?",
+    )
+    .bind(id_text(export.volume))
+    .bind(export.compress as i64)
+    .bind(export.generation)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|row| Ok((get_u64(&row, "bytes")?, row.try_get("sha256")?)))
+        .transpose()
+}
+
+pub async fn save_export_digest(
+    conn: &mut SqliteConnection,
+    export: &ExportKey,
+    bytes: u64,
+    sha256: &str,
+) -> Result<()> {
+    // Older generations are stale for good.
+    sqlx::query("DELETE FROM export_digests WHERE volume_id = ? AND generation <> ?")
+        .bind(id_text(export.volume))
+        .bind(export.generation)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT OR REPLACE INTO export_digests (volume_id, compressed, generation, bytes, sha256)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id_text(export.volume))
+    .bind(export.compress as i64)
+    .bind(export.generation)
+    .bind(bytes as i64)
+    .bind(sha256)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -4,6 +4,7 @@ mod clones;
 mod deploy;
 mod expiry;
 mod helpers;
+mod imports;
 mod jobs;
 mod openapi;
 mod recovery;

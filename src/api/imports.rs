@@ -1,0 +1,306 @@
+//! `POST /v1/templates/import`: a new template from an image file, sent as the request
+//! body (streamed to disk, never held in memory) or named by a path inside the
+//! operator's import directory.
+//!
+//! Every imported file is hostile until proven otherwise. It is staged in
+//! `<data>/imports/`, then, before a qemu tool opens it, its header is read by
+//! `domain::image` (declared format, backing file, external data file, encryption,
+//! virtual size, truncation); then `qemu-img info` and `check` run on it as the
+//! declared format only, under CPU and memory limits. Only then is the template
+//! recorded and a job converts the upload into a fresh qcow2 file. Any rejection is a
+//! 4xx problem with a specific code and leaves nothing behind.
+
+use std::path::{Component, Path as FsPath, PathBuf};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::Response;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::Query;
+use super::problem::Problem;
+use super::{AppState, accepted};
+use crate::domain::image::{self, ImageFormat, Rejection};
+use crate::domain::{Disk, JobKind, ResourceStatus, TargetType, Vm, VmKind, new_id, validate};
+use crate::error::{Error, ErrorCode, Result};
+use crate::jobs::storage;
+use crate::qemu::UntrustedLimits;
+use crate::store;
+
+pub const IMPORT_PATH: &str = "/v1/templates/import";
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(import_template))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ImportQuery {
+    /// The new template's name.
+    pub name: String,
+    /// What the file is: `qcow2` or `raw`. It must match the content.
+    pub format: ImageFormat,
+    /// Import this file, relative to the service's `--import-dir`, instead of the body.
+    pub path: Option<String>,
+    /// Name of the template's disk (default `root`).
+    pub disk_name: Option<String>,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Removes the staged upload unless the import job took it over.
+struct Staged {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Import an image as a new template. Send the file as the body
+/// (`curl -T disk.qcow2 "$API/v1/templates/import?name=debian&format=qcow2"`, up to
+/// `--import-max-bytes`) or give `path` inside `--import-dir`. The template exists at
+/// once with status `creating`; the job converts the image into a fresh qcow2 file.
+#[utoipa::path(post, path = "/v1/templates/import", tag = "templates", params(ImportQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "The image file (leave empty with `path`)"),
+    responses(
+        (status = 202, description = "The `template_import` job; `target.id` is the template", body = super::jobs::JobView,
+            headers(("Location" = String, description = "/v1/jobs/{id}"))),
+        (status = 400, description = "Bad name, format or path (`validation_failed`, `invalid_query`, `import_path_refused`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Name used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The file is larger than `--import-max-bytes` (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The file is refused: its content is not the declared format (`image_format_mismatch`), it names a backing file (`image_has_backing_file`) or an external data file (`image_has_data_file`), is encrypted (`image_encrypted`), is larger than `--max-disk-size` (`image_too_large`), is cut short (`image_truncated`), corrupt (`image_corrupt`) or otherwise unreadable (`image_invalid`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "Not enough free space (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn import_template(
+    State(state): State<AppState>,
+    Query(query): Query<ImportQuery>,
+    body: Body,
+) -> Result<Response> {
+    validate::name("name", &query.name).map_err(Error::validation)?;
+    let disk_name = query.disk_name.clone().unwrap_or_else(|| "root".into());
+    validate::name("disk_name", &disk_name).map_err(Error::validation)?;
+    validate::description(&query.description).map_err(Error::validation)?;
+    let volumes_dir = &state.engine.config.volumes_dir;
+    let upload = new_id();
+    let path = storage::upload_path(volumes_dir, upload);
+    if let Some(dir) = path.parent() {
+        tokio::fs::create_dir_all(dir).await?;
+    }
+    let mut staged = Staged { path, keep: false };
+    match &query.path {
+        Some(relative) => stage_from_dir(&state, relative, &staged.path).await?,
+        None => stage_body(body, &staged.path, state.import.max_bytes).await?,
+    }
+
+    let inspection = inspect_staged(&state, &staged.path, query.format).await?;
+    let upload_bytes = tokio::fs::metadata(&staged.path).await?.len();
+    let needed = upload_bytes
+        .saturating_add(state.engine.config.reserved_bytes)
+        .saturating_add(1 << 20);
+    let available = storage::available_bytes(volumes_dir)?;
+    if available < needed {
+        return Err(crate::jobs::insufficient_storage(needed, available));
+    }
+
+    let now = store::now();
+    let template = Vm {
+        kind: VmKind::Template,
+        ..Vm::new(query.name.clone(), query.description.clone(), now)
+    };
+    let disk = Disk {
+        id: new_id(),
+        vm_id: template.id,
+        name: disk_name,
+        size_bytes: inspection.virtual_size,
+        status: ResourceStatus::Creating,
+        active_volume_id: None,
+        created_at: now,
+    };
+    let mut tx = state.engine.db.begin().await?;
+    if let Err(e) = store::vms::insert_vm(&mut tx, &template).await {
+        return Err(super::name_conflict(e, || {
+            format!("a VM or template named {} already exists", template.name)
+        }));
+    }
+    store::vms::insert_disk(&mut tx, &disk).await?;
+    let job = store::jobs::new_job(
+        JobKind::TemplateImport,
+        TargetType::Vm,
+        template.id,
+        Some(template.id),
+        serde_json::json!({ "upload": upload, "format": inspection.format }),
+    );
+    store::jobs::insert(&mut tx, &job, &[]).await?;
+    tx.commit().await?;
+    // From here the job owns the upload and removes it when it ends.
+    staged.keep = true;
+    state.engine.notify_enqueued();
+    tracing::info!(template = %template.id, upload_bytes, virtual_size = inspection.virtual_size, "image accepted for import");
+    Ok(accepted(job.into()))
+}
+
+/// Stream the request body into `path`, refusing more than `limit` bytes.
+async fn stage_body(body: Body, path: &FsPath, limit: u64) -> Result<()> {
+    let mut file = tokio::fs::File::create(path).await?;
+    let mut stream = body.into_data_stream();
+    let mut written: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            Error::problem(
+                ErrorCode::ValidationFailed,
+                format!("reading the upload failed: {e}"),
+            )
+        })?;
+        written += chunk.len() as u64;
+        if written > limit {
+            return Err(too_large(limit));
+        }
+        file.write_all(&chunk).await?;
+    }
+    file.sync_all().await?;
+    Ok(())
+}
+
+fn too_large(limit: u64) -> Error {
+    Error::problem(
+        ErrorCode::PayloadTooLarge,
+        format!("the image is larger than the import limit of {limit} bytes (--import-max-bytes)"),
+    )
+}
+
+/// Copy a file from the import directory: only a regular file, reached without
+/// leaving the directory (no `..`, no absolute path, no symlink out of it). Copied, so
+/// the file checked is the file converted even if the original changes meanwhile.
+async fn stage_from_dir(state: &AppState, relative: &str, target: &FsPath) -> Result<()> {
+    let refused = |why: String| Error::problem(ErrorCode::ImportPathRefused, why);
+    let Some(dir) = &state.import.dir else {
+        return Err(refused(
+            "imports from a path are off: the service runs without --import-dir".into(),
+        ));
+    };
+    let relative_path = FsPath::new(relative);
+    if relative.is_empty()
+        || relative_path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(refused(format!(
+            "path {relative:?} must be relative to the import directory, without '..'"
+        )));
+    }
+    let root = tokio::fs::canonicalize(dir).await?;
+    let resolved = tokio::fs::canonicalize(root.join(relative_path))
+        .await
+        .map_err(|_| refused(format!("no file {relative:?} in the import directory")))?;
+    if !resolved.starts_with(&root) {
+        return Err(refused(format!(
+            "path {relative:?} leads out of the import directory"
+        )));
+    }
+    let metadata = tokio::fs::metadata(&resolved).await?;
+    if !metadata.is_file() {
+        return Err(refused(format!("{relative:?} is not a regular file")));
+    }
+    if metadata.len() > state.import.max_bytes {
+        return Err(too_large(state.import.max_bytes));
+    }
+    tokio::fs::copy(&resolved, target).await?;
+    Ok(())
+}
+
+/// The header check, then `qemu-img info` and (qcow2) `check` under limits.
+async fn inspect_staged(
+    state: &AppState,
+    path: &FsPath,
+    declared: ImageFormat,
+) -> Result<image::Inspection> {
+    let file_len = tokio::fs::metadata(path).await?.len();
+    let mut head = vec![0u8; image::HEADER_BYTES.min(file_len as usize)];
+    tokio::fs::File::open(path)
+        .await?
+        .read_exact(&mut head)
+        .await?;
+    let inspection =
+        image::inspect(&head, file_len, declared, state.max_disk_size).map_err(rejection)?;
+    let qemu = &state.engine.qemu;
+    let limits = UntrustedLimits::default();
+    let info = qemu
+        .info_untrusted(path, declared.as_str(), limits)
+        .await
+        .map_err(|e| {
+            Error::problem(
+                ErrorCode::ImageInvalid,
+                format!(
+                    "qemu-img cannot read the image as {}: {e}",
+                    declared.as_str()
+                ),
+            )
+        })?;
+    // The header passed; qemu-img must agree with it on every point that matters.
+    if info.format != declared.as_str() {
+        return Err(rejection(Rejection::FormatMismatch(format!(
+            "qemu-img reads the file as {}, not {}",
+            info.format,
+            declared.as_str()
+        ))));
+    }
+    if let Some(backing) = info
+        .backing_filename
+        .clone()
+        .or(info.full_backing_filename.clone())
+    {
+        return Err(rejection(Rejection::BackingFile(format!(" ({backing:?})"))));
+    }
+    if info.data_file().is_some() {
+        return Err(rejection(Rejection::ExternalDataFile));
+    }
+    if info.virtual_size != inspection.virtual_size || info.virtual_size > state.max_disk_size {
+        return Err(rejection(Rejection::Invalid(format!(
+            "qemu-img reports a virtual size of {} bytes, the header {}",
+            info.virtual_size, inspection.virtual_size
+        ))));
+    }
+    if declared == ImageFormat::Qcow2 {
+        let report = qemu.check_untrusted(path, limits).await.map_err(|e| {
+            Error::problem(
+                ErrorCode::ImageCorrupt,
+                format!("qemu-img check failed on the image: {e}"),
+            )
+        })?;
+        if report.corruptions > 0 || report.check_errors > 0 {
+            return Err(Error::problem(
+                ErrorCode::ImageCorrupt,
+                format!(
+                    "qemu-img check found {} corruptions and {} errors",
+                    report.corruptions, report.check_errors
+                ),
+            ));
+        }
+    }
+    Ok(inspection)
+}
+
+fn rejection(rejection: Rejection) -> Error {
+    let code = match &rejection {
+        Rejection::FormatMismatch(_) => ErrorCode::ImageFormatMismatch,
+        Rejection::BackingFile(_) => ErrorCode::ImageHasBackingFile,
+        Rejection::ExternalDataFile => ErrorCode::ImageHasDataFile,
+        Rejection::Encrypted => ErrorCode::ImageEncrypted,
+        Rejection::TooLarge { .. } => ErrorCode::ImageTooLarge,
+        Rejection::Truncated(_) => ErrorCode::ImageTruncated,
+        Rejection::Invalid(_) => ErrorCode::ImageInvalid,
+    };
+    Error::problem(code, rejection.to_string())
+}
