@@ -130,6 +130,16 @@ pub fn openapi_document() -> OpenApi {
     api
 }
 
+/// Deleting files linked clones read.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FlattenQuery {
+    /// Instead of refusing (`has_dependents`), first make every linked clone that reads
+    /// the files standalone (streaming the shared data into it; the clones must be
+    /// stopped), then delete. Default false.
+    pub flatten_dependents: Option<bool>,
+}
+
 /// `limit` and `cursor` of every list endpoint.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]

@@ -309,20 +309,27 @@ async fn get_snapshot(
 /// Delete a snapshot. Every other snapshot and the present state keep their exact
 /// content: the layer is dropped if nothing sits on it, else merged with its child in
 /// the cheaper direction (the job's `detail.merges` tells which).
-#[utoipa::path(delete, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = Uuid, Path, description = "Snapshot id")),
+#[utoipa::path(delete, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = Uuid, Path, description = "Snapshot id"), super::FlattenQuery),
     responses(
         (status = 202, description = "The snapshot is `deleting`", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Being deleted or reverted to (`snapshot_busy`), still being created (`snapshot_not_ready`), the merge would touch the running VM's chain (`vm_running`), or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Bad query (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Being deleted or reverted to (`snapshot_busy`), still being created (`snapshot_not_ready`), the merge would touch the running VM's chain (`vm_running`), linked clones read the layers it would change (`has_dependents`, with `dependent_vms`; or, with `flatten_dependents`, one of them runs: `vm_running`), or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "Not enough free space for the merge (`insufficient_storage`, with `needed_bytes` and `available_bytes`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn delete_snapshot(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
     let id = parse_id(&id, ErrorCode::SnapshotNotFound, "snapshot")?;
-    let job = requests::delete_snapshot(&state.engine, id).await?;
+    let job = requests::delete_snapshot_flattening(
+        &state.engine,
+        id,
+        query.flatten_dependents.unwrap_or(false),
+    )
+    .await?;
     Ok(accepted(job.into()))
 }
 

@@ -487,14 +487,22 @@ async fn patch_vm(
 }
 
 /// Delete a VM with all its disks, snapshots and files.
-#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", params(("id" = Uuid, Path, description = "VM id")),
+#[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", params(("id" = Uuid, Path, description = "VM id"), super::FlattenQuery),
     responses(
         (status = 202, description = "The VM is `deleting`; the job removes its files and records", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The VM is running (`vm_running`) or already being deleted (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Bad query (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The VM (or, with `flatten_dependents`, a linked clone) is running (`vm_running`), already being deleted (`vm_not_ready`), or linked clones read its files (`has_dependents`, with `dependent_vms`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "Not enough free space to flatten the linked clones (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn delete_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+async fn delete_vm(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(query): Query<super::FlattenQuery>,
+) -> Result<Response> {
+    let flatten_dependents = query.flatten_dependents.unwrap_or(false);
+    let params_for = |status: ResourceStatus| serde_json::json!({ "previous_status": status, "flatten_dependents": flatten_dependents });
     {
         // Refuse early what the job would refuse (linked clones reading its files).
         let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
@@ -504,7 +512,7 @@ async fn delete_vm(State(state): State<AppState>, Path(id): Path<String>) -> Res
                 JobKind::VmDelete,
                 vm.id,
                 vm.id,
-                &serde_json::Value::Null,
+                &params_for(vm.status),
             )
             .await?;
         }
@@ -519,16 +527,23 @@ async fn delete_vm(State(state): State<AppState>, Path(id): Path<String>) -> Res
     }
     require_stopped(&vm, "delete the VM")?;
     store::vms::set_vm_status(&mut tx, vm.id, ResourceStatus::Deleting).await?;
-    let params = serde_json::json!({ "previous_status": vm.status });
-    enqueue(
-        &state,
-        tx,
+    // A flattening deletion also works on the linked clones: it locks them.
+    let dependents = if flatten_dependents {
+        requests::dependent_vms(&mut tx, vm.id).await?
+    } else {
+        Vec::new()
+    };
+    let job = store::jobs::new_job(
         JobKind::VmDelete,
-        (TargetType::Vm, vm.id),
+        TargetType::Vm,
         vm.id,
-        params,
-    )
-    .await
+        Some(vm.id),
+        params_for(vm.status),
+    );
+    store::jobs::insert(&mut tx, &job, &dependents).await?;
+    tx.commit().await?;
+    state.engine.notify_enqueued();
+    Ok(accepted(job.into()))
 }
 
 /// List a VM's disks in creation order.

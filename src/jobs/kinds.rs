@@ -224,8 +224,63 @@ pub async fn preflight(
             plan
         }
     };
+    let plan = if params["flatten_dependents"].as_bool() == Some(true) {
+        flatten_dependents_first(engine, &mut conn, plan, &graphs).await?
+    } else {
+        plan
+    };
     refuse_endangering_dependents(&mut conn, &plan, &graphs).await?;
     check_space(engine, &plan)?;
+    Ok(plan)
+}
+
+/// `?flatten_dependents=true`: before the plan rewrites or removes files linked clones
+/// read, make each of those clones' linked disks standalone (stream the shared data in,
+/// cut the link). The clones must be stopped; their bytes never change. The returned
+/// plan no longer endangers anyone (it is checked again by the caller).
+async fn flatten_dependents_first(
+    engine: &Engine,
+    conn: &mut sqlx::SqliteConnection,
+    plan: Plan,
+    graphs: &[DiskGraph],
+) -> Result<Plan> {
+    let endangered = plan.endangered_dependents(graphs);
+    if endangered.is_empty() {
+        return Ok(plan);
+    }
+    let ours: std::collections::HashSet<Uuid> = graphs
+        .iter()
+        .flat_map(|g| g.volumes.iter().map(|v| v.id))
+        .collect();
+    let mut flatten = Plan::default();
+    for dependent in endangered {
+        let vm = store::vms::get_vm(conn, dependent)
+            .await?
+            .ok_or_else(|| Error::Internal(format!("dependent VM {dependent} vanished")))?;
+        refuse_if_running(&vm, "flatten the linked disks of")?;
+        for disk in store::vms::disk_graphs(conn, dependent).await? {
+            let Some(source) = disk.root().and_then(|r| r.parent) else {
+                continue;
+            };
+            if !ours.contains(&source) {
+                continue;
+            }
+            let copy_bytes = store::vms::volume_chain(conn, source)
+                .await?
+                .iter()
+                .map(|v| storage::allocated_bytes(&engine.volume_path(*v)))
+                .sum();
+            if let Some(part) = plan::plan_flatten(&disk, copy_bytes) {
+                flatten.steps.extend(part.steps);
+                flatten.space_needed += part.space_needed;
+            }
+        }
+    }
+    // The flattened links are gone once those steps ran: the plan's own steps follow.
+    let mut plan = plan;
+    flatten.steps.append(&mut plan.steps);
+    plan.steps = flatten.steps;
+    plan.space_needed += flatten.space_needed;
     Ok(plan)
 }
 
@@ -344,11 +399,37 @@ async fn refuse_endangering_dependents(
     plan: &Plan,
     graphs: &[DiskGraph],
 ) -> Result<()> {
-    let endangered = plan.endangered_dependents(graphs);
+    // Links the plan itself cuts first (flattened dependents) protect nothing any more.
+    let cut: std::collections::HashSet<Uuid> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s.op {
+            plan::FileOp::Stream {
+                volume,
+                backing: None,
+            } => Some(volume),
+            _ => None,
+        })
+        .collect();
+    let ours: std::collections::HashSet<Uuid> = graphs
+        .iter()
+        .flat_map(|g| g.volumes.iter().map(|v| v.id))
+        .collect();
+    let mut endangered = Vec::new();
+    for vm in plan.endangered_dependents(graphs) {
+        let still_linked = store::vms::disk_graphs(conn, vm).await?.iter().any(|disk| {
+            disk.root().is_some_and(|root| {
+                root.parent.is_some_and(|p| ours.contains(&p)) && !cut.contains(&root.id)
+            })
+        });
+        if still_linked {
+            endangered.push(vm);
+        }
+    }
     if endangered.is_empty() {
         return Ok(());
     }
-    Err(dependents_problem(conn, &endangered.into_iter().collect::<Vec<_>>()).await?)
+    Err(dependents_problem(conn, &endangered).await?)
 }
 
 /// `has_dependents`, naming the VMs (id and name) whose disks read the files.

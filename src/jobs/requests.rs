@@ -208,25 +208,71 @@ pub async fn flag_all_snapshots(
 }
 
 /// Queue the deletion of one snapshot, refusing early (409, 507) when the merge it
-/// needs cannot run now.
+/// needs cannot run now (including when linked clones read the layers it merges).
 pub async fn delete_snapshot(engine: &Engine, id: Uuid) -> Result<Job> {
-    check_deletable(engine, id).await?;
+    delete_snapshot_flattening(engine, id, false).await
+}
+
+/// `delete_snapshot`; with `flatten_dependents`, linked clones reading the layers the
+/// merge would change are first made standalone by the same job (which locks them).
+pub async fn delete_snapshot_flattening(
+    engine: &Engine,
+    id: Uuid,
+    flatten_dependents: bool,
+) -> Result<Job> {
+    if !flatten_dependents {
+        check_deletable(engine, id).await?;
+    }
+    let params_for = |status: ResourceStatus| serde_json::json!({ "previous_status": status, "flatten_dependents": flatten_dependents });
+    if flatten_dependents {
+        let mut conn = engine.db.reader().await?;
+        let (snapshot, vm) = find_snapshot(&mut conn, id).await?;
+        require_ready(&vm)?;
+        require_deletable(&mut conn, &snapshot).await?;
+        drop(conn);
+        kinds::preflight(
+            engine,
+            JobKind::SnapshotDelete,
+            vm.id,
+            snapshot.id,
+            &params_for(snapshot.status),
+        )
+        .await?;
+    }
     // Checked again in the write transaction: another request may have come between.
     let mut tx = engine.db.begin().await?;
     let (snapshot, vm) = find_snapshot(&mut tx, id).await?;
     require_ready(&vm)?;
     require_deletable(&mut tx, &snapshot).await?;
     store::snapshots::set_status(&mut tx, snapshot.id, ResourceStatus::Deleting).await?;
-    let params = serde_json::json!({ "previous_status": snapshot.status });
-    enqueue(
-        engine,
-        tx,
+    let dependents = if flatten_dependents {
+        dependent_vms(&mut tx, vm.id).await?
+    } else {
+        Vec::new()
+    };
+    let job = store::jobs::new_job(
         JobKind::SnapshotDelete,
-        (TargetType::Snapshot, snapshot.id),
-        vm.id,
-        params,
-    )
-    .await
+        TargetType::Snapshot,
+        snapshot.id,
+        Some(vm.id),
+        params_for(snapshot.status),
+    );
+    store::jobs::insert(&mut tx, &job, &dependents).await?;
+    tx.commit().await?;
+    engine.notify_enqueued();
+    Ok(job)
+}
+
+/// The VMs with linked disks on `vm`'s files (which a flattening job locks).
+pub async fn dependent_vms(conn: &mut sqlx::SqliteConnection, vm: Uuid) -> Result<Vec<Uuid>> {
+    let mut vms: Vec<Uuid> = store::vms::dependents_of(conn, vm)
+        .await?
+        .into_iter()
+        .map(|(_, dependent)| dependent)
+        .collect();
+    vms.sort();
+    vms.dedup();
+    Ok(vms)
 }
 
 /// A clone, a batch deploy or a copy into a template, as accepted from a request.

@@ -383,3 +383,162 @@ async fn clone_requests_are_validated_and_change_nothing_when_refused() {
         (StatusCode::NOT_FOUND, "disk_not_found".into())
     );
 }
+
+#[tokio::test]
+async fn flatten_dependents_streams_the_shared_data_into_clones_before_deleting() {
+    let app = TestApp::spawn().await;
+    let source = id(&app.create_vm("base", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0xc1, 0, 2);
+    let s1 = app.snapshot(&source, "s1").await;
+    write(&app.active_path(&source, "root").await, 0xc2, 2, 1);
+    let s2 = app.snapshot(&source, "s2").await;
+    write(&app.active_path(&source, "root").await, 0xc3, 3, 1);
+    let a = id(&clone(
+        &app,
+        &source,
+        json!({"name": "a", "mode": "linked", "snapshot_id": s1}),
+    )
+    .await);
+    let b = id(&clone(
+        &app,
+        &source,
+        json!({"name": "b", "mode": "linked", "snapshot_id": s2}),
+    )
+    .await);
+    write(&app.active_path(&a, "root").await, 0xa0, 5, 1);
+    write(&app.active_path(&b, "root").await, 0xb0, 5, 1);
+
+    // A running dependent cannot be flattened under its guest.
+    app.patch(&format!("/v1/vms/{a}"), json!({"state": "running"}))
+        .await;
+    let refused = app
+        .delete(&format!("/v1/snapshots/{s1}?flatten_dependents=true"))
+        .await;
+    assert_eq!(
+        problem_code(&refused),
+        (StatusCode::CONFLICT, "vm_running".into())
+    );
+    app.patch(&format!("/v1/vms/{a}"), json!({"state": "stopped"}))
+        .await;
+
+    // Deleting s1 merges s1's layer with s2's: both clones read it, both are flattened.
+    let job = app
+        .expect_job(
+            app.delete(&format!("/v1/snapshots/{s1}?flatten_dependents=true"))
+                .await,
+        )
+        .await;
+    assert_eq!(job["kind"], "snapshot_delete");
+    for (vm, own) in [
+        (&a, [(0xc1, 0, 2), (0, 2, 2)]),
+        (&b, [(0xc1, 0, 2), (0xc2, 2, 1)]),
+    ] {
+        let view = app.vm(vm).await;
+        assert!(root_disk(&view)["source_volume_id"].is_null(), "{view}");
+        let path = app.active_path(vm, "root").await;
+        assert_eq!(chain(&path).len(), 1);
+        expect_all(&path, &own);
+        check_clean(&path);
+    }
+    expect(&app.active_path(&a, "root").await, 0xa0, 5, 1);
+    expect(&app.active_path(&b, "root").await, 0xb0, 5, 1);
+    assert_eq!(app.vm(&source).await["dependent_vm_ids"], json!([]));
+
+    // The same for a whole VM.
+    let c = id(&clone(
+        &app,
+        &source,
+        json!({"name": "c", "mode": "linked", "snapshot_id": s2}),
+    )
+    .await);
+    let refused = app.delete(&format!("/v1/vms/{source}")).await;
+    assert_eq!(
+        problem_code(&refused),
+        (StatusCode::CONFLICT, "has_dependents".into())
+    );
+    app.expect_job(
+        app.delete(&format!("/v1/vms/{source}?flatten_dependents=true"))
+            .await,
+    )
+    .await;
+    let path = app.active_path(&c, "root").await;
+    expect_all(&path, &[(0xc1, 0, 2), (0xc2, 2, 1), (0, 3, 1)]);
+    assert_eq!(chain(&path).len(), 1);
+    assert_eq!(app.volume_files().len(), 3);
+}
+
+#[tokio::test]
+async fn a_full_clone_reports_progress_and_a_cancel_between_disks_removes_every_copy() {
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:after-step-0:pause=1500")]).await;
+    let source = id(&app
+        .create_vm("two", &[("root", DISK), ("data", DISK)])
+        .await);
+    write(&app.active_path(&source, "root").await, 0xd1, 0, 4);
+    write(&app.active_path(&source, "data").await, 0xd2, 0, 4);
+    let files_before = app.volume_files();
+    let (status, job) = app
+        .post(
+            &format!("/v1/vms/{source}/clone"),
+            json!({"name": "half", "mode": "full"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // The first disk is copied, the job pauses: its progress shows it.
+    let id_ = job["id"].as_str().unwrap().to_owned();
+    let mut progress = 0;
+    for _ in 0..100 {
+        let (_, now) = app.get(&format!("/v1/jobs/{id_}")).await;
+        progress = now["progress"].as_u64().unwrap();
+        if progress >= 40 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        progress >= 40,
+        "progress {progress} after one of two copies"
+    );
+    app.post(&format!("/v1/jobs/{id_}/cancel"), json!({})).await;
+    let ended = app.wait_job_end(&job).await;
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    assert_eq!(app.volume_files(), files_before, "a copy was left behind");
+    let (status, _) = app
+        .get(&format!(
+            "/v1/vms/{}",
+            job["target"]["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_clone_interrupted_by_a_crash_completes_after_restart() {
+    let mut app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:after-step-0")]).await;
+    let source = id(&app
+        .create_vm("crash", &[("root", DISK), ("data", DISK)])
+        .await);
+    write(&app.active_path(&source, "root").await, 0xe1, 0, 2);
+    write(&app.active_path(&source, "data").await, 0xe2, 0, 2);
+    let (status, job) = app
+        .post(
+            &format!("/v1/vms/{source}/clone"),
+            json!({"name": "resumed", "mode": "full"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert!(!app.wait_exit().success());
+    app.restart(&[]).await;
+    let ended = app.wait_job_end(&job).await;
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    assert_eq!(ended["progress"], 100);
+    let clone_id = job["target"]["id"].as_str().unwrap();
+    compare(
+        &app.active_path(clone_id, "root").await,
+        &app.active_path(&source, "root").await,
+    );
+    compare(
+        &app.active_path(clone_id, "data").await,
+        &app.active_path(&source, "data").await,
+    );
+    assert_eq!(app.volume_files().len(), 4);
+}
