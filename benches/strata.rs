@@ -14,14 +14,19 @@
 //!    command for that direction and with the opposite (wrong) direction.
 //! 3. The scheduler (`scheduler.rs`): finding due schedules among 10,000, and pruning
 //!    1,000 expired snapshots across 100 VMs against the same merges by hand.
+//! 4. Clones and templates (`clones.rs`): linked clone time against the disk size,
+//!    full clone against plain `qemu-img convert`, a batch deploy of 100 linked VMs.
 //!
-//! `--only-scheduler` runs part 3 alone and prints it without touching the docs.
+//! `--only-scheduler` and `--only-clones` run one part alone and print it without
+//! touching the docs.
 //!
 //! Prints a Markdown table and rewrites the "Latest run" section of docs/benchmarks.md.
 //! Any HTTP status, job status or qemu tool failure aborts the run with the details; a
 //! wrong merge direction or a content mismatch is recorded, reported and makes the bench
 //! exit non-zero after writing its figures.
 
+#[path = "strata/clones.rs"]
+mod clones;
 #[path = "strata/scheduler.rs"]
 mod scheduler;
 
@@ -93,6 +98,12 @@ fn run() -> Result<Vec<String>> {
         return Ok(problems);
     }
     let server = Server::start(&binary, work.path(), "service", &[])?;
+    if std::env::args().any(|a| a == "--only-clones") {
+        let api = Api::new(&server.url)?;
+        let (section, problems) = clones::report(&clones::bench_clones(&api, work.path())?);
+        println!("{section}");
+        return Ok(problems);
+    }
     let api = Api::new(&server.url)?;
     eprintln!(
         "strata bench: service at {}, work dir {}",
@@ -100,12 +111,13 @@ fn run() -> Result<Vec<String>> {
         work.path().display()
     );
 
-    let outcome = (|| -> Result<(SnapshotFigures, Vec<MergeFigures>)> {
+    let outcome = (|| -> Result<(SnapshotFigures, Vec<MergeFigures>, clones::CloneFigures)> {
         let snapshots = bench_snapshots(&api, work.path())?;
         let merges = bench_merges(&api, work.path())?;
-        Ok((snapshots, merges))
+        let clones = clones::bench_clones(&api, work.path())?;
+        Ok((snapshots, merges, clones))
     })();
-    let (snapshots, merges) = match outcome {
+    let (snapshots, merges, clone_figures) = match outcome {
         Ok(figures) => figures,
         Err(e) => {
             // The service's own account of what went wrong is in its log.
@@ -122,9 +134,12 @@ fn run() -> Result<Vec<String>> {
     for merge in &merges {
         problems.extend(merge.problems.iter().cloned());
     }
+    let (clones_section, clones_problems) = clones::report(&clone_figures);
     let (scheduler_section, scheduler_problems) = scheduler_part()?;
+    problems.extend(clones_problems);
     problems.extend(scheduler_problems);
     let mut section = report(&machine, &snapshots, &merges, &problems);
+    section.push_str(&clones_section);
     section.push_str(&scheduler_section);
     println!("\n{section}");
     let doc = manifest_dir.join("docs").join("benchmarks.md");
