@@ -268,6 +268,7 @@ impl Engine {
             .ok_or_else(|| Error::Internal(format!("job {} has a phase but no plan", job.id)))?;
         if job.phase == Some(JobPhase::Executing) {
             let total = plan.steps.len().max(1) as f32;
+            let mut last_step_done = false;
             for index in job.next_step..plan.steps.len() {
                 let step = &plan.steps[index];
                 let cancellable = plan.point_of_no_return().is_none_or(|p| index <= p);
@@ -296,7 +297,13 @@ impl Engine {
                 }
                 // Creating an empty file is cheap and is redone from scratch on resume,
                 // so only steps that copy data or change metadata cost a journal write.
-                if !(matches!(step.op, FileOp::Create { .. }) && step.then.is_empty()) {
+                // The last step's entry goes into the final transaction instead: a crash
+                // between the two redoes that step, and every file operation is
+                // idempotent.
+                let last = index + 1 == plan.steps.len();
+                if last {
+                    last_step_done = true;
+                } else if !(matches!(step.op, FileOp::Create { .. }) && step.then.is_empty()) {
                     let mut tx = self.db.begin().await?;
                     store::apply(&mut tx, &step.then).await?;
                     let progress = ((index + 1) as f32 / total * 99.0) as u8;
@@ -306,6 +313,9 @@ impl Engine {
                 self.fault_point(&job, &format!("after-step-{index}")).await;
             }
             let mut tx = self.db.begin().await?;
+            if last_step_done && let Some(step) = plan.steps.last() {
+                store::apply(&mut tx, &step.then).await?;
+            }
             store::apply(&mut tx, &plan.finish).await?;
             store::jobs::set_phase(&mut tx, job.id, JobPhase::Committed).await?;
             let done = plan.drops.is_empty();
