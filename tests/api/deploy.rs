@@ -443,3 +443,32 @@ fn readme_configuration_table_names_only_flags_that_exist() {
         );
     }
 }
+
+#[test]
+fn compose_sets_only_environment_variables_the_binary_reads() {
+    let (_, service) = compose_service();
+    let flags = config_flags();
+    let environment = service["environment"]
+        .as_mapping()
+        .expect("environment is a mapping");
+    let mounts = volume_mounts(&service);
+    for (key, value) in environment {
+        let key = key.as_str().expect("environment keys are strings");
+        if key == "STRATA_LOG" {
+            continue; // read by the tracing filter, not a flag
+        }
+        assert!(
+            flags
+                .iter()
+                .any(|f| f.env.as_deref() == Some(key) && !f.hidden),
+            "compose sets {key}, which no flag of src/config.rs reads"
+        );
+        if key == "STRATA_IMPORT_DIR" {
+            let dir = value.as_str().expect("a path");
+            assert!(
+                mounts.iter().any(|(_, target)| target == dir),
+                "STRATA_IMPORT_DIR {dir} is not a mounted path: {mounts:?}"
+            );
+        }
+    }
+}
