@@ -111,14 +111,14 @@ pub fn bench_clones(api: &Api, work: &Path) -> Result<CloneFigures> {
     api.delete_vm(&vm_1g)?;
 
     eprintln!("strata bench: full clones, {FULL_ROUNDS} rounds");
-    let source = api.create_vm("bench-full", 1, 2 * GIB)?;
-    qemu_io_write(&single_active_path(api, &source)?, 0x6d, 0, 256 * MIB)?;
+    let source = api.create_vm("bench-full", 1, 4 * GIB)?;
+    qemu_io_write(&single_active_path(api, &source)?, 0x6d, 0, 512 * MIB)?;
     api.snapshot(&source, "half")?;
     qemu_io_write(
         &single_active_path(api, &source)?,
         0x6e,
-        256 * MIB,
-        256 * MIB,
+        512 * MIB,
+        512 * MIB,
     )?;
     let active = single_active_path(api, &source)?;
     let plain_dir = work.join("plain-full");
