@@ -29,6 +29,7 @@ pub fn init_tracing() {
 
 /// Run the service until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> Result<()> {
+    let started = std::time::SystemTime::now();
     if let Some(path) = &config.clock_file {
         tracing::warn!(path = %path.display(), "using a test clock file instead of the system clock");
         crate::clock::use_file(path.clone());
@@ -95,6 +96,11 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
                 Ok(count) if count > 0 => tracing::info!(count, "interrupted jobs recovered"),
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "recovering interrupted jobs failed"),
+            }
+            match crate::jobs::uploads::prune(&engine, started).await {
+                Ok(0) => {}
+                Ok(count) => tracing::info!(count, "leftover uploads removed"),
+                Err(e) => tracing::warn!(error = %e, "cleaning uploads failed"),
             }
             match crate::jobs::exports::prune(&engine, true).await {
                 Ok(0) => {}

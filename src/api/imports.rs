@@ -105,10 +105,23 @@ async fn import_template(
     }
 
     let inspection = inspect_staged(&state, &staged.path, query.format).await?;
-    let upload_bytes = tokio::fs::metadata(&staged.path).await?.len();
-    let needed = upload_bytes
-        .saturating_add(state.engine.config.reserved_bytes)
-        .saturating_add(1 << 20);
+    // What the copy will take, which a crafted file can make far more than its size.
+    let copy_bytes = state
+        .engine
+        .qemu
+        .measure_untrusted(
+            &staged.path,
+            query.format.as_str(),
+            UntrustedLimits::default(),
+        )
+        .await
+        .map_err(|e| {
+            Error::problem(
+                ErrorCode::ImageInvalid,
+                format!("qemu-img cannot measure the image: {e}"),
+            )
+        })?;
+    let needed = copy_bytes.saturating_add(state.engine.config.reserved_bytes);
     let available = storage::available_bytes(volumes_dir)?;
     if available < needed {
         return Err(crate::jobs::insufficient_storage(needed, available));
@@ -140,14 +153,14 @@ async fn import_template(
         TargetType::Vm,
         template.id,
         Some(template.id),
-        serde_json::json!({ "upload": upload, "format": inspection.format }),
+        serde_json::json!({ "upload": upload, "format": inspection.format, "copy_bytes": copy_bytes }),
     );
     store::jobs::insert(&mut tx, &job, &[]).await?;
     tx.commit().await?;
     // From here the job owns the upload and removes it when it ends.
     staged.keep = true;
     state.engine.notify_enqueued();
-    tracing::info!(template = %template.id, upload_bytes, virtual_size = inspection.virtual_size, "image accepted for import");
+    tracing::info!(template = %template.id, copy_bytes, virtual_size = inspection.virtual_size, "image accepted for import");
     Ok(accepted(job.into()))
 }
 
@@ -180,10 +193,17 @@ fn too_large(limit: u64) -> Error {
     )
 }
 
-/// Copy a file from the import directory: only a regular file, reached without
-/// leaving the directory (no `..`, no absolute path, no symlink out of it). Copied, so
-/// the file checked is the file converted even if the original changes meanwhile.
+/// Copy a file from the import directory. The file is opened once, without following
+/// a symlink in its last component and without blocking on a FIFO; where the open
+/// handle really leads is then read back from /proc and must lie inside the directory
+/// (a component swapped for a symlink between a check and the open cannot lead out),
+/// it must be a regular file with one link (a hard link could reach any file), and it
+/// is copied from that same handle, at most `--import-max-bytes`. A copy, so the file
+/// checked is the file converted even if the original changes afterwards.
 async fn stage_from_dir(state: &AppState, relative: &str, target: &FsPath) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
     let refused = |why: String| Error::problem(ErrorCode::ImportPathRefused, why);
     let Some(dir) = &state.import.dir else {
         return Err(refused(
@@ -201,22 +221,37 @@ async fn stage_from_dir(state: &AppState, relative: &str, target: &FsPath) -> Re
         )));
     }
     let root = tokio::fs::canonicalize(dir).await?;
-    let resolved = tokio::fs::canonicalize(root.join(relative_path))
-        .await
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(root.join(relative_path))
         .map_err(|_| refused(format!("no file {relative:?} in the import directory")))?;
-    if !resolved.starts_with(&root) {
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    if !real.starts_with(&root) {
         return Err(refused(format!(
             "path {relative:?} leads out of the import directory"
         )));
     }
-    let metadata = tokio::fs::metadata(&resolved).await?;
+    let metadata = file.metadata()?;
     if !metadata.is_file() {
         return Err(refused(format!("{relative:?} is not a regular file")));
     }
-    if metadata.len() > state.import.max_bytes {
-        return Err(too_large(state.import.max_bytes));
+    if metadata.nlink() != 1 {
+        return Err(refused(format!(
+            "{relative:?} has other hard links; copy it into the import directory instead"
+        )));
     }
-    tokio::fs::copy(&resolved, target).await?;
+    let limit = state.import.max_bytes;
+    if metadata.len() > limit {
+        return Err(too_large(limit));
+    }
+    let mut source = tokio::fs::File::from_std(file).take(limit + 1);
+    let mut staged = tokio::fs::File::create(target).await?;
+    let copied = tokio::io::copy(&mut source, &mut staged).await?;
+    if copied > limit {
+        return Err(too_large(limit));
+    }
+    staged.sync_all().await?;
     Ok(())
 }
 

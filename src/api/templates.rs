@@ -540,6 +540,7 @@ async fn export_disk(
         (status = 400, description = "The template has several disks and none was named (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such template or disk (`template_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The template is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "No room to write the export file (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn export(
     State(state): State<AppState>,
@@ -557,6 +558,10 @@ async fn export(
         generation: template.updated_at.timestamp_micros(),
     };
     let ready = exports::ready_artifact(&state.engine, export).await?;
+    if ready.is_none() {
+        // Refused now, with a proper status, rather than after the 200 has been sent.
+        exports::check_room(&state.engine, volume).await?;
+    }
     let length = match &ready {
         Some(path) => Some(tokio::fs::metadata(path).await?.len()),
         None => None,
@@ -626,6 +631,7 @@ async fn export(
         (status = 200, description = "The manifest", body = Manifest),
         (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The template is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "No room to write an export file (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn manifest(
     State(state): State<AppState>,

@@ -533,12 +533,16 @@ async fn delete_vm(
     } else {
         Vec::new()
     };
+    let mut params = params_for(vm.status);
+    if flatten_dependents {
+        params["locked_vms"] = serde_json::json!(dependents);
+    }
     let job = store::jobs::new_job(
         JobKind::VmDelete,
         TargetType::Vm,
         vm.id,
         Some(vm.id),
-        params_for(vm.status),
+        params,
     );
     store::jobs::insert(&mut tx, &job, &dependents).await?;
     tx.commit().await?;

@@ -268,6 +268,11 @@ pub enum MetaOp {
     DeleteVm {
         vm: Uuid,
     },
+    /// Mark a VM or template changed (its `updated_at`): a template's exports are
+    /// made again after a job rewrote its files.
+    TouchVm {
+        vm: Uuid,
+    },
     /// Turn a VM into a template or back (same record, nothing copied).
     SetVmKind {
         vm: Uuid,
@@ -843,7 +848,7 @@ pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &
 }
 
 /// Make a template's only disk from an uploaded image: a new qcow2 file converted
-/// from the upload (at most `upload_bytes` of data), then the template is ready. A job
+/// from the upload (`copy_bytes` as measured), then the template is ready. A job
 /// that stops early removes the file and the template's record.
 pub fn plan_import(
     template: Uuid,
@@ -851,7 +856,7 @@ pub fn plan_import(
     size_bytes: u64,
     upload: Uuid,
     format: ImageFormat,
-    upload_bytes: u64,
+    copy_bytes: u64,
 ) -> Plan {
     let volume = new_id();
     let mut plan = Plan::default();
@@ -881,7 +886,7 @@ pub fn plan_import(
         },
     ]);
     plan.undo.push(MetaOp::DeleteVm { vm: template });
-    plan.space_needed = upload_bytes + (1 << 20);
+    plan.space_needed = copy_bytes;
     plan
 }
 

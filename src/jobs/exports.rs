@@ -51,11 +51,21 @@ pub async fn ready_artifact(engine: &Engine, export: ExportKey) -> Result<Option
     Ok(tokio::fs::try_exists(&path).await?.then_some(path))
 }
 
-/// The file to serve, written first if needed.
+/// One export is written at a time: concurrent requests for the same file wait for
+/// the first and then serve it, and many large exports cannot race for the disk.
+static WRITING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The file to serve, written first if needed (refused with `insufficient_storage` if
+/// the copy would not leave the configured reserve free).
 pub async fn artifact(engine: &Engine, export: ExportKey) -> Result<PathBuf> {
     if let Some(path) = ready_artifact(engine, export).await? {
         return Ok(path);
     }
+    let _writing = WRITING.lock().await;
+    if let Some(path) = ready_artifact(engine, export).await? {
+        return Ok(path);
+    }
+    check_room(engine, export.volume).await?;
     let dir = exports_dir(engine);
     tokio::fs::create_dir_all(&dir).await?;
     let path = artifact_path(engine, &export);
@@ -77,6 +87,22 @@ pub async fn artifact(engine: &Engine, export: ExportKey) -> Result<PathBuf> {
     // Two exports racing write the same bytes; whichever renames last wins.
     tokio::fs::rename(&temp, &path).await?;
     Ok(path)
+}
+
+/// Refuse (`insufficient_storage`) when writing an export of `volume` could eat into
+/// the reserve: a copy takes at most what its chain holds.
+pub async fn check_room(engine: &Engine, volume: Uuid) -> Result<()> {
+    let chain_bytes: u64 = store::vms::volume_chain(&mut *engine.db.reader().await?, volume)
+        .await?
+        .iter()
+        .map(|v| super::storage::allocated_bytes(&engine.volume_path(*v)))
+        .sum();
+    let needed = chain_bytes.saturating_add(engine.config.reserved_bytes);
+    let available = super::storage::available_bytes(&engine.config.volumes_dir)?;
+    if available < needed {
+        return Err(super::insufficient_storage(needed, available));
+    }
+    Ok(())
 }
 
 /// Size and SHA-256 (hex) of an export, computed once per generation and kept.

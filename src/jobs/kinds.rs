@@ -137,6 +137,7 @@ pub async fn preflight(
         }
         JobKind::DiskFlatten => {
             refuse_if_running(&vm, "flatten a disk of")?;
+            refuse_if_readers_running(&mut conn, &vm).await?;
             let disk = disk_graph(&graphs)?;
             let copy_bytes = match disk.root().and_then(|r| r.parent) {
                 Some(source) => store::vms::volume_chain(&mut conn, source)
@@ -182,16 +183,21 @@ pub async fn preflight(
             refuse_if_running(&vm, "convert to a template")?;
             let snapshots = listed_snapshots(&mut conn, vm_id, params).await?;
             let mut plan = plan::plan_delete_all_snapshots(vm_id, &snapshots, &graphs)?;
+            let ready = MetaOp::SetVmStatus {
+                vm: vm_id,
+                status: ResourceStatus::Ready,
+            };
             plan.finish.extend([
                 MetaOp::SetVmKind {
                     vm: vm_id,
                     kind: VmKind::Template,
                 },
-                MetaOp::SetVmStatus {
-                    vm: vm_id,
-                    status: ResourceStatus::Ready,
-                },
+                ready.clone(),
             ]);
+            // Stopped early or failed, it stays a VM, usable again (the request set it
+            // `creating`).
+            plan.undo.push(ready.clone());
+            plan.fail.push(ready);
             plan
         }
         JobKind::TemplateToVm => {
@@ -203,17 +209,20 @@ pub async fn preflight(
             if !readers.is_empty() {
                 return Err(dependents_problem(&mut conn, &readers).await?);
             }
+            let ready = MetaOp::SetVmStatus {
+                vm: vm_id,
+                status: ResourceStatus::Ready,
+            };
             Plan {
                 finish: vec![
                     MetaOp::SetVmKind {
                         vm: vm_id,
                         kind: VmKind::Vm,
                     },
-                    MetaOp::SetVmStatus {
-                        vm: vm_id,
-                        status: ResourceStatus::Ready,
-                    },
+                    ready.clone(),
                 ],
+                undo: vec![ready.clone()],
+                fail: vec![ready],
                 ..Plan::default()
             }
         }
@@ -225,7 +234,14 @@ pub async fn preflight(
         }
     };
     let plan = if params["flatten_dependents"].as_bool() == Some(true) {
-        flatten_dependents_first(engine, &mut conn, plan, &graphs).await?
+        // Only the clones the job locked when it was accepted may be flattened; one
+        // linked since (by a clone queued earlier) is not, and makes the job refuse.
+        let locked: Option<Vec<Uuid>> = params["locked_vms"].as_array().map(|vms| {
+            vms.iter()
+                .filter_map(|v| v.as_str()?.parse().ok())
+                .collect()
+        });
+        flatten_dependents_first(engine, &mut conn, plan, &graphs, locked.as_deref()).await?
     } else {
         plan
     };
@@ -243,6 +259,7 @@ async fn flatten_dependents_first(
     conn: &mut sqlx::SqliteConnection,
     plan: Plan,
     graphs: &[DiskGraph],
+    locked: Option<&[Uuid]>,
 ) -> Result<Plan> {
     let endangered = plan.endangered_dependents(graphs);
     if endangered.is_empty() {
@@ -254,10 +271,18 @@ async fn flatten_dependents_first(
         .collect();
     let mut flatten = Plan::default();
     for dependent in endangered {
+        if locked.is_some_and(|locked| !locked.contains(&dependent)) {
+            continue;
+        }
         let vm = store::vms::get_vm(conn, dependent)
             .await?
             .ok_or_else(|| Error::Internal(format!("dependent VM {dependent} vanished")))?;
         refuse_if_running(&vm, "flatten the linked disks of")?;
+        refuse_if_readers_running(conn, &vm).await?;
+        if vm.kind == VmKind::Template {
+            // Its exports were made from the linked file: a new generation.
+            flatten.finish.push(MetaOp::TouchVm { vm: vm.id });
+        }
         for disk in store::vms::disk_graphs(conn, dependent).await? {
             let Some(source) = disk.root().and_then(|r| r.parent) else {
                 continue;
@@ -280,8 +305,28 @@ async fn flatten_dependents_first(
     let mut plan = plan;
     flatten.steps.append(&mut plan.steps);
     plan.steps = flatten.steps;
+    plan.finish.extend(flatten.finish);
     plan.space_needed += flatten.space_needed;
     Ok(plan)
+}
+
+/// Flattening rewrites a disk's lowest layer, which linked clones of *that* VM read
+/// too: refuse while one of them runs (its hypervisor holds the file open).
+async fn refuse_if_readers_running(conn: &mut sqlx::SqliteConnection, vm: &Vm) -> Result<()> {
+    for (_, reader) in store::vms::dependents_of(conn, vm.id).await? {
+        if let Some(reader) = store::vms::get_vm(conn, reader).await?
+            && reader.state == VmState::Running
+        {
+            return Err(Error::problem(
+                ErrorCode::VmRunning,
+                format!(
+                    "VM {} reads the files of {} and is running; stop it first",
+                    reader.name, vm.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What a clone, deploy or template copy makes: for each new VM, its new disks and the
@@ -586,18 +631,7 @@ pub async fn abandon(engine: &Engine, job: &Job, cancelled: bool) -> Result<Vec<
             snapshot: job.target_id,
             status: previous_status(&job.params),
         }],
-        JobKind::SnapshotDeleteAll => job.params["snapshots"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| {
-                let snapshot = s["id"].as_str()?.parse().ok()?;
-                Some(MetaOp::SetSnapshotStatus {
-                    snapshot,
-                    status: previous_status(s),
-                })
-            })
-            .collect(),
+        JobKind::SnapshotDeleteAll => restore_listed_snapshots(&job.params),
         JobKind::SnapshotRevert | JobKind::DiskFlatten => vec![],
         JobKind::TemplateImport => vec![MetaOp::DeleteVm { vm }],
         JobKind::VmClone | JobKind::TemplateCreate | JobKind::TemplateDeploy => {
@@ -609,9 +643,33 @@ pub async fn abandon(engine: &Engine, job: &Job, cancelled: bool) -> Result<Vec<
                 .map(|target| MetaOp::DeleteVm { vm: target.id })
                 .collect()
         }
-        JobKind::VmToTemplate | JobKind::TemplateToVm => vec![MetaOp::SetVmStatus {
+        JobKind::VmToTemplate => {
+            let mut ops = restore_listed_snapshots(&job.params);
+            ops.push(MetaOp::SetVmStatus {
+                vm,
+                status: ResourceStatus::Ready,
+            });
+            ops
+        }
+        JobKind::TemplateToVm => vec![MetaOp::SetVmStatus {
             vm,
             status: ResourceStatus::Ready,
         }],
     })
+}
+
+/// Put back the statuses of the snapshots a collapse request flagged `deleting`.
+fn restore_listed_snapshots(params: &Value) -> Vec<MetaOp> {
+    params["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            let snapshot = s["id"].as_str()?.parse().ok()?;
+            Some(MetaOp::SetSnapshotStatus {
+                snapshot,
+                status: previous_status(s),
+            })
+        })
+        .collect()
 }

@@ -11,6 +11,7 @@ pub mod exports;
 mod kinds;
 pub mod requests;
 pub mod storage;
+pub mod uploads;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use crate::domain::plan::{FileOp, MetaOp, Plan};
-use crate::domain::{Job, JobKind, JobPhase, JobStatus, Uuid};
+use crate::domain::{Job, JobPhase, JobStatus, Uuid};
 use crate::error::{Error, ErrorCode, Result};
 use crate::qemu::{Qemu, QemuError};
 use crate::store::{self, Db};
@@ -137,6 +138,11 @@ impl Engine {
             .await?
             .expect("job read in this transaction");
         tx.commit().await?;
+        if job.status == JobStatus::Cancelled
+            && let Some(upload) = uploads::of_job(&job)
+        {
+            uploads::remove(self, upload).await;
+        }
         self.signal_cancel(id);
         self.bump();
         Ok(job)
@@ -204,9 +210,7 @@ impl Engine {
             .insert(job.id, cancel_tx);
         self.bump();
         let id = job.id;
-        let upload: Option<Uuid> = (job.kind == JobKind::TemplateImport)
-            .then(|| job.params["upload"].as_str().and_then(|u| u.parse().ok()))
-            .flatten();
+        let upload = uploads::of_job(&job);
         let mut outcome = self.drive(job, cancel_rx.clone()).await;
         // A failed journal write (e.g. the database's file system was full) leaves the
         // job as its last committed entry describes it: resume from there, as a restart
@@ -228,10 +232,7 @@ impl Engine {
             tracing::error!(job = %id, error = %e, "job bookkeeping keeps failing; it will be resumed at the next start");
         } else if let Some(upload) = upload {
             // Imported or not, the job is over: the upload is not needed any more.
-            let path = storage::upload_path(&self.config.volumes_dir, upload);
-            if let Err(e) = remove_if_exists(&path).await {
-                tracing::warn!(path = %path.display(), error = %e, "removing an upload failed");
-            }
+            uploads::remove(self, upload).await;
         }
         self.bump();
         // A finished job may unblock the next job of its VM.

@@ -250,12 +250,16 @@ pub async fn delete_snapshot_flattening(
     } else {
         Vec::new()
     };
+    let mut params = params_for(snapshot.status);
+    if flatten_dependents {
+        params["locked_vms"] = serde_json::json!(dependents);
+    }
     let job = store::jobs::new_job(
         JobKind::SnapshotDelete,
         TargetType::Snapshot,
         snapshot.id,
         Some(vm.id),
-        params_for(snapshot.status),
+        params,
     );
     store::jobs::insert(&mut tx, &job, &dependents).await?;
     tx.commit().await?;

@@ -298,6 +298,35 @@ impl Qemu {
         serde_json::from_slice(&out).map_err(|e| self.output_error(e))
     }
 
+    /// Bytes a qcow2 copy of the untrusted file would take (`qemu-img measure`): what an
+    /// import writes, whatever the file's own size (clusters may be shared in a crafted
+    /// file, making the copy far larger than the upload).
+    pub async fn measure_untrusted(
+        &self,
+        path: &Path,
+        format: &str,
+        limits: UntrustedLimits,
+    ) -> Result<u64, QemuError> {
+        #[derive(Deserialize)]
+        struct Measure {
+            required: u64,
+        }
+        let args = vec![
+            "measure".into(),
+            "--output=json".into(),
+            "-f".into(),
+            format.into(),
+            "-O".into(),
+            "qcow2".into(),
+            path_arg(path),
+        ];
+        let out = self
+            .run_limited(&args, self.quick_timeout, &[0], Some(limits))
+            .await?;
+        let measure: Measure = serde_json::from_slice(&out).map_err(|e| self.output_error(e))?;
+        Ok(measure.required)
+    }
+
     /// `qemu-img check` of an untrusted qcow2 file under `limits`.
     pub async fn check_untrusted(
         &self,
@@ -316,7 +345,9 @@ impl Qemu {
     }
 
     /// Write `target`, a new qcow2 file with the content of the untrusted `source` read
-    /// as `format` (an import, after its header and `info`/`check` passed).
+    /// as `format` (an import, after its header and `info`/`check` passed), with its
+    /// address space capped (no CPU cap: a large legitimate image takes a while; the
+    /// copy timeout bounds it).
     pub async fn import(
         &self,
         source: &Path,
@@ -335,7 +366,11 @@ impl Qemu {
             path_arg(source),
             path_arg(target),
         ];
-        self.run(&args, self.copy_timeout, cancel, progress)
+        let limits = UntrustedLimits {
+            cpu_seconds: libc::RLIM_INFINITY,
+            address_space_bytes: 4 << 30,
+        };
+        self.run_with(&args, self.copy_timeout, cancel, progress, Some(limits))
             .await
             .map(drop)
     }
@@ -397,7 +432,18 @@ impl Qemu {
         cancel: Option<&watch::Receiver<bool>>,
         progress: Option<Progress<'_>>,
     ) -> Result<Vec<u8>, QemuError> {
-        let mut child = self.spawn(args)?;
+        self.run_with(args, timeout, cancel, progress, None).await
+    }
+
+    async fn run_with(
+        &self,
+        args: &[String],
+        timeout: Duration,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: Option<Progress<'_>>,
+        limits: Option<UntrustedLimits>,
+    ) -> Result<Vec<u8>, QemuError> {
+        let mut child = self.spawn_limited(args, limits)?;
         let mut stdout = child.stdout.take().expect("stdout is piped");
         let mut stderr = child.stderr.take().expect("stderr is piped");
         let stderr_task = tokio::spawn(async move {
@@ -445,10 +491,6 @@ impl Qemu {
         } else {
             Err(self.failed(args, status, &stderr))
         }
-    }
-
-    fn spawn(&self, args: &[String]) -> Result<tokio::process::Child, QemuError> {
-        self.spawn_limited(args, None)
     }
 
     fn spawn_limited(

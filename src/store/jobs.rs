@@ -279,6 +279,17 @@ pub async fn busy_vms(conn: &mut SqliteConnection) -> Result<std::collections::H
     rows.iter().map(|r| get_id(r, "vm_id")).collect()
 }
 
+/// Queued or running jobs of `kind`.
+pub async fn pending_of_kind(conn: &mut SqliteConnection, kind: JobKind) -> Result<Vec<Job>> {
+    let rows = sqlx::query(
+        "SELECT * FROM jobs WHERE kind = ? AND status IN ('queued', 'running') ORDER BY seq",
+    )
+    .bind(kind.as_str())
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
 /// How many jobs of `kind` are queued or running.
 pub async fn count_pending(conn: &mut SqliteConnection, kind: JobKind) -> Result<usize> {
     let count: i64 = sqlx::query_scalar(

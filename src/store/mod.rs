@@ -250,6 +250,7 @@ pub async fn apply(conn: &mut SqliteConnection, ops: &[MetaOp]) -> Result<()> {
             MetaOp::SetVmStatus { vm, status } => vms::set_vm_status(conn, vm, status).await?,
             MetaOp::DeleteVm { vm } => vms::delete_vm(conn, vm).await?,
             MetaOp::SetVmKind { vm, kind } => vms::set_vm_kind(conn, vm, kind).await?,
+            MetaOp::TouchVm { vm } => vms::touch_vm(conn, vm).await?,
         }
     }
     Ok(())

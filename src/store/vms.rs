@@ -138,6 +138,15 @@ pub async fn set_vm_kind(conn: &mut SqliteConnection, id: Uuid, kind: VmKind) ->
     Ok(())
 }
 
+pub async fn touch_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
+    sqlx::query("UPDATE vms SET updated_at = ? WHERE id = ?")
+        .bind(ts(super::now()))
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// A volume and every volume below it, following backing links across disks (a linked
 /// clone's chain continues into its source's), top first.
 pub async fn volume_chain(conn: &mut SqliteConnection, top: Uuid) -> Result<Vec<Uuid>> {

@@ -381,6 +381,17 @@ async fn hostile_imports_are_refused_with_their_code_and_leave_nothing_behind() 
         (StatusCode::BAD_REQUEST, Some("import_path_refused")),
         "{problem}"
     );
+    std::fs::hard_link(
+        import_dir.path().join("plain.raw"),
+        import_dir.path().join("twin.raw"),
+    )
+    .unwrap();
+    let (status, problem) = upload(&app, "name=evil&format=raw&path=twin.raw", None).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("import_path_refused")),
+        "a hard link: {problem}"
+    );
     let big = import_dir.path().join("big.raw");
     std::fs::write(&big, vec![0u8; 9 << 20]).unwrap();
     let (status, problem) = upload(&app, "name=evil&format=raw", Some(&big)).await;
@@ -410,4 +421,59 @@ async fn hostile_imports_are_refused_with_their_code_and_leave_nothing_behind() 
     assert!(staged.is_empty(), "uploads left behind: {staged:?}");
     // The import directory's files are untouched (copied, never moved).
     assert!(import_dir.path().join("whole.qcow2").exists());
+}
+
+#[tokio::test]
+async fn a_template_flattened_under_its_exports_gets_fresh_ones() {
+    let app = TestApp::spawn().await;
+    let source = id(&app.create_vm("source", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x21, 0, 1);
+    let s1 = app.snapshot(&source, "s1").await;
+    let job = app
+        .expect_job(
+            app.post(
+                &format!("/v1/vms/{source}/clone"),
+                json!({"name": "linked", "mode": "linked", "snapshot_id": s1}),
+            )
+            .await,
+        )
+        .await;
+    let linked = job["target"]["id"].as_str().unwrap().to_owned();
+    write(&app.active_path(&linked, "root").await, 0x22, 1, 1);
+    app.expect_job(
+        app.post(&format!("/v1/vms/{linked}/convert-to-template"), json!({}))
+            .await,
+    )
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let (_, before) = app.get(&format!("/v1/templates/{linked}/manifest")).await;
+    let first = work.path().join("first.qcow2");
+    download(&app, before["disks"][0]["url"].as_str().unwrap(), &first).await;
+    assert_eq!(
+        sha256(&first),
+        before["disks"][0]["sha256"].as_str().unwrap()
+    );
+
+    // Deleting the source flattens the template: its file changes, its bytes do not.
+    app.expect_job(
+        app.delete(&format!("/v1/vms/{source}?flatten_dependents=true"))
+            .await,
+    )
+    .await;
+    let (_, after) = app.get(&format!("/v1/templates/{linked}/manifest")).await;
+    let second = work.path().join("second.qcow2");
+    let headers = download(&app, after["disks"][0]["url"].as_str().unwrap(), &second).await;
+    assert_eq!(
+        sha256(&second),
+        after["disks"][0]["sha256"].as_str().unwrap()
+    );
+    assert_eq!(
+        headers["content-length"].to_str().unwrap(),
+        after["disks"][0]["export_bytes"]
+            .as_u64()
+            .unwrap()
+            .to_string()
+    );
+    compare(first.to_str().unwrap(), second.to_str().unwrap());
+    expect_all(second.to_str().unwrap(), &[(0x21, 0, 1), (0x22, 1, 1)]);
 }

@@ -331,3 +331,75 @@ async fn template_requests_are_validated_and_change_nothing_when_refused() {
     let reply = app.delete(&format!("/v1/templates/{UNKNOWN_ID}")).await;
     assert_eq!(code(&reply), (StatusCode::NOT_FOUND, "template_not_found"));
 }
+
+#[tokio::test]
+async fn a_conversion_that_cannot_go_ahead_leaves_the_vm_and_its_snapshots_usable() {
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=1500")]).await;
+    let vm = id(&app.create_vm("convertible", &[("root", DISK)]).await);
+    write(&app.active_path(&vm, "root").await, 0x55, 0, 1);
+    let s1 = app.snapshot(&vm, "s1").await;
+    // A linked clone of s1 is queued first; the conversion is accepted behind it and,
+    // when its turn comes, refuses to collapse the layer the clone now reads.
+    let (status, clone_job) = app
+        .post(
+            &format!("/v1/vms/{vm}/clone"),
+            json!({"name": "reader", "mode": "linked", "snapshot_id": s1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{clone_job}");
+    let (status, convert) = app
+        .post(&format!("/v1/vms/{vm}/convert-to-template"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{convert}");
+    assert_eq!(app.wait_job_end(&clone_job).await["status"], "succeeded");
+    let ended = app.wait_job_end(&convert).await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    assert_eq!(ended["error"]["code"], "has_dependents");
+    assert_eq!(app.vm(&vm).await["status"], "ready");
+    let (_, snapshot) = app.get(&format!("/v1/snapshots/{s1}")).await;
+    assert_eq!(snapshot["status"], "ready", "{snapshot}");
+    // Still a VM that works: it takes snapshots and reverts.
+    let s2 = app.snapshot(&vm, "s2").await;
+    app.revert(&s1).await;
+    app.delete_snapshot(&s2).await;
+    expect(&app.active_path(&vm, "root").await, 0x55, 0, 1);
+}
+
+#[tokio::test]
+async fn a_cancelled_conversion_puts_the_vm_back() {
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_to_template:planned:pause=1500")]).await;
+    let vm = id(&app.create_vm("undecided", &[("root", DISK)]).await);
+    write(&app.active_path(&vm, "root").await, 0x56, 0, 1);
+    let s1 = app.snapshot(&vm, "s1").await;
+    write(&app.active_path(&vm, "root").await, 0x57, 1, 1);
+    let (status, convert) = app
+        .post(&format!("/v1/vms/{vm}/convert-to-template"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(app.vm(&vm).await["status"], "creating");
+    // Wait for the job to reach its pause, then cancel it.
+    for _ in 0..100 {
+        let (_, job) = app
+            .get(&format!("/v1/jobs/{}", convert["id"].as_str().unwrap()))
+            .await;
+        if job["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    app.post(
+        &format!("/v1/jobs/{}/cancel", convert["id"].as_str().unwrap()),
+        json!({}),
+    )
+    .await;
+    let ended = app.wait_job_end(&convert).await;
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    assert_eq!(app.vm(&vm).await["status"], "ready");
+    let (_, snapshot) = app.get(&format!("/v1/snapshots/{s1}")).await;
+    assert_eq!(snapshot["status"], "ready");
+    expect_all(
+        &app.active_path(&vm, "root").await,
+        &[(0x56, 0, 1), (0x57, 1, 1)],
+    );
+    check_clean(&app.active_path(&vm, "root").await);
+}

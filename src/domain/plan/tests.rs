@@ -351,7 +351,8 @@ impl Store {
                 | MetaOp::SetCurrentSnapshot { .. }
                 | MetaOp::SetDiskStatus { .. }
                 | MetaOp::SetVmStatus { .. }
-                | MetaOp::SetVmKind { .. } => {}
+                | MetaOp::SetVmKind { .. }
+                | MetaOp::TouchVm { .. } => {}
                 MetaOp::DeleteDisk { .. } | MetaOp::DeleteVm { .. } => panic!("unexpected {op:?}"),
             }
         }
