@@ -444,6 +444,30 @@ pub enum PlanError {
     ActiveHasChildren(Uuid),
 }
 
+/// Record, when the plan finishes, a disk's first volume as its writable layer and the
+/// disk as ready.
+fn finish_new_disk(
+    plan: &mut Plan,
+    disk: Uuid,
+    volume: Uuid,
+    parent: Option<Uuid>,
+    size_bytes: u64,
+) {
+    plan.finish.extend([
+        MetaOp::InsertVolume {
+            volume,
+            disk,
+            parent,
+            size_bytes,
+        },
+        MetaOp::SetActiveVolume { disk, volume },
+        MetaOp::SetDiskStatus {
+            disk,
+            status: ResourceStatus::Ready,
+        },
+    ]);
+}
+
 /// Create empty base images for new disks (VM creation or disk addition).
 pub fn plan_create_disks(vm: Uuid, disks: &[(Uuid, u64)], new_vm: bool) -> Plan {
     let mut plan = Plan::default();
@@ -457,19 +481,7 @@ pub fn plan_create_disks(vm: Uuid, disks: &[(Uuid, u64)], new_vm: bool) -> Plan 
             },
             then: vec![],
         });
-        plan.finish.extend([
-            MetaOp::InsertVolume {
-                volume,
-                disk,
-                parent: None,
-                size_bytes,
-            },
-            MetaOp::SetActiveVolume { disk, volume },
-            MetaOp::SetDiskStatus {
-                disk,
-                status: ResourceStatus::Ready,
-            },
-        ]);
+        finish_new_disk(&mut plan, disk, volume, None, size_bytes);
         plan.undo.push(MetaOp::SetDiskStatus {
             disk,
             status: ResourceStatus::Error,
@@ -817,22 +829,7 @@ pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &
                 ),
             };
             plan.steps.push(Step { op, then: vec![] });
-            plan.finish.extend([
-                MetaOp::InsertVolume {
-                    volume,
-                    disk: disk.disk,
-                    parent,
-                    size_bytes: disk.size_bytes,
-                },
-                MetaOp::SetActiveVolume {
-                    disk: disk.disk,
-                    volume,
-                },
-                MetaOp::SetDiskStatus {
-                    disk: disk.disk,
-                    status: ResourceStatus::Ready,
-                },
-            ]);
+            finish_new_disk(&mut plan, disk.disk, volume, parent, disk.size_bytes);
             plan.space_needed += match mode {
                 CloneMode::Linked => 1 << 20,
                 CloneMode::Full => disk.copy_bytes + (1 << 20),
@@ -868,23 +865,11 @@ pub fn plan_import(
         },
         then: vec![],
     });
-    plan.finish.extend([
-        MetaOp::InsertVolume {
-            volume,
-            disk,
-            parent: None,
-            size_bytes,
-        },
-        MetaOp::SetActiveVolume { disk, volume },
-        MetaOp::SetDiskStatus {
-            disk,
-            status: ResourceStatus::Ready,
-        },
-        MetaOp::SetVmStatus {
-            vm: template,
-            status: ResourceStatus::Ready,
-        },
-    ]);
+    finish_new_disk(&mut plan, disk, volume, None, size_bytes);
+    plan.finish.push(MetaOp::SetVmStatus {
+        vm: template,
+        status: ResourceStatus::Ready,
+    });
     plan.undo.push(MetaOp::DeleteVm { vm: template });
     plan.space_needed = copy_bytes;
     plan

@@ -170,8 +170,22 @@ pub async fn require_deletable(
 
 /// Why snapshot `id` cannot be deleted now (409, 507...), checked without writing:
 /// the record's state, then the merge's own run-time conditions (a running VM, free
-/// space). Retention previews use it to show which prunes would be held.
+/// space, linked clones reading its layers). Retention previews use it to show which
+/// prunes would be held.
 pub async fn check_deletable(engine: &Engine, id: Uuid) -> Result<(Snapshot, Vm)> {
+    check_deletable_flattening(engine, id, false).await
+}
+
+/// The job parameters of a snapshot deletion.
+fn delete_params(previous: ResourceStatus, flatten_dependents: bool) -> serde_json::Value {
+    serde_json::json!({ "previous_status": previous, "flatten_dependents": flatten_dependents })
+}
+
+async fn check_deletable_flattening(
+    engine: &Engine,
+    id: Uuid,
+    flatten_dependents: bool,
+) -> Result<(Snapshot, Vm)> {
     let mut conn = engine.db.reader().await?;
     let (snapshot, vm) = find_snapshot(&mut conn, id).await?;
     require_ready(&vm)?;
@@ -182,7 +196,7 @@ pub async fn check_deletable(engine: &Engine, id: Uuid) -> Result<(Snapshot, Vm)
         JobKind::SnapshotDelete,
         vm.id,
         snapshot.id,
-        &serde_json::Value::Null,
+        &delete_params(snapshot.status, flatten_dependents),
     )
     .await?;
     Ok((snapshot, vm))
@@ -220,25 +234,7 @@ pub async fn delete_snapshot_flattening(
     id: Uuid,
     flatten_dependents: bool,
 ) -> Result<Job> {
-    if !flatten_dependents {
-        check_deletable(engine, id).await?;
-    }
-    let params_for = |status: ResourceStatus| serde_json::json!({ "previous_status": status, "flatten_dependents": flatten_dependents });
-    if flatten_dependents {
-        let mut conn = engine.db.reader().await?;
-        let (snapshot, vm) = find_snapshot(&mut conn, id).await?;
-        require_ready(&vm)?;
-        require_deletable(&mut conn, &snapshot).await?;
-        drop(conn);
-        kinds::preflight(
-            engine,
-            JobKind::SnapshotDelete,
-            vm.id,
-            snapshot.id,
-            &params_for(snapshot.status),
-        )
-        .await?;
-    }
+    check_deletable_flattening(engine, id, flatten_dependents).await?;
     // Checked again in the write transaction: another request may have come between.
     let mut tx = engine.db.begin().await?;
     let (snapshot, vm) = find_snapshot(&mut tx, id).await?;
@@ -250,7 +246,7 @@ pub async fn delete_snapshot_flattening(
     } else {
         Vec::new()
     };
-    let mut params = params_for(snapshot.status);
+    let mut params = delete_params(snapshot.status, flatten_dependents);
     if flatten_dependents {
         params["locked_vms"] = serde_json::json!(dependents);
     }
