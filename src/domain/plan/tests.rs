@@ -1793,3 +1793,231 @@ fn undoing_a_retried_delete_restores_the_error_and_rewriting_flags_it_found() {
         }
     )));
 }
+
+// ---------------------------------------------------------------------------------
+// Linked clones: protection, clone and flatten plans
+// ---------------------------------------------------------------------------------
+
+/// The classic chain with a linked clone (VM `reader`) sitting on snap01's layer.
+fn classic_read_at_l0() -> (Classic, Uuid, DiskGraph) {
+    let c = classic(700 * MIB, 40 * MIB, 3 * MIB);
+    let reader = new_id();
+    let mut graph = c.disk.build();
+    graph
+        .volumes
+        .iter_mut()
+        .find(|v| v.id == c.l0)
+        .unwrap()
+        .dependents
+        .push(reader);
+    (c, reader, graph)
+}
+
+#[test]
+fn a_clone_protects_its_layer_and_everything_below_but_nothing_above() {
+    let (c, reader, graph) = classic_read_at_l0();
+    let protected = graph.protected();
+    assert_eq!(protected.keys().copied().collect::<Vec<_>>(), vec![c.l0]);
+    assert!(protected[&c.l0].contains(&reader));
+    // On snap02's layer instead, l1 and l0 are both protected; the present is not.
+    let mut graph = c.disk.build();
+    graph
+        .volumes
+        .iter_mut()
+        .find(|v| v.id == c.l1)
+        .unwrap()
+        .dependents
+        .push(reader);
+    let protected = graph.protected();
+    assert!(protected.contains_key(&c.l0) && protected.contains_key(&c.l1));
+    assert!(!protected.contains_key(&c.l2));
+}
+
+#[test]
+fn every_merge_that_rewrites_or_drops_a_read_layer_endangers_its_reader() {
+    let (c, reader, graph) = classic_read_at_l0();
+    let graphs = [graph];
+    // snap01 merged with snap02's layer: l0 is rewritten (commit) or dropped (stream).
+    for (l0, l1) in [(700 * MIB, 40 * MIB), (MIB, 40 * MIB)] {
+        let c2 = classic(l0, l1, 3 * MIB);
+        let mut g = c2.disk.build();
+        g.volumes
+            .iter_mut()
+            .find(|v| v.id == c2.l0)
+            .unwrap()
+            .dependents
+            .push(reader);
+        let plan = plan_snapshot_delete(c2.snap01, ResourceStatus::Ready, &[g.clone()]).unwrap();
+        assert_eq!(
+            plan.endangered_dependents(&[g])
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec![reader]
+        );
+    }
+    // Collapsing everything, or deleting the disk, endangers it too.
+    let all = plan_delete_all_snapshots(
+        new_id(),
+        &[
+            (c.snap01, ResourceStatus::Ready),
+            (c.snap02, ResourceStatus::Ready),
+        ],
+        &graphs,
+    )
+    .unwrap();
+    assert!(all.endangered_dependents(&graphs).contains(&reader));
+    let gone = plan_delete_disks(new_id(), &graphs, true);
+    assert!(gone.endangered_dependents(&graphs).contains(&reader));
+    // Merging snap02 with the present touches neither l0 nor anything the reader reads.
+    let safe = plan_snapshot_delete(c.snap02, ResourceStatus::Ready, &graphs).unwrap();
+    assert!(safe.endangered_dependents(&graphs).is_empty());
+}
+
+#[test]
+fn a_linked_clone_of_the_present_freezes_it_and_sits_on_it() {
+    let c = classic(700 * MIB, 40 * MIB, 3 * MIB);
+    let (vm, disk) = (new_id(), new_id());
+    let plan = plan_clone(
+        &[(
+            vm,
+            vec![CloneDisk {
+                disk,
+                source: c.l2,
+                size_bytes: 10 * GIB,
+                copy_bytes: 0,
+            }],
+        )],
+        CloneMode::Linked,
+        &[Freeze {
+            disk: c.disk.id(),
+            active: c.l2,
+            size_bytes: 10 * GIB,
+        }],
+    );
+    let ops = file_ops(&plan);
+    assert_eq!(ops.len(), 2);
+    let (
+        FileOp::Create {
+            volume: new_top,
+            backing: Some(b1),
+            ..
+        },
+        FileOp::Create {
+            volume: clone_top,
+            backing: Some(b2),
+            ..
+        },
+    ) = (&ops[0], &ops[1])
+    else {
+        panic!("{ops:?}")
+    };
+    assert_eq!(
+        (*b1, *b2),
+        (c.l2, c.l2),
+        "both overlays sit on the frozen present"
+    );
+    assert!(plan.finish.contains(&MetaOp::SetActiveVolume {
+        disk: c.disk.id(),
+        volume: *new_top
+    }));
+    assert!(plan.finish.contains(&MetaOp::SetActiveVolume {
+        disk,
+        volume: *clone_top
+    }));
+    assert!(plan.finish.contains(&MetaOp::SetVmStatus {
+        vm,
+        status: ResourceStatus::Ready
+    }));
+    assert_eq!(plan.undo, vec![MetaOp::DeleteVm { vm }]);
+    // Nothing is copied and nothing of the source is rewritten or dropped.
+    assert!(!plan.copies_data());
+    assert!(plan.drops.is_empty());
+    // In the source's records, the frozen present keeps its row and gets the new
+    // writable layer on top: with no snapshot naming it, it reads as a shared layer.
+    assert!(plan.finish.contains(&MetaOp::InsertVolume {
+        volume: *new_top,
+        disk: c.disk.id(),
+        parent: Some(c.l2),
+        size_bytes: 10 * GIB,
+    }));
+    assert!(!all_ops(&plan).iter().any(|op| matches!(
+        op,
+        MetaOp::SetSnapshotVolume { .. } | MetaOp::RemoveVolume { .. }
+    )));
+}
+
+#[test]
+fn a_full_clone_copies_each_disk_into_a_standalone_file() {
+    let c = classic(700 * MIB, 40 * MIB, 3 * MIB);
+    let (vm, disk) = (new_id(), new_id());
+    let plan = plan_clone(
+        &[(
+            vm,
+            vec![CloneDisk {
+                disk,
+                source: c.l1,
+                size_bytes: 10 * GIB,
+                copy_bytes: 740 * MIB,
+            }],
+        )],
+        CloneMode::Full,
+        &[],
+    );
+    let ops = file_ops(&plan);
+    assert!(matches!(ops.as_slice(), [FileOp::Convert { source, .. }] if *source == c.l1));
+    assert!(plan.copies_data());
+    assert!(plan.space_needed >= 740 * MIB);
+    let created = ops[0].created_volume().unwrap();
+    assert!(plan.finish.contains(&MetaOp::InsertVolume {
+        volume: created,
+        disk,
+        parent: None,
+        size_bytes: 10 * GIB
+    }));
+}
+
+#[test]
+fn flattening_streams_the_lowest_layer_onto_nothing_and_only_for_a_linked_disk() {
+    let source_volume = new_id();
+    let mut linked = Disk::new(GIB);
+    let root = linked.frozen(Some(source_volume), new_id(), MIB);
+    linked.active(Some(root), MIB);
+    let plan = plan_flatten(&linked.build(), 300 * MIB).unwrap();
+    assert_eq!(
+        file_ops(&plan),
+        vec![FileOp::Stream {
+            volume: root,
+            backing: None
+        }]
+    );
+    assert_eq!(plan.space_needed, 300 * MIB);
+    let mut standalone = Disk::new(GIB);
+    standalone.active(None, MIB);
+    assert!(plan_flatten(&standalone.build(), 0).is_none());
+}
+
+#[test]
+fn collapsing_a_linked_disk_keeps_its_link_instead_of_copying_the_source() {
+    let source_volume = new_id();
+    let mut disk = Disk::new(GIB);
+    let root = disk.frozen(Some(source_volume), new_id(), MIB);
+    let top = disk.active(Some(root), 500 * MIB);
+    let snapshot = match disk.build().get(root).unwrap().owner {
+        Owner::Snapshot(s) => s,
+        _ => unreachable!(),
+    };
+    let plan = plan_delete_all_snapshots(
+        new_id(),
+        &[(snapshot, ResourceStatus::Ready)],
+        &[disk.build()],
+    )
+    .unwrap();
+    // The root is small: it is streamed up, onto the source's volume, never onto nothing.
+    assert_eq!(
+        file_ops(&plan),
+        vec![FileOp::Stream {
+            volume: top,
+            backing: Some(source_volume)
+        }]
+    );
+}
