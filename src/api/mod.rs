@@ -190,8 +190,13 @@ pub fn page<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> Uuid) -> (Vec<T>
 /// 202 Accepted with the job and where to follow it.
 pub fn accepted(job: jobs::JobView) -> Response {
     let location = format!("/v1/jobs/{}", job.id);
-    let mut response = (StatusCode::ACCEPTED, axum::Json(job)).into_response();
-    if let Ok(value) = HeaderValue::from_str(&location) {
+    located(StatusCode::ACCEPTED, job, &location)
+}
+
+/// An answer with a JSON body and a `Location` header naming the resource.
+pub fn located(status: StatusCode, body: impl serde::Serialize, location: &str) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(location) {
         response.headers_mut().insert(header::LOCATION, value);
     }
     response

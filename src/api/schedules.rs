@@ -3,8 +3,8 @@
 //! by `scheduler`, which this module calls for manual runs and previews.
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
-use super::{AppState, PageQuery, name_conflict, page};
+use super::{AppState, PageQuery, located, name_conflict, page};
 use crate::domain::retention::{Decision, KeepReason, PruneReason, RetentionPolicy};
 use crate::domain::schedule::{self, CronSpec};
 use crate::domain::{
@@ -335,11 +335,11 @@ async fn create_schedule(
         .map_err(|e| name_conflict(e, || format!("a schedule named {} exists", schedule.name)))?;
     tx.commit().await?;
     let location = format!("/v1/schedules/{}", schedule.id);
-    let mut response = (StatusCode::CREATED, axum::Json(view(schedule, None))).into_response();
-    if let Ok(value) = HeaderValue::from_str(&location) {
-        response.headers_mut().insert(header::LOCATION, value);
-    }
-    Ok(response)
+    Ok(located(
+        StatusCode::CREATED,
+        view(schedule, None),
+        &location,
+    ))
 }
 
 /// List schedules.
@@ -535,11 +535,7 @@ async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> R
     .await?
     .ok_or_else(|| Error::Internal("a manual run always starts or is refused".into()))?;
     let location = format!("/v1/schedules/{}/runs/{}", schedule.id, run.id);
-    let mut response = (StatusCode::ACCEPTED, axum::Json(run_view(run))).into_response();
-    if let Ok(value) = HeaderValue::from_str(&location) {
-        response.headers_mut().insert(header::LOCATION, value);
-    }
-    Ok(response)
+    Ok(located(StatusCode::ACCEPTED, run_view(run), &location))
 }
 
 /// Dry run of the retention policy: which of the schedule's snapshots it keeps (and by

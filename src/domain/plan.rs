@@ -392,15 +392,21 @@ impl Plan {
         self.steps.iter().position(|s| s.op.is_point_of_no_return())
     }
 
-    /// The VMs (linked clones) reading a file this plan would rewrite or remove. A plan
-    /// with any must not run: their disks would change under them or break.
-    pub fn endangered_dependents(&self, disks: &[DiskGraph]) -> BTreeSet<Uuid> {
+    /// Every volume whose file the plan writes or removes.
+    fn touched_volumes(&self) -> Vec<Uuid> {
         let mut touched: Vec<Uuid> = self
             .steps
             .iter()
             .flat_map(|s| s.op.written_volumes())
             .collect();
         touched.extend(&self.drops);
+        touched
+    }
+
+    /// The VMs (linked clones) reading a file this plan would rewrite or remove. A plan
+    /// with any must not run: their disks would change under them or break.
+    pub fn endangered_dependents(&self, disks: &[DiskGraph]) -> BTreeSet<Uuid> {
+        let touched = self.touched_volumes();
         let mut endangered = BTreeSet::new();
         for disk in disks {
             let protected = disk.protected();
@@ -416,12 +422,7 @@ impl Plan {
     /// True when the plan writes or removes a file that a hypervisor running the VM
     /// holds open (any layer of a disk's active chain).
     pub fn touches_active_chains(&self, disks: &[DiskGraph]) -> bool {
-        let mut touched: Vec<Uuid> = self
-            .steps
-            .iter()
-            .flat_map(|s| s.op.written_volumes())
-            .collect();
-        touched.extend(&self.drops);
+        let touched = self.touched_volumes();
         disks.iter().any(|disk| {
             disk.active()
                 .map(|active| {

@@ -92,11 +92,12 @@ pub async fn artifact(engine: &Engine, export: ExportKey) -> Result<PathBuf> {
 /// Refuse (`insufficient_storage`) when writing an export of `volume` could eat into
 /// the reserve: a copy takes at most what its chain holds.
 pub async fn check_room(engine: &Engine, volume: Uuid) -> Result<()> {
-    let chain_bytes: u64 = store::vms::volume_chain(&mut *engine.db.reader().await?, volume)
-        .await?
-        .iter()
-        .map(|v| super::storage::allocated_bytes(&engine.volume_path(*v)))
-        .sum();
+    let chain_bytes = super::storage::chain_bytes(
+        &engine.config.volumes_dir,
+        &mut *engine.db.reader().await?,
+        volume,
+    )
+    .await?;
     let needed = chain_bytes.saturating_add(engine.config.reserved_bytes);
     let available = super::storage::available_bytes(&engine.config.volumes_dir)?;
     if available < needed {

@@ -140,11 +140,9 @@ pub async fn preflight(
             refuse_if_readers_running(&mut conn, &vm).await?;
             let disk = disk_graph(&graphs)?;
             let copy_bytes = match disk.root().and_then(|r| r.parent) {
-                Some(source) => store::vms::volume_chain(&mut conn, source)
-                    .await?
-                    .iter()
-                    .map(|v| storage::allocated_bytes(&engine.volume_path(*v)))
-                    .sum(),
+                Some(source) => {
+                    storage::chain_bytes(&engine.config.volumes_dir, &mut conn, source).await?
+                }
                 None => 0,
             };
             plan::plan_flatten(&disk, copy_bytes).ok_or_else(|| {
@@ -265,10 +263,7 @@ async fn flatten_dependents_first(
     if endangered.is_empty() {
         return Ok(plan);
     }
-    let ours: std::collections::HashSet<Uuid> = graphs
-        .iter()
-        .flat_map(|g| g.volumes.iter().map(|v| v.id))
-        .collect();
+    let ours = volume_ids(graphs);
     let mut flatten = Plan::default();
     for dependent in endangered {
         if locked.is_some_and(|locked| !locked.contains(&dependent)) {
@@ -290,11 +285,7 @@ async fn flatten_dependents_first(
             if !ours.contains(&source) {
                 continue;
             }
-            let copy_bytes = store::vms::volume_chain(conn, source)
-                .await?
-                .iter()
-                .map(|v| storage::allocated_bytes(&engine.volume_path(*v)))
-                .sum();
+            let copy_bytes = storage::chain_bytes(&engine.config.volumes_dir, conn, source).await?;
             if let Some(part) = plan::plan_flatten(&disk, copy_bytes) {
                 flatten.steps.extend(part.steps);
                 flatten.space_needed += part.space_needed;
@@ -420,11 +411,9 @@ async fn clone_plan(
             })?;
             let copy_bytes = match request.mode {
                 CloneMode::Linked => 0,
-                CloneMode::Full => store::vms::volume_chain(conn, start)
-                    .await?
-                    .iter()
-                    .map(|v| storage::allocated_bytes(&engine.volume_path(*v)))
-                    .sum(),
+                CloneMode::Full => {
+                    storage::chain_bytes(&engine.config.volumes_dir, conn, start).await?
+                }
             };
             disks.push(plan::CloneDisk {
                 disk: *disk,
@@ -436,6 +425,13 @@ async fn clone_plan(
         new_vms.push((target.id, disks));
     }
     Ok(plan::plan_clone(&new_vms, request.mode, &freeze))
+}
+
+fn volume_ids(graphs: &[DiskGraph]) -> std::collections::HashSet<Uuid> {
+    graphs
+        .iter()
+        .flat_map(|g| g.volumes.iter().map(|v| v.id))
+        .collect()
 }
 
 /// Refuse a plan that would rewrite or remove a file linked clones read, naming them.
@@ -456,10 +452,7 @@ async fn refuse_endangering_dependents(
             _ => None,
         })
         .collect();
-    let ours: std::collections::HashSet<Uuid> = graphs
-        .iter()
-        .flat_map(|g| g.volumes.iter().map(|v| v.id))
-        .collect();
+    let ours = volume_ids(graphs);
     let mut endangered = Vec::new();
     for vm in plan.endangered_dependents(graphs) {
         let still_linked = store::vms::disk_graphs(conn, vm).await?.iter().any(|disk| {

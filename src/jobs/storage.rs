@@ -56,3 +56,17 @@ pub fn data_subdir(volumes_dir: &Path, name: &str) -> PathBuf {
 pub fn upload_path(volumes_dir: &Path, upload: Uuid) -> PathBuf {
     data_subdir(volumes_dir, "imports").join(format!("{upload}.upload"))
 }
+
+/// Bytes the files of a chain hold (a volume and everything below it, across disks):
+/// the most a copy of what it shows can take.
+pub async fn chain_bytes(
+    volumes_dir: &Path,
+    conn: &mut sqlx::SqliteConnection,
+    top: Uuid,
+) -> crate::error::Result<u64> {
+    Ok(crate::store::vms::volume_chain(conn, top)
+        .await?
+        .iter()
+        .map(|v| allocated_bytes(&volume_path(volumes_dir, *v)))
+        .sum())
+}
