@@ -69,7 +69,8 @@ impl Drop for Staged {
 
 /// Import an image as a new template. Send the file as the body
 /// (`curl -T disk.qcow2 "$API/v1/templates/import?name=debian&format=qcow2"`, up to
-/// `--import-max-bytes`) or give `path` inside `--import-dir`. The template exists at
+/// `--import-max-bytes`; the upload has no overall time limit, but may not stall for
+/// longer than `--request-timeout-secs`) or give `path` inside `--import-dir`. The template exists at
 /// once with status `creating`; the job converts the image into a fresh qcow2 file.
 #[utoipa::path(post, path = "/v1/templates/import", tag = "templates", params(ImportQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream",
@@ -79,6 +80,7 @@ impl Drop for Staged {
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 400, description = "Bad name, format or path (`validation_failed`, `invalid_query`, `import_path_refused`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Name used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The upload stalled: nothing arrived for `--request-timeout-secs` (`request_timeout`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The file is larger than `--import-max-bytes` (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The file is refused: its content is not the declared format (`image_format_mismatch`), it names a backing file (`image_has_backing_file`) or an external data file (`image_has_data_file`), is encrypted (`image_encrypted`), is larger than `--max-disk-size` (`image_too_large`), is cut short (`image_truncated`), corrupt (`image_corrupt`) or otherwise unreadable (`image_invalid`)", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "Not enough free space (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
@@ -101,7 +103,15 @@ async fn import_template(
     let mut staged = Staged { path, keep: false };
     match &query.path {
         Some(relative) => stage_from_dir(&state, relative, &staged.path).await?,
-        None => stage_body(body, &staged.path, state.import.max_bytes).await?,
+        None => {
+            stage_body(
+                body,
+                &staged.path,
+                state.import.max_bytes,
+                state.request_timeout,
+            )
+            .await?
+        }
     }
 
     let inspection = inspect_staged(&state, &staged.path, query.format).await?;
@@ -164,12 +174,25 @@ async fn import_template(
     Ok(accepted(job.into()))
 }
 
-/// Stream the request body into `path`, refusing more than `limit` bytes.
-async fn stage_body(body: Body, path: &FsPath, limit: u64) -> Result<()> {
+/// Stream the request body into `path`, refusing more than `limit` bytes. The upload
+/// may take as long as it needs, but not stall: no data for `idle` ends it (408).
+async fn stage_body(
+    body: Body,
+    path: &FsPath,
+    limit: u64,
+    idle: std::time::Duration,
+) -> Result<()> {
     let mut file = tokio::fs::File::create(path).await?;
     let mut stream = body.into_data_stream();
     let mut written: u64 = 0;
-    while let Some(chunk) = stream.next().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
+            return Err(Error::problem(
+                ErrorCode::RequestTimeout,
+                format!("the upload sent nothing for {} s", idle.as_secs()),
+            ));
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
             Error::problem(
                 ErrorCode::ValidationFailed,

@@ -13,6 +13,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -107,19 +108,27 @@ pub async fn check_room(engine: &Engine, volume: Uuid) -> Result<()> {
 }
 
 /// Size and SHA-256 (hex) of an export, computed once per generation and kept.
-pub async fn digest(engine: &Engine, export: ExportKey) -> Result<(u64, String)> {
+/// The work runs in its own task: if the request gives up (a large template can take
+/// longer than the request timeout), the digest is still finished and kept, and a
+/// later request gets it at once.
+pub async fn digest(engine: &Arc<Engine>, export: ExportKey) -> Result<(u64, String)> {
     if let Some(known) = store::vms::export_digest(&mut *engine.db.reader().await?, &export).await?
     {
         return Ok(known);
     }
-    let path = artifact(engine, export).await?;
-    let (bytes, sha256) = tokio::task::spawn_blocking(move || hash_file(&path))
-        .await
-        .map_err(|e| Error::Internal(format!("hashing task failed: {e}")))??;
-    let mut tx = engine.db.begin().await?;
-    store::vms::save_export_digest(&mut tx, &export, bytes, &sha256).await?;
-    tx.commit().await?;
-    Ok((bytes, sha256))
+    let engine = Arc::clone(engine);
+    tokio::spawn(async move {
+        let path = artifact(&engine, export).await?;
+        let (bytes, sha256) = tokio::task::spawn_blocking(move || hash_file(&path))
+            .await
+            .map_err(|e| Error::Internal(format!("hashing task failed: {e}")))??;
+        let mut tx = engine.db.begin().await?;
+        store::vms::save_export_digest(&mut tx, &export, bytes, &sha256).await?;
+        tx.commit().await?;
+        Ok((bytes, sha256))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("digest task failed: {e}")))?
 }
 
 fn hash_file(path: &Path) -> Result<(u64, String)> {

@@ -477,3 +477,39 @@ async fn a_template_flattened_under_its_exports_gets_fresh_ones() {
     compare(first.to_str().unwrap(), second.to_str().unwrap());
     expect_all(second.to_str().unwrap(), &[(0x21, 0, 1), (0x22, 1, 1)]);
 }
+
+#[tokio::test]
+async fn a_stalled_upload_is_ended_and_leaves_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(&[("STRATA_REQUEST_TIMEOUT", "1")]).await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "POST /v1/templates/import?name=slow&format=raw HTTP/1.1\r\nHost: {address}\r\n\
+         Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // One chunk of 512 bytes, then nothing: the service must not wait for ever.
+    stream.write_all(b"200\r\n").await.unwrap();
+    stream.write_all(&[0u8; 512]).await.unwrap();
+    stream.write_all(b"\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the service kept waiting for the stalled upload"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    let staged: Vec<_> = std::fs::read_dir(app.data_dir.join("imports"))
+        .unwrap()
+        .collect();
+    assert!(staged.is_empty(), "{staged:?}");
+    let (_, templates) = app.get("/v1/templates").await;
+    assert!(templates["items"].as_array().unwrap().is_empty());
+}
