@@ -82,6 +82,16 @@ pub struct PatchSchedule {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "019a6f5e-8888-7b3e-9f2a-3c4d5e6f7a8b", "name": "web-nightly", "vm_id": null, "selector": "tier=web",
+    "cron": "0 3 * * *", "timezone": "Europe/Paris", "enabled": true, "name_template": "auto-%Y%m%d-%H%M%S",
+    "retention": {"keep_last": null, "keep_hourly": null, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": null,
+        "keep_yearly": null, "max_age": "60d"},
+    "next_run_at": "2026-11-22T02:00:00Z",
+    "last_run": {"id": "019a6f5e-9999-7b3e-9f2a-3c4d5e6f7a8b", "at": "2026-11-21T02:00:00Z", "status": "succeeded",
+        "job_id": "019a6f5e-aaaa-7b3e-9f2a-3c4d5e6f7a8b", "reason": null},
+    "created_at": "2026-11-01T10:00:00Z", "updated_at": "2026-11-01T10:00:00Z"
+}))]
 pub struct ScheduleView {
     pub id: Uuid,
     pub name: String,
@@ -117,6 +127,22 @@ pub struct ScheduleList {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "019a6f5e-9999-7b3e-9f2a-3c4d5e6f7a8b", "schedule_id": "019a6f5e-8888-7b3e-9f2a-3c4d5e6f7a8b",
+    "trigger": "cron", "started_at": "2026-11-21T02:00:00Z", "finished_at": "2026-11-21T02:00:01Z",
+    "status": "succeeded", "reason": "1 of 2 VMs skipped", "job_ids": ["019a6f5e-aaaa-7b3e-9f2a-3c4d5e6f7a8b"],
+    "targets": [
+        {"vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "vm_name": "web-01", "outcome": "succeeded",
+         "snapshot_id": "019a6f5e-bbbb-7b3e-9f2a-3c4d5e6f7a8b", "job_id": "019a6f5e-aaaa-7b3e-9f2a-3c4d5e6f7a8b",
+         "code": null, "reason": null},
+        {"vm_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "vm_name": "web-02", "outcome": "skipped",
+         "snapshot_id": null, "job_id": null, "code": "vm_running",
+         "reason": "VM web-02 is running; a running VM needs a live snapshot, which this service does not take yet"}],
+    "retention": {"pruned": [{"snapshot_id": "019a6f5e-cccc-7b3e-9f2a-3c4d5e6f7a8b", "snapshot_name": "auto-20261114-030000",
+        "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "why_pruned": "outside_policy",
+        "job_id": "019a6f5e-dddd-7b3e-9f2a-3c4d5e6f7a8b", "code": null, "reason": null}],
+        "held": [], "deferred": []}
+}))]
 pub struct RunView {
     pub id: Uuid,
     pub schedule_id: Uuid,
@@ -142,6 +168,17 @@ pub struct RunList {
 
 /// What the policy would do now, without doing it.
 #[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "evaluated_at": "2026-11-21T12:00:00Z", "keep_count": 1, "prune_count": 1,
+    "items": [
+        {"vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "snapshot_id": "019a6f5e-cccc-7b3e-9f2a-3c4d5e6f7a8b",
+         "snapshot_name": "auto-20261114-030000", "created_at": "2026-11-14T02:00:00Z", "hold": false,
+         "expires_at": null, "action": "prune", "keep_reasons": [], "prune_reason": "outside_policy",
+         "held": {"code": "has_dependents", "reason": "linked clones read these files: web-test; delete or flatten them first"}},
+        {"vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "snapshot_id": "019a6f5e-bbbb-7b3e-9f2a-3c4d5e6f7a8b",
+         "snapshot_name": "auto-20261121-030000", "created_at": "2026-11-21T02:00:00Z", "hold": false,
+         "expires_at": null, "action": "keep", "keep_reasons": ["last", "daily"], "prune_reason": null, "held": null}]
+}))]
 pub struct Preview {
     pub evaluated_at: DateTime<Utc>,
     pub keep_count: usize,
