@@ -61,9 +61,9 @@ pub struct Inspection {
 }
 
 const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-/// Incompatible feature bits qemu knows: dirty, corrupt, external data file,
+/// Incompatible feature bits qemu knows: dirty (bit 0: refcounts may be stale, which
+/// the conversion into a fresh file makes harmless), corrupt, external data file,
 /// compression type, extended L2 entries.
-const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_KNOWN: u64 = 0b1_1111;
@@ -248,7 +248,6 @@ fn inspect_qcow2(
                 "unknown incompatible features {unknown:#x}"
             )));
         }
-        let _ = INCOMPAT_DIRTY; // a dirty image is repaired by the conversion
     }
     // Header extensions follow the header, each 8-byte aligned, up to an end marker.
     let mut at = header_length.next_multiple_of(8);
