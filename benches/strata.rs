@@ -409,6 +409,23 @@ fn tool(program: &str, args: &[&str]) -> Result<String> {
     Ok(stdout)
 }
 
+/// `qemu-img commit -d` of `top` into `base`, timed: the plain baseline of a merge.
+fn plain_commit(base: &Path, top: &Path) -> Result<Duration> {
+    timed_tool(
+        "qemu-img",
+        &[
+            "commit",
+            "-q",
+            "-f",
+            "qcow2",
+            "-d",
+            "-b",
+            path_str(base)?,
+            path_str(top)?,
+        ],
+    )
+}
+
 fn timed_tool(program: &str, args: &[&str]) -> Result<Duration> {
     let start = Instant::now();
     tool(program, args)?;
@@ -778,19 +795,7 @@ fn plain_merge(work: &Path, case: MergeCase, direction: &str) -> Result<Duration
     qemu_io_write(&top, pattern, offset, len)?;
     sync_fs()?;
     let elapsed = match direction {
-        "commit" => timed_tool(
-            "qemu-img",
-            &[
-                "commit",
-                "-q",
-                "-f",
-                "qcow2",
-                "-d",
-                "-b",
-                path_str(&base)?,
-                path_str(&top)?,
-            ],
-        )?,
+        "commit" => plain_commit(&base, &top)?,
         _ => timed_tool(
             "qemu-img",
             &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(&top)?],

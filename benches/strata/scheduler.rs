@@ -353,19 +353,7 @@ fn plain_prunes(work: &Path) -> Result<Vec<Duration>> {
         let base = layer(0);
         for n in 1..=PRUNE_PER_VM {
             let started = Instant::now();
-            tool(
-                "qemu-img",
-                &[
-                    "commit",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-d",
-                    "-b",
-                    path_str(&base)?,
-                    path_str(&layer(n))?,
-                ],
-            )?;
+            super::plain_commit(&base, &layer(n))?;
             if n < PRUNE_PER_VM {
                 tool(
                     "qemu-img",
