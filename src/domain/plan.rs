@@ -778,13 +778,19 @@ pub struct Freeze {
 }
 
 /// Make the disks of new VMs (or templates) from source layers, linked or copied, and
-/// mark each new VM ready when all its disks exist. `freeze` first puts a new writable
-/// layer on each listed source disk: its old active layer then holds the present state
-/// for good (a shared layer, no snapshot names it), so linked clones can sit on it
-/// while the source keeps its snapshot tree unchanged. A job that stops early removes
-/// what it created and deletes the new VMs' records.
+/// mark each new VM ready when all its disks exist. A job that stops early removes what
+/// it created and deletes the new VMs' records.
+///
+/// `freeze` lists the source disks whose present state is cloned. Like a snapshot
+/// taken for the purpose, each first gets a new writable layer on top, so the clone
+/// works from one point in time. For a linked clone that frozen layer stays for good
+/// (a shared layer, no snapshot names it): the clones sit on it and the source's
+/// snapshot tree is unchanged. For a full clone, once the copies are made, the
+/// temporary layer is merged back: it holds nothing, so it is dropped, leaving the
+/// source's chain exactly as it was.
 pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &[Freeze]) -> Plan {
     let mut plan = Plan::default();
+    let mut temporary: Vec<Uuid> = Vec::new();
     for frozen in freeze {
         let volume = new_id();
         plan.steps.push(Step {
@@ -795,18 +801,21 @@ pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &
             },
             then: vec![],
         });
-        plan.finish.extend([
-            MetaOp::InsertVolume {
-                volume,
-                disk: frozen.disk,
-                parent: Some(frozen.active),
-                size_bytes: frozen.size_bytes,
-            },
-            MetaOp::SetActiveVolume {
-                disk: frozen.disk,
-                volume,
-            },
-        ]);
+        match mode {
+            CloneMode::Linked => plan.finish.extend([
+                MetaOp::InsertVolume {
+                    volume,
+                    disk: frozen.disk,
+                    parent: Some(frozen.active),
+                    size_bytes: frozen.size_bytes,
+                },
+                MetaOp::SetActiveVolume {
+                    disk: frozen.disk,
+                    volume,
+                },
+            ]),
+            CloneMode::Full => temporary.push(volume),
+        }
         plan.space_needed += 1 << 20;
     }
     for (vm, disks) in new_vms {
@@ -842,6 +851,11 @@ pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &
         });
         plan.undo.push(MetaOp::DeleteVm { vm: *vm });
     }
+    // The temporary layers never entered the records and hold no data: nothing can
+    // write to them while the job holds the stopped source. Merging one back into the
+    // frozen present therefore copies nothing: it is dropped, and the source's chain
+    // is exactly as it was.
+    plan.drops.extend(temporary);
     plan
 }
 

@@ -370,10 +370,10 @@ async fn clone_plan(
         }
         None => None,
     };
-    // A template's volumes never change, so clones sit on them directly; a VM's present
-    // state is frozen first (it must be stopped, like for a snapshot).
-    let freeze_present =
-        snapshot.is_none() && source.kind == VmKind::Vm && request.mode == CloneMode::Linked;
+    // A template's volumes never change, so clones start from them directly; a VM's
+    // present state is frozen first, like a snapshot taken for the purpose (it must be
+    // stopped, as for a snapshot).
+    let freeze_present = snapshot.is_none() && source.kind == VmKind::Vm;
     if snapshot.is_none() && source.kind == VmKind::Vm {
         refuse_if_running(source, "clone the present state of")?;
     }

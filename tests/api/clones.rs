@@ -219,7 +219,10 @@ async fn a_full_clone_equals_its_source_and_outlives_it() {
     let s1 = app.snapshot(&source, "s1").await;
     write(&app.active_path(&source, "root").await, 0x42, 8, 2);
 
+    let chain_before = app.vm(&source).await["disks"][0]["chain"].clone();
     let copy = clone(&app, &source, json!({"name": "copy", "mode": "full"})).await;
+    // Its temporary layer merged back, the source's chain is exactly as it was.
+    assert_eq!(app.vm(&source).await["disks"][0]["chain"], chain_before);
     let of_snapshot = clone(
         &app,
         &source,
@@ -469,7 +472,9 @@ async fn flatten_dependents_streams_the_shared_data_into_clones_before_deleting(
 
 #[tokio::test]
 async fn a_full_clone_reports_progress_and_a_cancel_between_disks_removes_every_copy() {
-    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:after-step-0:pause=1500")]).await;
+    // Steps: a temporary layer on each of the 2 source disks, then the 2 copies; the
+    // job pauses after the first copy (step 2).
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:after-step-2:pause=1500")]).await;
     let source = id(&app
         .create_vm("two", &[("root", DISK), ("data", DISK)])
         .await);
@@ -489,13 +494,13 @@ async fn a_full_clone_reports_progress_and_a_cancel_between_disks_removes_every_
     for _ in 0..100 {
         let (_, now) = app.get(&format!("/v1/jobs/{id_}")).await;
         progress = now["progress"].as_u64().unwrap();
-        if progress >= 40 {
+        if progress >= 70 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(
-        progress >= 40,
+        progress >= 70,
         "progress {progress} after one of two copies"
     );
     app.post(&format!("/v1/jobs/{id_}/cancel"), json!({})).await;

@@ -1977,6 +1977,56 @@ fn a_full_clone_copies_each_disk_into_a_standalone_file() {
 }
 
 #[test]
+fn a_full_clone_of_the_present_works_from_a_temporary_layer_it_drops_afterwards() {
+    let c = classic(700 * MIB, 40 * MIB, 3 * MIB);
+    let (vm, disk) = (new_id(), new_id());
+    let plan = plan_clone(
+        &[(
+            vm,
+            vec![CloneDisk {
+                disk,
+                source: c.l2,
+                size_bytes: 10 * GIB,
+                copy_bytes: 743 * MIB,
+            }],
+        )],
+        CloneMode::Full,
+        &[Freeze {
+            disk: c.disk.id(),
+            active: c.l2,
+            size_bytes: 10 * GIB,
+        }],
+    );
+    let ops = file_ops(&plan);
+    let [
+        FileOp::Create {
+            volume: temporary,
+            backing: Some(frozen),
+            ..
+        },
+        FileOp::Convert { source, .. },
+    ] = ops.as_slice()
+    else {
+        panic!("{ops:?}")
+    };
+    assert_eq!(
+        (*frozen, *source),
+        (c.l2, c.l2),
+        "the copy reads the frozen present"
+    );
+    assert_eq!(plan.drops, vec![*temporary]);
+    // The temporary layer never enters the source's records: its chain is unchanged.
+    assert!(!all_ops(&plan).iter().any(|op| matches!(
+        op,
+        MetaOp::InsertVolume { disk: d, .. } | MetaOp::SetActiveVolume { disk: d, .. } if *d == c.disk.id()
+    )));
+    assert!(
+        plan.point_of_no_return().is_none(),
+        "cancellable to the end"
+    );
+}
+
+#[test]
 fn flattening_streams_the_lowest_layer_onto_nothing_and_only_for_a_linked_disk() {
     let source_volume = new_id();
     let mut linked = Disk::new(GIB);
