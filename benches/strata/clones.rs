@@ -3,7 +3,7 @@
 //! 1. Linked clone of a VM's snapshot, one disk of 10 GiB against one of 1 GiB (each
 //!    holding 256 MiB of data): `POST /v1/vms/{id}/clone` until the job has ended. The
 //!    cost must not depend on the disk size.
-//! 2. Full clone of a VM's present state (one disk of 4 GiB, 1 GiB of data over a
+//! 2. Full clone of a VM's present state (one disk of 8 GiB, 2 GiB of data over a
 //!    two-layer chain) against plain `qemu-img convert -f qcow2 -O qcow2` of the same
 //!    active file, interleaved, with `sync` before each. Target: service/plain at most
 //!    1.1.
@@ -25,7 +25,7 @@ use super::{
 };
 
 const LINKED_ROUNDS: usize = 20;
-const FULL_ROUNDS: usize = 3;
+const FULL_ROUNDS: usize = 5;
 const DEPLOY_COUNT: usize = 100;
 /// Service/plain ratio a full clone is expected to stay under.
 const FULL_TARGET_RATIO: f64 = 1.1;
@@ -111,15 +111,10 @@ pub fn bench_clones(api: &Api, work: &Path) -> Result<CloneFigures> {
     api.delete_vm(&vm_1g)?;
 
     eprintln!("strata bench: full clones, {FULL_ROUNDS} rounds");
-    let source = api.create_vm("bench-full", 1, 4 * GIB)?;
-    qemu_io_write(&single_active_path(api, &source)?, 0x6d, 0, 512 * MIB)?;
+    let source = api.create_vm("bench-full", 1, 8 * GIB)?;
+    qemu_io_write(&single_active_path(api, &source)?, 0x6d, 0, GIB)?;
     api.snapshot(&source, "half")?;
-    qemu_io_write(
-        &single_active_path(api, &source)?,
-        0x6e,
-        512 * MIB,
-        512 * MIB,
-    )?;
+    qemu_io_write(&single_active_path(api, &source)?, 0x6e, GIB, GIB)?;
     let active = single_active_path(api, &source)?;
     let plain_dir = work.join("plain-full");
     std::fs::create_dir_all(&plain_dir)?;
@@ -271,7 +266,7 @@ pub fn report(figures: &CloneFigures) -> (String, Vec<String>) {
     let full = ratio(median(&figures.full_service), median(&figures.full_plain));
     let _ = writeln!(
         s,
-        "\n### Full clone of the present state, one 4 GiB disk with 1 GiB of data over two layers ({FULL_ROUNDS} rounds)\n"
+        "\n### Full clone of the present state, one 8 GiB disk with 2 GiB of data over two layers ({FULL_ROUNDS} rounds)\n"
     );
     let _ = writeln!(s, "| what | time | ratio |");
     let _ = writeln!(s, "| --- | --- | --- |");

@@ -75,6 +75,19 @@ pub struct JobView {
     pub detail: Option<serde_json::Value>,
 }
 
+/// A job's view with the live progress of its current step (kept in memory by the
+/// engine between journal writes).
+fn live_view(state: &AppState, job: Job) -> JobView {
+    let live = (job.status == JobStatus::Running)
+        .then(|| state.engine.progress_of(job.id))
+        .flatten();
+    let mut view = JobView::from(job);
+    if let Some(live) = live {
+        view.progress = view.progress.max(live);
+    }
+    view
+}
+
 impl From<Job> for JobView {
     fn from(job: Job) -> Self {
         let error = job.error_code.map(|code| JobError {
@@ -149,7 +162,7 @@ async fn list_jobs(
     let rows = store::jobs::list(&mut conn, &filter, cursor, limit + 1).await?;
     let (rows, next_cursor) = page(rows, limit, |j| j.id);
     Ok(axum::Json(JobList {
-        items: rows.into_iter().map(JobView::from).collect(),
+        items: rows.into_iter().map(|job| live_view(&state, job)).collect(),
         next_cursor,
     }))
 }
@@ -191,7 +204,7 @@ async fn get_job(
     loop {
         let job = load(&state, id).await?;
         if job.status.is_terminal() || tokio::time::Instant::now() >= deadline {
-            return Ok(axum::Json(job.into()));
+            return Ok(axum::Json(live_view(&state, job)));
         }
         // Wake on any job change, or poll now and then in case a change raced us.
         let _ = tokio::time::timeout_at(

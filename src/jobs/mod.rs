@@ -52,6 +52,8 @@ pub struct Engine {
     changed: watch::Sender<u64>,
     /// Cancel signals of running jobs.
     running: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
+    /// Progress of running jobs within a step (see `progress_reporter`).
+    live_progress: Mutex<HashMap<Uuid, u8>>,
 }
 
 /// How a job ended early.
@@ -69,6 +71,7 @@ impl Engine {
             wake: Notify::new(),
             changed: watch::channel(0).0,
             running: Mutex::new(HashMap::new()),
+            live_progress: Mutex::new(HashMap::new()),
         })
     }
 
@@ -228,6 +231,7 @@ impl Engine {
             };
         }
         self.running.lock().expect("cancel map").remove(&id);
+        self.live_progress.lock().expect("progress map").remove(&id);
         if let Err(e) = outcome {
             tracing::error!(job = %id, error = %e, "job bookkeeping keeps failing; it will be resumed at the next start");
         } else if let Some(upload) = upload {
@@ -454,21 +458,27 @@ impl Engine {
         start: f32,
         span: f32,
     ) -> impl Fn(f32) + Send + Sync + use<> {
-        let (tx, mut rx) = watch::channel(0u8);
+        // Kept in memory, not written: a progress write per tick would fsync the
+        // database in the middle of every copy. The journal records progress at each
+        // step boundary; `progress_of` gives the live figure in between.
         let engine = Arc::clone(self);
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let value = *rx.borrow_and_update();
-                if let Ok(mut conn) = engine.db.begin().await {
-                    let _ = store::jobs::set_progress(&mut conn, job, value).await;
-                    let _ = conn.commit().await;
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        });
         move |fraction: f32| {
-            let _ = tx.send(((start + fraction * span) * 99.0) as u8);
+            let value = ((start + fraction * span) * 99.0) as u8;
+            engine
+                .live_progress
+                .lock()
+                .expect("progress map")
+                .insert(job, value);
         }
+    }
+
+    /// The progress of a running job within its current step, if it reported any.
+    pub fn progress_of(&self, job: Uuid) -> Option<u8> {
+        self.live_progress
+            .lock()
+            .expect("progress map")
+            .get(&job)
+            .copied()
     }
 
     /// Stop a job at step `index` (not completed):

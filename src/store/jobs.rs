@@ -200,15 +200,6 @@ pub async fn set_phase(conn: &mut SqliteConnection, id: Uuid, phase: JobPhase) -
     Ok(())
 }
 
-pub async fn set_progress(conn: &mut SqliteConnection, id: Uuid, progress: u8) -> Result<()> {
-    sqlx::query("UPDATE jobs SET progress = MAX(progress, ?) WHERE id = ?")
-        .bind(progress as i64)
-        .bind(id_text(id))
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// End a job. Only a job that has not ended yet changes.
 pub async fn finish(
     conn: &mut SqliteConnection,
