@@ -424,6 +424,7 @@ impl Engine {
                     remove_if_exists(&path).await?;
                 }
                 copied?;
+                sync_file(&path).await?;
             }
             FileOp::Convert { source, volume } => {
                 let path = self.volume_path(volume);
@@ -445,6 +446,7 @@ impl Engine {
                     remove_if_exists(&path).await?;
                 }
                 copied?;
+                sync_file(&path).await?;
             }
         }
         Ok(())
@@ -583,6 +585,14 @@ impl Engine {
             std::process::abort();
         }
     }
+}
+
+/// qemu-img leaves what it wrote in the page cache: make a new copy durable before the
+/// journal records it, so a power cut can never leave metadata naming a file whose
+/// data never reached the disk.
+async fn sync_file(path: &std::path::Path) -> Result<()> {
+    tokio::fs::File::open(path).await?.sync_all().await?;
+    Ok(())
 }
 
 async fn remove_if_exists(path: &std::path::Path) -> Result<()> {
