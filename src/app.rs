@@ -45,10 +45,24 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     let volumes_dir = data_dir.join("volumes");
     check_qemu_img(&config).await?;
     let db = Db::open(&data_dir.join("strata.db")).await?;
+    let _data_dir_lock = lock_data_dir(&data_dir)?;
+    // A qemu-img a killed predecessor left must be gone before recovery touches the
+    // layer it was writing.
+    let child_tag = data_dir.display().to_string();
+    match crate::qemu::children::reap_orphans(&child_tag, Duration::from_secs(60)) {
+        Ok(0) => {}
+        Ok(count) => tracing::warn!(count, "killed qemu-img processes left by a previous run"),
+        Err(e) => {
+            return Err(Error::Internal(format!(
+                "cannot make sure no qemu-img of a previous run still writes the volumes: {e}"
+            )));
+        }
+    }
     let qemu = Qemu::new(
         config.qemu_img.clone(),
         Duration::from_secs(config.copy_timeout_secs),
-    );
+    )
+    .with_child_tag(child_tag);
     let engine = Engine::new(
         db.clone(),
         qemu,
@@ -138,6 +152,31 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     let _ = tokio::time::timeout(grace, server).await;
     db.close().await;
     Ok(())
+}
+
+/// Hold an exclusive lock on `<data dir>/strata.lock` for the life of the process: two
+/// services over one data directory would each "recover" the other's running jobs.
+/// The kernel drops the lock when the process dies, however it dies; the descriptor is
+/// close-on-exec, so no qemu-img child keeps it.
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = data_dir.join("strata.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::Internal(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Internal(format!(
+            "another strata process serves {}; stop it first",
+            data_dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::Internal(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 /// Every ten minutes, remove export files of templates that were deleted or changed

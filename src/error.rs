@@ -118,11 +118,36 @@ impl Error {
         match self {
             Error::Problem { code, .. } => *code,
             Error::Qemu(QemuError::Cancelled) => ErrorCode::Internal,
-            Error::Qemu(e) if e.is_out_of_space() => ErrorCode::InsufficientStorage,
+            _ if self.is_out_of_space() => ErrorCode::InsufficientStorage,
             Error::Qemu(_) => ErrorCode::QemuFailed,
             _ => ErrorCode::Internal,
         }
     }
+
+    /// A write failed because a file system is full: SQLite's `SQLITE_FULL` (13), an
+    /// `ENOSPC` from a file write, or qemu-img saying so. The client gets
+    /// `507 insufficient_storage`, not a 500: freeing space fixes it.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            Error::Qemu(e) => e.is_out_of_space(),
+            Error::Io(e) => is_enospc(e),
+            Error::Database(sqlx::Error::Io(e)) => is_enospc(e),
+            Error::Database(sqlx::Error::Database(db)) => {
+                // Extended result codes keep the primary code in the low byte.
+                db.code()
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .is_some_and(|c| c & 0xff == SQLITE_FULL)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// SQLite's primary result code for "database or disk is full".
+const SQLITE_FULL: i32 = 13;
+
+fn is_enospc(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == std::io::ErrorKind::StorageFull
 }
 
 impl From<crate::domain::plan::PlanError> for Error {

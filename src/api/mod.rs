@@ -127,7 +127,40 @@ pub fn router(state: AppState) -> axum::Router {
 pub fn openapi_document() -> OpenApi {
     let (_, mut api) = api_router().split_for_parts();
     api.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    document_full_disk(&mut api);
     api
+}
+
+/// Every request that writes can meet a full data file system (the database grows
+/// too), so every POST, PATCH, PUT and DELETE documents the 507 it then answers.
+fn document_full_disk(api: &mut OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let full = ResponseBuilder::new()
+        .description("The data file system is full (`insufficient_storage`); nothing was changed")
+        .content(
+            "application/problem+json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .build();
+    for item in api.paths.paths.values_mut() {
+        for operation in [
+            &mut item.post,
+            &mut item.patch,
+            &mut item.put,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            operation
+                .responses
+                .responses
+                .entry("507".to_owned())
+                .or_insert_with(|| full.clone().into());
+        }
+    }
 }
 
 /// Deleting files linked clones read.

@@ -79,7 +79,7 @@ impl IntoResponse for Error {
                     tracing::error!(error = %chain, "request failed");
                 }
                 let detail = if code == ErrorCode::InsufficientStorage {
-                    chain
+                    format!("the data file system is full; nothing was changed ({chain})")
                 } else {
                     format!("{}: {chain}", code.title())
                 };

@@ -12,7 +12,7 @@ use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
 use super::vms::{enqueue, find_vm};
 use super::{AppState, PageQuery, accepted, name_conflict, page};
-use crate::domain::{JobKind, ResourceStatus, Snapshot, TargetType, Uuid, Vm, validate};
+use crate::domain::{JobKind, ResourceStatus, Snapshot, TargetType, Uuid, Vm, plan, validate};
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::requests::{self, NewSnapshot, require_ready, require_stopped};
 use crate::jobs::{preflight, storage};
@@ -232,6 +232,11 @@ async fn create_snapshot(
     validate_expiry(body.expires_at)?;
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
+    // Refused now rather than accepted and failed later: each disk gets a new overlay.
+    let disks = store::vms::list_disks(&mut tx, vm.id).await?.len() as u64;
+    state
+        .engine
+        .require_free_space(disks.max(1) * plan::EMPTY_IMAGE_BYTES, 0)?;
     let new = NewSnapshot {
         name: body.name,
         description: body.description,

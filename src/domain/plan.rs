@@ -134,9 +134,19 @@ pub enum FileOp {
     },
     /// Copy the clusters of `top` (and any layers between) down into `base`.
     Commit { top: Uuid, base: Uuid },
-    /// Copy into `volume` whatever its current backing shows and `backing` does not,
-    /// then point it at `backing` (`None`: make it standalone). Safe rebase.
-    Stream { volume: Uuid, backing: Option<Uuid> },
+    /// Copy into `volume` whatever its current backing `from` shows and `backing` does
+    /// not, then point it at `backing` (`None`: make it standalone). Safe rebase.
+    ///
+    /// `from` is kept until the plan is over, and it is what makes the step safe to
+    /// interrupt: qemu-img writes the new backing pointer into the header before the
+    /// cluster tables of what it copied reach the file, so a killed rebase leaves a
+    /// file that reads neither way. Pointing the file back at `from` (the clusters it
+    /// did map equal what `from` shows) restores what it read before.
+    Stream {
+        volume: Uuid,
+        from: Uuid,
+        backing: Option<Uuid>,
+    },
     /// Only rewrite the backing pointer; the caller guarantees identical content.
     Repoint { volume: Uuid, backing: Uuid },
     /// Grow the virtual size.
@@ -435,6 +445,10 @@ impl Plan {
     }
 }
 
+/// Free space set aside for one new empty qcow2 file (header, L1 and refcount
+/// tables; a few hundred KiB even for the largest disk).
+pub const EMPTY_IMAGE_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error("disk {0} has no active volume")]
@@ -492,7 +506,7 @@ pub fn plan_create_disks(vm: Uuid, disks: &[(Uuid, u64)], new_vm: bool) -> Plan 
                 .get_or_insert_with(Vec::new)
                 .push(MetaOp::DeleteDisk { disk });
         }
-        plan.space_needed += 1 << 20; // qcow2 header and tables of an empty image
+        plan.space_needed += EMPTY_IMAGE_BYTES;
     }
     if new_vm {
         plan.finish.push(MetaOp::SetVmStatus {
@@ -547,7 +561,7 @@ pub fn plan_snapshot_create(
                 volume: overlay,
             },
         ]);
-        plan.space_needed += 1 << 20;
+        plan.space_needed += EMPTY_IMAGE_BYTES;
     }
     plan.finish.extend([
         MetaOp::SetSnapshotParent { snapshot, parent },
@@ -606,7 +620,7 @@ pub fn plan_revert(vm: Uuid, snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan
             MetaOp::RemoveVolume { volume: active.id },
         ]);
         plan.drops.push(active.id);
-        plan.space_needed += 1 << 20;
+        plan.space_needed += EMPTY_IMAGE_BYTES;
     }
     plan.finish.push(MetaOp::SetCurrentSnapshot {
         vm,
@@ -664,6 +678,7 @@ pub fn plan_snapshot_delete(
                     plan.steps.push(Step {
                         op: FileOp::Stream {
                             volume: child.id,
+                            from: frozen.id,
                             backing: frozen.parent,
                         },
                         then: vec![MetaOp::SetVolumeParent {
@@ -816,7 +831,7 @@ pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &
             ]),
             CloneMode::Full => temporary.push(volume),
         }
-        plan.space_needed += 1 << 20;
+        plan.space_needed += EMPTY_IMAGE_BYTES;
     }
     for (vm, disks) in new_vms {
         for disk in disks {
@@ -841,8 +856,8 @@ pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &
             plan.steps.push(Step { op, then: vec![] });
             finish_new_disk(&mut plan, disk.disk, volume, parent, disk.size_bytes);
             plan.space_needed += match mode {
-                CloneMode::Linked => 1 << 20,
-                CloneMode::Full => disk.copy_bytes + (1 << 20),
+                CloneMode::Linked => EMPTY_IMAGE_BYTES,
+                CloneMode::Full => disk.copy_bytes + EMPTY_IMAGE_BYTES,
             };
         }
         plan.finish.push(MetaOp::SetVmStatus {
@@ -896,11 +911,12 @@ pub fn plan_import(
 /// the backing showed. `None` when the disk is not linked.
 pub fn plan_flatten(disk: &DiskGraph, copy_bytes: u64) -> Option<Plan> {
     let root = disk.root()?;
-    root.parent?;
+    let source = root.parent?;
     let mut plan = Plan::default();
     plan.steps.push(Step {
         op: FileOp::Stream {
             volume: root.id,
+            from: source,
             backing: None,
         },
         then: vec![MetaOp::SetVolumeParent {
@@ -996,6 +1012,7 @@ pub fn plan_delete_all_snapshots(
                 plan.steps.push(Step {
                     op: FileOp::Stream {
                         volume: active.id,
+                        from: chain[1].id,
                         backing: base.parent,
                     },
                     then: vec![MetaOp::SetVolumeParent {
@@ -1057,7 +1074,7 @@ pub fn plan_resize(disk: &DiskGraph, size_bytes: u64) -> Result<Plan, PlanError>
             disk: disk.disk_id,
             status: ResourceStatus::Ready,
         }],
-        space_needed: 1 << 20,
+        space_needed: EMPTY_IMAGE_BYTES,
         ..Plan::default()
     })
 }

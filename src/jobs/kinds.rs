@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Engine, insufficient_storage, storage};
+use super::{Engine, storage};
 use crate::domain::image::ImageFormat;
 use crate::domain::plan::{self, CloneMode, DiskGraph, MetaOp, Plan};
 use crate::domain::{Job, JobKind, ResourceStatus, Uuid, Vm, VmKind, VmState};
@@ -448,6 +448,7 @@ async fn refuse_endangering_dependents(
             plan::FileOp::Stream {
                 volume,
                 backing: None,
+                ..
             } => Some(volume),
             _ => None,
         })
@@ -558,19 +559,17 @@ fn refuse_merge_while_running(vm: &Vm, plan: &Plan, graphs: &[DiskGraph]) -> Res
     Ok(())
 }
 
-/// Refuse before any file changes when a merge would not fit, keeping the reserve.
+/// Refuse before any file changes when the plan would not fit: a copy must also leave
+/// the reserve (so there is always room to merge and free space later); new empty
+/// files (snapshots, reverts) need only their own few KiB. A plan that only removes
+/// files is never refused: it is how space comes back.
 fn check_space(engine: &Engine, plan: &Plan) -> Result<()> {
-    if !plan.copies_data() {
-        return Ok(());
-    }
-    let available = storage::available_bytes(&engine.config.volumes_dir)?;
-    let needed = plan
-        .space_needed
-        .saturating_add(engine.config.reserved_bytes);
-    if available < needed {
-        return Err(insufficient_storage(needed, available));
-    }
-    Ok(())
+    let reserve = if plan.copies_data() {
+        engine.config.reserved_bytes
+    } else {
+        0
+    };
+    engine.require_free_space(plan.space_needed, reserve)
 }
 
 /// The status a request found its snapshot in (restored if the job is undone).

@@ -32,6 +32,13 @@ pub use kinds::preflight;
 /// next start.
 const BOOKKEEPING_RETRIES: u32 = 4;
 
+/// How often a step whose qemu-img was killed by someone else is tried again.
+const KILLED_RETRIES: u32 = 3;
+
+/// How often a failing step past the point of no return is tried again before the job
+/// gives up (a full file system is waited out without limit).
+const FORWARD_RETRIES: u32 = 5;
+
 /// Engine settings (a slice of the service config).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -77,6 +84,21 @@ impl Engine {
 
     pub fn volume_path(&self, volume: Uuid) -> PathBuf {
         storage::volume_path(&self.config.volumes_dir, volume)
+    }
+
+    /// Refuse with `507 insufficient_storage` unless `bytes` (plus `reserve`) are free
+    /// on the volumes' file system. Nothing needed, nothing refused: removing files is
+    /// how space comes back.
+    pub fn require_free_space(&self, bytes: u64, reserve: u64) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let available = storage::available_bytes(&self.config.volumes_dir)?;
+        let needed = bytes.saturating_add(reserve);
+        if available < needed {
+            return Err(insufficient_storage(needed, available));
+        }
+        Ok(())
     }
 
     /// Tell idle workers that a job was queued.
@@ -248,8 +270,9 @@ impl Engine {
     }
 
     async fn drive(self: &Arc<Self>, mut job: Job, cancel: watch::Receiver<bool>) -> Result<()> {
-        // The step a previous process was in the middle of when it died, if any.
-        let interrupted_step = (job.phase == Some(JobPhase::Executing)).then_some(job.next_step);
+        // The first step a previous process (or attempt) may have been in the middle of
+        // when it stopped; it and every later step may be half done.
+        let resumed_at = (job.phase == Some(JobPhase::Executing)).then_some(job.next_step);
         if job.phase.is_none() {
             if *cancel.borrow() {
                 return self.abandon(&job, Stop::Cancelled).await;
@@ -291,13 +314,21 @@ impl Engine {
                 }
                 let progress = self.progress_reporter(job.id, index as f32 / total, 1.0 / total);
                 let interrupt = (cancellable && step.op.is_interruptible()).then_some(&cancel);
-                let retry = interrupted_step == Some(index);
-                if let Err(e) = self.execute(&step.op, retry, interrupt, &progress).await {
-                    let stop = if matches!(e, Error::Qemu(QemuError::Cancelled)) {
-                        Stop::Cancelled
-                    } else {
-                        Stop::Failed(e)
-                    };
+                // A resumed job may have run this step (or, for steps the journal does
+                // not record one by one, a later one) before the process died.
+                let again = resumed_at.is_some_and(|first| index >= first);
+                let past_no_return = job.past_no_return;
+                if let Err(stop) = self
+                    .execute_with_retries(
+                        &job,
+                        &step.op,
+                        again,
+                        past_no_return,
+                        interrupt,
+                        &progress,
+                    )
+                    .await
+                {
                     return self.stop(&job, &plan, index, stop).await;
                 }
                 // Creating an empty file is cheap and is redone from scratch on resume,
@@ -344,11 +375,54 @@ impl Engine {
         Ok(())
     }
 
-    /// Run one file operation. `retry` is true when a previous process died during it.
+    /// Run one step's file operation, trying again where that is the right answer:
+    /// a qemu-img killed by someone else is retried at once (a few times); past the
+    /// point of no return, where stopping would leave a half-merged layer, every
+    /// failure is retried with a growing pause, and a full file system is waited out
+    /// (the merge resumes once space is freed). Returns how the job must stop if it
+    /// cannot go on.
+    async fn execute_with_retries(
+        &self,
+        job: &Job,
+        op: &FileOp,
+        mut again: bool,
+        past_no_return: bool,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: &(dyn Fn(f32) + Send + Sync),
+    ) -> Result<(), Stop> {
+        let mut failures = 0u32;
+        loop {
+            let error = match self.execute(op, again, cancel, progress).await {
+                Ok(()) => return Ok(()),
+                Err(Error::Qemu(QemuError::Cancelled)) => return Err(Stop::Cancelled),
+                Err(e) => e,
+            };
+            failures += 1;
+            let killed = matches!(error, Error::Qemu(QemuError::Killed { .. }));
+            let retry = if past_no_return {
+                error.is_out_of_space() || failures <= FORWARD_RETRIES
+            } else {
+                killed && failures <= KILLED_RETRIES
+            };
+            if !retry {
+                return Err(Stop::Failed(error));
+            }
+            let pause = Duration::from_millis(250 << failures.min(7));
+            tracing::warn!(job = %job.id, kind = %job.kind, error = %error, attempt = failures, ?pause, "step failed; trying it again");
+            tokio::time::sleep(pause).await;
+            if cancel.is_some_and(|c| *c.borrow()) {
+                return Err(Stop::Cancelled);
+            }
+            again = true;
+        }
+    }
+
+    /// Run one file operation. `again` is true when an earlier process or attempt may
+    /// have run it partway: never trust what it left, header included.
     async fn execute(
         &self,
         op: &FileOp,
-        retry: bool,
+        again: bool,
         cancel: Option<&watch::Receiver<bool>>,
         progress: &(dyn Fn(f32) + Send + Sync),
     ) -> Result<()> {
@@ -367,8 +441,9 @@ impl Engine {
                     .await?;
             }
             FileOp::Commit { top, base } => {
-                if retry {
-                    // A killed qemu-img leaves leaked clusters in the file it wrote.
+                if again {
+                    // A killed commit leaves leaked clusters in the base it wrote; the
+                    // top (kept with -d) was only read.
                     self.qemu.repair_leaks(&self.volume_path(base)).await?;
                 }
                 self.qemu
@@ -380,10 +455,13 @@ impl Engine {
                     )
                     .await?;
             }
-            FileOp::Stream { volume, backing } => {
-                if retry {
-                    // A killed rebase leaves leaked clusters in the file it wrote.
-                    self.qemu.repair_leaks(&self.volume_path(volume)).await?;
+            FileOp::Stream {
+                volume,
+                from,
+                backing,
+            } => {
+                if again {
+                    self.restore_stream(volume, from).await?;
                 }
                 let backing = backing.map(storage::volume_file_name);
                 self.qemu
@@ -404,9 +482,11 @@ impl Engine {
                     .await?;
             }
             FileOp::Resize { volume, size_bytes } => {
-                self.qemu
-                    .resize(&self.volume_path(volume), size_bytes)
-                    .await?;
+                let path = self.volume_path(volume);
+                if again {
+                    self.qemu.repair_leaks(&path).await?;
+                }
+                self.qemu.resize(&path, size_bytes).await?;
             }
             FileOp::Import {
                 upload,
@@ -452,6 +532,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Put a file an interrupted safe rebase wrote back to what it read before: point
+    /// it at its old backing again (the clusters the rebase did map equal what that
+    /// backing shows), then free the clusters it wrote but never mapped.
+    async fn restore_stream(&self, volume: Uuid, from: Uuid) -> Result<()> {
+        let path = self.volume_path(volume);
+        self.qemu
+            .repoint(&path, &storage::volume_file_name(from))
+            .await?;
+        self.qemu.repair_leaks(&path).await?;
+        Ok(())
+    }
+
     /// Maps a step's own progress into the job's 0-100 range and stores it (at most a
     /// few times a second).
     fn progress_reporter(
@@ -488,6 +580,16 @@ impl Engine {
     /// partial merge left unreadable. The plan's `undo` and `fail` restore every status
     /// it flagged to what it was before the job.
     async fn stop(&self, job: &Job, plan: &Plan, index: usize, stop: Stop) -> Result<()> {
+        // A stream at this step or later may have been cut short (in this process, or in
+        // one that died before the journal caught up): the records keep its old backing,
+        // so its file goes back to reading through that backing too.
+        for step in &plan.steps[index..] {
+            if let FileOp::Stream { volume, from, .. } = step.op
+                && tokio::fs::try_exists(self.volume_path(volume)).await?
+            {
+                self.restore_stream(volume, from).await?;
+            }
+        }
         // The journal says whether the step of no return was entered (see `enter_no_return`).
         let past_no_return =
             job.past_no_return || plan.point_of_no_return().is_some_and(|p| p < index);

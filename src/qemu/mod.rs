@@ -3,6 +3,8 @@
 //! timeout, dies with the service (PR_SET_PDEATHSIG) and is killed when its job is
 //! cancelled. Knows nothing of HTTP or the database.
 
+pub mod children;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -31,6 +33,14 @@ pub enum QemuError {
         program: String,
         args: String,
         seconds: u64,
+    },
+    /// Killed by a signal strata did not send (the OOM killer, an operator): the
+    /// file it wrote may be half-written, and the step can be tried again.
+    #[error("{program} {args} was killed ({status})")]
+    Killed {
+        program: String,
+        args: String,
+        status: String,
     },
     #[error("cancelled")]
     Cancelled,
@@ -117,6 +127,9 @@ pub struct Qemu {
     pub quick_timeout: Duration,
     /// Limit for calls that copy data (commit, stream).
     pub copy_timeout: Duration,
+    /// Put in every child's environment (see `children`), so a later start finds and
+    /// kills any child this process left behind.
+    pub child_tag: Option<String>,
 }
 
 /// Reports the fraction done (0.0..=1.0) of a data-copying call.
@@ -128,7 +141,14 @@ impl Qemu {
             qemu_img,
             quick_timeout: Duration::from_secs(120),
             copy_timeout,
+            child_tag: None,
         }
+    }
+
+    /// Tag every child with `tag` (the data directory): see `children::reap_orphans`.
+    pub fn with_child_tag(mut self, tag: String) -> Self {
+        self.child_tag = Some(tag);
+        self
     }
 
     /// Create an empty qcow2 file, optionally on a backing file given by name relative
@@ -399,7 +419,7 @@ impl Qemu {
         timeout: Duration,
         ok: &[i32],
     ) -> Result<Vec<u8>, QemuError> {
-        self.run_limited(args, timeout, ok, None).await
+        self.run_child(args, timeout, None, None, None, ok).await
     }
 
     async fn run_limited(
@@ -409,18 +429,7 @@ impl Qemu {
         ok: &[i32],
         limits: Option<UntrustedLimits>,
     ) -> Result<Vec<u8>, QemuError> {
-        let output = self.spawn_limited(args, limits)?.wait_with_output();
-        let output = tokio::time::timeout(timeout, output)
-            .await
-            .map_err(|_| self.timeout_error(args, timeout))?;
-        let output = output.map_err(|source| QemuError::Spawn {
-            program: self.program(),
-            source,
-        })?;
-        match output.status.code() {
-            Some(code) if ok.contains(&code) => Ok(output.stdout),
-            _ => Err(self.failed(args, output.status, &output.stderr)),
-        }
+        self.run_child(args, timeout, None, None, limits, ok).await
     }
 
     /// Run qemu-img, feeding `-p` progress lines to `progress` and killing the child on
@@ -432,7 +441,8 @@ impl Qemu {
         cancel: Option<&watch::Receiver<bool>>,
         progress: Option<Progress<'_>>,
     ) -> Result<Vec<u8>, QemuError> {
-        self.run_with(args, timeout, cancel, progress, None).await
+        self.run_child(args, timeout, cancel, progress, None, &[0])
+            .await
     }
 
     async fn run_with(
@@ -443,6 +453,23 @@ impl Qemu {
         progress: Option<Progress<'_>>,
         limits: Option<UntrustedLimits>,
     ) -> Result<Vec<u8>, QemuError> {
+        self.run_child(args, timeout, cancel, progress, limits, &[0])
+            .await
+    }
+
+    /// The one way a child runs. Exit codes in `ok` count as success. A child stopped
+    /// on cancel or timeout is killed *and waited for* before this returns: the caller
+    /// goes on to repair or remove the file it wrote, which must not race a dying
+    /// writer that still holds the image lock.
+    async fn run_child(
+        &self,
+        args: &[String],
+        timeout: Duration,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: Option<Progress<'_>>,
+        limits: Option<UntrustedLimits>,
+        ok: &[i32],
+    ) -> Result<Vec<u8>, QemuError> {
         let mut child = self.spawn_limited(args, limits)?;
         let mut stdout = child.stdout.take().expect("stdout is piped");
         let mut stderr = child.stderr.take().expect("stderr is piped");
@@ -452,44 +479,54 @@ impl Qemu {
             buf
         });
         let mut cancel = cancel.cloned();
-        let work = async {
-            let mut out = Vec::new();
-            let mut chunk = [0u8; 4096];
-            loop {
-                let n = stdout.read(&mut chunk).await.unwrap_or(0);
-                if n == 0 {
-                    break;
+        let ended = {
+            let work = async {
+                let mut out = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = stdout.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&chunk[..n]);
+                    if let (Some(report), Some(fraction)) = (progress, last_progress(&out)) {
+                        report(fraction);
+                    }
                 }
-                out.extend_from_slice(&chunk[..n]);
-                if let (Some(report), Some(fraction)) = (progress, last_progress(&out)) {
-                    report(fraction);
+                let status = child.wait().await;
+                (out, status)
+            };
+            let cancelled = async {
+                match cancel.as_mut() {
+                    Some(rx) => {
+                        let _ = rx.wait_for(|c| *c).await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
+            };
+            tokio::select! {
+                result = tokio::time::timeout(timeout, work) => result.ok(),
+                _ = cancelled => None,
             }
-            let status = child.wait().await;
-            (out, status)
         };
-        let cancelled = async {
-            match cancel.as_mut() {
-                Some(rx) => {
-                    let _ = rx.wait_for(|c| *c).await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        // Dropping `work` drops the child, and kill_on_drop ends the process.
-        let (out, status) = tokio::select! {
-            result = tokio::time::timeout(timeout, work) => result.map_err(|_| self.timeout_error(args, timeout))?,
-            _ = cancelled => return Err(QemuError::Cancelled),
+        let Some((out, status)) = ended else {
+            // `kill` sends SIGKILL and reaps the child.
+            let _ = child.kill().await;
+            let cancelled = cancel.as_ref().is_some_and(|rx| *rx.borrow());
+            return Err(if cancelled {
+                QemuError::Cancelled
+            } else {
+                self.timeout_error(args, timeout)
+            });
         };
         let status = status.map_err(|source| QemuError::Spawn {
             program: self.program(),
             source,
         })?;
         let stderr = stderr_task.await.unwrap_or_default();
-        if status.success() {
-            Ok(out)
-        } else {
-            Err(self.failed(args, status, &stderr))
+        match status.code() {
+            Some(code) if ok.contains(&code) => Ok(out),
+            _ => Err(self.failed(args, status, &stderr)),
         }
     }
 
@@ -504,14 +541,30 @@ impl Qemu {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group: a terminal's Ctrl-C reaches strata, which stops
+            // its children in order, instead of killing qemu-img mid-write.
+            .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It asks
-        // the kernel to kill qemu-img if strata dies (e.g. kill -9), so a restarted
-        // service never races an orphaned writer on the same file.
+        if let Some(tag) = &self.child_tag {
+            command.env(children::CHILD_TAG_VAR, tag);
+        }
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: prctl, getppid and setrlimit are async-signal-safe and touch no memory
+        // of the parent. PDEATHSIG asks the kernel to kill qemu-img if strata dies (e.g.
+        // kill -9), so a restarted service never races an orphaned writer on the same
+        // file. It is tied to the thread that forks, which is a runtime worker living as
+        // long as the process.
         unsafe {
             command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // strata died between the fork and the request: the signal will never
+                // come, so do not start at all.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other(
+                        "the parent exited before qemu-img started",
+                    ));
                 }
                 // setrlimit is async-signal-safe too; past the CPU limit the kernel
                 // kills the child (SIGKILL after SIGXCPU), past the address space
@@ -550,6 +603,14 @@ impl Qemu {
         status: std::process::ExitStatus,
         stderr: &[u8],
     ) -> QemuError {
+        use std::os::unix::process::ExitStatusExt;
+        if status.signal().is_some() {
+            return QemuError::Killed {
+                program: self.program(),
+                args: args.join(" "),
+                status: status.to_string(),
+            };
+        }
         QemuError::Failed {
             program: self.program(),
             args: args.join(" "),

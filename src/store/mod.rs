@@ -24,7 +24,78 @@ use crate::domain::plan::MetaOp;
 use crate::domain::{Timestamp, Uuid};
 use crate::error::{Error, Result};
 
-pub type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
+/// A write transaction on the single writer connection.
+///
+/// sqlx's own `Transaction` keeps a depth counter in the connection and rolls back
+/// lazily on drop; after a failed `COMMIT` or a statement SQLite rolled back on its
+/// own (`SQLITE_FULL`, `SQLITE_IOERR`), that counter no longer matches the
+/// connection, and later transactions silently became savepoints of a transaction
+/// that never commits. So this one issues `BEGIN IMMEDIATE` / `COMMIT` itself, and a
+/// transaction that does not commit cleanly (an error, or dropped early) takes its
+/// connection with it: closing a SQLite connection rolls back whatever it had open,
+/// and the pool opens a fresh one for the next writer. Nothing is ever acknowledged
+/// from a connection in an unknown state.
+pub struct Tx {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+}
+
+impl Tx {
+    async fn begin(pool: &SqlitePool) -> Result<Self> {
+        let mut conn = pool.acquire().await?;
+        if let Err(e) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
+            discard(conn);
+            return Err(e.into());
+        }
+        Ok(Self { conn: Some(conn) })
+    }
+
+    /// Make the transaction durable. On an error nothing of it is committed and the
+    /// connection is replaced.
+    pub async fn commit(mut self) -> Result<()> {
+        let mut conn = self
+            .conn
+            .take()
+            .expect("an open transaction has its connection");
+        match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                discard(conn);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Close a connection whose transaction state is not known to be clean; SQLite rolls
+/// back an open transaction when its connection closes.
+fn discard(conn: sqlx::pool::PoolConnection<sqlx::Sqlite>) {
+    drop(conn.detach());
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            discard(conn);
+        }
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        self.conn
+            .as_ref()
+            .expect("an open transaction has its connection")
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.conn
+            .as_mut()
+            .expect("an open transaction has its connection")
+    }
+}
 
 #[derive(Clone)]
 pub struct Db {
@@ -60,7 +131,7 @@ impl Db {
     }
 
     pub async fn begin(&self) -> Result<Tx> {
-        Ok(self.write.begin().await?)
+        Tx::begin(&self.write).await
     }
 
     pub async fn close(&self) {

@@ -41,6 +41,14 @@ impl TestApp {
         Self::start(temp, env)
     }
 
+    /// Start the service over `dir/data`, e.g. a directory a test mounted a small
+    /// file system on.
+    pub async fn spawn_in(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Self {
+        let app = Self::start(std::sync::Arc::new(dir), env);
+        app.wait_ready().await;
+        app
+    }
+
     fn start(temp: std::sync::Arc<tempfile::TempDir>, env: &[(&str, &str)]) -> Self {
         let data_dir = temp.path().join("data");
         let mut command = Command::new(env!("CARGO_BIN_EXE_strata"));
@@ -87,6 +95,11 @@ impl TestApp {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// The service's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Wait for the process to die on its own (e.g. after an injected crash).
@@ -403,6 +416,41 @@ pub fn reference_copy(path: &str, name: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     dest
+}
+
+/// Pids of the running processes named `name` whose parent is `parent`.
+pub fn children_named(parent: u32, name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // "pid (comm) state ppid ...": the name may hold spaces, so split at the last ')'.
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1;
+        let mut fields = rest.split_whitespace();
+        let state = fields.next()?;
+        let ppid: u32 = fields.next()?.parse().ok()?;
+        (comm == name && ppid == parent && state != "Z").then_some(pid)
+    })
+    .collect()
+}
+
+/// Wait (up to 30 s) until `parent` runs a child named `name`; its pid.
+pub async fn wait_for_child(parent: u32, name: &str) -> u32 {
+    for _ in 0..3000 {
+        if let Some(&pid) = children_named(parent, name).first() {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("process {parent} never started {name}");
+}
+
+/// SIGKILL a process (not the service: use `TestApp::kill` for that).
+pub fn kill_process(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
 }
 
 pub fn exists(path: &str) -> bool {

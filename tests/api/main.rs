@@ -2,7 +2,9 @@
 
 mod clones;
 mod deploy;
+mod durability;
 mod expiry;
+mod full_disk;
 mod helpers;
 mod imports;
 mod jobs;
