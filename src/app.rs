@@ -43,9 +43,10 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     })?;
     let data_dir = std::fs::canonicalize(&config.data_dir)?;
     let volumes_dir = data_dir.join("volumes");
+    // Before anything writes: a second service must not even migrate the database.
+    let _data_dir_lock = lock_data_dir(&data_dir)?;
     check_qemu_img(&config).await?;
     let db = Db::open(&data_dir.join("strata.db")).await?;
-    let _data_dir_lock = lock_data_dir(&data_dir)?;
     // A qemu-img a killed predecessor left must be gone before recovery touches the
     // layer it was writing.
     let child_tag = data_dir.display().to_string();
@@ -71,6 +72,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
             volumes_dir,
             reserved_bytes: config.reserved_space,
             fault: config.fault.clone(),
+            import_slots: config.import_slots.max(1),
         },
     );
     let ready = Arc::new(AtomicBool::new(false));

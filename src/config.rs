@@ -86,6 +86,12 @@ pub struct ServeConfig {
     #[arg(long, env = "STRATA_IMPORT_DIR")]
     pub import_dir: Option<PathBuf>,
 
+    /// Image imports inspected or converted at once (each qemu-img run on an untrusted
+    /// file is CPU- and memory-capped; this caps how many run together). An upload
+    /// that finds every slot taken is refused with 503 `imports_busy` and Retry-After.
+    #[arg(long, env = "STRATA_IMPORT_SLOTS", default_value_t = 2)]
+    pub import_slots: usize,
+
     /// Largest image file an import accepts, in bytes (default 64 GiB).
     #[arg(long, env = "STRATA_IMPORT_MAX_BYTES", default_value_t = 64 << 30)]
     pub import_max_bytes: u64,

@@ -60,6 +60,7 @@ error_codes! {
     ImageInvalid => ("image_invalid", UNPROCESSABLE_ENTITY, "The image is not valid"),
     InsufficientStorage => ("insufficient_storage", INSUFFICIENT_STORAGE, "Not enough free space for the operation"),
     RequestTimeout => ("request_timeout", REQUEST_TIMEOUT, "The request took too long"),
+    ImportsBusy => ("imports_busy", SERVICE_UNAVAILABLE, "Every import slot is in use; try again later"),
     NotReady => ("not_ready", SERVICE_UNAVAILABLE, "The service is not ready"),
     Internal => ("internal_error", INTERNAL_SERVER_ERROR, "Internal error"),
     QemuFailed => ("qemu_failed", INTERNAL_SERVER_ERROR, "A qemu-img operation failed"),

@@ -144,6 +144,7 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
             db.clone(),
             strata::qemu::Qemu::new("qemu-img".into(), Duration::from_secs(60)),
             EngineConfig {
+                import_slots: 2,
                 workers: WORKERS,
                 volumes_dir: work.join("due-volumes"),
                 reserved_bytes: 0,

@@ -83,6 +83,8 @@ impl Drop for Staged {
         (status = 408, description = "The upload stalled: nothing arrived for `--request-timeout-secs` (`request_timeout`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The file is larger than `--import-max-bytes` (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The file is refused: its content is not the declared format (`image_format_mismatch`), it names a backing file (`image_has_backing_file`) or an external data file (`image_has_data_file`), is encrypted (`image_encrypted`), is larger than `--max-disk-size` (`image_too_large`), is cut short (`image_truncated`), corrupt (`image_corrupt`) or otherwise unreadable (`image_invalid`)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Every import slot (`--import-slots`) is busy inspecting or converting other images (`imports_busy`); try again after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
         (status = 507, description = "Not enough free space (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn import_template(
@@ -114,6 +116,9 @@ async fn import_template(
         }
     }
 
+    // Reading an untrusted image costs CPU and memory (capped per run): only so many
+    // at once, the rest come back later.
+    let _slot = state.engine.try_import_slot()?;
     let inspection = inspect_staged(&state, &staged.path, query.format).await?;
     // What the copy will take, which a crafted file can make far more than its size.
     let copy_bytes = state

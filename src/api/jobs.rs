@@ -173,7 +173,9 @@ pub const MAX_WAIT_SECONDS: u64 = 60;
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
-    /// Hold the answer until the job ends or this many seconds pass (0 to 60).
+    /// Hold the answer until the job ends or this many seconds pass (0 to 60). The
+    /// service answers before its `--request-timeout-secs` in any case, with the job as
+    /// it stands then.
     #[param(maximum = 60, example = 30)]
     pub wait: Option<u64>,
 }
@@ -199,7 +201,11 @@ async fn get_job(
             format!("wait must be at most {MAX_WAIT_SECONDS} seconds"),
         ));
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    // The answer must beat the request timeout, which would turn a long-poll into a
+    // 408: wait at most until a little before it.
+    let margin = (state.request_timeout / 10).max(Duration::from_millis(500));
+    let wait = Duration::from_secs(wait).min(state.request_timeout.saturating_sub(margin));
+    let deadline = tokio::time::Instant::now() + wait;
     let mut changes = state.engine.subscribe();
     loop {
         let job = load(&state, id).await?;

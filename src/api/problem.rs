@@ -61,6 +61,19 @@ impl IntoResponse for Problem {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let code = self.code();
+        let mut response = self.into_problem(code);
+        if code == ErrorCode::ImportsBusy {
+            // Long enough for a typical inspection to finish.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+        response
+    }
+}
+
+impl Error {
+    fn into_problem(self, code: ErrorCode) -> Response {
         match self {
             Error::Problem {
                 code,

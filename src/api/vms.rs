@@ -519,11 +519,25 @@ async fn delete_vm(
     }
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
-    if vm.status == ResourceStatus::Deleting {
-        return Err(Error::problem(
-            ErrorCode::VmNotReady,
-            format!("VM {} is already being deleted", vm.name),
-        ));
+    match vm.status {
+        ResourceStatus::Ready | ResourceStatus::Error => {}
+        ResourceStatus::Deleting => {
+            return Err(Error::problem(
+                ErrorCode::VmNotReady,
+                format!("VM {} is already being deleted", vm.name),
+            ));
+        }
+        // The job making it (a create, clone, deploy or conversion) ends by setting
+        // its status; a deletion accepted meanwhile would be overwritten.
+        ResourceStatus::Creating => {
+            return Err(Error::problem(
+                ErrorCode::VmNotReady,
+                format!(
+                    "VM {} is still being created; wait for its job to end, or cancel it",
+                    vm.name
+                ),
+            ));
+        }
     }
     require_stopped(&vm, "delete the VM")?;
     store::vms::set_vm_status(&mut tx, vm.id, ResourceStatus::Deleting).await?;

@@ -216,8 +216,10 @@ pub struct Job {
 }
 
 string_enum!(
-    /// Where a job stands in its journal.
-    JobPhase { Executing => "executing", Committed => "committed" }
+    /// Where a job stands in its journal: `executing` its plan's steps, `stopping`
+    /// (decided to roll back or to fail; a restart finishes that, never runs on), or
+    /// `committed` (metadata switched; only dropping files is left).
+    JobPhase { Executing => "executing", Stopping => "stopping", Committed => "committed" }
 );
 
 /// Which VMs a schedule snapshots.

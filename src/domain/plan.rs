@@ -141,10 +141,13 @@ pub enum FileOp {
     /// interrupt: qemu-img writes the new backing pointer into the header before the
     /// cluster tables of what it copied reach the file, so a killed rebase leaves a
     /// file that reads neither way. Pointing the file back at `from` (the clusters it
-    /// did map equal what `from` shows) restores what it read before.
+    /// did map equal what `from` shows) restores what it read before. (`None` only in
+    /// plans journaled before it was recorded: then the volume's recorded parent, which
+    /// the records keep until the step is done.)
     Stream {
         volume: Uuid,
-        from: Uuid,
+        #[serde(default)]
+        from: Option<Uuid>,
         backing: Option<Uuid>,
     },
     /// Only rewrite the backing pointer; the caller guarantees identical content.
@@ -678,7 +681,7 @@ pub fn plan_snapshot_delete(
                     plan.steps.push(Step {
                         op: FileOp::Stream {
                             volume: child.id,
-                            from: frozen.id,
+                            from: Some(frozen.id),
                             backing: frozen.parent,
                         },
                         then: vec![MetaOp::SetVolumeParent {
@@ -916,7 +919,7 @@ pub fn plan_flatten(disk: &DiskGraph, copy_bytes: u64) -> Option<Plan> {
     plan.steps.push(Step {
         op: FileOp::Stream {
             volume: root.id,
-            from: source,
+            from: Some(source),
             backing: None,
         },
         then: vec![MetaOp::SetVolumeParent {
@@ -1012,7 +1015,7 @@ pub fn plan_delete_all_snapshots(
                 plan.steps.push(Step {
                     op: FileOp::Stream {
                         volume: active.id,
-                        from: chain[1].id,
+                        from: Some(chain[1].id),
                         backing: base.parent,
                     },
                     then: vec![MetaOp::SetVolumeParent {

@@ -3,7 +3,7 @@
 //! re-checks the preconditions at run time (the VM may have changed since the request)
 //! and measures files and free space.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -16,16 +16,22 @@ use crate::domain::{Job, JobKind, ResourceStatus, Uuid, Vm, VmKind, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
-/// Plan a job from the current state (also used by handlers to refuse early).
+/// Plan a job from the current state, when it runs.
 pub async fn plan(engine: &Arc<Engine>, job: &Job) -> Result<Plan> {
     let vm_id = job
         .vm_id
         .ok_or_else(|| Error::Internal(format!("job {} has no VM", job.id)))?;
-    preflight(engine, job.kind, vm_id, job.target_id, &job.params).await
+    plan_now(
+        engine,
+        kind_request(job.kind, vm_id, job.target_id, &job.params),
+        Some(job.seq),
+    )
+    .await
 }
 
 /// Compute the plan a job of `kind` would follow now, refusing with a problem when the
-/// VM's state or the free space does not allow it. Touches no file.
+/// VM's state or the free space does not allow it (handlers call it to refuse early).
+/// Touches no file.
 pub async fn preflight(
     engine: &Engine,
     kind: JobKind,
@@ -33,12 +39,48 @@ pub async fn preflight(
     target: Uuid,
     params: &Value,
 ) -> Result<Plan> {
+    plan_now(engine, kind_request(kind, vm_id, target, params), None).await
+}
+
+/// What is planned: the job's kind, VM, target and parameters.
+struct Request<'a> {
+    kind: JobKind,
+    vm_id: Uuid,
+    target: Uuid,
+    params: &'a Value,
+}
+
+fn kind_request(kind: JobKind, vm_id: Uuid, target: Uuid, params: &Value) -> Request<'_> {
+    Request {
+        kind,
+        vm_id,
+        target,
+        params,
+    }
+}
+
+/// `accepted_before`: the planning job's own place in the queue. Linked clones
+/// accepted before it read the VM's layers as soon as they run (they run first), so
+/// they count as readers already; those accepted after it do not.
+async fn plan_now(
+    engine: &Engine,
+    request: Request<'_>,
+    accepted_before: Option<i64>,
+) -> Result<Plan> {
+    let Request {
+        kind,
+        vm_id,
+        target,
+        params,
+    } = request;
     let mut conn = engine.db.reader().await?;
     let vm = store::vms::get_vm(&mut conn, vm_id).await?.ok_or_else(|| {
         Error::problem(ErrorCode::VmNotFound, format!("VM {vm_id} does not exist"))
     })?;
     let mut graphs = store::vms::disk_graphs(&mut conn, vm_id).await?;
     storage::measure(&engine.config.volumes_dir, &mut graphs);
+    let pending_clones =
+        count_pending_linked_clones(&mut conn, vm_id, &mut graphs, accepted_before).await?;
     let disk_graph = |graphs: &[DiskGraph]| {
         graphs
             .iter()
@@ -243,7 +285,7 @@ pub async fn preflight(
     } else {
         plan
     };
-    refuse_endangering_dependents(&mut conn, &plan, &graphs).await?;
+    refuse_endangering_dependents(&mut conn, &plan, &graphs, &pending_clones).await?;
     check_space(engine, &plan)?;
     Ok(plan)
 }
@@ -299,6 +341,51 @@ async fn flatten_dependents_first(
     plan.finish.extend(flatten.finish);
     plan.space_needed += flatten.space_needed;
     Ok(plan)
+}
+
+/// Add, as readers of the layers they will sit on, the VMs of linked clones and
+/// deploys from this VM that were accepted (before `accepted_before`, if given) but
+/// have not run yet: a request that would rewrite or remove those layers is refused
+/// now (`has_dependents`), not accepted and failed once the clone exists. Returns
+/// those VMs.
+async fn count_pending_linked_clones(
+    conn: &mut sqlx::SqliteConnection,
+    vm_id: Uuid,
+    graphs: &mut [DiskGraph],
+    accepted_before: Option<i64>,
+) -> Result<HashSet<Uuid>> {
+    let mut pending = HashSet::new();
+    for job in store::jobs::pending_for_vm(conn, vm_id).await? {
+        let clones = matches!(job.kind, JobKind::VmClone | JobKind::TemplateDeploy);
+        if !clones || job.vm_id != Some(vm_id) || accepted_before.is_some_and(|seq| job.seq >= seq)
+        {
+            continue;
+        }
+        let request: CloneParams = serde_json::from_value(job.params.clone())
+            .map_err(|e| Error::Internal(format!("bad clone parameters: {e}")))?;
+        if request.mode != CloneMode::Linked {
+            continue;
+        }
+        for target in &request.vms {
+            for (_, source_disk) in &target.disks {
+                let Some(graph) = graphs.iter_mut().find(|g| g.disk_id == *source_disk) else {
+                    continue;
+                };
+                let start = match request.snapshot_id {
+                    Some(snapshot) => graph.frozen_by(snapshot).map(|v| v.id),
+                    None => graph.active().map(|v| v.id),
+                };
+                if let Some(volume) =
+                    start.and_then(|id| graph.volumes.iter_mut().find(|v| v.id == id))
+                    && !volume.dependents.contains(&target.id)
+                {
+                    volume.dependents.push(target.id);
+                    pending.insert(target.id);
+                }
+            }
+        }
+    }
+    Ok(pending)
 }
 
 /// Flattening rewrites a disk's lowest layer, which linked clones of *that* VM read
@@ -434,11 +521,13 @@ fn volume_ids(graphs: &[DiskGraph]) -> std::collections::HashSet<Uuid> {
         .collect()
 }
 
-/// Refuse a plan that would rewrite or remove a file linked clones read, naming them.
+/// Refuse a plan that would rewrite or remove a file linked clones read (or will read:
+/// `pending`, accepted but not made yet), naming them.
 async fn refuse_endangering_dependents(
     conn: &mut sqlx::SqliteConnection,
     plan: &Plan,
     graphs: &[DiskGraph],
+    pending: &HashSet<Uuid>,
 ) -> Result<()> {
     // Links the plan itself cuts first (flattened dependents) protect nothing any more.
     let cut: std::collections::HashSet<Uuid> = plan
@@ -461,7 +550,7 @@ async fn refuse_endangering_dependents(
                 root.parent.is_some_and(|p| ours.contains(&p)) && !cut.contains(&root.id)
             })
         });
-        if still_linked {
+        if still_linked || pending.contains(&vm) {
             endangered.push(vm);
         }
     }

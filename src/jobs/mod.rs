@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 
 use crate::domain::plan::{FileOp, MetaOp, Plan};
-use crate::domain::{Job, JobPhase, JobStatus, Uuid};
+use crate::domain::{Job, JobKind, JobPhase, JobStatus, Uuid};
 use crate::error::{Error, ErrorCode, Result};
 use crate::qemu::{Qemu, QemuError};
 use crate::store::{self, Db};
@@ -36,8 +36,12 @@ const BOOKKEEPING_RETRIES: u32 = 4;
 const KILLED_RETRIES: u32 = 3;
 
 /// How often a failing step past the point of no return is tried again before the job
-/// gives up (a full file system is waited out without limit).
+/// gives up (a full file system is waited out without limit, see `PARK_FOR`).
 const FORWARD_RETRIES: u32 = 5;
+
+/// How long a job that ran out of space past its point of no return waits before it
+/// is tried again.
+const PARK_FOR: Duration = Duration::from_secs(5);
 
 /// Engine settings (a slice of the service config).
 #[derive(Debug, Clone)]
@@ -48,6 +52,8 @@ pub struct EngineConfig {
     pub reserved_bytes: u64,
     /// Test-only crash point, `<job kind>:<point>` (see `Engine::fault_point`).
     pub fault: Option<String>,
+    /// Imports (inspection in the request, conversion in the job) running at once.
+    pub import_slots: usize,
 }
 
 pub struct Engine {
@@ -61,12 +67,63 @@ pub struct Engine {
     running: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
     /// Progress of running jobs within a step (see `progress_reporter`).
     live_progress: Mutex<HashMap<Uuid, u8>>,
+    /// Slots for work on untrusted images (see `EngineConfig::import_slots`).
+    import_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// How a job ended early.
 enum Stop {
     Cancelled,
     Failed(Error),
+    /// Past its point of no return, out of space: it waits (parked) and goes on later.
+    Parked(Error),
+}
+
+/// A stop as the journal records it: the final status and, for a failure, its code
+/// and message.
+struct Outcome {
+    status: JobStatus,
+    error: Option<(String, String)>,
+}
+
+impl Outcome {
+    fn of(job: &Job, stop: Stop) -> Self {
+        match stop {
+            Stop::Cancelled => Self {
+                status: JobStatus::Cancelled,
+                error: None,
+            },
+            Stop::Failed(e) | Stop::Parked(e) => {
+                if e.code().status().is_server_error() {
+                    tracing::error!(job = %job.id, kind = %job.kind, error = %e, "job failed");
+                } else {
+                    tracing::info!(job = %job.id, kind = %job.kind, error = %e, "job refused");
+                }
+                Self {
+                    status: JobStatus::Failed,
+                    error: Some((e.code().as_str().to_owned(), e.to_string())),
+                }
+            }
+        }
+    }
+
+    /// What a job journaled as stopping ends with.
+    fn recorded(job: &Job) -> Self {
+        match &job.error_code {
+            Some(code) => Self {
+                status: JobStatus::Failed,
+                error: Some((code.clone(), job.error_message.clone().unwrap_or_default())),
+            },
+            None => Self {
+                status: JobStatus::Cancelled,
+                error: None,
+            },
+        }
+    }
+
+    fn error_pair(&self) -> Option<(&str, &str)> {
+        self.error.as_ref().map(|(c, m)| (c.as_str(), m.as_str()))
+    }
 }
 
 impl Engine {
@@ -74,6 +131,7 @@ impl Engine {
         Arc::new(Self {
             db,
             qemu,
+            import_slots: Arc::new(tokio::sync::Semaphore::new(config.import_slots.max(1))),
             config,
             wake: Notify::new(),
             changed: watch::channel(0).0,
@@ -99,6 +157,22 @@ impl Engine {
             return Err(insufficient_storage(needed, available));
         }
         Ok(())
+    }
+
+    /// A slot for inspecting an untrusted image now, or `503 imports_busy` when every
+    /// slot is taken (the client tries again after Retry-After).
+    pub fn try_import_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.import_slots)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Error::problem(
+                    ErrorCode::ImportsBusy,
+                    format!(
+                        "{} images are being inspected or imported, the most allowed at once (--import-slots)",
+                        self.config.import_slots
+                    ),
+                )
+            })
     }
 
     /// Tell idle workers that a job was queued.
@@ -221,7 +295,11 @@ impl Engine {
 
     async fn claim(&self) -> Result<Option<Job>> {
         let mut tx = self.db.begin().await?;
-        let job = store::jobs::claim_next(&mut tx, store::now()).await?;
+        let now = store::now();
+        let job = match store::jobs::claim_parked(&mut tx, now).await? {
+            Some(job) => Some(job),
+            None => store::jobs::claim_next(&mut tx, now).await?,
+        };
         tx.commit().await?;
         Ok(job)
     }
@@ -236,6 +314,12 @@ impl Engine {
         self.bump();
         let id = job.id;
         let upload = uploads::of_job(&job);
+        // An import's conversion reads an untrusted file: it takes an import slot
+        // for its whole run (waiting for one if need be).
+        let _slot = match job.kind {
+            JobKind::TemplateImport => Arc::clone(&self.import_slots).acquire_owned().await.ok(),
+            _ => None,
+        };
         let mut outcome = self.drive(job, cancel_rx.clone()).await;
         // A failed journal write (e.g. the database's file system was full) leaves the
         // job as its last committed entry describes it: resume from there, as a restart
@@ -256,8 +340,11 @@ impl Engine {
         self.live_progress.lock().expect("progress map").remove(&id);
         if let Err(e) = outcome {
             tracing::error!(job = %id, error = %e, "job bookkeeping keeps failing; it will be resumed at the next start");
-        } else if let Some(upload) = upload {
-            // Imported or not, the job is over: the upload is not needed any more.
+        } else if let Some(upload) = upload
+            && !matches!(self.reload(id).await, Ok(Some(job)) if job.status == JobStatus::Running)
+        {
+            // Imported or not, the job is over (not parked): the upload is not needed
+            // any more.
             uploads::remove(self, upload).await;
         }
         self.bump();
@@ -294,6 +381,12 @@ impl Engine {
             .plan
             .clone()
             .ok_or_else(|| Error::Internal(format!("job {} has a phase but no plan", job.id)))?;
+        if job.phase == Some(JobPhase::Stopping) {
+            let outcome = Outcome::recorded(&job);
+            return self
+                .finish_stopping(&job, &plan, job.next_step, outcome)
+                .await;
+        }
         if job.phase == Some(JobPhase::Executing) {
             let total = plan.steps.len().max(1) as f32;
             let mut last_step_done = false;
@@ -318,7 +411,7 @@ impl Engine {
                 // not record one by one, a later one) before the process died.
                 let again = resumed_at.is_some_and(|first| index >= first);
                 let past_no_return = job.past_no_return;
-                if let Err(stop) = self
+                let executed = self
                     .execute_with_retries(
                         &job,
                         &step.op,
@@ -327,9 +420,11 @@ impl Engine {
                         interrupt,
                         &progress,
                     )
-                    .await
-                {
-                    return self.stop(&job, &plan, index, stop).await;
+                    .await;
+                match executed {
+                    Ok(()) => {}
+                    Err(Stop::Parked(error)) => return self.park(&job, &error).await,
+                    Err(stop) => return self.stop(&job, &plan, index, stop).await,
                 }
                 // Creating an empty file is cheap and is redone from scratch on resume,
                 // so only steps that copy data or change metadata cost a journal write.
@@ -378,9 +473,9 @@ impl Engine {
     /// Run one step's file operation, trying again where that is the right answer:
     /// a qemu-img killed by someone else is retried at once (a few times); past the
     /// point of no return, where stopping would leave a half-merged layer, every
-    /// failure is retried with a growing pause, and a full file system is waited out
-    /// (the merge resumes once space is freed). Returns how the job must stop if it
-    /// cannot go on.
+    /// failure is retried with a growing pause, and a full file system parks the job
+    /// (it resumes once space is freed, without holding a worker meanwhile). Returns
+    /// how the job must stop if it cannot go on.
     async fn execute_with_retries(
         &self,
         job: &Job,
@@ -398,9 +493,12 @@ impl Engine {
                 Err(e) => e,
             };
             failures += 1;
+            if past_no_return && error.is_out_of_space() {
+                return Err(Stop::Parked(error));
+            }
             let killed = matches!(error, Error::Qemu(QemuError::Killed { .. }));
             let retry = if past_no_return {
-                error.is_out_of_space() || failures <= FORWARD_RETRIES
+                failures <= FORWARD_RETRIES
             } else {
                 killed && failures <= KILLED_RETRIES
             };
@@ -535,11 +633,25 @@ impl Engine {
     /// Put a file an interrupted safe rebase wrote back to what it read before: point
     /// it at its old backing again (the clusters the rebase did map equal what that
     /// backing shows), then free the clusters it wrote but never mapped.
-    async fn restore_stream(&self, volume: Uuid, from: Uuid) -> Result<()> {
+    async fn restore_stream(&self, volume: Uuid, from: Option<Uuid>) -> Result<()> {
+        let from = match from {
+            Some(from) => Some(from),
+            None => store::vms::volume_parent(&mut *self.db.reader().await?, volume).await?,
+        };
         let path = self.volume_path(volume);
-        self.qemu
-            .repoint(&path, &storage::volume_file_name(from))
-            .await?;
+        match from {
+            // Pointing at a file that is not there would break a file that may well be
+            // whole: leave the header as it is and say so.
+            Some(from) if !tokio::fs::try_exists(self.volume_path(from)).await? => {
+                tracing::error!(%volume, %from, "the layer an interrupted stream read from is gone; its file is left as it is");
+            }
+            Some(from) => {
+                self.qemu
+                    .repoint(&path, &storage::volume_file_name(from))
+                    .await?;
+            }
+            None => {}
+        }
         self.qemu.repair_leaks(&path).await?;
         Ok(())
     }
@@ -575,11 +687,30 @@ impl Engine {
             .copied()
     }
 
-    /// Stop a job at step `index` (not completed):
-    /// roll back if the point of no return was not reached, otherwise record what the
-    /// partial merge left unreadable. The plan's `undo` and `fail` restore every status
-    /// it flagged to what it was before the job.
+    /// Stop a job at step `index` (not completed): roll back if the point of no return
+    /// was not reached, otherwise record what the partial merge left unreadable. The
+    /// plan's `undo` and `fail` restore every status it flagged to what it was before
+    /// the job.
     async fn stop(&self, job: &Job, plan: &Plan, index: usize, stop: Stop) -> Result<()> {
+        let outcome = Outcome::of(job, stop);
+        // Decided once: the decision is journaled before any file is touched, so a crash
+        // while rolling back rolls back again instead of running the job on from a
+        // state whose files were already removed.
+        let mut tx = self.db.begin().await?;
+        store::jobs::begin_stopping(&mut tx, job.id, outcome.error_pair()).await?;
+        tx.commit().await?;
+        self.finish_stopping(job, plan, index, outcome).await
+    }
+
+    /// The file work and final entry of a stop (also what a restart redoes for a job
+    /// journaled as stopping, from its first unjournaled step).
+    async fn finish_stopping(
+        &self,
+        job: &Job,
+        plan: &Plan,
+        index: usize,
+        outcome: Outcome,
+    ) -> Result<()> {
         // A stream at this step or later may have been cut short (in this process, or in
         // one that died before the journal caught up): the records keep its old backing,
         // so its file goes back to reading through that backing too.
@@ -590,11 +721,22 @@ impl Engine {
                 self.restore_stream(volume, from).await?;
             }
         }
+        // A commit or resize cut short leaves clusters it allocated but never mapped.
+        if let Some(step) = plan.steps.get(index) {
+            let written = match step.op {
+                FileOp::Commit { base, .. } => Some(base),
+                FileOp::Resize { volume, .. } => Some(volume),
+                _ => None,
+            };
+            if let Some(volume) = written {
+                self.qemu.repair_leaks(&self.volume_path(volume)).await?;
+            }
+        }
         // The journal says whether the step of no return was entered (see `enter_no_return`).
         let past_no_return =
             job.past_no_return || plan.point_of_no_return().is_some_and(|p| p < index);
         if past_no_return {
-            return self.end(job, &plan.fail, stop).await;
+            return self.end(job, &plan.fail, &outcome).await;
         }
         // Every file a Create or Convert step made is new and ours, including those of
         // later steps an earlier process ran before it died (Creates are not journaled
@@ -604,38 +746,48 @@ impl Engine {
                 remove_if_exists(&self.volume_path(volume)).await?;
             }
         }
-        let undo = match (&stop, &plan.cancel) {
-            (Stop::Cancelled, Some(cancel)) => cancel,
+        let undo = match (outcome.status, &plan.cancel) {
+            (JobStatus::Cancelled, Some(cancel)) => cancel,
             _ => &plan.undo,
         };
-        self.end(job, undo, stop).await
+        self.end(job, undo, &outcome).await
+    }
+
+    /// Hand a job that cannot go on for want of space back to the queue, to be tried
+    /// again in a while from its journal (the step it was in is redone as interrupted).
+    async fn park(&self, job: &Job, error: &Error) -> Result<()> {
+        tracing::warn!(job = %job.id, kind = %job.kind, error = %error, "out of space in the middle of a merge; the job waits for free space");
+        let retry_at = store::now() + chrono::Duration::from_std(PARK_FOR).expect("a short pause");
+        let message = format!(
+            "waiting for free space to finish (tried again every {} s): {error}",
+            PARK_FOR.as_secs()
+        );
+        let mut tx = self.db.begin().await?;
+        store::jobs::park(
+            &mut tx,
+            job.id,
+            retry_at,
+            (ErrorCode::InsufficientStorage.as_str(), &message),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// End a job that never journaled a plan.
     async fn abandon(&self, job: &Job, stop: Stop) -> Result<()> {
         let ops = kinds::abandon(self, job, matches!(stop, Stop::Cancelled)).await?;
-        self.end(job, &ops, stop).await
+        self.end(job, &ops, &Outcome::of(job, stop)).await
     }
 
-    async fn end(&self, job: &Job, ops: &[MetaOp], stop: Stop) -> Result<()> {
-        let (status, error) = match &stop {
-            Stop::Cancelled => (JobStatus::Cancelled, None),
-            Stop::Failed(e) => {
-                if e.code().status().is_server_error() {
-                    tracing::error!(job = %job.id, kind = %job.kind, error = %e, "job failed");
-                } else {
-                    tracing::info!(job = %job.id, kind = %job.kind, error = %e, "job refused");
-                }
-                (JobStatus::Failed, Some((e.code().as_str(), e.to_string())))
-            }
-        };
+    async fn end(&self, job: &Job, ops: &[MetaOp], outcome: &Outcome) -> Result<()> {
         let mut tx = self.db.begin().await?;
         store::apply(&mut tx, ops).await?;
         store::jobs::finish(
             &mut tx,
             job.id,
-            status,
-            error.as_ref().map(|(c, m)| (*c, m.as_str())),
+            outcome.status,
+            outcome.error_pair(),
             store::now(),
         )
         .await?;

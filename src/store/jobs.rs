@@ -160,6 +160,40 @@ pub async fn claim_next(conn: &mut SqliteConnection, now: Timestamp) -> Result<O
     row.as_ref().map(from_row).transpose()
 }
 
+/// Park a running job until `retry_at`, with why it waits (shown as its error
+/// meanwhile). It stays `running`: its VMs stay locked and it is never cancelled.
+pub async fn park(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    retry_at: Timestamp,
+    error: (&str, &str),
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET retry_at = ?, error_code = ?, error_message = ? WHERE id = ? AND status = 'running'",
+    )
+    .bind(ts(retry_at))
+    .bind(error.0)
+    .bind(error.1)
+    .bind(id_text(id))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Take back the oldest parked job whose time has come.
+pub async fn claim_parked(conn: &mut SqliteConnection, now: Timestamp) -> Result<Option<Job>> {
+    let row = sqlx::query(
+        "UPDATE jobs SET retry_at = NULL, error_code = NULL, error_message = NULL
+         WHERE seq = (SELECT seq FROM jobs WHERE status = 'running' AND retry_at IS NOT NULL
+                      AND retry_at <= ? ORDER BY seq LIMIT 1)
+         RETURNING *",
+    )
+    .bind(ts(now))
+    .fetch_optional(conn)
+    .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
 /// Journal the plan: from here on, a restart resumes the job instead of re-planning.
 pub async fn save_plan(conn: &mut SqliteConnection, id: Uuid, plan: &Plan) -> Result<()> {
     let detail =
@@ -201,6 +235,24 @@ pub async fn set_phase(conn: &mut SqliteConnection, id: Uuid, phase: JobPhase) -
 }
 
 /// End a job. Only a job that has not ended yet changes.
+/// Journal that the job stops (rolls back, or records a failed merge) and why, before
+/// any file is touched for it.
+pub async fn begin_stopping(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    error: Option<(&str, &str)>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET phase = 'stopping', error_code = ?, error_message = ? WHERE id = ?",
+    )
+    .bind(error.map(|e| e.0))
+    .bind(error.map(|e| e.1))
+    .bind(id_text(id))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 pub async fn finish(
     conn: &mut SqliteConnection,
     id: Uuid,

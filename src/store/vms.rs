@@ -147,6 +147,17 @@ pub async fn touch_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
     Ok(())
 }
 
+/// The volume a volume's file reads through (its recorded parent), if any.
+pub async fn volume_parent(conn: &mut SqliteConnection, volume: Uuid) -> Result<Option<Uuid>> {
+    let row = sqlx::query("SELECT parent_id FROM volumes WHERE id = ?")
+        .bind(id_text(volume))
+        .fetch_optional(conn)
+        .await?;
+    row.map(|row| get_opt_id(&row, "parent_id"))
+        .transpose()
+        .map(Option::flatten)
+}
+
 /// A volume and every volume below it, following backing links across disks (a linked
 /// clone's chain continues into its source's), top first.
 pub async fn volume_chain(conn: &mut SqliteConnection, top: Uuid) -> Result<Vec<Uuid>> {

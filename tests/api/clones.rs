@@ -547,3 +547,57 @@ async fn a_clone_interrupted_by_a_crash_completes_after_restart() {
     );
     assert_eq!(app.volume_files().len(), 4);
 }
+
+#[tokio::test]
+async fn a_linked_clone_not_made_yet_already_protects_its_source_and_itself() {
+    // The clone job is held after planning: accepted, running, no file made yet.
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=4000")]).await;
+    app.wait_ready().await;
+    let source = id(&app.create_vm("source", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x31, 0, 4);
+    let golden = app.snapshot(&source, "golden").await;
+    let (status, job) = app
+        .post(
+            &format!("/v1/vms/{source}/clone"),
+            json!({"name": "early", "mode": "linked", "snapshot_id": golden}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let clone = job["target"]["id"].as_str().unwrap().to_owned();
+
+    // Everything that would rewrite or remove the layers the clone will read is
+    // refused now, naming the clone, rather than accepted and failed later.
+    let refusals = [
+        app.delete(&format!("/v1/snapshots/{golden}")).await,
+        app.delete(&format!("/v1/vms/{source}")).await,
+        app.delete(&format!("/v1/vms/{source}/snapshots")).await,
+        app.post(&format!("/v1/vms/{source}/convert-to-template"), json!({}))
+            .await,
+    ];
+    for (status, body) in refusals {
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["code"], "has_dependents", "{body}");
+        assert_eq!(body["dependent_vms"][0]["id"], clone.as_str(), "{body}");
+    }
+    // The clone itself cannot be deleted while its creation runs: the job would set
+    // it ready again afterwards.
+    let (status, body) = app.delete(&format!("/v1/vms/{clone}")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "vm_not_ready", "{body}");
+
+    let job = app.wait_job_end(&job).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(app.vm(&clone).await["status"], "ready");
+    expect(&app.active_path(&clone, "root").await, 0x31, 0, 4);
+    expect(
+        &app.snapshot_path(&source, &golden, "root").await,
+        0x31,
+        0,
+        4,
+    );
+    // Once made, the clone is an ordinary VM: it can be deleted, and then the source's
+    // snapshot too.
+    app.expect_job(app.delete(&format!("/v1/vms/{clone}")).await)
+        .await;
+    app.delete_snapshot(&golden).await;
+}

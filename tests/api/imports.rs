@@ -513,3 +513,64 @@ async fn a_stalled_upload_is_ended_and_leaves_nothing() {
     let (_, templates) = app.get("/v1/templates").await;
     assert!(templates["items"].as_array().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn imports_beyond_the_slots_are_refused_with_503_and_retry_after() {
+    // One slot, held by an import whose conversion is paused.
+    let app = TestApp::spawn_with(&[
+        ("STRATA_IMPORT_SLOTS", "1"),
+        ("STRATA_FAULT", "template_import:planned:pause=3000"),
+    ])
+    .await;
+    app.wait_ready().await;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("small.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        image.to_str().unwrap(),
+        "16M",
+    ]);
+
+    let (status, first) = upload(&app, "name=first&format=qcow2", Some(&image)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    for _ in 0..100 {
+        let (_, job) = app.get(&format!("/v1/jobs/{}", id(&first))).await;
+        if job["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let body = std::fs::read(&image).unwrap();
+    let reply = send(
+        &app,
+        reqwest::Method::POST,
+        "/v1/templates/import?name=second&format=qcow2",
+        Some("application/octet-stream"),
+        Some(body),
+    )
+    .await;
+    assert_problem(&reply, StatusCode::SERVICE_UNAVAILABLE, "imports_busy");
+    assert_eq!(reply.headers["retry-after"], "5");
+    let (_, templates) = app.get("/v1/templates").await;
+    assert_eq!(
+        templates["items"].as_array().unwrap().len(),
+        1,
+        "{templates}"
+    );
+    assert_eq!(
+        std::fs::read_dir(app.data_dir.join("imports"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        1,
+        "only the first upload is kept"
+    );
+
+    // The slot comes back when the first import ends.
+    assert_eq!(app.wait_job_end(&first).await["status"], "succeeded");
+    let (status, second) = upload(&app, "name=second&format=qcow2", Some(&image)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{second}");
+    assert_eq!(app.wait_job_end(&second).await["status"], "succeeded");
+}

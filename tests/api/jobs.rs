@@ -631,3 +631,25 @@ async fn cancelling_a_delete_before_its_commit_starts_leaves_the_snapshot_usable
     app.revert(&s1).await;
     expect_all(&app.active_path(&vm, "root").await, &[(0x11, 0, 8)]);
 }
+
+#[tokio::test]
+async fn a_long_poll_answers_with_the_job_before_the_request_timeout() {
+    let app = TestApp::spawn_with(&[
+        ("STRATA_REQUEST_TIMEOUT", "4"),
+        ("STRATA_FAULT", "snapshot_create:planned:pause=8000"),
+    ])
+    .await;
+    app.wait_ready().await;
+    let vm = app.create_vm("slow", &[("root", 16 * MIB)]).await;
+    let (status, job) = app
+        .post(
+            &format!("/v1/vms/{}/snapshots", id(&vm)),
+            json!({"name": "held"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let (status, view) = app.get(&format!("/v1/jobs/{}?wait=30", id(&job))).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["status"], "running", "{view}");
+    assert_eq!(app.wait_job_end(&job).await["status"], "succeeded");
+}

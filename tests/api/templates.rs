@@ -338,8 +338,8 @@ async fn a_conversion_that_cannot_go_ahead_leaves_the_vm_and_its_snapshots_usabl
     let vm = id(&app.create_vm("convertible", &[("root", DISK)]).await);
     write(&app.active_path(&vm, "root").await, 0x55, 0, 1);
     let s1 = app.snapshot(&vm, "s1").await;
-    // A linked clone of s1 is queued first; the conversion is accepted behind it and,
-    // when its turn comes, refuses to collapse the layer the clone now reads.
+    // A linked clone of s1 is accepted first; the conversion would collapse the layer
+    // the clone is about to read, so it is refused at once, not accepted and failed.
     let (status, clone_job) = app
         .post(
             &format!("/v1/vms/{vm}/clone"),
@@ -347,14 +347,18 @@ async fn a_conversion_that_cannot_go_ahead_leaves_the_vm_and_its_snapshots_usabl
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{clone_job}");
-    let (status, convert) = app
+    let (status, refusal) = app
         .post(&format!("/v1/vms/{vm}/convert-to-template"), json!({}))
         .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{convert}");
+    assert_eq!(status, StatusCode::CONFLICT, "{refusal}");
+    assert_eq!(refusal["code"], "has_dependents");
     assert_eq!(app.wait_job_end(&clone_job).await["status"], "succeeded");
-    let ended = app.wait_job_end(&convert).await;
-    assert_eq!(ended["status"], "failed", "{ended}");
-    assert_eq!(ended["error"]["code"], "has_dependents");
+    // Once the clone exists, the same answer.
+    let (status, refusal) = app
+        .post(&format!("/v1/vms/{vm}/convert-to-template"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{refusal}");
+    assert_eq!(refusal["code"], "has_dependents");
     assert_eq!(app.vm(&vm).await["status"], "ready");
     let (_, snapshot) = app.get(&format!("/v1/snapshots/{s1}")).await;
     assert_eq!(snapshot["status"], "ready", "{snapshot}");

@@ -825,7 +825,7 @@ fn deleting_the_snapshot_before_the_current_one_streams_its_smaller_parent_up() 
         vec![Step {
             op: FileOp::Stream {
                 volume: c.l1,
-                from: c.l0,
+                from: Some(c.l0),
                 backing: None
             },
             then: vec![MetaOp::SetVolumeParent {
@@ -894,7 +894,7 @@ fn streaming_a_deleted_layer_up_rebases_its_child_onto_the_layer_below() {
         vec![Step {
             op: FileOp::Stream {
                 volume: c.l1,
-                from: c.l0,
+                from: Some(c.l0),
                 backing: Some(base)
             },
             then: vec![MetaOp::SetVolumeParent {
@@ -1024,7 +1024,7 @@ fn deleting_the_current_snapshot_streams_it_into_a_bigger_present() {
         vec![Step {
             op: FileOp::Stream {
                 volume: c.l2,
-                from: c.l1,
+                from: Some(c.l1),
                 backing: Some(c.l0)
             },
             then: vec![MetaOp::SetVolumeParent {
@@ -1151,7 +1151,7 @@ fn deleting_a_branch_point_streams_into_every_child() {
             Step {
                 op: FileOp::Stream {
                     volume: old_branch,
-                    from: point,
+                    from: Some(point),
                     backing: Some(base)
                 },
                 then: vec![MetaOp::SetVolumeParent {
@@ -1162,7 +1162,7 @@ fn deleting_a_branch_point_streams_into_every_child() {
             Step {
                 op: FileOp::Stream {
                     volume: present,
-                    from: point,
+                    from: Some(point),
                     backing: Some(base)
                 },
                 then: vec![MetaOp::SetVolumeParent {
@@ -1224,7 +1224,7 @@ fn a_branch_point_at_the_base_makes_every_child_standalone() {
         .iter()
         .map(|&volume| FileOp::Stream {
             volume,
-            from: point,
+            from: Some(point),
             backing: None,
         })
         .collect();
@@ -1352,7 +1352,7 @@ fn deleting_all_snapshots_streams_the_chain_into_the_present_when_the_base_is_sm
         vec![Step {
             op: FileOp::Stream {
                 volume: t.present,
-                from: t.mid,
+                from: Some(t.mid),
                 backing: None
             },
             then: vec![MetaOp::SetVolumeParent {
@@ -2044,7 +2044,7 @@ fn flattening_streams_the_lowest_layer_onto_nothing_and_only_for_a_linked_disk()
         file_ops(&plan),
         vec![FileOp::Stream {
             volume: root,
-            from: source_volume,
+            from: Some(source_volume),
             backing: None
         }]
     );
@@ -2075,7 +2075,7 @@ fn collapsing_a_linked_disk_keeps_its_link_instead_of_copying_the_source() {
         file_ops(&plan),
         vec![FileOp::Stream {
             volume: top,
-            from: root,
+            from: Some(root),
             backing: Some(source_volume)
         }]
     );
