@@ -13,4 +13,5 @@ mod recovery;
 mod schedules;
 mod snapshots;
 mod templates;
+mod torture;
 mod vms;
