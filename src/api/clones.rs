@@ -96,7 +96,7 @@ async fn clone_vm(
         (status = 202, description = "The `disk_flatten` job", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The disk is not linked (`disk_not_linked`), the VM runs (`vm_running`) or is not ready (`vm_not_ready`), the disk is not ready (`disk_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The disk is not linked (`disk_not_linked`), the VM runs (`vm_running`) or is not ready (`vm_not_ready`), the disk is not ready (`disk_not_ready`), or linked clones of this VM read the layer flattening rewrites (`has_dependents`)", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "Not enough free space for the copy (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn flatten_disk(

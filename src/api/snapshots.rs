@@ -320,7 +320,7 @@ async fn get_snapshot(
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 400, description = "Bad query (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Being deleted or reverted to (`snapshot_busy`), still being created (`snapshot_not_ready`), the merge would touch the running VM's chain (`vm_running`), linked clones read the layers it would change (`has_dependents`, with `dependent_vms`; or, with `flatten_dependents`, one of them runs: `vm_running`), or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Being deleted, reverted to or fully cloned by a pending job (`snapshot_busy`, with `job_ids`), still being created (`snapshot_not_ready`), the merge would touch the running VM's chain (`vm_running`), linked clones read the layers it would change (`has_dependents`, with `dependent_vms`; or, with `flatten_dependents`, one of them runs: `vm_running`), or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "Not enough free space for the merge (`insufficient_storage`, with `needed_bytes` and `available_bytes`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn delete_snapshot(
@@ -345,7 +345,7 @@ async fn delete_snapshot(
         (status = 202, description = "All snapshots are `deleting`", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A snapshot is busy (`snapshot_busy`, `snapshot_not_ready`), the VM is running (`vm_running`) or not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A snapshot is busy (`snapshot_busy`, `snapshot_not_ready`), the VM is running (`vm_running`) or not ready (`vm_not_ready`), or linked clones read (or are about to read) layers the collapse rewrites (`has_dependents`)", body = Problem, content_type = "application/problem+json"),
         (status = 507, description = "Not enough free space for the merge (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn delete_all_snapshots(

@@ -623,6 +623,10 @@ pub fn plan_revert(vm: Uuid, snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan
             MetaOp::RemoveVolume { volume: active.id },
         ]);
         plan.drops.push(active.id);
+        for layer in unread_shared_layers_below(disk, active.id, &[active.id]) {
+            plan.finish.push(MetaOp::RemoveVolume { volume: layer });
+            plan.drops.push(layer);
+        }
         plan.space_needed += EMPTY_IMAGE_BYTES;
     }
     plan.finish.push(MetaOp::SetCurrentSnapshot {
@@ -630,6 +634,42 @@ pub fn plan_revert(vm: Uuid, snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan
         snapshot: Some(snapshot),
     });
     Ok(plan)
+}
+
+/// The shared layers (frozen present states linked clones were made from; no snapshot
+/// names them) below `volume` that nothing reads once the volumes in `leaving` are
+/// gone: no child but those, no linked clone on them. Lowest last, so they drop in
+/// order. A layer still read by a snapshot above it stays (merging it away is a
+/// separate operation).
+pub fn unread_shared_layers_below(disk: &DiskGraph, volume: Uuid, leaving: &[Uuid]) -> Vec<Uuid> {
+    let below = disk.get(volume).and_then(|v| v.parent);
+    unread_shared_layers(disk, below, leaving, &[])
+}
+
+/// Like `unread_shared_layers_below`, from the layer `start` on, when the volumes in
+/// `leaving` and the linked clones `leaving_vms` stop reading it (a linked clone
+/// deleted or flattened: `start` is the layer it sat on, in its source's disk).
+pub fn unread_shared_layers(
+    disk: &DiskGraph,
+    start: Option<Uuid>,
+    leaving: &[Uuid],
+    leaving_vms: &[Uuid],
+) -> Vec<Uuid> {
+    let mut gone: Vec<Uuid> = leaving.to_vec();
+    let mut unread = Vec::new();
+    let mut next = start.and_then(|p| disk.get(p));
+    while let Some(layer) = next {
+        let unread_now = layer.owner == Owner::Shared
+            && layer.dependents.iter().all(|vm| leaving_vms.contains(vm))
+            && disk.children(layer.id).iter().all(|c| gone.contains(&c.id));
+        if !unread_now {
+            break;
+        }
+        unread.push(layer.id);
+        gone.push(layer.id);
+        next = layer.parent.and_then(|p| disk.get(p));
+    }
+    unread
 }
 
 /// Remove one snapshot, keeping every other snapshot and the present state identical.

@@ -67,20 +67,32 @@ async fn plan_now(
     request: Request<'_>,
     accepted_before: Option<i64>,
 ) -> Result<Plan> {
+    // One read transaction: the plan is made from one committed state.
+    let mut conn = engine.db.read_tx().await?;
+    let plan = plan_in(engine, &mut conn, request, accepted_before).await;
+    conn.finish().await;
+    plan
+}
+
+async fn plan_in(
+    engine: &Engine,
+    conn: &mut sqlx::SqliteConnection,
+    request: Request<'_>,
+    accepted_before: Option<i64>,
+) -> Result<Plan> {
     let Request {
         kind,
         vm_id,
         target,
         params,
     } = request;
-    let mut conn = engine.db.reader().await?;
-    let vm = store::vms::get_vm(&mut conn, vm_id).await?.ok_or_else(|| {
+    let vm = store::vms::get_vm(conn, vm_id).await?.ok_or_else(|| {
         Error::problem(ErrorCode::VmNotFound, format!("VM {vm_id} does not exist"))
     })?;
-    let mut graphs = store::vms::disk_graphs(&mut conn, vm_id).await?;
+    let mut graphs = store::vms::disk_graphs(conn, vm_id).await?;
     storage::measure(&engine.config.volumes_dir, &mut graphs);
     let pending_clones =
-        count_pending_linked_clones(&mut conn, vm_id, &mut graphs, accepted_before).await?;
+        count_pending_linked_clones(conn, vm_id, &mut graphs, accepted_before).await?;
     let disk_graph = |graphs: &[DiskGraph]| {
         graphs
             .iter()
@@ -95,7 +107,7 @@ async fn plan_now(
     };
     let plan = match kind {
         JobKind::VmCreate => {
-            let disks = store::vms::list_disks(&mut conn, vm_id).await?;
+            let disks = store::vms::list_disks(conn, vm_id).await?;
             plan::plan_create_disks(
                 vm_id,
                 &disks
@@ -106,14 +118,12 @@ async fn plan_now(
             )
         }
         JobKind::DiskCreate => {
-            let disk = store::vms::get_disk(&mut conn, target)
-                .await?
-                .ok_or_else(|| {
-                    Error::problem(
-                        ErrorCode::DiskNotFound,
-                        format!("disk {target} does not exist"),
-                    )
-                })?;
+            let disk = store::vms::get_disk(conn, target).await?.ok_or_else(|| {
+                Error::problem(
+                    ErrorCode::DiskNotFound,
+                    format!("disk {target} does not exist"),
+                )
+            })?;
             plan::plan_create_disks(vm_id, &[(disk.id, disk.size_bytes)], false)
         }
         JobKind::DiskDelete => {
@@ -175,15 +185,15 @@ async fn plan_now(
             plan
         }
         JobKind::VmClone | JobKind::TemplateCreate | JobKind::TemplateDeploy => {
-            clone_plan(engine, &mut conn, &vm, &graphs, params).await?
+            clone_plan(engine, conn, &vm, &graphs, params).await?
         }
         JobKind::DiskFlatten => {
             refuse_if_running(&vm, "flatten a disk of")?;
-            refuse_if_readers_running(&mut conn, &vm).await?;
+            refuse_if_readers_running(conn, &vm).await?;
             let disk = disk_graph(&graphs)?;
             let copy_bytes = match disk.root().and_then(|r| r.parent) {
                 Some(source) => {
-                    storage::chain_bytes(&engine.config.volumes_dir, &mut conn, source).await?
+                    storage::chain_bytes(&engine.config.volumes_dir, conn, source).await?
                 }
                 None => 0,
             };
@@ -203,7 +213,7 @@ async fn plan_now(
                 .ok_or_else(|| Error::Internal("import job without upload".into()))?;
             let format: ImageFormat = serde_json::from_value(params["format"].clone())
                 .map_err(|e| Error::Internal(format!("import job format: {e}")))?;
-            let disk = store::vms::list_disks(&mut conn, vm_id)
+            let disk = store::vms::list_disks(conn, vm_id)
                 .await?
                 .into_iter()
                 .next()
@@ -221,7 +231,7 @@ async fn plan_now(
         }
         JobKind::VmToTemplate => {
             refuse_if_running(&vm, "convert to a template")?;
-            let snapshots = listed_snapshots(&mut conn, vm_id, params).await?;
+            let snapshots = listed_snapshots(conn, vm_id, params).await?;
             let mut plan = plan::plan_delete_all_snapshots(vm_id, &snapshots, &graphs)?;
             let ready = MetaOp::SetVmStatus {
                 vm: vm_id,
@@ -247,7 +257,7 @@ async fn plan_now(
                 .flat_map(|g| g.volumes.iter().flat_map(|v| v.dependents.iter().copied()))
                 .collect();
             if !readers.is_empty() {
-                return Err(dependents_problem(&mut conn, &readers).await?);
+                return Err(dependents_problem(conn, &readers).await?);
             }
             let ready = MetaOp::SetVmStatus {
                 vm: vm_id,
@@ -267,11 +277,17 @@ async fn plan_now(
             }
         }
         JobKind::SnapshotDeleteAll => {
-            let snapshots = listed_snapshots(&mut conn, vm_id, params).await?;
+            let snapshots = listed_snapshots(conn, vm_id, params).await?;
             let plan = plan::plan_delete_all_snapshots(vm_id, &snapshots, &graphs)?;
             refuse_merge_while_running(&vm, &plan, &graphs)?;
             plan
         }
+    };
+    let plan = match kind {
+        JobKind::VmDelete | JobKind::DiskDelete | JobKind::DiskFlatten => {
+            drop_unread_source_layers(conn, plan, &graphs, kind, vm_id, target).await?
+        }
+        _ => plan,
     };
     let plan = if params["flatten_dependents"].as_bool() == Some(true) {
         // Only the clones the job locked when it was accepted may be flattened; one
@@ -281,11 +297,11 @@ async fn plan_now(
                 .filter_map(|v| v.as_str()?.parse().ok())
                 .collect()
         });
-        flatten_dependents_first(engine, &mut conn, plan, &graphs, locked.as_deref()).await?
+        flatten_dependents_first(engine, conn, plan, &graphs, locked.as_deref()).await?
     } else {
         plan
     };
-    refuse_endangering_dependents(&mut conn, &plan, &graphs, &pending_clones).await?;
+    refuse_endangering_dependents(conn, &plan, &graphs, &pending_clones).await?;
     check_space(engine, &plan)?;
     Ok(plan)
 }
@@ -386,6 +402,42 @@ async fn count_pending_linked_clones(
         }
     }
     Ok(pending)
+}
+
+/// A linked clone's disk that is deleted or flattened stops reading the source layer
+/// it sat on. When that was a shared layer (the source's present, frozen for the
+/// clone) and nothing else reads it, it goes too, once this job's records are
+/// committed: its file would otherwise stay for good, shown by no view. Nothing can
+/// start reading it meanwhile: clones start from snapshots and present states, never
+/// from a shared layer.
+async fn drop_unread_source_layers(
+    conn: &mut sqlx::SqliteConnection,
+    mut plan: Plan,
+    graphs: &[DiskGraph],
+    kind: JobKind,
+    vm_id: Uuid,
+    target: Uuid,
+) -> Result<Plan> {
+    let leaving = graphs
+        .iter()
+        .filter(|g| kind == JobKind::VmDelete || g.disk_id == target);
+    for disk in leaving {
+        let Some(source) = disk.root().and_then(|r| r.parent) else {
+            continue;
+        };
+        let Some(owner) = store::vms::volume_owner(conn, source).await? else {
+            continue;
+        };
+        let source_graphs = store::vms::disk_graphs(conn, owner.id).await?;
+        let Some(source_disk) = source_graphs.iter().find(|g| g.get(source).is_some()) else {
+            continue;
+        };
+        for layer in plan::unread_shared_layers(source_disk, Some(source), &[], &[vm_id]) {
+            plan.finish.push(MetaOp::RemoveVolume { volume: layer });
+            plan.drops.push(layer);
+        }
+    }
+    Ok(plan)
 }
 
 /// Flattening rewrites a disk's lowest layer, which linked clones of *that* VM read

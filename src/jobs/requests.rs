@@ -46,11 +46,35 @@ pub async fn enqueue(
     vm: Uuid,
     params: serde_json::Value,
 ) -> Result<Job> {
+    recheck_if_running(engine, &mut tx, kind, vm, target.1, &params).await?;
     let job = store::jobs::new_job(kind, target.0, target.1, Some(vm), params);
     store::jobs::insert(&mut tx, &job, &[]).await?;
     tx.commit().await?;
     engine.notify_enqueued();
     Ok(job)
+}
+
+/// Handlers check the VM's power state before their write transaction; a `PATCH
+/// {"state": "running"}` may have committed in between. Inside the transaction (the
+/// single writer, so the state cannot change any more) a VM found running has the
+/// job's plan checked again against it, and a job that needs the VM stopped is
+/// refused now instead of accepted and failed later.
+async fn recheck_if_running(
+    engine: &Engine,
+    tx: &mut sqlx::SqliteConnection,
+    kind: JobKind,
+    vm: Uuid,
+    target: Uuid,
+    params: &serde_json::Value,
+) -> Result<()> {
+    let running = store::vms::get_vm(tx, vm)
+        .await?
+        .is_some_and(|vm| vm.state == VmState::Running);
+    if running {
+        // The state change is committed, so the planner's own read sees it.
+        kinds::preflight(engine, kind, vm, target, params).await?;
+    }
+    Ok(())
 }
 
 /// What a new snapshot carries besides its place in the tree.
@@ -163,6 +187,32 @@ pub async fn require_deletable(
                 snapshot.name, job.id
             ),
             serde_json::json!({ "job_ids": [job.id] }),
+        ));
+    }
+    // A full clone accepted from this snapshot reads it when it runs; deleting it first
+    // would make the clone fail after its 202. (A pending linked clone is a reader of
+    // the layer and is refused as `has_dependents` by the plan check.)
+    let snapshot_text = snapshot.id.to_string();
+    let clones: Vec<Uuid> = store::jobs::pending_for_vm(conn, snapshot.vm_id)
+        .await?
+        .into_iter()
+        .filter(|job| {
+            matches!(
+                job.kind,
+                JobKind::VmClone | JobKind::TemplateCreate | JobKind::TemplateDeploy
+            ) && job.params["snapshot_id"].as_str() == Some(snapshot_text.as_str())
+                && job.params["mode"].as_str() != Some("linked")
+        })
+        .map(|job| job.id)
+        .collect();
+    if let Some(first) = clones.first() {
+        return Err(Error::with_extra(
+            ErrorCode::SnapshotBusy,
+            format!(
+                "a clone of snapshot {} is pending (job {first}); delete it once the clone is made",
+                snapshot.name
+            ),
+            serde_json::json!({ "job_ids": clones }),
         ));
     }
     Ok(())
@@ -385,6 +435,18 @@ pub async fn clone(engine: &Engine, request: CloneRequest) -> Result<Job> {
         .await?
         .ok_or_else(|| Error::problem(ErrorCode::VmNotFound, "the source VM was deleted"))?;
     require_ready(&source)?;
+    // Checked again under the write lock: a delete of the snapshot, or the VM marked
+    // running, may have been accepted since the checks above.
+    if let Some(id) = request.snapshot_id {
+        let (snapshot, _) = find_snapshot(&mut tx, id).await?;
+        if snapshot.status != ResourceStatus::Ready {
+            return Err(Error::problem(
+                ErrorCode::SnapshotNotReady,
+                format!("snapshot {} is {}", snapshot.name, snapshot.status),
+            ));
+        }
+    }
+    recheck_if_running(engine, &mut tx, request.job_kind, source.id, first, &params).await?;
     for (vm, disks) in &records {
         if let Err(e) = store::vms::insert_vm(&mut tx, vm).await {
             return Err(if store::is_unique_violation(&e) {

@@ -96,7 +96,15 @@ mod tests {
             .env(CHILD_TAG_VAR, &tag)
             .spawn()
             .expect("sleep");
-        assert_eq!(tagged_processes(&tag).unwrap(), vec![child.id()]);
+        // Until the child has exec'd, /proc shows the environment it was forked with.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tagged_processes(&tag).unwrap() != vec![child.id()] {
+            assert!(
+                Instant::now() < deadline,
+                "the tagged child never showed up"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(reap_orphans(&tag, Duration::from_secs(10)).unwrap(), 1);
         assert!(!child.wait().unwrap().success());
         assert!(tagged_processes(&tag).unwrap().is_empty());

@@ -53,6 +53,12 @@ impl QemuError {
     pub fn is_out_of_space(&self) -> bool {
         matches!(self, QemuError::Failed { stderr, .. } if stderr.contains("No space left"))
     }
+
+    /// Another process holds the image's lock (`Failed to get "write" lock`, or a
+    /// shared one).
+    pub fn is_image_locked(&self) -> bool {
+        matches!(self, QemuError::Failed { stderr, .. } if stderr.contains("Failed to get") && stderr.contains("lock"))
+    }
 }
 
 /// `qemu-img info --output=json` (the fields strata reads).
@@ -131,6 +137,9 @@ pub struct Qemu {
     /// kills any child this process left behind.
     pub child_tag: Option<String>,
 }
+
+/// How long a call waits for an image another process holds locked.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// Reports the fraction done (0.0..=1.0) of a data-copying call.
 pub type Progress<'a> = &'a (dyn Fn(f32) + Send + Sync);
@@ -457,11 +466,40 @@ impl Qemu {
             .await
     }
 
-    /// The one way a child runs. Exit codes in `ok` count as success. A child stopped
-    /// on cancel or timeout is killed *and waited for* before this returns: the caller
-    /// goes on to repair or remove the file it wrote, which must not race a dying
-    /// writer that still holds the image lock.
+    /// The one way a child runs. Exit codes in `ok` count as success.
+    ///
+    /// An image another process holds locked is waited for (up to `LOCK_WAIT`): after a
+    /// kill -9, the previous run's qemu-img may still be exiting (its environment is
+    /// gone, so `children::reap_orphans` cannot see it, while its files, and their
+    /// locks, are not closed yet).
     async fn run_child(
+        &self,
+        args: &[String],
+        timeout: Duration,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: Option<Progress<'_>>,
+        limits: Option<UntrustedLimits>,
+        ok: &[i32],
+    ) -> Result<Vec<u8>, QemuError> {
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match self
+                .run_once(args, timeout, cancel, progress, limits, ok)
+                .await
+            {
+                Err(e) if e.is_image_locked() && std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "the image is locked by another process; waiting");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One run. A child stopped on cancel or timeout is killed *and waited for* before
+    /// this returns: the caller goes on to repair or remove the file it wrote, which
+    /// must not race a dying writer that still holds the image lock.
+    async fn run_once(
         &self,
         args: &[String],
         timeout: Duration,

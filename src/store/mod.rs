@@ -66,6 +66,50 @@ impl Tx {
     }
 }
 
+/// A read transaction (see `Db::read_tx`). `finish` ends it; dropped unfinished (an
+/// early return, a cancelled request), its connection is closed rather than pooled
+/// inside a transaction that would pin an old snapshot for every later reader.
+pub struct ReadTx {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+}
+
+impl ReadTx {
+    pub async fn finish(mut self) {
+        let mut conn = self
+            .conn
+            .take()
+            .expect("an open transaction has its connection");
+        if sqlx::raw_sql("COMMIT").execute(&mut *conn).await.is_err() {
+            discard(conn);
+        }
+    }
+}
+
+impl Drop for ReadTx {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            discard(conn);
+        }
+    }
+}
+
+impl std::ops::Deref for ReadTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        self.conn
+            .as_ref()
+            .expect("an open transaction has its connection")
+    }
+}
+
+impl std::ops::DerefMut for ReadTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.conn
+            .as_mut()
+            .expect("an open transaction has its connection")
+    }
+}
+
 /// Close a connection whose transaction state is not known to be clean; SQLite rolls
 /// back an open transaction when its connection closes.
 fn discard(conn: sqlx::pool::PoolConnection<sqlx::Sqlite>) {
@@ -128,6 +172,18 @@ impl Db {
 
     pub async fn reader(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
         Ok(self.read.acquire().await?)
+    }
+
+    /// A read connection inside one transaction: every query sees the same committed
+    /// state (WAL snapshot), so a job committing between two queries cannot tear what
+    /// is read (a disk's volumes without its active layer).
+    pub async fn read_tx(&self) -> Result<ReadTx> {
+        let mut conn = self.read.acquire().await?;
+        if let Err(e) = sqlx::raw_sql("BEGIN").execute(&mut *conn).await {
+            discard(conn);
+            return Err(e.into());
+        }
+        Ok(ReadTx { conn: Some(conn) })
     }
 
     pub async fn begin(&self) -> Result<Tx> {

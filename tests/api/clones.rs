@@ -601,3 +601,100 @@ async fn a_linked_clone_not_made_yet_already_protects_its_source_and_itself() {
         .await;
     app.delete_snapshot(&golden).await;
 }
+
+/// The volume files in the data directory are exactly those the present states and
+/// snapshots of these VMs read.
+async fn assert_only_referenced_files(app: &TestApp, vms: &[&str]) {
+    let mut referenced: Vec<String> = Vec::new();
+    for vm in vms {
+        let view = app.vm(vm).await;
+        for disk in view["disks"].as_array().unwrap() {
+            // The whole backing chain: a linked clone's continues into its source's.
+            referenced.extend(chain(disk["active_path"].as_str().unwrap()));
+        }
+        let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
+        for snapshot in list["items"].as_array().unwrap() {
+            for volume in snapshot["volumes"].as_array().unwrap() {
+                for layer in chain(volume["path"].as_str().unwrap()) {
+                    referenced.push(layer);
+                }
+            }
+        }
+    }
+    referenced.sort();
+    referenced.dedup();
+    let on_disk: Vec<String> = app
+        .volume_files()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    assert_eq!(on_disk, referenced, "files on disk against the records");
+}
+
+#[tokio::test]
+async fn the_layer_a_linked_clone_of_the_present_sat_on_goes_with_its_last_reader() {
+    let app = TestApp::spawn().await;
+    for clone_goes_first in [false, true] {
+        let source = id(&app
+            .create_vm(&format!("origin-{clone_goes_first}"), &[("root", DISK)])
+            .await);
+        write(&app.active_path(&source, "root").await, 0x61, 0, 2);
+        let s0 = app.snapshot(&source, "s0").await;
+        write(&app.active_path(&source, "root").await, 0x62, 2, 2);
+        // The present is frozen into a shared layer the clone sits on.
+        let clone = clone(
+            &app,
+            &source,
+            json!({"name": format!("reader-{clone_goes_first}"), "mode": "linked"}),
+        )
+        .await;
+        let clone = id(&clone);
+        expect_all(
+            &app.active_path(&clone, "root").await,
+            &[(0x61, 0, 2), (0x62, 2, 2)],
+        );
+        if clone_goes_first {
+            app.expect_job(app.delete(&format!("/v1/vms/{clone}")).await)
+                .await;
+            app.revert(&s0).await;
+        } else {
+            app.revert(&s0).await;
+            // Still read by the clone.
+            assert_only_referenced_files(&app, &[&source, &clone]).await;
+            app.expect_job(app.delete(&format!("/v1/vms/{clone}")).await)
+                .await;
+        }
+        // Nothing reads the shared layer any more: its file is gone too.
+        assert_only_referenced_files(&app, &[&source]).await;
+        let active = app.active_path(&source, "root").await;
+        expect_all(&active, &[(0x61, 0, 2), (0, 2, 2)]);
+        check_clean(&active);
+        app.expect_job(app.delete(&format!("/v1/vms/{source}")).await)
+            .await;
+    }
+    assert!(app.volume_files().is_empty(), "{:?}", app.volume_files());
+}
+
+#[tokio::test]
+async fn a_snapshot_a_pending_full_clone_copies_cannot_be_deleted_under_it() {
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=3000")]).await;
+    app.wait_ready().await;
+    let source = id(&app.create_vm("copied", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x71, 0, 2);
+    let golden = app.snapshot(&source, "golden").await;
+    let (status, job) = app
+        .post(
+            &format!("/v1/vms/{source}/clone"),
+            json!({"name": "copy", "mode": "full", "snapshot_id": golden}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let (status, body) = app.delete(&format!("/v1/snapshots/{golden}")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "snapshot_busy", "{body}");
+    assert_eq!(body["job_ids"][0], job["id"], "{body}");
+    assert_eq!(app.wait_job_end(&job).await["status"], "succeeded");
+    let copy = job["target"]["id"].as_str().unwrap().to_owned();
+    expect(&app.active_path(&copy, "root").await, 0x71, 0, 2);
+    app.delete_snapshot(&golden).await;
+}

@@ -1,5 +1,6 @@
 //! Black-box tests: the real service over HTTP, with bytes checked by qemu-io/qemu-img.
 
+mod cancel_timing;
 mod clones;
 mod deploy;
 mod durability;
@@ -12,6 +13,7 @@ mod openapi;
 mod recovery;
 mod schedules;
 mod snapshots;
+mod stress;
 mod templates;
 mod torture;
 mod vms;

@@ -2080,3 +2080,48 @@ fn collapsing_a_linked_disk_keeps_its_link_instead_of_copying_the_source() {
         }]
     );
 }
+
+#[test]
+fn reverting_away_from_a_shared_layer_nobody_reads_drops_it_with_the_present() {
+    // snap01's layer, the present frozen for a linked clone that is gone since (a
+    // shared layer nobody reads), and the present on top of it.
+    let snap01 = new_id();
+    let mut disk = Disk::new(GIB);
+    let l0 = disk.frozen(None, snap01, 10 * MIB);
+    let shared = disk.volume(Some(l0), 5 * MIB, Owner::Shared);
+    let present = disk.active(Some(shared), MIB);
+
+    let plan = plan_revert(new_id(), snap01, &[disk.build()]).unwrap();
+    assert_eq!(plan.drops, vec![present, shared]);
+    assert!(
+        plan.finish
+            .contains(&MetaOp::RemoveVolume { volume: shared })
+    );
+
+    // Still read by a linked clone: it stays.
+    disk.graph
+        .volumes
+        .iter_mut()
+        .find(|v| v.id == shared)
+        .unwrap()
+        .dependents
+        .push(new_id());
+    let plan = plan_revert(new_id(), snap01, &[disk.build()]).unwrap();
+    assert_eq!(plan.drops, vec![present]);
+}
+
+#[test]
+fn a_shared_layer_under_a_snapshot_is_kept_when_the_present_goes() {
+    // A snapshot was taken on top of the shared layer: the layer is part of what that
+    // snapshot shows.
+    let (snap01, snap02) = (new_id(), new_id());
+    let mut disk = Disk::new(GIB);
+    let l0 = disk.frozen(None, snap01, 10 * MIB);
+    let shared = disk.volume(Some(l0), 5 * MIB, Owner::Shared);
+    let l2 = disk.frozen(Some(shared), snap02, MIB);
+    let present = disk.active(Some(l2), MIB);
+    let graph = disk.build();
+    assert!(unread_shared_layers_below(&graph, present, &[present]).is_empty());
+    let plan = plan_revert(new_id(), snap01, &[graph]).unwrap();
+    assert_eq!(plan.drops, vec![present]);
+}
