@@ -301,7 +301,12 @@ impl Qemu {
             .into_iter()
             .chain([path_arg(path)]);
         let out = self
-            .run_allowing(&args.collect::<Vec<_>>(), self.copy_timeout, &[0, 2, 3])
+            .run_limited(
+                &args.collect::<Vec<_>>(),
+                self.copy_timeout,
+                &[0, 2, 3],
+                None,
+            )
             .await?;
         serde_json::from_slice(&out).map_err(|e| self.output_error(e))
     }
@@ -399,9 +404,16 @@ impl Qemu {
             cpu_seconds: libc::RLIM_INFINITY,
             address_space_bytes: 4 << 30,
         };
-        self.run_with(&args, self.copy_timeout, cancel, progress, Some(limits))
-            .await
-            .map(drop)
+        self.run_child(
+            &args,
+            self.copy_timeout,
+            cancel,
+            progress,
+            Some(limits),
+            &[0],
+        )
+        .await
+        .map(drop)
     }
 
     /// Repair leaked clusters: what an interrupted qemu-img leaves in the file it wrote.
@@ -410,7 +422,7 @@ impl Qemu {
             .map(String::from)
             .into_iter()
             .chain([path_arg(path)]);
-        self.run_allowing(&args.collect::<Vec<_>>(), self.copy_timeout, &[0, 3])
+        self.run_limited(&args.collect::<Vec<_>>(), self.copy_timeout, &[0, 3], None)
             .await
             .map(drop)
     }
@@ -420,15 +432,6 @@ impl Qemu {
             program: self.qemu_img.display().to_string(),
             message: e.to_string(),
         }
-    }
-
-    async fn run_allowing(
-        &self,
-        args: &[String],
-        timeout: Duration,
-        ok: &[i32],
-    ) -> Result<Vec<u8>, QemuError> {
-        self.run_child(args, timeout, None, None, None, ok).await
     }
 
     async fn run_limited(
@@ -451,18 +454,6 @@ impl Qemu {
         progress: Option<Progress<'_>>,
     ) -> Result<Vec<u8>, QemuError> {
         self.run_child(args, timeout, cancel, progress, None, &[0])
-            .await
-    }
-
-    async fn run_with(
-        &self,
-        args: &[String],
-        timeout: Duration,
-        cancel: Option<&watch::Receiver<bool>>,
-        progress: Option<Progress<'_>>,
-        limits: Option<UntrustedLimits>,
-    ) -> Result<Vec<u8>, QemuError> {
-        self.run_child(args, timeout, cancel, progress, limits, &[0])
             .await
     }
 
