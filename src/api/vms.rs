@@ -551,6 +551,10 @@ async fn delete_vm(
     if flatten_dependents {
         params["locked_vms"] = serde_json::json!(dependents);
     }
+    // A linked clone's deletion may drop a layer of its source nothing reads any more:
+    // it works on the source too.
+    let mut locked = dependents;
+    locked.extend(store::vms::sources_of(&mut tx, vm.id, None).await?);
     let job = store::jobs::new_job(
         JobKind::VmDelete,
         TargetType::Vm,
@@ -558,7 +562,7 @@ async fn delete_vm(
         Some(vm.id),
         params,
     );
-    store::jobs::insert(&mut tx, &job, &dependents).await?;
+    store::jobs::insert(&mut tx, &job, &locked).await?;
     tx.commit().await?;
     state.engine.notify_enqueued();
     Ok(accepted(job.into()))

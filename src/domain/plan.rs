@@ -168,9 +168,11 @@ pub enum FileOp {
 
 impl FileOp {
     /// A commit rewrites its base: once one starts, the doomed snapshot's own content is
-    /// gone and the job can only go forward.
+    /// gone and the job can only go forward. A grow cannot be taken back either (the
+    /// file's new size is in its header once qemu-img is done), so a cancel arriving
+    /// while it runs is refused rather than accepted and not honoured.
     pub fn is_point_of_no_return(&self) -> bool {
-        matches!(self, FileOp::Commit { .. })
+        matches!(self, FileOp::Commit { .. } | FileOp::Resize { .. })
     }
 
     /// Steps whose child process may be killed at any moment without changing what any
@@ -623,11 +625,10 @@ pub fn plan_revert(vm: Uuid, snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan
             MetaOp::RemoveVolume { volume: active.id },
         ]);
         plan.drops.push(active.id);
-        for layer in unread_shared_layers_below(disk, active.id, &[active.id]) {
-            plan.finish.push(MetaOp::RemoveVolume { volume: layer });
-            plan.drops.push(layer);
-        }
         plan.space_needed += EMPTY_IMAGE_BYTES;
+    }
+    for disk in disks {
+        plan.drop_unread_shared_layers(disk, &[]);
     }
     plan.finish.push(MetaOp::SetCurrentSnapshot {
         vm,
@@ -636,40 +637,118 @@ pub fn plan_revert(vm: Uuid, snapshot: Uuid, disks: &[DiskGraph]) -> Result<Plan
     Ok(plan)
 }
 
-/// The shared layers (frozen present states linked clones were made from; no snapshot
-/// names them) below `volume` that nothing reads once the volumes in `leaving` are
-/// gone: no child but those, no linked clone on them. Lowest last, so they drop in
-/// order. A layer still read by a snapshot above it stays (merging it away is a
-/// separate operation).
-pub fn unread_shared_layers_below(disk: &DiskGraph, volume: Uuid, leaving: &[Uuid]) -> Vec<Uuid> {
-    let below = disk.get(volume).and_then(|v| v.parent);
-    unread_shared_layers(disk, below, leaving, &[])
+impl Plan {
+    /// Drop, with the plan, every layer of `disk` that nothing reads once the plan is
+    /// done: no writable top, no snapshot, no layer on top of it and no linked clone
+    /// (other than `leaving_vms`, clones that stop reading this disk with the plan).
+    /// Only shared layers (a present state frozen for a linked clone) can end up like
+    /// that: their last reader may be a clone that goes, a present that is reverted
+    /// away, or a snapshot deleted above them. Without this their files would stay for
+    /// good, shown by no view.
+    ///
+    /// The plan's own metadata changes are replayed on a copy of the disk's tree to
+    /// see what it leaves, so this holds for every planner and every shape, however
+    /// deep the unread layers are stacked (each is dropped after the ones above it).
+    pub fn drop_unread_shared_layers(&mut self, disk: &DiskGraph, leaving_vms: &[Uuid]) {
+        let mut after = TreeAfter::replay(self, disk);
+        loop {
+            let unread: Vec<Uuid> = after
+                .parents
+                .keys()
+                .copied()
+                .filter(|&id| after.is_unread(id, disk, leaving_vms))
+                .collect();
+            if unread.is_empty() {
+                return;
+            }
+            for volume in unread {
+                after.parents.remove(&volume);
+                self.finish.push(MetaOp::RemoveVolume { volume });
+                self.drops.push(volume);
+            }
+        }
+    }
 }
 
-/// Like `unread_shared_layers_below`, from the layer `start` on, when the volumes in
-/// `leaving` and the linked clones `leaving_vms` stop reading it (a linked clone
-/// deleted or flattened: `start` is the layer it sat on, in its source's disk).
-pub fn unread_shared_layers(
-    disk: &DiskGraph,
-    start: Option<Uuid>,
-    leaving: &[Uuid],
-    leaving_vms: &[Uuid],
-) -> Vec<Uuid> {
-    let mut gone: Vec<Uuid> = leaving.to_vec();
-    let mut unread = Vec::new();
-    let mut next = start.and_then(|p| disk.get(p));
-    while let Some(layer) = next {
-        let unread_now = layer.owner == Owner::Shared
-            && layer.dependents.iter().all(|vm| leaving_vms.contains(vm))
-            && disk.children(layer.id).iter().all(|c| gone.contains(&c.id));
-        if !unread_now {
-            break;
+/// One disk's volume tree as a plan leaves it: which volume is the writable top,
+/// which ones snapshots freeze, and what each sits on.
+struct TreeAfter {
+    parents: BTreeMap<Uuid, Option<Uuid>>,
+    active: Option<Uuid>,
+    frozen: BTreeMap<Uuid, Uuid>,
+}
+
+impl TreeAfter {
+    /// The files the plan drops are gone, whatever records still name them (a disk or
+    /// VM deleted outright drops every file it has).
+    fn replay(plan: &Plan, disk: &DiskGraph) -> Self {
+        let mut tree = TreeAfter {
+            parents: disk.volumes.iter().map(|v| (v.id, v.parent)).collect(),
+            active: disk.active().map(|v| v.id),
+            frozen: disk
+                .volumes
+                .iter()
+                .filter_map(|v| match v.owner {
+                    Owner::Snapshot(snapshot) => Some((snapshot, v.id)),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let ops = plan
+            .mark
+            .iter()
+            .chain(plan.steps.iter().flat_map(|s| &s.then))
+            .chain(&plan.finish);
+        let ours = |d: Uuid| d == disk.disk_id;
+        for op in ops {
+            match *op {
+                MetaOp::InsertVolume {
+                    volume,
+                    disk: d,
+                    parent,
+                    ..
+                } if ours(d) => {
+                    tree.parents.insert(volume, parent);
+                }
+                MetaOp::SetVolumeParent { volume, parent } => {
+                    if let Some(p) = tree.parents.get_mut(&volume) {
+                        *p = parent;
+                    }
+                }
+                MetaOp::RemoveVolume { volume } => {
+                    tree.parents.remove(&volume);
+                }
+                MetaOp::SetActiveVolume { disk: d, volume } if ours(d) => {
+                    tree.active = Some(volume);
+                }
+                MetaOp::SetSnapshotVolume {
+                    snapshot,
+                    disk: d,
+                    volume,
+                } if ours(d) => {
+                    tree.frozen.insert(snapshot, volume);
+                }
+                MetaOp::DeleteSnapshot { snapshot } => {
+                    tree.frozen.remove(&snapshot);
+                }
+                _ => {}
+            }
         }
-        unread.push(layer.id);
-        gone.push(layer.id);
-        next = layer.parent.and_then(|p| disk.get(p));
+        for dropped in &plan.drops {
+            tree.parents.remove(dropped);
+        }
+        tree
     }
-    unread
+
+    fn is_unread(&self, id: Uuid, disk: &DiskGraph, leaving_vms: &[Uuid]) -> bool {
+        let read_by_clone = disk
+            .get(id)
+            .is_some_and(|v| v.dependents.iter().any(|vm| !leaving_vms.contains(vm)));
+        self.active != Some(id)
+            && !self.frozen.values().any(|&v| v == id)
+            && !self.parents.values().any(|&p| p == Some(id))
+            && !read_by_clone
+    }
 }
 
 /// Remove one snapshot, keeping every other snapshot and the present state identical.
@@ -746,6 +825,9 @@ pub fn plan_snapshot_delete(
     }
     // Remove the snapshot row before the volume rows it references.
     plan.finish.insert(0, MetaOp::DeleteSnapshot { snapshot });
+    for disk in disks {
+        plan.drop_unread_shared_layers(disk, &[]);
+    }
     Ok(plan)
 }
 
@@ -1086,6 +1168,9 @@ pub fn plan_delete_all_snapshots(
         }
         plan.drops.extend(removed);
     }
+    for disk in disks {
+        plan.drop_unread_shared_layers(disk, &[]);
+    }
     Ok(plan)
 }
 
@@ -1114,6 +1199,12 @@ pub fn plan_resize(disk: &DiskGraph, size_bytes: u64) -> Result<Plan, PlanError>
             },
         ],
         undo: vec![MetaOp::SetDiskStatus {
+            disk: disk.disk_id,
+            status: ResourceStatus::Ready,
+        }],
+        // Failed after its retries: qemu-img changes the header last, so the file keeps
+        // its old size, as the records do.
+        fail: vec![MetaOp::SetDiskStatus {
             disk: disk.disk_id,
             status: ResourceStatus::Ready,
         }],

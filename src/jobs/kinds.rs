@@ -297,7 +297,13 @@ async fn plan_in(
                 .filter_map(|v| v.as_str()?.parse().ok())
                 .collect()
         });
-        flatten_dependents_first(engine, conn, plan, &graphs, locked.as_deref()).await?
+        let (mut plan, flattened) =
+            flatten_dependents_first(engine, conn, plan, &graphs, locked.as_deref()).await?;
+        // A shared layer only the flattened clones read goes too.
+        for graph in &graphs {
+            plan.drop_unread_shared_layers(graph, &flattened);
+        }
+        plan
     } else {
         plan
     };
@@ -308,25 +314,28 @@ async fn plan_in(
 
 /// `?flatten_dependents=true`: before the plan rewrites or removes files linked clones
 /// read, make each of those clones' linked disks standalone (stream the shared data in,
-/// cut the link). The clones must be stopped; their bytes never change. The returned
-/// plan no longer endangers anyone (it is checked again by the caller).
+/// cut the link). The clones must be stopped; their bytes never change. Returns the
+/// plan, which no longer endangers anyone (the caller checks it again), and the clones
+/// it flattens.
 async fn flatten_dependents_first(
     engine: &Engine,
     conn: &mut sqlx::SqliteConnection,
     plan: Plan,
     graphs: &[DiskGraph],
     locked: Option<&[Uuid]>,
-) -> Result<Plan> {
+) -> Result<(Plan, Vec<Uuid>)> {
     let endangered = plan.endangered_dependents(graphs);
     if endangered.is_empty() {
-        return Ok(plan);
+        return Ok((plan, Vec::new()));
     }
     let ours = volume_ids(graphs);
     let mut flatten = Plan::default();
+    let mut flattened = Vec::new();
     for dependent in endangered {
         if locked.is_some_and(|locked| !locked.contains(&dependent)) {
             continue;
         }
+        flattened.push(dependent);
         let vm = store::vms::get_vm(conn, dependent)
             .await?
             .ok_or_else(|| Error::Internal(format!("dependent VM {dependent} vanished")))?;
@@ -356,7 +365,7 @@ async fn flatten_dependents_first(
     plan.steps = flatten.steps;
     plan.finish.extend(flatten.finish);
     plan.space_needed += flatten.space_needed;
-    Ok(plan)
+    Ok((plan, flattened))
 }
 
 /// Add, as readers of the layers they will sit on, the VMs of linked clones and
@@ -432,10 +441,7 @@ async fn drop_unread_source_layers(
         let Some(source_disk) = source_graphs.iter().find(|g| g.get(source).is_some()) else {
             continue;
         };
-        for layer in plan::unread_shared_layers(source_disk, Some(source), &[], &[vm_id]) {
-            plan.finish.push(MetaOp::RemoveVolume { volume: layer });
-            plan.drops.push(layer);
-        }
+        plan.drop_unread_shared_layers(source_disk, &[vm_id]);
     }
     Ok(plan)
 }

@@ -221,7 +221,7 @@ impl Engine {
                 if past {
                     return Err(Error::problem(
                         ErrorCode::JobNotCancellable,
-                        "the job is already rewriting a file's content (a merge commit) and must finish",
+                        "the job has started a step it cannot take back (a merge commit or a grow) or has none left, and must finish",
                     ));
                 }
                 store::jobs::request_cancel(&mut tx, id).await?;
@@ -444,6 +444,15 @@ impl Engine {
                 self.fault_point(&job, &format!("after-step-{index}")).await;
             }
             let mut tx = self.db.begin().await?;
+            // A cancel accepted while the last step ran is honoured here, in the
+            // transaction that would otherwise commit the result: the same statement
+            // that makes the job uncancellable sees whether a cancel came first, so
+            // either the cancel was refused (409) or the job rolls back, never both.
+            if !job.past_no_return && !store::jobs::enter_no_return(&mut tx, job.id).await? {
+                drop(tx);
+                let last = plan.steps.len().saturating_sub(1);
+                return self.stop(&job, &plan, last, Stop::Cancelled).await;
+            }
             if last_step_done && let Some(step) = plan.steps.last() {
                 store::apply(&mut tx, &step.then).await?;
             }

@@ -47,8 +47,17 @@ pub async fn enqueue(
     params: serde_json::Value,
 ) -> Result<Job> {
     recheck_if_running(engine, &mut tx, kind, vm, target.1, &params).await?;
+    // Deleting or flattening a linked disk may drop a layer of its source that nothing
+    // reads any more (decided when the job runs): the job works on the source too, so
+    // no job of the source plans around that layer meanwhile.
+    let sources = match kind {
+        JobKind::DiskDelete | JobKind::DiskFlatten => {
+            store::vms::sources_of(&mut tx, vm, Some(target.1)).await?
+        }
+        _ => Vec::new(),
+    };
     let job = store::jobs::new_job(kind, target.0, target.1, Some(vm), params);
-    store::jobs::insert(&mut tx, &job, &[]).await?;
+    store::jobs::insert(&mut tx, &job, &sources).await?;
     tx.commit().await?;
     engine.notify_enqueued();
     Ok(job)

@@ -354,6 +354,28 @@ pub async fn dependents_of(conn: &mut SqliteConnection, vm: Uuid) -> Result<Vec<
         .collect()
 }
 
+/// The VMs (or templates) whose files the disks of `vm` (only `disk`, if given) sit
+/// on directly: the sources of a linked clone. A job that deletes or flattens those
+/// disks may drop a layer of theirs nothing reads any more, so it works on them too.
+pub async fn sources_of(
+    conn: &mut SqliteConnection,
+    vm: Uuid,
+    disk: Option<Uuid>,
+) -> Result<Vec<Uuid>> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT pd.vm_id AS vm
+         FROM volumes v JOIN disks d ON d.id = v.disk_id
+         JOIN volumes p ON p.id = v.parent_id JOIN disks pd ON pd.id = p.disk_id
+         WHERE d.vm_id = ?1 AND (?2 IS NULL OR d.id = ?2) AND v.disk_id <> p.disk_id
+         ORDER BY pd.vm_id",
+    )
+    .bind(id_text(vm))
+    .bind(disk.map(id_text))
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(|row| get_id(row, "vm")).collect()
+}
+
 /// The VM or template whose disk holds `volume`.
 pub async fn volume_owner(conn: &mut SqliteConnection, volume: Uuid) -> Result<Option<Vm>> {
     let row = sqlx::query(

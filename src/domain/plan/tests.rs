@@ -1454,7 +1454,7 @@ fn deleting_all_snapshots_drops_every_branch_children_before_parents() {
 // ---------------------------------------------------------------------------------
 
 #[test]
-fn only_plans_that_commit_have_a_point_of_no_return() {
+fn only_commits_and_grows_have_a_point_of_no_return() {
     let commit_case1 = classic(800 * MIB, 100 * MIB, 10 * MIB);
     let plan = plan_snapshot_delete(
         commit_case1.snap01,
@@ -1491,6 +1491,9 @@ fn only_plans_that_commit_have_a_point_of_no_return() {
     let plan =
         plan_delete_all_snapshots(new_id(), &ready(&t.snapshots), &[t.disk.build()]).unwrap();
     assert_eq!(plan.point_of_no_return(), None);
+
+    let grow = plan_resize(&t.disk.build(), 100 * GIB).unwrap();
+    assert_eq!(grow.point_of_no_return(), Some(0));
 }
 
 #[test]
@@ -2120,8 +2123,144 @@ fn a_shared_layer_under_a_snapshot_is_kept_when_the_present_goes() {
     let shared = disk.volume(Some(l0), 5 * MIB, Owner::Shared);
     let l2 = disk.frozen(Some(shared), snap02, MIB);
     let present = disk.active(Some(l2), MIB);
-    let graph = disk.build();
-    assert!(unread_shared_layers_below(&graph, present, &[present]).is_empty());
-    let plan = plan_revert(new_id(), snap01, &[graph]).unwrap();
+    let plan = plan_revert(new_id(), snap01, &[disk.build()]).unwrap();
     assert_eq!(plan.drops, vec![present]);
+}
+
+/// A VM reverted to snap01 after a linked clone froze its present and snap02 was
+/// taken on top: snap01's layer carries the present, and the shared layer carries
+/// only snap02's layer. Returns (disk, snap01, snap02, l0, shared, l2, present).
+fn shared_layer_under_a_reverted_away_snapshot() -> (Disk, Uuid, Uuid, Uuid, Uuid, Uuid, Uuid) {
+    let (snap01, snap02) = (new_id(), new_id());
+    let mut disk = Disk::new(GIB);
+    let l0 = disk.frozen(None, snap01, 10 * MIB);
+    let shared = disk.volume(Some(l0), 5 * MIB, Owner::Shared);
+    let l2 = disk.frozen(Some(shared), snap02, MIB);
+    let present = disk.active(Some(l0), MIB);
+    (disk, snap01, snap02, l0, shared, l2, present)
+}
+
+#[test]
+fn deleting_the_last_snapshot_on_a_shared_layer_drops_the_layer_too() {
+    let (disk, _, snap02, _, shared, l2, _) = shared_layer_under_a_reverted_away_snapshot();
+    let graphs = [disk.build()];
+
+    let plan = plan_snapshot_delete(snap02, ResourceStatus::Ready, &graphs).unwrap();
+
+    assert_eq!(plan.drops, vec![l2, shared]);
+    assert_store_order(&plan, &graphs);
+    let left = after(&plan, &graphs);
+    assert!(left[0].get(shared).is_none());
+    assert_eq!(
+        left[0].volumes.len(),
+        2,
+        "snap01's layer and the present stay"
+    );
+}
+
+#[test]
+fn a_shared_layer_a_linked_clone_still_reads_outlives_the_snapshot_above_it() {
+    let (mut disk, _, snap02, _, shared, l2, _) = shared_layer_under_a_reverted_away_snapshot();
+    let clone = new_id();
+    disk.graph
+        .volumes
+        .iter_mut()
+        .find(|v| v.id == shared)
+        .unwrap()
+        .dependents
+        .push(clone);
+    let graphs = [disk.build()];
+
+    let plan = plan_snapshot_delete(snap02, ResourceStatus::Ready, &graphs).unwrap();
+    assert_eq!(plan.drops, vec![l2]);
+
+    // The clone goes later: its deletion's plan (which only names the clone's own
+    // disks) drops the layer once nothing else reads it.
+    let after_delete = after(&plan, &graphs).remove(0);
+    let with_dependent = DiskGraph {
+        volumes: after_delete
+            .volumes
+            .into_iter()
+            .map(|mut v| {
+                if v.id == shared {
+                    v.dependents = vec![clone];
+                }
+                v
+            })
+            .collect(),
+        ..after_delete
+    };
+    let mut clone_delete = Plan::default();
+    clone_delete.drop_unread_shared_layers(&with_dependent, &[clone]);
+    assert_eq!(clone_delete.drops, vec![shared]);
+    assert_eq!(
+        clone_delete.finish,
+        vec![MetaOp::RemoveVolume { volume: shared }]
+    );
+    // Another clone still on it: it stays.
+    let mut other_clone_stays = Plan::default();
+    other_clone_stays.drop_unread_shared_layers(&with_dependent, &[new_id()]);
+    assert!(other_clone_stays.drops.is_empty());
+}
+
+#[test]
+fn stacked_shared_layers_nobody_reads_are_dropped_top_down() {
+    // Two linked clones of the present in a row froze two shared layers, a snapshot was
+    // taken on top, the VM reverted to snap01: deleting the snapshot leaves both unread.
+    let (snap01, snap02) = (new_id(), new_id());
+    let mut disk = Disk::new(GIB);
+    let l0 = disk.frozen(None, snap01, 10 * MIB);
+    let lower = disk.volume(Some(l0), 5 * MIB, Owner::Shared);
+    let upper = disk.volume(Some(lower), 5 * MIB, Owner::Shared);
+    let l3 = disk.frozen(Some(upper), snap02, MIB);
+    disk.active(Some(l0), MIB);
+    let graphs = [disk.build()];
+
+    let plan = plan_snapshot_delete(snap02, ResourceStatus::Ready, &graphs).unwrap();
+
+    assert_eq!(plan.drops, vec![l3, upper, lower]);
+    assert_store_order(&plan, &graphs);
+    after(&plan, &graphs);
+}
+
+#[test]
+fn a_shared_layer_another_snapshot_or_the_present_sits_on_is_never_dropped() {
+    // The present sits on the shared layer: merging snap02 away keeps it.
+    let (snap01, snap02) = (new_id(), new_id());
+    let mut disk = Disk::new(GIB);
+    let l0 = disk.frozen(None, snap01, 10 * MIB);
+    let shared = disk.volume(Some(l0), 5 * MIB, Owner::Shared);
+    let l2 = disk.frozen(Some(shared), snap02, MIB);
+    let present = disk.active(Some(l2), 2 * MIB);
+    let graphs = [disk.build()];
+    let plan = plan_snapshot_delete(snap02, ResourceStatus::Ready, &graphs).unwrap();
+    assert!(!plan.drops.contains(&shared), "{plan:#?}");
+    let left = after(&plan, &graphs);
+    assert_eq!(
+        left[0].chain_from(present).len(),
+        3,
+        "the present still reads through the shared layer"
+    );
+    // Deleting snap01 merges the shared layer down into snap01's: its content stays.
+    let plan = plan_snapshot_delete(snap01, ResourceStatus::Ready, &graphs).unwrap();
+    assert_eq!(
+        plan.steps[0].op,
+        FileOp::Commit {
+            top: shared,
+            base: l0
+        }
+    );
+    // Deleting every snapshot merges the whole chain into one file: no layer is left
+    // behind, shared or not.
+    let all = plan_delete_all_snapshots(
+        new_id(),
+        &[
+            (snap01, ResourceStatus::Ready),
+            (snap02, ResourceStatus::Ready),
+        ],
+        &graphs,
+    )
+    .unwrap();
+    let left = after(&all, &graphs);
+    assert_eq!(left[0].volumes.len(), 1);
 }
