@@ -1668,6 +1668,9 @@ impl Client {
                     "retention": {"keep_last": 1 + self.rng.below(2)},
                 });
                 let reply = self.api.post("/v1/schedules", body).await;
+                if reply.status == 404 && reply.code() == "vm_not_found" {
+                    return Vec::new(); // another task deleted the VM meanwhile
+                }
                 if reply.status != 201 {
                     self.violation(format!("creating a schedule failed: {reply}"));
                     return Vec::new();
@@ -2064,6 +2067,21 @@ async fn verify(
         })
         .map(|e| text(&e.reply["id"]))
         .collect();
+    // Each VM a clone made, with the VM it was cloned from: deleting or flattening a
+    // linked clone also works on its source (it may drop a layer nothing reads any
+    // more), which may keep running meanwhile.
+    let source_of: BTreeMap<String, String> = jobs
+        .iter()
+        .filter(|j| j["kind"] == "vm_clone")
+        .flat_map(|j| {
+            let source = text(&j["vm_id"]);
+            j["detail"]["vm_ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |made| (text(made), source.clone()))
+        })
+        .collect();
     let mut flips: BTreeMap<String, Vec<(Time, bool, usize)>> = BTreeMap::new();
     for e in &exchanges {
         if e.method == Method::PATCH
@@ -2111,14 +2129,17 @@ async fn verify(
                     .flatten()
                     .any(|m| matches!(m["action"].as_str(), Some("commit" | "stream")))
                     || job["error"]["code"] == "vm_running";
-                let needs_stopped = matches!(
+                let on_a_clone_of_it =
+                    job["vm_id"] != vm.as_str() && source_of.get(&text(&job["vm_id"])) == Some(&vm);
+                let needs_stopped = (matches!(
                     kind.as_str(),
                     "snapshot_create"
                         | "snapshot_revert"
                         | "disk_resize"
                         | "disk_flatten"
                         | "vm_delete"
-                ) || (kind == "snapshot_delete_all" && collapses)
+                ) && !on_a_clone_of_it)
+                    || (kind == "snapshot_delete_all" && collapses)
                     || (kind == "vm_clone"
                         && present_clones.contains(&text(&job["id"]))
                         && job["vm_id"] == vm.as_str());
