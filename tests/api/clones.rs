@@ -698,3 +698,76 @@ async fn a_snapshot_a_pending_full_clone_copies_cannot_be_deleted_under_it() {
     expect(&app.active_path(&copy, "root").await, 0x71, 0, 2);
     app.delete_snapshot(&golden).await;
 }
+
+#[tokio::test]
+async fn a_shared_layer_under_a_snapshot_goes_once_neither_the_clone_nor_the_snapshot_reads_it() {
+    let app = TestApp::spawn().await;
+    for (round, ending) in [
+        "delete clone, then snapshot",
+        "delete snapshot, then flatten clone",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let source = id(&app
+            .create_vm(&format!("origin-{round}"), &[("root", DISK)])
+            .await);
+        write(&app.active_path(&source, "root").await, 0x61, 0, 2);
+        let s0 = app.snapshot(&source, "s0").await;
+        write(&app.active_path(&source, "root").await, 0x62, 2, 2);
+        // The present is frozen into a shared layer the clone sits on; a snapshot is
+        // then taken on top of it, and the source goes back to s0.
+        let reader = clone(
+            &app,
+            &source,
+            json!({"name": format!("reader-{round}"), "mode": "linked"}),
+        )
+        .await;
+        let reader = id(&reader);
+        write(&app.active_path(&source, "root").await, 0x63, 4, 2);
+        let s1 = app.snapshot(&source, "s1").await;
+        app.revert(&s0).await;
+        assert_only_referenced_files(&app, &[&source, &reader]).await;
+        if round == 0 {
+            app.expect_job(app.delete(&format!("/v1/vms/{reader}")).await)
+                .await;
+            // s1 still reads the shared layer.
+            assert_only_referenced_files(&app, &[&source]).await;
+            expect_all(
+                &app.snapshot_path(&source, &s1, "root").await,
+                &[(0x61, 0, 2), (0x62, 2, 2), (0x63, 4, 2)],
+            );
+            app.delete_snapshot(&s1).await;
+            assert_only_referenced_files(&app, &[&source]).await;
+        } else {
+            app.delete_snapshot(&s1).await;
+            // The clone still reads the shared layer.
+            assert_only_referenced_files(&app, &[&source, &reader]).await;
+            let disk = app.vm(&reader).await["disks"][0]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            app.expect_job(
+                app.post(&format!("/v1/vms/{reader}/disks/{disk}/flatten"), json!({}))
+                    .await,
+            )
+            .await;
+            let flat = app.active_path(&reader, "root").await;
+            assert_eq!(chain(&flat).len(), 1, "{ending}: the clone is standalone");
+            expect_all(&flat, &[(0x61, 0, 2), (0x62, 2, 2), (0, 4, 2)]);
+            assert_only_referenced_files(&app, &[&source, &reader]).await;
+            app.expect_job(app.delete(&format!("/v1/vms/{reader}")).await)
+                .await;
+        }
+        let active = app.active_path(&source, "root").await;
+        expect_all(&active, &[(0x61, 0, 2), (0, 2, 4)]);
+        check_clean(&active);
+        app.expect_job(app.delete(&format!("/v1/vms/{source}")).await)
+            .await;
+        assert!(
+            app.volume_files().is_empty(),
+            "{ending}: {:?}",
+            app.volume_files()
+        );
+    }
+}

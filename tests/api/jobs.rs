@@ -653,3 +653,61 @@ async fn a_long_poll_answers_with_the_job_before_the_request_timeout() {
     assert_eq!(view["status"], "running", "{view}");
     assert_eq!(app.wait_job_end(&job).await["status"], "succeeded");
 }
+
+#[tokio::test]
+async fn a_cancel_accepted_while_the_last_step_runs_rolls_that_step_back() {
+    // Held after its only step (a stream) is done, before the result is committed.
+    let app =
+        TestApp::spawn_with(&[("STRATA_FAULT", "snapshot_delete:after-step-0:pause=4000")]).await;
+    let vm = id(&app.create_vm("late", &[("root", DISK)]).await);
+    write(&app.active_path(&vm, "root").await, 0x11, 0, 2);
+    let s1 = app.snapshot(&vm, "s1").await;
+    write(&app.active_path(&vm, "root").await, 0x22, 2, 8);
+    let regions = [(0x11, 0, 2), (0x22, 2, 8), (0, 10, 54)];
+    let files_before = app.volume_files();
+
+    let job = accepted(app.delete(&format!("/v1/snapshots/{s1}")).await);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, view) = app.get(&format!("/v1/jobs/{}", id(&job))).await;
+        assert_eq!(view["status"], "running", "{view}");
+        if view["progress"].as_u64() >= Some(99) {
+            assert_eq!(view["detail"]["merges"][0]["action"], "stream", "{view}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stream never finished: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = send(
+        &app,
+        Method::POST,
+        &format!("/v1/jobs/{}/cancel", id(&job)),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    assert_eq!(reply.body["cancel_requested"], true, "{}", reply.body);
+
+    // Accepted means honoured: the stream's result is rolled back, not committed.
+    let ended = app.wait_job_end(&job).await;
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    let (_, snapshot) = app.get(&format!("/v1/snapshots/{s1}")).await;
+    assert_eq!(snapshot["status"], "ready", "{snapshot}");
+    let active = app.active_path(&vm, "root").await;
+    assert_eq!(
+        chain(&active).len(),
+        2,
+        "the present sits on s1's layer again"
+    );
+    expect_all(&active, &regions);
+    expect_all(
+        &app.snapshot_path(&vm, &s1, "root").await,
+        &[(0x11, 0, 2), (0, 2, 62)],
+    );
+    check_clean(&active);
+    assert_eq!(app.volume_files(), files_before);
+}
