@@ -112,6 +112,24 @@ impl DiskGraph {
             .find(|v| v.parent.is_none_or(|p| self.get(p).is_none()))
     }
 
+    /// The volumes that sit on a volume of another disk (a linked clone's source).
+    /// Usually one, the disk's lowest layer; a snapshot deletion that streams a branch
+    /// point at the bottom onto the source leaves one per branch.
+    pub fn links(&self) -> Vec<&VolumeNode> {
+        self.volumes
+            .iter()
+            .filter(|v| v.parent.is_some_and(|p| self.get(p).is_none()))
+            .collect()
+    }
+
+    /// The source volumes this disk's links sit on, each once.
+    pub fn link_sources(&self) -> Vec<Uuid> {
+        let mut sources: Vec<Uuid> = self.links().iter().filter_map(|v| v.parent).collect();
+        sources.sort();
+        sources.dedup();
+        sources
+    }
+
     /// Volume ids with every child listed before its parent, so drops never orphan a
     /// file that still has something on top of it.
     fn leaves_first(&self, ids: &[Uuid]) -> Vec<Uuid> {
@@ -641,10 +659,11 @@ impl Plan {
     /// Drop, with the plan, every layer of `disk` that nothing reads once the plan is
     /// done: no writable top, no snapshot, no layer on top of it and no linked clone
     /// (other than `leaving_vms`, clones that stop reading this disk with the plan).
-    /// Only shared layers (a present state frozen for a linked clone) can end up like
-    /// that: their last reader may be a clone that goes, a present that is reverted
-    /// away, or a snapshot deleted above them. Without this their files would stay for
-    /// good, shown by no view.
+    /// Only shared layers (a present state frozen for a linked clone) end up like that:
+    /// their last reader may be a clone that goes, a present that is reverted away, or
+    /// a snapshot deleted above them. Without this their files would stay for good,
+    /// shown by no view. (A layer left unread by a job that stopped halfway, e.g. one
+    /// that flattened the clones and was then cancelled, goes with the VM's next job.)
     ///
     /// The plan's own metadata changes are replayed on a copy of the disk's tree to
     /// see what it leaves, so this holds for every planner and every shape, however
@@ -1030,25 +1049,30 @@ pub fn plan_import(
     plan
 }
 
-/// Make a linked disk standalone: copy into its lowest layer whatever the source's
-/// layers below show (at most `copy_bytes`), then cut the link. Every layer of the disk
-/// reads the same throughout: a partial safe rebase only adds clusters equal to what
-/// the backing showed. `None` when the disk is not linked.
+/// Make a linked disk standalone: copy into each volume that sits on the source (its
+/// lowest layer, or one per branch) whatever the source's layers below show (at most
+/// `copy_bytes` in all), then cut the link. Every layer of the disk reads the same
+/// throughout: a partial safe rebase only adds clusters equal to what the backing
+/// showed. `None` when the disk is not linked.
 pub fn plan_flatten(disk: &DiskGraph, copy_bytes: u64) -> Option<Plan> {
-    let root = disk.root()?;
-    let source = root.parent?;
+    let links = disk.links();
+    if links.is_empty() {
+        return None;
+    }
     let mut plan = Plan::default();
-    plan.steps.push(Step {
-        op: FileOp::Stream {
-            volume: root.id,
-            from: Some(source),
-            backing: None,
-        },
-        then: vec![MetaOp::SetVolumeParent {
-            volume: root.id,
-            parent: None,
-        }],
-    });
+    for link in links {
+        plan.steps.push(Step {
+            op: FileOp::Stream {
+                volume: link.id,
+                from: link.parent,
+                backing: None,
+            },
+            then: vec![MetaOp::SetVolumeParent {
+                volume: link.id,
+                parent: None,
+            }],
+        });
+    }
     plan.space_needed += copy_bytes;
     Some(plan)
 }
@@ -1214,7 +1238,14 @@ pub fn plan_resize(disk: &DiskGraph, size_bytes: u64) -> Result<Plan, PlanError>
 }
 
 /// Remove disks and every file they own. `delete_vm` also removes the VM record.
-pub fn plan_delete_disks(vm: Uuid, disks: &[DiskGraph], delete_vm: bool) -> Plan {
+/// `previous` is the status of the VM (or of the one disk) before the request: a
+/// deletion stopped early puts it back (a disk whose creation failed stays `error`).
+pub fn plan_delete_disks(
+    vm: Uuid,
+    disks: &[DiskGraph],
+    delete_vm: bool,
+    previous: ResourceStatus,
+) -> Plan {
     let mut plan = Plan::default();
     for disk in disks {
         let ids: Vec<Uuid> = disk.volumes.iter().map(|v| v.id).collect();
@@ -1225,7 +1256,7 @@ pub fn plan_delete_disks(vm: Uuid, disks: &[DiskGraph], delete_vm: bool) -> Plan
             plan.finish.push(MetaOp::DeleteDisk { disk: disk.disk_id });
             plan.undo.push(MetaOp::SetDiskStatus {
                 disk: disk.disk_id,
-                status: ResourceStatus::Ready,
+                status: previous,
             });
         }
         plan.drops.extend(disk.leaves_first(&ids));
@@ -1234,7 +1265,7 @@ pub fn plan_delete_disks(vm: Uuid, disks: &[DiskGraph], delete_vm: bool) -> Plan
         plan.finish.push(MetaOp::DeleteVm { vm });
         plan.undo.push(MetaOp::SetVmStatus {
             vm,
-            status: ResourceStatus::Ready,
+            status: previous,
         });
     }
     plan

@@ -134,7 +134,7 @@ async fn plan_in(
                 size_bytes: 0,
                 volumes: Vec::new(),
             });
-            plan::plan_delete_disks(vm_id, &[graph], false)
+            plan::plan_delete_disks(vm_id, &[graph], false, previous_status(params))
         }
         JobKind::DiskResize => {
             refuse_if_running(&vm, "resize a disk of")?;
@@ -156,7 +156,7 @@ async fn plan_in(
         }
         JobKind::VmDelete => {
             refuse_if_running(&vm, "delete")?;
-            plan::plan_delete_disks(vm_id, &graphs, true)
+            plan::plan_delete_disks(vm_id, &graphs, true, previous_status(params))
         }
         JobKind::SnapshotCreate => {
             refuse_if_running(&vm, "snapshot")?;
@@ -191,12 +191,7 @@ async fn plan_in(
             refuse_if_running(&vm, "flatten a disk of")?;
             refuse_if_readers_running(conn, &vm).await?;
             let disk = disk_graph(&graphs)?;
-            let copy_bytes = match disk.root().and_then(|r| r.parent) {
-                Some(source) => {
-                    storage::chain_bytes(&engine.config.volumes_dir, conn, source).await?
-                }
-                None => 0,
-            };
+            let copy_bytes = links_bytes(engine, conn, &disk).await?;
             plan::plan_flatten(&disk, copy_bytes).ok_or_else(|| {
                 Error::problem(
                     ErrorCode::DiskNotLinked,
@@ -307,6 +302,13 @@ async fn plan_in(
     } else {
         plan
     };
+    // Whatever layer of this VM the plan, or an earlier job that stopped halfway,
+    // leaves unread goes with it (pending linked clones count as readers: they were
+    // added to the graphs above).
+    let mut plan = plan;
+    for graph in &graphs {
+        plan.drop_unread_shared_layers(graph, &[]);
+    }
     refuse_endangering_dependents(conn, &plan, &graphs, &pending_clones).await?;
     check_space(engine, &plan)?;
     Ok(plan)
@@ -346,13 +348,10 @@ async fn flatten_dependents_first(
             flatten.finish.push(MetaOp::TouchVm { vm: vm.id });
         }
         for disk in store::vms::disk_graphs(conn, dependent).await? {
-            let Some(source) = disk.root().and_then(|r| r.parent) else {
-                continue;
-            };
-            if !ours.contains(&source) {
+            if !disk.link_sources().iter().any(|s| ours.contains(s)) {
                 continue;
             }
-            let copy_bytes = storage::chain_bytes(&engine.config.volumes_dir, conn, source).await?;
+            let copy_bytes = links_bytes(engine, conn, &disk).await?;
             if let Some(part) = plan::plan_flatten(&disk, copy_bytes) {
                 flatten.steps.extend(part.steps);
                 flatten.space_needed += part.space_needed;
@@ -427,13 +426,14 @@ async fn drop_unread_source_layers(
     vm_id: Uuid,
     target: Uuid,
 ) -> Result<Plan> {
-    let leaving = graphs
+    let (leaving, staying): (Vec<&DiskGraph>, Vec<&DiskGraph>) = graphs
         .iter()
-        .filter(|g| kind == JobKind::VmDelete || g.disk_id == target);
-    for disk in leaving {
-        let Some(source) = disk.root().and_then(|r| r.parent) else {
-            continue;
-        };
+        .partition(|g| kind == JobKind::VmDelete || g.disk_id == target);
+    // Every link of the leaving disks is cut (removed, or streamed standalone); the VM
+    // stops reading a source disk unless one of its other disks still links into it.
+    let still_read: HashSet<Uuid> = staying.iter().flat_map(|g| g.link_sources()).collect();
+    let mut done: HashSet<Uuid> = HashSet::new();
+    for source in leaving.iter().flat_map(|g| g.link_sources()) {
         let Some(owner) = store::vms::volume_owner(conn, source).await? else {
             continue;
         };
@@ -441,9 +441,31 @@ async fn drop_unread_source_layers(
         let Some(source_disk) = source_graphs.iter().find(|g| g.get(source).is_some()) else {
             continue;
         };
+        if !done.insert(source_disk.disk_id)
+            || source_disk
+                .volumes
+                .iter()
+                .any(|v| still_read.contains(&v.id))
+        {
+            continue;
+        }
         plan.drop_unread_shared_layers(source_disk, &[vm_id]);
     }
     Ok(plan)
+}
+
+/// Upper bound of what flattening `disk` copies: the bytes of every source chain its
+/// links read.
+async fn links_bytes(
+    engine: &Engine,
+    conn: &mut sqlx::SqliteConnection,
+    disk: &DiskGraph,
+) -> Result<u64> {
+    let mut bytes = 0;
+    for source in disk.link_sources() {
+        bytes += storage::chain_bytes(&engine.config.volumes_dir, conn, source).await?;
+    }
+    Ok(bytes)
 }
 
 /// Flattening rewrites a disk's lowest layer, which linked clones of *that* VM read
@@ -604,8 +626,8 @@ async fn refuse_endangering_dependents(
     let mut endangered = Vec::new();
     for vm in plan.endangered_dependents(graphs) {
         let still_linked = store::vms::disk_graphs(conn, vm).await?.iter().any(|disk| {
-            disk.root().is_some_and(|root| {
-                root.parent.is_some_and(|p| ours.contains(&p)) && !cut.contains(&root.id)
+            disk.links().iter().any(|link| {
+                link.parent.is_some_and(|p| ours.contains(&p)) && !cut.contains(&link.id)
             })
         });
         if still_linked || pending.contains(&vm) {

@@ -502,7 +502,10 @@ impl Engine {
                 Err(e) => e,
             };
             failures += 1;
-            if past_no_return && error.is_out_of_space() {
+            // A half-done merge must wait for space; a grow that did not fit changed
+            // nothing (qemu-img writes the new size last) and simply fails.
+            let can_fail = matches!(op, FileOp::Resize { .. });
+            if past_no_return && error.is_out_of_space() && !can_fail {
                 return Err(Stop::Parked(error));
             }
             let killed = matches!(error, Error::Qemu(QemuError::Killed { .. }));
@@ -755,11 +758,30 @@ impl Engine {
                 remove_if_exists(&self.volume_path(volume)).await?;
             }
         }
-        let undo = match (outcome.status, &plan.cancel) {
+        // A job that did not happen leaves the tree as it found it, not only the bytes:
+        // each stream it finished is pointed back at the layer it read (which is still
+        // there: nothing is dropped before the final commit), and the records with it.
+        // The copied clusters stay in the file and read exactly as that layer does.
+        let mut undo = Vec::new();
+        for step in &plan.steps[..index] {
+            if let FileOp::Stream {
+                volume,
+                from: Some(from),
+                ..
+            } = step.op
+            {
+                self.restore_stream(volume, Some(from)).await?;
+                undo.push(MetaOp::SetVolumeParent {
+                    volume,
+                    parent: Some(from),
+                });
+            }
+        }
+        undo.extend_from_slice(match (outcome.status, &plan.cancel) {
             (JobStatus::Cancelled, Some(cancel)) => cancel,
             _ => &plan.undo,
-        };
-        self.end(job, undo, &outcome).await
+        });
+        self.end(job, &undo, &outcome).await
     }
 
     /// Hand a job that cannot go on for want of space back to the queue, to be tried

@@ -771,3 +771,67 @@ async fn a_shared_layer_under_a_snapshot_goes_once_neither_the_clone_nor_the_sna
         );
     }
 }
+
+#[tokio::test]
+async fn a_linked_disk_with_a_branch_on_its_source_is_flattened_whole() {
+    let app = TestApp::spawn().await;
+    let source = id(&app.create_vm("trunk", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x61, 0, 2);
+    let s0 = app.snapshot(&source, "s0").await;
+    write(&app.active_path(&source, "root").await, 0x62, 2, 2);
+    let reader = id(&clone(&app, &source, json!({"name": "branchy", "mode": "linked"})).await);
+    app.revert(&s0).await;
+
+    // On the clone: s1 and s2 in a row, back to s1, then s1 deleted. Its layer (the
+    // clone's lowest) is a branch point, streamed into both branches: the clone's disk
+    // now sits on its source twice.
+    write(&app.active_path(&reader, "root").await, 0x71, 4, 1);
+    let s1 = app.snapshot(&reader, "s1").await;
+    write(&app.active_path(&reader, "root").await, 0x72, 5, 1);
+    let s2 = app.snapshot(&reader, "s2").await;
+    app.revert(&s1).await;
+    write(&app.active_path(&reader, "root").await, 0x73, 6, 1);
+    app.delete_snapshot(&s1).await;
+    let present = [
+        (0x61, 0, 2),
+        (0x62, 2, 2),
+        (0x71, 4, 1),
+        (0, 5, 1),
+        (0x73, 6, 1),
+    ];
+    let at_s2 = [
+        (0x61, 0, 2),
+        (0x62, 2, 2),
+        (0x71, 4, 1),
+        (0x72, 5, 1),
+        (0, 6, 1),
+    ];
+    expect_all(&app.active_path(&reader, "root").await, &present);
+    expect_all(&app.snapshot_path(&reader, &s2, "root").await, &at_s2);
+
+    // Flattening cuts both links; the source's layer they sat on then goes.
+    let disk = app.vm(&reader).await["disks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = app
+        .expect_job(
+            app.post(&format!("/v1/vms/{reader}/disks/{disk}/flatten"), json!({}))
+                .await,
+        )
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let active = app.active_path(&reader, "root").await;
+    let layer = app.snapshot_path(&reader, &s2, "root").await;
+    assert_eq!(chain(&active).len(), 1, "the present is standalone");
+    assert_eq!(chain(&layer).len(), 1, "s2's branch is standalone");
+    expect_all(&active, &present);
+    expect_all(&layer, &at_s2);
+    check_clean(&active);
+    check_clean(&layer);
+    assert_only_referenced_files(&app, &[&source, &reader]).await;
+    expect_all(
+        &app.active_path(&source, "root").await,
+        &[(0x61, 0, 2), (0, 2, 6)],
+    );
+}

@@ -670,7 +670,10 @@ async fn a_cancel_accepted_while_the_last_step_runs_rolls_that_step_back() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, view) = app.get(&format!("/v1/jobs/{}", id(&job))).await;
-        assert_eq!(view["status"], "running", "{view}");
+        assert!(
+            matches!(view["status"].as_str(), Some("queued" | "running")),
+            "{view}"
+        );
         if view["progress"].as_u64() >= Some(99) {
             assert_eq!(view["detail"]["merges"][0]["action"], "stream", "{view}");
             break;

@@ -1876,7 +1876,7 @@ fn every_merge_that_rewrites_or_drops_a_read_layer_endangers_its_reader() {
     )
     .unwrap();
     assert!(all.endangered_dependents(&graphs).contains(&reader));
-    let gone = plan_delete_disks(new_id(), &graphs, true);
+    let gone = plan_delete_disks(new_id(), &graphs, true, ResourceStatus::Ready);
     assert!(gone.endangered_dependents(&graphs).contains(&reader));
     // Merging snap02 with the present touches neither l0 nor anything the reader reads.
     let safe = plan_snapshot_delete(c.snap02, ResourceStatus::Ready, &graphs).unwrap();
@@ -2055,6 +2055,41 @@ fn flattening_streams_the_lowest_layer_onto_nothing_and_only_for_a_linked_disk()
     let mut standalone = Disk::new(GIB);
     standalone.active(None, MIB);
     assert!(plan_flatten(&standalone.build(), 0).is_none());
+}
+
+#[test]
+fn flattening_a_disk_that_sits_on_its_source_twice_cuts_both_links() {
+    // A snapshot deletion streamed the disk's lowest layer, a branch point, into both
+    // branches: each now sits on the source's layer.
+    let source_volume = new_id();
+    let mut linked = Disk::new(GIB);
+    let branch = linked.frozen(Some(source_volume), new_id(), MIB);
+    let present = linked.active(Some(source_volume), MIB);
+    let graph = linked.build();
+    assert_eq!(graph.link_sources(), vec![source_volume]);
+
+    let plan = plan_flatten(&graph, 300 * MIB).unwrap();
+
+    let mut streamed: Vec<Uuid> = file_ops(&plan)
+        .into_iter()
+        .map(|op| match op {
+            FileOp::Stream {
+                volume,
+                from,
+                backing,
+            } => {
+                assert_eq!((from, backing), (Some(source_volume), None));
+                volume
+            }
+            other => panic!("unexpected step {other:?}"),
+        })
+        .collect();
+    streamed.sort();
+    let mut expected = vec![branch, present];
+    expected.sort();
+    assert_eq!(streamed, expected);
+    let left = after(&plan, &[graph]);
+    assert!(left[0].links().is_empty(), "no volume reads the source");
 }
 
 #[test]
