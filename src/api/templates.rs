@@ -393,6 +393,19 @@ async fn deploy(
     Ok(accepted(job.into()))
 }
 
+fn require_deletable_template(template: &Vm) -> Result<()> {
+    if matches!(
+        template.status,
+        ResourceStatus::Ready | ResourceStatus::Error
+    ) {
+        return Ok(());
+    }
+    Err(Error::problem(
+        ErrorCode::VmNotReady,
+        format!("template {} is {}", template.name, template.status),
+    ))
+}
+
 /// Delete a template and its files. Refused while VMs are linked to it (the answer
 /// lists them): flatten or delete them first.
 #[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates",
@@ -408,15 +421,7 @@ async fn delete_template(
     Path(id): Path<String>,
 ) -> Result<Response> {
     let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
-    if !matches!(
-        template.status,
-        ResourceStatus::Ready | ResourceStatus::Error
-    ) {
-        return Err(Error::problem(
-            ErrorCode::VmNotReady,
-            format!("template {} is {}", template.name, template.status),
-        ));
-    }
+    require_deletable_template(&template)?;
     preflight(
         &state.engine,
         JobKind::VmDelete,
@@ -427,6 +432,8 @@ async fn delete_template(
     .await?;
     let mut tx = state.engine.db.begin().await?;
     let template = find_template(&mut tx, &id).await?;
+    // Again under the write lock: a second delete may have been accepted meanwhile.
+    require_deletable_template(&template)?;
     store::vms::set_vm_status(&mut tx, template.id, ResourceStatus::Deleting).await?;
     let params = serde_json::json!({ "previous_status": template.status });
     enqueue(

@@ -454,15 +454,15 @@ async fn drop_unread_source_layers(
     Ok(plan)
 }
 
-/// Upper bound of what flattening `disk` copies: the bytes of every source chain its
-/// links read.
+/// Upper bound of what flattening `disk` copies: each link streams in the whole source
+/// chain it reads.
 async fn links_bytes(
     engine: &Engine,
     conn: &mut sqlx::SqliteConnection,
     disk: &DiskGraph,
 ) -> Result<u64> {
     let mut bytes = 0;
-    for source in disk.link_sources() {
+    for source in disk.links().iter().filter_map(|link| link.parent) {
         bytes += storage::chain_bytes(&engine.config.volumes_dir, conn, source).await?;
     }
     Ok(bytes)

@@ -770,6 +770,14 @@ impl Engine {
                 ..
             } = step.op
             {
+                // Nothing is dropped before the final commit, so `from` is there; were it
+                // not, the records must not name it: the stop waits (the job stays
+                // `stopping` and is tried again at the next start).
+                if !tokio::fs::try_exists(self.volume_path(from)).await? {
+                    return Err(Error::Internal(format!(
+                        "cannot roll back the stream into {volume}: the layer {from} it read is gone"
+                    )));
+                }
                 self.restore_stream(volume, Some(from)).await?;
                 undo.push(MetaOp::SetVolumeParent {
                     volume,
