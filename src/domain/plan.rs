@@ -483,7 +483,9 @@ pub enum PlanError {
 }
 
 /// Record, when the plan finishes, a disk's first volume as its writable layer and the
-/// disk as ready.
+/// disk as ready, with the size the volume was made with: a clone takes its source's
+/// size when it runs, which a grow queued before it may have changed since the
+/// request recorded the disk.
 fn finish_new_disk(
     plan: &mut Plan,
     disk: Uuid,
@@ -499,6 +501,7 @@ fn finish_new_disk(
             size_bytes,
         },
         MetaOp::SetActiveVolume { disk, volume },
+        MetaOp::SetDiskSize { disk, size_bytes },
         MetaOp::SetDiskStatus {
             disk,
             status: ResourceStatus::Ready,

@@ -3,6 +3,8 @@
 //! until the clone is flattened), and that cloning the present state leaves the
 //! source's snapshot tree as it was.
 
+use std::process::Command;
+
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -834,4 +836,50 @@ async fn a_linked_disk_with_a_branch_on_its_source_is_flattened_whole() {
         &app.active_path(&source, "root").await,
         &[(0x61, 0, 2), (0, 2, 6)],
     );
+}
+
+#[tokio::test]
+async fn a_clone_queued_behind_a_grow_gets_the_grown_size() {
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "disk_resize:planned:pause=1500")]).await;
+    let source = id(&app.create_vm("growing", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x51, 0, 2);
+    let disk = app.vm(&source).await["disks"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let grown = 2 * DISK;
+    let (status, resize) = app
+        .post(
+            &format!("/v1/vms/{source}/disks/{disk}/resize"),
+            json!({"size_bytes": grown}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{resize}");
+    let mut clones = Vec::new();
+    for mode in ["linked", "full"] {
+        let (status, job) = app
+            .post(
+                &format!("/v1/vms/{source}/clone"),
+                json!({"name": format!("after-grow-{mode}"), "mode": mode}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        clones.push(job);
+    }
+    assert_eq!(app.wait_job_end(&resize).await["status"], "succeeded");
+    for job in &clones {
+        let ended = app.wait_job_end(job).await;
+        assert_eq!(ended["status"], "succeeded", "{ended}");
+        let clone = job["target"]["id"].as_str().unwrap();
+        let view = app.vm(clone).await;
+        assert_eq!(view["disks"][0]["size_bytes"], grown, "{view}");
+        let active = app.active_path(clone, "root").await;
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "qcow2", &active])
+            .output()
+            .unwrap();
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["virtual-size"], grown, "{info}");
+        expect_all(&active, &[(0x51, 0, 2), (0, 2, 62)]);
+    }
 }
