@@ -246,7 +246,10 @@ fn with_middleware(router: axum::Router, config: &ServeConfig) -> axum::Router {
         // Outside the limit and timeout layers (see `api::router`), so their bare
         // answers become problems.
         .layer(axum::middleware::map_response(problem_for_bare_errors))
-        .layer(TraceLayer::new_for_http());
+        // A 5xx is not always an error worth a log line (`/readyz` answers 503 while
+        // recovery runs, a full disk answers 507): failures that are errors are logged
+        // once, with their cause, where the problem answer is made (`api::problem`).
+        .layer(TraceLayer::new_for_http().on_failure(()));
     if !config.cors_origins.is_empty() {
         let origin = if config.cors_origins.iter().any(|o| o == "*") {
             AllowOrigin::any()

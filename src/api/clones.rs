@@ -68,7 +68,7 @@ async fn clone_vm(
     validate::description(&body.description).map_err(Error::validation)?;
     let source = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
     if body.snapshot_id.is_none() {
-        require_stopped(&source, "clone the present state of")?;
+        require_stopped(&source, "clone its present state")?;
     }
     let job = requests::clone(
         &state.engine,
@@ -119,7 +119,7 @@ async fn flatten_disk(
         (vm, disk)
     };
     require_ready(&vm)?;
-    require_stopped(&vm, "flatten a disk of")?;
+    require_stopped(&vm, "flatten one of its disks")?;
     preflight(
         &state.engine,
         JobKind::DiskFlatten,

@@ -392,7 +392,7 @@ async fn revert_snapshot(
     let mut tx = state.engine.db.begin().await?;
     let (snapshot, vm) = find_snapshot(&mut tx, &id).await?;
     require_ready(&vm)?;
-    require_stopped(&vm, "revert")?;
+    require_stopped(&vm, "revert it")?;
     if snapshot.status != ResourceStatus::Ready {
         return Err(Error::problem(
             ErrorCode::SnapshotNotReady,

@@ -242,7 +242,7 @@ async fn create_template(
     )
     .await?;
     if body.snapshot_id.is_none() {
-        require_stopped(&source, "copy the present state of")?;
+        require_stopped(&source, "copy its present state")?;
     }
     let job = requests::clone(
         &state.engine,
@@ -278,7 +278,7 @@ async fn convert_to_template(
 ) -> Result<Response> {
     let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
     require_ready(&vm)?;
-    require_stopped(&vm, "convert to a template")?;
+    require_stopped(&vm, "convert it to a template")?;
     preflight(
         &state.engine,
         JobKind::VmToTemplate,
@@ -290,7 +290,7 @@ async fn convert_to_template(
     let mut tx = state.engine.db.begin().await?;
     let vm = find_vm(&mut tx, &id).await?;
     require_ready(&vm)?;
-    require_stopped(&vm, "convert to a template")?;
+    require_stopped(&vm, "convert it to a template")?;
     let params = requests::flag_all_snapshots(&mut tx, vm.id).await?;
     // Nothing else may start on the VM meanwhile; undone, it is ready again.
     store::vms::set_vm_status(&mut tx, vm.id, ResourceStatus::Creating).await?;

@@ -539,7 +539,7 @@ async fn delete_vm(
             ));
         }
     }
-    require_stopped(&vm, "delete the VM")?;
+    require_stopped(&vm, "delete it")?;
     store::vms::set_vm_status(&mut tx, vm.id, ResourceStatus::Deleting).await?;
     // A flattening deletion also works on the linked clones: it locks them.
     let dependents = if flatten_dependents {
@@ -696,7 +696,7 @@ async fn delete_disk(
     let vm = find_vm(&mut tx, &vm_id).await?;
     let disk = find_disk(&mut tx, &vm, &disk_id).await?;
     require_ready(&vm)?;
-    require_stopped(&vm, "remove a disk")?;
+    require_stopped(&vm, "remove one of its disks")?;
     if !matches!(disk.status, ResourceStatus::Ready | ResourceStatus::Error) {
         return Err(Error::problem(
             ErrorCode::DiskNotReady,
@@ -739,7 +739,7 @@ async fn resize_disk(
     let vm = find_vm(&mut tx, &vm_id).await?;
     let disk = find_disk(&mut tx, &vm, &disk_id).await?;
     require_ready(&vm)?;
-    require_stopped(&vm, "resize a disk")?;
+    require_stopped(&vm, "resize one of its disks")?;
     if disk.status != ResourceStatus::Ready {
         return Err(Error::problem(
             ErrorCode::DiskNotReady,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::requests::require_stopped;
 use super::{Engine, storage};
 use crate::domain::image::ImageFormat;
 use crate::domain::plan::{self, CloneMode, DiskGraph, MetaOp, Plan};
@@ -127,7 +128,7 @@ async fn plan_in(
             plan::plan_create_disks(vm_id, &[(disk.id, disk.size_bytes)], false)
         }
         JobKind::DiskDelete => {
-            refuse_if_running(&vm, "delete a disk of")?;
+            require_stopped(&vm, "delete one of its disks")?;
             // A disk whose creation failed has no files, only its record to remove.
             let graph = disk_graph(&graphs).unwrap_or(DiskGraph {
                 disk_id: target,
@@ -137,7 +138,7 @@ async fn plan_in(
             plan::plan_delete_disks(vm_id, &[graph], false, previous_status(params))
         }
         JobKind::DiskResize => {
-            refuse_if_running(&vm, "resize a disk of")?;
+            require_stopped(&vm, "resize one of its disks")?;
             let size = params["size_bytes"]
                 .as_u64()
                 .ok_or_else(|| Error::Internal("resize job without size_bytes".into()))?;
@@ -155,11 +156,11 @@ async fn plan_in(
             plan::plan_resize(&disk, size)?
         }
         JobKind::VmDelete => {
-            refuse_if_running(&vm, "delete")?;
+            require_stopped(&vm, "delete it")?;
             plan::plan_delete_disks(vm_id, &graphs, true, previous_status(params))
         }
         JobKind::SnapshotCreate => {
-            refuse_if_running(&vm, "snapshot")?;
+            require_stopped(&vm, "take an offline snapshot of it")?;
             if graphs.is_empty() {
                 return Err(Error::problem(
                     ErrorCode::VmHasNoDisks,
@@ -169,7 +170,7 @@ async fn plan_in(
             plan::plan_snapshot_create(vm_id, target, vm.current_snapshot_id, &graphs)?
         }
         JobKind::SnapshotRevert => {
-            refuse_if_running(&vm, "revert")?;
+            require_stopped(&vm, "revert it")?;
             let plan = plan::plan_revert(vm_id, target, &graphs)?;
             if plan.steps.is_empty() {
                 return Err(Error::problem(
@@ -188,7 +189,7 @@ async fn plan_in(
             clone_plan(engine, conn, &vm, &graphs, params).await?
         }
         JobKind::DiskFlatten => {
-            refuse_if_running(&vm, "flatten a disk of")?;
+            require_stopped(&vm, "flatten one of its disks")?;
             refuse_if_readers_running(conn, &vm).await?;
             let disk = disk_graph(&graphs)?;
             let copy_bytes = links_bytes(engine, conn, &disk).await?;
@@ -225,7 +226,7 @@ async fn plan_in(
             )
         }
         JobKind::VmToTemplate => {
-            refuse_if_running(&vm, "convert to a template")?;
+            require_stopped(&vm, "convert it to a template")?;
             let snapshots = listed_snapshots(conn, vm_id, params).await?;
             let mut plan = plan::plan_delete_all_snapshots(vm_id, &snapshots, &graphs)?;
             let ready = MetaOp::SetVmStatus {
@@ -341,7 +342,7 @@ async fn flatten_dependents_first(
         let vm = store::vms::get_vm(conn, dependent)
             .await?
             .ok_or_else(|| Error::Internal(format!("dependent VM {dependent} vanished")))?;
-        refuse_if_running(&vm, "flatten the linked disks of")?;
+        require_stopped(&vm, "flatten its linked disks")?;
         refuse_if_readers_running(conn, &vm).await?;
         if vm.kind == VmKind::Template {
             // Its exports were made from the linked file: a new generation.
@@ -542,7 +543,7 @@ async fn clone_plan(
     // stopped, as for a snapshot).
     let freeze_present = snapshot.is_none() && source.kind == VmKind::Vm;
     if snapshot.is_none() && source.kind == VmKind::Vm {
-        refuse_if_running(source, "clone the present state of")?;
+        require_stopped(source, "clone its present state")?;
     }
     let mut freeze = Vec::new();
     let mut starts: HashMap<Uuid, (Uuid, u64)> = HashMap::new();
@@ -698,19 +699,6 @@ async fn listed_snapshots(
         ));
     }
     Ok(listed)
-}
-
-fn refuse_if_running(vm: &Vm, action: &str) -> Result<()> {
-    if vm.state == VmState::Running {
-        return Err(Error::problem(
-            ErrorCode::VmRunning,
-            format!(
-                "cannot {action} VM {} while it is running; stop it first",
-                vm.name
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// A merge may run beside a running guest only if it leaves every file the hypervisor

@@ -28,10 +28,7 @@ pub fn require_stopped(vm: &Vm, action: &str) -> Result<()> {
     if vm.state == VmState::Running {
         return Err(Error::problem(
             ErrorCode::VmRunning,
-            format!(
-                "cannot {action} while VM {} is running; stop it first",
-                vm.name
-            ),
+            format!("VM {} is running; stop it first to {action}", vm.name),
         ));
     }
     Ok(())
@@ -105,7 +102,7 @@ pub async fn insert_snapshot(
     new: NewSnapshot,
 ) -> Result<(Snapshot, Job)> {
     require_ready(vm)?;
-    require_stopped(vm, "take an offline snapshot")?;
+    require_stopped(vm, "take an offline snapshot of it")?;
     if store::vms::list_disks(tx, vm.id).await?.is_empty() {
         return Err(Error::problem(
             ErrorCode::VmHasNoDisks,

@@ -159,6 +159,12 @@ async fn a_linked_clone_of_the_present_state_leaves_the_source_tree_as_it_was() 
         problem_code(&refused),
         (StatusCode::CONFLICT, "vm_running".into())
     );
+    let name = app.vm(&source).await["name"].as_str().unwrap().to_owned();
+    assert_eq!(
+        refused.1["detail"],
+        format!("VM {name} is running; stop it first to clone its present state"),
+        "the message names the VM and what to do"
+    );
     app.patch(&format!("/v1/vms/{source}"), json!({"state": "stopped"}))
         .await;
 
