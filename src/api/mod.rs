@@ -7,6 +7,7 @@ mod extract;
 pub mod imports;
 pub mod jobs;
 pub mod problem;
+mod query_check;
 pub mod schedules;
 pub mod snapshots;
 pub mod system;
@@ -106,7 +107,12 @@ pub fn router(state: AppState) -> axum::Router {
             state.request_timeout,
         ));
     let (import, _) = imports::routes().split_for_parts();
+    let documented = query_check::DocumentedQueries::from_document(&openapi_document());
     json.merge(import)
+        .route_layer(axum::middleware::from_fn_with_state(
+            documented,
+            query_check::refuse_unknown_parameters,
+        ))
         .fallback(|| async {
             Error::problem(
                 ErrorCode::RouteNotFound,
@@ -128,7 +134,52 @@ pub fn openapi_document() -> OpenApi {
     let (_, mut api) = api_router().split_for_parts();
     api.info.version = env!("CARGO_PKG_VERSION").to_owned();
     document_full_disk(&mut api);
+    document_unknown_query_parameters(&mut api);
     api
+}
+
+/// Every operation refuses a query parameter it does not document (see
+/// `query_check`): its 400 answer says so.
+fn document_unknown_query_parameters(api: &mut OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    const UNKNOWN: &str = "an unknown query parameter (`invalid_query`)";
+    let refused = ResponseBuilder::new()
+        .description(format!("Bad request: {UNKNOWN}"))
+        .content(
+            "application/problem+json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .build();
+    for item in api.paths.paths.values_mut() {
+        for operation in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.patch,
+            &mut item.put,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            match operation.responses.responses.get_mut("400") {
+                Some(RefOr::T(response)) if !response.description.contains("`invalid_query`") => {
+                    response.description = format!(
+                        "{}; or {UNKNOWN}",
+                        response.description.trim_end_matches('.')
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    operation
+                        .responses
+                        .responses
+                        .insert("400".to_owned(), refused.clone().into());
+                }
+            }
+        }
+    }
 }
 
 /// Every request that writes can meet a full data file system (the database grows

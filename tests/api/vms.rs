@@ -1189,3 +1189,33 @@ async fn labels_are_set_on_creation_replaced_by_patch_and_select_vms_in_listings
         (StatusCode::BAD_REQUEST, Some("invalid_query"))
     );
 }
+
+#[tokio::test]
+async fn unknown_query_parameters_are_refused_with_the_parameter_named() {
+    let app = TestApp::spawn().await;
+    let vm = id(&app.create_vm("queried", &[("root", DISK)]).await);
+    let before = world(&app).await;
+    for (method, path, unknown) in [
+        (Method::GET, "/v1/vms?colour=red".to_owned(), "colour"),
+        (Method::GET, "/v1/vms?limit=5&nam=x".to_owned(), "nam"),
+        (Method::GET, format!("/v1/vms/{vm}?verbose=1"), "verbose"),
+        (
+            Method::DELETE,
+            format!("/v1/vms/{vm}?flatten_dependent=true"),
+            "flatten_dependent",
+        ),
+    ] {
+        let reply = send(&app, method.clone(), &path, None, None).await;
+        assert_problem(&reply, StatusCode::BAD_REQUEST, "invalid_query");
+        let detail = reply.body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(&format!("`{unknown}`")),
+            "{method} {path}: {detail}"
+        );
+    }
+    // Documented parameters still work, and nothing was changed.
+    let (status, page) = app.get("/v1/vms?limit=5&name=queried").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(world(&app).await, before);
+}
