@@ -571,12 +571,23 @@ async fn clone_plan(
     for target in &request.vms {
         let mut disks = Vec::with_capacity(target.disks.len());
         for (disk, source_disk) in &target.disks {
-            let (start, size_bytes) = *starts.get(source_disk).ok_or_else(|| {
-                Error::problem(
+            let Some(&(start, size_bytes)) = starts.get(source_disk) else {
+                // Checked when the request comes: a disk a job queued before the clone
+                // is still adding has nothing to start from yet, but will have when
+                // the clone runs (jobs of a VM run in order).
+                let adding = store::vms::get_disk(conn, *source_disk)
+                    .await?
+                    .is_some_and(|d| d.status == ResourceStatus::Creating);
+                if adding {
+                    continue;
+                }
+                return Err(Error::problem(
                     ErrorCode::DiskNotFound,
-                    format!("source disk {source_disk} is gone (deleted since the request)"),
-                )
-            })?;
+                    format!(
+                        "source disk {source_disk} is gone (deleted, or its creation failed, since the request)"
+                    ),
+                ));
+            };
             let copy_bytes = match request.mode {
                 CloneMode::Linked => 0,
                 CloneMode::Full => {

@@ -382,9 +382,16 @@ pub async fn clone(engine: &Engine, request: CloneRequest) -> Result<Job> {
                 })
                 .collect()
         }
+        // The present as it is when the clone runs, after every job accepted before it:
+        // a disk being added is there by then (if its creation fails, so does the
+        // clone, making nothing), one being deleted is not.
         None => disks
             .iter()
-            .filter(|d| d.active_volume_id.is_some() && d.status == ResourceStatus::Ready)
+            .filter(|d| match d.status {
+                ResourceStatus::Ready => d.active_volume_id.is_some(),
+                ResourceStatus::Creating => true,
+                _ => false,
+            })
             .map(|d| (d.id, d.name.clone(), d.size_bytes))
             .collect(),
     };

@@ -889,3 +889,48 @@ async fn a_clone_queued_behind_a_grow_gets_the_grown_size() {
         expect_all(&active, &[(0x51, 0, 2), (0, 2, 62)]);
     }
 }
+
+#[tokio::test]
+async fn a_clone_queued_behind_a_new_disk_of_its_source_gets_that_disk() {
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "disk_create:planned:pause=1500")]).await;
+    let source = id(&app.create_vm("widening", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x52, 0, 2);
+    let (status, added) = app
+        .post(
+            &format!("/v1/vms/{source}/disks"),
+            json!({"name": "data", "size_bytes": DISK}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{added}");
+    let mut clones = Vec::new();
+    for mode in ["linked", "full"] {
+        let (status, job) = app
+            .post(
+                &format!("/v1/vms/{source}/clone"),
+                json!({"name": format!("wide-{mode}"), "mode": mode}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        clones.push(job);
+    }
+    assert_eq!(app.wait_job_end(&added).await["status"], "succeeded");
+    for job in &clones {
+        let ended = app.wait_job_end(job).await;
+        assert_eq!(ended["status"], "succeeded", "{ended}");
+        let clone = job["target"]["id"].as_str().unwrap();
+        let mut names: Vec<String> = app.vm(clone).await["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["data", "root"],
+            "the clone is of the present when it ran"
+        );
+        expect_all(&app.active_path(clone, "root").await, &[(0x52, 0, 2)]);
+        expect_all(&app.active_path(clone, "data").await, &[(0, 0, 32)]);
+    }
+}
