@@ -10,7 +10,7 @@
 #
 # Environment:
 #   SEEDS       seeds, separated by spaces or commas (default: the regression seeds
-#               of docs/reliability.md, 101..106, 201, 206, 208)
+#               of docs/reliability.md: 101..106, 201, 206, 208, 213, 227, 228)
 #   CYCLES      cycles per seed (default: 150)
 #   MAX_MIB     largest single guest write, in MiB (default: 256)
 #   FULL_READ   1: also read every unwritten MiB with `read -P 0` (slower)
@@ -22,7 +22,7 @@ set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-SEEDS=${SEEDS:-"$(seq 101 106) 201 206 208"}
+SEEDS=${SEEDS:-"$(seq 101 106) 201 206 208 213 227 228"}
 SEEDS=${SEEDS//,/ }
 CYCLES=${CYCLES:-150}
 MAX_MIB=${MAX_MIB:-256}
