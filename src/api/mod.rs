@@ -141,17 +141,9 @@ pub fn openapi_document() -> OpenApi {
 /// Every operation refuses a query parameter it does not document (see
 /// `query_check`): its 400 answer says so.
 fn document_unknown_query_parameters(api: &mut OpenApi) {
-    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    use utoipa::openapi::RefOr;
     const UNKNOWN: &str = "an unknown query parameter (`invalid_query`)";
-    let refused = ResponseBuilder::new()
-        .description(format!("Bad request: {UNKNOWN}"))
-        .content(
-            "application/problem+json",
-            ContentBuilder::new()
-                .schema(Some(Ref::from_schema_name("Problem")))
-                .build(),
-        )
-        .build();
+    let refused = problem_response(format!("Bad request: {UNKNOWN}"));
     for item in api.paths.paths.values_mut() {
         for operation in [
             &mut item.get,
@@ -182,19 +174,26 @@ fn document_unknown_query_parameters(api: &mut OpenApi) {
     }
 }
 
-/// Every request that writes can meet a full data file system (the database grows
-/// too), so every POST, PATCH, PUT and DELETE documents the 507 it then answers.
-fn document_full_disk(api: &mut OpenApi) {
+/// A documented answer whose body is a problem document.
+fn problem_response(description: String) -> utoipa::openapi::Response {
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
-    let full = ResponseBuilder::new()
-        .description("The data file system is full (`insufficient_storage`); nothing was changed")
+    ResponseBuilder::new()
+        .description(description)
         .content(
             "application/problem+json",
             ContentBuilder::new()
                 .schema(Some(Ref::from_schema_name("Problem")))
                 .build(),
         )
-        .build();
+        .build()
+}
+
+/// Every request that writes can meet a full data file system (the database grows
+/// too), so every POST, PATCH, PUT and DELETE documents the 507 it then answers.
+fn document_full_disk(api: &mut OpenApi) {
+    let full = problem_response(
+        "The data file system is full (`insufficient_storage`); nothing was changed".into(),
+    );
     for item in api.paths.paths.values_mut() {
         for operation in [
             &mut item.post,
