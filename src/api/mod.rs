@@ -144,9 +144,36 @@ fn document_unknown_query_parameters(api: &mut OpenApi) {
     use utoipa::openapi::RefOr;
     const UNKNOWN: &str = "an unknown query parameter (`invalid_query`)";
     let refused = problem_response(format!("Bad request: {UNKNOWN}"));
+    for_each_operation(api, true, |operation| {
+        match operation.responses.responses.get_mut("400") {
+            Some(RefOr::T(response)) if !response.description.contains("`invalid_query`") => {
+                response.description = format!(
+                    "{}; or {UNKNOWN}",
+                    response.description.trim_end_matches('.')
+                );
+            }
+            Some(_) => {}
+            None => {
+                operation
+                    .responses
+                    .responses
+                    .insert("400".to_owned(), refused.clone().into());
+            }
+        }
+    });
+}
+
+/// Run `change` on every documented operation: the ones that write, and with
+/// `reads_too` the GETs as well.
+fn for_each_operation(
+    api: &mut OpenApi,
+    reads_too: bool,
+    mut change: impl FnMut(&mut utoipa::openapi::path::Operation),
+) {
     for item in api.paths.paths.values_mut() {
+        let get = if reads_too { &mut item.get } else { &mut None };
         for operation in [
-            &mut item.get,
+            get,
             &mut item.post,
             &mut item.patch,
             &mut item.put,
@@ -155,21 +182,7 @@ fn document_unknown_query_parameters(api: &mut OpenApi) {
         .into_iter()
         .flatten()
         {
-            match operation.responses.responses.get_mut("400") {
-                Some(RefOr::T(response)) if !response.description.contains("`invalid_query`") => {
-                    response.description = format!(
-                        "{}; or {UNKNOWN}",
-                        response.description.trim_end_matches('.')
-                    );
-                }
-                Some(_) => {}
-                None => {
-                    operation
-                        .responses
-                        .responses
-                        .insert("400".to_owned(), refused.clone().into());
-                }
-            }
+            change(operation);
         }
     }
 }
@@ -194,23 +207,13 @@ fn document_full_disk(api: &mut OpenApi) {
     let full = problem_response(
         "The data file system is full (`insufficient_storage`); nothing was changed".into(),
     );
-    for item in api.paths.paths.values_mut() {
-        for operation in [
-            &mut item.post,
-            &mut item.patch,
-            &mut item.put,
-            &mut item.delete,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            operation
-                .responses
-                .responses
-                .entry("507".to_owned())
-                .or_insert_with(|| full.clone().into());
-        }
-    }
+    for_each_operation(api, false, |operation| {
+        operation
+            .responses
+            .responses
+            .entry("507".to_owned())
+            .or_insert_with(|| full.clone().into());
+    });
 }
 
 /// Deleting files linked clones read.
