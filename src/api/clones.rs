@@ -8,15 +8,14 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::extract::{Json, parse_id};
+use super::extract::Json;
 use super::problem::Problem;
-use super::vms::{enqueue, find_vm};
-use super::{AppState, accepted};
+use super::vms::{find_vm, find_vm_disk};
+use super::{AppState, accept_job};
 use crate::domain::plan::CloneMode;
-use crate::domain::{JobKind, TargetType, Uuid, VmKind, validate};
+use crate::domain::{Disk, JobSpec, ResourceStatus, Uuid, Vm, VmKind, job_spec, new_id, validate};
 use crate::error::{Error, ErrorCode, Result};
-use crate::jobs::preflight;
-use crate::jobs::requests::{self, CloneRequest, require_ready, require_stopped};
+use crate::jobs::{NewRecords, Request};
 use crate::store;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -67,23 +66,128 @@ async fn clone_vm(
     validate::name("name", &body.name).map_err(Error::validation)?;
     validate::description(&body.description).map_err(Error::validation)?;
     let source = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
-    if body.snapshot_id.is_none() {
-        require_stopped(&source, "clone its present state")?;
+    let request = CloneRequest {
+        snapshot_id: body.snapshot_id,
+        mode: body.mode,
+        names: vec![body.name],
+        description: body.description,
+        kind: VmKind::Vm,
+    };
+    let request = clone_request(&state, &source, request, JobSpec::VmClone).await?;
+    accept_job(&state, request).await
+}
+
+/// A clone, a batch deploy or a copy into a template, as a request asks for it.
+pub(crate) struct CloneRequest {
+    /// Start from this snapshot of the source instead of its present state.
+    pub snapshot_id: Option<Uuid>,
+    pub mode: CloneMode,
+    /// One new record per name.
+    pub names: Vec<String>,
+    pub description: String,
+    /// What the new records are.
+    pub kind: VmKind,
+}
+
+/// The records a clone makes (one VM or template per name, with a disk per source
+/// disk, status `creating`) and its job, `kind` being `JobSpec::VmClone`,
+/// `TemplateCreate` or `TemplateDeploy`. The job locks the source and every new
+/// record; its checks and plan are made when it is accepted.
+pub(crate) async fn clone_request(
+    state: &AppState,
+    source: &Vm,
+    request: CloneRequest,
+    kind: fn(job_spec::Clone) -> JobSpec,
+) -> Result<Request> {
+    let starts = clone_starts(state, source, request.snapshot_id).await?;
+    if starts.is_empty() {
+        return Err(Error::problem(
+            ErrorCode::VmHasNoDisks,
+            format!("{} has no disks to clone", source.name),
+        ));
     }
-    let job = requests::clone(
-        &state.engine,
-        CloneRequest {
-            source: source.id,
-            snapshot_id: body.snapshot_id,
-            mode: body.mode,
-            names: vec![body.name],
-            description: body.description,
-            kind: VmKind::Vm,
-            job_kind: JobKind::VmClone,
-        },
-    )
-    .await?;
-    Ok(accepted(job.into()))
+    let now = store::now();
+    let mut records = Vec::with_capacity(request.names.len());
+    let mut targets = Vec::with_capacity(request.names.len());
+    for name in request.names {
+        let vm = Vm {
+            kind: request.kind,
+            source_vm_id: (source.kind == VmKind::Vm).then_some(source.id),
+            template_id: (source.kind == VmKind::Template).then_some(source.id),
+            ..Vm::new(name, request.description.clone(), now)
+        };
+        let mut disks = Vec::with_capacity(starts.len());
+        let mut pairs = Vec::with_capacity(starts.len());
+        for (source_disk, name, size_bytes) in &starts {
+            let disk = Disk {
+                id: new_id(),
+                vm_id: vm.id,
+                name: name.clone(),
+                size_bytes: *size_bytes,
+                status: ResourceStatus::Creating,
+                active_volume_id: None,
+                created_at: now,
+            };
+            pairs.push((disk.id, *source_disk));
+            disks.push(disk);
+        }
+        targets.push(job_spec::CloneTarget {
+            id: vm.id,
+            disks: pairs,
+        });
+        records.push((vm, disks));
+    }
+    let ids: Vec<Uuid> = targets.iter().map(|t| t.id).collect();
+    let spec = kind(job_spec::Clone {
+        source: source.id,
+        mode: request.mode,
+        snapshot_id: request.snapshot_id,
+        vms: targets,
+    });
+    let mut request = Request::creating(spec, NewRecords::Vms(records));
+    request.detail = Some(serde_json::json!({ "vm_ids": ids }));
+    Ok(request)
+}
+
+/// (source disk, name, size) of each disk a clone of `source` gets: those a snapshot
+/// covers, or those of the present state as it will be when the clone runs, after
+/// every job accepted before it (a disk being added is there by then; if its creation
+/// fails, so does the clone, making nothing), one being deleted is not.
+async fn clone_starts(
+    state: &AppState,
+    source: &Vm,
+    snapshot_id: Option<Uuid>,
+) -> Result<Vec<(Uuid, String, u64)>> {
+    let mut conn = state.engine.db.reader().await?;
+    let disks = store::vms::list_disks(&mut conn, source.id).await?;
+    let Some(id) = snapshot_id else {
+        return Ok(disks
+            .iter()
+            .filter(|d| match d.status {
+                ResourceStatus::Ready => d.active_volume_id.is_some(),
+                ResourceStatus::Creating => true,
+                _ => false,
+            })
+            .map(|d| (d.id, d.name.clone(), d.size_bytes))
+            .collect());
+    };
+    let (snapshot, owner) = crate::jobs::find_snapshot(&mut conn, id).await?;
+    if owner.id != source.id {
+        return Err(Error::problem(
+            ErrorCode::SnapshotNotFound,
+            format!("snapshot {id} is not a snapshot of VM {}", source.name),
+        ));
+    }
+    let volumes = store::vms::list_volumes(&mut conn, source.id).await?;
+    Ok(snapshot
+        .volumes
+        .iter()
+        .filter_map(|(disk, volume)| {
+            let disk = disks.iter().find(|d| d.id == *disk)?;
+            let size = volumes.iter().find(|v| v.id == *volume)?.size_bytes;
+            Some((disk.id, disk.name.clone(), size))
+        })
+        .collect())
 }
 
 /// Make a linked disk standalone: copy in what its source's layers show, then cut the
@@ -103,39 +207,10 @@ async fn flatten_disk(
     State(state): State<AppState>,
     Path((vm_id, disk_id)): Path<(String, String)>,
 ) -> Result<Response> {
-    let (vm, disk) = {
-        let mut conn = state.engine.db.reader().await?;
-        let vm = find_vm(&mut conn, &vm_id).await?;
-        let disk_id = parse_id(&disk_id, ErrorCode::DiskNotFound, "disk")?;
-        let disk = store::vms::get_disk(&mut conn, disk_id)
-            .await?
-            .filter(|d| d.vm_id == vm.id)
-            .ok_or_else(|| {
-                Error::problem(
-                    ErrorCode::DiskNotFound,
-                    format!("VM {} has no disk {disk_id}", vm.name),
-                )
-            })?;
-        (vm, disk)
-    };
-    require_ready(&vm)?;
-    require_stopped(&vm, "flatten one of its disks")?;
-    preflight(
-        &state.engine,
-        JobKind::DiskFlatten,
-        vm.id,
-        disk.id,
-        &serde_json::Value::Null,
-    )
-    .await?;
-    let tx = state.engine.db.begin().await?;
-    enqueue(
-        &state,
-        tx,
-        JobKind::DiskFlatten,
-        (TargetType::Disk, disk.id),
-        vm.id,
-        serde_json::json!({}),
-    )
-    .await
+    let (vm, disk) = find_vm_disk(&state, &vm_id, &disk_id).await?;
+    let spec = JobSpec::DiskFlatten(job_spec::DiskFlatten {
+        vm: vm.id,
+        disk: disk.id,
+    });
+    accept_job(&state, Request::new(spec)).await
 }

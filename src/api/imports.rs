@@ -26,9 +26,10 @@ use super::extract::Query;
 use super::problem::Problem;
 use super::{AppState, accepted};
 use crate::domain::image::{self, ImageFormat, Rejection};
-use crate::domain::{Disk, JobKind, ResourceStatus, TargetType, Vm, VmKind, new_id, validate};
+use crate::domain::{Disk, JobSpec, ResourceStatus, Vm, VmKind, job_spec, new_id, validate};
 use crate::error::{Error, ErrorCode, Result};
-use crate::jobs::storage;
+use crate::files as storage;
+use crate::jobs::{NewRecords, Request};
 use crate::qemu::UntrustedLimits;
 use crate::store;
 
@@ -68,7 +69,8 @@ impl Drop for Staged {
 }
 
 /// Import an image as a new template. Send the file as the body
-/// (`curl -T disk.qcow2 "$API/v1/templates/import?name=debian&format=qcow2"`, up to
+/// (`curl --data-binary @disk.qcow2 -H 'Content-Type: application/octet-stream'
+/// "$API/v1/templates/import?name=debian&format=qcow2"`, up to
 /// `--import-max-bytes`; the upload has no overall time limit, but may not stall for
 /// longer than `--request-timeout-secs`) or give `path` inside `--import-dir`. The template exists at
 /// once with status `creating`; the job converts the image into a fresh qcow2 file.
@@ -156,26 +158,18 @@ async fn import_template(
         active_volume_id: None,
         created_at: now,
     };
-    let mut tx = state.engine.db.begin().await?;
-    if let Err(e) = store::vms::insert_vm(&mut tx, &template).await {
-        return Err(super::name_conflict(e, || {
-            format!("a VM or template named {} already exists", template.name)
-        }));
-    }
-    store::vms::insert_disk(&mut tx, &disk).await?;
-    let job = store::jobs::new_job(
-        JobKind::TemplateImport,
-        TargetType::Vm,
-        template.id,
-        Some(template.id),
-        serde_json::json!({ "upload": upload, "format": inspection.format, "copy_bytes": copy_bytes }),
-    );
-    store::jobs::insert(&mut tx, &job, &[]).await?;
-    tx.commit().await?;
+    let spec = JobSpec::TemplateImport(job_spec::TemplateImport {
+        template: template.id,
+        upload,
+        format: inspection.format,
+        copy_bytes,
+    });
+    let template_id = template.id;
+    let records = NewRecords::Vms(vec![(template, vec![disk])]);
+    let job = crate::jobs::accept(&state.engine, Request::creating(spec, records)).await?;
     // From here the job owns the upload and removes it when it ends.
     staged.keep = true;
-    state.engine.notify_enqueued();
-    tracing::info!(template = %template.id, copy_bytes, virtual_size = inspection.virtual_size, "image accepted for import");
+    tracing::info!(template = %template_id, copy_bytes, virtual_size = inspection.virtual_size, "image accepted for import");
     Ok(accepted(job.into()))
 }
 

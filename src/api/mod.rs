@@ -226,6 +226,16 @@ pub struct FlattenQuery {
     pub flatten_dependents: Option<bool>,
 }
 
+impl FlattenQuery {
+    /// The spec's flattening choice; the clones it locks are recorded when accepted.
+    pub fn flatten(&self) -> crate::domain::job_spec::Flatten {
+        crate::domain::job_spec::Flatten {
+            flatten_dependents: self.flatten_dependents.unwrap_or(false),
+            locked_vms: None,
+        }
+    }
+}
+
 /// `limit` and `cursor` of every list endpoint.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -273,6 +283,12 @@ pub fn page<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> Uuid) -> (Vec<T>
     }
 }
 
+/// Accept a job (see `jobs::accept`) and answer 202 with it.
+pub async fn accept_job(state: &AppState, request: crate::jobs::Request) -> Result<Response> {
+    let job = crate::jobs::accept(&state.engine, request).await?;
+    Ok(accepted(job.into()))
+}
+
 /// 202 Accepted with the job and where to follow it.
 pub fn accepted(job: jobs::JobView) -> Response {
     let location = format!("/v1/jobs/{}", job.id);
@@ -286,15 +302,6 @@ pub fn located(status: StatusCode, body: impl serde::Serialize, location: &str) 
         response.headers_mut().insert(header::LOCATION, value);
     }
     response
-}
-
-/// Map a UNIQUE violation on a name column to `name_taken`.
-pub fn name_conflict(error: Error, detail: impl FnOnce() -> String) -> Error {
-    if crate::store::is_unique_violation(&error) {
-        Error::problem(ErrorCode::NameTaken, detail())
-    } else {
-        error
-    }
 }
 
 /// The OpenAPI document as pretty JSON with a trailing newline (the checked-in form).

@@ -13,7 +13,9 @@ use utoipa_axum::routes;
 
 use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
-use super::{AppState, PageQuery, located, name_conflict, page};
+use super::{AppState, PageQuery, located, page};
+use crate::domain::JobSpec;
+use crate::domain::job_spec::SnapshotDelete;
 use crate::domain::retention::{Decision, KeepReason, PruneReason, RetentionPolicy};
 use crate::domain::schedule::{self, CronSpec};
 use crate::domain::{
@@ -21,7 +23,7 @@ use crate::domain::{
     new_id, validate,
 };
 use crate::error::{Error, ErrorCode, Result};
-use crate::jobs::requests;
+use crate::jobs::accept::{self, name_taken};
 use crate::scheduler::{prune, runs};
 use crate::store;
 
@@ -369,7 +371,7 @@ async fn create_schedule(
     validate_schedule(&mut schedule)?;
     store::schedules::save(&mut tx, &schedule)
         .await
-        .map_err(|e| name_conflict(e, || format!("a schedule named {} exists", schedule.name)))?;
+        .map_err(|e| name_taken(e, || format!("a schedule named {} exists", schedule.name)))?;
     tx.commit().await?;
     let location = format!("/v1/schedules/{}", schedule.id);
     Ok(located(
@@ -476,7 +478,7 @@ async fn patch_schedule(
     schedule.updated_at = store::now();
     store::schedules::save(&mut tx, &schedule)
         .await
-        .map_err(|e| name_conflict(e, || format!("a schedule named {} exists", schedule.name)))?;
+        .map_err(|e| name_taken(e, || format!("a schedule named {} exists", schedule.name)))?;
     tx.commit().await?;
     Ok(axum::Json(view_with_last(&state, schedule).await?))
 }
@@ -599,7 +601,12 @@ async fn preview(
         };
         let held = match action {
             PreviewAction::Prune => {
-                match requests::check_deletable(&state.engine, snapshot.id).await {
+                match accept::check(
+                    &state.engine,
+                    JobSpec::SnapshotDelete(SnapshotDelete::of(&snapshot)),
+                )
+                .await
+                {
                     Ok(_) => None,
                     Err(e) if prune::is_hold(&e) => Some(Held {
                         code: e.code().as_str().to_owned(),

@@ -10,12 +10,13 @@ use utoipa_axum::routes;
 
 use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
-use super::vms::{enqueue, find_vm};
-use super::{AppState, PageQuery, accepted, name_conflict, page};
-use crate::domain::{JobKind, ResourceStatus, Snapshot, TargetType, Uuid, Vm, plan, validate};
+use super::vms::find_vm;
+use super::{AppState, PageQuery, accept_job, page};
+use crate::domain::{JobSpec, ResourceStatus, Snapshot, Uuid, Vm, job_spec, plan, validate};
 use crate::error::{Error, ErrorCode, Result};
-use crate::jobs::requests::{self, NewSnapshot, require_ready, require_stopped};
-use crate::jobs::{preflight, storage};
+use crate::files as storage;
+use crate::jobs::accept::name_taken;
+use crate::jobs::{NewSnapshot, Request};
 use crate::store;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -207,7 +208,7 @@ fn build_tree(parent: Option<Uuid>, views: &mut Vec<SnapshotView>) -> Vec<Snapsh
 }
 
 async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<(Snapshot, Vm)> {
-    requests::find_snapshot(conn, parse_id(id, ErrorCode::SnapshotNotFound, "snapshot")?).await
+    crate::jobs::find_snapshot(conn, parse_id(id, ErrorCode::SnapshotNotFound, "snapshot")?).await
 }
 
 /// Take a snapshot of every disk of a (stopped) VM at once.
@@ -230,10 +231,11 @@ async fn create_snapshot(
     validate::name("name", &body.name).map_err(Error::validation)?;
     validate::description(&body.description).map_err(Error::validation)?;
     validate_expiry(body.expires_at)?;
-    let mut tx = state.engine.db.begin().await?;
-    let vm = find_vm(&mut tx, &id).await?;
+    let mut conn = state.engine.db.reader().await?;
+    let vm = find_vm(&mut conn, &id).await?;
     // Refused now rather than accepted and failed later: each disk gets a new overlay.
-    let disks = store::vms::list_disks(&mut tx, vm.id).await?.len() as u64;
+    let disks = store::vms::list_disks(&mut conn, vm.id).await?.len() as u64;
+    drop(conn);
     state
         .engine
         .require_free_space(disks.max(1) * plan::EMPTY_IMAGE_BYTES, 0)?;
@@ -244,10 +246,7 @@ async fn create_snapshot(
         hold: body.hold,
         schedule_id: None,
     };
-    let (_, job) = requests::insert_snapshot(&mut tx, &vm, new).await?;
-    tx.commit().await?;
-    state.engine.notify_enqueued();
-    Ok(accepted(job.into()))
+    accept_job(&state, new.request(&vm)).await
 }
 
 /// List a VM's snapshots (flat and paginated, or as a tree).
@@ -328,14 +327,14 @@ async fn delete_snapshot(
     Path(id): Path<String>,
     Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
-    let id = parse_id(&id, ErrorCode::SnapshotNotFound, "snapshot")?;
-    let job = requests::delete_snapshot_flattening(
-        &state.engine,
-        id,
-        query.flatten_dependents.unwrap_or(false),
-    )
-    .await?;
-    Ok(accepted(job.into()))
+    let (snapshot, vm) = find_snapshot(&mut *state.engine.db.reader().await?, &id).await?;
+    let spec = JobSpec::SnapshotDelete(job_spec::SnapshotDelete {
+        vm: vm.id,
+        snapshot: snapshot.id,
+        previous_status: snapshot.status,
+        flatten: query.flatten(),
+    });
+    accept_job(&state, Request::new(spec)).await
 }
 
 /// Delete every snapshot of a VM: each disk collapses into one file holding the
@@ -353,27 +352,12 @@ async fn delete_all_snapshots(
     Path(id): Path<String>,
 ) -> Result<Response> {
     let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
-    preflight(
-        &state.engine,
-        JobKind::SnapshotDeleteAll,
-        vm.id,
-        vm.id,
-        &serde_json::Value::Null,
-    )
-    .await?;
-    let mut tx = state.engine.db.begin().await?;
-    let vm = find_vm(&mut tx, &id).await?;
-    require_ready(&vm)?;
-    let params = requests::flag_all_snapshots(&mut tx, vm.id).await?;
-    enqueue(
-        &state,
-        tx,
-        JobKind::SnapshotDeleteAll,
-        (TargetType::Vm, vm.id),
-        vm.id,
-        params,
-    )
-    .await
+    let spec = JobSpec::SnapshotDeleteAll(job_spec::SnapshotDeleteAll {
+        vm: vm.id,
+        // Listed by the accept transaction: exactly the snapshots it flags.
+        snapshots: Vec::new(),
+    });
+    accept_job(&state, Request::new(spec)).await
 }
 
 /// Revert the VM to a snapshot: its present state is replaced by a new empty layer on
@@ -389,28 +373,12 @@ async fn revert_snapshot(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let mut tx = state.engine.db.begin().await?;
-    let (snapshot, vm) = find_snapshot(&mut tx, &id).await?;
-    require_ready(&vm)?;
-    require_stopped(&vm, "revert it")?;
-    if snapshot.status != ResourceStatus::Ready {
-        return Err(Error::problem(
-            ErrorCode::SnapshotNotReady,
-            format!(
-                "snapshot {} is {}; only a ready snapshot can be reverted to",
-                snapshot.name, snapshot.status
-            ),
-        ));
-    }
-    enqueue(
-        &state,
-        tx,
-        JobKind::SnapshotRevert,
-        (TargetType::Snapshot, snapshot.id),
-        vm.id,
-        serde_json::json!({}),
-    )
-    .await
+    let (snapshot, vm) = find_snapshot(&mut *state.engine.db.reader().await?, &id).await?;
+    let spec = JobSpec::SnapshotRevert(job_spec::SnapshotRevert {
+        vm: vm.id,
+        snapshot: snapshot.id,
+    });
+    accept_job(&state, Request::new(spec)).await
 }
 
 /// Rename a snapshot, change its description, set or clear its expiry, or put it on
@@ -462,7 +430,7 @@ async fn patch_snapshot(
     store::snapshots::update(&mut tx, &snapshot)
         .await
         .map_err(|e| {
-            name_conflict(e, || {
+            name_taken(e, || {
                 format!(
                     "VM {} already has a snapshot named {}",
                     vm.name, snapshot.name

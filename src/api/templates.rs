@@ -11,15 +11,16 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::clones::{CloneRequest, clone_request};
 use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
-use super::vms::{enqueue, find_vm};
-use super::{AppState, PageQuery, accepted, page};
+use super::vms::find_vm;
+use super::{AppState, PageQuery, accept_job, page};
 use crate::domain::plan::CloneMode;
-use crate::domain::{ExportKey, JobKind, ResourceStatus, TargetType, Uuid, Vm, VmKind, validate};
+use crate::domain::{ExportKey, JobSpec, ResourceStatus, Uuid, Vm, VmKind, job_spec, validate};
 use crate::error::{Error, ErrorCode, Result};
-use crate::jobs::requests::{self, CloneRequest, require_ready, require_stopped};
-use crate::jobs::{exports, preflight, storage};
+use crate::files as storage;
+use crate::jobs::{Request, exports, require_ready};
 use crate::store;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -241,23 +242,15 @@ async fn create_template(
         &body.from_vm_id.to_string(),
     )
     .await?;
-    if body.snapshot_id.is_none() {
-        require_stopped(&source, "copy its present state")?;
-    }
-    let job = requests::clone(
-        &state.engine,
-        CloneRequest {
-            source: source.id,
-            snapshot_id: body.snapshot_id,
-            mode: CloneMode::Full,
-            names: vec![body.name],
-            description: body.description,
-            kind: VmKind::Template,
-            job_kind: JobKind::TemplateCreate,
-        },
-    )
-    .await?;
-    Ok(accepted(job.into()))
+    let request = CloneRequest {
+        snapshot_id: body.snapshot_id,
+        mode: CloneMode::Full,
+        names: vec![body.name],
+        description: body.description,
+        kind: VmKind::Template,
+    };
+    let request = clone_request(&state, &source, request, JobSpec::TemplateCreate).await?;
+    accept_job(&state, request).await
 }
 
 /// Convert a VM into a template: it stops being a VM (same id, now under
@@ -277,32 +270,12 @@ async fn convert_to_template(
     Path(id): Path<String>,
 ) -> Result<Response> {
     let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
-    require_ready(&vm)?;
-    require_stopped(&vm, "convert it to a template")?;
-    preflight(
-        &state.engine,
-        JobKind::VmToTemplate,
-        vm.id,
-        vm.id,
-        &serde_json::Value::Null,
-    )
-    .await?;
-    let mut tx = state.engine.db.begin().await?;
-    let vm = find_vm(&mut tx, &id).await?;
-    require_ready(&vm)?;
-    require_stopped(&vm, "convert it to a template")?;
-    let params = requests::flag_all_snapshots(&mut tx, vm.id).await?;
-    // Nothing else may start on the VM meanwhile; undone, it is ready again.
-    store::vms::set_vm_status(&mut tx, vm.id, ResourceStatus::Creating).await?;
-    enqueue(
-        &state,
-        tx,
-        JobKind::VmToTemplate,
-        (TargetType::Vm, vm.id),
-        vm.id,
-        params,
-    )
-    .await
+    let spec = JobSpec::VmToTemplate(job_spec::VmToTemplate {
+        vm: vm.id,
+        // Listed by the accept transaction: exactly the snapshots it flags.
+        snapshots: Vec::new(),
+    });
+    accept_job(&state, Request::new(spec)).await
 }
 
 /// Convert a template back into a VM (same id, under /v1/vms again, stopped).
@@ -317,28 +290,8 @@ async fn convert_to_template(
     ))]
 async fn convert_to_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
-    require_ready(&template)?;
-    preflight(
-        &state.engine,
-        JobKind::TemplateToVm,
-        template.id,
-        template.id,
-        &serde_json::Value::Null,
-    )
-    .await?;
-    let mut tx = state.engine.db.begin().await?;
-    let template = find_template(&mut tx, &id).await?;
-    require_ready(&template)?;
-    store::vms::set_vm_status(&mut tx, template.id, ResourceStatus::Creating).await?;
-    enqueue(
-        &state,
-        tx,
-        JobKind::TemplateToVm,
-        (TargetType::Vm, template.id),
-        template.id,
-        serde_json::json!({}),
-    )
-    .await
+    let spec = JobSpec::TemplateToVm(job_spec::TemplateToVm { vm: template.id });
+    accept_job(&state, Request::new(spec)).await
 }
 
 /// Deploy VMs from a template, linked (instant: each disk an overlay on the template's
@@ -377,74 +330,42 @@ async fn deploy(
     }
     validate::description(&body.description).map_err(Error::validation)?;
     let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
-    let job = requests::clone(
-        &state.engine,
-        CloneRequest {
-            source: template.id,
-            snapshot_id: None,
-            mode: body.mode,
-            names,
-            description: body.description,
-            kind: VmKind::Vm,
-            job_kind: JobKind::TemplateDeploy,
-        },
-    )
-    .await?;
-    Ok(accepted(job.into()))
-}
-
-fn require_deletable_template(template: &Vm) -> Result<()> {
-    if matches!(
-        template.status,
-        ResourceStatus::Ready | ResourceStatus::Error
-    ) {
-        return Ok(());
-    }
-    Err(Error::problem(
-        ErrorCode::VmNotReady,
-        format!("template {} is {}", template.name, template.status),
-    ))
+    let request = CloneRequest {
+        snapshot_id: None,
+        mode: body.mode,
+        names,
+        description: body.description,
+        kind: VmKind::Vm,
+    };
+    let request = clone_request(&state, &template, request, JobSpec::TemplateDeploy).await?;
+    accept_job(&state, request).await
 }
 
 /// Delete a template and its files. Refused while VMs are linked to it (the answer
-/// lists them): flatten or delete them first.
+/// lists them): flatten or delete them first, or pass `flatten_dependents=true` to
+/// have the same job make every linked VM standalone first (they must be stopped).
 #[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates",
-    params(("id" = Uuid, Path, description = "Template id")),
+    params(("id" = Uuid, Path, description = "Template id"), super::FlattenQuery),
     responses(
         (status = 202, description = "The template is `deleting`; the `vm_delete` job removes its files", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "VMs are linked to it (`has_dependents`, listing them) or it is busy (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Bad query (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "VMs are linked to it (`has_dependents`, listing them; with `flatten_dependents`, one of them runs: `vm_running`) or it is busy (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "Not enough free space to flatten the linked VMs (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn delete_template(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
     let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
-    require_deletable_template(&template)?;
-    preflight(
-        &state.engine,
-        JobKind::VmDelete,
-        template.id,
-        template.id,
-        &serde_json::Value::Null,
-    )
-    .await?;
-    let mut tx = state.engine.db.begin().await?;
-    let template = find_template(&mut tx, &id).await?;
-    // Again under the write lock: a second delete may have been accepted meanwhile.
-    require_deletable_template(&template)?;
-    store::vms::set_vm_status(&mut tx, template.id, ResourceStatus::Deleting).await?;
-    let params = serde_json::json!({ "previous_status": template.status });
-    enqueue(
-        &state,
-        tx,
-        JobKind::VmDelete,
-        (TargetType::Vm, template.id),
-        template.id,
-        params,
-    )
-    .await
+    let spec = JobSpec::VmDelete(job_spec::VmDelete {
+        vm: template.id,
+        previous_status: template.status,
+        flatten: query.flatten(),
+    });
+    accept_job(&state, Request::new(spec)).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -12,15 +12,16 @@ use utoipa_axum::routes;
 
 use super::extract::{Json, Query, parse_id};
 use super::problem::Problem;
-use super::{AppState, PageQuery, accepted, name_conflict, page};
+use super::{AppState, PageQuery, accept_job, page};
 use crate::domain::{
-    Disk, JobKind, ResourceStatus, TargetType, Uuid, Vm, VmKind, VmState, Volume, VolumeStatus,
+    Disk, JobSpec, ResourceStatus, Uuid, Vm, VmKind, VmState, Volume, VolumeStatus, job_spec,
     new_id, validate,
 };
 use crate::error::{Error, ErrorCode, Result};
-use crate::jobs::requests::{self, require_ready, require_stopped};
-use crate::jobs::storage;
-use crate::store::{self, Tx};
+use crate::files as storage;
+use crate::jobs::accept::name_taken;
+use crate::jobs::{NewRecords, Request};
+use crate::store;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -320,19 +321,6 @@ fn validate_disks(disks: &[NewDisk], max: u64) -> Result<()> {
     Ok(())
 }
 
-/// Queue a job inside the caller's transaction and answer 202 with it.
-pub(crate) async fn enqueue(
-    state: &AppState,
-    tx: Tx,
-    kind: JobKind,
-    target: (TargetType, Uuid),
-    vm: Uuid,
-    params: serde_json::Value,
-) -> Result<Response> {
-    let job = requests::enqueue(&state.engine, tx, kind, target, vm, params).await?;
-    Ok(accepted(job.into()))
-}
-
 /// Create a VM and its disks (empty qcow2 files).
 #[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVm,
     responses(
@@ -353,31 +341,27 @@ async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) ->
         labels: body.labels,
         ..Vm::new(body.name, body.description, now)
     };
-    let mut tx = state.engine.db.begin().await?;
-    store::vms::insert_vm(&mut tx, &vm)
-        .await
-        .map_err(|e| name_conflict(e, || format!("a VM named {} already exists", vm.name)))?;
-    for disk in body.disks {
-        let disk = Disk {
-            id: new_id(),
-            vm_id: vm.id,
-            name: disk.name,
-            size_bytes: disk.size_bytes,
-            status: ResourceStatus::Creating,
-            active_volume_id: None,
-            created_at: now,
-        };
-        store::vms::insert_disk(&mut tx, &disk).await?;
+    let disks = body
+        .disks
+        .into_iter()
+        .map(|disk| new_disk(vm.id, disk, now))
+        .collect();
+    let spec = JobSpec::VmCreate(job_spec::VmCreate { vm: vm.id });
+    let records = NewRecords::Vms(vec![(vm, disks)]);
+    accept_job(&state, Request::creating(spec, records)).await
+}
+
+/// A disk record as a request creates it: no file yet, the job makes it.
+fn new_disk(vm: Uuid, disk: NewDisk, now: crate::domain::Timestamp) -> Disk {
+    Disk {
+        id: new_id(),
+        vm_id: vm,
+        name: disk.name,
+        size_bytes: disk.size_bytes,
+        status: ResourceStatus::Creating,
+        active_volume_id: None,
+        created_at: now,
     }
-    enqueue(
-        &state,
-        tx,
-        JobKind::VmCreate,
-        (TargetType::Vm, vm.id),
-        vm.id,
-        serde_json::json!({}),
-    )
-    .await
 }
 
 /// List VMs in creation order.
@@ -480,7 +464,7 @@ async fn patch_vm(
     vm.updated_at = store::now();
     store::vms::update_vm(&mut tx, &vm)
         .await
-        .map_err(|e| name_conflict(e, || format!("a VM named {} already exists", vm.name)))?;
+        .map_err(|e| name_taken(e, || format!("a VM named {} already exists", vm.name)))?;
     tx.commit().await?;
     let mut conn = state.engine.db.reader().await?;
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
@@ -501,71 +485,13 @@ async fn delete_vm(
     Path(id): Path<String>,
     Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
-    let flatten_dependents = query.flatten_dependents.unwrap_or(false);
-    let params_for = |status: ResourceStatus| serde_json::json!({ "previous_status": status, "flatten_dependents": flatten_dependents });
-    {
-        // Refuse early what the job would refuse (linked clones reading its files).
-        let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
-        if vm.state != VmState::Running && vm.status != ResourceStatus::Deleting {
-            crate::jobs::preflight(
-                &state.engine,
-                JobKind::VmDelete,
-                vm.id,
-                vm.id,
-                &params_for(vm.status),
-            )
-            .await?;
-        }
-    }
-    let mut tx = state.engine.db.begin().await?;
-    let vm = find_vm(&mut tx, &id).await?;
-    match vm.status {
-        ResourceStatus::Ready | ResourceStatus::Error => {}
-        ResourceStatus::Deleting => {
-            return Err(Error::problem(
-                ErrorCode::VmNotReady,
-                format!("VM {} is already being deleted", vm.name),
-            ));
-        }
-        // The job making it (a create, clone, deploy or conversion) ends by setting
-        // its status; a deletion accepted meanwhile would be overwritten.
-        ResourceStatus::Creating => {
-            return Err(Error::problem(
-                ErrorCode::VmNotReady,
-                format!(
-                    "VM {} is still being created; wait for its job to end, or cancel it",
-                    vm.name
-                ),
-            ));
-        }
-    }
-    require_stopped(&vm, "delete it")?;
-    store::vms::set_vm_status(&mut tx, vm.id, ResourceStatus::Deleting).await?;
-    // A flattening deletion also works on the linked clones: it locks them.
-    let dependents = if flatten_dependents {
-        requests::dependent_vms(&mut tx, vm.id).await?
-    } else {
-        Vec::new()
-    };
-    let mut params = params_for(vm.status);
-    if flatten_dependents {
-        params["locked_vms"] = serde_json::json!(dependents);
-    }
-    // A linked clone's deletion may drop a layer of its source nothing reads any more:
-    // it works on the source too.
-    let mut locked = dependents;
-    locked.extend(store::vms::sources_of(&mut tx, vm.id, None).await?);
-    let job = store::jobs::new_job(
-        JobKind::VmDelete,
-        TargetType::Vm,
-        vm.id,
-        Some(vm.id),
-        params,
-    );
-    store::jobs::insert(&mut tx, &job, &locked).await?;
-    tx.commit().await?;
-    state.engine.notify_enqueued();
-    Ok(accepted(job.into()))
+    let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+    let spec = JobSpec::VmDelete(job_spec::VmDelete {
+        vm: vm.id,
+        previous_status: vm.status,
+        flatten: query.flatten(),
+    });
+    accept_job(&state, Request::new(spec)).await
 }
 
 /// List a VM's disks in creation order.
@@ -616,32 +542,13 @@ async fn create_disk(
     Json(body): Json<NewDisk>,
 ) -> Result<Response> {
     validate_disks(std::slice::from_ref(&body), state.max_disk_size)?;
-    let mut tx = state.engine.db.begin().await?;
-    let vm = find_vm(&mut tx, &id).await?;
-    require_ready(&vm)?;
-    let disk = Disk {
-        id: new_id(),
-        vm_id: vm.id,
-        name: body.name,
-        size_bytes: body.size_bytes,
-        status: ResourceStatus::Creating,
-        active_volume_id: None,
-        created_at: store::now(),
-    };
-    store::vms::insert_disk(&mut tx, &disk).await.map_err(|e| {
-        name_conflict(e, || {
-            format!("VM {} already has a disk named {}", vm.name, disk.name)
-        })
-    })?;
-    enqueue(
-        &state,
-        tx,
-        JobKind::DiskCreate,
-        (TargetType::Disk, disk.id),
-        vm.id,
-        serde_json::json!({}),
-    )
-    .await
+    let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+    let disk = new_disk(vm.id, body, store::now());
+    let spec = JobSpec::DiskCreate(job_spec::DiskCreate {
+        vm: vm.id,
+        disk: disk.id,
+    });
+    accept_job(&state, Request::creating(spec, NewRecords::Disk(disk))).await
 }
 
 /// Get one disk with its chain.
@@ -675,45 +582,25 @@ async fn delete_disk(
     State(state): State<AppState>,
     Path((vm_id, disk_id)): Path<(String, String)>,
 ) -> Result<Response> {
-    {
-        // Refuse early what the job would refuse (linked clones reading the disk).
-        let mut conn = state.engine.db.reader().await?;
-        let vm = find_vm(&mut conn, &vm_id).await?;
-        let disk = find_disk(&mut conn, &vm, &disk_id).await?;
-        drop(conn);
-        if vm.state != VmState::Running {
-            crate::jobs::preflight(
-                &state.engine,
-                JobKind::DiskDelete,
-                vm.id,
-                disk.id,
-                &serde_json::Value::Null,
-            )
-            .await?;
-        }
-    }
-    let mut tx = state.engine.db.begin().await?;
-    let vm = find_vm(&mut tx, &vm_id).await?;
-    let disk = find_disk(&mut tx, &vm, &disk_id).await?;
-    require_ready(&vm)?;
-    require_stopped(&vm, "remove one of its disks")?;
-    if !matches!(disk.status, ResourceStatus::Ready | ResourceStatus::Error) {
-        return Err(Error::problem(
-            ErrorCode::DiskNotReady,
-            format!("disk {} is {}", disk.name, disk.status),
-        ));
-    }
-    store::vms::set_disk_status(&mut tx, disk.id, ResourceStatus::Deleting).await?;
-    let params = serde_json::json!({ "previous_status": disk.status });
-    enqueue(
-        &state,
-        tx,
-        JobKind::DiskDelete,
-        (TargetType::Disk, disk.id),
-        vm.id,
-        params,
-    )
-    .await
+    let (vm, disk) = find_vm_disk(&state, &vm_id, &disk_id).await?;
+    let spec = JobSpec::DiskDelete(job_spec::DiskDelete {
+        vm: vm.id,
+        disk: disk.id,
+        previous_status: disk.status,
+    });
+    accept_job(&state, Request::new(spec)).await
+}
+
+/// The VM and its disk a path names (404 otherwise).
+pub(crate) async fn find_vm_disk(
+    state: &AppState,
+    vm_id: &str,
+    disk_id: &str,
+) -> Result<(Vm, Disk)> {
+    let mut conn = state.engine.db.reader().await?;
+    let vm = find_vm(&mut conn, vm_id).await?;
+    let disk = find_disk(&mut conn, &vm, disk_id).await?;
+    Ok((vm, disk))
 }
 
 /// Grow a disk. Only the writable top grows; snapshots keep the size they had, and a
@@ -735,36 +622,12 @@ async fn resize_disk(
     Json(body): Json<ResizeDisk>,
 ) -> Result<Response> {
     validate::disk_size(body.size_bytes, state.max_disk_size).map_err(Error::validation)?;
-    let mut tx = state.engine.db.begin().await?;
-    let vm = find_vm(&mut tx, &vm_id).await?;
-    let disk = find_disk(&mut tx, &vm, &disk_id).await?;
-    require_ready(&vm)?;
-    require_stopped(&vm, "resize one of its disks")?;
-    if disk.status != ResourceStatus::Ready {
-        return Err(Error::problem(
-            ErrorCode::DiskNotReady,
-            format!("disk {} is {}", disk.name, disk.status),
-        ));
-    }
-    if body.size_bytes <= disk.size_bytes {
-        return Err(Error::with_extra(
-            ErrorCode::DiskShrinkRefused,
-            format!(
-                "disk {} is {} bytes; a resize must make it larger (shrinking would cut guest data)",
-                disk.name, disk.size_bytes
-            ),
-            serde_json::json!({ "current_size_bytes": disk.size_bytes }),
-        ));
-    }
-    let params =
-        serde_json::json!({ "size_bytes": body.size_bytes, "previous_status": disk.status });
-    enqueue(
-        &state,
-        tx,
-        JobKind::DiskResize,
-        (TargetType::Disk, disk.id),
-        vm.id,
-        params,
-    )
-    .await
+    let (vm, disk) = find_vm_disk(&state, &vm_id, &disk_id).await?;
+    let spec = JobSpec::DiskResize(job_spec::DiskResize {
+        vm: vm.id,
+        disk: disk.id,
+        size_bytes: body.size_bytes,
+        previous_status: disk.status,
+    });
+    accept_job(&state, Request::new(spec)).await
 }

@@ -2,6 +2,7 @@
 //! Nothing here knows about HTTP, SQL or processes, so every rule is unit-testable.
 
 pub mod image;
+pub mod job_spec;
 pub mod plan;
 pub mod retention;
 pub mod schedule;
@@ -10,6 +11,7 @@ pub mod validate;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use job_spec::JobSpec;
 pub use uuid::Uuid;
 
 /// Sort-friendly unique id (UUIDv7) for every resource and job.
@@ -200,7 +202,8 @@ pub struct Job {
     pub target_type: TargetType,
     pub target_id: Uuid,
     pub vm_id: Option<Uuid>,
-    pub params: serde_json::Value,
+    /// What the job was asked to do (its kind is `kind`).
+    pub spec: JobSpec,
     pub phase: Option<JobPhase>,
     pub plan: Option<plan::Plan>,
     pub next_step: usize,

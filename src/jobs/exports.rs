@@ -24,7 +24,7 @@ use crate::store;
 
 /// Where export artifacts live, beside the volumes.
 pub fn exports_dir(engine: &Engine) -> PathBuf {
-    super::storage::data_subdir(&engine.config.volumes_dir, "exports")
+    crate::files::data_subdir(&engine.config.volumes_dir, "exports")
 }
 
 fn artifact_path(engine: &Engine, export: &ExportKey) -> PathBuf {
@@ -93,14 +93,14 @@ pub async fn artifact(engine: &Engine, export: ExportKey) -> Result<PathBuf> {
 /// Refuse (`insufficient_storage`) when writing an export of `volume` could eat into
 /// the reserve: a copy takes at most what its chain holds.
 pub async fn check_room(engine: &Engine, volume: Uuid) -> Result<()> {
-    let chain_bytes = super::storage::chain_bytes(
+    let chain_bytes = crate::files::chain_bytes(
         &engine.config.volumes_dir,
         &mut *engine.db.reader().await?,
         volume,
     )
     .await?;
     let needed = chain_bytes.saturating_add(engine.config.reserved_bytes);
-    let available = super::storage::available_bytes(&engine.config.volumes_dir)?;
+    let available = crate::files::available_bytes(&engine.config.volumes_dir)?;
     if available < needed {
         return Err(super::insufficient_storage(needed, available));
     }

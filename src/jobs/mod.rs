@@ -7,10 +7,9 @@
 //! the plan's point of no return rolls back (`undo`, created files removed); failing
 //! after it applies `fail`, which flags what the interrupted merge made unreadable.
 
+pub mod accept;
 pub mod exports;
-mod kinds;
-pub mod requests;
-pub mod storage;
+mod run;
 pub mod uploads;
 
 use std::collections::HashMap;
@@ -23,10 +22,12 @@ use tokio::sync::{Notify, watch};
 use crate::domain::plan::{FileOp, MetaOp, Plan};
 use crate::domain::{Job, JobKind, JobPhase, JobStatus, Uuid};
 use crate::error::{Error, ErrorCode, Result};
+use crate::files;
 use crate::qemu::{Qemu, QemuError};
 use crate::store::{self, Db};
 
-pub use kinds::preflight;
+pub use accept::{NewRecords, NewSnapshot, Request, accept, accept_in};
+pub use run::{dependent_vms, find_snapshot, require_ready, require_stopped};
 
 /// How often a job whose journal write failed is resumed before it is left for the
 /// next start.
@@ -141,7 +142,17 @@ impl Engine {
     }
 
     pub fn volume_path(&self, volume: Uuid) -> PathBuf {
-        storage::volume_path(&self.config.volumes_dir, volume)
+        files::volume_path(&self.config.volumes_dir, volume)
+    }
+
+    /// The directory every volume file sits in.
+    pub fn volumes_dir(&self) -> &std::path::Path {
+        &self.config.volumes_dir
+    }
+
+    /// Free space a copy must leave untouched on the data file system.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.config.reserved_bytes
     }
 
     /// Refuse with `507 insufficient_storage` unless `bytes` (plus `reserve`) are free
@@ -151,7 +162,7 @@ impl Engine {
         if bytes == 0 {
             return Ok(());
         }
-        let available = storage::available_bytes(&self.config.volumes_dir)?;
+        let available = files::available_bytes(&self.config.volumes_dir)?;
         let needed = bytes.saturating_add(reserve);
         if available < needed {
             return Err(insufficient_storage(needed, available));
@@ -207,7 +218,7 @@ impl Engine {
             JobStatus::Queued => {
                 // The single write connection serialises this with claiming, so the job
                 // cannot start in between.
-                let ops = kinds::abandon(self, &job, true).await?;
+                let ops = run::unwind(&job.spec, &mut tx, true).await?;
                 store::apply(&mut tx, &ops).await?;
                 store::jobs::finish(&mut tx, id, JobStatus::Cancelled, None, store::now()).await?;
             }
@@ -238,7 +249,7 @@ impl Engine {
             .expect("job read in this transaction");
         tx.commit().await?;
         if job.status == JobStatus::Cancelled
-            && let Some(upload) = uploads::of_job(&job)
+            && let Some(upload) = job.spec.upload()
         {
             uploads::remove(self, upload).await;
         }
@@ -313,7 +324,7 @@ impl Engine {
             .insert(job.id, cancel_tx);
         self.bump();
         let id = job.id;
-        let upload = uploads::of_job(&job);
+        let upload = job.spec.upload();
         // An import's conversion reads an untrusted file: it takes an import slot
         // for its whole run (waiting for one if need be).
         let _slot = match job.kind {
@@ -364,7 +375,7 @@ impl Engine {
             if *cancel.borrow() {
                 return self.abandon(&job, Stop::Cancelled).await;
             }
-            let plan = match kinds::plan(self, &job).await {
+            let plan = match run::plan(self, &job.spec, job.seq).await {
                 Ok(plan) => plan,
                 Err(e) => return self.abandon(&job, Stop::Failed(e)).await,
             };
@@ -545,7 +556,7 @@ impl Engine {
                 let path = self.volume_path(volume);
                 // Idempotent: a file left by an interrupted attempt is ours (the id is new).
                 remove_if_exists(&path).await?;
-                let backing = backing.map(storage::volume_file_name);
+                let backing = backing.map(files::volume_file_name);
                 self.qemu
                     .create(&path, size_bytes, backing.as_deref())
                     .await?;
@@ -573,7 +584,7 @@ impl Engine {
                 if again {
                     self.restore_stream(volume, from).await?;
                 }
-                let backing = backing.map(storage::volume_file_name);
+                let backing = backing.map(files::volume_file_name);
                 self.qemu
                     .stream(
                         &self.volume_path(volume),
@@ -585,10 +596,7 @@ impl Engine {
             }
             FileOp::Repoint { volume, backing } => {
                 self.qemu
-                    .repoint(
-                        &self.volume_path(volume),
-                        &storage::volume_file_name(backing),
-                    )
+                    .repoint(&self.volume_path(volume), &files::volume_file_name(backing))
                     .await?;
             }
             FileOp::Resize { volume, size_bytes } => {
@@ -605,7 +613,7 @@ impl Engine {
             } => {
                 let path = self.volume_path(volume);
                 remove_if_exists(&path).await?;
-                let source = storage::upload_path(&self.config.volumes_dir, upload);
+                let source = files::upload_path(&self.config.volumes_dir, upload);
                 let copied = self
                     .qemu
                     .import(&source, format.as_str(), &path, cancel, Some(progress))
@@ -659,7 +667,7 @@ impl Engine {
             }
             Some(from) => {
                 self.qemu
-                    .repoint(&path, &storage::volume_file_name(from))
+                    .repoint(&path, &files::volume_file_name(from))
                     .await?;
             }
             None => {}
@@ -815,7 +823,8 @@ impl Engine {
 
     /// End a job that never journaled a plan.
     async fn abandon(&self, job: &Job, stop: Stop) -> Result<()> {
-        let ops = kinds::abandon(self, job, matches!(stop, Stop::Cancelled)).await?;
+        let cancelled = matches!(stop, Stop::Cancelled);
+        let ops = run::unwind(&job.spec, &mut *self.db.reader().await?, cancelled).await?;
         self.end(job, &ops, &Outcome::of(job, stop)).await
     }
 

@@ -3,18 +3,12 @@
 //! cancelled); at start, any upload no unfinished job names (left by a crash while it
 //! was being received or checked, or after its job ended) is removed.
 
-use crate::domain::{Job, JobKind, Uuid};
+use crate::domain::{JobKind, Uuid};
 use crate::error::Result;
+use crate::files as storage;
 use crate::store;
 
-use super::{Engine, storage};
-
-/// The upload an import job converts.
-pub fn of_job(job: &Job) -> Option<Uuid> {
-    (job.kind == JobKind::TemplateImport)
-        .then(|| job.params["upload"].as_str().and_then(|u| u.parse().ok()))
-        .flatten()
-}
+use super::Engine;
 
 pub async fn remove(engine: &Engine, upload: Uuid) {
     let path = storage::upload_path(&engine.config.volumes_dir, upload);
@@ -38,7 +32,7 @@ pub async fn prune(engine: &Engine, started: std::time::SystemTime) -> Result<us
     let pending =
         store::jobs::pending_of_kind(&mut *engine.db.reader().await?, JobKind::TemplateImport)
             .await?;
-    let needed: Vec<Uuid> = pending.iter().filter_map(of_job).collect();
+    let needed: Vec<Uuid> = pending.iter().filter_map(|job| job.spec.upload()).collect();
     let mut removed = 0;
     while let Some(entry) = entries.next_entry().await? {
         let name = entry.file_name().to_string_lossy().into_owned();

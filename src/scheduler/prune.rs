@@ -16,10 +16,13 @@ use std::collections::HashMap;
 
 use chrono_tz::Tz;
 
+use crate::domain::job_spec::SnapshotDelete;
 use crate::domain::retention::{self, Candidate, Decision, PruneReason};
-use crate::domain::{JobKind, PruneEntry, PruneReport, Schedule, Snapshot, Timestamp, Uuid};
+use crate::domain::{
+    JobKind, JobSpec, PruneEntry, PruneReport, Schedule, Snapshot, Timestamp, Uuid,
+};
 use crate::error::{Error, ErrorCode, Result};
-use crate::jobs::{Engine, requests};
+use crate::jobs::{Engine, Request, accept};
 use crate::store;
 
 /// The zone a schedule's calendar rules count days in (validated on write).
@@ -180,7 +183,12 @@ pub async fn prune(engine: &Engine, now: Timestamp, scope: Scope<'_>) -> Result<
             report.deferred.push(entry);
             continue;
         }
-        match requests::delete_snapshot(engine, snapshot.id).await {
+        match accept(
+            engine,
+            Request::new(JobSpec::SnapshotDelete(SnapshotDelete::of(&snapshot))),
+        )
+        .await
+        {
             Ok(job) => {
                 tracing::info!(snapshot = %snapshot.id, job = %job.id, why = ?why, "snapshot pruned");
                 entry.job_id = Some(job.id);

@@ -13,7 +13,7 @@ use crate::domain::{
 };
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::Engine;
-use crate::jobs::requests::{self, NewSnapshot};
+use crate::jobs::{NewSnapshot, accept_in};
 use crate::store;
 
 /// Most VMs a selector can reach in one run, read a page at a time.
@@ -116,7 +116,7 @@ pub async fn start(
         let vms = target_vms(&mut tx, &schedule.target).await?;
         let tz = spec.timezone();
         for vm in &vms {
-            let target = snapshot_vm(&mut tx, &schedule, vm, now, tz).await?;
+            let target = snapshot_vm(engine, &mut tx, &schedule, vm, now, tz).await?;
             run.detail.targets.push(target);
         }
         if run
@@ -193,6 +193,7 @@ async fn target_vms(conn: &mut sqlx::SqliteConnection, target: &ScheduleTarget) 
 /// Queue one VM's snapshot, or record why it is skipped (running, not ready, no
 /// disks): a skip is an answer, not a failure.
 async fn snapshot_vm(
+    engine: &Engine,
     tx: &mut sqlx::SqliteConnection,
     schedule: &Schedule,
     vm: &Vm,
@@ -232,10 +233,10 @@ async fn snapshot_vm(
         hold: false,
         schedule_id: Some(schedule.id),
     };
-    match requests::insert_snapshot(tx, vm, new).await {
-        Ok((snapshot, job)) => {
+    match accept_in(engine, tx, new.request(vm)).await {
+        Ok(job) => {
             target.outcome = TargetOutcome::Queued;
-            target.snapshot_id = Some(snapshot.id);
+            target.snapshot_id = Some(job.target_id);
             target.job_id = Some(job.id);
         }
         Err(e @ Error::Problem { .. }) => {

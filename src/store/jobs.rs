@@ -5,7 +5,7 @@ use sqlx::{Row, SqliteConnection};
 
 use super::{get_enum, get_id, get_opt_id, get_opt_ts, get_ts, id_text, opt_id_text, ts};
 use crate::domain::plan::Plan;
-use crate::domain::{Job, JobKind, JobPhase, JobStatus, TargetType, Timestamp, Uuid};
+use crate::domain::{Job, JobKind, JobPhase, JobSpec, JobStatus, TargetType, Timestamp, Uuid};
 use crate::error::{Error, Result};
 
 fn json_column<T: serde::de::DeserializeOwned>(row: &SqliteRow, column: &str) -> Result<Option<T>> {
@@ -15,6 +15,14 @@ fn json_column<T: serde::de::DeserializeOwned>(row: &SqliteRow, column: &str) ->
             .map_err(|e| Error::Internal(format!("bad JSON in jobs.{column}: {e}")))
     })
     .transpose()
+}
+
+/// The job's typed spec, from its `kind` and `params` columns.
+fn spec_column(row: &SqliteRow) -> Result<JobSpec> {
+    let kind = get_enum(row, "kind", JobKind::parse)?;
+    let params: String = row.try_get("params")?;
+    JobSpec::decode(kind, &params)
+        .map_err(|e| Error::Internal(format!("bad {kind} parameters in jobs.params: {e}")))
 }
 
 fn from_row(row: &SqliteRow) -> Result<Job> {
@@ -28,7 +36,7 @@ fn from_row(row: &SqliteRow) -> Result<Job> {
         target_type: get_enum(row, "target_type", TargetType::parse)?,
         target_id: get_id(row, "target_id")?,
         vm_id: get_opt_id(row, "vm_id")?,
-        params: json_column(row, "params")?.unwrap_or_default(),
+        spec: spec_column(row)?,
         phase: phase.as_deref().and_then(JobPhase::parse),
         plan: json_column::<Plan>(row, "plan")?,
         next_step: row.try_get::<i64, _>("next_step")? as usize,
@@ -43,24 +51,19 @@ fn from_row(row: &SqliteRow) -> Result<Job> {
     })
 }
 
-/// A queued job for `target`, ready to insert.
-pub fn new_job(
-    kind: JobKind,
-    target_type: TargetType,
-    target_id: Uuid,
-    vm_id: Option<Uuid>,
-    params: serde_json::Value,
-) -> Job {
+/// A queued job doing `spec`, ready to insert.
+pub fn new_job(spec: JobSpec) -> Job {
+    let (target_type, target_id) = spec.target();
     Job {
         seq: 0,
         id: crate::domain::new_id(),
-        kind,
+        kind: spec.kind(),
         status: JobStatus::Queued,
         progress: 0,
         target_type,
         target_id,
-        vm_id,
-        params,
+        vm_id: Some(spec.vm()),
+        spec,
         phase: None,
         plan: None,
         next_step: 0,
@@ -85,7 +88,7 @@ pub async fn insert(conn: &mut SqliteConnection, job: &Job, other_vms: &[Uuid]) 
         .bind(job.target_type.as_str())
         .bind(id_text(job.target_id))
         .bind(opt_id_text(job.vm_id))
-        .bind(job.params.to_string())
+        .bind(job.spec.params_json())
         .bind(job.detail.as_ref().map(|d| d.to_string()))
         .bind(ts(job.created_at))
         .execute(&mut *conn)

@@ -43,6 +43,26 @@ async fn golden(app: &TestApp, name: &str) -> (String, Vec<String>) {
     (vm, paths)
 }
 
+/// Deploy `count` linked VMs `web-1`.. from the template in one job; their ids.
+async fn deploy_linked(app: &TestApp, template_id: &str, count: u32) -> Vec<String> {
+    let job = app
+        .expect_job(
+            app.post(
+                &format!("/v1/templates/{template_id}/deploy"),
+                json!({"name": "web", "mode": "linked", "count": count}),
+            )
+            .await,
+        )
+        .await;
+    assert_eq!(job["kind"], "template_deploy");
+    job["detail"]["vm_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[tokio::test]
 async fn a_vm_converted_to_a_template_is_collapsed_and_converts_back() {
     let app = TestApp::spawn().await;
@@ -91,22 +111,7 @@ async fn a_vm_converted_to_a_template_is_collapsed_and_converts_back() {
 async fn a_batch_of_linked_vms_deploys_in_one_job_and_protects_the_template() {
     let app = TestApp::spawn().await;
     let (template_id, paths) = golden(&app, "base").await;
-    let job = app
-        .expect_job(
-            app.post(
-                &format!("/v1/templates/{template_id}/deploy"),
-                json!({"name": "web", "mode": "linked", "count": 5}),
-            )
-            .await,
-        )
-        .await;
-    assert_eq!(job["kind"], "template_deploy");
-    let ids: Vec<String> = job["detail"]["vm_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect();
+    let ids = deploy_linked(&app, &template_id, 5).await;
     assert_eq!(ids.len(), 5);
     for (i, vm_id) in ids.iter().enumerate() {
         let vm = app.vm(vm_id).await;
@@ -406,4 +411,46 @@ async fn a_cancelled_conversion_puts_the_vm_back() {
         &[(0x56, 0, 1), (0x57, 1, 1)],
     );
     check_clean(&app.active_path(&vm, "root").await);
+}
+
+#[tokio::test]
+async fn deleting_a_template_with_flatten_dependents_makes_its_linked_vms_standalone_first() {
+    let app = TestApp::spawn().await;
+    let (template_id, _) = golden(&app, "base").await;
+    let ids = deploy_linked(&app, &template_id, 2).await;
+    let root = app.active_path(&ids[0], "root").await;
+    write(&root, 0x90, 8, 1);
+
+    // A linked VM that runs cannot be flattened: refused, nothing changes.
+    app.patch(&format!("/v1/vms/{}", ids[1]), json!({"state": "running"}))
+        .await;
+    let path = format!("/v1/templates/{template_id}?flatten_dependents=true");
+    let reply = app.delete(&path).await;
+    assert_eq!(code(&reply), (StatusCode::CONFLICT, "vm_running"));
+    assert_eq!(template(&app, &template_id).await["status"], "ready");
+    assert_eq!(chain(&root).len(), 2);
+    app.patch(&format!("/v1/vms/{}", ids[1]), json!({"state": "stopped"}))
+        .await;
+
+    let job = app.expect_job(app.delete(&path).await).await;
+    assert_eq!(job["kind"], "vm_delete");
+    let (status, _) = app.get(&format!("/v1/templates/{template_id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    for vm_id in &ids {
+        let vm = app.vm(vm_id).await;
+        for disk in vm["disks"].as_array().unwrap() {
+            let path = disk["active_path"].as_str().unwrap();
+            assert_eq!(chain(path).len(), 1, "standalone: {path}");
+            check_clean(path);
+        }
+        let data = app.active_path(vm_id, "data").await;
+        expect(&data, 0x73, 0, 1);
+    }
+    expect_all(&root, &[(0x71, 0, 2), (0x72, 2, 1), (0x90, 8, 1)]);
+    expect_all(
+        &app.active_path(&ids[1], "root").await,
+        &[(0x71, 0, 2), (0x72, 2, 1)],
+    );
+    // Only the two VMs' files are left, one per disk.
+    assert_eq!(app.volume_files().len(), 4);
 }

@@ -1,4 +1,5 @@
-//! Where volume files live and how much room they take.
+//! The data directory's files: where volumes, uploads and exports live, and how much
+//! room they take.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,187 @@
+//! The one path a request that touches files takes to become a queued job. In one
+//! write transaction (the single writer, so nothing changes between a check and the
+//! write it allows): the kind's checks on the records as committed (`Run::admit`),
+//! its plan where the kind is planned at accept (refusing now, 409 or 507, what the job
+//! would refuse), the records the request creates, the status flags, the job; then
+//! commit and wake the workers. Handlers and the scheduler only build a `Request`.
+
+use sqlx::SqliteConnection;
+
+use super::{Engine, run};
+use crate::domain::{
+    Disk, Job, JobSpec, ResourceStatus, Snapshot, Timestamp, Uuid, Vm, job_spec, new_id,
+};
+use crate::error::{Error, ErrorCode, Result};
+use crate::store;
+
+/// A job to accept, with the records it makes (status `creating`) and what its view
+/// shows from the start.
+pub struct Request {
+    pub spec: JobSpec,
+    pub records: NewRecords,
+    /// The job's `detail` from the start (e.g. the VMs a deploy makes).
+    pub detail: Option<serde_json::Value>,
+}
+
+impl Request {
+    pub fn new(spec: JobSpec) -> Self {
+        Self {
+            spec,
+            records: NewRecords::None,
+            detail: None,
+        }
+    }
+
+    pub fn creating(spec: JobSpec, records: NewRecords) -> Self {
+        Self {
+            spec,
+            records,
+            detail: None,
+        }
+    }
+}
+
+/// What a new snapshot carries besides its place in the tree.
+pub struct NewSnapshot {
+    pub name: String,
+    pub description: String,
+    pub expires_at: Option<Timestamp>,
+    pub hold: bool,
+    /// The schedule taking it; `None` for a manual snapshot.
+    pub schedule_id: Option<Uuid>,
+}
+
+impl NewSnapshot {
+    /// The snapshot of `vm` (status `creating`) and the job that takes it.
+    pub fn request(self, vm: &Vm) -> Request {
+        let snapshot = Snapshot {
+            id: new_id(),
+            vm_id: vm.id,
+            name: self.name,
+            description: self.description,
+            // Provisional: the job sets it to the VM's current snapshot when it runs.
+            parent_id: vm.current_snapshot_id,
+            status: ResourceStatus::Creating,
+            created_at: store::now(),
+            expires_at: self.expires_at,
+            hold: self.hold,
+            schedule_id: self.schedule_id,
+            volumes: Vec::new(),
+        };
+        let spec = JobSpec::SnapshotCreate(job_spec::SnapshotCreate {
+            vm: vm.id,
+            snapshot: snapshot.id,
+        });
+        Request::creating(spec, NewRecords::Snapshot(snapshot))
+    }
+}
+
+/// Records a request creates together with its job.
+pub enum NewRecords {
+    None,
+    /// VMs or templates with their disks.
+    Vms(Vec<(Vm, Vec<Disk>)>),
+    Disk(Disk),
+    Snapshot(Snapshot),
+}
+
+impl NewRecords {
+    /// Insert them; a name already in use is `409 name_taken`.
+    async fn insert(&self, conn: &mut SqliteConnection) -> Result<()> {
+        match self {
+            NewRecords::None => {}
+            NewRecords::Vms(vms) => {
+                for (vm, disks) in vms {
+                    store::vms::insert_vm(conn, vm).await.map_err(|e| {
+                        name_taken(e, || {
+                            format!("a VM or template named {} already exists", vm.name)
+                        })
+                    })?;
+                    for disk in disks {
+                        store::vms::insert_disk(conn, disk).await.map_err(|e| {
+                            name_taken(e, || format!("disk name {} is used twice", disk.name))
+                        })?;
+                    }
+                }
+            }
+            NewRecords::Disk(disk) => {
+                store::vms::insert_disk(conn, disk).await.map_err(|e| {
+                    name_taken(e, || {
+                        format!("the VM already has a disk named {}", disk.name)
+                    })
+                })?;
+            }
+            NewRecords::Snapshot(snapshot) => {
+                store::snapshots::insert(conn, snapshot)
+                    .await
+                    .map_err(|e| {
+                        name_taken(e, || {
+                            format!("the VM already has a snapshot named {}", snapshot.name)
+                        })
+                    })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A unique-constraint failure as the `name_taken` problem `detail` describes; any
+/// other error as it is.
+pub fn name_taken(error: Error, detail: impl FnOnce() -> String) -> Error {
+    if store::is_unique_violation(&error) {
+        Error::problem(ErrorCode::NameTaken, detail())
+    } else {
+        error
+    }
+}
+
+/// Accept a request: check, record and queue it in one transaction, then wake the
+/// workers. Nothing is written when it is refused.
+pub async fn accept(engine: &Engine, request: Request) -> Result<Job> {
+    let mut tx = engine.db.begin().await?;
+    let job = accept_in(engine, &mut tx, request).await?;
+    tx.commit().await?;
+    engine.notify_enqueued();
+    Ok(job)
+}
+
+/// `accept` inside the caller's transaction (a schedule run queues one job per VM in
+/// one), which the caller commits before calling `Engine::notify_enqueued`. A request
+/// refused by its checks, its plan or a name in use writes nothing before the refusal
+/// (a request creating several VMs may have inserted some: its caller drops the
+/// transaction), so the transaction stays usable for the next request.
+pub async fn accept_in(
+    engine: &Engine,
+    tx: &mut SqliteConnection,
+    request: Request,
+) -> Result<Job> {
+    let Request {
+        mut spec,
+        records,
+        detail,
+    } = request;
+    let admission = run::admit(&mut spec, tx).await?;
+    if run::plans_at_accept(&spec) {
+        run::plan_in(engine, tx, &spec, None).await?;
+    }
+    records.insert(tx).await?;
+    store::apply(tx, &admission.flags).await?;
+    let mut job = store::jobs::new_job(spec);
+    job.detail = detail;
+    store::jobs::insert(tx, &job, &admission.locks).await?;
+    Ok(job)
+}
+
+/// Whether a job of `spec` would be accepted now, and planned, without writing
+/// anything (a retention preview shows which prunes would be held, and why).
+pub async fn check(engine: &Engine, mut spec: JobSpec) -> Result<()> {
+    let mut conn = engine.db.read_tx().await?;
+    let checked = async {
+        run::admit(&mut spec, &mut conn).await?;
+        run::plan_in(engine, &mut conn, &spec, None).await?;
+        Ok(())
+    }
+    .await;
+    conn.finish().await;
+    checked
+}
