@@ -10,6 +10,7 @@ mod helpers;
 mod imports;
 mod jobs;
 mod openapi;
+mod readme;
 mod recovery;
 mod schedules;
 mod snapshots;
