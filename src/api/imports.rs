@@ -69,8 +69,9 @@ impl Drop for Staged {
 }
 
 /// Import an image as a new template. Send the file as the body
-/// (`curl --data-binary @disk.qcow2 -H 'Content-Type: application/octet-stream'
-/// "$API/v1/templates/import?name=debian&format=qcow2"`, up to
+/// (`curl -X POST -T disk.qcow2 -H 'Content-Type: application/octet-stream'
+/// "$API/v1/templates/import?name=debian&format=qcow2"`: `-T` streams the file, and
+/// alone would send PUT; up to
 /// `--import-max-bytes`; the upload has no overall time limit, but may not stall for
 /// longer than `--request-timeout-secs`) or give `path` inside `--import-dir`. The template exists at
 /// once with status `creating`; the job converts the image into a fresh qcow2 file.
