@@ -16,4 +16,5 @@ mod snapshots;
 mod stress;
 mod templates;
 mod torture;
+mod upgrade;
 mod vms;
