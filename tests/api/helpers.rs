@@ -551,3 +551,9 @@ pub fn id(value: &Value) -> String {
         .unwrap_or_else(|| panic!("no id in {value}"))
         .to_owned()
 }
+
+/// Assert the image reads `pattern` over [offset, offset+len) bytes (`expect` takes
+/// whole MiB; the upgrade fixture's regions are 64 KiB runs).
+pub fn expect_bytes(path: &str, pattern: u8, offset: u64, len: u64) {
+    qemu_io(path, &format!("read -P {pattern:#x} {offset} {len}"), true);
+}

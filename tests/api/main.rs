@@ -17,4 +17,5 @@ mod snapshots;
 mod stress;
 mod templates;
 mod torture;
+mod upgrade;
 mod vms;
