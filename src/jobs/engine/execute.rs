@@ -1,0 +1,269 @@
+//! Executing one file operation of a plan with qemu-img: idempotently (a step may be
+//! redone after a crash), with the retries each failure calls for, and reporting its
+//! progress.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::super::{Engine, FORWARD_RETRIES, KILLED_RETRIES};
+use super::Stop;
+use crate::domain::plan::FileOp;
+use crate::domain::{Job, Uuid};
+use crate::error::{Error, Result};
+use crate::files;
+use crate::qemu::QemuError;
+use crate::store;
+
+impl Engine {
+    /// Run one step's file operation, trying again where that is the right answer:
+    /// a qemu-img killed by someone else is retried at once (a few times); past the
+    /// point of no return, where stopping would leave a half-merged layer, every
+    /// failure is retried with a growing pause, and a full file system parks the job
+    /// (it resumes once space is freed, without holding a worker meanwhile). Returns
+    /// how the job must stop if it cannot go on.
+    pub(super) async fn execute_with_retries(
+        &self,
+        job: &Job,
+        op: &FileOp,
+        mut again: bool,
+        past_no_return: bool,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: &(dyn Fn(f32) + Send + Sync),
+    ) -> Result<(), Stop> {
+        let mut failures = 0u32;
+        loop {
+            let error = match self.execute(op, again, cancel, progress).await {
+                Ok(()) => return Ok(()),
+                Err(Error::Qemu(QemuError::Cancelled)) => return Err(Stop::Cancelled),
+                Err(e) => e,
+            };
+            failures += 1;
+            // A half-done merge must wait for space; a grow that did not fit changed
+            // nothing (qemu-img writes the new size last) and simply fails.
+            let can_fail = matches!(op, FileOp::Resize { .. });
+            if past_no_return && error.is_out_of_space() && !can_fail {
+                return Err(Stop::Parked(error));
+            }
+            let killed = matches!(error, Error::Qemu(QemuError::Killed { .. }));
+            let retry = if past_no_return {
+                failures <= FORWARD_RETRIES
+            } else {
+                killed && failures <= KILLED_RETRIES
+            };
+            if !retry {
+                return Err(Stop::Failed(error));
+            }
+            let pause = Duration::from_millis(250 << failures.min(7));
+            tracing::warn!(job = %job.id, kind = %job.kind, error = %error, attempt = failures, ?pause, "step failed; trying it again");
+            tokio::time::sleep(pause).await;
+            if cancel.is_some_and(|c| *c.borrow()) {
+                return Err(Stop::Cancelled);
+            }
+            again = true;
+        }
+    }
+
+    /// Run one file operation. `again` is true when an earlier process or attempt may
+    /// have run it partway: never trust what it left, header included.
+    pub(super) async fn execute(
+        &self,
+        op: &FileOp,
+        again: bool,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: &(dyn Fn(f32) + Send + Sync),
+    ) -> Result<()> {
+        match *op {
+            FileOp::Create {
+                volume,
+                backing,
+                size_bytes,
+            } => {
+                let path = self.volume_path(volume);
+                // Idempotent: a file left by an interrupted attempt is ours (the id is new).
+                remove_if_exists(&path).await?;
+                let backing = backing.map(files::volume_file_name);
+                self.qemu
+                    .create(&path, size_bytes, backing.as_deref())
+                    .await?;
+            }
+            FileOp::Commit { .. } | FileOp::Stream { .. } => {
+                self.merge(op, again, cancel, progress).await?;
+            }
+            FileOp::Repoint { volume, backing } => {
+                let backing = files::volume_file_name(backing);
+                self.qemu
+                    .repoint(&self.volume_path(volume), &backing)
+                    .await?;
+            }
+            FileOp::Resize { volume, size_bytes } => {
+                let path = self.volume_path(volume);
+                if again {
+                    self.qemu.repair_leaks(&path).await?;
+                }
+                self.qemu.resize(&path, size_bytes).await?;
+            }
+            FileOp::Import { .. } | FileOp::Convert { .. } => {
+                self.copy(op, cancel, progress).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A merge step: a commit into a base, or a stream (safe rebase) into a volume.
+    async fn merge(
+        &self,
+        op: &FileOp,
+        again: bool,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: &(dyn Fn(f32) + Send + Sync),
+    ) -> Result<()> {
+        match *op {
+            FileOp::Commit { top, base } => {
+                if again {
+                    // A killed commit leaves leaked clusters in the base it wrote; the
+                    // top (kept with -d) was only read.
+                    self.qemu.repair_leaks(&self.volume_path(base)).await?;
+                }
+                let (top, base) = (self.volume_path(top), self.volume_path(base));
+                self.qemu
+                    .commit(&top, &base, cancel, Some(progress))
+                    .await?;
+            }
+            FileOp::Stream {
+                volume,
+                from,
+                backing,
+            } => {
+                if again {
+                    self.restore_stream(volume, from).await?;
+                }
+                let backing = backing.map(files::volume_file_name);
+                let path = self.volume_path(volume);
+                let stream = self
+                    .qemu
+                    .stream(&path, backing.as_deref(), cancel, Some(progress));
+                stream.await?;
+            }
+            _ => return Err(Error::Internal(format!("not a merge step: {op:?}"))),
+        }
+        Ok(())
+    }
+
+    /// A copy step: an uploaded image converted into a volume, or a full clone's copy.
+    async fn copy(
+        &self,
+        op: &FileOp,
+        cancel: Option<&watch::Receiver<bool>>,
+        progress: &(dyn Fn(f32) + Send + Sync),
+    ) -> Result<()> {
+        match *op {
+            FileOp::Import {
+                upload,
+                format,
+                volume,
+            } => {
+                let source = files::upload_path(&self.config.volumes_dir, upload);
+                let path = self.volume_path(volume);
+                let copy =
+                    self.qemu
+                        .import(&source, format.as_str(), &path, cancel, Some(progress));
+                self.copy_into(&path, copy).await?;
+            }
+            FileOp::Convert { source, volume } => {
+                let (source, path) = (self.volume_path(source), self.volume_path(volume));
+                let copy = self
+                    .qemu
+                    .convert(&source, &path, false, cancel, Some(progress));
+                self.copy_into(&path, copy).await?;
+            }
+            _ => return Err(Error::Internal(format!("not a copy step: {op:?}"))),
+        }
+        Ok(())
+    }
+
+    /// Write `path`, a new volume file, with `copy` (not started yet: futures run
+    /// when awaited). A partial copy from an interrupted attempt is ours (the id is
+    /// new): start over rather than trust it. Never leave a partial copy behind,
+    /// cancelled or failed. The copy is made durable before the journal records it, so
+    /// a power cut cannot leave metadata naming a file whose data never reached the
+    /// disk.
+    async fn copy_into(
+        &self,
+        path: &std::path::Path,
+        copy: impl std::future::Future<Output = std::result::Result<(), QemuError>>,
+    ) -> Result<()> {
+        remove_if_exists(path).await?;
+        let copied = copy.await;
+        if copied.is_err() {
+            remove_if_exists(path).await?;
+        }
+        copied?;
+        sync_file(path).await
+    }
+
+    /// Put a file an interrupted safe rebase wrote back to what it read before: point
+    /// it at its old backing again (the clusters the rebase did map equal what that
+    /// backing shows), then free the clusters it wrote but never mapped.
+    pub(super) async fn restore_stream(&self, volume: Uuid, from: Option<Uuid>) -> Result<()> {
+        let from = match from {
+            Some(from) => Some(from),
+            None => store::vms::volume_parent(&mut *self.db.reader().await?, volume).await?,
+        };
+        let path = self.volume_path(volume);
+        match from {
+            // Pointing at a file that is not there would break a file that may well be
+            // whole: leave the header as it is and say so.
+            Some(from) if !tokio::fs::try_exists(self.volume_path(from)).await? => {
+                tracing::error!(%volume, %from, "the layer an interrupted stream read from is gone; its file is left as it is");
+            }
+            Some(from) => {
+                self.qemu
+                    .repoint(&path, &files::volume_file_name(from))
+                    .await?;
+            }
+            None => {}
+        }
+        self.qemu.repair_leaks(&path).await?;
+        Ok(())
+    }
+
+    /// Maps a step's own progress into the job's 0-100 range and stores it (at most a
+    /// few times a second).
+    pub(super) fn progress_reporter(
+        self: &Arc<Self>,
+        job: Uuid,
+        start: f32,
+        span: f32,
+    ) -> impl Fn(f32) + Send + Sync + use<> {
+        // Kept in memory, not written: a progress write per tick would fsync the
+        // database in the middle of every copy. The journal records progress at each
+        // step boundary; `progress_of` gives the live figure in between.
+        let engine = Arc::clone(self);
+        move |fraction: f32| {
+            let value = ((start + fraction * span) * 99.0) as u8;
+            engine
+                .live_progress
+                .lock()
+                .expect("progress map")
+                .insert(job, value);
+        }
+    }
+}
+
+/// qemu-img leaves what it wrote in the page cache: make a new copy durable before the
+/// journal records it, so a power cut can never leave metadata naming a file whose
+/// data never reached the disk.
+pub(super) async fn sync_file(path: &std::path::Path) -> Result<()> {
+    tokio::fs::File::open(path).await?.sync_all().await?;
+    Ok(())
+}
+
+pub(super) async fn remove_if_exists(path: &std::path::Path) -> Result<()> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,124 @@
+//! Worker tasks: claim the next runnable job, drive it, record what happened; and the
+//! start-up pass that finishes or rolls back every job a crash interrupted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::super::{BOOKKEEPING_RETRIES, Engine};
+use crate::domain::{Job, JobKind, JobStatus, Uuid};
+use crate::error::Result;
+use crate::jobs::uploads;
+use crate::store;
+
+impl Engine {
+    /// Finish or roll back every job a crash interrupted, oldest first, before any
+    /// worker claims new work. Each resumes from its journal.
+    pub async fn recover(self: &Arc<Self>) -> Result<usize> {
+        let interrupted = store::jobs::list_running(&mut *self.db.reader().await?).await?;
+        let count = interrupted.len();
+        for job in interrupted {
+            tracing::warn!(job = %job.id, kind = %job.kind, phase = ?job.phase, step = job.next_step, "resuming interrupted job");
+            self.run(job).await;
+        }
+        Ok(count)
+    }
+
+    /// Start the worker tasks; they stop when `shutdown` turns true.
+    pub fn spawn_workers(
+        self: &Arc<Self>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.config.workers.max(1))
+            .map(|_| {
+                let engine = Arc::clone(self);
+                let mut shutdown = shutdown.clone();
+                tokio::spawn(async move {
+                    loop {
+                        if *shutdown.borrow() {
+                            break;
+                        }
+                        let notified = engine.wake.notified();
+                        match engine.claim().await {
+                            Ok(Some(job)) => {
+                                engine.run(job).await;
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::error!(error = %e, "claiming a job failed"),
+                        }
+                        tokio::select! {
+                            _ = notified => {}
+                            _ = shutdown.changed() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn claim(&self) -> Result<Option<Job>> {
+        let mut tx = self.db.begin().await?;
+        let now = store::now();
+        let job = match store::jobs::claim_parked(&mut tx, now).await? {
+            Some(job) => Some(job),
+            None => store::jobs::claim_next(&mut tx, now).await?,
+        };
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// Drive one claimed job to its end and record the outcome.
+    pub(super) async fn run(self: &Arc<Self>, job: Job) {
+        let (cancel_tx, cancel_rx) = watch::channel(job.cancel_requested);
+        self.running
+            .lock()
+            .expect("cancel map")
+            .insert(job.id, cancel_tx);
+        self.bump();
+        let id = job.id;
+        let upload = job.spec.upload();
+        // An import's conversion reads an untrusted file: it takes an import slot
+        // for its whole run (waiting for one if need be).
+        let _slot = match job.kind {
+            JobKind::TemplateImport => Arc::clone(&self.import_slots).acquire_owned().await.ok(),
+            _ => None,
+        };
+        let mut outcome = self.drive(job, cancel_rx.clone()).await;
+        // A failed journal write (e.g. the database's file system was full) leaves the
+        // job as its last committed entry describes it: resume from there, as a restart
+        // would, after a pause.
+        for attempt in 1..=BOOKKEEPING_RETRIES {
+            let Err(e) = &outcome else { break };
+            tracing::error!(job = %id, error = %e, attempt, "job bookkeeping failed; resuming from the journal");
+            tokio::time::sleep(Duration::from_secs(2 << attempt)).await;
+            outcome = match self.reload(id).await {
+                Ok(Some(job)) if job.status == JobStatus::Running => {
+                    self.drive(job, cancel_rx.clone()).await
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
+        self.running.lock().expect("cancel map").remove(&id);
+        self.live_progress.lock().expect("progress map").remove(&id);
+        if let Err(e) = outcome {
+            tracing::error!(job = %id, error = %e, "job bookkeeping keeps failing; it will be resumed at the next start");
+        } else if let Some(upload) = upload
+            && !matches!(self.reload(id).await, Ok(Some(job)) if job.status == JobStatus::Running)
+        {
+            // Imported or not, the job is over (not parked): the upload is not needed
+            // any more.
+            uploads::remove(self, upload).await;
+        }
+        self.bump();
+        // A finished job may unblock the next job of its VM.
+        self.wake.notify_waiters();
+    }
+
+    pub(super) async fn reload(&self, id: Uuid) -> Result<Option<Job>> {
+        store::jobs::get(&mut *self.db.reader().await?, id).await
+    }
+}
