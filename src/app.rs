@@ -14,6 +14,7 @@ use crate::api::problem::Problem;
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
 use crate::error::{Error, ErrorCode, Result};
+use crate::files::Files;
 use crate::jobs::{Engine, EngineConfig};
 use crate::qemu::Qemu;
 use crate::store::Db;
@@ -64,9 +65,16 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         Duration::from_secs(config.copy_timeout_secs),
     )
     .with_child_tag(child_tag);
+    let files = Files::new(
+        volumes_dir.clone(),
+        config.reserved_space,
+        qemu.clone(),
+        db.clone(),
+    );
     let engine = Engine::new(
         db.clone(),
         qemu,
+        files.clone(),
         EngineConfig {
             workers: config.workers,
             volumes_dir,
@@ -77,6 +85,8 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     );
     let ready = Arc::new(AtomicBool::new(false));
     let state = AppState {
+        db: db.clone(),
+        files: files.clone(),
         engine: Arc::clone(&engine),
         max_disk_size: config.max_disk_size,
         ready: Arc::clone(&ready),
@@ -106,6 +116,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     };
     let jobs = {
         let engine = Arc::clone(&engine);
+        let db = db.clone();
         let shutdown_rx = shutdown_rx.clone();
         tokio::spawn(async move {
             match engine.recover().await {
@@ -113,19 +124,20 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "recovering interrupted jobs failed"),
             }
-            match crate::jobs::uploads::prune(&engine, started).await {
+            match crate::files::uploads::prune(&files, started).await {
                 Ok(0) => {}
                 Ok(count) => tracing::info!(count, "leftover uploads removed"),
                 Err(e) => tracing::warn!(error = %e, "cleaning uploads failed"),
             }
-            match crate::jobs::exports::prune(&engine, true).await {
+            match crate::files::exports::prune(&files, true).await {
                 Ok(0) => {}
                 Ok(count) => tracing::info!(count, "stale export files removed"),
                 Err(e) => tracing::warn!(error = %e, "cleaning export files failed"),
             }
             ready.store(true, Ordering::Release);
-            let exports = spawn_export_cleanup(Arc::clone(&engine), shutdown_rx.clone());
+            let exports = spawn_export_cleanup(files.clone(), shutdown_rx.clone());
             let scheduler = crate::scheduler::spawn(
+                db.clone(),
                 Arc::clone(&engine),
                 scheduler_settings,
                 shutdown_rx.clone(),
@@ -184,7 +196,7 @@ fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File> {
 /// Every ten minutes, remove export files of templates that were deleted or changed
 /// (they are never served again; this only gives the space back).
 fn spawn_export_cleanup(
-    engine: Arc<Engine>,
+    files: Files,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -193,7 +205,7 @@ fn spawn_export_cleanup(
                 _ = tokio::time::sleep(Duration::from_secs(600)) => {}
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
-            if let Err(e) = crate::jobs::exports::prune(&engine, false).await {
+            if let Err(e) = crate::files::exports::prune(&files, false).await {
                 tracing::warn!(error = %e, "cleaning export files failed");
             }
         }

@@ -140,13 +140,17 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
             figures.minute_due = some;
             figures.all.push(all);
         }
+        let qemu = strata::qemu::Qemu::new("qemu-img".into(), Duration::from_secs(60));
+        let volumes_dir = work.join("due-volumes");
+        let files = strata::files::Files::new(volumes_dir.clone(), 0, qemu.clone(), db.clone());
         let engine = Engine::new(
             db.clone(),
-            strata::qemu::Qemu::new("qemu-img".into(), Duration::from_secs(60)),
+            qemu,
+            files,
             EngineConfig {
                 import_slots: 2,
                 workers: WORKERS,
-                volumes_dir: work.join("due-volumes"),
+                volumes_dir,
                 reserved_bytes: 0,
                 fault: None,
             },
@@ -154,6 +158,7 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
         for _ in 0..SWEEP_SAMPLES {
             let started = Instant::now();
             let report = strata::scheduler::prune::prune(
+                &db,
                 &engine,
                 at(2, 0),
                 strata::scheduler::prune::Scope::All,

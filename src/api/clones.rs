@@ -65,7 +65,7 @@ async fn clone_vm(
 ) -> Result<Response> {
     validate::name("name", &body.name).map_err(Error::validation)?;
     validate::description(&body.description).map_err(Error::validation)?;
-    let source = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+    let source = find_vm(&mut *state.db.reader().await?, &id).await?;
     let request = CloneRequest {
         snapshot_id: body.snapshot_id,
         mode: body.mode,
@@ -158,7 +158,7 @@ async fn clone_starts(
     source: &Vm,
     snapshot_id: Option<Uuid>,
 ) -> Result<Vec<(Uuid, String, u64)>> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let disks = store::vms::list_disks(&mut conn, source.id).await?;
     let Some(id) = snapshot_id else {
         return Ok(disks

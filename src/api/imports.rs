@@ -25,12 +25,11 @@ use utoipa_axum::routes;
 use super::extract::Query;
 use super::problem::Problem;
 use super::{AppState, accepted};
-use crate::domain::image::{self, ImageFormat, Rejection};
+use crate::domain::image::ImageFormat;
 use crate::domain::{Disk, JobSpec, ResourceStatus, Vm, VmKind, job_spec, new_id, validate};
 use crate::error::{Error, ErrorCode, Result};
 use crate::files as storage;
 use crate::jobs::{NewRecords, Request};
-use crate::qemu::UntrustedLimits;
 use crate::store;
 
 pub const IMPORT_PATH: &str = "/v1/templates/import";
@@ -99,7 +98,7 @@ async fn import_template(
     let disk_name = query.disk_name.clone().unwrap_or_else(|| "root".into());
     validate::name("disk_name", &disk_name).map_err(Error::validation)?;
     validate::description(&query.description).map_err(Error::validation)?;
-    let volumes_dir = &state.engine.config.volumes_dir;
+    let volumes_dir = state.files.volumes_dir();
     let upload = new_id();
     let path = storage::upload_path(volumes_dir, upload);
     if let Some(dir) = path.parent() {
@@ -122,27 +121,18 @@ async fn import_template(
     // Reading an untrusted image costs CPU and memory (capped per run): only so many
     // at once, the rest come back later.
     let _slot = state.engine.try_import_slot()?;
-    let inspection = inspect_staged(&state, &staged.path, query.format).await?;
-    // What the copy will take, which a crafted file can make far more than its size.
+    let inspection = state
+        .files
+        .inspect_image(&staged.path, query.format, state.max_disk_size)
+        .await?;
     let copy_bytes = state
-        .engine
-        .qemu
-        .measure_untrusted(
-            &staged.path,
-            query.format.as_str(),
-            UntrustedLimits::default(),
-        )
-        .await
-        .map_err(|e| {
-            Error::problem(
-                ErrorCode::ImageInvalid,
-                format!("qemu-img cannot measure the image: {e}"),
-            )
-        })?;
-    let needed = copy_bytes.saturating_add(state.engine.config.reserved_bytes);
+        .files
+        .measure_image(&staged.path, query.format)
+        .await?;
+    let needed = copy_bytes.saturating_add(state.engine.reserved_bytes());
     let available = storage::available_bytes(volumes_dir)?;
     if available < needed {
-        return Err(crate::jobs::insufficient_storage(needed, available));
+        return Err(storage::insufficient_storage(needed, available));
     }
 
     let now = store::now();
@@ -276,89 +266,4 @@ async fn stage_from_dir(state: &AppState, relative: &str, target: &FsPath) -> Re
     }
     staged.sync_all().await?;
     Ok(())
-}
-
-/// The header check, then `qemu-img info` and (qcow2) `check` under limits.
-async fn inspect_staged(
-    state: &AppState,
-    path: &FsPath,
-    declared: ImageFormat,
-) -> Result<image::Inspection> {
-    let file_len = tokio::fs::metadata(path).await?.len();
-    let mut head = vec![0u8; image::HEADER_BYTES.min(file_len as usize)];
-    tokio::fs::File::open(path)
-        .await?
-        .read_exact(&mut head)
-        .await?;
-    let inspection =
-        image::inspect(&head, file_len, declared, state.max_disk_size).map_err(rejection)?;
-    let qemu = &state.engine.qemu;
-    let limits = UntrustedLimits::default();
-    let info = qemu
-        .info_untrusted(path, declared.as_str(), limits)
-        .await
-        .map_err(|e| {
-            Error::problem(
-                ErrorCode::ImageInvalid,
-                format!(
-                    "qemu-img cannot read the image as {}: {e}",
-                    declared.as_str()
-                ),
-            )
-        })?;
-    // The header passed; qemu-img must agree with it on every point that matters.
-    if info.format != declared.as_str() {
-        return Err(rejection(Rejection::FormatMismatch(format!(
-            "qemu-img reads the file as {}, not {}",
-            info.format,
-            declared.as_str()
-        ))));
-    }
-    if let Some(backing) = info
-        .backing_filename
-        .clone()
-        .or(info.full_backing_filename.clone())
-    {
-        return Err(rejection(Rejection::BackingFile(format!(" ({backing:?})"))));
-    }
-    if info.data_file().is_some() {
-        return Err(rejection(Rejection::ExternalDataFile));
-    }
-    if info.virtual_size != inspection.virtual_size || info.virtual_size > state.max_disk_size {
-        return Err(rejection(Rejection::Invalid(format!(
-            "qemu-img reports a virtual size of {} bytes, the header {}",
-            info.virtual_size, inspection.virtual_size
-        ))));
-    }
-    if declared == ImageFormat::Qcow2 {
-        let report = qemu.check_untrusted(path, limits).await.map_err(|e| {
-            Error::problem(
-                ErrorCode::ImageCorrupt,
-                format!("qemu-img check failed on the image: {e}"),
-            )
-        })?;
-        if report.corruptions > 0 || report.check_errors > 0 {
-            return Err(Error::problem(
-                ErrorCode::ImageCorrupt,
-                format!(
-                    "qemu-img check found {} corruptions and {} errors",
-                    report.corruptions, report.check_errors
-                ),
-            ));
-        }
-    }
-    Ok(inspection)
-}
-
-fn rejection(rejection: Rejection) -> Error {
-    let code = match &rejection {
-        Rejection::FormatMismatch(_) => ErrorCode::ImageFormatMismatch,
-        Rejection::BackingFile(_) => ErrorCode::ImageHasBackingFile,
-        Rejection::ExternalDataFile => ErrorCode::ImageHasDataFile,
-        Rejection::Encrypted => ErrorCode::ImageEncrypted,
-        Rejection::TooLarge { .. } => ErrorCode::ImageTooLarge,
-        Rejection::Truncated(_) => ErrorCode::ImageTruncated,
-        Rejection::Invalid(_) => ErrorCode::ImageInvalid,
-    };
-    Error::problem(code, rejection.to_string())
 }

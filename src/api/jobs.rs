@@ -150,7 +150,7 @@ async fn list_jobs(
         vm_id: filter.vm_id,
         kind: filter.kind,
     };
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     if let Some(cursor) = cursor
         && store::jobs::get(&mut conn, cursor).await?.is_none()
     {
@@ -222,7 +222,7 @@ async fn get_job(
 }
 
 async fn load(state: &AppState, id: Uuid) -> Result<Job> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     store::jobs::get(&mut conn, id)
         .await?
         .ok_or_else(|| Error::problem(ErrorCode::JobNotFound, format!("job {id} does not exist")))

@@ -31,6 +31,10 @@ use crate::jobs::Engine;
 /// What handlers share.
 #[derive(Clone)]
 pub struct AppState {
+    /// Reads of the records views show; every change goes through `engine`.
+    pub db: crate::store::Db,
+    /// Exports, and the inspection of an uploaded image.
+    pub files: crate::files::Files,
     pub engine: Arc<Engine>,
     /// Largest disk size accepted, in bytes.
     pub max_disk_size: u64,

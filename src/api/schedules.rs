@@ -271,8 +271,7 @@ fn run_view(run: ScheduleRun) -> RunView {
 }
 
 async fn view_with_last(state: &AppState, schedule: Schedule) -> Result<ScheduleView> {
-    let last =
-        store::schedules::last_run(&mut *state.engine.db.reader().await?, schedule.id).await?;
+    let last = store::schedules::last_run(&mut *state.db.reader().await?, schedule.id).await?;
     Ok(view(schedule, last))
 }
 
@@ -352,7 +351,7 @@ async fn create_schedule(
     Json(body): Json<CreateSchedule>,
 ) -> Result<Response> {
     let now = store::now();
-    let mut tx = state.engine.db.begin().await?;
+    let mut tx = state.db.begin().await?;
     let mut schedule = Schedule {
         id: new_id(),
         name: body.name,
@@ -393,7 +392,7 @@ async fn list_schedules(
     Query(page_query): Query<PageQuery>,
 ) -> Result<axum::Json<ScheduleList>> {
     let (limit, cursor) = page_query.parse()?;
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let rows = store::schedules::list(&mut conn, filter.vm_id, cursor, limit + 1).await?;
     let (rows, next_cursor) = page(rows, limit, |s| s.id);
     let mut items = Vec::with_capacity(rows.len());
@@ -415,7 +414,7 @@ async fn get_schedule(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<ScheduleView>> {
-    let schedule = find_schedule(&mut *state.engine.db.reader().await?, &id).await?;
+    let schedule = find_schedule(&mut *state.db.reader().await?, &id).await?;
     Ok(axum::Json(view_with_last(&state, schedule).await?))
 }
 
@@ -436,7 +435,7 @@ async fn patch_schedule(
     Path(id): Path<String>,
     Json(body): Json<PatchSchedule>,
 ) -> Result<axum::Json<ScheduleView>> {
-    let mut tx = state.engine.db.begin().await?;
+    let mut tx = state.db.begin().await?;
     let mut schedule = find_schedule(&mut tx, &id).await?;
     let timing_before = (
         schedule.cron.clone(),
@@ -495,7 +494,7 @@ async fn delete_schedule(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
-    let mut tx = state.engine.db.begin().await?;
+    let mut tx = state.db.begin().await?;
     let schedule = find_schedule(&mut tx, &id).await?;
     store::schedules::delete(&mut tx, schedule.id).await?;
     tx.commit().await?;
@@ -516,7 +515,7 @@ async fn list_runs(
     Query(page_query): Query<PageQuery>,
 ) -> Result<axum::Json<RunList>> {
     let (limit, cursor) = page_query.parse()?;
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let schedule = find_schedule(&mut conn, &id).await?;
     let rows = store::schedules::runs(&mut conn, schedule.id, cursor, limit + 1).await?;
     let (rows, next_cursor) = page(rows, limit, |r| r.id);
@@ -537,7 +536,7 @@ async fn get_run(
     State(state): State<AppState>,
     Path((id, run_id)): Path<(String, String)>,
 ) -> Result<axum::Json<RunView>> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let schedule = find_schedule(&mut conn, &id).await?;
     let run_id = parse_id(&run_id, ErrorCode::RunNotFound, "run")?;
     let run = store::schedules::get_run(&mut conn, schedule.id, run_id)
@@ -563,8 +562,9 @@ async fn get_run(
         (status = 409, description = "A run of the schedule is still in progress (`schedule_busy`; `run_id` names it)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
-    let schedule = find_schedule(&mut *state.engine.db.reader().await?, &id).await?;
+    let schedule = find_schedule(&mut *state.db.reader().await?, &id).await?;
     let run = runs::start(
+        &state.db,
         &state.engine,
         schedule.id,
         RunTrigger::Manual,
@@ -590,9 +590,9 @@ async fn preview(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Preview>> {
-    let schedule = find_schedule(&mut *state.engine.db.reader().await?, &id).await?;
+    let schedule = find_schedule(&mut *state.db.reader().await?, &id).await?;
     let now = store::now();
-    let decisions = prune::decisions(&state.engine, &schedule, now).await?;
+    let decisions = prune::decisions(&state.db, &schedule, now).await?;
     let mut items = Vec::with_capacity(decisions.len());
     for (snapshot, decision) in decisions {
         let (action, keep_reasons, prune_reason) = match decision {

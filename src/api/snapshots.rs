@@ -169,7 +169,7 @@ fn validate_expiry(expires_at: Option<DateTime<Utc>>) -> Result<()> {
 }
 
 fn snapshot_view(state: &AppState, vm: &Vm, snapshot: Snapshot) -> SnapshotView {
-    let dir = &state.engine.config.volumes_dir;
+    let dir = state.files.volumes_dir();
     SnapshotView {
         is_current: vm.current_snapshot_id == Some(snapshot.id),
         id: snapshot.id,
@@ -231,7 +231,7 @@ async fn create_snapshot(
     validate::name("name", &body.name).map_err(Error::validation)?;
     validate::description(&body.description).map_err(Error::validation)?;
     validate_expiry(body.expires_at)?;
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
     // Refused now rather than accepted and failed later: each disk gets a new overlay.
     let disks = store::vms::list_disks(&mut conn, vm.id).await?.len() as u64;
@@ -264,7 +264,7 @@ async fn list_snapshots(
     Query(page_query): Query<PageQuery>,
 ) -> Result<axum::Json<SnapshotListing>> {
     let (limit, cursor) = page_query.parse()?;
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
     Ok(axum::Json(match query.view.unwrap_or_default() {
         ListView::List => {
@@ -305,7 +305,7 @@ async fn get_snapshot(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<SnapshotView>> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let (snapshot, vm) = find_snapshot(&mut conn, &id).await?;
     Ok(axum::Json(snapshot_view(&state, &vm, snapshot)))
 }
@@ -327,7 +327,7 @@ async fn delete_snapshot(
     Path(id): Path<String>,
     Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
-    let (snapshot, vm) = find_snapshot(&mut *state.engine.db.reader().await?, &id).await?;
+    let (snapshot, vm) = find_snapshot(&mut *state.db.reader().await?, &id).await?;
     let spec = JobSpec::SnapshotDelete(job_spec::SnapshotDelete {
         vm: vm.id,
         snapshot: snapshot.id,
@@ -351,7 +351,7 @@ async fn delete_all_snapshots(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+    let vm = find_vm(&mut *state.db.reader().await?, &id).await?;
     let spec = JobSpec::SnapshotDeleteAll(job_spec::SnapshotDeleteAll {
         vm: vm.id,
         // Listed by the accept transaction: exactly the snapshots it flags.
@@ -373,7 +373,7 @@ async fn revert_snapshot(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let (snapshot, vm) = find_snapshot(&mut *state.engine.db.reader().await?, &id).await?;
+    let (snapshot, vm) = find_snapshot(&mut *state.db.reader().await?, &id).await?;
     let spec = JobSpec::SnapshotRevert(job_spec::SnapshotRevert {
         vm: vm.id,
         snapshot: snapshot.id,
@@ -407,7 +407,7 @@ async fn patch_snapshot(
     if let Some(expires_at) = body.expires_at {
         validate_expiry(expires_at)?;
     }
-    let mut tx = state.engine.db.begin().await?;
+    let mut tx = state.db.begin().await?;
     let (mut snapshot, vm) = find_snapshot(&mut tx, &id).await?;
     if snapshot.status == ResourceStatus::Deleting {
         return Err(Error::problem(

@@ -49,7 +49,6 @@ async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Health>> {
         ));
     }
     let mut conn = state
-        .engine
         .db
         .reader()
         .await

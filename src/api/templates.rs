@@ -20,7 +20,8 @@ use crate::domain::plan::CloneMode;
 use crate::domain::{ExportKey, JobSpec, ResourceStatus, Uuid, Vm, VmKind, job_spec, validate};
 use crate::error::{Error, ErrorCode, Result};
 use crate::files as storage;
-use crate::jobs::{Request, exports, require_ready};
+use crate::files::exports;
+use crate::jobs::{Request, require_ready};
 use crate::store;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -125,7 +126,7 @@ async fn template_view(
     template: Vm,
 ) -> Result<TemplateView> {
     let disks = store::vms::list_disks(conn, template.id).await?;
-    let dir = &state.engine.config.volumes_dir;
+    let dir = state.files.volumes_dir();
     let mut linked: Vec<Uuid> = store::vms::dependents_of(conn, template.id)
         .await?
         .into_iter()
@@ -182,7 +183,7 @@ async fn list_templates(
     Query(page_query): Query<PageQuery>,
 ) -> Result<axum::Json<TemplateList>> {
     let (limit, cursor) = page_query.parse()?;
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let rows = store::vms::list_vms(
         &mut conn,
         VmKind::Template,
@@ -211,7 +212,7 @@ async fn get_template(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<TemplateView>> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let template = find_template(&mut conn, &id).await?;
     Ok(axum::Json(
         template_view(&state, &mut conn, template).await?,
@@ -237,11 +238,7 @@ async fn create_template(
 ) -> Result<Response> {
     validate::name("name", &body.name).map_err(Error::validation)?;
     validate::description(&body.description).map_err(Error::validation)?;
-    let source = find_vm(
-        &mut *state.engine.db.reader().await?,
-        &body.from_vm_id.to_string(),
-    )
-    .await?;
+    let source = find_vm(&mut *state.db.reader().await?, &body.from_vm_id.to_string()).await?;
     let request = CloneRequest {
         snapshot_id: body.snapshot_id,
         mode: CloneMode::Full,
@@ -269,7 +266,7 @@ async fn convert_to_template(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+    let vm = find_vm(&mut *state.db.reader().await?, &id).await?;
     let spec = JobSpec::VmToTemplate(job_spec::VmToTemplate {
         vm: vm.id,
         // Listed by the accept transaction: exactly the snapshots it flags.
@@ -289,7 +286,7 @@ async fn convert_to_template(
         (status = 409, description = "VMs are linked to it (`has_dependents`, listing them) or it is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn convert_to_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
-    let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
+    let template = find_template(&mut *state.db.reader().await?, &id).await?;
     let spec = JobSpec::TemplateToVm(job_spec::TemplateToVm { vm: template.id });
     accept_job(&state, Request::new(spec)).await
 }
@@ -329,7 +326,7 @@ async fn deploy(
         validate::name("name", name).map_err(Error::validation)?;
     }
     validate::description(&body.description).map_err(Error::validation)?;
-    let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
+    let template = find_template(&mut *state.db.reader().await?, &id).await?;
     let request = CloneRequest {
         snapshot_id: None,
         mode: body.mode,
@@ -359,7 +356,7 @@ async fn delete_template(
     Path(id): Path<String>,
     Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
-    let template = find_template(&mut *state.engine.db.reader().await?, &id).await?;
+    let template = find_template(&mut *state.db.reader().await?, &id).await?;
     let spec = JobSpec::VmDelete(job_spec::VmDelete {
         vm: template.id,
         previous_status: template.status,
@@ -475,7 +472,7 @@ async fn export(
     Path(id): Path<String>,
     Query(query): Query<ExportQuery>,
 ) -> Result<Response> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let template = find_template(&mut conn, &id).await?;
     require_ready(&template)?;
     let (disk_name, volume) = export_disk(&mut conn, &template, query.disk.as_deref()).await?;
@@ -485,22 +482,22 @@ async fn export(
         compress: query.compress.unwrap_or(false),
         generation: template.updated_at.timestamp_micros(),
     };
-    let ready = exports::ready_artifact(&state.engine, export).await?;
+    let ready = exports::ready_artifact(&state.files, export).await?;
     if ready.is_none() {
         // Refused now, with a proper status, rather than after the 200 has been sent.
-        exports::check_room(&state.engine, volume).await?;
+        exports::check_room(&state.files, volume).await?;
     }
     let length = match &ready {
         Some(path) => Some(tokio::fs::metadata(path).await?.len()),
         None => None,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<axum::body::Bytes>>(4);
-    let engine = std::sync::Arc::clone(&state.engine);
+    let files = state.files.clone();
     tokio::spawn(async move {
         let sent = async {
             let path = match ready {
                 Some(path) => path,
-                None => exports::artifact(&engine, export)
+                None => exports::artifact(&files, export)
                     .await
                     .map_err(std::io::Error::other)?,
             };
@@ -566,7 +563,7 @@ async fn manifest(
     Path(id): Path<String>,
     Query(query): Query<ManifestQuery>,
 ) -> Result<axum::Json<Manifest>> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let template = find_template(&mut conn, &id).await?;
     require_ready(&template)?;
     let disks = store::vms::list_disks(&mut conn, template.id).await?;
@@ -582,7 +579,7 @@ async fn manifest(
             compress: compressed,
             generation: template.updated_at.timestamp_micros(),
         };
-        let (export_bytes, sha256) = exports::digest(&state.engine, export).await?;
+        let (export_bytes, sha256) = exports::digest(&state.files, export).await?;
         items.push(ManifestDisk {
             url: format!(
                 "/v1/templates/{}/export?disk={}{}",

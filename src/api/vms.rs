@@ -206,7 +206,7 @@ impl VmFilter {
 
 /// Paths of the disk's chain, top first, with live allocation figures.
 fn disk_view(state: &AppState, disk: Disk, volumes: &[Volume]) -> DiskView {
-    let dir = &state.engine.config.volumes_dir;
+    let dir = state.files.volumes_dir();
     let mut chain = Vec::new();
     let mut next = disk.active_volume_id;
     let mut source_volume_id = None;
@@ -376,7 +376,7 @@ async fn list_vms(
     Query(page_query): Query<PageQuery>,
 ) -> Result<axum::Json<VmList>> {
     let (limit, cursor) = page_query.parse()?;
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let rows = store::vms::list_vms(
         &mut conn,
         VmKind::Vm,
@@ -404,7 +404,7 @@ async fn get_vm(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<VmView>> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
 }
@@ -433,7 +433,7 @@ async fn patch_vm(
     if let Some(labels) = &body.labels {
         validate::labels(labels).map_err(Error::validation)?;
     }
-    let mut tx = state.engine.db.begin().await?;
+    let mut tx = state.db.begin().await?;
     let mut vm = find_vm(&mut tx, &id).await?;
     if body.state == Some(VmState::Running) && vm.state != VmState::Running {
         let pending = store::jobs::pending_for_vm(&mut tx, vm.id).await?;
@@ -466,7 +466,7 @@ async fn patch_vm(
         .await
         .map_err(|e| name_taken(e, || format!("a VM named {} already exists", vm.name)))?;
     tx.commit().await?;
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
 }
 
@@ -485,7 +485,7 @@ async fn delete_vm(
     Path(id): Path<String>,
     Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
-    let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+    let vm = find_vm(&mut *state.db.reader().await?, &id).await?;
     let spec = JobSpec::VmDelete(job_spec::VmDelete {
         vm: vm.id,
         previous_status: vm.status,
@@ -507,7 +507,7 @@ async fn list_disks(
     Query(page_query): Query<PageQuery>,
 ) -> Result<axum::Json<DiskList>> {
     let (limit, cursor) = page_query.parse()?;
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
     // A VM has a handful of disks: page over the full list rather than in SQL.
     let disks = store::vms::list_disks(&mut conn, vm.id).await?;
@@ -542,7 +542,7 @@ async fn create_disk(
     Json(body): Json<NewDisk>,
 ) -> Result<Response> {
     validate_disks(std::slice::from_ref(&body), state.max_disk_size)?;
-    let vm = find_vm(&mut *state.engine.db.reader().await?, &id).await?;
+    let vm = find_vm(&mut *state.db.reader().await?, &id).await?;
     let disk = new_disk(vm.id, body, store::now());
     let spec = JobSpec::DiskCreate(job_spec::DiskCreate {
         vm: vm.id,
@@ -562,7 +562,7 @@ async fn get_disk(
     State(state): State<AppState>,
     Path((vm_id, disk_id)): Path<(String, String)>,
 ) -> Result<axum::Json<DiskView>> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let vm = find_vm(&mut conn, &vm_id).await?;
     let disk = find_disk(&mut conn, &vm, &disk_id).await?;
     let volumes = store::vms::list_volumes(&mut conn, vm.id).await?;
@@ -597,7 +597,7 @@ pub(crate) async fn find_vm_disk(
     vm_id: &str,
     disk_id: &str,
 ) -> Result<(Vm, Disk)> {
-    let mut conn = state.engine.db.reader().await?;
+    let mut conn = state.db.reader().await?;
     let vm = find_vm(&mut conn, vm_id).await?;
     let disk = find_disk(&mut conn, &vm, disk_id).await?;
     Ok((vm, disk))

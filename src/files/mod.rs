@@ -1,11 +1,51 @@
-//! The data directory's files: where volumes, uploads and exports live, and how much
-//! room they take.
+//! The data directory's files outside jobs: where volumes, uploads and exports live
+//! and how much room they take (this module), template exports (`exports`), staged
+//! uploads (`uploads`), and the inspection of an uploaded image (`intake`), the one
+//! file work a request does itself, because an import must be refused before it is
+//! accepted. Jobs do every other file change.
+
+pub mod exports;
+pub mod intake;
+pub mod uploads;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::domain::Uuid;
 use crate::domain::plan::DiskGraph;
+use crate::error::{Error, ErrorCode};
+use crate::qemu::Qemu;
+use crate::store::Db;
+
+/// What file work outside jobs needs: the data directory, the reserve a copy must
+/// leave free, qemu-img and the records.
+#[derive(Clone)]
+pub struct Files {
+    volumes_dir: PathBuf,
+    reserved_bytes: u64,
+    qemu: Qemu,
+    db: Db,
+}
+
+impl Files {
+    pub fn new(volumes_dir: PathBuf, reserved_bytes: u64, qemu: Qemu, db: Db) -> Self {
+        Self {
+            volumes_dir,
+            reserved_bytes,
+            qemu,
+            db,
+        }
+    }
+
+    /// The directory every volume file sits in.
+    pub fn volumes_dir(&self) -> &Path {
+        &self.volumes_dir
+    }
+
+    pub fn volume_path(&self, volume: Uuid) -> PathBuf {
+        volume_path(&self.volumes_dir, volume)
+    }
+}
 
 /// Every volume sits in one directory, so a backing reference is just a file name and
 /// the data directory can be moved or mounted elsewhere.
@@ -70,4 +110,15 @@ pub async fn chain_bytes(
         .iter()
         .map(|v| allocated_bytes(&volume_path(volumes_dir, *v)))
         .sum())
+}
+
+/// Build an `insufficient_storage` problem with the figures.
+pub fn insufficient_storage(needed: u64, available: u64) -> Error {
+    Error::with_extra(
+        ErrorCode::InsufficientStorage,
+        format!(
+            "the operation needs {needed} free bytes on the data file system (including the reserve) but only {available} are available"
+        ),
+        serde_json::json!({ "needed_bytes": needed, "available_bytes": available }),
+    )
 }

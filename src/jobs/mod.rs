@@ -9,9 +9,7 @@
 
 pub mod accept;
 mod engine;
-pub mod exports;
 mod run;
-pub mod uploads;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -22,7 +20,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::domain::{Job, JobStatus, Uuid};
 use crate::error::{Error, ErrorCode, Result};
-use crate::files;
+use crate::files::{self, Files, insufficient_storage, uploads};
 use crate::qemu::Qemu;
 use crate::store::{self, Db};
 
@@ -58,9 +56,11 @@ pub struct EngineConfig {
 }
 
 pub struct Engine {
-    pub db: Db,
-    pub qemu: Qemu,
-    pub config: EngineConfig,
+    db: Db,
+    qemu: Qemu,
+    config: EngineConfig,
+    /// The uploads an import job owns are removed through it.
+    files: Files,
     wake: Notify,
     /// Bumped whenever a job changes state; long-polls wait on it.
     changed: watch::Sender<u64>,
@@ -73,10 +73,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(db: Db, qemu: Qemu, config: EngineConfig) -> Arc<Self> {
+    pub fn new(db: Db, qemu: Qemu, files: Files, config: EngineConfig) -> Arc<Self> {
         Arc::new(Self {
             db,
             qemu,
+            files,
             import_slots: Arc::new(tokio::sync::Semaphore::new(config.import_slots.max(1))),
             config,
             wake: Notify::new(),
@@ -98,6 +99,11 @@ impl Engine {
     /// Free space a copy must leave untouched on the data file system.
     pub fn reserved_bytes(&self) -> u64 {
         self.config.reserved_bytes
+    }
+
+    /// Worker tasks running jobs at once.
+    pub fn workers(&self) -> usize {
+        self.config.workers.max(1)
     }
 
     /// Refuse with `507 insufficient_storage` unless `bytes` (plus `reserve`) are free
@@ -196,7 +202,7 @@ impl Engine {
         if job.status == JobStatus::Cancelled
             && let Some(upload) = job.spec.upload()
         {
-            uploads::remove(self, upload).await;
+            uploads::remove(&self.files, upload).await;
         }
         self.signal_cancel(id);
         self.bump();
@@ -211,15 +217,4 @@ impl Engine {
             .get(&job)
             .copied()
     }
-}
-
-/// Build an `insufficient_storage` problem with the figures.
-pub fn insufficient_storage(needed: u64, available: u64) -> Error {
-    Error::with_extra(
-        ErrorCode::InsufficientStorage,
-        format!(
-            "the operation needs {needed} free bytes on the data file system (including the reserve) but only {available} are available"
-        ),
-        serde_json::json!({ "needed_bytes": needed, "available_bytes": available }),
-    )
 }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::domain::Uuid;
 use crate::jobs::Engine;
-use crate::store;
+use crate::store::{self, Db};
 
 /// How often the scheduler looks at the clock and sweeps.
 #[derive(Debug, Clone)]
@@ -40,6 +40,7 @@ const MIN_WAKE_INTERVAL: Duration = Duration::from_millis(50);
 /// (to spread merges) are refilled as soon as jobs change, by a pass over just the VMs
 /// they belong to, so a backlog drains at the pace merges finish.
 pub fn spawn(
+    db: Db,
     engine: Arc<Engine>,
     settings: Settings,
     mut shutdown: watch::Receiver<bool>,
@@ -56,10 +57,10 @@ pub fn spawn(
                 _ = shutdown.wait_for(|stop| *stop) => break,
             };
             let now = store::now();
-            if let Err(e) = runs::finish_ended(&engine, now).await {
+            if let Err(e) = runs::finish_ended(&db, &engine, now).await {
                 tracing::error!(error = %e, "closing schedule runs failed");
             }
-            if let Err(e) = runs::start_due(&engine, now, settings.run_history).await {
+            if let Err(e) = runs::start_due(&db, &engine, now, settings.run_history).await {
                 tracing::error!(error = %e, "starting schedule runs failed");
             }
             let scope = if last_sweep.elapsed() >= settings.sweep_interval {
@@ -74,7 +75,7 @@ pub fn spawn(
             };
             if let Some(scope) = scope {
                 jobs_changed.mark_unchanged();
-                match prune::prune(&engine, now, scope).await {
+                match prune::prune(&db, &engine, now, scope).await {
                     Ok(report) => {
                         let mut vms: Vec<Uuid> = report.deferred.iter().map(|e| e.vm_id).collect();
                         vms.sort();

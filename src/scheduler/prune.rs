@@ -23,7 +23,7 @@ use crate::domain::{
 };
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::{Engine, Request, accept};
-use crate::store;
+use crate::store::{self, Db};
 
 /// The zone a schedule's calendar rules count days in (validated on write).
 pub fn schedule_zone(schedule: &Schedule) -> Tz {
@@ -55,13 +55,12 @@ pub fn judge(schedule: &Schedule, snapshots: &[Snapshot], now: Timestamp) -> Vec
 
 /// A schedule's snapshots with the decision for each, grouped by VM, oldest first.
 pub async fn decisions(
-    engine: &Engine,
+    db: &Db,
     schedule: &Schedule,
     now: Timestamp,
 ) -> Result<Vec<(Snapshot, Decision)>> {
     let snapshots =
-        store::snapshots::scheduled(&mut *engine.db.reader().await?, Some(schedule.id), None)
-            .await?;
+        store::snapshots::scheduled(&mut *db.reader().await?, Some(schedule.id), None).await?;
     Ok(judge_all(std::slice::from_ref(schedule), snapshots, now))
 }
 
@@ -99,12 +98,8 @@ pub enum Scope<'a> {
 /// Snapshots to delete now, oldest first: those outside the retention of the schedules
 /// in scope, and, unless the scope is one schedule, every expired snapshot (manual ones
 /// included).
-async fn doomed(
-    engine: &Engine,
-    now: Timestamp,
-    scope: Scope<'_>,
-) -> Result<Vec<(Snapshot, PruneReason)>> {
-    let mut conn = engine.db.reader().await?;
+async fn doomed(db: &Db, now: Timestamp, scope: Scope<'_>) -> Result<Vec<(Snapshot, PruneReason)>> {
+    let mut conn = db.reader().await?;
     let (schedule, vms) = match scope {
         Scope::Schedule(schedule) => (Some(schedule.id), None),
         Scope::Vms(vms) => (None, Some(vms)),
@@ -144,20 +139,25 @@ async fn doomed(
 }
 
 /// One pruning pass (see the module doc): queue what may go now, report the rest.
-pub async fn prune(engine: &Engine, now: Timestamp, scope: Scope<'_>) -> Result<PruneReport> {
-    let doomed = doomed(engine, now, scope).await?;
+pub async fn prune(
+    db: &Db,
+    engine: &Engine,
+    now: Timestamp,
+    scope: Scope<'_>,
+) -> Result<PruneReport> {
+    let doomed = doomed(db, now, scope).await?;
     let mut report = PruneReport::default();
     if doomed.is_empty() {
         return Ok(report);
     }
     let (mut busy, in_flight) = {
-        let mut conn = engine.db.reader().await?;
+        let mut conn = db.reader().await?;
         (
             store::jobs::busy_vms(&mut conn).await?,
             store::jobs::count_pending(&mut conn, JobKind::SnapshotDelete).await?,
         )
     };
-    let workers = engine.config.workers.max(1);
+    let workers = engine.workers();
     let mut budget = workers.saturating_sub(in_flight);
     for (snapshot, why) in doomed {
         let mut entry = PruneEntry {

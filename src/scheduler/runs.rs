@@ -14,7 +14,7 @@ use crate::domain::{
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::Engine;
 use crate::jobs::{NewSnapshot, accept_in};
-use crate::store;
+use crate::store::{self, Db};
 
 /// Most VMs a selector can reach in one run, read a page at a time.
 const SELECTOR_PAGE: u32 = 1000;
@@ -27,14 +27,15 @@ const NAME_RETRIES: u32 = 20;
 /// missed while the service was down, a due schedule runs once and continues from
 /// `now`. Returns the runs started (skipped ones included).
 pub async fn start_due(
+    db: &Db,
     engine: &Engine,
     now: Timestamp,
     run_history: u32,
 ) -> Result<Vec<ScheduleRun>> {
-    let due = store::schedules::due(&mut *engine.db.reader().await?, now).await?;
+    let due = store::schedules::due(&mut *db.reader().await?, now).await?;
     let mut started = Vec::with_capacity(due.len());
     for id in due {
-        match start(engine, id, RunTrigger::Cron, now, run_history).await {
+        match start(db, engine, id, RunTrigger::Cron, now, run_history).await {
             Ok(run) => started.extend(run),
             // One schedule's trouble must not hold back the others.
             Err(e @ Error::Problem { .. }) => {
@@ -52,13 +53,14 @@ pub async fn start_due(
 /// progress makes it `skipped` (runs never stack). A manual run is refused with
 /// `schedule_busy` instead. The schedule's history is trimmed to `run_history` runs.
 pub async fn start(
+    db: &Db,
     engine: &Engine,
     id: Uuid,
     trigger: RunTrigger,
     now: Timestamp,
     run_history: u32,
 ) -> Result<Option<ScheduleRun>> {
-    let mut tx = engine.db.begin().await?;
+    let mut tx = db.begin().await?;
     let mut schedule = store::schedules::get(&mut tx, id)
         .await?
         .ok_or_else(|| not_found(id))?;
@@ -148,8 +150,8 @@ pub async fn start(
         // A run that took nothing still applies the policy (it may have changed, or
         // time moved on), so what it holds back is reported with the run.
         run.detail.retention =
-            Some(prune::prune(engine, now, prune::Scope::Schedule(&schedule)).await?);
-        save_if_scheduled(engine, &run).await?;
+            Some(prune::prune(db, engine, now, prune::Scope::Schedule(&schedule)).await?);
+        save_if_scheduled(db, &run).await?;
     }
     tracing::info!(schedule = %schedule.name, run = %run.id, status = %run.status, reason = run.reason.as_deref().unwrap_or(""), "schedule run started");
     Ok(Some(run))
@@ -284,11 +286,11 @@ async fn free_name(
 
 /// Close every running run whose snapshot jobs have all ended, with a retention pass
 /// for its schedule. Returns the runs closed.
-pub async fn finish_ended(engine: &Engine, now: Timestamp) -> Result<Vec<ScheduleRun>> {
-    let running = store::schedules::running_runs(&mut *engine.db.reader().await?).await?;
+pub async fn finish_ended(db: &Db, engine: &Engine, now: Timestamp) -> Result<Vec<ScheduleRun>> {
+    let running = store::schedules::running_runs(&mut *db.reader().await?).await?;
     let mut finished = Vec::new();
     for mut run in running {
-        if !follow_jobs(engine, &mut run).await? {
+        if !follow_jobs(db, &mut run).await? {
             continue;
         }
         let outcomes = || run.detail.targets.iter().map(|t| t.outcome);
@@ -310,14 +312,13 @@ pub async fn finish_ended(engine: &Engine, now: Timestamp) -> Result<Vec<Schedul
                 )),
             ),
         };
-        let schedule =
-            store::schedules::get(&mut *engine.db.reader().await?, run.schedule_id).await?;
+        let schedule = store::schedules::get(&mut *db.reader().await?, run.schedule_id).await?;
         if let Some(schedule) = schedule {
             run.detail.retention =
-                Some(prune::prune(engine, now, prune::Scope::Schedule(&schedule)).await?);
+                Some(prune::prune(db, engine, now, prune::Scope::Schedule(&schedule)).await?);
         }
         run.finished_at = Some(now);
-        save_if_scheduled(engine, &run).await?;
+        save_if_scheduled(db, &run).await?;
         tracing::info!(run = %run.id, status = %run.status, "schedule run finished");
         finished.push(run);
     }
@@ -326,8 +327,8 @@ pub async fn finish_ended(engine: &Engine, now: Timestamp) -> Result<Vec<Schedul
 
 /// Record a run's new state, unless its schedule was deleted meanwhile (its runs with
 /// it): then there is nothing to record.
-async fn save_if_scheduled(engine: &Engine, run: &ScheduleRun) -> Result<()> {
-    let mut tx = engine.db.begin().await?;
+async fn save_if_scheduled(db: &Db, run: &ScheduleRun) -> Result<()> {
+    let mut tx = db.begin().await?;
     if store::schedules::get(&mut tx, run.schedule_id)
         .await?
         .is_some()
@@ -339,8 +340,8 @@ async fn save_if_scheduled(engine: &Engine, run: &ScheduleRun) -> Result<()> {
 }
 
 /// Bring the run's per-VM outcomes up to date with its jobs; true once all have ended.
-async fn follow_jobs(engine: &Engine, run: &mut ScheduleRun) -> Result<bool> {
-    let mut conn = engine.db.reader().await?;
+async fn follow_jobs(db: &Db, run: &mut ScheduleRun) -> Result<bool> {
+    let mut conn = db.reader().await?;
     let mut all_ended = true;
     for target in &mut run.detail.targets {
         let (TargetOutcome::Queued, Some(job_id)) = (target.outcome, target.job_id) else {

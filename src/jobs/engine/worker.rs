@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use super::super::{BOOKKEEPING_RETRIES, Engine};
 use crate::domain::{Job, JobKind, JobStatus, Uuid};
 use crate::error::Result;
-use crate::jobs::uploads;
+use crate::files::uploads;
 use crate::store;
 
 impl Engine {
@@ -111,7 +111,7 @@ impl Engine {
         {
             // Imported or not, the job is over (not parked): the upload is not needed
             // any more.
-            uploads::remove(self, upload).await;
+            uploads::remove(&self.files, upload).await;
         }
         self.bump();
         // A finished job may unblock the next job of its VM.

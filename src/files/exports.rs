@@ -13,42 +13,41 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::Engine;
+use super::Files;
 use crate::domain::{ExportKey, Uuid, VmKind, new_id};
 use crate::error::{Error, Result};
 use crate::store;
 
 /// Where export artifacts live, beside the volumes.
-pub fn exports_dir(engine: &Engine) -> PathBuf {
-    crate::files::data_subdir(&engine.config.volumes_dir, "exports")
+pub fn exports_dir(files: &Files) -> PathBuf {
+    super::data_subdir(&files.volumes_dir, "exports")
 }
 
-fn artifact_path(engine: &Engine, export: &ExportKey) -> PathBuf {
+fn artifact_path(files: &Files, export: &ExportKey) -> PathBuf {
     let kind = if export.compress {
         "compressed"
     } else {
         "plain"
     };
-    exports_dir(engine).join(format!(
+    exports_dir(files).join(format!(
         "{}.{}.{kind}.qcow2",
         export.volume, export.generation
     ))
 }
 
 /// The file to serve, if it exists already.
-pub async fn ready_artifact(engine: &Engine, export: ExportKey) -> Result<Option<PathBuf>> {
-    let standalone = store::vms::volume_chain(&mut *engine.db.reader().await?, export.volume)
+pub async fn ready_artifact(files: &Files, export: ExportKey) -> Result<Option<PathBuf>> {
+    let standalone = store::vms::volume_chain(&mut *files.db.reader().await?, export.volume)
         .await?
         .len()
         == 1;
     if standalone && !export.compress {
-        return Ok(Some(engine.volume_path(export.volume)));
+        return Ok(Some(files.volume_path(export.volume)));
     }
-    let path = artifact_path(engine, &export);
+    let path = artifact_path(files, &export);
     Ok(tokio::fs::try_exists(&path).await?.then_some(path))
 }
 
@@ -58,23 +57,23 @@ static WRITING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The file to serve, written first if needed (refused with `insufficient_storage` if
 /// the copy would not leave the configured reserve free).
-pub async fn artifact(engine: &Engine, export: ExportKey) -> Result<PathBuf> {
-    if let Some(path) = ready_artifact(engine, export).await? {
+pub async fn artifact(files: &Files, export: ExportKey) -> Result<PathBuf> {
+    if let Some(path) = ready_artifact(files, export).await? {
         return Ok(path);
     }
     let _writing = WRITING.lock().await;
-    if let Some(path) = ready_artifact(engine, export).await? {
+    if let Some(path) = ready_artifact(files, export).await? {
         return Ok(path);
     }
-    check_room(engine, export.volume).await?;
-    let dir = exports_dir(engine);
+    check_room(files, export.volume).await?;
+    let dir = exports_dir(files);
     tokio::fs::create_dir_all(&dir).await?;
-    let path = artifact_path(engine, &export);
+    let path = artifact_path(files, &export);
     let temp = dir.join(format!("{}.partial", new_id()));
-    let written = engine
+    let written = files
         .qemu
         .convert(
-            &engine.volume_path(export.volume),
+            &files.volume_path(export.volume),
             &temp,
             export.compress,
             None,
@@ -92,15 +91,11 @@ pub async fn artifact(engine: &Engine, export: ExportKey) -> Result<PathBuf> {
 
 /// Refuse (`insufficient_storage`) when writing an export of `volume` could eat into
 /// the reserve: a copy takes at most what its chain holds.
-pub async fn check_room(engine: &Engine, volume: Uuid) -> Result<()> {
-    let chain_bytes = crate::files::chain_bytes(
-        &engine.config.volumes_dir,
-        &mut *engine.db.reader().await?,
-        volume,
-    )
-    .await?;
-    let needed = chain_bytes.saturating_add(engine.config.reserved_bytes);
-    let available = crate::files::available_bytes(&engine.config.volumes_dir)?;
+pub async fn check_room(files: &Files, volume: Uuid) -> Result<()> {
+    let chain_bytes =
+        super::chain_bytes(&files.volumes_dir, &mut *files.db.reader().await?, volume).await?;
+    let needed = chain_bytes.saturating_add(files.reserved_bytes);
+    let available = super::available_bytes(&files.volumes_dir)?;
     if available < needed {
         return Err(super::insufficient_storage(needed, available));
     }
@@ -111,18 +106,17 @@ pub async fn check_room(engine: &Engine, volume: Uuid) -> Result<()> {
 /// The work runs in its own task: if the request gives up (a large template can take
 /// longer than the request timeout), the digest is still finished and kept, and a
 /// later request gets it at once.
-pub async fn digest(engine: &Arc<Engine>, export: ExportKey) -> Result<(u64, String)> {
-    if let Some(known) = store::vms::export_digest(&mut *engine.db.reader().await?, &export).await?
-    {
+pub async fn digest(files: &Files, export: ExportKey) -> Result<(u64, String)> {
+    if let Some(known) = store::vms::export_digest(&mut *files.db.reader().await?, &export).await? {
         return Ok(known);
     }
-    let engine = Arc::clone(engine);
+    let files = files.clone();
     tokio::spawn(async move {
-        let path = artifact(&engine, export).await?;
+        let path = artifact(&files, export).await?;
         let (bytes, sha256) = tokio::task::spawn_blocking(move || hash_file(&path))
             .await
             .map_err(|e| Error::Internal(format!("hashing task failed: {e}")))??;
-        let mut tx = engine.db.begin().await?;
+        let mut tx = files.db.begin().await?;
         store::vms::save_export_digest(&mut tx, &export, bytes, &sha256).await?;
         tx.commit().await?;
         Ok((bytes, sha256))
@@ -155,15 +149,15 @@ fn hash_file(path: &Path) -> Result<(u64, String)> {
 /// Remove artifacts no template needs any more (their template was deleted or turned
 /// back into a VM) and, at start (`at_start`: no export can be in progress), partial
 /// files a crash left.
-pub async fn prune(engine: &Engine, at_start: bool) -> Result<usize> {
-    let dir = exports_dir(engine);
+pub async fn prune(files: &Files, at_start: bool) -> Result<usize> {
+    let dir = exports_dir(files);
     let mut entries = match tokio::fs::read_dir(&dir).await {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e.into()),
     };
     let mut removed = 0;
-    let mut conn = engine.db.reader().await?;
+    let mut conn = files.db.reader().await?;
     while let Some(entry) = entries.next_entry().await? {
         let name = entry.file_name().to_string_lossy().into_owned();
         let mut parts = name.split('.');

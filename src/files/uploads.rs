@@ -5,13 +5,12 @@
 
 use crate::domain::{JobKind, Uuid};
 use crate::error::Result;
-use crate::files as storage;
 use crate::store;
 
-use super::Engine;
+use super::Files;
 
-pub async fn remove(engine: &Engine, upload: Uuid) {
-    let path = storage::upload_path(&engine.config.volumes_dir, upload);
+pub async fn remove(files: &Files, upload: Uuid) {
+    let path = super::upload_path(&files.volumes_dir, upload);
     match tokio::fs::remove_file(&path).await {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -22,15 +21,15 @@ pub async fn remove(engine: &Engine, upload: Uuid) {
 /// At start: remove every file in the imports directory that no queued or running
 /// import job needs and that is older than `started` (an upload begun since is being
 /// received right now).
-pub async fn prune(engine: &Engine, started: std::time::SystemTime) -> Result<usize> {
-    let dir = storage::data_subdir(&engine.config.volumes_dir, "imports");
+pub async fn prune(files: &Files, started: std::time::SystemTime) -> Result<usize> {
+    let dir = super::data_subdir(&files.volumes_dir, "imports");
     let mut entries = match tokio::fs::read_dir(&dir).await {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e.into()),
     };
     let pending =
-        store::jobs::pending_of_kind(&mut *engine.db.reader().await?, JobKind::TemplateImport)
+        store::jobs::pending_of_kind(&mut *files.db.reader().await?, JobKind::TemplateImport)
             .await?;
     let needed: Vec<Uuid> = pending.iter().filter_map(|job| job.spec.upload()).collect();
     let mut removed = 0;
