@@ -102,6 +102,28 @@ pub async fn check_room(files: &Files, volume: Uuid) -> Result<()> {
     Ok(())
 }
 
+/// Remove every export artifact made from `volume` (any generation), once the volume
+/// itself is gone: nothing can ask for them any more, and their space comes back with
+/// the template's instead of at the next prune.
+pub async fn remove_of(files: &Files, volume: Uuid) -> Result<()> {
+    let mut entries = match tokio::fs::read_dir(exports_dir(files)).await {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let prefix = format!("{volume}.");
+    while let Some(entry) = entries.next_entry().await? {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            match tokio::fs::remove_file(entry.path()).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Size and SHA-256 (hex) of an export, computed once per generation and kept.
 /// The work runs in its own task: if the request gives up (a large template can take
 /// longer than the request timeout), the digest is still finished and kept, and a

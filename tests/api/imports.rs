@@ -479,6 +479,41 @@ async fn a_template_flattened_under_its_exports_gets_fresh_ones() {
 }
 
 #[tokio::test]
+async fn a_deleted_template_takes_its_export_files_with_it() {
+    let app = TestApp::spawn().await;
+    let vm = id(&app.create_vm("golden", &[("root", DISK)]).await);
+    write(&app.active_path(&vm, "root").await, 0x31, 0, 1);
+    app.expect_job(
+        app.post(&format!("/v1/vms/{vm}/convert-to-template"), json!({}))
+            .await,
+    )
+    .await;
+    // A compressed export is written into <data>/exports and kept for later requests.
+    let (_, manifest) = app
+        .get(&format!("/v1/templates/{vm}/manifest?compress=true"))
+        .await;
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("root.qcow2");
+    download(&app, manifest["disks"][0]["url"].as_str().unwrap(), &file).await;
+    expect(file.to_str().unwrap(), 0x31, 0, 1);
+    let exports = app.data_dir.join("exports");
+    let listed = || -> Vec<String> {
+        std::fs::read_dir(&exports)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(listed().len(), 1, "{:?}", listed());
+
+    app.expect_job(app.delete(&format!("/v1/templates/{vm}")).await)
+        .await;
+    assert!(listed().is_empty(), "exports left behind: {:?}", listed());
+    assert!(app.volume_files().is_empty());
+}
+
+#[tokio::test]
 async fn a_stalled_upload_is_ended_and_leaves_nothing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = TestApp::spawn_with(&[("STRATA_REQUEST_TIMEOUT", "1")]).await;

@@ -13,6 +13,7 @@ use super::{Outcome, Stop};
 use crate::domain::plan::{FileOp, MetaOp, Plan};
 use crate::domain::{Job, JobPhase, JobStatus, Uuid};
 use crate::error::{Error, ErrorCode, Result};
+use crate::files::exports;
 use crate::store;
 
 /// Where a job stands after its commit.
@@ -368,8 +369,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Remove files whose metadata is gone, refusing any that something still uses as
-    /// its backing file.
+    /// Remove files whose metadata is gone (with any template export made from them),
+    /// refusing any that something still uses as its backing file.
     pub(super) async fn drop_files(&self, volumes: &[Uuid]) -> Result<()> {
         let mut conn = self.db.reader().await?;
         for &volume in volumes {
@@ -385,6 +386,7 @@ impl Engine {
                 )));
             }
             remove_if_exists(&self.volume_path(volume)).await?;
+            exports::remove_of(&self.files, volume).await?;
         }
         Ok(())
     }
