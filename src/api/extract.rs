@@ -38,10 +38,32 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
                 "the request body must be a JSON object",
             ));
         }
-        serde_json::from_value(value).map(Json).map_err(|e| {
-            Error::problem(ErrorCode::InvalidJson, format!("invalid request body: {e}"))
-        })
+        serde_path_to_error::deserialize(value)
+            .map(Json)
+            .map_err(body_problem)
     }
+}
+
+/// A body that does not deserialise: `validation_failed` naming the field when a value
+/// of the right JSON type breaks a rule (an unknown enum value, a malformed time, id
+/// or duration, a number out of range), `invalid_json` when the shape is wrong (a
+/// value of the wrong type, a missing or unknown field).
+fn body_problem(error: serde_path_to_error::Error<serde_json::Error>) -> Error {
+    let field = error.path().to_string();
+    let inner = error.into_inner().to_string();
+    let shape = ["invalid type:", "missing field", "unknown field"];
+    if field == "." || shape.iter().any(|prefix| inner.starts_with(prefix)) {
+        let at = if field == "." {
+            String::new()
+        } else {
+            format!(" (at {field})")
+        };
+        return Error::problem(
+            ErrorCode::InvalidJson,
+            format!("invalid request body{at}: {inner}"),
+        );
+    }
+    Error::problem(ErrorCode::ValidationFailed, format!("{field}: {inner}"))
 }
 
 /// `axum::extract::Query` with problem answers on rejection.

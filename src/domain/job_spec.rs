@@ -171,8 +171,23 @@ pub struct TemplateImport {
     /// The staged upload (see `files::uploads`), removed when the job ends.
     pub upload: Uuid,
     pub format: ImageFormat,
-    /// What `qemu-img measure` said the copy takes, when the request was accepted.
+    /// What `qemu-img measure` said the copy takes, when the request was accepted
+    /// (informational: the job measures the upload itself; early releases did not
+    /// record it).
+    #[serde(default)]
     pub copy_bytes: u64,
+}
+
+/// A stored job whose parameters cannot be read (written by hand, or by a release
+/// whose shape no migration knows). It is kept as it is so that it does not stop every
+/// other job: listed like any job, and failed alone when it would run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    pub kind: JobKind,
+    pub vm: Uuid,
+    pub params: String,
+    /// Why it cannot be read.
+    pub error: String,
 }
 
 /// Declares `JobSpec` with one variant per kind, and the mappings between a spec, its
@@ -182,20 +197,23 @@ macro_rules! job_specs {
         /// A job's kind with its typed inputs.
         #[derive(Debug, Clone, PartialEq)]
         pub enum JobSpec {
-            $($variant($inner)),+
+            $($variant($inner),)+
+            Unreadable(Unreadable),
         }
 
         impl JobSpec {
             pub fn kind(&self) -> JobKind {
                 match self {
-                    $(JobSpec::$variant(_) => JobKind::$variant),+
+                    $(JobSpec::$variant(_) => JobKind::$variant,)+
+                    JobSpec::Unreadable(unreadable) => unreadable.kind,
                 }
             }
 
             /// The stored `params` column.
             pub fn params_json(&self) -> String {
                 let encoded = match self {
-                    $(JobSpec::$variant(inner) => serde_json::to_string(inner)),+
+                    $(JobSpec::$variant(inner) => serde_json::to_string(inner),)+
+                    JobSpec::Unreadable(unreadable) => Ok(unreadable.params.clone()),
                 };
                 encoded.expect("a job spec serialises")
             }
@@ -204,6 +222,19 @@ macro_rules! job_specs {
             pub fn decode(kind: JobKind, params: &str) -> Result<Self, serde_json::Error> {
                 Ok(match kind {
                     $(JobKind::$variant => JobSpec::$variant(serde_json::from_str(params)?)),+
+                })
+            }
+
+            /// `decode`, keeping parameters it cannot read as `Unreadable` (of the job's
+            /// VM `vm`) instead of failing.
+            pub fn decode_or_keep(kind: JobKind, vm: Uuid, params: &str) -> Self {
+                Self::decode(kind, params).unwrap_or_else(|e| {
+                    JobSpec::Unreadable(Unreadable {
+                        kind,
+                        vm,
+                        params: params.to_owned(),
+                        error: e.to_string(),
+                    })
                 })
             }
         }
@@ -249,6 +280,7 @@ impl JobSpec {
             JobSpec::VmToTemplate(s) => s.vm,
             JobSpec::TemplateToVm(s) => s.vm,
             JobSpec::TemplateImport(s) => s.template,
+            JobSpec::Unreadable(s) => s.vm,
         }
     }
 
@@ -270,6 +302,20 @@ impl JobSpec {
                 s.vms.first().map_or(s.source, |target| target.id),
             ),
             _ => (TargetType::Vm, self.vm()),
+        }
+    }
+
+    /// What the job's VM must be when the job is accepted: a job that changes a VM's
+    /// disks or snapshots, clones it or makes a template of it never works on a
+    /// template, and one that deploys from or converts a template needs one. `None`
+    /// where either is right (a deletion) or the record is new.
+    pub fn vm_kind(&self) -> Option<super::VmKind> {
+        use super::VmKind;
+        match self {
+            JobSpec::VmCreate(_) | JobSpec::VmDelete(_) | JobSpec::TemplateImport(_) => None,
+            JobSpec::Unreadable(_) => None,
+            JobSpec::TemplateDeploy(_) | JobSpec::TemplateToVm(_) => Some(VmKind::Template),
+            _ => Some(VmKind::Vm),
         }
     }
 

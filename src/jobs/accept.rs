@@ -9,7 +9,7 @@ use sqlx::SqliteConnection;
 
 use super::{Engine, run};
 use crate::domain::{
-    Disk, Job, JobSpec, ResourceStatus, Snapshot, Timestamp, Uuid, Vm, job_spec, new_id,
+    Disk, Job, JobSpec, ResourceStatus, Snapshot, Timestamp, Uuid, Vm, VmKind, job_spec, new_id,
 };
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
@@ -146,11 +146,33 @@ pub async fn accept(engine: &Engine, request: Request) -> Result<Job> {
 }
 
 /// `accept` inside the caller's transaction (a schedule run queues one job per VM in
-/// one), which the caller commits before calling `Engine::notify_enqueued`. A request
-/// refused by its checks, its plan or a name in use writes nothing before the refusal
-/// (a request creating several VMs may have inserted some: its caller drops the
-/// transaction), so the transaction stays usable for the next request.
+/// one), which the caller commits before calling `Engine::notify_enqueued`. A refused
+/// request leaves the transaction as it found it.
 pub async fn accept_in(
+    engine: &Engine,
+    tx: &mut SqliteConnection,
+    request: Request,
+) -> Result<Job> {
+    // A refusal after some writes (a request creating several VMs, one of whose names
+    // is taken) takes them back, so the caller's transaction stays usable.
+    sqlx::raw_sql("SAVEPOINT accept").execute(&mut *tx).await?;
+    let accepted = accept_checked(engine, tx, request).await;
+    let end = if accepted.is_ok() {
+        "RELEASE accept"
+    } else {
+        "ROLLBACK TO accept; RELEASE accept"
+    };
+    match (sqlx::raw_sql(end).execute(&mut *tx).await, accepted) {
+        (Ok(_), accepted) => accepted,
+        // A refusal the caller would go on from, in a transaction that cannot: the
+        // caller must stop using it.
+        (Err(e), Err(Error::Problem { .. }) | Ok(_)) => Err(e.into()),
+        // The transaction failed with the request (a full disk...): that is the answer.
+        (Err(_), Err(e)) => Err(e),
+    }
+}
+
+async fn accept_checked(
     engine: &Engine,
     tx: &mut SqliteConnection,
     request: Request,
@@ -160,6 +182,7 @@ pub async fn accept_in(
         records,
         detail,
     } = request;
+    require_vm_kind(tx, &spec).await?;
     let admission = run::admit(&mut spec, tx).await?;
     if run::plans_at_accept(&spec) {
         run::plan_in(engine, tx, &spec, None).await?;
@@ -170,6 +193,28 @@ pub async fn accept_in(
     job.detail = detail;
     store::jobs::insert(tx, &job, &admission.locks).await?;
     Ok(job)
+}
+
+/// The request found its VM (or template) a moment ago, outside this transaction: a
+/// conversion may have turned one into the other since. A VM's job never touches a
+/// template, nor the reverse.
+async fn require_vm_kind(conn: &mut SqliteConnection, spec: &JobSpec) -> Result<()> {
+    let Some(kind) = spec.vm_kind() else {
+        return Ok(());
+    };
+    let id = spec.vm();
+    let found = store::vms::get_vm(conn, id).await?.map(|vm| vm.kind);
+    match (kind, found) {
+        (_, Some(found)) if found == kind => Ok(()),
+        (VmKind::Vm, _) => Err(Error::problem(
+            ErrorCode::VmNotFound,
+            format!("VM {id} does not exist (it is a template, or was deleted)"),
+        )),
+        (VmKind::Template, _) => Err(Error::problem(
+            ErrorCode::TemplateNotFound,
+            format!("template {id} does not exist (it is a VM, or was deleted)"),
+        )),
+    }
 }
 
 /// Whether a job of `spec` would be accepted now, and planned, without writing

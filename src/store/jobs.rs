@@ -17,12 +17,18 @@ fn json_column<T: serde::de::DeserializeOwned>(row: &SqliteRow, column: &str) ->
     .transpose()
 }
 
-/// The job's typed spec, from its `kind` and `params` columns.
+/// The job's typed spec, from its `kind` and `params` columns. Parameters that cannot
+/// be read are kept as `Unreadable` (that job fails alone when it runs) rather than
+/// failing every query that reads the row.
 fn spec_column(row: &SqliteRow) -> Result<JobSpec> {
     let kind = get_enum(row, "kind", JobKind::parse)?;
     let params: String = row.try_get("params")?;
-    JobSpec::decode(kind, &params)
-        .map_err(|e| Error::Internal(format!("bad {kind} parameters in jobs.params: {e}")))
+    let vm = get_opt_id(row, "vm_id")?.unwrap_or(get_id(row, "target_id")?);
+    let spec = JobSpec::decode_or_keep(kind, vm, &params);
+    if let JobSpec::Unreadable(unreadable) = &spec {
+        tracing::error!(job = %get_id(row, "id")?, %kind, error = %unreadable.error, "stored job parameters cannot be read");
+    }
+    Ok(spec)
 }
 
 fn from_row(row: &SqliteRow) -> Result<Job> {

@@ -322,7 +322,7 @@ async fn clone_requests_are_validated_and_change_nothing_when_refused() {
         (
             json!({"name": "c", "mode": "thin"}),
             StatusCode::BAD_REQUEST,
-            "invalid_json",
+            "validation_failed",
         ),
         (
             json!({"name": "c"}),

@@ -178,4 +178,17 @@ async fn expiry_can_be_set_changed_and_cleared_but_never_in_the_past() {
         (status, problem["code"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_json"))
     );
+    // A string that is not a time is a value breaking a rule: it names its field.
+    let (status, problem) = app
+        .patch(
+            &format!("/v1/snapshots/{snap}"),
+            json!({"expires_at": "tomorrow"}),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("validation_failed"))
+    );
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.starts_with("expires_at: "), "{detail}");
 }

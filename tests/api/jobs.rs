@@ -714,3 +714,42 @@ async fn a_cancel_accepted_while_the_last_step_runs_rolls_that_step_back() {
     check_clean(&active);
     assert_eq!(app.volume_files(), files_before);
 }
+
+/// Queue a job whose stored parameters no reader knows, behind the service's back.
+fn insert_unreadable_job(data_dir: &std::path::Path, vm: &str) -> String {
+    let id = "01a00000-0000-7000-8000-0000000000aa";
+    let script = format!(
+        "import sqlite3; c = sqlite3.connect({db:?}); \
+         c.execute(\"INSERT INTO jobs (id, kind, status, target_type, target_id, vm_id, params, created_at) \
+         VALUES ('{id}', 'disk_resize', 'queued', 'vm', '{vm}', '{vm}', '{{\\\"size\\\": \\\"big\\\"}}', '2026-01-01T00:00:00.000000Z')\"); \
+         c.execute(\"INSERT INTO job_vms (job_seq, vm_id) SELECT seq, vm_id FROM jobs WHERE id = '{id}'\"); \
+         c.commit()",
+        db = data_dir.join("strata.db").to_string_lossy(),
+    );
+    let status = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .expect("python3");
+    assert!(status.success());
+    id.to_owned()
+}
+
+#[tokio::test]
+async fn a_job_whose_stored_parameters_cannot_be_read_fails_alone() {
+    let mut app = TestApp::spawn().await;
+    let vm = id(&app.create_vm("odd", &[("root", MIB)]).await);
+    app.kill();
+    let bad = insert_unreadable_job(&app.data_dir, &vm);
+    app.restart(&[]).await;
+
+    // Listed like any job, and failed alone when it would run.
+    let job = app.wait_job_end(&json!({"id": bad})).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "internal_error", "{job}");
+    let (status, list) = app.get("/v1/jobs").await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    // Every other job goes on: on the same VM, and on another.
+    app.snapshot(&vm, "after").await;
+    let other = app.create_vm("other", &[("root", MIB)]).await;
+    assert_eq!(app.vm(&id(&other)).await["status"], "ready");
+}

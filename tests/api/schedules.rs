@@ -659,7 +659,7 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
         (
             with(json!({"vm_id": "not-a-uuid"})),
             StatusCode::BAD_REQUEST,
-            "invalid_json",
+            "validation_failed",
         ),
         (
             with(json!({"name": ""})),
@@ -684,12 +684,12 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
         (
             with(json!({"retention": {"keep_last": -1}})),
             StatusCode::BAD_REQUEST,
-            "invalid_json",
+            "validation_failed",
         ),
         (
             with(json!({"retention": {"max_age": "7 days"}})),
             StatusCode::BAD_REQUEST,
-            "invalid_json",
+            "validation_failed",
         ),
         (
             with(json!({"retention": {"keep_forever": 1}})),

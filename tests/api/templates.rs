@@ -251,7 +251,7 @@ async fn template_requests_are_validated_and_change_nothing_when_refused() {
             deploy.clone(),
             json!({"name": "x", "mode": "copy"}),
             StatusCode::BAD_REQUEST,
-            "invalid_json",
+            "validation_failed",
         ),
         (
             deploy.clone(),

@@ -15,6 +15,7 @@ mod guards;
 mod links;
 mod snapshot;
 mod template;
+mod unreadable;
 mod vm;
 
 use std::collections::HashSet;
@@ -91,6 +92,7 @@ macro_rules! dispatch {
             JobSpec::VmToTemplate($inner) => $body,
             JobSpec::TemplateToVm($inner) => $body,
             JobSpec::TemplateImport($inner) => $body,
+            JobSpec::Unreadable($inner) => $body,
         }
     };
 }
