@@ -69,10 +69,24 @@ pub struct JobView {
     pub finished_at: Option<DateTime<Utc>>,
     pub cancel_requested: bool,
     pub error: Option<JobError>,
-    /// What the planner chose once the job started: for snapshot deletions, per disk
-    /// the merge `action` (`drop`, `commit`, `stream`) and the byte estimates compared.
-    #[schema(value_type = Option<Object>)]
-    pub detail: Option<serde_json::Value>,
+    /// What the job makes and what its planner chose once it started.
+    pub detail: Option<JobDetail>,
+}
+
+/// What a job makes (known when it is accepted) and what its planner chose (once it
+/// started).
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct JobDetail {
+    /// The VMs (or templates) a clone, deploy or template copy makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_ids: Option<Vec<Uuid>>,
+    /// Per disk, how a snapshot deletion merges its layers: `drop`, `commit` or
+    /// `stream`, with the byte estimates compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merges: Option<Vec<crate::domain::plan::MergeChoice>>,
+    /// Free space the plan needs on the data file system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space_needed_bytes: Option<u64>,
 }
 
 /// A job's view with the live progress of its current step (kept in memory by the
@@ -109,7 +123,11 @@ impl From<Job> for JobView {
             finished_at: job.finished_at,
             cancel_requested: job.cancel_requested,
             error,
-            detail: job.detail,
+            // Written only by this service (`store::jobs`): a shape it cannot read is
+            // shown as no detail rather than failing the view.
+            detail: job
+                .detail
+                .and_then(|detail| serde_json::from_value(detail).ok()),
         }
     }
 }

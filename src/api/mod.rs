@@ -6,6 +6,7 @@ pub mod clones;
 mod extract;
 pub mod imports;
 pub mod jobs;
+pub mod openapi;
 pub mod problem;
 mod query_check;
 pub mod schedules;
@@ -20,7 +21,6 @@ use std::sync::atomic::AtomicBool;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use utoipa::openapi::OpenApi;
 use utoipa::{IntoParams, OpenApi as _};
 use utoipa_axum::router::OpenApiRouter;
 
@@ -75,7 +75,9 @@ pub struct ImportSettings {
         (name = "templates", description = "Templates: read-only golden images, conversion both ways, batch deploys"),
         (name = "jobs", description = "Background jobs that touch disk files"),
         (name = "system", description = "Health and the API description"),
-    )
+    ),
+    // Query parameter types utoipa names but does not collect.
+    components(schemas(snapshots::ListView, crate::domain::image::ImageFormat))
 )]
 struct ApiDoc;
 
@@ -132,92 +134,11 @@ pub fn router(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
-/// The OpenAPI document, generated from the same handler list as the router; served at
-/// /v1/openapi.json and checked in as openapi/openapi.json.
-pub fn openapi_document() -> OpenApi {
-    let (_, mut api) = api_router().split_for_parts();
-    api.info.version = env!("CARGO_PKG_VERSION").to_owned();
-    document_full_disk(&mut api);
-    document_unknown_query_parameters(&mut api);
-    api
-}
-
-/// Every operation refuses a query parameter it does not document (see
-/// `query_check`): its 400 answer says so.
-fn document_unknown_query_parameters(api: &mut OpenApi) {
-    use utoipa::openapi::RefOr;
-    const UNKNOWN: &str = "an unknown query parameter (`invalid_query`)";
-    let refused = problem_response(format!("Bad request: {UNKNOWN}"));
-    for_each_operation(api, true, |operation| {
-        match operation.responses.responses.get_mut("400") {
-            Some(RefOr::T(response)) if !response.description.contains("`invalid_query`") => {
-                response.description = format!(
-                    "{}; or {UNKNOWN}",
-                    response.description.trim_end_matches('.')
-                );
-            }
-            Some(_) => {}
-            None => {
-                operation
-                    .responses
-                    .responses
-                    .insert("400".to_owned(), refused.clone().into());
-            }
-        }
-    });
-}
-
-/// Run `change` on every documented operation: the ones that write, and with
-/// `reads_too` the GETs as well.
-fn for_each_operation(
-    api: &mut OpenApi,
-    reads_too: bool,
-    mut change: impl FnMut(&mut utoipa::openapi::path::Operation),
-) {
-    for item in api.paths.paths.values_mut() {
-        let get = if reads_too { &mut item.get } else { &mut None };
-        for operation in [
-            get,
-            &mut item.post,
-            &mut item.patch,
-            &mut item.put,
-            &mut item.delete,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            change(operation);
-        }
-    }
-}
-
-/// A documented answer whose body is a problem document.
-fn problem_response(description: String) -> utoipa::openapi::Response {
-    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
-    ResponseBuilder::new()
-        .description(description)
-        .content(
-            "application/problem+json",
-            ContentBuilder::new()
-                .schema(Some(Ref::from_schema_name("Problem")))
-                .build(),
-        )
-        .build()
-}
-
-/// Every request that writes can meet a full data file system (the database grows
-/// too), so every POST, PATCH, PUT and DELETE documents the 507 it then answers.
-fn document_full_disk(api: &mut OpenApi) {
-    let full = problem_response(
-        "The data file system is full (`insufficient_storage`); nothing was changed".into(),
-    );
-    for_each_operation(api, false, |operation| {
-        operation
-            .responses
-            .responses
-            .entry("507".to_owned())
-            .or_insert_with(|| full.clone().into());
-    });
+/// The OpenAPI document, generated from the same handler list as the router and
+/// completed by `openapi`; served at /v1/openapi.json and checked in as
+/// openapi/openapi.json.
+pub fn openapi_document() -> serde_json::Value {
+    openapi::document()
 }
 
 /// Deleting files linked clones read.

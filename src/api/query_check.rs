@@ -11,8 +11,6 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use utoipa::openapi::path::{Operation, Parameter, ParameterIn};
-use utoipa::openapi::{OpenApi, RefOr};
 
 use crate::error::{Error, ErrorCode};
 
@@ -21,13 +19,24 @@ use crate::error::{Error, ErrorCode};
 pub struct DocumentedQueries(Arc<HashMap<(Method, String), BTreeSet<String>>>);
 
 impl DocumentedQueries {
-    pub fn from_document(api: &OpenApi) -> Self {
+    pub fn from_document(api: &serde_json::Value) -> Self {
         let mut known = HashMap::new();
-        for (path, item) in &api.paths.paths {
-            let shared = query_names(item.parameters.as_ref());
-            for (method, operation) in operations(item) {
+        let paths = api["paths"].as_object().into_iter().flatten();
+        for (path, item) in paths {
+            let shared = query_names(&item["parameters"]);
+            for (key, method) in [
+                ("get", Method::GET),
+                ("post", Method::POST),
+                ("put", Method::PUT),
+                ("patch", Method::PATCH),
+                ("delete", Method::DELETE),
+            ] {
+                let operation = &item[key];
+                if !operation.is_object() {
+                    continue;
+                }
                 let mut names = shared.clone();
-                names.extend(query_names(operation.parameters.as_ref()));
+                names.extend(query_names(&operation["parameters"]));
                 known.insert((method, path.clone()), names);
             }
         }
@@ -35,27 +44,14 @@ impl DocumentedQueries {
     }
 }
 
-fn operations(item: &utoipa::openapi::PathItem) -> Vec<(Method, &Operation)> {
-    [
-        (Method::GET, &item.get),
-        (Method::POST, &item.post),
-        (Method::PUT, &item.put),
-        (Method::PATCH, &item.patch),
-        (Method::DELETE, &item.delete),
-    ]
-    .into_iter()
-    .filter_map(|(method, operation)| operation.as_ref().map(|op| (method, op)))
-    .collect()
-}
-
-fn query_names(parameters: Option<&Vec<RefOr<Parameter>>>) -> BTreeSet<String> {
+/// The names of the query parameters in a `parameters` list.
+fn query_names(parameters: &serde_json::Value) -> BTreeSet<String> {
     parameters
+        .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|parameter| match parameter {
-            RefOr::T(p) if p.parameter_in == ParameterIn::Query => Some(p.name.clone()),
-            _ => None,
-        })
+        .filter(|parameter| parameter["in"] == "query")
+        .filter_map(|parameter| parameter["name"].as_str().map(str::to_owned))
         .collect()
 }
 

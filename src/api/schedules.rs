@@ -31,7 +31,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_schedules, create_schedule))
         .routes(routes!(get_schedule, patch_schedule, delete_schedule))
-        .routes(routes!(list_runs, trigger_run))
+        .routes(routes!(list_runs))
+        .routes(routes!(trigger_run))
         .routes(routes!(get_run))
         .routes(routes!(preview))
 }

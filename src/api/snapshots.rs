@@ -44,7 +44,7 @@ pub struct SnapshotVolume {
 #[schema(example = json!({
     "id": "019a6f5e-1111-7b3e-9f2a-3c4d5e6f7a8b", "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
     "name": "before-upgrade", "description": "", "parent_id": null, "created_at": "2026-11-21T10:00:00Z",
-    "status": "ready", "is_current": true,
+    "status": "ready", "is_current": true, "expires_at": null, "hold": false, "schedule_id": null,
     "volumes": [{"disk_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "volume_id": "019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b",
         "path": "/var/lib/strata/volumes/019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b.qcow2"}]
 }))]
@@ -122,7 +122,7 @@ pub struct ListSnapshotsQuery {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"name": "before-upgrade", "description": "kernel 6.12 upgrade", "expires_at": "2026-12-01T00:00:00Z"}))]
+#[schema(example = json!({"name": "before-upgrade", "description": "kernel 6.12 upgrade", "expires_at": "2099-01-01T00:00:00Z"}))]
 pub struct CreateSnapshot {
     /// Unique among the VM's snapshots.
     pub name: String,

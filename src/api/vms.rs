@@ -89,6 +89,7 @@ pub struct DiskView {
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "web-01", "description": "front end",
+    "labels": {"tier": "web"}, "dependent_vm_ids": [],
     "state": "stopped", "status": "ready", "current_snapshot_id": null,
     "disks": [{"id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
         "name": "root", "size_bytes": 10737418240u64, "format": "qcow2", "status": "ready",
@@ -610,7 +611,7 @@ pub(crate) async fn find_vm_disk(
     responses(
         (status = 202, description = "The disk grows when the job runs", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 400, description = "Invalid size (`validation_failed`)", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "Invalid size (`validation_failed`) or body (`invalid_json`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not larger than now (`disk_shrink_refused`), VM running (`vm_running`), or not ready (`vm_not_ready`, `disk_not_ready`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),

@@ -112,7 +112,14 @@ impl NewRecords {
                 })?;
             }
             NewRecords::Snapshot(snapshot) => {
-                store::snapshots::insert(conn, snapshot)
+                // The request read the VM's current snapshot outside this transaction;
+                // a deletion may have committed since. The parent is provisional (the
+                // job sets it when it runs) but must exist now.
+                let mut snapshot = snapshot.clone();
+                snapshot.parent_id = store::vms::get_vm(conn, snapshot.vm_id)
+                    .await?
+                    .and_then(|vm| vm.current_snapshot_id);
+                store::snapshots::insert(conn, &snapshot)
                     .await
                     .map_err(|e| {
                         name_taken(e, || {
@@ -203,16 +210,20 @@ async fn require_vm_kind(conn: &mut SqliteConnection, spec: &JobSpec) -> Result<
         return Ok(());
     };
     let id = spec.vm();
-    let found = store::vms::get_vm(conn, id).await?.map(|vm| vm.kind);
-    match (kind, found) {
-        (_, Some(found)) if found == kind => Ok(()),
-        (VmKind::Vm, _) => Err(Error::problem(
+    // A record gone meanwhile is the kind's own not-found answer (`Run::admit`): a
+    // snapshot's VM deleted is `snapshot_not_found` for a snapshot's job.
+    let Some(found) = store::vms::get_vm(conn, id).await?.map(|vm| vm.kind) else {
+        return Ok(());
+    };
+    match kind {
+        _ if found == kind => Ok(()),
+        VmKind::Vm => Err(Error::problem(
             ErrorCode::VmNotFound,
-            format!("VM {id} does not exist (it is a template, or was deleted)"),
+            format!("{id} is a template now, not a VM: see /v1/templates/{id}"),
         )),
-        (VmKind::Template, _) => Err(Error::problem(
+        VmKind::Template => Err(Error::problem(
             ErrorCode::TemplateNotFound,
-            format!("template {id} does not exist (it is a VM, or was deleted)"),
+            format!("{id} is a VM now, not a template: see /v1/vms/{id}"),
         )),
     }
 }

@@ -148,6 +148,7 @@ impl TestApp {
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
+        let documented_method = method.clone();
         let mut request = self
             .client
             .request(method, format!("{}{}", self.base, path));
@@ -162,6 +163,7 @@ impl TestApp {
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
+        crate::documented::check(&documented_method, path, status, &value);
         (status, value)
     }
 
@@ -484,6 +486,7 @@ pub async fn send(
     content_type: Option<&str>,
     body: Option<Vec<u8>>,
 ) -> Reply {
+    let documented_method = method.clone();
     let mut request = app.client.request(method, format!("{}{}", app.base, path));
     if let Some(content_type) = content_type {
         request = request.header(CONTENT_TYPE, content_type);
@@ -500,6 +503,7 @@ pub async fn send(
     } else {
         serde_json::from_str(&text).unwrap_or(Value::String(text))
     };
+    crate::documented::check(&documented_method, path, status, &body);
     Reply {
         status,
         headers,

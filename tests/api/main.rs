@@ -3,6 +3,7 @@
 mod cancel_timing;
 mod clones;
 mod deploy;
+mod documented;
 mod durability;
 mod expiry;
 mod full_disk;

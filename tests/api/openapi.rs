@@ -68,3 +68,22 @@ async fn the_service_serves_the_same_document() {
     let checked_in: serde_json::Value = serde_json::from_str(CHECKED_IN).unwrap();
     assert_eq!(served, checked_in);
 }
+
+/// The checked-in document is valid OpenAPI 3.1 and every example in it validates
+/// against its own schema (scripts/check-openapi.py: openapi-spec-validator and
+/// jsonschema, which .ci/run installs).
+#[test]
+fn the_document_is_valid_openapi_and_its_examples_match_their_schemas() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let output = std::process::Command::new("python3")
+        .arg(format!("{root}/scripts/check-openapi.py"))
+        .arg(format!("{root}/openapi/openapi.json"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "scripts/check-openapi.py failed (needs `pip install openapi-spec-validator jsonschema`):\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
