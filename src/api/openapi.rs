@@ -8,6 +8,7 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::domain::validate::{MAX_DESCRIPTION_LEN, MAX_LABELS, MAX_NAME_LEN, SECTOR};
 use crate::error::ErrorCode;
 
 /// The completed document (see the module doc).
@@ -20,6 +21,7 @@ pub fn document() -> Value {
         "description": "This service: every path is absolute from its root (e.g. http://127.0.0.1:8080)."
     }]);
     doc["components"]["schemas"]["Problem"] = problem_schema();
+    add_input_constraints(&mut doc["components"]["schemas"]);
     let paths = doc["paths"].as_object_mut().expect("paths");
     for (path, item) in paths.iter_mut() {
         let item = item.as_object_mut().expect("a path item");
@@ -197,4 +199,67 @@ fn problem_schema() -> Value {
             "code": "name_taken"
         }
     })
+}
+
+/// The rules `domain::validate` and the handlers enforce on request bodies, stated in
+/// the schemas (from the same constants), so a client can check before it sends. Each
+/// is no stricter than the service.
+fn add_input_constraints(schemas: &mut Value) {
+    // Printable, not empty, no white space at either end (`.` never matches a line
+    // break, which the service refuses as a control character too).
+    let name = json!({"minLength": 1, "maxLength": MAX_NAME_LEN, "pattern": "^\\S(?:.*\\S)?$"});
+    let description = json!({"maxLength": MAX_DESCRIPTION_LEN});
+    let size = json!({"minimum": SECTOR, "multipleOf": SECTOR});
+    let labels = json!({
+        "maxProperties": MAX_LABELS,
+        "propertyNames": {"type": "string", "pattern": "^[A-Za-z0-9._/-]{1,63}$"},
+        "additionalProperties": {"type": "string", "pattern": "^[A-Za-z0-9._-]{0,63}$"}
+    });
+    let at_least_one = json!({"minimum": 1});
+    let rules: &[(&str, &str, &Value)] = &[
+        ("CreateVm", "name", &name),
+        ("CreateVm", "description", &description),
+        ("CreateVm", "labels", &labels),
+        ("PatchVm", "name", &name),
+        ("PatchVm", "description", &description),
+        ("PatchVm", "labels", &labels),
+        ("NewDisk", "name", &name),
+        ("NewDisk", "size_bytes", &size),
+        ("ResizeDisk", "size_bytes", &size),
+        ("CreateSnapshot", "name", &name),
+        ("CreateSnapshot", "description", &description),
+        ("PatchSnapshot", "name", &name),
+        ("PatchSnapshot", "description", &description),
+        ("CloneVm", "name", &name),
+        ("CloneVm", "description", &description),
+        ("CreateTemplate", "name", &name),
+        ("CreateTemplate", "description", &description),
+        ("Deploy", "name", &name),
+        ("Deploy", "description", &description),
+        ("CreateSchedule", "name", &name),
+        ("PatchSchedule", "name", &name),
+        ("RetentionPolicy", "keep_last", &at_least_one),
+        ("RetentionPolicy", "keep_hourly", &at_least_one),
+        ("RetentionPolicy", "keep_daily", &at_least_one),
+        ("RetentionPolicy", "keep_weekly", &at_least_one),
+        ("RetentionPolicy", "keep_monthly", &at_least_one),
+        ("RetentionPolicy", "keep_yearly", &at_least_one),
+    ];
+    for (schema, property, rule) in rules {
+        let target = schemas
+            .pointer_mut(&format!("/{schema}/properties/{property}"))
+            .and_then(Value::as_object_mut)
+            .unwrap_or_else(|| panic!("schema {schema} has no property {property}"));
+        for (key, value) in rule.as_object().expect("a rule") {
+            target.insert(key.clone(), value.clone());
+        }
+    }
+    let count = schemas
+        .pointer_mut("/Deploy/properties/count")
+        .expect("Deploy.count");
+    count["minimum"] = json!(1);
+    count["maximum"] = json!(super::templates::MAX_DEPLOY);
+    // Exactly one of the two ways to aim a schedule.
+    schemas["CreateSchedule"]["oneOf"] =
+        json!([{"required": ["vm_id"]}, {"required": ["selector"]}]);
 }
