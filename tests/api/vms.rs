@@ -1225,3 +1225,44 @@ async fn unknown_query_parameters_are_refused_with_the_parameter_named() {
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     assert_eq!(world(&app).await, before);
 }
+
+#[tokio::test]
+async fn a_disk_can_be_added_to_a_running_vm_but_not_removed_or_grown() {
+    let app = TestApp::spawn().await;
+    let vm = id(&app.create_vm("hot", &[("root", MIB)]).await);
+    write(&app.active_path(&vm, "root").await, 0x44, 0, 1);
+    app.patch(&format!("/v1/vms/{vm}"), json!({"state": "running"}))
+        .await;
+    // A new empty file the hypervisor does not use yet: hot-adding it is safe.
+    let job = app
+        .expect_job(
+            app.post(
+                &format!("/v1/vms/{vm}/disks"),
+                json!({"name": "scratch", "size_bytes": MIB}),
+            )
+            .await,
+        )
+        .await;
+    assert_eq!(job["kind"], "disk_create");
+    let scratch = app.active_path(&vm, "scratch").await;
+    expect(&scratch, 0, 0, 1);
+    check_clean(&scratch);
+    // Removing or growing one changes a file the guest may have open.
+    let disk = job["target"]["id"].as_str().unwrap();
+    let (status, problem) = app.delete(&format!("/v1/vms/{vm}/disks/{disk}")).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("vm_running"))
+    );
+    let (status, problem) = app
+        .post(
+            &format!("/v1/vms/{vm}/disks/{disk}/resize"),
+            json!({"size_bytes": 2 * MIB}),
+        )
+        .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("vm_running"))
+    );
+    expect(&app.active_path(&vm, "root").await, 0x44, 0, 1);
+}
