@@ -934,3 +934,40 @@ async fn a_clone_queued_behind_a_new_disk_of_its_source_gets_that_disk() {
         expect_all(&app.active_path(clone, "data").await, &[(0, 0, 32)]);
     }
 }
+
+#[tokio::test]
+async fn a_collapse_behind_a_linked_clone_of_the_present_is_refused_at_once() {
+    // The clone job is held after planning: it has not frozen the present yet.
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=3000")]).await;
+    app.wait_ready().await;
+    let source = id(&app.create_vm("source", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x35, 0, 2);
+    let (status, job) = app
+        .post(
+            &format!("/v1/vms/{source}/clone"),
+            json!({"name": "present", "mode": "linked"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let clone = job["target"]["id"].as_str().unwrap().to_owned();
+
+    // Once the clone runs, the present it froze is a layer it reads: collapsing the
+    // source's (empty) snapshot tree would rewrite it. Refused now, naming the clone,
+    // not accepted and failed when it runs (stress seed 2).
+    let (status, body) = app.delete(&format!("/v1/vms/{source}/snapshots")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["code"], "has_dependents", "{body}");
+    assert_eq!(body["dependent_vms"][0]["id"], clone.as_str(), "{body}");
+
+    let job = app.wait_job_end(&job).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    expect(&app.active_path(&clone, "root").await, 0x35, 0, 2);
+    expect(&app.active_path(&source, "root").await, 0x35, 0, 2);
+    // And once it exists, the same request is refused for the same reason.
+    let (status, body) = app.delete(&format!("/v1/vms/{source}/snapshots")).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::CONFLICT, Some("has_dependents")),
+        "{body}"
+    );
+}

@@ -23,8 +23,8 @@ use std::collections::HashSet;
 use sqlx::SqliteConnection;
 
 use super::Engine;
-use crate::domain::plan::{CloneMode, DiskGraph, MetaOp, Plan};
-use crate::domain::{JobSpec, Uuid, Vm};
+use crate::domain::plan::{CloneMode, DiskGraph, MetaOp, Owner, Plan, VolumeNode};
+use crate::domain::{JobSpec, Uuid, Vm, VmKind, VolumeStatus, new_id};
 use crate::error::{Error, ErrorCode, Result};
 use crate::files;
 use crate::store;
@@ -143,7 +143,7 @@ pub(super) async fn plan_in(
     let mut graphs = store::vms::disk_graphs(conn, vm_id).await?;
     files::measure(engine.volumes_dir(), &mut graphs);
     let pending_clones =
-        count_pending_linked_clones(conn, vm_id, &mut graphs, accepted_before).await?;
+        count_pending_linked_clones(conn, &vm, &mut graphs, accepted_before).await?;
     let mut cx = Planning {
         engine,
         conn,
@@ -165,23 +165,28 @@ pub(super) async fn plan_in(
 /// Add, as readers of the layers they will sit on, the VMs of linked clones and
 /// deploys from this VM that were accepted (before `accepted_before`, if given) but
 /// have not run yet: a request that would rewrite or remove those layers is refused
-/// now (`has_dependents`), not accepted and failed once the clone exists. Returns
-/// those VMs.
+/// now (`has_dependents`), not accepted and failed once the clone exists. A pending
+/// linked clone of a VM's *present* state will freeze each disk's writable layer under
+/// a new one when it runs: that freeze is made on the graphs too, so a collapse or a
+/// revert planned now sees the frozen layer its clone reads. (Only a plan made at
+/// accept meets pending clones: when a job runs, every older job of its VM has.)
+/// Returns those VMs.
 async fn count_pending_linked_clones(
     conn: &mut SqliteConnection,
-    vm_id: Uuid,
+    vm: &Vm,
     graphs: &mut [DiskGraph],
     accepted_before: Option<i64>,
 ) -> Result<HashSet<Uuid>> {
     let mut pending = HashSet::new();
-    for job in store::jobs::pending_for_vm(conn, vm_id).await? {
+    for job in store::jobs::pending_for_vm(conn, vm.id).await? {
         let (JobSpec::VmClone(clone) | JobSpec::TemplateDeploy(clone)) = &job.spec else {
             continue;
         };
         let earlier = accepted_before.is_none_or(|seq| job.seq < seq);
-        if clone.source != vm_id || !earlier || clone.mode != CloneMode::Linked {
+        if clone.source != vm.id || !earlier || clone.mode != CloneMode::Linked {
             continue;
         }
+        let freezes_present = clone.snapshot_id.is_none() && vm.kind == VmKind::Vm;
         for target in &clone.vms {
             for (_, source_disk) in &target.disks {
                 let Some(graph) = graphs.iter_mut().find(|g| g.disk_id == *source_disk) else {
@@ -189,6 +194,7 @@ async fn count_pending_linked_clones(
                 };
                 let start = match clone.snapshot_id {
                     Some(snapshot) => graph.frozen_by(snapshot).map(|v| v.id),
+                    None if freezes_present => freeze_present(graph),
                     None => graph.active().map(|v| v.id),
                 };
                 if let Some(volume) =
@@ -202,6 +208,29 @@ async fn count_pending_linked_clones(
         }
     }
     Ok(pending)
+}
+
+/// What a linked clone of the present does to a disk's graph when it runs: the
+/// writable layer becomes a shared layer under a new, empty writable one. Returns the
+/// frozen layer (the clone's base).
+fn freeze_present(graph: &mut DiskGraph) -> Option<Uuid> {
+    let active = graph
+        .volumes
+        .iter_mut()
+        .find(|v| v.owner == Owner::Active)?;
+    active.owner = Owner::Shared;
+    let fresh = VolumeNode {
+        id: new_id(),
+        parent: Some(active.id),
+        size_bytes: active.size_bytes,
+        allocated_bytes: 0,
+        owner: Owner::Active,
+        status: VolumeStatus::Ready,
+        dependents: Vec::new(),
+    };
+    let frozen = active.id;
+    graph.volumes.push(fresh);
+    Some(frozen)
 }
 
 /// Refuse before any file changes when the plan would not fit: a copy must also leave
