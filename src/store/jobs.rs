@@ -26,7 +26,7 @@ fn spec_column(row: &SqliteRow) -> Result<JobSpec> {
     let vm = get_opt_id(row, "vm_id")?.unwrap_or(get_id(row, "target_id")?);
     let spec = JobSpec::decode_or_keep(kind, vm, &params);
     if let JobSpec::Unreadable(unreadable) = &spec {
-        tracing::error!(job = %get_id(row, "id")?, %kind, error = %unreadable.error, "stored job parameters cannot be read");
+        tracing::warn!(job = %get_id(row, "id")?, %kind, error = %unreadable.error, "stored job parameters cannot be read");
     }
     Ok(spec)
 }
