@@ -59,8 +59,8 @@ impl NewSnapshot {
             vm_id: vm.id,
             name: self.name,
             description: self.description,
-            // Provisional: the job sets it to the VM's current snapshot when it runs.
-            parent_id: vm.current_snapshot_id,
+            // Read when the record is inserted, inside the accept transaction.
+            parent_id: None,
             status: ResourceStatus::Creating,
             created_at: store::now(),
             expires_at: self.expires_at,
@@ -112,9 +112,9 @@ impl NewRecords {
                 })?;
             }
             NewRecords::Snapshot(snapshot) => {
-                // The request read the VM's current snapshot outside this transaction;
-                // a deletion may have committed since. The parent is provisional (the
-                // job sets it when it runs) but must exist now.
+                // The VM's current snapshot now (a deletion may have committed since
+                // the request read the VM): provisional, the job sets the parent again
+                // when it runs, but it must exist.
                 let mut snapshot = snapshot.clone();
                 snapshot.parent_id = store::vms::get_vm(conn, snapshot.vm_id)
                     .await?
