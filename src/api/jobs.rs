@@ -13,6 +13,7 @@ use utoipa_axum::routes;
 use super::extract::{Query, parse_id};
 use super::problem::Problem;
 use super::{AppState, PageQuery, accepted, page};
+use crate::domain::plan::MergeAction;
 use crate::domain::{Job, JobKind, JobStatus, TargetType, Uuid};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
@@ -83,10 +84,24 @@ pub struct JobDetail {
     /// Per disk, how a snapshot deletion merges its layers: `drop`, `commit` or
     /// `stream`, with the byte estimates compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub merges: Option<Vec<crate::domain::plan::MergeChoice>>,
+    pub merges: Option<Vec<MergeChoice>>,
     /// Free space the plan needs on the data file system.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space_needed_bytes: Option<u64>,
+}
+
+/// The planner's choice for one disk, with the estimates it compared.
+// Read from the job's stored detail, where the engine writes `domain::plan::MergeChoice`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MergeChoice {
+    pub disk_id: Uuid,
+    pub action: MergeAction,
+    /// Upper bound of bytes copied by committing the upper side down.
+    pub commit_bytes: u64,
+    /// Upper bound of bytes copied by streaming the lower side up (all children).
+    pub stream_bytes: u64,
+    /// What the chosen action copies (0 for a drop).
+    pub bytes_to_copy: u64,
 }
 
 /// A job's view with the live progress of its current step (kept in memory by the
@@ -261,4 +276,25 @@ async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Re
     let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;
     let job = state.engine.cancel(id).await?;
     Ok(accepted(job.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::plan;
+
+    /// The view reads what the engine stores, field for field.
+    #[test]
+    fn merge_choice_reads_the_stored_choice_unchanged() {
+        let stored = plan::MergeChoice {
+            disk_id: crate::domain::new_id(),
+            action: MergeAction::Stream,
+            commit_bytes: 3 << 20,
+            stream_bytes: 1 << 20,
+            bytes_to_copy: 1 << 20,
+        };
+        let json = serde_json::to_value(&stored).unwrap();
+        let view: MergeChoice = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(serde_json::to_value(view).unwrap(), json);
+    }
 }

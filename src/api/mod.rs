@@ -10,6 +10,7 @@ pub mod openapi;
 pub mod problem;
 mod query_check;
 pub mod schedules;
+mod schemas;
 pub mod snapshots;
 pub mod system;
 pub mod templates;

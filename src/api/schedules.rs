@@ -16,10 +16,10 @@ use super::problem::Problem;
 use super::{AppState, PageQuery, located, page};
 use crate::domain::JobSpec;
 use crate::domain::job_spec::SnapshotDelete;
-use crate::domain::retention::{Decision, KeepReason, PruneReason, RetentionPolicy};
+use crate::domain::retention::{self, Decision, KeepReason, MaxAge, PruneReason};
 use crate::domain::schedule::{self, CronSpec};
 use crate::domain::{
-    PruneReport, RunStatus, RunTarget, RunTrigger, Schedule, ScheduleRun, ScheduleTarget, Uuid,
+    self, RunStatus, RunTrigger, Schedule, ScheduleRun, ScheduleTarget, TargetOutcome, Uuid,
     new_id, validate,
 };
 use crate::error::{Error, ErrorCode, Result};
@@ -221,6 +221,167 @@ pub struct Held {
     pub reason: String,
 }
 
+/// Which snapshots of a schedule to keep. Every field is optional and they combine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionPolicy {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    /// Keep every snapshot younger than this: a number with a unit, `s`, `m`, `h`, `d`
+    /// or `w`, or several of them (`7d`, `36h`, `1d12h`).
+    #[schema(value_type = Option<String>, example = "7d")]
+    pub max_age: Option<MaxAge>,
+}
+
+impl From<retention::RetentionPolicy> for RetentionPolicy {
+    fn from(policy: retention::RetentionPolicy) -> Self {
+        let retention::RetentionPolicy {
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            max_age,
+        } = policy;
+        Self {
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            max_age,
+        }
+    }
+}
+
+impl From<RetentionPolicy> for retention::RetentionPolicy {
+    fn from(policy: RetentionPolicy) -> Self {
+        let RetentionPolicy {
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            max_age,
+        } = policy;
+        Self {
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            max_age,
+        }
+    }
+}
+
+/// One VM of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunTarget {
+    pub vm_id: Uuid,
+    pub vm_name: String,
+    pub outcome: TargetOutcome,
+    /// The snapshot the run took, absent when skipped.
+    pub snapshot_id: Option<Uuid>,
+    pub job_id: Option<Uuid>,
+    /// Why the VM was skipped or its job failed: an error code such as `vm_running`.
+    pub code: Option<String>,
+    pub reason: Option<String>,
+}
+
+impl From<domain::RunTarget> for RunTarget {
+    fn from(target: domain::RunTarget) -> Self {
+        let domain::RunTarget {
+            vm_id,
+            vm_name,
+            outcome,
+            snapshot_id,
+            job_id,
+            code,
+            reason,
+        } = target;
+        Self {
+            vm_id,
+            vm_name,
+            outcome,
+            snapshot_id,
+            job_id,
+            code,
+            reason,
+        }
+    }
+}
+
+/// What a pruning pass (after a run, or the periodic sweep) did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PruneReport {
+    /// Deletions queued, oldest snapshot first.
+    pub pruned: Vec<PruneEntry>,
+    /// Snapshots the policy prunes that cannot be deleted now (a running VM, a linked
+    /// clone depending on them, short of space...): `code` and `reason` say why. They
+    /// are tried again by every later pass.
+    pub held: Vec<PruneEntry>,
+    /// Snapshots left for a later pass so that merges do not all start at once.
+    pub deferred: Vec<PruneEntry>,
+}
+
+impl From<domain::PruneReport> for PruneReport {
+    fn from(report: domain::PruneReport) -> Self {
+        let entries = |list: Vec<domain::PruneEntry>| list.into_iter().map(Into::into).collect();
+        Self {
+            pruned: entries(report.pruned),
+            held: entries(report.held),
+            deferred: entries(report.deferred),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PruneEntry {
+    pub snapshot_id: Uuid,
+    pub snapshot_name: String,
+    pub vm_id: Uuid,
+    /// Why the policy prunes it.
+    pub why_pruned: PruneReason,
+    /// The deletion job, for queued deletions.
+    pub job_id: Option<Uuid>,
+    /// For held and deferred snapshots: an error code (`vm_running`, `snapshot_in_use`,
+    /// `insufficient_storage`...) or `spread` / `vm_busy`.
+    pub code: Option<String>,
+    pub reason: Option<String>,
+}
+
+impl From<domain::PruneEntry> for PruneEntry {
+    fn from(entry: domain::PruneEntry) -> Self {
+        let domain::PruneEntry {
+            snapshot_id,
+            snapshot_name,
+            vm_id,
+            why_pruned,
+            job_id,
+            code,
+            reason,
+        } = entry;
+        Self {
+            snapshot_id,
+            snapshot_name,
+            vm_id,
+            why_pruned,
+            job_id,
+            code,
+            reason,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ScheduleFilter {
@@ -242,7 +403,7 @@ fn view(schedule: Schedule, last: Option<ScheduleRun>) -> ScheduleView {
         timezone: schedule.timezone,
         enabled: schedule.enabled,
         name_template: schedule.name_template,
-        retention: schedule.retention,
+        retention: schedule.retention.into(),
         next_run_at: schedule.next_run_at,
         last_run: last.map(|run| LastRun {
             id: run.id,
@@ -266,8 +427,8 @@ fn run_view(run: ScheduleRun) -> RunView {
         status: run.status,
         reason: run.reason,
         job_ids: run.detail.targets.iter().filter_map(|t| t.job_id).collect(),
-        targets: run.detail.targets,
-        retention: run.detail.retention,
+        targets: run.detail.targets.into_iter().map(Into::into).collect(),
+        retention: run.detail.retention.map(Into::into),
     }
 }
 
@@ -363,7 +524,7 @@ async fn create_schedule(
         name_template: body
             .name_template
             .unwrap_or_else(|| schedule::DEFAULT_NAME_TEMPLATE.into()),
-        retention: body.retention,
+        retention: body.retention.into(),
         next_run_at: None,
         created_at: now,
         updated_at: now,
@@ -462,7 +623,7 @@ async fn patch_schedule(
         schedule.name_template = template;
     }
     if let Some(retention) = body.retention {
-        schedule.retention = retention;
+        schedule.retention = retention.into();
     }
     let next_run_at = schedule.next_run_at;
     validate_schedule(&mut schedule)?;

@@ -8,25 +8,10 @@
 //!
 //! Formats follow qemu's docs/interop/qcow2.txt (versions 2 and 3).
 
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
-
-/// Formats accepted for import.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageFormat {
-    Qcow2,
-    Raw,
-}
-
-impl ImageFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Raw => "raw",
-        }
-    }
-}
+string_enum!(
+    /// Formats accepted for import.
+    ImageFormat { Qcow2 => "qcow2", Raw => "raw" }
+);
 
 /// Bytes of the header `inspect` wants (the header and its extensions fit in the first
 /// cluster; 64 KiB covers the default cluster size).

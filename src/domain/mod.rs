@@ -1,30 +1,32 @@
 //! Pure domain types and rules: resource states, validation and the chain planner.
 //! Nothing here knows about HTTP, SQL or processes, so every rule is unit-testable.
 
-pub mod image;
-pub mod job_spec;
-pub mod plan;
-pub mod retention;
-pub mod schedule;
-pub mod validate;
-
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
-
-pub use job_spec::JobSpec;
-pub use uuid::Uuid;
-
-/// Sort-friendly unique id (UUIDv7) for every resource and job.
-pub fn new_id() -> Uuid {
-    Uuid::now_v7()
+/// A closed set of values stored and sent as snake_case strings. The trait lets the
+/// API describe every such set from one place without the domain knowing the API's
+/// schema framework.
+pub trait StringEnum: Copy + 'static {
+    /// Every value, in declaration order.
+    const ALL: &'static [Self];
+    /// The type's doc comment.
+    const DOC: &'static str;
+    /// Each value's doc comment ("" when it has none), in the order of `ALL`.
+    const VALUE_DOCS: &'static [&'static str];
+    fn as_str(self) -> &'static str;
 }
 
+/// Declares a [`StringEnum`]: the serde names are the given strings, so `as_str`,
+/// `parse`, the stored text and the JSON always agree. `derives(...)` adds derives.
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
-        #[serde(rename_all = "snake_case")]
-        pub enum $name { $($variant),+ }
+    (
+        $(#[doc = $doc:literal])*
+        $name:ident $(derives($($derive:ident),+))? {
+            $($(#[doc = $value_doc:literal])* $variant:ident => $text:literal),+ $(,)?
+        }
+    ) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        $(#[derive($($derive),+)])?
+        pub enum $name { $($(#[doc = $value_doc])* #[serde(rename = $text)] $variant),+ }
 
         impl $name {
             pub fn as_str(self) -> &'static str {
@@ -35,12 +37,38 @@ macro_rules! string_enum {
             }
         }
 
+        impl $crate::domain::StringEnum for $name {
+            const ALL: &'static [Self] = &[$(Self::$variant),+];
+            const DOC: &'static str = concat!($($doc, "\n"),*);
+            const VALUE_DOCS: &'static [&'static str] = &[$(concat!($($value_doc, "\n"),*)),+];
+            fn as_str(self) -> &'static str {
+                self.as_str()
+            }
+        }
+
         impl std::fmt::Display for $name {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
     };
+}
+
+pub mod image;
+pub mod job_spec;
+pub mod plan;
+pub mod retention;
+pub mod schedule;
+pub mod validate;
+
+use serde::{Deserialize, Serialize};
+
+pub use job_spec::JobSpec;
+pub use uuid::Uuid;
+
+/// Sort-friendly unique id (UUIDv7) for every resource and job.
+pub fn new_id() -> Uuid {
+    Uuid::now_v7()
 }
 
 string_enum!(
@@ -278,7 +306,7 @@ pub struct ScheduleRun {
 }
 
 /// What a run did, per VM, and what retention decided afterwards.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunDetail {
     pub targets: Vec<RunTarget>,
     /// Filled in when the run's snapshots are done and its retention pass has run.
@@ -286,7 +314,7 @@ pub struct RunDetail {
 }
 
 /// One VM of a run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunTarget {
     pub vm_id: Uuid,
     pub vm_name: String,
@@ -300,7 +328,7 @@ pub struct RunTarget {
 }
 
 /// What a pruning pass (after a run, or the periodic sweep) did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PruneReport {
     /// Deletions queued, oldest snapshot first.
     pub pruned: Vec<PruneEntry>,
@@ -312,7 +340,7 @@ pub struct PruneReport {
     pub deferred: Vec<PruneEntry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PruneEntry {
     pub snapshot_id: Uuid,
     pub snapshot_name: String,

@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use super::image::ImageFormat;
 use super::{ResourceStatus, Uuid, VmKind, VolumeStatus, new_id};
@@ -321,22 +320,22 @@ pub struct Step {
     pub then: Vec<MetaOp>,
 }
 
-/// How one disk's layers are merged when a snapshot goes away (shown in the job).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum MergeAction {
-    /// Nothing reads the layer any more: its file is removed, nothing is copied.
-    Drop,
-    /// The child's clusters were committed down into the snapshot's layer.
-    Commit,
-    /// The snapshot's clusters were streamed up into the child (safe rebase).
-    Stream,
-    /// The snapshot did not cover this disk, or there was nothing to merge.
-    None,
-}
+string_enum!(
+    /// How one disk's layers are merged when a snapshot goes away (shown in the job).
+    MergeAction {
+        /// Nothing reads the layer any more: its file is removed, nothing is copied.
+        Drop => "drop",
+        /// The child's clusters were committed down into the snapshot's layer.
+        Commit => "commit",
+        /// The snapshot's clusters were streamed up into the child (safe rebase).
+        Stream => "stream",
+        /// The snapshot did not cover this disk, or there was nothing to merge.
+        None => "none",
+    }
+);
 
 /// The planner's choice for one disk, with the estimates it compared.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergeChoice {
     pub disk_id: Uuid,
     pub action: MergeAction,
@@ -908,15 +907,15 @@ fn commit_child_into(plan: &mut Plan, disk: &DiskGraph, frozen: &VolumeNode, chi
     plan.space_needed += child.allocated_bytes;
 }
 
-/// How a clone's disks relate to their source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum CloneMode {
-    /// A new overlay on the source's layer: instant, but the source layer must stay.
-    Linked,
-    /// A standalone copy of what the source shows: independent of the source.
-    Full,
-}
+string_enum!(
+    /// How a clone's disks relate to their source.
+    CloneMode {
+        /// A new overlay on the source's layer: instant, but the source layer must stay.
+        Linked => "linked",
+        /// A standalone copy of what the source shows: independent of the source.
+        Full => "full",
+    }
+);
 
 /// One disk a clone makes.
 #[derive(Debug, Clone, PartialEq, Eq)]

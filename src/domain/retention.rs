@@ -19,12 +19,11 @@ use std::collections::BTreeSet;
 
 use chrono::{DateTime, Datelike, TimeZone, Timelike, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use super::Uuid;
 
 /// Which snapshots of a schedule to keep. Every field is optional and they combine.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetentionPolicy {
     pub keep_last: Option<u32>,
@@ -35,7 +34,6 @@ pub struct RetentionPolicy {
     pub keep_yearly: Option<u32>,
     /// Keep every snapshot younger than this: a number with a unit, `s`, `m`, `h`, `d`
     /// or `w`, or several of them (`7d`, `36h`, `1d12h`).
-    #[schema(value_type = Option<String>, example = "7d")]
     pub max_age: Option<MaxAge>,
 }
 
@@ -132,30 +130,30 @@ pub struct Candidate {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
-/// Why a snapshot stays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum KeepReason {
-    Hold,
-    Last,
-    Hourly,
-    Daily,
-    Weekly,
-    Monthly,
-    Yearly,
-    MaxAge,
-    /// The policy has no rule, or the snapshot is not the schedule's own.
-    NotCovered,
-}
+string_enum!(
+    /// Why a snapshot stays.
+    KeepReason derives(PartialOrd, Ord) {
+        Hold => "hold",
+        Last => "last",
+        Hourly => "hourly",
+        Daily => "daily",
+        Weekly => "weekly",
+        Monthly => "monthly",
+        Yearly => "yearly",
+        MaxAge => "max_age",
+        /// The policy has no rule, or the snapshot is not the schedule's own.
+        NotCovered => "not_covered",
+    }
+);
 
-/// Why a snapshot goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PruneReason {
-    Expired,
-    /// No rule of the policy keeps it.
-    OutsidePolicy,
-}
+string_enum!(
+    /// Why a snapshot goes.
+    PruneReason {
+        Expired => "expired",
+        /// No rule of the policy keeps it.
+        OutsidePolicy => "outside_policy",
+    }
+);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
