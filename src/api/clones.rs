@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::Json;
-use super::problem::Problem;
+use super::problem::problems;
 use super::vms::{find_vm, find_vm_disk};
 use super::{AppState, accept_job};
 use crate::domain::plan::CloneMode;
@@ -40,6 +40,8 @@ pub struct CloneVm {
     pub snapshot_id: Option<Uuid>,
 }
 
+problems!(CloneVmProblems = JSON_BODY, NAMED, VM, SNAPSHOT, CHAIN_JOB; VmHasNoDisks, SnapshotNotReady);
+
 /// Clone a VM. The new VM exists at once with status `creating` and becomes `ready`
 /// when the job ends. A linked clone of the present state first freezes each disk's
 /// writable layer under a new one (no snapshot record: the source's tree is unchanged)
@@ -51,12 +53,7 @@ pub struct CloneVm {
     responses(
         (status = 202, description = "The `vm_clone` job; `target.id` (and `detail.vm_ids`) is the new VM", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 400, description = "Invalid name or mode (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such VM or snapshot (`vm_not_found`, `snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name used (`name_taken`); present state of a running VM (`vm_running`); source not ready (`vm_not_ready`), without disks (`vm_has_no_disks`); snapshot not ready (`snapshot_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "Not enough free space for a full copy (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        CloneVmProblems,
     ))]
 async fn clone_vm(
     State(state): State<AppState>,
@@ -190,6 +187,8 @@ async fn clone_starts(
         .collect())
 }
 
+problems!(FlattenDiskProblems = DISK, CHAIN_JOB, READ_BY_CLONES; DiskNotLinked, DiskNotReady);
+
 /// Make a linked disk standalone: copy in what its source's layers show, then cut the
 /// link (`qemu-img rebase -b ''` on the disk's lowest layer). The guest sees the same
 /// bytes throughout; the VM must be stopped. Afterwards the source's layers no longer
@@ -199,9 +198,7 @@ async fn clone_starts(
     responses(
         (status = 202, description = "The `disk_flatten` job", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The disk is not linked (`disk_not_linked`), the VM runs (`vm_running`) or is not ready (`vm_not_ready`), the disk is not ready (`disk_not_ready`), or linked clones of this VM read the layer flattening rewrites (`has_dependents`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "Not enough free space for the copy (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        FlattenDiskProblems,
     ))]
 async fn flatten_disk(
     State(state): State<AppState>,

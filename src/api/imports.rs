@@ -23,7 +23,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::Query;
-use super::problem::Problem;
+use super::problem::problems;
 use super::{AppState, accepted};
 use crate::domain::image::ImageFormat;
 use crate::domain::{Disk, JobSpec, ResourceStatus, Vm, VmKind, job_spec, new_id, validate};
@@ -67,6 +67,8 @@ impl Drop for Staged {
     }
 }
 
+problems!(ImportTemplateProblems = NAMED; ValidationFailed, ImportPathRefused, RequestTimeout, PayloadTooLarge, ImageFormatMismatch, ImageHasBackingFile, ImageHasDataFile, ImageEncrypted, ImageTooLarge, ImageTruncated, ImageCorrupt, ImageInvalid, ImportsBusy);
+
 /// Import an image as a new template. Send the file as the body
 /// (`curl -X POST -T disk.qcow2 -H 'Content-Type: application/octet-stream'
 /// "$API/v1/templates/import?name=debian&format=qcow2"`: `-T` streams the file, and
@@ -80,14 +82,7 @@ impl Drop for Staged {
     responses(
         (status = 202, description = "The `template_import` job; `target.id` is the template", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 400, description = "Bad name, format or path (`validation_failed`, `invalid_query`, `import_path_refused`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
-        (status = 408, description = "The upload stalled: nothing arrived for `--request-timeout-secs` (`request_timeout`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The file is larger than `--import-max-bytes` (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The file is refused: its content is not the declared format (`image_format_mismatch`), it names a backing file (`image_has_backing_file`) or an external data file (`image_has_data_file`), is encrypted (`image_encrypted`), is larger than `--max-disk-size` (`image_too_large`), is cut short (`image_truncated`), corrupt (`image_corrupt`) or otherwise unreadable (`image_invalid`)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Every import slot (`--import-slots`) is busy inspecting or converting other images (`imports_busy`); try again after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u32, description = "Seconds to wait before trying again"))),
-        (status = 507, description = "Not enough free space (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        ImportTemplateProblems,
     ))]
 async fn import_template(
     State(state): State<AppState>,

@@ -11,7 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::{Query, parse_id};
-use super::problem::Problem;
+use super::problem::problems;
 use super::{AppState, PageQuery, accepted, page};
 use crate::domain::plan::MergeAction;
 use crate::domain::{Job, JobKind, JobStatus, TargetType, Uuid};
@@ -165,12 +165,14 @@ pub struct JobFilterQuery {
     pub kind: Option<JobKind>,
 }
 
+problems!(ListJobsProblems = PAGED);
+
 /// List jobs, newest first.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
     params(JobFilterQuery, PageQuery),
     responses(
         (status = 200, description = "A page of jobs", body = JobList),
-        (status = 400, description = "Bad filter, limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+        ListJobsProblems,
     ))]
 async fn list_jobs(
     State(state): State<AppState>,
@@ -213,13 +215,14 @@ pub struct WaitQuery {
     pub wait: Option<u64>,
 }
 
+problems!(GetJobProblems = JOB);
+
 /// Get a job, optionally waiting for it to end.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = Uuid, Path, description = "Job id"), WaitQuery),
     responses(
         (status = 200, description = "The job (ended, or as it stands when the wait ran out)", body = JobView),
-        (status = 400, description = "`wait` out of range (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such job (`job_not_found`)", body = Problem, content_type = "application/problem+json"),
+        GetJobProblems,
     ))]
 async fn get_job(
     State(state): State<AppState>,
@@ -261,6 +264,8 @@ async fn load(state: &AppState, id: Uuid) -> Result<Job> {
         .ok_or_else(|| Error::problem(ErrorCode::JobNotFound, format!("job {id} does not exist")))
 }
 
+problems!(CancelJobProblems = JOB; JobNotCancellable);
+
 /// Cancel a job. A queued job is cancelled at once; a running one stops at its next
 /// safe point and rolls back, which is possible until it starts rewriting a file's own
 /// content (a commit): after that it is refused.
@@ -269,8 +274,7 @@ async fn load(state: &AppState, id: Uuid) -> Result<Job> {
     responses(
         (status = 202, description = "Cancelled (queued job) or cancel requested (running job)", body = JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such job (`job_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The job has ended or passed its point of no return (`job_not_cancellable`)", body = Problem, content_type = "application/problem+json"),
+        CancelJobProblems,
     ))]
 async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;

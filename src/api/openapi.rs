@@ -8,6 +8,7 @@
 
 use serde_json::{Map, Value, json};
 
+use super::problem::{PROBLEM_JSON, code_line, status_heading};
 use crate::domain::validate::{MAX_DESCRIPTION_LEN, MAX_LABELS, MAX_NAME_LEN, SECTOR};
 use crate::error::ErrorCode;
 
@@ -39,27 +40,18 @@ fn complete_operation(path: &str, writes: bool, operation: &mut Value) {
     let responses = operation["responses"]
         .as_object_mut()
         .expect("every operation has responses");
-    add_unknown_query_parameter(responses);
+    // Every operation refuses a query parameter it does not document (`query_check`).
+    add_problem(responses, ErrorCode::InvalidQuery);
     if writes {
         // The database grows with every write: a full data file system refuses any.
-        responses.entry("507").or_insert_with(|| {
-            problem_answer(
-                "The data file system is full (`insufficient_storage`); nothing was changed",
-            )
-        });
+        add_problem(responses, ErrorCode::InsufficientStorage);
     }
     if !streams_its_body {
-        responses.entry("408").or_insert_with(|| {
-            problem_answer(
-                "The request took longer than `--request-timeout-secs` (`request_timeout`)",
-            )
-        });
+        // An upload declares its own: it may take long, but not stall.
+        add_problem(responses, ErrorCode::RequestTimeout);
     }
-    responses.entry("500").or_insert_with(|| {
-        problem_answer(
-            "An unexpected failure on the service's side (`internal_error`; `qemu_failed` when a qemu-img the request ran failed); the detail says what failed",
-        )
-    });
+    add_problem(responses, ErrorCode::Internal);
+    add_problem(responses, ErrorCode::QemuFailed);
     if let Some(no_content) = responses.get_mut("204") {
         no_content
             .as_object_mut()
@@ -71,26 +63,19 @@ fn complete_operation(path: &str, writes: bool, operation: &mut Value) {
     }
 }
 
-/// Every operation refuses a query parameter it does not document (see
-/// `query_check`): its 400 answer says so.
-fn add_unknown_query_parameter(responses: &mut Map<String, Value>) {
-    const UNKNOWN: &str = "an unknown query parameter (`invalid_query`)";
-    match responses.get_mut("400") {
-        Some(bad) => {
-            let description = bad["description"].as_str().unwrap_or_default().to_owned();
-            if !description.contains("`invalid_query`") {
-                bad["description"] = json!(format!(
-                    "{}; or {UNKNOWN}",
-                    description.trim_end_matches('.')
-                ));
-            }
-        }
-        None => {
-            responses.insert(
-                "400".into(),
-                problem_answer(&format!("Bad request: {UNKNOWN}")),
-            );
-        }
+/// Adds `code` to the operation's problem answer for its status, as the handlers'
+/// `problems!` declarations write it.
+fn add_problem(responses: &mut Map<String, Value>, code: ErrorCode) {
+    let status = code.status().as_u16();
+    let response = responses.entry(status.to_string()).or_insert_with(|| {
+        json!({
+            "description": status_heading(status),
+            "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        })
+    });
+    let description = response["description"].as_str().unwrap_or_default();
+    if !description.contains(&format!("`{}`", code.as_str())) {
+        response["description"] = json!(format!("{description}\n{}", code_line(code)));
     }
 }
 
@@ -148,13 +133,6 @@ fn type_binary_bodies(operation: &mut Value) {
             *schema = binary.clone();
         }
     }
-}
-
-fn problem_answer(description: &str) -> Value {
-    json!({
-        "description": description,
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    })
 }
 
 /// RFC 9457 problem document: `code` is one of the codes of `error.rs`'s table, and the
@@ -262,4 +240,48 @@ fn add_input_constraints(schemas: &mut Value) {
     // Exactly one of the two ways to aim a schedule.
     schemas["CreateSchedule"]["oneOf"] =
         json!([{"required": ["vm_id"]}, {"required": ["selector"]}]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code a client can meet is documented on some operation, and every
+    /// documented answer of an operation lists each code once, under its own status.
+    #[test]
+    fn every_code_is_documented_once_under_its_status() {
+        // The router's fallbacks answer for no operation; `interrupted` is a job's
+        // error, never an answer.
+        let unanswered = [
+            ErrorCode::RouteNotFound,
+            ErrorCode::MethodNotAllowed,
+            ErrorCode::Interrupted,
+        ];
+        let doc = document();
+        let mut documented = std::collections::BTreeSet::new();
+        for item in doc["paths"].as_object().unwrap().values() {
+            for operation in item.as_object().unwrap().values() {
+                for (status, response) in operation["responses"].as_object().unwrap() {
+                    let description = response["description"].as_str().unwrap();
+                    for code in ErrorCode::ALL {
+                        let count = description.matches(&format!("`{}`", code.as_str())).count();
+                        if count == 0 {
+                            continue;
+                        }
+                        assert_eq!(count, 1, "{description}");
+                        assert_eq!(code.status().as_str(), status, "{description}");
+                        documented.insert(code.as_str());
+                    }
+                }
+            }
+        }
+        for code in ErrorCode::ALL {
+            assert_eq!(
+                documented.contains(code.as_str()),
+                !unanswered.contains(code),
+                "{}",
+                code.as_str()
+            );
+        }
+    }
 }

@@ -1,10 +1,16 @@
 //! RFC 9457 problem answers: the only `IntoResponse` for errors. 5xx answers are logged
 //! with their cause; 4xx answers are the client's business and are not.
 
+use std::collections::BTreeMap;
+
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Response as HttpResponse};
 use serde::Serialize;
 use utoipa::ToSchema;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr};
 
 use crate::error::{Error, ErrorCode};
 
@@ -47,7 +53,7 @@ impl Problem {
 }
 
 impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
+    fn into_response(self) -> HttpResponse {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut response = (status, axum::Json(self)).into_response();
         response.headers_mut().insert(
@@ -59,7 +65,7 @@ impl IntoResponse for Problem {
 }
 
 impl IntoResponse for Error {
-    fn into_response(self) -> Response {
+    fn into_response(self) -> HttpResponse {
         let code = self.code();
         let mut response = self.into_problem(code);
         if code == ErrorCode::ImportsBusy {
@@ -73,7 +79,7 @@ impl IntoResponse for Error {
 }
 
 impl Error {
-    fn into_problem(self, code: ErrorCode) -> Response {
+    fn into_problem(self, code: ErrorCode) -> HttpResponse {
         match self {
             Error::Problem {
                 code,
@@ -100,4 +106,116 @@ impl Error {
             }
         }
     }
+}
+
+/// The problem answers of every operation, declared next to its handler from the
+/// shared sets below, and rendered into the OpenAPI document by one function: one
+/// response per status, whose description lists each code with its title from
+/// `error.rs`'s table. What every operation can answer (an unknown query parameter,
+/// 408, 500, 507 for writes) is added to all of them by `openapi.rs`.
+///
+/// `tests/api/documented.rs` checks every problem the test suite meets against the
+/// document, so a handler that starts returning a code its declaration lacks fails the
+/// tests that drive it.
+pub mod sets {
+    use crate::error::ErrorCode::{self, *};
+
+    /// A JSON request body: not JSON, the wrong shape, a rule broken, too large.
+    pub const JSON_BODY: &[ErrorCode] = &[
+        InvalidJson,
+        ValidationFailed,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+    ];
+    /// A page of a list: a cursor that is not one this service gave.
+    pub const PAGED: &[ErrorCode] = &[InvalidCursor];
+    /// A request that names a new resource.
+    pub const NAMED: &[ErrorCode] = &[NameTaken];
+    pub const VM: &[ErrorCode] = &[VmNotFound];
+    pub const DISK: &[ErrorCode] = &[VmNotFound, DiskNotFound];
+    pub const SNAPSHOT: &[ErrorCode] = &[SnapshotNotFound];
+    pub const TEMPLATE: &[ErrorCode] = &[TemplateNotFound];
+    pub const SCHEDULE: &[ErrorCode] = &[ScheduleNotFound];
+    pub const JOB: &[ErrorCode] = &[JobNotFound];
+    /// A job that changes a VM's chain: the VM must be stopped and not busy with a
+    /// job of its own, and the plan must fit in the free space.
+    pub const CHAIN_JOB: &[ErrorCode] = &[VmRunning, VmNotReady, InsufficientStorage];
+    /// A job that rewrites or removes files linked clones may read.
+    pub const READ_BY_CLONES: &[ErrorCode] = &[HasDependents];
+}
+
+/// Declares the type that stands for an operation's problem answers in its
+/// `utoipa::path` (`responses(..., CreateVmProblems)`): the shared [`sets`] it meets,
+/// then, after `;`, the codes of its own.
+macro_rules! problems {
+    ($name:ident = $($set:ident),* $(; $($code:ident),+)?) => {
+        pub struct $name;
+
+        impl utoipa::IntoResponses for $name {
+            fn responses() -> std::collections::BTreeMap<
+                String,
+                utoipa::openapi::RefOr<utoipa::openapi::response::Response>,
+            > {
+                $crate::api::problem::problem_responses(&[
+                    $($crate::api::problem::sets::$set,)*
+                    $(&[$($crate::error::ErrorCode::$code),+],)?
+                ])
+            }
+        }
+    };
+}
+pub(crate) use problems;
+
+/// One response per status for these codes (see [`sets`]).
+pub fn problem_responses(sets: &[&[ErrorCode]]) -> BTreeMap<String, RefOr<Response>> {
+    let mut by_status: BTreeMap<u16, Vec<ErrorCode>> = BTreeMap::new();
+    for &code in sets.iter().copied().flatten() {
+        let codes = by_status.entry(code.status().as_u16()).or_default();
+        if !codes.contains(&code) {
+            codes.push(code);
+        }
+    }
+    by_status
+        .into_iter()
+        .map(|(status, codes)| {
+            let mut description = status_heading(status);
+            for code in &codes {
+                description.push('\n');
+                description.push_str(&code_line(*code));
+            }
+            let mut response = ResponseBuilder::new().description(description).content(
+                PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            );
+            if codes.contains(&ErrorCode::ImportsBusy) {
+                response = response.header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .schema(Some(ObjectBuilder::new().schema_type(Type::Integer)))
+                        .description(Some("`imports_busy`: seconds to wait before trying again"))
+                        .build(),
+                );
+            }
+            (status.to_string(), RefOr::T(response.build()))
+        })
+        .collect()
+}
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The first line of a problem response's description: the status's reason phrase.
+pub fn status_heading(status: u16) -> String {
+    let reason = StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    format!("{reason}:")
+}
+
+/// How a problem response's description names one code (clients and tests find the
+/// code between the backticks).
+pub fn code_line(code: ErrorCode) -> String {
+    format!("- `{}`: {}", code.as_str(), code.title())
 }

@@ -12,7 +12,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::{Json, Query, parse_id};
-use super::problem::Problem;
+use super::problem::problems;
 use super::{AppState, PageQuery, located, page};
 use crate::domain::JobSpec;
 use crate::domain::job_spec::SnapshotDelete;
@@ -497,16 +497,14 @@ fn validate_schedule(schedule: &mut Schedule) -> Result<()> {
     Ok(())
 }
 
+problems!(CreateScheduleProblems = JSON_BODY, NAMED, VM);
+
 /// Create a schedule.
 #[utoipa::path(post, path = "/v1/schedules", tag = "schedules", request_body = CreateSchedule,
     responses(
         (status = 201, description = "The schedule", body = ScheduleView,
             headers(("Location" = String, description = "/v1/schedules/{id}"))),
-        (status = 400, description = "Invalid field: name, cron, timezone, template, retention, or not exactly one of vm_id and selector (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name already used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        CreateScheduleProblems,
     ))]
 async fn create_schedule(
     State(state): State<AppState>,
@@ -542,11 +540,13 @@ async fn create_schedule(
     ))
 }
 
+problems!(ListSchedulesProblems = PAGED);
+
 /// List schedules.
 #[utoipa::path(get, path = "/v1/schedules", tag = "schedules", params(ScheduleFilter, PageQuery),
     responses(
         (status = 200, description = "One page of schedules in id order", body = ScheduleList),
-        (status = 400, description = "Bad filter, limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+        ListSchedulesProblems,
     ))]
 async fn list_schedules(
     State(state): State<AppState>,
@@ -565,12 +565,14 @@ async fn list_schedules(
     Ok(axum::Json(ScheduleList { items, next_cursor }))
 }
 
+problems!(GetScheduleProblems = SCHEDULE);
+
 /// Get a schedule with its next and last run.
 #[utoipa::path(get, path = "/v1/schedules/{id}", tag = "schedules",
     params(("id" = Uuid, Path, description = "Schedule id")),
     responses(
         (status = 200, description = "The schedule", body = ScheduleView),
-        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
+        GetScheduleProblems,
     ))]
 async fn get_schedule(
     State(state): State<AppState>,
@@ -580,17 +582,15 @@ async fn get_schedule(
     Ok(axum::Json(view_with_last(&state, schedule).await?))
 }
 
+problems!(PatchScheduleProblems = JSON_BODY, NAMED, VM, SCHEDULE);
+
 /// Change a schedule. A new cron expression, time zone or `enabled: true` computes the
 /// next run from now (missed runs are not caught up).
 #[utoipa::path(patch, path = "/v1/schedules/{id}", tag = "schedules", request_body = PatchSchedule,
     params(("id" = Uuid, Path, description = "Schedule id")),
     responses(
         (status = 200, description = "The updated schedule", body = ScheduleView),
-        (status = 400, description = "Invalid field, or both vm_id and selector (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such schedule or VM (`schedule_not_found`, `vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name already used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        PatchScheduleProblems,
     ))]
 async fn patch_schedule(
     State(state): State<AppState>,
@@ -644,13 +644,15 @@ async fn patch_schedule(
     Ok(axum::Json(view_with_last(&state, schedule).await?))
 }
 
+problems!(DeleteScheduleProblems = SCHEDULE);
+
 /// Delete a schedule and its run history. Its snapshots stay, as manual snapshots that
 /// no policy prunes any more; a run in progress finishes its snapshots.
 #[utoipa::path(delete, path = "/v1/schedules/{id}", tag = "schedules",
     params(("id" = Uuid, Path, description = "Schedule id")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
+        DeleteScheduleProblems,
     ))]
 async fn delete_schedule(
     State(state): State<AppState>,
@@ -663,13 +665,14 @@ async fn delete_schedule(
     Ok(StatusCode::NO_CONTENT)
 }
 
+problems!(ListRunsProblems = PAGED, SCHEDULE);
+
 /// A schedule's runs, newest first.
 #[utoipa::path(get, path = "/v1/schedules/{id}/runs", tag = "schedules",
     params(("id" = Uuid, Path, description = "Schedule id"), PageQuery),
     responses(
         (status = 200, description = "One page of runs, newest first", body = RunList),
-        (status = 400, description = "Bad limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
+        ListRunsProblems,
     ))]
 async fn list_runs(
     State(state): State<AppState>,
@@ -687,12 +690,14 @@ async fn list_runs(
     }))
 }
 
+problems!(GetRunProblems = SCHEDULE; RunNotFound);
+
 /// One run, with what it did per VM and what retention decided after it.
 #[utoipa::path(get, path = "/v1/schedules/{id}/runs/{run_id}", tag = "schedules",
     params(("id" = Uuid, Path, description = "Schedule id"), ("run_id" = Uuid, Path, description = "Run id")),
     responses(
         (status = 200, description = "The run", body = RunView),
-        (status = 404, description = "No such schedule or run (`schedule_not_found`, `run_not_found`)", body = Problem, content_type = "application/problem+json"),
+        GetRunProblems,
     ))]
 async fn get_run(
     State(state): State<AppState>,
@@ -712,6 +717,8 @@ async fn get_run(
     Ok(axum::Json(run_view(run)))
 }
 
+problems!(TriggerRunProblems = SCHEDULE; ScheduleBusy);
+
 /// Run a schedule now (enabled or not). The run is recorded like a cron run; a VM that
 /// cannot be snapshotted now (running, not ready) is skipped with the reason. The
 /// schedule's next cron run is unchanged.
@@ -720,8 +727,7 @@ async fn get_run(
     responses(
         (status = 202, description = "The run: `running` with its snapshot jobs queued, or `skipped` with the reason", body = RunView,
             headers(("Location" = String, description = "/v1/schedules/{id}/runs/{run_id}"))),
-        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A run of the schedule is still in progress (`schedule_busy`; `run_id` names it)", body = Problem, content_type = "application/problem+json"),
+        TriggerRunProblems,
     ))]
 async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let schedule = find_schedule(&mut *state.db.reader().await?, &id).await?;
@@ -739,6 +745,8 @@ async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> R
     Ok(located(StatusCode::ACCEPTED, run_view(run), &location))
 }
 
+problems!(PreviewProblems = SCHEDULE);
+
 /// Dry run of the retention policy: which of the schedule's snapshots it keeps (and by
 /// which rules) and which it prunes now, and whether a prune would be held. Changes
 /// nothing.
@@ -746,7 +754,7 @@ async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> R
     params(("id" = Uuid, Path, description = "Schedule id")),
     responses(
         (status = 200, description = "The decision for each snapshot of the schedule", body = Preview),
-        (status = 404, description = "No such schedule (`schedule_not_found`)", body = Problem, content_type = "application/problem+json"),
+        PreviewProblems,
     ))]
 async fn preview(
     State(state): State<AppState>,

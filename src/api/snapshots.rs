@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::{Json, Query, parse_id};
-use super::problem::Problem;
+use super::problem::problems;
 use super::vms::find_vm;
 use super::{AppState, PageQuery, accept_job, page};
 use crate::domain::{JobSpec, ResourceStatus, Snapshot, Uuid, Vm, job_spec, plan, validate};
@@ -211,17 +211,15 @@ async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<(S
     crate::jobs::find_snapshot(conn, parse_id(id, ErrorCode::SnapshotNotFound, "snapshot")?).await
 }
 
+problems!(CreateSnapshotProblems = JSON_BODY, NAMED, VM, CHAIN_JOB; VmHasNoDisks);
+
 /// Take a snapshot of every disk of a (stopped) VM at once.
 #[utoipa::path(post, path = "/v1/vms/{id}/snapshots", tag = "snapshots", request_body = CreateSnapshot,
     params(("id" = Uuid, Path, description = "VM id")),
     responses(
         (status = 202, description = "The snapshot exists with status `creating`", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 400, description = "Invalid name or description (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name used (`name_taken`), VM running (`vm_running`), without disks (`vm_has_no_disks`) or not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        CreateSnapshotProblems,
     ))]
 async fn create_snapshot(
     State(state): State<AppState>,
@@ -249,13 +247,14 @@ async fn create_snapshot(
     accept_job(&state, new.request(&vm)).await
 }
 
+problems!(ListSnapshotsProblems = PAGED, VM);
+
 /// List a VM's snapshots (flat and paginated, or as a tree).
 #[utoipa::path(get, path = "/v1/vms/{id}/snapshots", tag = "snapshots",
     params(("id" = Uuid, Path, description = "VM id"), ListSnapshotsQuery, PageQuery),
     responses(
         (status = 200, description = "`SnapshotList` for `view=list`, `SnapshotTree` for `view=tree`", body = SnapshotListing),
-        (status = 400, description = "Bad view, limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        ListSnapshotsProblems,
     ))]
 async fn list_snapshots(
     State(state): State<AppState>,
@@ -295,11 +294,13 @@ async fn list_snapshots(
     }))
 }
 
+problems!(GetSnapshotProblems = SNAPSHOT);
+
 /// Get one snapshot.
 #[utoipa::path(get, path = "/v1/snapshots/{id}", tag = "snapshots", params(("id" = Uuid, Path, description = "Snapshot id")),
     responses(
         (status = 200, description = "The snapshot", body = SnapshotView),
-        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
+        GetSnapshotProblems,
     ))]
 async fn get_snapshot(
     State(state): State<AppState>,
@@ -310,6 +311,8 @@ async fn get_snapshot(
     Ok(axum::Json(snapshot_view(&state, &vm, snapshot)))
 }
 
+problems!(DeleteSnapshotProblems = SNAPSHOT, CHAIN_JOB, READ_BY_CLONES; SnapshotBusy, SnapshotNotReady);
+
 /// Delete a snapshot. Every other snapshot and the present state keep their exact
 /// content: the layer is dropped if nothing sits on it, else merged with its child in
 /// the cheaper direction (the job's `detail.merges` tells which).
@@ -317,10 +320,7 @@ async fn get_snapshot(
     responses(
         (status = 202, description = "The snapshot is `deleting`", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 400, description = "Bad query (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Being deleted, reverted to or fully cloned by a pending job (`snapshot_busy`, with `job_ids`), still being created (`snapshot_not_ready`), the merge would touch the running VM's chain (`vm_running`), linked clones read the layers it would change (`has_dependents`, with `dependent_vms`; or, with `flatten_dependents`, one of them runs: `vm_running`), or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "Not enough free space for the merge (`insufficient_storage`, with `needed_bytes` and `available_bytes`)", body = Problem, content_type = "application/problem+json"),
+        DeleteSnapshotProblems,
     ))]
 async fn delete_snapshot(
     State(state): State<AppState>,
@@ -337,15 +337,15 @@ async fn delete_snapshot(
     accept_job(&state, Request::new(spec)).await
 }
 
+problems!(DeleteAllSnapshotsProblems = VM, CHAIN_JOB, READ_BY_CLONES; SnapshotBusy, SnapshotNotReady);
+
 /// Delete every snapshot of a VM: each disk collapses into one file holding the
 /// present state.
 #[utoipa::path(delete, path = "/v1/vms/{id}/snapshots", tag = "snapshots", params(("id" = Uuid, Path, description = "VM id")),
     responses(
         (status = 202, description = "All snapshots are `deleting`", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A snapshot is busy (`snapshot_busy`, `snapshot_not_ready`), the VM is running (`vm_running`) or not ready (`vm_not_ready`), or linked clones read (or are about to read) layers the collapse rewrites (`has_dependents`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "Not enough free space for the merge (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        DeleteAllSnapshotsProblems,
     ))]
 async fn delete_all_snapshots(
     State(state): State<AppState>,
@@ -360,14 +360,15 @@ async fn delete_all_snapshots(
     accept_job(&state, Request::new(spec)).await
 }
 
+problems!(RevertSnapshotProblems = SNAPSHOT, CHAIN_JOB; SnapshotNotReady);
+
 /// Revert the VM to a snapshot: its present state is replaced by a new empty layer on
 /// the snapshot. Later snapshots stay in the tree (writing now opens a new branch).
 #[utoipa::path(post, path = "/v1/snapshots/{id}/revert", tag = "snapshots", params(("id" = Uuid, Path, description = "Snapshot id")),
     responses(
         (status = 202, description = "The revert job was queued", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "VM running (`vm_running`), snapshot not ready or failed (`snapshot_not_ready`), VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        RevertSnapshotProblems,
     ))]
 async fn revert_snapshot(
     State(state): State<AppState>,
@@ -381,17 +382,15 @@ async fn revert_snapshot(
     accept_job(&state, Request::new(spec)).await
 }
 
+problems!(PatchSnapshotProblems = JSON_BODY, NAMED, SNAPSHOT; SnapshotBusy);
+
 /// Rename a snapshot, change its description, set or clear its expiry, or put it on
 /// hold. Touches no file.
 #[utoipa::path(patch, path = "/v1/snapshots/{id}", tag = "snapshots", request_body = PatchSnapshot,
     params(("id" = Uuid, Path, description = "Snapshot id")),
     responses(
         (status = 200, description = "The updated snapshot", body = SnapshotView),
-        (status = 400, description = "Invalid field or an expiry in the past (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such snapshot (`snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name used by another snapshot of the VM (`name_taken`) or the snapshot is being deleted (`snapshot_busy`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        PatchSnapshotProblems,
     ))]
 async fn patch_snapshot(
     State(state): State<AppState>,

@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::problem::Problem;
+use super::problem::problems;
 use crate::error::{Error, ErrorCode, Result};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -34,12 +34,14 @@ async fn healthz() -> axum::Json<Health> {
     })
 }
 
+problems!(ReadyzProblems = ; NotReady);
+
 /// Readiness: the database answers and jobs interrupted by the last shutdown have been
 /// finished or rolled back.
 #[utoipa::path(get, path = "/readyz", tag = "system",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Still recovering, or the database does not answer (`not_ready`)", body = Problem, content_type = "application/problem+json"),
+        ReadyzProblems,
     ))]
 async fn readyz(State(state): State<AppState>) -> Result<axum::Json<Health>> {
     if !state.ready.load(Ordering::Acquire) {

@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use super::clones::{CloneRequest, clone_request};
 use super::extract::{Json, Query, parse_id};
-use super::problem::Problem;
+use super::problem::problems;
 use super::vms::find_vm;
 use super::{AppState, PageQuery, accept_job, page};
 use crate::domain::plan::CloneMode;
@@ -171,11 +171,13 @@ pub(crate) async fn find_template(conn: &mut sqlx::SqliteConnection, id: &str) -
     }
 }
 
+problems!(ListTemplatesProblems = PAGED);
+
 /// List templates.
 #[utoipa::path(get, path = "/v1/templates", tag = "templates", params(TemplateFilter, PageQuery),
     responses(
         (status = 200, description = "One page of templates in creation order", body = TemplateList),
-        (status = 400, description = "Bad limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+        ListTemplatesProblems,
     ))]
 async fn list_templates(
     State(state): State<AppState>,
@@ -201,12 +203,14 @@ async fn list_templates(
     Ok(axum::Json(TemplateList { items, next_cursor }))
 }
 
+problems!(GetTemplateProblems = TEMPLATE);
+
 /// Get a template with its disks and the VMs linked to it.
 #[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates",
     params(("id" = Uuid, Path, description = "Template id")),
     responses(
         (status = 200, description = "The template", body = TemplateView),
-        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
+        GetTemplateProblems,
     ))]
 async fn get_template(
     State(state): State<AppState>,
@@ -219,18 +223,15 @@ async fn get_template(
     ))
 }
 
+problems!(CreateTemplateProblems = JSON_BODY, NAMED, VM, SNAPSHOT, CHAIN_JOB; VmHasNoDisks, SnapshotNotReady);
+
 /// Make a template from a full copy of a VM (or of one of its snapshots); the VM
 /// stays. The template exists at once with status `creating`.
 #[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = CreateTemplate,
     responses(
         (status = 202, description = "The `template_create` job; `target.id` is the template", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 400, description = "Invalid name (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such VM or snapshot (`vm_not_found`, `snapshot_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name used (`name_taken`); present state of a running VM (`vm_running`); VM not ready (`vm_not_ready`) or without disks (`vm_has_no_disks`); snapshot not ready (`snapshot_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "Not enough free space for the copy (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        CreateTemplateProblems,
     ))]
 async fn create_template(
     State(state): State<AppState>,
@@ -250,6 +251,8 @@ async fn create_template(
     accept_job(&state, request).await
 }
 
+problems!(ConvertToTemplateProblems = VM, CHAIN_JOB, READ_BY_CLONES; SnapshotBusy, SnapshotNotReady);
+
 /// Convert a VM into a template: it stops being a VM (same id, now under
 /// /v1/templates), its snapshots are collapsed into its present state first (merges,
 /// like deleting them all), and nothing is copied when each disk is one file.
@@ -258,9 +261,7 @@ async fn create_template(
     responses(
         (status = 202, description = "The `vm_to_template` job (the VM is `creating` until it ends)", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The VM is running (`vm_running`) or not ready (`vm_not_ready`); a snapshot is busy (`snapshot_busy`, `snapshot_not_ready`); linked clones read a layer the collapse would merge (`has_dependents`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "Not enough free space for the collapse (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        ConvertToTemplateProblems,
     ))]
 async fn convert_to_template(
     State(state): State<AppState>,
@@ -275,6 +276,8 @@ async fn convert_to_template(
     accept_job(&state, Request::new(spec)).await
 }
 
+problems!(ConvertToVmProblems = TEMPLATE, READ_BY_CLONES; VmNotReady);
+
 /// Convert a template back into a VM (same id, under /v1/vms again, stopped).
 /// Refused while VMs are linked to it: its files would become writable under them.
 #[utoipa::path(post, path = "/v1/templates/{id}/convert-to-vm", tag = "templates",
@@ -282,14 +285,15 @@ async fn convert_to_template(
     responses(
         (status = 202, description = "The `template_to_vm` job", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "VMs are linked to it (`has_dependents`, listing them) or it is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        ConvertToVmProblems,
     ))]
 async fn convert_to_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let template = find_template(&mut *state.db.reader().await?, &id).await?;
     let spec = JobSpec::TemplateToVm(job_spec::TemplateToVm { vm: template.id });
     accept_job(&state, Request::new(spec)).await
 }
+
+problems!(DeployProblems = JSON_BODY, NAMED, TEMPLATE; VmNotReady, InsufficientStorage);
 
 /// Deploy VMs from a template, linked (instant: each disk an overlay on the template's
 /// file) or full (standalone copies). With `count`, one job makes `name-1` ..
@@ -299,12 +303,7 @@ async fn convert_to_vm(State(state): State<AppState>, Path(id): Path<String>) ->
     responses(
         (status = 202, description = "The `template_deploy` job; `detail.vm_ids` lists the new VMs", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 400, description = "Invalid name, mode or count (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A name is used (`name_taken`) or the template is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "Not enough free space for full copies (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        DeployProblems,
     ))]
 async fn deploy(
     State(state): State<AppState>,
@@ -338,6 +337,8 @@ async fn deploy(
     accept_job(&state, request).await
 }
 
+problems!(DeleteTemplateProblems = TEMPLATE, CHAIN_JOB, READ_BY_CLONES);
+
 /// Delete a template and its files. Refused while VMs are linked to it (the answer
 /// lists them): flatten or delete them first, or pass `flatten_dependents=true` to
 /// have the same job make every linked VM standalone first (they must be stopped).
@@ -346,10 +347,7 @@ async fn deploy(
     responses(
         (status = 202, description = "The template is `deleting`; the `vm_delete` job removes its files", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 400, description = "Bad query (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "VMs are linked to it (`has_dependents`, listing them; with `flatten_dependents`, one of them runs: `vm_running`) or it is busy (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "Not enough free space to flatten the linked VMs (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        DeleteTemplateProblems,
     ))]
 async fn delete_template(
     State(state): State<AppState>,
@@ -452,6 +450,8 @@ async fn export_disk(
     Ok((found.name.clone(), volume))
 }
 
+problems!(ExportProblems = TEMPLATE; DiskNotFound, VmNotReady, InsufficientStorage);
+
 /// Download one disk of a template as a self-contained qcow2 file (no backing file),
 /// to import on another host. A file already made is sent with `Content-Length`;
 /// otherwise it is made while the answer streams (chunked) and kept for later
@@ -462,10 +462,7 @@ async fn export_disk(
     responses(
         (status = 200, description = "The qcow2 file", content_type = "application/octet-stream", body = Vec<u8>,
             headers(("Content-Disposition" = String, description = "attachment; filename=\"<template>-<disk>.qcow2\""))),
-        (status = 400, description = "The template has several disks and none was named (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such template or disk (`template_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The template is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "No room to write the export file (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        ExportProblems,
     ))]
 async fn export(
     State(state): State<AppState>,
@@ -548,15 +545,15 @@ async fn export(
     Ok(response)
 }
 
+problems!(ManifestProblems = TEMPLATE; VmNotReady, InsufficientStorage);
+
 /// Names, sizes and SHA-256 of each disk's export. The first call for a template makes
 /// the exports (if needed) and hashes them; later calls answer from what was kept.
 #[utoipa::path(get, path = "/v1/templates/{id}/manifest", tag = "templates",
     params(("id" = Uuid, Path, description = "Template id"), ManifestQuery),
     responses(
         (status = 200, description = "The manifest", body = Manifest),
-        (status = 404, description = "No such template (`template_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The template is not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "No room to write an export file (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        ManifestProblems,
     ))]
 async fn manifest(
     State(state): State<AppState>,

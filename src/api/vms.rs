@@ -11,7 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::extract::{Json, Query, parse_id};
-use super::problem::Problem;
+use super::problem::problems;
 use super::{AppState, PageQuery, accept_job, page};
 use crate::domain::{
     Disk, JobSpec, ResourceStatus, Uuid, Vm, VmKind, VmState, Volume, VolumeStatus, job_spec,
@@ -322,15 +322,14 @@ fn validate_disks(disks: &[NewDisk], max: u64) -> Result<()> {
     Ok(())
 }
 
+problems!(CreateVmProblems = JSON_BODY, NAMED);
+
 /// Create a VM and its disks (empty qcow2 files).
 #[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVm,
     responses(
         (status = 202, description = "The VM exists with status `creating`; the job creates its disk files", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 400, description = "Invalid name, description or size (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name already used (`name_taken`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        CreateVmProblems,
     ))]
 async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) -> Result<Response> {
     validate::name("name", &body.name).map_err(Error::validation)?;
@@ -365,11 +364,13 @@ fn new_disk(vm: Uuid, disk: NewDisk, now: crate::domain::Timestamp) -> Disk {
     }
 }
 
+problems!(ListVmsProblems = PAGED);
+
 /// List VMs in creation order.
 #[utoipa::path(get, path = "/v1/vms", tag = "vms", params(VmFilter, PageQuery),
     responses(
         (status = 200, description = "A page of VMs", body = VmList),
-        (status = 400, description = "Bad limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
+        ListVmsProblems,
     ))]
 async fn list_vms(
     State(state): State<AppState>,
@@ -395,11 +396,13 @@ async fn list_vms(
     Ok(axum::Json(VmList { items, next_cursor }))
 }
 
+problems!(GetVmProblems = VM);
+
 /// Get a VM with its disks and their chains.
 #[utoipa::path(get, path = "/v1/vms/{id}", tag = "vms", params(("id" = Uuid, Path, description = "VM id")),
     responses(
         (status = 200, description = "The VM", body = VmView),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        GetVmProblems,
     ))]
 async fn get_vm(
     State(state): State<AppState>,
@@ -410,15 +413,13 @@ async fn get_vm(
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
 }
 
+problems!(PatchVmProblems = JSON_BODY, NAMED, VM; VmBusy);
+
 /// Rename a VM, change its description, or record its power state.
 #[utoipa::path(patch, path = "/v1/vms/{id}", tag = "vms", request_body = PatchVm, params(("id" = Uuid, Path, description = "VM id")),
     responses(
         (status = 200, description = "The updated VM", body = VmView),
-        (status = 400, description = "Invalid field (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name already used (`name_taken`), or jobs still work on the VM's files so it cannot be marked running (`vm_busy`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        PatchVmProblems,
     ))]
 async fn patch_vm(
     State(state): State<AppState>,
@@ -471,15 +472,14 @@ async fn patch_vm(
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
 }
 
+problems!(DeleteVmProblems = VM, CHAIN_JOB, READ_BY_CLONES);
+
 /// Delete a VM with all its disks, snapshots and files.
 #[utoipa::path(delete, path = "/v1/vms/{id}", tag = "vms", params(("id" = Uuid, Path, description = "VM id"), super::FlattenQuery),
     responses(
         (status = 202, description = "The VM is `deleting`; the job removes its files and records", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 400, description = "Bad query (`invalid_query`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The VM (or, with `flatten_dependents`, a linked clone) is running (`vm_running`), already being deleted (`vm_not_ready`), or linked clones read its files (`has_dependents`, with `dependent_vms`)", body = Problem, content_type = "application/problem+json"),
-        (status = 507, description = "Not enough free space to flatten the linked clones (`insufficient_storage`)", body = Problem, content_type = "application/problem+json"),
+        DeleteVmProblems,
     ))]
 async fn delete_vm(
     State(state): State<AppState>,
@@ -495,12 +495,13 @@ async fn delete_vm(
     accept_job(&state, Request::new(spec)).await
 }
 
+problems!(ListDisksProblems = PAGED, VM);
+
 /// List a VM's disks in creation order.
 #[utoipa::path(get, path = "/v1/vms/{id}/disks", tag = "vms", params(("id" = Uuid, Path, description = "VM id"), PageQuery),
     responses(
         (status = 200, description = "A page of the VM's disks", body = DiskList),
-        (status = 400, description = "Bad limit or cursor (`invalid_query`, `invalid_cursor`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
+        ListDisksProblems,
     ))]
 async fn list_disks(
     State(state): State<AppState>,
@@ -526,16 +527,14 @@ async fn list_disks(
     Ok(axum::Json(DiskList { items, next_cursor }))
 }
 
+problems!(CreateDiskProblems = JSON_BODY, NAMED, VM; VmNotReady);
+
 /// Add a disk (an empty qcow2 file) to a VM.
 #[utoipa::path(post, path = "/v1/vms/{id}/disks", tag = "vms", request_body = NewDisk, params(("id" = Uuid, Path, description = "VM id")),
     responses(
         (status = 202, description = "The disk exists with status `creating`", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 400, description = "Invalid name or size (`validation_failed`, `invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such VM (`vm_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Name used in this VM (`name_taken`) or VM not ready (`vm_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        CreateDiskProblems,
     ))]
 async fn create_disk(
     State(state): State<AppState>,
@@ -552,12 +551,14 @@ async fn create_disk(
     accept_job(&state, Request::creating(spec, NewRecords::Disk(disk))).await
 }
 
+problems!(GetDiskProblems = DISK);
+
 /// Get one disk with its chain.
 #[utoipa::path(get, path = "/v1/vms/{vm_id}/disks/{disk_id}", tag = "vms",
     params(("vm_id" = Uuid, Path, description = "VM id"), ("disk_id" = Uuid, Path, description = "Disk id")),
     responses(
         (status = 200, description = "The disk", body = DiskView),
-        (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
+        GetDiskProblems,
     ))]
 async fn get_disk(
     State(state): State<AppState>,
@@ -570,14 +571,15 @@ async fn get_disk(
     Ok(axum::Json(disk_view(&state, disk, &volumes)))
 }
 
+problems!(DeleteDiskProblems = DISK, CHAIN_JOB; DiskNotReady);
+
 /// Remove a disk, its layers in every snapshot, and its files.
 #[utoipa::path(delete, path = "/v1/vms/{vm_id}/disks/{disk_id}", tag = "vms",
     params(("vm_id" = Uuid, Path, description = "VM id"), ("disk_id" = Uuid, Path, description = "Disk id")),
     responses(
         (status = 202, description = "The disk is `deleting`", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "VM running (`vm_running`), VM or disk not ready (`vm_not_ready`, `disk_not_ready`)", body = Problem, content_type = "application/problem+json"),
+        DeleteDiskProblems,
     ))]
 async fn delete_disk(
     State(state): State<AppState>,
@@ -604,6 +606,8 @@ pub(crate) async fn find_vm_disk(
     Ok((vm, disk))
 }
 
+problems!(ResizeDiskProblems = JSON_BODY, DISK, CHAIN_JOB; DiskShrinkRefused, DiskNotReady);
+
 /// Grow a disk. Only the writable top grows; snapshots keep the size they had, and a
 /// revert restores it.
 #[utoipa::path(post, path = "/v1/vms/{vm_id}/disks/{disk_id}/resize", tag = "vms", request_body = ResizeDisk,
@@ -611,11 +615,7 @@ pub(crate) async fn find_vm_disk(
     responses(
         (status = 202, description = "The disk grows when the job runs", body = super::jobs::JobView,
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
-        (status = 400, description = "Invalid size (`validation_failed`) or body (`invalid_json`)", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such VM or disk (`vm_not_found`, `disk_not_found`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not larger than now (`disk_shrink_refused`), VM running (`vm_running`), or not ready (`vm_not_ready`, `disk_not_ready`)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over the configured limit (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON (`unsupported_media_type`)", body = Problem, content_type = "application/problem+json"),
+        ResizeDiskProblems,
     ))]
 async fn resize_disk(
     State(state): State<AppState>,
