@@ -1,9 +1,11 @@
-//! The qemu-img runner. Every call names its formats explicitly (`-f`, `-F`, `-O`) so
-//! qemu-img never probes one, reads `--output=json` into typed structs, runs under a
-//! timeout, dies with the service (PR_SET_PDEATHSIG) and is killed when its job is
-//! cancelled. Knows nothing of HTTP or the database.
+//! The qemu-img runner (this module) and the QMP client for running VMs (`qmp`). Every
+//! qemu-img call names its formats explicitly (`-f`, `-F`, `-O`) so qemu-img never
+//! probes one, reads `--output=json` into typed structs, runs under a timeout, dies
+//! with the service (PR_SET_PDEATHSIG) and is killed when its job is cancelled. Knows
+//! nothing of HTTP or the database.
 
 pub mod children;
+pub mod qmp;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

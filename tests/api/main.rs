@@ -11,6 +11,7 @@ mod helpers;
 mod imports;
 mod jobs;
 mod openapi;
+mod qmp;
 mod readme;
 mod recovery;
 mod schedules;

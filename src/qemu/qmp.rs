@@ -1,0 +1,257 @@
+//! A QMP client: one connection to a QEMU process's monitor socket (a VM's, or a
+//! `qemu-storage-daemon`'s), used by live jobs.
+//!
+//! What it relies on, checked on QEMU 10 (see LIVE.md): the monitor serves one client
+//! at a time and drops events sent while nobody listens, so callers learn state by
+//! querying (`query-jobs`, `query-named-block-nodes`) and the events this client sees
+//! are kept only as a log. Every read has a deadline: a QEMU that stops answering is an
+//! error, never a hang.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Longest line a monitor may send; QEMU's answers are far smaller.
+const MAX_LINE: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot reach the QMP socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("QMP did not answer {what} within {}s", timeout.as_secs_f32())]
+    Timeout { what: String, timeout: Duration },
+    #[error("the QMP connection closed")]
+    Closed,
+    #[error("the socket does not speak QMP: {0}")]
+    NotQmp(String),
+    #[error("{command} failed: {desc} ({class})")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("unexpected QMP answer to {command}: {detail}")]
+    Protocol { command: String, detail: String },
+}
+
+/// QEMU's version, from the greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub micro: u32,
+}
+
+impl std::fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+/// An asynchronous event QEMU sent while a command was under way.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Event {
+    pub event: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// One block node, as `query-named-block-nodes` (flat) lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlockNode {
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    pub drv: String,
+    /// The file the node reads: the image file for a format node.
+    pub file: String,
+    pub ro: bool,
+    pub image: ImageInfo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImageInfo {
+    pub filename: String,
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
+    /// The backing file name as written in the image header.
+    #[serde(rename = "backing-filename")]
+    pub backing_filename: Option<String>,
+}
+
+/// One job, as `query-jobs` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct JobInfo {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// created, running, paused, ready, standby, waiting, pending, aborting,
+    /// concluded, null.
+    pub status: String,
+    #[serde(rename = "current-progress")]
+    pub current_progress: u64,
+    #[serde(rename = "total-progress")]
+    pub total_progress: u64,
+    /// Set once a job concluded with an error.
+    pub error: Option<String>,
+}
+
+/// A connection to one monitor, after capabilities negotiation.
+pub struct Qmp {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    timeout: Duration,
+    next_id: u64,
+    version: QemuVersion,
+    /// Events seen since the last `take_events`.
+    events: Vec<Event>,
+}
+
+#[derive(Deserialize)]
+struct Greeting {
+    #[serde(rename = "QMP")]
+    qmp: GreetingBody,
+}
+
+#[derive(Deserialize)]
+struct GreetingBody {
+    version: GreetingVersion,
+}
+
+#[derive(Deserialize)]
+struct GreetingVersion {
+    qemu: QemuVersion,
+}
+
+impl Qmp {
+    /// Connect, check the greeting is QEMU's and leave negotiation mode. `timeout`
+    /// bounds the connection, the greeting and every later answer.
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let stream = deadline(timeout, "the connection", UnixStream::connect(socket)).await??;
+        let (read, writer) = stream.into_split();
+        let mut qmp = Self {
+            reader: BufReader::new(read),
+            writer,
+            timeout,
+            next_id: 0,
+            version: QemuVersion {
+                major: 0,
+                minor: 0,
+                micro: 0,
+            },
+            events: Vec::new(),
+        };
+        let greeting = qmp.read_message("the greeting").await?;
+        let greeting: Greeting = serde_json::from_value(greeting.clone())
+            .map_err(|_| QmpError::NotQmp(format!("the greeting was {greeting}")))?;
+        qmp.version = greeting.qmp.version.qemu;
+        qmp.execute::<Value>("qmp_capabilities", json!({})).await?;
+        Ok(qmp)
+    }
+
+    pub fn version(&self) -> QemuVersion {
+        self.version
+    }
+
+    /// Run one command and read its answer, keeping the events that arrive first.
+    pub async fn execute<T: DeserializeOwned>(
+        &mut self,
+        command: &str,
+        arguments: Value,
+    ) -> Result<T, QmpError> {
+        self.next_id += 1;
+        let id = format!("strata-{}", self.next_id);
+        let mut request = json!({"execute": command, "id": id});
+        if !arguments.as_object().is_some_and(|a| a.is_empty()) {
+            request["arguments"] = arguments;
+        }
+        let mut line = request.to_string();
+        line.push('\n');
+        deadline(
+            self.timeout,
+            command,
+            self.writer.write_all(line.as_bytes()),
+        )
+        .await??;
+        loop {
+            let message = self.read_message(command).await?;
+            if message.get("event").is_some() {
+                if let Ok(event) = serde_json::from_value(message) {
+                    self.events.push(event);
+                }
+                continue;
+            }
+            if message.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+                return Err(QmpError::Protocol {
+                    command: command.to_owned(),
+                    detail: format!("an answer to another request: {message}"),
+                });
+            }
+            if let Some(error) = message.get("error") {
+                return Err(QmpError::Command {
+                    command: command.to_owned(),
+                    class: error["class"].as_str().unwrap_or_default().to_owned(),
+                    desc: error["desc"].as_str().unwrap_or_default().to_owned(),
+                });
+            }
+            let answer = message.get("return").cloned().unwrap_or(Value::Null);
+            return serde_json::from_value(answer.clone()).map_err(|e| QmpError::Protocol {
+                command: command.to_owned(),
+                detail: format!("{e}: {answer}"),
+            });
+        }
+    }
+
+    /// Every block node QEMU has open, flat.
+    pub async fn block_nodes(&mut self) -> Result<Vec<BlockNode>, QmpError> {
+        self.execute("query-named-block-nodes", json!({"flat": true}))
+            .await
+    }
+
+    /// Every job QEMU knows, concluded ones included until dismissed.
+    pub async fn jobs(&mut self) -> Result<Vec<JobInfo>, QmpError> {
+        self.execute("query-jobs", json!({})).await
+    }
+
+    /// The events seen so far (for the log: state is learned by querying).
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    async fn read_message(&mut self, what: &str) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        let read = deadline(self.timeout, what, async {
+            let mut limited = (&mut self.reader).take(MAX_LINE as u64);
+            limited.read_line(&mut line).await
+        })
+        .await??;
+        if read == 0 {
+            return Err(QmpError::Closed);
+        }
+        if !line.ends_with('\n') {
+            return Err(QmpError::Protocol {
+                command: what.to_owned(),
+                detail: "a message longer than the limit, or cut short".into(),
+            });
+        }
+        serde_json::from_str(&line).map_err(|e| QmpError::NotQmp(format!("{e}: {}", line.trim())))
+    }
+}
+
+async fn deadline<F: std::future::Future>(
+    timeout: Duration,
+    what: &str,
+    future: F,
+) -> Result<F::Output, QmpError> {
+    tokio::time::timeout(timeout, future)
+        .await
+        .map_err(|_| QmpError::Timeout {
+            what: what.to_owned(),
+            timeout,
+        })
+}
