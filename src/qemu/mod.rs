@@ -1,10 +1,12 @@
-//! The qemu-img runner (this module) and the QMP client for running VMs (`qmp`). Every
+//! The qemu-img runner (this module), the QMP client for running VMs (`qmp`) and the
+//! guest-agent client that freezes and thaws their file systems (`guest_agent`). Every
 //! qemu-img call names its formats explicitly (`-f`, `-F`, `-O`) so qemu-img never
 //! probes one, reads `--output=json` into typed structs, runs under a timeout, dies
 //! with the service (PR_SET_PDEATHSIG) and is killed when its job is cancelled. Knows
 //! nothing of HTTP or the database.
 
 pub mod children;
+pub mod guest_agent;
 pub mod qmp;
 
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ mod documented;
 mod durability;
 mod expiry;
 mod full_disk;
+mod guest_agent;
 mod helpers;
 mod imports;
 mod jobs;
