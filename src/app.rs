@@ -47,6 +47,16 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     // Before anything writes: a second service must not even migrate the database.
     let _data_dir_lock = lock_data_dir(&data_dir)?;
     check_qemu_img(&config).await?;
+    let live = crate::live::Live::new(config.runtime_dir.as_deref()).map_err(|e| {
+        Error::Internal(format!(
+            "cannot open --runtime-dir {}: {e}",
+            config
+                .runtime_dir
+                .as_deref()
+                .unwrap_or_else(|| "".as_ref())
+                .display()
+        ))
+    })?;
     let db = Db::open(&data_dir.join("strata.db")).await?;
     // A qemu-img a killed predecessor left must be gone before recovery touches the
     // layer it was writing.
@@ -93,6 +103,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         run_history: config.run_history.max(1),
         body_limit: config.body_limit,
         request_timeout: Duration::from_secs(config.request_timeout_secs),
+        live: Arc::new(live),
         import: api::ImportSettings {
             dir: config.import_dir.clone(),
             max_bytes: config.import_max_bytes,

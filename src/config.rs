@@ -81,6 +81,11 @@ pub struct ServeConfig {
     #[arg(long, env = "STRATA_SWEEP_INTERVAL", default_value_t = 60)]
     pub sweep_interval_secs: u64,
 
+    /// Directory the QMP and guest-agent sockets of running VMs must lie in
+    /// (`PATCH /v1/vms/{id}` with `qmp_socket`); live operations are off when unset.
+    #[arg(long, env = "STRATA_RUNTIME_DIR")]
+    pub runtime_dir: Option<PathBuf>,
+
     /// Directory whose files `POST /v1/templates/import?path=` may import (off when
     /// unset).
     #[arg(long, env = "STRATA_IMPORT_DIR")]

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod error;
 pub mod files;
 pub mod jobs;
+pub mod live;
 pub mod qemu;
 pub mod scheduler;
 pub mod store;

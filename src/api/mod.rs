@@ -48,6 +48,8 @@ pub struct AppState {
     pub body_limit: usize,
     pub request_timeout: std::time::Duration,
     pub import: ImportSettings,
+    /// Running VMs' sockets: their checks and the last contact with each.
+    pub live: Arc<crate::live::Live>,
 }
 
 /// Where imports may come from and how large they may be.

@@ -89,7 +89,7 @@ pub struct DiskView {
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "web-01", "description": "front end",
-    "labels": {"tier": "web"}, "dependent_vm_ids": [],
+    "labels": {"tier": "web"}, "dependent_vm_ids": [], "runtime": null,
     "state": "stopped", "status": "ready", "current_snapshot_id": null,
     "disks": [{"id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
         "name": "root", "size_bytes": 10737418240u64, "format": "qcow2", "status": "ready",
@@ -118,6 +118,8 @@ pub struct VmView {
     /// VMs with linked disks reading this VM's files: while any exist, deleting the VM
     /// or a snapshot they read is refused (`has_dependents`).
     pub dependent_vm_ids: Vec<Uuid>,
+    /// The running VM's sockets; null when none was given.
+    pub runtime: Option<RuntimeView>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -163,15 +165,38 @@ pub struct CreateVm {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(example = json!({"state": "running"}))]
+#[schema(example = json!({"state": "running", "qmp_socket": "/run/strata/vm-01.qmp", "guest_agent_socket": "/run/strata/vm-01.qga"}))]
 pub struct PatchVm {
     pub name: Option<String>,
     pub description: Option<String>,
     /// Replaces all labels of the VM.
     pub labels: Option<BTreeMap<String, String>>,
     /// Set by the orchestrator when it starts or stops the VM. While `running`,
-    /// snapshot, revert, resize and merges of the active chain are refused.
+    /// snapshot, revert, resize and merges of the active chain are refused. Marking
+    /// it `stopped` forgets its sockets.
     pub state: Option<VmState>,
+    /// The running VM's QMP monitor socket, inside `--runtime-dir`: checked to be a
+    /// unix socket answering as a QEMU monitor. Given with `state: running` or for a
+    /// VM already running; left out, the recorded one stays.
+    #[schema(example = "/run/strata/vm-01.qmp")]
+    pub qmp_socket: Option<String>,
+    /// The running VM's guest-agent socket, inside `--runtime-dir`: checked to be a
+    /// unix socket (the agent may start later than the VM).
+    #[schema(example = "/run/strata/vm-01.qga")]
+    pub guest_agent_socket: Option<String>,
+}
+
+/// How strata reaches a running VM's QEMU.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RuntimeView {
+    pub qmp_socket: Option<String>,
+    pub guest_agent_socket: Option<String>,
+    /// Whether strata's last contact with the monitor succeeded; null when it has not
+    /// contacted it since it started.
+    pub connected: Option<bool>,
+    /// QEMU's version, as the monitor reported it when the socket was given.
+    #[schema(example = "10.0.2")]
+    pub qemu_version: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -259,6 +284,7 @@ async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) ->
         .collect();
     dependent_vm_ids.sort();
     dependent_vm_ids.dedup();
+    let runtime = runtime_view(state, &vm);
     Ok(VmView {
         id: vm.id,
         name: vm.name,
@@ -274,8 +300,25 @@ async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) ->
         source_vm_id: vm.source_vm_id,
         template_id: vm.template_id,
         dependent_vm_ids,
+        runtime,
         created_at: vm.created_at,
         updated_at: vm.updated_at,
+    })
+}
+
+fn runtime_view(state: &AppState, vm: &Vm) -> Option<RuntimeView> {
+    let runtime = &vm.runtime;
+    if runtime.qmp_socket.is_none() && runtime.guest_agent_socket.is_none() {
+        return None;
+    }
+    Some(RuntimeView {
+        qmp_socket: runtime.qmp_socket.clone(),
+        guest_agent_socket: runtime.guest_agent_socket.clone(),
+        connected: runtime
+            .qmp_socket
+            .as_ref()
+            .and_then(|_| state.live.last_contact(vm.id)),
+        qemu_version: runtime.qemu_version.clone(),
     })
 }
 
@@ -413,9 +456,10 @@ async fn get_vm(
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
 }
 
-problems!(PatchVmProblems = JSON_BODY, NAMED, VM; VmBusy);
+problems!(PatchVmProblems = JSON_BODY, NAMED, VM; VmBusy, SocketRefused, QmpUnavailable);
 
-/// Rename a VM, change its description, or record its power state.
+/// Rename a VM, change its description, or record its power state and, while it runs,
+/// the sockets of its QEMU.
 #[utoipa::path(patch, path = "/v1/vms/{id}", tag = "vms", request_body = PatchVm, params(("id" = Uuid, Path, description = "VM id")),
     responses(
         (status = 200, description = "The updated VM", body = VmView),
@@ -435,6 +479,8 @@ async fn patch_vm(
     if let Some(labels) = &body.labels {
         validate::labels(labels).map_err(Error::validation)?;
     }
+    // Checked before the write transaction: greeting a monitor may take seconds.
+    let sockets = checked_sockets(&state, &id, &body).await?;
     let mut tx = state.db.begin().await?;
     let mut vm = find_vm(&mut tx, &id).await?;
     if body.state == Some(VmState::Running) && vm.state != VmState::Running {
@@ -463,13 +509,75 @@ async fn patch_vm(
     if let Some(power) = body.state {
         vm.state = power;
     }
+    sockets.apply(&mut vm)?;
     vm.updated_at = store::now();
     store::vms::update_vm(&mut tx, &vm)
         .await
         .map_err(|e| name_taken(e, || format!("a VM named {} already exists", vm.name)))?;
     tx.commit().await?;
+    if vm.state == VmState::Stopped {
+        state.live.forget(vm.id);
+    }
     let mut conn = state.db.reader().await?;
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
+}
+
+/// The sockets a PATCH gives, checked: inside `--runtime-dir`, unix sockets, and a
+/// monitor that greets as QEMU's (unless it is the one already recorded).
+struct GivenSockets {
+    qmp: Option<(String, Option<String>)>,
+    guest_agent: Option<String>,
+}
+
+async fn checked_sockets(state: &AppState, id: &str, body: &PatchVm) -> Result<GivenSockets> {
+    let guest_agent = body
+        .guest_agent_socket
+        .as_deref()
+        .map(|path| state.live.check_socket("guest_agent_socket", path))
+        .transpose()?;
+    let qmp = match body.qmp_socket.as_deref() {
+        None => None,
+        Some(path) => {
+            let socket = state.live.check_socket("qmp_socket", path)?;
+            let vm = find_vm(&mut *state.db.reader().await?, id).await?;
+            let version = if vm.runtime.qmp_socket.as_deref() == Some(socket.as_str()) {
+                vm.runtime.qemu_version
+            } else {
+                Some(state.live.probe_qmp(vm.id, &socket).await?)
+            };
+            Some((socket, version))
+        }
+    };
+    Ok(GivenSockets { qmp, guest_agent })
+}
+
+impl GivenSockets {
+    /// Record the sockets on the VM as read in the write transaction; a stopped VM
+    /// has none.
+    fn apply(self, vm: &mut Vm) -> Result<()> {
+        let given = self.qmp.is_some() || self.guest_agent.is_some();
+        if vm.state == VmState::Stopped {
+            if given {
+                return Err(Error::problem(
+                    ErrorCode::SocketRefused,
+                    format!(
+                        "VM {} is stopped: give its sockets with \"state\": \"running\"",
+                        vm.name
+                    ),
+                ));
+            }
+            vm.runtime = Default::default();
+            return Ok(());
+        }
+        if let Some((socket, version)) = self.qmp {
+            vm.runtime.qmp_socket = Some(socket);
+            vm.runtime.qemu_version = version;
+        }
+        if let Some(socket) = self.guest_agent {
+            vm.runtime.guest_agent_socket = Some(socket);
+        }
+        Ok(())
+    }
 }
 
 problems!(DeleteVmProblems = VM, CHAIN_JOB, READ_BY_CLONES);

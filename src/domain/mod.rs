@@ -145,8 +145,21 @@ pub struct Vm {
     pub source_vm_id: Option<Uuid>,
     /// The template this VM was deployed from.
     pub template_id: Option<Uuid>,
+    /// How to reach the VM's QEMU while it runs (none when stopped).
+    pub runtime: VmRuntime,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+}
+
+/// The sockets of a running VM's QEMU, given by the orchestrator that started it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmRuntime {
+    /// The QMP monitor: live operations go through it.
+    pub qmp_socket: Option<String>,
+    /// The guest agent's channel: file-system freezes go through it.
+    pub guest_agent_socket: Option<String>,
+    /// QEMU's version, as its monitor reported it when the socket was given.
+    pub qemu_version: Option<String>,
 }
 
 impl Vm {
@@ -163,6 +176,7 @@ impl Vm {
             kind: VmKind::Vm,
             source_vm_id: None,
             template_id: None,
+            runtime: VmRuntime::default(),
             created_at: now,
             updated_at: now,
         }

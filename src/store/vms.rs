@@ -6,7 +6,7 @@ use sqlx::{Row, SqliteConnection};
 use super::{get_enum, get_id, get_opt_id, get_ts, get_u64, id_text, opt_id_text, ts};
 use crate::domain::plan::{DiskGraph, Owner, VolumeNode};
 use crate::domain::{
-    Disk, ExportKey, ResourceStatus, Uuid, Vm, VmKind, VmState, Volume, VolumeStatus,
+    Disk, ExportKey, ResourceStatus, Uuid, Vm, VmKind, VmRuntime, VmState, Volume, VolumeStatus,
 };
 use crate::error::{Error, Result};
 
@@ -23,6 +23,11 @@ fn vm_from_row(row: &SqliteRow) -> Result<Vm> {
         kind: get_enum(row, "kind", VmKind::parse)?,
         source_vm_id: get_opt_id(row, "source_vm_id")?,
         template_id: get_opt_id(row, "template_id")?,
+        runtime: VmRuntime {
+            qmp_socket: row.try_get("qmp_socket")?,
+            guest_agent_socket: row.try_get("guest_agent_socket")?,
+            qemu_version: row.try_get("qemu_version")?,
+        },
         created_at: get_ts(row, "created_at")?,
         updated_at: get_ts(row, "updated_at")?,
     })
@@ -102,15 +107,21 @@ pub async fn insert_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
 
 /// Write the editable fields of a VM (name, description, state).
 pub async fn update_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
-    sqlx::query("UPDATE vms SET name = ?, description = ?, labels = ?, state = ?, updated_at = ? WHERE id = ?")
-        .bind(&vm.name)
-        .bind(&vm.description)
-        .bind(labels_json(vm))
-        .bind(vm.state.as_str())
-        .bind(ts(vm.updated_at))
-        .bind(id_text(vm.id))
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE vms SET name = ?, description = ?, labels = ?, state = ?, qmp_socket = ?,
+         guest_agent_socket = ?, qemu_version = ?, updated_at = ? WHERE id = ?",
+    )
+    .bind(&vm.name)
+    .bind(&vm.description)
+    .bind(labels_json(vm))
+    .bind(vm.state.as_str())
+    .bind(&vm.runtime.qmp_socket)
+    .bind(&vm.runtime.guest_agent_socket)
+    .bind(&vm.runtime.qemu_version)
+    .bind(ts(vm.updated_at))
+    .bind(id_text(vm.id))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

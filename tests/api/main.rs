@@ -15,6 +15,7 @@ mod openapi;
 mod qmp;
 mod readme;
 mod recovery;
+mod runtime;
 mod schedules;
 mod snapshots;
 mod stress;

@@ -14,13 +14,13 @@ use tokio::net::UnixListener;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A qemu-storage-daemon serving one disk's chain, with its monitor at `socket`.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) socket: PathBuf,
 }
 
 impl Daemon {
-    fn start(dir: &Path, top: &Path) -> Self {
+    pub(crate) fn start(dir: &Path, top: &Path) -> Self {
         let socket = dir.join("qmp.sock");
         let blockdev = json!({
             "driver": "qcow2", "node-name": "disk0",
@@ -61,7 +61,7 @@ fn qemu_img(args: &[&str]) {
 }
 
 /// base.qcow2 <- top.qcow2 (a relative backing name, as strata writes them).
-fn chain(dir: &Path) -> PathBuf {
+pub(crate) fn chain(dir: &Path) -> PathBuf {
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
