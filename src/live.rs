@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::domain::Uuid;
 use crate::error::{Error, ErrorCode, Result};
-use crate::qemu::qmp::{Qmp, QmpError};
+use crate::qemu::qmp::{BlockNode, Qmp, QmpError};
 
 /// How long a monitor may take to greet and negotiate when a socket is checked.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -95,5 +95,189 @@ impl Live {
     /// Forget a VM that stopped or went away.
     pub fn forget(&self, vm: Uuid) {
         self.contacts.lock().expect("contacts").remove(&vm);
+    }
+}
+
+/// One disk as strata records it: the files of its chain, active layer first.
+#[derive(Debug, Clone)]
+pub struct DiskChain {
+    pub disk: Uuid,
+    pub name: String,
+    pub files: Vec<String>,
+}
+
+/// The node QEMU reads a disk through: the format node of its active layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskNode {
+    pub disk: Uuid,
+    pub node_name: String,
+}
+
+/// Find each disk's node in QEMU's graph by the file it has open, and check QEMU reads
+/// exactly the chain strata records. Every difference is listed, for a
+/// `runtime_mismatch` answer: strata never guesses which node is meant.
+pub fn match_disks(nodes: &[BlockNode], disks: &[DiskChain]) -> Result<Vec<DiskNode>, Vec<String>> {
+    let format_nodes: Vec<&BlockNode> = nodes.iter().filter(|n| n.drv == "qcow2").collect();
+    let mut found = Vec::with_capacity(disks.len());
+    let mut differences = Vec::new();
+    for disk in disks {
+        let Some(active) = disk.files.first() else {
+            differences.push(format!("disk {}: strata records no file", disk.name));
+            continue;
+        };
+        let opened: Vec<&&BlockNode> = format_nodes
+            .iter()
+            .filter(|n| n.image.filename == *active)
+            .collect();
+        let node = match opened.as_slice() {
+            [] => {
+                differences.push(format!("disk {}: QEMU has not opened {active}", disk.name));
+                continue;
+            }
+            [node] => node,
+            several => {
+                let names: Vec<&str> = several.iter().map(|n| n.node_name.as_str()).collect();
+                differences.push(format!(
+                    "disk {}: QEMU opened {active} {} times ({names:?})",
+                    disk.name,
+                    several.len()
+                ));
+                continue;
+            }
+        };
+        let reads = node.image.chain();
+        if reads != disk.files.iter().map(String::as_str).collect::<Vec<_>>() {
+            differences.push(format!(
+                "disk {}: QEMU reads {reads:?}, strata records {:?}",
+                disk.name, disk.files
+            ));
+            continue;
+        }
+        // A layer above the active one (a snapshot taken behind strata's back) would
+        // take the guest's writes that strata does not know of.
+        for other in &format_nodes {
+            let chain = other.image.chain();
+            if chain.len() > 1 && chain[1..].contains(&active.as_str()) {
+                differences.push(format!(
+                    "disk {}: QEMU has {} above {active}, which strata does not record",
+                    disk.name, other.image.filename
+                ));
+            }
+        }
+        found.push(DiskNode {
+            disk: disk.disk,
+            node_name: node.node_name.clone(),
+        });
+    }
+    if differences.is_empty() {
+        Ok(found)
+    } else {
+        Err(differences)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::qmp::ImageInfo;
+
+    fn image(files: &[&str]) -> ImageInfo {
+        let (first, rest) = files.split_first().unwrap();
+        ImageInfo {
+            filename: first.to_string(),
+            virtual_size: 1 << 30,
+            backing_filename: rest.first().map(|f| f.to_string()),
+            backing_image: (!rest.is_empty()).then(|| Box::new(image(rest))),
+        }
+    }
+
+    fn node(name: &str, files: &[&str]) -> BlockNode {
+        BlockNode {
+            node_name: name.into(),
+            drv: "qcow2".into(),
+            file: files[0].into(),
+            ro: false,
+            image: image(files),
+        }
+    }
+
+    fn disk(name: &str, files: &[&str]) -> DiskChain {
+        DiskChain {
+            disk: crate::domain::new_id(),
+            name: name.into(),
+            files: files.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    /// QEMU lists every format node, and each with the chain below it.
+    fn graph(chains: &[(&str, &[&str])]) -> Vec<BlockNode> {
+        let mut nodes = Vec::new();
+        for (name, files) in chains {
+            for depth in 0..files.len() {
+                let node_name = if depth == 0 {
+                    name.to_string()
+                } else {
+                    format!("#block{name}{depth}")
+                };
+                nodes.push(node(&node_name, &files[depth..]));
+            }
+            nodes.push(BlockNode {
+                drv: "file".into(),
+                ..node(&format!("#file-{name}"), files)
+            });
+        }
+        nodes
+    }
+
+    #[test]
+    fn each_disk_is_found_by_its_active_file_with_its_whole_chain() {
+        let nodes = graph(&[
+            ("root", &["/v/c.qcow2", "/v/b.qcow2", "/v/a.qcow2"]),
+            ("data", &["/v/d.qcow2"]),
+        ]);
+        let disks = [
+            disk("root", &["/v/c.qcow2", "/v/b.qcow2", "/v/a.qcow2"]),
+            disk("data", &["/v/d.qcow2"]),
+        ];
+        let found = match_disks(&nodes, &disks).unwrap();
+        assert_eq!(found[0].node_name, "root");
+        assert_eq!(found[1].node_name, "data");
+        assert_eq!(found[1].disk, disks[1].disk);
+    }
+
+    #[test]
+    fn a_file_qemu_has_not_opened_or_a_different_chain_is_a_mismatch() {
+        let nodes = graph(&[("root", &["/v/c.qcow2", "/v/a.qcow2"])]);
+        let missing = match_disks(&nodes, &[disk("data", &["/v/d.qcow2"])]).unwrap_err();
+        assert_eq!(missing, ["disk data: QEMU has not opened /v/d.qcow2"]);
+        let shorter = match_disks(
+            &nodes,
+            &[disk("root", &["/v/c.qcow2", "/v/b.qcow2", "/v/a.qcow2"])],
+        )
+        .unwrap_err();
+        assert!(
+            shorter[0].contains("QEMU reads [\"/v/c.qcow2\", \"/v/a.qcow2\"]"),
+            "{shorter:?}"
+        );
+    }
+
+    #[test]
+    fn an_overlay_strata_does_not_know_above_the_active_layer_is_a_mismatch() {
+        // Someone took a snapshot with QEMU directly: x.qcow2 now takes the writes.
+        let nodes = graph(&[("root", &["/v/x.qcow2", "/v/c.qcow2", "/v/a.qcow2"])]);
+        let differences =
+            match_disks(&nodes, &[disk("root", &["/v/c.qcow2", "/v/a.qcow2"])]).unwrap_err();
+        assert_eq!(
+            differences,
+            ["disk root: QEMU has /v/x.qcow2 above /v/c.qcow2, which strata does not record"]
+        );
+    }
+
+    #[test]
+    fn a_file_opened_twice_is_not_guessed() {
+        let mut nodes = graph(&[("root", &["/v/c.qcow2"])]);
+        nodes.push(node("copy", &["/v/c.qcow2"]));
+        let differences = match_disks(&nodes, &[disk("root", &["/v/c.qcow2"])]).unwrap_err();
+        assert!(differences[0].contains("2 times"), "{differences:?}");
     }
 }

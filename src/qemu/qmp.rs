@@ -62,7 +62,7 @@ pub struct Event {
     pub data: Value,
 }
 
-/// One block node, as `query-named-block-nodes` (flat) lists it.
+/// One block node, as `query-named-block-nodes` lists it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct BlockNode {
     #[serde(rename = "node-name")]
@@ -82,6 +82,23 @@ pub struct ImageInfo {
     /// The backing file name as written in the image header.
     #[serde(rename = "backing-filename")]
     pub backing_filename: Option<String>,
+    /// The node QEMU actually reads below this one (its open graph, which may differ
+    /// from the header's name).
+    #[serde(rename = "backing-image")]
+    pub backing_image: Option<Box<ImageInfo>>,
+}
+
+impl ImageInfo {
+    /// The files of the chain QEMU reads from this node down, top first.
+    pub fn chain(&self) -> Vec<&str> {
+        let mut files = vec![self.filename.as_str()];
+        let mut below = self.backing_image.as_deref();
+        while let Some(image) = below {
+            files.push(&image.filename);
+            below = image.backing_image.as_deref();
+        }
+        files
+    }
 }
 
 /// One job, as `query-jobs` lists it.
@@ -207,10 +224,9 @@ impl Qmp {
         }
     }
 
-    /// Every block node QEMU has open, flat.
+    /// Every block node QEMU has open, each with the chain it reads.
     pub async fn block_nodes(&mut self) -> Result<Vec<BlockNode>, QmpError> {
-        self.execute("query-named-block-nodes", json!({"flat": true}))
-            .await
+        self.execute("query-named-block-nodes", json!({})).await
     }
 
     /// Every job QEMU knows, concluded ones included until dismissed.

@@ -98,6 +98,12 @@ async fn the_client_negotiates_queries_the_graph_and_reports_command_errors() {
     assert_eq!(Path::new(&disk.image.filename), top);
     assert_eq!(disk.image.virtual_size, 64 << 20);
     assert_eq!(disk.image.backing_filename.as_deref(), Some("base.qcow2"));
+    // The chain QEMU has open, as live jobs compare it with the records.
+    let base = dir.path().join("base.qcow2");
+    assert_eq!(
+        disk.image.chain(),
+        [top.to_str().unwrap(), base.to_str().unwrap()]
+    );
     // The backing layer is open as its own node, reading base.qcow2.
     assert!(
         nodes
