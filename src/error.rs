@@ -51,6 +51,7 @@ error_codes! {
     DiskNotLinked => ("disk_not_linked", CONFLICT, "The disk is not a linked clone"),
     ScheduleBusy => ("schedule_busy", CONFLICT, "A run of the schedule is still in progress"),
     JobNotCancellable => ("job_not_cancellable", CONFLICT, "The job can no longer be cancelled"),
+    RuntimeMismatch => ("runtime_mismatch", CONFLICT, "The VM's QEMU does not read the chains strata records"),
     ImageFormatMismatch => ("image_format_mismatch", UNPROCESSABLE_ENTITY, "The image is not in the declared format"),
     ImageHasBackingFile => ("image_has_backing_file", UNPROCESSABLE_ENTITY, "The image names a backing file"),
     ImageHasDataFile => ("image_has_data_file", UNPROCESSABLE_ENTITY, "The image uses an external data file"),

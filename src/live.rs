@@ -127,7 +127,7 @@ pub fn match_disks(nodes: &[BlockNode], disks: &[DiskChain]) -> Result<Vec<DiskN
         };
         let opened: Vec<&&BlockNode> = format_nodes
             .iter()
-            .filter(|n| n.image.filename == *active)
+            .filter(|n| n.image.file_name() == *active)
             .collect();
         let node = match opened.as_slice() {
             [] => {
@@ -146,7 +146,7 @@ pub fn match_disks(nodes: &[BlockNode], disks: &[DiskChain]) -> Result<Vec<DiskN
             }
         };
         let reads = node.image.chain();
-        if reads != disk.files.iter().map(String::as_str).collect::<Vec<_>>() {
+        if reads != disk.files {
             differences.push(format!(
                 "disk {}: QEMU reads {reads:?}, strata records {:?}",
                 disk.name, disk.files
@@ -157,10 +157,10 @@ pub fn match_disks(nodes: &[BlockNode], disks: &[DiskChain]) -> Result<Vec<DiskN
         // take the guest's writes that strata does not know of.
         for other in &format_nodes {
             let chain = other.image.chain();
-            if chain.len() > 1 && chain[1..].contains(&active.as_str()) {
+            if chain.len() > 1 && chain[1..].contains(active) {
                 differences.push(format!(
                     "disk {}: QEMU has {} above {active}, which strata does not record",
-                    disk.name, other.image.filename
+                    disk.name, chain[0]
                 ));
             }
         }
@@ -271,6 +271,15 @@ mod tests {
             differences,
             ["disk root: QEMU has /v/x.qcow2 above /v/c.qcow2, which strata does not record"]
         );
+    }
+
+    #[test]
+    fn a_node_qemu_names_with_a_json_description_is_matched_by_its_file() {
+        // What blockdev-snapshot makes of an overlay opened with `backing: null`.
+        let mut nodes = graph(&[("root", &["/v/b.qcow2", "/v/a.qcow2"])]);
+        nodes[0].image.filename = r#"json:{"backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "/v/a.qcow2"}}, "driver": "qcow2", "file": {"driver": "file", "filename": "/v/b.qcow2"}}"#.into();
+        let found = match_disks(&nodes, &[disk("root", &["/v/b.qcow2", "/v/a.qcow2"])]).unwrap();
+        assert_eq!(found[0].node_name, "root");
     }
 
     #[test]

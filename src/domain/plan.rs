@@ -181,6 +181,31 @@ pub enum FileOp {
         format: ImageFormat,
         volume: Uuid,
     },
+    /// Open each overlay (made by earlier `Create` steps) in the running VM's QEMU,
+    /// beside its disk, after checking QEMU reads exactly the recorded chains. Changes
+    /// nothing the guest reads; undone by closing the nodes again.
+    LiveAdd {
+        vm: Uuid,
+        overlays: Vec<LiveOverlay>,
+    },
+    /// Switch every disk of the running VM onto its overlay at one instant (one QMP
+    /// transaction): from then on the guest writes into the overlays, so the job can
+    /// only go forward. Redone, it finds the switch made and does nothing; with no QEMU
+    /// left to ask (the VM stopped), the overlays are right to record either way (an
+    /// overlay QEMU never wrote reads exactly as the layer below it).
+    LiveSwitch {
+        vm: Uuid,
+        overlays: Vec<LiveOverlay>,
+    },
+}
+
+/// One disk of a live snapshot: the layer QEMU writes now and the overlay that takes
+/// over from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveOverlay {
+    pub disk: Uuid,
+    pub active: Uuid,
+    pub overlay: Uuid,
 }
 
 impl FileOp {
@@ -189,7 +214,10 @@ impl FileOp {
     /// file's new size is in its header once qemu-img is done), so a cancel arriving
     /// while it runs is refused rather than accepted and not honoured.
     pub fn is_point_of_no_return(&self) -> bool {
-        matches!(self, FileOp::Commit { .. } | FileOp::Resize { .. })
+        matches!(
+            self,
+            FileOp::Commit { .. } | FileOp::Resize { .. } | FileOp::LiveSwitch { .. }
+        )
     }
 
     /// Steps whose child process may be killed at any moment without changing what any
@@ -224,6 +252,9 @@ impl FileOp {
             | FileOp::Convert { volume, .. }
             | FileOp::Import { volume, .. } => vec![volume],
             FileOp::Commit { top, base } => vec![top, base],
+            FileOp::LiveAdd { .. } => vec![],
+            // QEMU writes the overlays from the switch on.
+            FileOp::LiveSwitch { ref overlays, .. } => overlays.iter().map(|o| o.overlay).collect(),
         }
     }
 }
@@ -601,6 +632,46 @@ pub fn plan_snapshot_create(
     ]);
     // A snapshot that could not be taken never existed.
     plan.undo.push(MetaOp::DeleteSnapshot { snapshot });
+    Ok(plan)
+}
+
+/// A snapshot of a running VM: the offline plan's overlays, opened in its QEMU and
+/// switched in at one instant before the records change.
+pub fn plan_live_snapshot_create(
+    vm: Uuid,
+    snapshot: Uuid,
+    parent: Option<Uuid>,
+    disks: &[DiskGraph],
+) -> Result<Plan, PlanError> {
+    let mut plan = plan_snapshot_create(vm, snapshot, parent, disks)?;
+    let overlays: Vec<LiveOverlay> = plan
+        .steps
+        .iter()
+        .zip(disks)
+        .filter_map(|(step, disk)| match step.op {
+            FileOp::Create {
+                volume,
+                backing: Some(active),
+                ..
+            } => Some(LiveOverlay {
+                disk: disk.disk_id,
+                active,
+                overlay: volume,
+            }),
+            _ => None,
+        })
+        .collect();
+    plan.steps.push(Step {
+        op: FileOp::LiveAdd {
+            vm,
+            overlays: overlays.clone(),
+        },
+        then: vec![],
+    });
+    plan.steps.push(Step {
+        op: FileOp::LiveSwitch { vm, overlays },
+        then: vec![],
+    });
     Ok(plan)
 }
 

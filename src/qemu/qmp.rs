@@ -89,12 +89,23 @@ pub struct ImageInfo {
 }
 
 impl ImageInfo {
+    /// The image file this node reads. QEMU names a node whose backing was attached at
+    /// run time (an overlay switched in by `blockdev-snapshot`) with a `json:{...}`
+    /// description instead of a path: its `file.filename` is the path.
+    pub fn file_name(&self) -> String {
+        self.filename
+            .strip_prefix("json:")
+            .and_then(|json| serde_json::from_str::<Value>(json).ok())
+            .and_then(|description| description["file"]["filename"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| self.filename.clone())
+    }
+
     /// The files of the chain QEMU reads from this node down, top first.
-    pub fn chain(&self) -> Vec<&str> {
-        let mut files = vec![self.filename.as_str()];
+    pub fn chain(&self) -> Vec<String> {
+        let mut files = vec![self.file_name()];
         let mut below = self.backing_image.as_deref();
         while let Some(image) = below {
-            files.push(&image.filename);
+            files.push(image.file_name());
             below = image.backing_image.as_deref();
         }
         files

@@ -11,6 +11,7 @@ mod guest_agent;
 mod helpers;
 mod imports;
 mod jobs;
+mod live;
 mod openapi;
 mod qmp;
 mod readme;

@@ -44,7 +44,7 @@ async fn assert_two_disk_present(app: &TestApp, vm: &str) {
 }
 
 /// Every file in volumes/ belongs to some chain the API shows, and every chain opens.
-async fn assert_files_match_metadata(app: &TestApp, vm: &str) {
+pub(crate) async fn assert_files_match_metadata(app: &TestApp, vm: &str) {
     let view = app.vm(vm).await;
     let mut known: Vec<String> = Vec::new();
     for disk in view["disks"].as_array().unwrap() {

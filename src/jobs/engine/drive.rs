@@ -295,6 +295,12 @@ impl Engine {
     /// dropped before the final commit), and the records with it. The copied clusters
     /// stay in the file and read exactly as that layer does.
     async fn roll_back_files(&self, plan: &Plan, index: usize) -> Result<Vec<MetaOp>> {
+        // Overlays a live job opened in QEMU are closed before their files go.
+        for step in &plan.steps {
+            if let FileOp::LiveAdd { vm, ref overlays } = step.op {
+                self.live_remove(vm, overlays).await?;
+            }
+        }
         for step in &plan.steps {
             if let Some(volume) = step.op.created_volume() {
                 remove_if_exists(&self.volume_path(volume)).await?;
@@ -326,23 +332,24 @@ impl Engine {
         Ok(undo)
     }
 
-    /// Hand a job that cannot go on for want of space back to the queue, to be tried
-    /// again in a while from its journal (the step it was in is redone as interrupted).
+    /// Hand a job that cannot go on past its point of no return (out of space, or a
+    /// running VM's QEMU that cannot be asked now) back to the queue, to be tried again
+    /// in a while from its journal (the step it was in is redone as interrupted).
     pub(super) async fn park(&self, job: &Job, error: &Error) -> Result<()> {
-        tracing::warn!(job = %job.id, kind = %job.kind, error = %error, "out of space in the middle of a merge; the job waits for free space");
+        let code = error.code();
+        let waiting_for = if code == ErrorCode::InsufficientStorage {
+            "free space"
+        } else {
+            "the VM's QEMU"
+        };
+        tracing::warn!(job = %job.id, kind = %job.kind, error = %error, "the job waits for {waiting_for} to go on");
         let retry_at = store::now() + chrono::Duration::from_std(PARK_FOR).expect("a short pause");
         let message = format!(
-            "waiting for free space to finish (tried again every {} s): {error}",
+            "waiting for {waiting_for} to finish (tried again every {} s): {error}",
             PARK_FOR.as_secs()
         );
         let mut tx = self.db.begin().await?;
-        store::jobs::park(
-            &mut tx,
-            job.id,
-            retry_at,
-            (ErrorCode::InsufficientStorage.as_str(), &message),
-        )
-        .await?;
+        store::jobs::park(&mut tx, job.id, retry_at, (code.as_str(), &message)).await?;
         tx.commit().await?;
         Ok(())
     }

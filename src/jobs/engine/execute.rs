@@ -46,6 +46,11 @@ impl Engine {
             if past_no_return && error.is_out_of_space() && !can_fail {
                 return Err(Stop::Parked(error));
             }
+            // A switch that may have happened must be recorded, never given up: the
+            // job waits until QEMU answers (or is gone) and tries again.
+            if matches!(op, FileOp::LiveSwitch { .. }) {
+                return Err(Stop::Parked(error));
+            }
             let killed = matches!(error, Error::Qemu(QemuError::Killed { .. }));
             let retry = if past_no_return {
                 failures <= FORWARD_RETRIES
@@ -107,6 +112,8 @@ impl Engine {
             FileOp::Import { .. } | FileOp::Convert { .. } => {
                 self.copy(op, cancel, progress).await?;
             }
+            FileOp::LiveAdd { vm, ref overlays } => self.live_add(vm, overlays).await?,
+            FileOp::LiveSwitch { vm, ref overlays } => self.live_switch(vm, overlays).await?,
         }
         Ok(())
     }

@@ -1,12 +1,14 @@
 //! The engine's machinery, by concern: `worker` (the worker loop, claiming, recovery
 //! at start, resuming after a failed journal write), `drive` (driving one job through
 //! its plan and journal: plan, steps, commit, stop, park), `execute` (one file
-//! operation, with its retries and progress) and `fault` (test-only crash points).
+//! operation, with its retries and progress), `live` (the steps that work on a running
+//! VM's QEMU) and `fault` (test-only crash points).
 //! The `Engine` type and what the rest of the service calls live in `jobs`.
 
 mod drive;
 mod execute;
 mod fault;
+mod live;
 mod worker;
 
 use crate::domain::{Job, JobStatus};

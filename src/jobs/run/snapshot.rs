@@ -8,9 +8,9 @@ use super::guards::{
 };
 use super::links::flatten_dependents_first;
 use super::{Admission, Planning, Run};
-use crate::domain::ResourceStatus;
 use crate::domain::job_spec::{SnapshotCreate, SnapshotDelete, SnapshotDeleteAll, SnapshotRevert};
 use crate::domain::plan::{self, MetaOp, Plan};
+use crate::domain::{ResourceStatus, Vm, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
@@ -21,7 +21,7 @@ impl Run for SnapshotCreate {
     async fn admit(&mut self, conn: &mut SqliteConnection) -> Result<Admission> {
         let vm = load_vm(conn, self.vm).await?;
         require_ready(&vm)?;
-        require_stopped(&vm, "take an offline snapshot of it")?;
+        require_reachable_if_running(&vm)?;
         if store::vms::list_disks(conn, vm.id).await?.is_empty() {
             return Err(Error::problem(
                 ErrorCode::VmHasNoDisks,
@@ -32,14 +32,21 @@ impl Run for SnapshotCreate {
     }
 
     async fn plan(&self, cx: &mut Planning<'_>) -> Result<Plan> {
-        require_stopped(&cx.vm, "take an offline snapshot of it")?;
+        // Decided from the VM as it is when the job runs: a VM stopped since the
+        // request is snapshotted offline.
+        require_reachable_if_running(&cx.vm)?;
         if cx.graphs.is_empty() {
             return Err(Error::problem(
                 ErrorCode::VmHasNoDisks,
                 "a snapshot needs at least one disk",
             ));
         }
-        Ok(plan::plan_snapshot_create(
+        let make = if cx.vm.state == VmState::Running {
+            plan::plan_live_snapshot_create
+        } else {
+            plan::plan_snapshot_create
+        };
+        Ok(make(
             self.vm,
             self.snapshot,
             cx.vm.current_snapshot_id,
@@ -52,6 +59,21 @@ impl Run for SnapshotCreate {
             snapshot: self.snapshot,
         }])
     }
+}
+
+/// A running VM is snapshotted live through its QEMU, which strata can only reach by
+/// the QMP socket the orchestrator gave.
+fn require_reachable_if_running(vm: &Vm) -> Result<()> {
+    if vm.state == VmState::Running && vm.runtime.qmp_socket.is_none() {
+        return Err(Error::problem(
+            ErrorCode::VmRunning,
+            format!(
+                "VM {} is running and strata has no QMP socket for it: stop it first, or give its QMP socket (PATCH qmp_socket, inside --runtime-dir) to snapshot it live",
+                vm.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Run for SnapshotRevert {

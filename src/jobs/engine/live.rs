@@ -1,0 +1,212 @@
+//! The steps of live jobs: work on a running VM's QEMU through its QMP monitor.
+//!
+//! State is always learned by asking QEMU (its open graph), never from what an earlier
+//! attempt remembers, so every step can be redone after a crash of strata or a lost
+//! answer: each disk is found either on the chain the records describe ("before") or
+//! on its overlay above that chain ("switched"), and anything else is a
+//! `runtime_mismatch`, never a guess.
+
+use std::io::ErrorKind;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::super::Engine;
+use crate::domain::Uuid;
+use crate::domain::plan::LiveOverlay;
+use crate::error::{Error, ErrorCode, Result};
+use crate::live::{DiskChain, match_disks};
+use crate::qemu::qmp::{BlockNode, Qmp, QmpError};
+use crate::store;
+
+/// Bounds every exchange with a monitor. Graph changes are quick; a QEMU that does not
+/// answer within this is treated as hung, and the step is tried again.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where every disk of a live step stands in QEMU's graph.
+#[derive(Debug, PartialEq, Eq)]
+enum Graph {
+    /// QEMU reads the recorded chains; the disks' nodes, in the overlays' order.
+    Before(Vec<String>),
+    /// Every disk already reads its overlay on top of the recorded chain.
+    Switched,
+}
+
+impl Engine {
+    /// Open the overlays in QEMU as nodes of their own (not yet read by anything).
+    pub(super) async fn live_add(&self, vm: Uuid, overlays: &[LiveOverlay]) -> Result<()> {
+        let mut qmp = self.connect_live(vm).await?.ok_or_else(|| {
+            Error::problem(
+                ErrorCode::VmNotReady,
+                format!("VM {vm} no longer has a QEMU to reach: take the snapshot offline"),
+            )
+        })?;
+        let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
+        if self.live_graph(&nodes, overlays).await? == Graph::Switched {
+            return Ok(());
+        }
+        for overlay in overlays {
+            let name = overlay_node(overlay.overlay);
+            if nodes.iter().any(|n| n.node_name == name) {
+                continue;
+            }
+            let filename = self.volume_path(overlay.overlay);
+            // `backing: null`: the switch attaches the disk's node as its backing;
+            // opening the backing file again would fight QEMU's own lock on it.
+            let node = json!({
+                "driver": "qcow2",
+                "node-name": name,
+                "file": {"driver": "file", "filename": filename},
+                "backing": null
+            });
+            qmp.execute::<Value>("blockdev-add", node)
+                .await
+                .map_err(qmp_error)?;
+        }
+        Ok(())
+    }
+
+    /// Switch every disk onto its overlay in one transaction (all or none), then check
+    /// QEMU reads the overlays. Done already, or no QEMU left: nothing to do.
+    pub(super) async fn live_switch(&self, vm: Uuid, overlays: &[LiveOverlay]) -> Result<()> {
+        let Some(mut qmp) = self.connect_live(vm).await? else {
+            tracing::warn!(%vm, "the VM's QEMU is gone; its overlays are recorded as they are");
+            return Ok(());
+        };
+        let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
+        let disk_nodes = match self.live_graph(&nodes, overlays).await? {
+            Graph::Switched => return Ok(()),
+            Graph::Before(disk_nodes) => disk_nodes,
+        };
+        let actions: Vec<Value> = overlays
+            .iter()
+            .zip(&disk_nodes)
+            .map(|(overlay, node)| {
+                json!({"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay_node(overlay.overlay)}})
+            })
+            .collect();
+        qmp.execute::<Value>("transaction", json!({"actions": actions}))
+            .await
+            .map_err(qmp_error)?;
+        let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
+        match self.live_graph(&nodes, overlays).await? {
+            Graph::Switched => Ok(()),
+            Graph::Before(_) => Err(Error::problem(
+                ErrorCode::RuntimeMismatch,
+                "QEMU accepted the snapshot transaction but still reads the old layers",
+            )),
+        }
+    }
+
+    /// Close overlay nodes a stopped live job opened, before their files go. With no
+    /// QEMU to ask, there is nothing to close; a node that reads nothing the guest
+    /// writes is harmless to leave if closing it fails.
+    pub(super) async fn live_remove(&self, vm: Uuid, overlays: &[LiveOverlay]) -> Result<()> {
+        let Some(mut qmp) = self.connect_live(vm).await? else {
+            return Ok(());
+        };
+        let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
+        // Whatever else QEMU reads (a mismatch may be why the job stops), an overlay
+        // with a backing attached has been switched in and takes the guest's writes.
+        // Never reached (a stop past the switch goes forward); refuse rather than let
+        // its file go.
+        let switched = nodes.iter().find(|n| {
+            let chain = n.image.chain();
+            chain.len() > 1
+                && overlays
+                    .iter()
+                    .any(|o| chain[0] == self.volume_path(o.overlay).display().to_string())
+        });
+        if let Some(node) = switched {
+            return Err(Error::Internal(format!(
+                "VM {vm}'s QEMU already writes into {}; it cannot be removed",
+                node.image.file_name()
+            )));
+        }
+        for overlay in overlays {
+            let name = overlay_node(overlay.overlay);
+            if nodes.iter().any(|n| n.node_name == name)
+                && let Err(e) = qmp
+                    .execute::<Value>("blockdev-del", json!({"node-name": name}))
+                    .await
+            {
+                tracing::warn!(%vm, node = %name, error = %e, "could not close an overlay node");
+            }
+        }
+        Ok(())
+    }
+
+    /// A monitor connection to the VM's QEMU, or `None` when there is no QEMU to reach:
+    /// the VM has no socket recorded any more (it was marked stopped), or nothing
+    /// listens on it (the process is gone). A QEMU that does not answer is an error.
+    async fn connect_live(&self, vm: Uuid) -> Result<Option<Qmp>> {
+        let record = store::vms::get_vm(&mut *self.db.reader().await?, vm).await?;
+        let Some(socket) = record.and_then(|vm| vm.runtime.qmp_socket) else {
+            return Ok(None);
+        };
+        match Qmp::connect(socket.as_ref(), QMP_TIMEOUT).await {
+            Ok(qmp) => Ok(Some(qmp)),
+            Err(QmpError::Io(e))
+                if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(qmp_error(e)),
+        }
+    }
+
+    /// Where the disks stand: on their recorded chains, or on their overlays above
+    /// them; anything else is a mismatch listing what differs.
+    async fn live_graph(&self, nodes: &[BlockNode], overlays: &[LiveOverlay]) -> Result<Graph> {
+        let mut before = Vec::with_capacity(overlays.len());
+        let mut switched = Vec::with_capacity(overlays.len());
+        let mut conn = self.db.reader().await?;
+        for overlay in overlays {
+            let chain = store::vms::volume_chain(&mut conn, overlay.active).await?;
+            let files: Vec<String> = chain
+                .iter()
+                .map(|v| self.volume_path(*v).display().to_string())
+                .collect();
+            let name = overlay.disk.to_string();
+            let mut above = vec![self.volume_path(overlay.overlay).display().to_string()];
+            above.extend(files.iter().cloned());
+            before.push(DiskChain {
+                disk: overlay.disk,
+                name: name.clone(),
+                files,
+            });
+            switched.push(DiskChain {
+                disk: overlay.disk,
+                name,
+                files: above,
+            });
+        }
+        if match_disks(nodes, &switched).is_ok() {
+            return Ok(Graph::Switched);
+        }
+        match match_disks(nodes, &before) {
+            Ok(found) => Ok(Graph::Before(
+                found.into_iter().map(|d| d.node_name).collect(),
+            )),
+            Err(differences) => Err(Error::problem(
+                ErrorCode::RuntimeMismatch,
+                format!(
+                    "the VM's QEMU does not read the chains strata records: {}",
+                    differences.join("; ")
+                ),
+            )),
+        }
+    }
+}
+
+/// The node name of an overlay in QEMU: deterministic, so a redone step finds the node
+/// an earlier attempt added, and within QEMU's 31-character limit (the UUIDv7's
+/// random tail).
+fn overlay_node(volume: Uuid) -> String {
+    let hex = volume.simple().to_string();
+    format!("strata-{}", &hex[8..])
+}
+
+fn qmp_error(e: QmpError) -> Error {
+    Error::problem(ErrorCode::QemuFailed, format!("QMP: {e}"))
+}

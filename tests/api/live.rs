@@ -1,0 +1,331 @@
+//! Live snapshots of running VMs through their QMP monitor. `qemu-storage-daemon`
+//! stands in for the VM's QEMU: it opens the disks' active chains, serves its monitor
+//! in `--runtime-dir`, and exports each disk over NBD, so the test writes into the
+//! "guest" disks while the job runs and checks every byte afterwards.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use strata::qemu::qmp::Qmp;
+
+use crate::helpers::*;
+use crate::recovery::assert_files_match_metadata;
+
+const DISK: u64 = 64 << 20;
+const MIB: u64 = 1 << 20;
+
+/// The running VM: a qemu-storage-daemon with one node and one NBD export per disk.
+struct RunningVm {
+    child: Child,
+    qmp: PathBuf,
+    nbd: PathBuf,
+}
+
+impl RunningVm {
+    /// Open each disk's active chain (`disk0`, `disk1`, ... in the order given).
+    fn start(run_dir: &Path, actives: &[String]) -> Self {
+        let qmp = run_dir.join("vm.qmp");
+        let nbd = run_dir.join("vm.nbd");
+        let mut command = Command::new("qemu-storage-daemon");
+        for (i, active) in actives.iter().enumerate() {
+            let blockdev = json!({
+                "driver": "qcow2", "node-name": format!("disk{i}"),
+                "file": {"driver": "file", "filename": active, "auto-read-only": true}
+            });
+            command.arg("--blockdev").arg(blockdev.to_string());
+        }
+        command
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", nbd.display()));
+        for i in 0..actives.len() {
+            command.arg("--export").arg(format!(
+                "type=nbd,id=exp{i},node-name=disk{i},name=disk{i},writable=on"
+            ));
+        }
+        command
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=mon0,path={},server=on,wait=off",
+                qmp.display()
+            ))
+            .args(["--monitor", "chardev=mon0"])
+            .stdout(Stdio::null());
+        let child = command.spawn().expect("start qemu-storage-daemon");
+        for _ in 0..400 {
+            if qmp.exists() && nbd.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Self { child, qmp, nbd }
+    }
+
+    /// Write `pattern` over [offset, offset + len) bytes of disk `index`, as the guest.
+    fn write(&self, index: usize, pattern: u8, offset: u64, len: u64) {
+        let url = format!("nbd+unix:///disk{index}?socket={}", self.nbd.display());
+        let output = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {pattern:#x} {offset} {len}"),
+                &url,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success() && !String::from_utf8_lossy(&output.stdout).contains("error"),
+            "guest write failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The files QEMU has open on top of each disk node, as it reports them.
+    async fn top_files(&self) -> Vec<String> {
+        let mut qmp = Qmp::connect(&self.qmp, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let nodes = qmp.block_nodes().await.unwrap();
+        let exports: Value = qmp.execute("query-block-exports", json!({})).await.unwrap();
+        // In disk order (exports are listed in no set order).
+        let mut exports = exports.as_array().unwrap().clone();
+        exports.sort_by_key(|e| e["id"].as_str().unwrap().to_owned());
+        exports
+            .iter()
+            .map(|export| {
+                let node = export["node-name"].as_str().unwrap();
+                nodes
+                    .iter()
+                    .find(|n| n.node_name == node)
+                    .map(|n| n.image.file_name())
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    /// Stop the VM (its QEMU exits).
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn spawn(run_dir: &Path, fault: Option<&str>) -> TestApp {
+    let mut env = vec![("STRATA_RUNTIME_DIR", run_dir.to_str().unwrap())];
+    if let Some(fault) = fault {
+        env.push(("STRATA_FAULT", fault));
+    }
+    let app = TestApp::spawn_with(&env).await;
+    app.wait_ready().await;
+    app
+}
+
+/// A two-disk VM, running in a daemon, marked running with its QMP socket. Before it
+/// ran, `root` got 0x11 over its first MiB (offline).
+async fn running_vm(app: &TestApp, run_dir: &Path, name: &str) -> (String, RunningVm) {
+    let vm = id(&app.create_vm(name, &[("root", DISK), ("data", DISK)]).await);
+    write(&app.active_path(&vm, "root").await, 0x11, 0, 1);
+    let actives = vec![
+        app.active_path(&vm, "root").await,
+        app.active_path(&vm, "data").await,
+    ];
+    let process = RunningVm::start(run_dir, &actives);
+    let (status, body) = app
+        .patch(
+            &format!("/v1/vms/{vm}"),
+            json!({"state": "running", "qmp_socket": process.qmp}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    (vm, process)
+}
+
+fn run_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let canonical = std::fs::canonicalize(dir.path()).unwrap();
+    (dir, canonical)
+}
+
+#[tokio::test]
+async fn a_live_snapshot_switches_every_disk_at_once_and_loses_no_guest_write() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "live-snap").await;
+    let old_root = app.active_path(&vm, "root").await;
+    let old_data = app.active_path(&vm, "data").await;
+    process.write(0, 0x22, MIB, MIB);
+    process.write(1, 0x61, 0, MIB);
+
+    // A guest that keeps writing while the snapshot is taken: each write goes to a
+    // MiB of its own, past the areas the checks below look at.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        let nbd = process.nbd.clone();
+        std::thread::spawn(move || {
+            let mut written = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 40 {
+                let (disk, offset, pattern) = (n % 2, (8 + n) * MIB, 0x80 + n as u8);
+                let url = format!("nbd+unix:///disk{disk}?socket={}", nbd.display());
+                let ok = Command::new("qemu-io")
+                    .args([
+                        "-f",
+                        "raw",
+                        "-c",
+                        &format!("write -P {pattern:#x} {offset} {MIB}"),
+                        &url,
+                    ])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                assert!(ok, "a guest write failed during the snapshot");
+                written.push((disk, offset, pattern));
+                n += 1;
+            }
+            written
+        })
+    };
+    let job = app
+        .expect_job(
+            app.post(
+                &format!("/v1/vms/{vm}/snapshots"),
+                json!({"name": "live-1"}),
+            )
+            .await,
+        )
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    let concurrent = writer.join().unwrap();
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let snapshot = job["target"]["id"].as_str().unwrap().to_owned();
+
+    // The API shows the new active layers at once; QEMU writes into them.
+    let new_root = app.active_path(&vm, "root").await;
+    let new_data = app.active_path(&vm, "data").await;
+    assert_ne!(new_root, old_root);
+    assert_ne!(new_data, old_data);
+    assert_eq!(
+        process.top_files().await,
+        [new_root.clone(), new_data.clone()]
+    );
+    assert_eq!(app.snapshot_path(&vm, &snapshot, "root").await, old_root);
+
+    // After the snapshot, the guest overwrites the first MiB of root.
+    process.write(0, 0x33, 0, MIB);
+    process.stop();
+    let (status, body) = app
+        .patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The snapshot holds what the guest wrote before it, and nothing after.
+    expect_all(&old_root, &[(0x11, 0, 1), (0x22, 1, 1)]);
+    expect_all(&old_data, &[(0x61, 0, 1)]);
+    // The present holds everything, the concurrent writes included.
+    expect_all(&new_root, &[(0x33, 0, 1), (0x22, 1, 1)]);
+    expect_all(&new_data, &[(0x61, 0, 1)]);
+    for (disk, offset, pattern) in concurrent {
+        let path = if disk == 0 { &new_root } else { &new_data };
+        expect_bytes(path, pattern, offset, MIB);
+    }
+    for path in [&old_root, &old_data, &new_root, &new_data] {
+        check_clean(path);
+    }
+    assert_eq!(chain(&new_root), [new_root.clone(), old_root.clone()]);
+    assert_files_match_metadata(&app, &vm).await;
+}
+
+#[tokio::test]
+async fn a_qemu_reading_other_files_than_the_records_is_refused_and_nothing_changes() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let vm = id(&app.create_vm("live-mismatch", &[("root", DISK)]).await);
+    let active = app.active_path(&vm, "root").await;
+    // QEMU runs the VM from a copy strata does not know.
+    let stray = run_dir.join("stray.qcow2");
+    std::fs::copy(&active, &stray).unwrap();
+    let process = RunningVm::start(&run_dir, &[stray.display().to_string()]);
+    let (status, body) = app
+        .patch(
+            &format!("/v1/vms/{vm}"),
+            json!({"state": "running", "qmp_socket": process.qmp}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let files_before = app.volume_files();
+
+    let (status, job) = app
+        .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s"}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let job = app.wait_job_end(&job).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "runtime_mismatch", "{job}");
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has not opened"),
+        "{job}"
+    );
+    let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
+    assert_eq!(list["items"], json!([]));
+    assert_eq!(app.active_path(&vm, "root").await, active);
+    assert_eq!(app.volume_files(), files_before);
+    assert_eq!(process.top_files().await, [stray.display().to_string()]);
+}
+
+#[tokio::test]
+async fn a_crash_at_any_point_of_a_live_snapshot_ends_with_the_snapshot_or_nothing_lost() {
+    // Steps: create(root), create(data), open the overlays in QEMU (2), switch (3).
+    for point in ["planned", "after-step-1", "after-step-2", "committed"] {
+        let (_run, run_dir) = run_dir();
+        let fault = format!("snapshot_create:{point}");
+        let mut app = spawn(&run_dir, Some(&fault)).await;
+        let (vm, mut process) = running_vm(&app, &run_dir, "live-crash").await;
+        let old_root = app.active_path(&vm, "root").await;
+        process.write(0, 0x22, MIB, MIB);
+        let (status, job) = app
+            .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s"}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let exit = app.wait_exit();
+        assert!(
+            !exit.success(),
+            "{point}: the injected fault aborts the process"
+        );
+        // The guest goes on writing while strata is down.
+        process.write(0, 0x44, 2 * MIB, MIB);
+        app.restart(&[("STRATA_RUNTIME_DIR", run_dir.to_str().unwrap())])
+            .await;
+
+        let job = app.wait_job_end(&job).await;
+        assert_eq!(job["status"], "succeeded", "{point}: {job}");
+        let new_root = app.active_path(&vm, "root").await;
+        assert_ne!(new_root, old_root, "{point}");
+        assert_eq!(process.top_files().await[0], new_root, "{point}");
+        process.write(0, 0x33, 0, MIB);
+        process.stop();
+        expect_all(&old_root, &[(0x11, 0, 1), (0x22, 1, 1)]);
+        expect_all(&new_root, &[(0x33, 0, 1), (0x22, 1, 1), (0x44, 2, 1)]);
+        check_clean(&new_root);
+        check_clean(&old_root);
+        let (status, body) = app
+            .patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_files_match_metadata(&app, &vm).await;
+    }
+}
