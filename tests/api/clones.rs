@@ -971,3 +971,121 @@ async fn a_collapse_behind_a_linked_clone_of_the_present_is_refused_at_once() {
         "{body}"
     );
 }
+
+/// File names (not paths) of a chain, top first.
+fn chain_names(path: &str) -> Vec<String> {
+    chain(path)
+        .iter()
+        .map(|p| p.rsplit('/').next().unwrap().to_owned())
+        .collect()
+}
+
+/// The shape the stress test's seed 2 once left (four layers "shown by no record"):
+/// linked clones of the present froze it into shared layers, a snapshot was taken on
+/// top of them, the VM went back to an older snapshot and the clones were deleted. No
+/// view shows those shared layers any more (a VM shows its present chain, a snapshot
+/// only its own layer), but the snapshot's layer still reads them, so they must stay:
+/// recorded in the volumes table with their parents, kept across a restart, and
+/// dropped with the snapshot once nothing reads them.
+#[tokio::test]
+async fn shared_layers_under_a_snapshot_off_the_present_stay_recorded_though_no_view_shows_them() {
+    let mut app = TestApp::spawn().await;
+    let source = id(&app.create_vm("stacked", &[("root", DISK)]).await);
+    write(&app.active_path(&source, "root").await, 0x41, 0, 2);
+    let s0 = app.snapshot(&source, "s0").await;
+    let mut readers = Vec::new();
+    for layer in 0..4u8 {
+        write(
+            &app.active_path(&source, "root").await,
+            0x51 + layer,
+            2 + u64::from(layer),
+            1,
+        );
+        let reader = clone(
+            &app,
+            &source,
+            json!({"name": format!("reader-{layer}"), "mode": "linked"}),
+        )
+        .await;
+        readers.push(id(&reader));
+    }
+    write(&app.active_path(&source, "root").await, 0x5f, 6, 1);
+    let s1 = app.snapshot(&source, "s1").await;
+    let s1_bytes = [
+        (0x41, 0, 2),
+        (0x51, 2, 1),
+        (0x52, 3, 1),
+        (0x53, 4, 1),
+        (0x54, 5, 1),
+        (0x5f, 6, 1),
+    ];
+    app.revert(&s0).await;
+    for reader in &readers {
+        app.expect_job(app.delete(&format!("/v1/vms/{reader}")).await)
+            .await;
+    }
+
+    let s1_path = app.snapshot_path(&source, &s1, "root").await;
+    let s1_chain = chain_names(&s1_path);
+    let mut shown: Vec<String> = chain_names(&app.active_path(&source, "root").await);
+    for snapshot in [&s0, &s1] {
+        let path = app.snapshot_path(&source, snapshot, "root").await;
+        shown.push(path.rsplit('/').next().unwrap().to_owned());
+    }
+    let hidden: Vec<&String> = s1_chain.iter().filter(|f| !shown.contains(f)).collect();
+    assert_eq!(
+        hidden.len(),
+        4,
+        "s1 reads {s1_chain:?}, the views show {shown:?}"
+    );
+    let rows = crate::stress::volume_rows(&app.data_dir).await.unwrap();
+    for file in &hidden {
+        let row = rows
+            .get(*file)
+            .unwrap_or_else(|| panic!("{file}, read by s1, has no volume row"));
+        assert_eq!(row.role, "shared", "{file}");
+        assert_eq!(row.vm, source, "{file}");
+    }
+    // Every row has its file, every file its row, each row's parent is its backing.
+    let on_disk: Vec<String> = app
+        .volume_files()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        on_disk,
+        rows.keys().cloned().collect::<Vec<_>>(),
+        "files against rows"
+    );
+    for (file, row) in &rows {
+        let files = chain_names(app.data_dir.join("volumes").join(file).to_str().unwrap());
+        assert_eq!(
+            files.get(1),
+            row.parent.as_ref(),
+            "{file}: backing against row"
+        );
+    }
+
+    // A restart keeps them, and s1 reads as it did.
+    app.restart(&[]).await;
+    let after: Vec<String> = app
+        .volume_files()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(after, on_disk, "a restart changes no file");
+    expect_all(&s1_path, &s1_bytes);
+    check_clean(&s1_path);
+
+    // Once s1 goes, nothing reads them: they go with it.
+    app.delete_snapshot(&s1).await;
+    assert_only_referenced_files(&app, &[&source]).await;
+    let rows = crate::stress::volume_rows(&app.data_dir).await.unwrap();
+    assert!(
+        hidden.iter().all(|f| !rows.contains_key(*f)),
+        "{rows:?}",
+        rows = rows.keys().collect::<Vec<_>>()
+    );
+    let active = app.active_path(&source, "root").await;
+    expect_all(&active, &[(0x41, 0, 2), (0, 2, 5)]);
+}

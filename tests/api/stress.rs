@@ -11,7 +11,9 @@
 //!
 //! Knobs: `STRATA_STRESS_SEED` (decimal or 0x-hex) picks the random choices,
 //! `STRATA_STRESS_SECS` the length of the storm (default 25) and
-//! `STRATA_STRESS_TASKS` the number of client tasks (default 4). The interleaving still
+//! `STRATA_STRESS_TASKS` the number of client tasks (default 4);
+//! `STRATA_STRESS_SERVICE_LOG` is passed to the service as its `STRATA_LOG` filter (e.g.
+//! `warn,strata=debug` logs every qemu-img it runs to stderr). The interleaving still
 //! depends on timing: a failing seed makes the same choices again, not necessarily
 //! the same race, so every failure message carries the requests it is about.
 //!
@@ -778,6 +780,79 @@ pub(crate) struct FileReport {
     pub(crate) notes: Vec<String>,
 }
 
+/// One row of the service's `volumes` table: what the database says a file is.
+pub(crate) struct VolumeRow {
+    pub(crate) vm: String,
+    pub(crate) disk: String,
+    pub(crate) parent: Option<String>,
+    /// `active`, `snapshot <id>` or `shared` (a frozen layer no snapshot owns: the
+    /// present a linked clone froze, or a deleted snapshot's layer something still reads).
+    pub(crate) role: String,
+}
+
+/// Every volume row, by file name, read straight from `strata.db`. The views show a
+/// disk's present chain and each snapshot's own layer, not the shared layers below a
+/// snapshot that left the present chain; only the table says whether such a file is
+/// still recorded (and so safe from the orphan sweep) or forgotten.
+pub(crate) async fn volume_rows(data_dir: &Path) -> Result<BTreeMap<String, VolumeRow>, String> {
+    use sqlx::{Connection, Row};
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(data_dir.join("strata.db"))
+        .read_only(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .map_err(|e| format!("open strata.db: {e}"))?;
+    let rows = sqlx::query(
+        "SELECT v.id, v.parent_id, d.id AS disk_id, d.vm_id, sv.snapshot_id,
+                d.active_volume_id = v.id AS active
+         FROM volumes v JOIN disks d ON d.id = v.disk_id
+         LEFT JOIN snapshot_volumes sv ON sv.volume_id = v.id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map_err(|e| format!("read the volumes table: {e}"))?;
+    let _ = conn.close().await;
+    let get = |row: &sqlx::sqlite::SqliteRow, column: &str| -> Result<Option<String>, String> {
+        row.try_get(column)
+            .map_err(|e| format!("volumes table, column {column}: {e}"))
+    };
+    let mut out = BTreeMap::new();
+    for row in &rows {
+        let id = get(row, "id")?.unwrap_or_default();
+        let active: Option<bool> = row.try_get("active").map_err(|e| e.to_string())?;
+        let role = match get(row, "snapshot_id")? {
+            Some(snapshot) => format!("snapshot {snapshot}"),
+            None if active == Some(true) => "active".to_owned(),
+            None => "shared".to_owned(),
+        };
+        out.insert(
+            format!("{id}.qcow2"),
+            VolumeRow {
+                vm: get(row, "vm_id")?.unwrap_or_default(),
+                disk: get(row, "disk_id")?.unwrap_or_default(),
+                parent: get(row, "parent_id")?.map(|p| format!("{p}.qcow2")),
+                role,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The file name of the backing file `path`'s header names, if any.
+fn file_backing(path: &str) -> Result<Option<String>, String> {
+    let output = run_tool("qemu-img", &["info", "--output=json", "-f", "qcow2", path])?;
+    if !output.status.success() {
+        return Err(format!(
+            "qemu-img info {}: {}",
+            file_name(path),
+            output_text(&output)
+        ));
+    }
+    let info: Value =
+        serde_json::from_slice(&output.stdout).map_err(|e| format!("qemu-img info JSON: {e}"))?;
+    Ok(info["backing-filename"].as_str().map(file_name))
+}
+
 /// Everything the API shows, loaded while no job runs.
 pub(crate) struct World {
     pub(crate) vms: Vec<Value>,
@@ -785,6 +860,9 @@ pub(crate) struct World {
     /// VM id -> its snapshots.
     pub(crate) snapshots: BTreeMap<String, Vec<Value>>,
     pub(crate) volumes_dir: PathBuf,
+    /// The database's volume rows by file name; loaded only for the whole world
+    /// (without `only`), where the directory is checked.
+    pub(crate) rows: Option<BTreeMap<String, VolumeRow>>,
 }
 
 impl World {
@@ -812,11 +890,16 @@ impl World {
                 .await?;
             snapshots.insert(id, list);
         }
+        let rows = match only {
+            None => Some(volume_rows(data_dir).await?),
+            Some(_) => None,
+        };
         Ok(Self {
             vms,
             templates,
             snapshots,
             volumes_dir: data_dir.join("volumes"),
+            rows,
         })
     }
 
@@ -1017,23 +1100,96 @@ impl World {
                 let backing = file_chain(&path)
                     .map(|c| format!("its chain {c:?}"))
                     .unwrap_or_else(|e| e);
-                match readers.get(name) {
-                    Some(by) => report.notes.push(format!(
-                        "volumes/{name} is shown by no record but read by the chains of {by:?} ({backing})"
+                let row = self.rows.as_ref().map(|rows| rows.get(name));
+                match (readers.get(name), row) {
+                    // Recorded, read, and only not shown: a shared layer under the
+                    // layer of a snapshot off the present chain.
+                    (Some(by), Some(Some(row))) => report.notes.push(format!(
+                        "volumes/{name} is in no view, but its row says it is a {} layer of VM {} disk {}, and the chains of {by:?} read it ({backing})",
+                        row.role, row.vm, row.disk
                     )),
-                    None => report.problems.push(format!(
+                    // `rows_report` names the missing row.
+                    (Some(_), Some(None)) => {}
+                    (Some(by), None) => report.notes.push(format!(
+                        "volumes/{name} is in no view but read by the chains of {by:?} ({backing})"
+                    )),
+                    (None, _) => report.problems.push(format!(
                         "orphan file volumes/{name}: no record references it and no referenced file's chain reads it ({backing})"
                     )),
                 }
             }
         }
+        if let Some(rows) = &self.rows {
+            self.rows_report(rows, refs, present, report);
+        }
+    }
+
+    /// The volume table against the directory: every file has its row (a file without
+    /// one is what the orphan sweep at start removes, so one a chain still reads would
+    /// be data lost at the next restart), every row its file, and each file's backing
+    /// is the parent its row names.
+    fn rows_report(
+        &self,
+        rows: &BTreeMap<String, VolumeRow>,
+        refs: &BTreeMap<String, String>,
+        present: &BTreeSet<String>,
+        report: &mut FileReport,
+    ) {
+        let unrecorded: Vec<&String> = present
+            .iter()
+            .filter(|n| n.ends_with(".qcow2") && !rows.contains_key(*n))
+            .collect();
+        if !unrecorded.is_empty() {
+            let mut readers: BTreeMap<&String, Vec<&String>> = BTreeMap::new();
+            for name in present.iter().filter(|n| n.ends_with(".qcow2")) {
+                let path = self.volumes_dir.join(name).display().to_string();
+                for file in file_chain(&path).unwrap_or_default().iter().skip(1) {
+                    if let Some(&missing) = unrecorded.iter().find(|n| **n == file) {
+                        readers.entry(missing).or_default().push(name);
+                    }
+                }
+            }
+            for name in unrecorded {
+                let shown = refs
+                    .get(name)
+                    .map(|who| format!(", yet {who} shows it"))
+                    .unwrap_or_default();
+                report.problems.push(format!(
+                    "volumes/{name} has no row in the volumes table{shown}; the chains of {:?} read it",
+                    readers.get(name).cloned().unwrap_or_default()
+                ));
+            }
+        }
+        for (name, row) in rows {
+            let label = format!(
+                "the {} volume {name} of VM {} disk {}",
+                row.role, row.vm, row.disk
+            );
+            if !present.contains(name) {
+                report
+                    .problems
+                    .push(format!("{label} has a row but no file"));
+                continue;
+            }
+            let path = self.volumes_dir.join(name).display().to_string();
+            match file_backing(&path) {
+                Ok(backing) if backing == row.parent => {}
+                Ok(backing) => report.problems.push(format!(
+                    "{label}: its file reads {backing:?}, its row names the parent {:?}",
+                    row.parent
+                )),
+                Err(e) => report.problems.push(format!("{label}: {e}")),
+            }
+        }
     }
 
     /// Files against records: the volume directory holds exactly the files the
-    /// records reference (VM disk chains, linked disks' sources, snapshot layers,
-    /// template files) plus the layers those files' chains read (a layer under a
-    /// snapshot that left every present chain is needed although no record shows it:
-    /// a note, not a problem); each VM disk's file chain is the chain the API shows
+    /// views reference (VM disk chains, linked disks' sources, snapshot layers,
+    /// template files) plus the layers those files' chains read (a shared layer under
+    /// a snapshot that left every present chain is needed although no view shows it:
+    /// a note, not a problem, as long as the volumes table records it); the volumes
+    /// table and the directory match file for file, each row's parent being its
+    /// file's backing; each VM disk's file chain is the chain the API shows
     /// (then its source's); every referenced file opens with its whole chain and is
     /// clean by `qemu-img check`. With `only`, the chain and check part covers only
     /// those VMs and templates, and the directory is not checked (its other records
@@ -2426,7 +2582,11 @@ async fn colliding_requests_from_concurrent_clients_keep_records_files_and_bytes
         "stress: seed {seed:#x}, {tasks} tasks, {secs} s (STRATA_STRESS_SEED / _TASKS / _SECS)"
     );
 
-    let app = TestApp::spawn().await;
+    // The service logs to the test's stderr; a hunt may want more than warnings.
+    let app = match std::env::var("STRATA_STRESS_SERVICE_LOG") {
+        Ok(filter) => TestApp::spawn_with(&[("STRATA_LOG", filter.as_str())]).await,
+        Err(_) => TestApp::spawn().await,
+    };
     let refs_dir = tempfile::tempdir().expect("reference dir");
     let mut originals = Vec::new();
     for family in 0..FAMILIES {
