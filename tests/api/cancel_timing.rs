@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
 use crate::stress::{
     Api, Contract, Journal, World, clip, copy_image, difference, env_u64, file_chain, file_name,
     report, same_content, text, volume_files,
 };
+use crate::support::*;
 
 fn delays() -> Vec<u64> {
     match std::env::var("STRATA_CANCEL_DELAYS") {

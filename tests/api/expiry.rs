@@ -7,7 +7,7 @@ use chrono::{SecondsFormat, Utc};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 64 * MIB;
 

@@ -12,7 +12,7 @@ use std::process::Command;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// A tmpfs of a fixed size, unmounted when dropped.
 struct Tmpfs {
@@ -192,7 +192,7 @@ async fn metadata_writes_on_a_full_file_system_answer_507_and_nothing_acknowledg
     assert_eq!(status, StatusCode::OK);
     for file in app.volume_files() {
         if file.extension().is_some_and(|e| e == "qcow2") {
-            check_clean(&file.display().to_string());
+            check_clean(&file);
         }
     }
 }
@@ -351,7 +351,7 @@ async fn referenced_files(app: &TestApp) -> std::collections::BTreeSet<String> {
     }
     shown
         .iter()
-        .flat_map(|path| chain(path))
+        .flat_map(chain)
         .map(|path| name_of(&path))
         .collect()
 }
@@ -372,7 +372,7 @@ async fn assert_files_match_records(app: &TestApp) {
     );
     for file in app.volume_files() {
         if file.extension().is_some_and(|e| e == "qcow2") {
-            check_clean(&file.display().to_string());
+            check_clean(&file);
         }
     }
 }

@@ -8,7 +8,7 @@ use reqwest::header::LOCATION;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 64 * MIB;
 const PAUSE_SNAPSHOT: (&str, &str) = ("STRATA_FAULT", "snapshot_create:planned:pause");

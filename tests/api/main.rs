@@ -3,11 +3,9 @@
 mod cancel_timing;
 mod clones;
 mod deploy;
-mod documented;
 mod durability;
 mod expiry;
 mod full_disk;
-mod helpers;
 mod imports;
 mod jobs;
 mod openapi;
@@ -16,6 +14,8 @@ mod recovery;
 mod schedules;
 mod snapshots;
 mod stress;
+#[path = "../support/mod.rs"]
+mod support;
 mod templates;
 mod torture;
 mod upgrade;

@@ -30,7 +30,7 @@ use reqwest::Method;
 use reqwest::header::CONTENT_TYPE;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 // ---------------------------------------------------------------------------------
 // A seeded PRNG (splitmix64): no dependency, reproducible choices.

@@ -4,13 +4,12 @@
 //! qemu-io, not only through the API.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use reqwest::header::LOCATION;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 64 * MIB;
 const TIB: u64 = 1 << 40;
@@ -31,21 +30,6 @@ async fn world(app: &TestApp) -> (Value, Value, Vec<(PathBuf, u64)>) {
         })
         .collect();
     (vms, jobs, files)
-}
-
-/// Virtual size of an image as qemu-img reports it.
-fn virtual_size(path: &str) -> u64 {
-    let output = Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "qcow2", path])
-        .output()
-        .expect("run qemu-img info");
-    assert!(
-        output.status.success(),
-        "qemu-img info {path}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let info: Value = serde_json::from_slice(&output.stdout).expect("info JSON");
-    info["virtual-size"].as_u64().expect("virtual-size")
 }
 
 fn disk<'a>(vm: &'a Value, name: &str) -> &'a Value {
