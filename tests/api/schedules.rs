@@ -124,7 +124,7 @@ async fn settle(app: &TestApp, schedule: &str) -> Value {
     panic!("schedule {schedule} never settled");
 }
 
-async fn snapshots(app: &TestApp, vm: &str) -> Vec<Value> {
+async fn snapshots(app: &TestApp, vm: &Uuid) -> Vec<Value> {
     let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
     list["items"].as_array().unwrap().clone()
 }
@@ -142,8 +142,8 @@ fn pattern(index: u64) -> u8 {
 async fn a_schedule_run_across_simulated_days_keeps_what_its_policy_says_with_every_byte() {
     let clock = Clock::at("2026-02-28T23:00:00Z");
     let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("six-hourly", &[("root", DISK)]).await);
-    let manual = app.snapshot(&vm, "manual-base").await;
+    let vm = app.create_vm("six-hourly", &[("root", DISK)]).await.id;
+    let manual = app.snapshot(&vm, "manual-base").await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "every-6h", "vm_id": vm, "cron": "0 */6 * * *",
@@ -211,7 +211,7 @@ async fn a_schedule_run_across_simulated_days_keeps_what_its_policy_says_with_ev
     // The manual snapshot is never the policy's to prune.
     assert!(
         left.iter()
-            .any(|s| s["id"] == manual.as_str() && s["schedule_id"].is_null())
+            .any(|s| s["id"] == manual.to_string() && s["schedule_id"].is_null())
     );
     assert_eq!(left.len(), expected.len() + 1);
 
@@ -247,7 +247,7 @@ async fn a_schedule_run_across_simulated_days_keeps_what_its_policy_says_with_ev
 async fn a_missed_run_is_taken_once_at_start_and_the_schedule_continues_from_now() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let mut app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("missed", &[("root", DISK)]).await);
+    let vm = app.create_vm("missed", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "hourly", "vm_id": vm, "cron": "@hourly"}),
@@ -282,7 +282,7 @@ async fn a_run_still_going_at_the_next_tick_makes_that_tick_skipped_not_stacked(
         &[("STRATA_FAULT", "snapshot_create:planned:pause=3000")],
     )
     .await;
-    let vm = id(&app.create_vm("slow", &[("root", DISK)]).await);
+    let vm = app.create_vm("slow", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "hourly", "vm_id": vm, "cron": "0 * * * *"}),
@@ -346,7 +346,7 @@ async fn a_run_still_going_at_the_next_tick_makes_that_tick_skipped_not_stacked(
 async fn a_crash_in_the_middle_of_a_run_is_finished_after_restart() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let mut app = spawn(&clock, &[("STRATA_FAULT", "snapshot_create:planned")]).await;
-    let vm = id(&app.create_vm("crashy", &[("root", DISK)]).await);
+    let vm = app.create_vm("crashy", &[("root", DISK)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x5a, 0, 2);
     let schedule = create_schedule(
         &app,
@@ -387,11 +387,9 @@ async fn a_selector_schedule_snapshots_every_labelled_vm_and_prunes_each_on_its_
             )
             .await;
         let vm = app.expect_job((status, vm)).await;
-        let vm_id = vm["target"]["id"].as_str().unwrap().to_owned();
-        app.wait_job_end(&vm).await;
-        web.push(vm_id);
+        web.push(vm.target.id);
     }
-    let db = id(&app.create_vm("db", &[("root", DISK)]).await);
+    let db = app.create_vm("db", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "web", "selector": "tier=web", "cron": "@hourly",
@@ -438,7 +436,7 @@ async fn a_selector_schedule_snapshots_every_labelled_vm_and_prunes_each_on_its_
     clock.set(time("2026-03-01T03:00:00Z"));
     let third = wait_run(&app, &sid, 3).await;
     assert_eq!(third["targets"].as_array().unwrap().len(), 1);
-    assert_eq!(third["targets"][0]["vm_id"], web[0].as_str());
+    assert_eq!(third["targets"][0]["vm_id"], web[0].to_string());
 
     // No VM carries the label: skipped, with the reason.
     let (status, _) = app
@@ -464,7 +462,7 @@ async fn a_selector_schedule_snapshots_every_labelled_vm_and_prunes_each_on_its_
 async fn a_running_vm_is_skipped_with_the_reason_and_prunes_it_blocks_are_reported_held() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("live", &[("root", DISK)]).await);
+    let vm = app.create_vm("live", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "manual-only", "vm_id": vm, "cron": "0 0 1 1 *", "retention": {"keep_last": 2}}),
@@ -559,7 +557,7 @@ async fn a_running_vm_is_skipped_with_the_reason_and_prunes_it_blocks_are_report
 async fn held_and_expired_scheduled_snapshots_follow_hold_first_then_expiry() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("holds", &[("root", DISK)]).await);
+    let vm = app.create_vm("holds", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "h", "vm_id": vm, "cron": "@hourly", "retention": {"keep_last": 1}}),
@@ -602,7 +600,7 @@ async fn held_and_expired_scheduled_snapshots_follow_hold_first_then_expiry() {
 async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_stay() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("crud", &[("root", DISK)]).await);
+    let vm = app.create_vm("crud", &[("root", DISK)]).await.id;
     let base = json!({"name": "s", "vm_id": vm, "cron": "@daily"});
     let with = |patch: Value| {
         let mut body = base.clone();
@@ -852,7 +850,7 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
 async fn a_snapshot_a_linked_clone_reads_is_held_by_retention_with_the_reason() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("cloned", &[("root", DISK)]).await);
+    let vm = app.create_vm("cloned", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "keep-one", "vm_id": vm, "cron": "0 0 1 1 *", "retention": {"keep_last": 1}}),
@@ -877,7 +875,7 @@ async fn a_snapshot_a_linked_clone_reads_is_held_by_retention_with_the_reason() 
             .await,
         )
         .await;
-    let reader = clone_job["target"]["id"].as_str().unwrap().to_owned();
+    let reader = clone_job.target.id.to_string();
 
     write(&app.active_path(&vm, "root").await, 0x62, 1, 1);
     clock.set(time("2026-03-01T02:00:00Z"));

@@ -147,7 +147,7 @@ async fn settle(app: &TestApp) {
             return;
         }
         for job in &pending {
-            app.wait_job_end(job).await;
+            app.wait_job(id(job)).await;
         }
     }
 }

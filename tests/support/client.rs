@@ -1,260 +1,232 @@
-//! The HTTP client: requests to the service, each answer checked against the OpenAPI
-//! document (`documented::check`), and the calls the tests repeat.
+//! The typed client: answers read as strata's own view types (`VmView`,
+//! `SnapshotView`, `JobView`...), a refusal as a [`Problem`], and the calls the tests
+//! repeat (create a VM and wait for it, take a snapshot, run a job to its end...). A
+//! view that no longer matches what the service sends fails the call that reads it.
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap};
+use std::fmt::Display;
+
 use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use super::TestApp;
+use super::views::{
+    DiskViewExt, JobStatus, JobView, SnapshotView, SnapshotViewExt, TemplateView, Uuid, VmView,
+    VmViewExt,
+};
+use super::{Reply, TestApp, assert_problem, send, send_json};
+
+/// An RFC 9457 problem answer, with the members some codes add. Read from the wire
+/// rather than as `strata::api::problem::Problem`, which only serialises and keeps
+/// those members as untyped JSON.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_uri: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    pub code: String,
+    /// `has_dependents`: the linked clones that read the files.
+    pub dependent_vms: Option<Vec<DependentVm>>,
+    /// `vm_busy`, `snapshot_busy`: the jobs in the way.
+    pub job_ids: Option<Vec<Uuid>>,
+    /// `insufficient_storage`.
+    pub needed_bytes: Option<u64>,
+    pub available_bytes: Option<u64>,
+    /// `disk_shrink_refused`.
+    pub current_size_bytes: Option<u64>,
+    /// `schedule_busy`: the run still in progress.
+    pub run_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct DependentVm {
+    pub id: Uuid,
+    pub name: String,
+}
+
+/// Read a JSON answer as `T`; a mismatch fails with the answer.
+fn read<T: DeserializeOwned>(what: &str, value: Value) -> T {
+    match serde_json::from_value(value.clone()) {
+        Ok(read) => read,
+        Err(e) => panic!(
+            "{what}: not a {} ({e}): {value}",
+            std::any::type_name::<T>()
+        ),
+    }
+}
+
+impl Reply {
+    /// The body read as `T` (a job, a view or a problem).
+    pub fn read<T: DeserializeOwned>(&self) -> T {
+        read(&format!("a {} answer", self.status), self.body.clone())
+    }
+}
 
 impl TestApp {
-    pub async fn request(
+    /// A request whose success (any 2xx) is read as `T`, and whose refusal as a problem.
+    pub async fn try_call<T: DeserializeOwned>(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let documented_method = method.clone();
-        let mut request = self
-            .client
-            .request(method, format!("{}{}", self.base, path));
-        if let Some(body) = body {
-            request = request.json(&body);
+    ) -> Result<T, Problem> {
+        let what = format!("{method} {path}");
+        let (status, value) = self.request(method, path, body).await;
+        if status.is_success() {
+            return Ok(read(&what, value));
         }
-        let response = request.send().await.expect("request");
-        let status = response.status();
-        let text = response.text().await.expect("body");
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        let problem: Problem = read(&format!("{what} ({status})"), value);
+        assert_eq!(problem.status, status.as_u16(), "{what}: {problem:?}");
+        Err(problem)
+    }
+
+    /// A request that must succeed, its answer read as `T`.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> T {
+        let what = format!("{method} {path}");
+        self.try_call(method, path, body)
+            .await
+            .unwrap_or_else(|problem| panic!("{what} refused: {problem:?}"))
+    }
+
+    /// `GET path`, which must succeed, read as `T`.
+    pub async fn get_as<T: DeserializeOwned>(&self, path: &str) -> T {
+        self.call(Method::GET, path, None).await
+    }
+
+    /// A request that must be refused with `status` and `code`: the problem, after
+    /// `assert_problem`'s checks of the whole answer (content type, type URI...).
+    pub async fn expect_problem(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        status: StatusCode,
+        code: &str,
+    ) -> Problem {
+        let what = format!("{method} {path}");
+        let reply: Reply = match &body {
+            Some(body) => send_json(self, method, path, body).await,
+            None => send(self, method, path, None, None).await,
         };
-        super::documented::check(&documented_method, path, status, &value);
-        (status, value)
+        assert_problem(&reply, status, code);
+        read(&what, reply.body)
     }
 
-    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.request(reqwest::Method::GET, path, None).await
+    /// A request that queues a job: 202 with the job.
+    pub async fn accept(&self, method: Method, path: &str, body: Option<Value>) -> JobView {
+        let what = format!("{method} {path}");
+        let (status, job) = self.request(method, path, body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{what}: {job}");
+        read(&what, job)
     }
 
-    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.request(reqwest::Method::POST, path, Some(body)).await
+    /// A request that queues a job, which must then succeed; the ended job.
+    pub async fn run_job(&self, method: Method, path: &str, body: Option<Value>) -> JobView {
+        self.expect_job(self.request(method, path, body).await)
+            .await
     }
 
-    pub async fn patch(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        self.request(reqwest::Method::PATCH, path, Some(body)).await
+    /// Expect a 202 with a job, wait for it and require success.
+    pub async fn expect_job(&self, (status, job): (StatusCode, Value)) -> JobView {
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let job: JobView = read("a 202 answer", job);
+        let job = self.wait_job(job.id).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+        job
     }
 
-    pub async fn delete(&self, path: &str) -> (StatusCode, Value) {
-        self.request(reqwest::Method::DELETE, path, None).await
+    pub async fn job(&self, id: impl Display) -> JobView {
+        self.get_as(&format!("/v1/jobs/{id}")).await
     }
 
-    /// Long-poll a job until it ends and return it.
-    pub async fn wait_job_end(&self, job: &Value) -> Value {
-        let id = job["id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("not a job: {job}"));
+    /// Long-poll a job until it ends (succeeded, failed or cancelled) and return it.
+    pub async fn wait_job(&self, id: impl Display) -> JobView {
         for _ in 0..20 {
-            let (status, job) = self.get(&format!("/v1/jobs/{id}?wait=30")).await;
-            assert_eq!(status, StatusCode::OK, "{job}");
-            if matches!(
-                job["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            ) {
+            let job: JobView = self.get_as(&format!("/v1/jobs/{id}?wait=30")).await;
+            if job.status.is_terminal() {
                 return job;
             }
         }
         panic!("job {id} did not end");
     }
 
-    /// Expect a 202 with a job, wait for it and require success.
-    pub async fn expect_job(&self, (status, job): (StatusCode, Value)) -> Value {
-        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-        let job = self.wait_job_end(&job).await;
-        assert_eq!(job["status"], "succeeded", "{job}");
-        job
-    }
-
     /// Create a VM with `disks` (name, size) and wait until it is ready.
-    pub async fn create_vm(&self, name: &str, disks: &[(&str, u64)]) -> Value {
+    pub async fn create_vm(&self, name: &str, disks: &[(&str, u64)]) -> VmView {
         let disks: Vec<Value> = disks
             .iter()
             .map(|(n, s)| json!({"name": n, "size_bytes": s}))
             .collect();
-        let job = self
-            .expect_job(
-                self.post("/v1/vms", json!({"name": name, "disks": disks}))
-                    .await,
-            )
-            .await;
-        self.vm(job["target"]["id"].as_str().unwrap()).await
+        let body = json!({"name": name, "disks": disks});
+        let job = self.run_job(Method::POST, "/v1/vms", Some(body)).await;
+        self.vm(job.target.id).await
     }
 
-    pub async fn vm(&self, id: &str) -> Value {
-        let (status, vm) = self.get(&format!("/v1/vms/{id}")).await;
-        assert_eq!(status, StatusCode::OK, "{vm}");
-        vm
+    pub async fn vm(&self, id: impl Display) -> VmView {
+        self.get_as(&format!("/v1/vms/{id}")).await
     }
 
-    /// Take a snapshot and return its id.
-    pub async fn snapshot(&self, vm: &str, name: &str) -> String {
-        let job = self
-            .expect_job(
-                self.post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": name}))
-                    .await,
-            )
-            .await;
-        job["target"]["id"].as_str().unwrap().to_owned()
-    }
-
-    pub async fn revert(&self, snapshot: &str) {
-        self.expect_job(
-            self.post(&format!("/v1/snapshots/{snapshot}/revert"), json!({}))
-                .await,
-        )
-        .await;
-    }
-
-    /// Grow a disk and wait for the job.
-    pub async fn resize(&self, vm: &str, disk: &str, size_bytes: u64) {
-        let path = format!("/v1/vms/{vm}/disks/{disk}/resize");
-        self.expect_job(self.post(&path, json!({ "size_bytes": size_bytes })).await)
-            .await;
-    }
-
-    /// Delete a snapshot and return the finished job (with its merge detail).
-    pub async fn delete_snapshot(&self, snapshot: &str) -> Value {
-        self.expect_job(self.delete(&format!("/v1/snapshots/{snapshot}")).await)
+    /// Delete a VM (its disks, snapshots and files) and wait for the job.
+    pub async fn delete_vm(&self, id: impl Display) -> JobView {
+        self.run_job(Method::DELETE, &format!("/v1/vms/{id}"), None)
             .await
     }
 
+    /// Take a snapshot, wait for the job and return the snapshot.
+    pub async fn snapshot(&self, vm: impl Display, name: &str) -> SnapshotView {
+        let path = format!("/v1/vms/{vm}/snapshots");
+        let job = self
+            .run_job(Method::POST, &path, Some(json!({"name": name})))
+            .await;
+        self.get_snapshot(job.target.id).await
+    }
+
+    pub async fn get_snapshot(&self, id: impl Display) -> SnapshotView {
+        self.get_as(&format!("/v1/snapshots/{id}")).await
+    }
+
+    pub async fn revert(&self, snapshot: impl Display) -> JobView {
+        let path = format!("/v1/snapshots/{snapshot}/revert");
+        self.run_job(Method::POST, &path, Some(json!({}))).await
+    }
+
+    /// Grow a disk and wait for the job.
+    pub async fn resize(&self, vm: impl Display, disk: impl Display, size_bytes: u64) -> JobView {
+        let path = format!("/v1/vms/{vm}/disks/{disk}/resize");
+        let body = json!({ "size_bytes": size_bytes });
+        self.run_job(Method::POST, &path, Some(body)).await
+    }
+
+    /// Delete a snapshot and return the finished job (with its merge detail).
+    pub async fn delete_snapshot(&self, snapshot: impl Display) -> JobView {
+        self.run_job(Method::DELETE, &format!("/v1/snapshots/{snapshot}"), None)
+            .await
+    }
+
+    pub async fn template(&self, id: impl Display) -> TemplateView {
+        self.get_as(&format!("/v1/templates/{id}")).await
+    }
+
     /// Active path of the VM's disk named `disk`.
-    pub async fn active_path(&self, vm: &str, disk: &str) -> String {
-        let vm = self.vm(vm).await;
-        let disk = vm["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == disk)
-            .unwrap_or_else(|| panic!("no disk {disk}"));
-        disk["active_path"].as_str().unwrap().to_owned()
+    pub async fn active_path(&self, vm: impl Display, disk: &str) -> String {
+        self.vm(vm).await.disk(disk).path().to_owned()
     }
 
     /// Path of the layer a snapshot froze for `disk` (its chain is the snapshot's content).
-    pub async fn snapshot_path(&self, vm: &str, snapshot: &str, disk: &str) -> String {
-        let vm_view = self.vm(vm).await;
-        let disk_id = vm_view["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["name"] == disk)
-            .unwrap()["id"]
-            .clone();
-        let (status, snap) = self.get(&format!("/v1/snapshots/{snapshot}")).await;
-        assert_eq!(status, StatusCode::OK, "{snap}");
-        let volume = snap["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["disk_id"] == disk_id)
-            .expect("snapshot covers disk");
-        volume["path"].as_str().unwrap().to_owned()
+    pub async fn snapshot_path(
+        &self,
+        vm: impl Display,
+        snapshot: impl Display,
+        disk: &str,
+    ) -> String {
+        let disk = self.vm(vm).await.disk(disk).id;
+        let snapshot = self.get_snapshot(snapshot).await;
+        snapshot.volume_of(disk).path.clone()
     }
-}
-
-/// A well-formed id that no resource has.
-pub const UNKNOWN_ID: &str = "01900000-0000-7000-8000-000000000000";
-
-/// A response with its headers, for checks `TestApp::request` cannot make.
-pub struct Reply {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Value,
-}
-
-impl Reply {
-    pub fn content_type(&self) -> &str {
-        self.headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-    }
-}
-
-/// Send a request with an exact body and Content-Type (or none).
-pub async fn send(
-    app: &TestApp,
-    method: Method,
-    path: &str,
-    content_type: Option<&str>,
-    body: Option<Vec<u8>>,
-) -> Reply {
-    let documented_method = method.clone();
-    let mut request = app.client.request(method, format!("{}{}", app.base, path));
-    if let Some(content_type) = content_type {
-        request = request.header(CONTENT_TYPE, content_type);
-    }
-    if let Some(body) = body {
-        request = request.body(body);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let text = response.text().await.expect("body");
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    super::documented::check(&documented_method, path, status, &body);
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-pub async fn send_json(app: &TestApp, method: Method, path: &str, body: &Value) -> Reply {
-    send(
-        app,
-        method,
-        path,
-        Some("application/json"),
-        Some(body.to_string().into_bytes()),
-    )
-    .await
-}
-
-/// Assert an RFC 9457 problem answer with `status` and `code`.
-pub fn assert_problem(reply: &Reply, status: StatusCode, code: &str) {
-    let problem = &reply.body;
-    assert_eq!(reply.status, status, "expected {code}: {problem}");
-    let content_type = reply.content_type();
-    assert!(
-        content_type.starts_with("application/problem+json"),
-        "content type {content_type:?} for {problem}"
-    );
-    assert_eq!(problem["code"], code, "{problem}");
-    assert_eq!(
-        problem["type"],
-        format!("urn:strata:problem:{code}"),
-        "{problem}"
-    );
-    assert_eq!(problem["status"], status.as_u16(), "{problem}");
-    assert!(
-        problem["title"].as_str().is_some_and(|t| !t.is_empty()),
-        "{problem}"
-    );
-    assert!(
-        problem["detail"].as_str().is_some_and(|d| !d.is_empty()),
-        "{problem}"
-    );
-}
-
-/// The `id` member of a resource or job.
-pub fn id(value: &Value) -> String {
-    value["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no id in {value}"))
-        .to_owned()
 }
