@@ -37,13 +37,9 @@ pub struct Launch<'a> {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Some(log) = &self.log
-        {
-            eprintln!(
-                "--- last lines of the service log ---\n{}",
-                log_tail(log, 40)
-            );
+        if std::thread::panicking() && self.log.is_some() {
+            let tail = self.log_tail(40);
+            eprintln!("--- last lines of the service log ---\n{tail}");
         }
         self.kill();
     }
@@ -189,6 +185,14 @@ impl TestApp {
         panic!("strata never became ready");
     }
 
+    /// The last `lines` lines of the log file `Launch::log` named (empty without one).
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.log
+            .as_deref()
+            .map(|log| log_tail(log, lines))
+            .unwrap_or_default()
+    }
+
     /// Every qcow2 file in the data directory.
     pub fn volume_files(&self) -> Vec<PathBuf> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(self.data_dir.join("volumes"))
@@ -199,7 +203,6 @@ impl TestApp {
     }
 }
 
-/// The last `lines` lines of a log file.
 fn log_tail(log: &std::path::Path, lines: usize) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
