@@ -1,10 +1,11 @@
 //! End-to-end benchmarks of the strata service against plain qemu-img.
 //!
-//! The bench spawns the release binary of the service (it builds nothing itself besides
-//! running `cargo build --release` when the binary is missing), drives it over HTTP
-//! exactly as a client would, and times the same file operations done with qemu-img /
-//! qemu-io directly on similar files in the same run. Only the ratios within one run are
-//! meaningful: the machines this runs on are shared, so absolute times drift between runs.
+//! The bench spawns the release binary of the service (the one `cargo bench` built) with
+//! the test harness (tests/support: the spawn helper, the typed client and the
+//! qemu-io/qemu-img helpers), drives it over HTTP exactly as a client would, and times
+//! the same file operations done with qemu-img / qemu-io directly on similar files in
+//! the same run. Only the ratios within one run are meaningful: the machines this runs
+//! on are shared, so absolute times drift between runs.
 //!
 //! 1. Snapshot of a VM with 4 disks: POST /v1/vms/{id}/snapshots + waiting for the job,
 //!    against 4 sequential `qemu-img create -b` calls; repeated with 64 GiB disks to
@@ -21,27 +22,35 @@
 //! touching the docs.
 //!
 //! Prints a Markdown table and rewrites the "Latest run" section of docs/benchmarks.md.
-//! Any HTTP status, job status or qemu tool failure aborts the run with the details; a
-//! wrong merge direction or a content mismatch is recorded, reported and makes the bench
-//! exit non-zero after writing its figures.
+//! Any HTTP status, job status or qemu tool failure aborts the run with the details (the
+//! harness panics with them, after the last lines of the service log); a wrong merge
+//! direction or a content mismatch is recorded, reported and makes the bench exit
+//! non-zero after writing its figures.
 
 #[path = "strata/clones.rs"]
 mod clones;
 #[path = "strata/scheduler.rs"]
 mod scheduler;
+// The tests' harness; the bench uses only part of what it re-exports.
+#[allow(unused_imports)]
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use reqwest::Method;
+use serde_json::json;
+use support::{
+    DiskViewExt, JobView, JobViewExt, Launch, MIB, MergeAction, TestApp, Uuid, create_image,
+    path_str, run_tool, to_json, try_expect_bytes, write_bytes,
+};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
 /// Disks of the VM in the snapshot benchmark.
@@ -51,8 +60,6 @@ const SNAPSHOT_ROUNDS: usize = 20;
 /// Timed deletions per merge case: each copies hundreds of MiB in the wrong direction,
 /// so a few rounds keep the run short while a median still filters one outlier.
 const DELETE_ROUNDS: usize = 3;
-/// Longest a single job may take before the bench gives up on it.
-const JOB_DEADLINE: Duration = Duration::from_secs(600);
 /// Service/plain ratio the snapshot path is expected to stay under.
 const SNAPSHOT_TARGET_RATIO: f64 = 1.3;
 
@@ -81,15 +88,20 @@ fn main() -> ExitCode {
 
 fn run() -> Result<Vec<String>> {
     let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let binary = service_binary(manifest_dir)?;
     // One temporary directory for the service's data and the plain baselines, so both
     // sides write to the same file system.
     let work = tempfile::Builder::new().prefix("strata-bench-").tempdir()?;
     let machine = Machine::describe(work.path())?;
+    // The client is async; the bench itself is sequential and times external
+    // processes, so each part runs to its end on one thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let scheduler_part = || -> Result<(String, Vec<String>)> {
         eprintln!("strata bench: scheduler");
+        // Builds its own runtime (it drives the store directly), so not inside `rt`.
         let due = scheduler::bench_due(work.path())?;
-        let prune = scheduler::bench_prune(&binary, work.path())?;
+        let prune = rt.block_on(scheduler::bench_prune(work.path()))?;
         Ok(scheduler::report(&due, &prune))
     };
     if std::env::args().any(|a| a == "--only-scheduler") {
@@ -97,38 +109,37 @@ fn run() -> Result<Vec<String>> {
         println!("{section}");
         return Ok(problems);
     }
-    let server = Server::start(&binary, work.path(), "service", &[])?;
+    let app = rt.block_on(start_service(work.path(), "service", &[]))?;
     if std::env::args().any(|a| a == "--only-clones") {
-        let api = Api::new(&server.url)?;
-        let (section, problems) = clones::report(&clones::bench_clones(&api, work.path())?);
+        let figures = rt.block_on(clones::bench_clones(&app, work.path()))?;
+        let (section, problems) = clones::report(&figures);
         println!("{section}");
         return Ok(problems);
     }
-    let api = Api::new(&server.url)?;
     eprintln!(
         "strata bench: service at {}, work dir {}",
-        server.url,
+        app.base,
         work.path().display()
     );
 
-    let outcome = (|| -> Result<(SnapshotFigures, Vec<MergeFigures>, clones::CloneFigures)> {
-        let snapshots = bench_snapshots(&api, work.path())?;
-        let merges = bench_merges(&api, work.path())?;
-        let clones = clones::bench_clones(&api, work.path())?;
-        Ok((snapshots, merges, clones))
-    })();
+    let outcome = rt.block_on(async {
+        let snapshots = bench_snapshots(&app, work.path()).await?;
+        let merges = bench_merges(&app, work.path()).await?;
+        let clones = clones::bench_clones(&app, work.path()).await?;
+        Ok::<_, Box<dyn std::error::Error>>((snapshots, merges, clones))
+    });
     let (snapshots, merges, clone_figures) = match outcome {
         Ok(figures) => figures,
         Err(e) => {
             // The service's own account of what went wrong is in its log.
             eprintln!(
                 "--- last lines of the service log ---\n{}",
-                server.log_tail(40)
+                app.log_tail(40)
             );
             return Err(e);
         }
     };
-    drop(server);
+    drop(app);
 
     let mut problems = Vec::new();
     for merge in &merges {
@@ -148,266 +159,69 @@ fn run() -> Result<Vec<String>> {
     Ok(problems)
 }
 
-/// The release binary `cargo bench` built alongside this bench; built on demand when the
-/// bench is run some other way.
-fn service_binary(manifest_dir: &Path) -> Result<PathBuf> {
-    let binary = manifest_dir.join("target").join("release").join("strata");
-    if !binary.exists() {
-        eprintln!(
-            "strata bench: {} missing, running cargo build --release",
-            binary.display()
-        );
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--release", "--bin", "strata"])
-            .current_dir(manifest_dir)
-            .status()?;
-        if !status.success() || !binary.exists() {
-            return Err(format!("cargo build --release failed ({status})").into());
-        }
+// ---------------------------------------------------------------------------------------
+// The service, through the test harness
+// ---------------------------------------------------------------------------------------
+
+/// Start the service (the release binary `cargo bench` built) over a directory in
+/// `work`, with the service's own defaults (4 workers, its default log level, here into
+/// `work/<name>.log`) plus `env`.
+async fn start_service(work: &Path, name: &str, env: &[(&str, &str)]) -> Result<TestApp> {
+    let mut env = env.to_vec();
+    if !env.iter().any(|(key, _)| *key == "STRATA_WORKERS") {
+        env.push(("STRATA_WORKERS", "4"));
     }
-    Ok(binary)
+    let mut app = TestApp::launch(Launch {
+        env: &env,
+        dir: Some(tempfile::Builder::new().prefix(name).tempdir_in(work)?),
+        log: Some(work.join(format!("{name}.log"))),
+    })
+    .await;
+    // The tests refuse connection reuse (a 413 may close one early); the bench keeps
+    // connections alive, as a client would, so that connecting is not part of what
+    // is timed. Above the longest long-poll (?wait=30): a slow job is not a hang.
+    app.client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(90))
+        .build()?;
+    Ok(app)
+}
+
+/// Create a VM with `disks` disks (`disk0`...) of `size` bytes; its id.
+async fn create_vm(app: &TestApp, name: &str, disks: usize, size: u64) -> Uuid {
+    let names: Vec<String> = (0..disks).map(|i| format!("disk{i}")).collect();
+    let disks: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), size)).collect();
+    app.create_vm(name, &disks).await.id
+}
+
+/// Take a snapshot: the request and its job, to the end; the snapshot's id.
+async fn snapshot(app: &TestApp, vm: Uuid, name: &str) -> Uuid {
+    let path = format!("/v1/vms/{vm}/snapshots");
+    let job = app.run_job(Method::POST, &path, Some(json!({ "name": name })));
+    job.await.target.id
+}
+
+/// The writable top file of each disk, in the service's disk order.
+async fn active_paths(app: &TestApp, vm: Uuid) -> Vec<PathBuf> {
+    let view = app.vm(vm).await;
+    view.disks.iter().map(|d| PathBuf::from(d.path())).collect()
+}
+
+/// Chain length of each disk (1 = a single standalone file).
+async fn chain_lengths(app: &TestApp, vm: Uuid) -> Vec<usize> {
+    let view = app.vm(vm).await;
+    view.disks.iter().map(|d| d.chain.len()).collect()
+}
+
+async fn single_active_path(app: &TestApp, vm: Uuid) -> Result<PathBuf> {
+    match <[PathBuf; 1]>::try_from(active_paths(app, vm).await) {
+        Ok([path]) => Ok(path),
+        Err(paths) => Err(format!("VM {vm} should have one disk, has {}", paths.len()).into()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
-// The service process and its HTTP API
+// Plain qemu tools, timed
 // ---------------------------------------------------------------------------------------
-
-/// The running service; killed when dropped so that no error path leaves it behind.
-struct Server {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl Server {
-    /// Start the service over `work/<name>` with extra flags; logs go to `work/<name>.log`.
-    fn start(binary: &Path, work: &Path, name: &str, flags: &[&str]) -> Result<Self> {
-        let data_dir = work.join(name);
-        let log = work.join(format!("{name}.log"));
-        let mut child = Command::new(binary)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir)
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            // The service logs every request on stderr; a file keeps it for post-mortems
-            // without a pipe that could fill up and stall the service.
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        // Built before the address is known so that an early return still kills it.
-        let mut server = Self {
-            child,
-            url: String::new(),
-            log,
-        };
-        let Some(url) = line.trim().strip_prefix("strata listening on ") else {
-            return Err(format!(
-                "service did not announce its address (got {line:?}); log:\n{}",
-                server.log_tail(40)
-            )
-            .into());
-        };
-        server.url = url.to_owned();
-        // Keep draining stdout so a later print can never block the service.
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        Ok(server)
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A blocking facade over the async HTTP client: the benchmark itself is sequential and
-/// times external processes, so plain blocking code reads best.
-struct Api {
-    rt: tokio::runtime::Runtime,
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Api {
-    fn new(base: &str) -> Result<Self> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        // Above the longest long-poll (?wait=30) so a slow job is not mistaken for a hang.
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(90))
-            .build()?;
-        Ok(Self {
-            rt,
-            http,
-            base: base.to_owned(),
-        })
-    }
-
-    /// One request; any status other than `expect` is an error carrying the body (a
-    /// problem+json document that says why).
-    fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-        expect: StatusCode,
-    ) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
-        self.rt.block_on(async {
-            let mut request = self.http.request(method.clone(), &url);
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| format!("{method} {path}: {e}"))?;
-            let status = response.status();
-            let text = response
-                .text()
-                .await
-                .map_err(|e| format!("{method} {path}: reading the body: {e}"))?;
-            if status != expect {
-                return Err(
-                    format!("{method} {path}: expected {expect}, got {status}: {text}").into(),
-                );
-            }
-            let value: Value = serde_json::from_str(&text)
-                .map_err(|e| format!("{method} {path}: not JSON ({e}): {text}"))?;
-            Ok(value)
-        })
-    }
-
-    fn get(&self, path: &str) -> Result<Value> {
-        self.call(Method::GET, path, None, StatusCode::OK)
-    }
-
-    /// Send a request that queues a job (202) and wait until the job has succeeded.
-    fn run_job(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
-        let job = self.call(method.clone(), path, body, StatusCode::ACCEPTED)?;
-        self.wait_job(&job)
-            .map_err(|e| format!("{method} {path}: {e}").into())
-    }
-
-    /// Long-poll the job until it ends; anything but `succeeded` is an error.
-    fn wait_job(&self, job: &Value) -> Result<Value> {
-        let id = str_field(job, "id")?;
-        let deadline = Instant::now() + JOB_DEADLINE;
-        loop {
-            let job = self.get(&format!("/v1/jobs/{id}?wait=30"))?;
-            match str_field(&job, "status")? {
-                "succeeded" => return Ok(job),
-                "queued" | "running" if Instant::now() < deadline => continue,
-                "queued" | "running" => {
-                    return Err(
-                        format!("job {id} still unfinished after {JOB_DEADLINE:?}: {job}").into(),
-                    );
-                }
-                status => return Err(format!("job {id} ended {status}: {}", job["error"]).into()),
-            }
-        }
-    }
-
-    /// Create a VM with `disks` disks of `size` bytes; returns its id.
-    fn create_vm(&self, name: &str, disks: usize, size: u64) -> Result<String> {
-        let disks: Vec<Value> = (0..disks)
-            .map(|i| json!({ "name": format!("disk{i}"), "size_bytes": size }))
-            .collect();
-        let job = self.run_job(
-            Method::POST,
-            "/v1/vms",
-            Some(&json!({ "name": name, "disks": disks })),
-        )?;
-        Ok(str_field(&job["target"], "id")?.to_owned())
-    }
-
-    fn delete_vm(&self, vm: &str) -> Result<()> {
-        self.run_job(Method::DELETE, &format!("/v1/vms/{vm}"), None)
-            .map(drop)
-    }
-
-    /// The writable top file of each disk, in the service's disk order.
-    fn active_paths(&self, vm: &str) -> Result<Vec<PathBuf>> {
-        let view = self.get(&format!("/v1/vms/{vm}"))?;
-        let disks = view["disks"]
-            .as_array()
-            .ok_or_else(|| format!("VM {vm}: no disks array in {view}"))?;
-        disks
-            .iter()
-            .map(|d| str_field(d, "active_path").map(PathBuf::from))
-            .collect()
-    }
-
-    /// Chain length of each disk (1 = a single standalone file).
-    fn chain_lengths(&self, vm: &str) -> Result<Vec<usize>> {
-        let view = self.get(&format!("/v1/vms/{vm}"))?;
-        let disks = view["disks"]
-            .as_array()
-            .ok_or_else(|| format!("VM {vm}: no disks array in {view}"))?;
-        disks
-            .iter()
-            .map(|d| {
-                d["chain"]
-                    .as_array()
-                    .map(Vec::len)
-                    .ok_or_else(|| format!("disk without chain: {d}").into())
-            })
-            .collect()
-    }
-
-    /// Take a snapshot and wait for it; returns the snapshot id.
-    fn snapshot(&self, vm: &str, name: &str) -> Result<String> {
-        let job = self.run_job(
-            Method::POST,
-            &format!("/v1/vms/{vm}/snapshots"),
-            Some(&json!({ "name": name })),
-        )?;
-        Ok(str_field(&job["target"], "id")?.to_owned())
-    }
-}
-
-fn str_field<'a>(value: &'a Value, key: &str) -> Result<&'a str> {
-    value[key]
-        .as_str()
-        .ok_or_else(|| format!("missing string field {key:?} in {value}").into())
-}
-
-// ---------------------------------------------------------------------------------------
-// qemu tools
-// ---------------------------------------------------------------------------------------
-
-/// Run a tool to completion; a non-zero exit is an error with its stderr.
-fn tool(program: &str, args: &[&str]) -> Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        return Err(format!(
-            "{program} {} failed ({}): {stderr}{stdout}",
-            args.join(" "),
-            output.status
-        )
-        .into());
-    }
-    Ok(stdout)
-}
 
 /// `qemu-img commit -d` of `top` into `base`, timed: the plain baseline of a merge.
 fn plain_commit(base: &Path, top: &Path) -> Result<Duration> {
@@ -420,74 +234,23 @@ fn plain_commit(base: &Path, top: &Path) -> Result<Duration> {
             "qcow2",
             "-d",
             "-b",
-            path_str(base)?,
-            path_str(top)?,
+            path_str(base),
+            path_str(top),
         ],
     )
 }
 
 fn timed_tool(program: &str, args: &[&str]) -> Result<Duration> {
     let start = Instant::now();
-    tool(program, args)?;
+    run_tool(program, args)?;
     Ok(start.elapsed())
-}
-
-fn path_str(path: &Path) -> Result<&str> {
-    path.to_str()
-        .ok_or_else(|| format!("path is not UTF-8: {}", path.display()).into())
-}
-
-fn qemu_io_write(path: &Path, pattern: u8, offset: u64, len: u64) -> Result<()> {
-    let command = format!("write -P {pattern:#04x} {offset} {len}");
-    tool("qemu-io", &["-f", "qcow2", "-c", &command, path_str(path)?]).map(drop)
-}
-
-/// Check that the image reads back `pattern` over each region. qemu-io reports a
-/// mismatch ("Pattern verification failed") on stdout, not always through its exit
-/// status.
-fn qemu_io_verify(path: &Path, regions: &[(u8, u64, u64)]) -> Result<()> {
-    let mut args = vec!["-r".to_owned(), "-f".into(), "qcow2".into()];
-    for (pattern, offset, len) in regions {
-        args.extend([
-            "-c".into(),
-            format!("read -P {pattern:#04x} {offset} {len}"),
-        ]);
-    }
-    args.push(path_str(path)?.to_owned());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = tool("qemu-io", &args)?;
-    if out.contains("failed") {
-        return Err(format!(
-            "{}: content differs from what was written: {out}",
-            path.display()
-        )
-        .into());
-    }
-    Ok(())
-}
-
-fn qemu_img_create(
-    path: &Path,
-    size: u64,
-    backing: Option<&str>,
-    unsafe_backing: bool,
-) -> Result<()> {
-    let size = size.to_string();
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if let Some(backing) = backing {
-        if unsafe_backing {
-            args.push("-u");
-        }
-        args.extend(["-b", backing, "-F", "qcow2"]);
-    }
-    args.extend([path_str(path)?, &size]);
-    tool("qemu-img", &args).map(drop)
 }
 
 /// Flush dirty pages left by building the test files, so that a timed merge does not
 /// pay for writing back data an earlier step produced.
 fn sync_fs() -> Result<()> {
-    tool("sync", &[]).map(drop)
+    run_tool("sync", &[])?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -519,8 +282,8 @@ impl PlainChains {
         for disk in 0..DISKS {
             let name = format!("disk{disk}-base.qcow2");
             let path = dir.join(&name);
-            qemu_img_create(&path, size, None, false)?;
-            qemu_io_write(&path, 0xaa, 0, 64 * MIB)?;
+            create_image(&path, size, None, false);
+            write_bytes(&path, 0xaa, 0, 64 * MIB);
             tops.push(name);
         }
         Ok(Self {
@@ -537,34 +300,34 @@ impl PlainChains {
         let start = Instant::now();
         for (disk, top) in self.tops.iter_mut().enumerate() {
             let name = format!("disk{disk}-{round}.qcow2");
-            qemu_img_create(
-                &self.dir.join(&name),
+            create_image(
+                self.dir.join(&name),
                 self.size,
                 Some(top),
                 self.unsafe_backing,
-            )?;
+            );
             *top = name;
         }
         Ok(start.elapsed())
     }
 }
 
-fn bench_snapshots(api: &Api, work: &Path) -> Result<SnapshotFigures> {
+async fn bench_snapshots(app: &TestApp, work: &Path) -> Result<SnapshotFigures> {
     eprintln!("strata bench: snapshot of a {DISKS}-disk VM, {SNAPSHOT_ROUNDS} rounds");
-    let vm_1g = api.create_vm("bench-snap-1g", DISKS, GIB)?;
-    let vm_64g = api.create_vm("bench-snap-64g", DISKS, 64 * GIB)?;
-    for vm in [&vm_1g, &vm_64g] {
-        for path in api.active_paths(vm)? {
-            qemu_io_write(&path, 0xaa, 0, 64 * MIB)?;
+    let vm_1g = create_vm(app, "bench-snap-1g", DISKS, GIB).await;
+    let vm_64g = create_vm(app, "bench-snap-64g", DISKS, 64 * GIB).await;
+    for vm in [vm_1g, vm_64g] {
+        for path in active_paths(app, vm).await {
+            write_bytes(&path, 0xaa, 0, 64 * MIB);
         }
     }
     let mut plain = PlainChains::new(work.join("plain-snapshot"), GIB, false)?;
     let mut plain_unsafe = PlainChains::new(work.join("plain-snapshot-u"), GIB, true)?;
 
-    let time_snapshot = |vm: &str, round: usize| -> Result<Duration> {
+    let time_snapshot = async |vm: Uuid, round: usize| {
         let start = Instant::now();
-        api.snapshot(vm, &format!("round-{round}"))?;
-        Ok(start.elapsed())
+        snapshot(app, vm, &format!("round-{round}")).await;
+        start.elapsed()
     };
     let mut figures = SnapshotFigures {
         service_1g: vec![],
@@ -576,8 +339,8 @@ fn bench_snapshots(api: &Api, work: &Path) -> Result<SnapshotFigures> {
     // of the machine hits all of them alike instead of skewing one variant. Round 0
     // warms caches and connections and is not counted.
     for round in 0..=SNAPSHOT_ROUNDS {
-        let service_1g = time_snapshot(&vm_1g, round)?;
-        let service_64g = time_snapshot(&vm_64g, round)?;
+        let service_1g = time_snapshot(vm_1g, round).await;
+        let service_64g = time_snapshot(vm_64g, round).await;
         let plain_time = plain.add_layer(round)?;
         let plain_unsafe_time = plain_unsafe.add_layer(round)?;
         if round > 0 {
@@ -588,11 +351,11 @@ fn bench_snapshots(api: &Api, work: &Path) -> Result<SnapshotFigures> {
         }
     }
     // The data written before the first snapshot must still read through the chain.
-    for vm in [&vm_1g, &vm_64g] {
-        for path in api.active_paths(vm)? {
-            qemu_io_verify(&path, &[(0xaa, 0, 64 * MIB)])?;
+    for vm in [vm_1g, vm_64g] {
+        for path in active_paths(app, vm).await {
+            try_expect_bytes(&path, &[(0xaa, 0, 64 * MIB)])?;
         }
-        api.delete_vm(vm)?;
+        app.delete_vm(vm).await;
     }
     std::fs::remove_dir_all(&plain.dir)?;
     std::fs::remove_dir_all(&plain_unsafe.dir)?;
@@ -668,7 +431,7 @@ struct MergeFigures {
     problems: Vec<String>,
 }
 
-fn bench_merges(api: &Api, work: &Path) -> Result<Vec<MergeFigures>> {
+async fn bench_merges(app: &TestApp, work: &Path) -> Result<Vec<MergeFigures>> {
     let mut all: Vec<MergeFigures> = MERGE_CASES
         .iter()
         .map(|&case| MergeFigures {
@@ -691,7 +454,7 @@ fn bench_merges(api: &Api, work: &Path) -> Result<Vec<MergeFigures>> {
                 case.label,
                 round + 1
             );
-            service_merge(api, case, round, figures)?;
+            service_merge(app, case, round, figures).await?;
             figures.right.push(plain_merge(work, case, case.expected)?);
             figures.wrong.push(plain_merge(work, case, case.wrong())?);
         }
@@ -699,84 +462,74 @@ fn bench_merges(api: &Api, work: &Path) -> Result<Vec<MergeFigures>> {
     Ok(all)
 }
 
+/// The name the API gives a merge action (`commit`, `stream`...).
+fn action_name(action: MergeAction) -> String {
+    to_json(&action).as_str().unwrap_or_default().to_owned()
+}
+
 /// Build base <- top in a fresh VM, delete the snapshot that froze the base, and record
 /// the time, the chosen direction and whether the content survived.
-fn service_merge(
-    api: &Api,
+async fn service_merge(
+    app: &TestApp,
     case: MergeCase,
     round: usize,
     figures: &mut MergeFigures,
 ) -> Result<()> {
-    let vm = api.create_vm(
-        &format!("bench-merge-{}-{round}", case.expected),
-        1,
-        MERGE_DISK_SIZE,
-    )?;
-    let base = single_active_path(api, &vm)?;
+    let name = format!("bench-merge-{}-{round}", case.expected);
+    let vm = create_vm(app, &name, 1, MERGE_DISK_SIZE).await;
     let (pattern, offset, len) = case.base_region();
-    qemu_io_write(&base, pattern, offset, len)?;
-    let snapshot = api.snapshot(&vm, "s1")?;
-    let top = single_active_path(api, &vm)?;
+    write_bytes(single_active_path(app, vm).await?, pattern, offset, len);
+    let snapshot = snapshot(app, vm, "s1").await;
     let (pattern, offset, len) = case.top_region();
-    qemu_io_write(&top, pattern, offset, len)?;
+    write_bytes(single_active_path(app, vm).await?, pattern, offset, len);
     sync_fs()?;
 
     let start = Instant::now();
-    let job = api.run_job(Method::DELETE, &format!("/v1/snapshots/{snapshot}"), None)?;
+    let job = app.delete_snapshot(snapshot).await;
     figures.service.push(start.elapsed());
     figures.job_run.push(job_run_time(&job)?);
 
-    let merge = &job["detail"]["merges"][0];
-    let action = str_field(merge, "action")
-        .map_err(|e| format!("snapshot delete job without detail.merges[0]: {e}; job: {job}"))?;
-    let bytes = merge["bytes_to_copy"]
-        .as_u64()
-        .ok_or_else(|| format!("merge without bytes_to_copy: {merge}"))?;
+    let Some(merge) = job.merges().first() else {
+        return Err(format!("snapshot delete job without detail.merges[0]: {job:?}").into());
+    };
+    let action = action_name(merge.action);
     if action != case.expected {
         figures.problems.push(format!(
-            "{} (round {}): the service chose {action}, expected {} (merge detail: {merge})",
+            "{} (round {}): the service chose {action}, expected {} (merge detail: {merge:?})",
             case.label,
             round + 1,
             case.expected
         ));
     }
-    figures.actions.push(action.to_owned());
-    figures.bytes_to_copy.push(bytes);
+    figures.actions.push(action);
+    figures.bytes_to_copy.push(merge.bytes_to_copy);
 
     // Whatever the direction, the present state must be one file with both layers' data.
-    let chains = api.chain_lengths(&vm)?;
-    let active = single_active_path(api, &vm)?;
+    let chains = chain_lengths(app, vm).await;
+    let active = single_active_path(app, vm).await?;
     if chains != [1] {
         figures.problems.push(format!(
             "{}: after the delete the chain has {chains:?} layers, expected [1]",
             case.label
         ));
     }
-    if let Err(e) = qemu_io_verify(&active, &[case.base_region(), case.top_region()]) {
+    if let Err(e) = try_expect_bytes(&active, &[case.base_region(), case.top_region()]) {
         figures
             .problems
             .push(format!("{}: after the delete: {e}", case.label));
     }
-    api.delete_vm(&vm)
+    app.delete_vm(vm).await;
+    Ok(())
 }
 
 /// How long the job itself ran, from its timestamps.
-fn job_run_time(job: &Value) -> Result<Duration> {
-    let at = |key: &str| -> Result<chrono::DateTime<chrono::FixedOffset>> {
-        let text = str_field(job, key)?;
-        chrono::DateTime::parse_from_rfc3339(text)
-            .map_err(|e| format!("job {key} {text:?}: {e}").into())
+fn job_run_time(job: &JobView) -> Result<Duration> {
+    let (Some(started), Some(finished)) = (job.started_at, job.finished_at) else {
+        return Err(format!("an ended job without its times: {job:?}").into());
     };
-    let run = at("finished_at")? - at("started_at")?;
-    run.to_std()
-        .map_err(|_| format!("job finished before it started: {job}").into())
-}
-
-fn single_active_path(api: &Api, vm: &str) -> Result<PathBuf> {
-    match <[PathBuf; 1]>::try_from(api.active_paths(vm)?) {
-        Ok([path]) => Ok(path),
-        Err(paths) => Err(format!("VM {vm} should have one disk, has {}", paths.len()).into()),
-    }
+    (finished - started)
+        .to_std()
+        .map_err(|_| format!("job finished before it started: {job:?}").into())
 }
 
 /// Build the same chain with qemu-img/qemu-io and time merging it in `direction`:
@@ -787,18 +540,18 @@ fn plain_merge(work: &Path, case: MergeCase, direction: &str) -> Result<Duration
     std::fs::create_dir_all(&dir)?;
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
-    qemu_img_create(&base, MERGE_DISK_SIZE, None, false)?;
+    create_image(&base, MERGE_DISK_SIZE, None, false);
     let (pattern, offset, len) = case.base_region();
-    qemu_io_write(&base, pattern, offset, len)?;
-    qemu_img_create(&top, MERGE_DISK_SIZE, Some("base.qcow2"), false)?;
+    write_bytes(&base, pattern, offset, len);
+    create_image(&top, MERGE_DISK_SIZE, Some("base.qcow2"), false);
     let (pattern, offset, len) = case.top_region();
-    qemu_io_write(&top, pattern, offset, len)?;
+    write_bytes(&top, pattern, offset, len);
     sync_fs()?;
     let elapsed = match direction {
         "commit" => plain_commit(&base, &top)?,
         _ => timed_tool(
             "qemu-img",
-            &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(&top)?],
+            &["rebase", "-q", "-f", "qcow2", "-b", "", path_str(&top)],
         )?,
     };
     std::fs::remove_dir_all(&dir)?;
@@ -836,7 +589,7 @@ impl Machine {
             .and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())
             .ok_or("no MemTotal in /proc/meminfo")?;
         // `df -T DIR`: the second line holds device, type, ...
-        let df = tool("df", &["-T", path_str(work)?])?;
+        let df = run_tool("df", &["-T", path_str(work)])?;
         let fields: Vec<&str> = df
             .lines()
             .nth(1)
@@ -847,14 +600,14 @@ impl Machine {
             [device, fs_type, ..] => format!("{fs_type} ({device})"),
             _ => format!("unknown (df said {df:?})"),
         };
-        let qemu_img = tool("qemu-img", &["--version"])?
+        let qemu_img = run_tool("qemu-img", &["--version"])?
             .lines()
             .next()
             .unwrap_or_default()
             .to_owned();
         Ok(Self {
             date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
-            cpus: tool("nproc", &[])?.trim().to_owned(),
+            cpus: run_tool("nproc", &[])?.trim().to_owned(),
             cpu_model,
             memory: format!("{:.1} GiB", mem_kib as f64 / (1 << 20) as f64),
             filesystem,

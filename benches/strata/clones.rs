@@ -14,16 +14,16 @@
 //! Each clone is checked afterwards (`qemu-img compare` against its source).
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use super::{
-    Api, GIB, MIB, Result, median, path_str, qemu_io_write, ratio, single_active_path, spread,
-    str_field, sync_fs, tool,
+use super::support::{
+    JobViewExt, MIB, TestApp, Uuid, path_str, run_tool, try_compare, write_bytes,
 };
+use super::{GIB, Result, create_vm, median, ratio, single_active_path, snapshot, spread, sync_fs};
 
 const LINKED_ROUNDS: usize = 20;
 const FULL_ROUNDS: usize = 5;
@@ -42,195 +42,19 @@ pub struct CloneFigures {
     problems: Vec<String>,
 }
 
-fn compare(a: &Path, b: &Path) -> Result<()> {
-    tool(
-        "qemu-img",
-        &[
-            "compare",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            path_str(a)?,
-            path_str(b)?,
-        ],
-    )
-    .map(drop)
-}
-
 /// Clone `vm` and wait for the job; returns the time and the new VM's id.
-fn clone(api: &Api, vm: &str, body: serde_json::Value) -> Result<(Duration, String)> {
+async fn clone(app: &TestApp, vm: Uuid, body: Value) -> (Duration, Uuid) {
     let start = Instant::now();
-    let job = api.run_job(Method::POST, &format!("/v1/vms/{vm}/clone"), Some(&body))?;
-    Ok((start.elapsed(), str_field(&job["target"], "id")?.to_owned()))
+    let path = format!("/v1/vms/{vm}/clone");
+    let job = app.run_job(Method::POST, &path, Some(body)).await;
+    (start.elapsed(), job.target.id)
 }
 
-pub fn bench_clones(api: &Api, work: &Path) -> Result<CloneFigures> {
+pub async fn bench_clones(app: &TestApp, work: &Path) -> Result<CloneFigures> {
     let mut problems = Vec::new();
-    eprintln!("strata bench: linked clones, {LINKED_ROUNDS} rounds");
-    let vm_10g = api.create_vm("bench-clone-10g", 1, 10 * GIB)?;
-    let vm_1g = api.create_vm("bench-clone-1g", 1, GIB)?;
-    let mut snapshots = Vec::new();
-    for vm in [&vm_10g, &vm_1g] {
-        qemu_io_write(&single_active_path(api, vm)?, 0x5c, 0, 256 * MIB)?;
-        snapshots.push(api.snapshot(vm, "base")?);
-    }
-    let mut linked_10g = Vec::new();
-    let mut linked_1g = Vec::new();
-    let mut clones = Vec::new();
-    for round in 0..=LINKED_ROUNDS {
-        let mut pair = [
-            (&vm_10g, &snapshots[0], &mut linked_10g),
-            (&vm_1g, &snapshots[1], &mut linked_1g),
-        ];
-        // Alternate which goes first, so neither always pays for the other's fsyncs.
-        if round % 2 == 1 {
-            pair.reverse();
-        }
-        for (vm, snapshot, samples) in pair {
-            let (time, id) = clone(
-                api,
-                vm,
-                json!({"name": format!("lc-{vm}-{round}"), "mode": "linked", "snapshot_id": snapshot}),
-            )?;
-            if round > 0 {
-                samples.push(time);
-            }
-            clones.push((id, vm.clone()));
-        }
-    }
-    for (id, vm) in clones.iter().take(2) {
-        if let Err(e) = compare(&single_active_path(api, id)?, &single_active_path(api, vm)?) {
-            problems.push(format!("a linked clone differs from its source: {e}"));
-        }
-    }
-    for (id, _) in &clones {
-        api.delete_vm(id)?;
-    }
-    api.delete_vm(&vm_10g)?;
-    api.delete_vm(&vm_1g)?;
-
-    eprintln!("strata bench: full clones, {FULL_ROUNDS} rounds");
-    let source = api.create_vm("bench-full", 1, 8 * GIB)?;
-    qemu_io_write(&single_active_path(api, &source)?, 0x6d, 0, GIB)?;
-    api.snapshot(&source, "half")?;
-    qemu_io_write(&single_active_path(api, &source)?, 0x6e, GIB, GIB)?;
-    let active = single_active_path(api, &source)?;
-    let plain_dir = work.join("plain-full");
-    std::fs::create_dir_all(&plain_dir)?;
-    let mut full_service = Vec::new();
-    let mut full_plain = Vec::new();
-    let mut full_bytes = 0;
-    for round in 0..FULL_ROUNDS {
-        sync_fs()?;
-        let (time, id) = clone(
-            api,
-            &source,
-            json!({"name": format!("full-{round}"), "mode": "full"}),
-        )?;
-        full_service.push(time);
-        let copy = single_active_path(api, &id)?;
-        full_bytes = std::fs::metadata(&copy)?.len();
-        if let Err(e) = compare(&copy, &active) {
-            problems.push(format!("a full clone differs from its source: {e}"));
-        }
-        api.delete_vm(&id)?;
-        sync_fs()?;
-        let target = plain_dir.join(format!("copy-{round}.qcow2"));
-        // Like the service, make the copy durable before calling it done.
-        let started = Instant::now();
-        tool(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "qcow2",
-                "-O",
-                "qcow2",
-                path_str(&active)?,
-                path_str(&target)?,
-            ],
-        )?;
-        tool("sync", &[path_str(&target)?])?;
-        full_plain.push(started.elapsed());
-        std::fs::remove_file(&target)?;
-    }
-    api.delete_vm(&source)?;
-
-    eprintln!("strata bench: deploying {DEPLOY_COUNT} linked VMs from a template");
-    let golden = api.create_vm("bench-golden", 1, 10 * GIB)?;
-    qemu_io_write(&single_active_path(api, &golden)?, 0x7f, 0, 64 * MIB)?;
-    api.run_job(
-        Method::POST,
-        &format!("/v1/vms/{golden}/convert-to-template"),
-        None,
-    )?;
-    let template_file = single_active_path_of_template(api, &golden)?;
-    let start = Instant::now();
-    let job = api.run_job(
-        Method::POST,
-        &format!("/v1/templates/{golden}/deploy"),
-        Some(&json!({"name": "fleet", "mode": "linked", "count": DEPLOY_COUNT})),
-    )?;
-    let deploy = start.elapsed();
-    let vms: Vec<String> = job["detail"]["vm_ids"]
-        .as_array()
-        .map(|ids| {
-            ids.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    if vms.len() != DEPLOY_COUNT {
-        problems.push(format!(
-            "the deploy made {} VMs, not {DEPLOY_COUNT}",
-            vms.len()
-        ));
-    }
-    if let Some(first) = vms.first()
-        && let Err(e) = compare(&single_active_path(api, first)?, &template_file)
-    {
-        problems.push(format!("a deployed VM differs from its template: {e}"));
-    }
-    let name = template_file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or("template file name")?
-        .to_owned();
-    let plain_deploy = work.join("plain-deploy");
-    std::fs::create_dir_all(&plain_deploy)?;
-    std::fs::copy(&template_file, plain_deploy.join(&name))?;
-    let start = Instant::now();
-    for i in 0..DEPLOY_COUNT {
-        tool(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-u",
-                "-b",
-                &name,
-                "-F",
-                "qcow2",
-                path_str(&plain_deploy.join(format!("vm-{i}.qcow2")))?,
-                &(10 * GIB).to_string(),
-            ],
-        )?;
-    }
-    let deploy_plain = start.elapsed();
-    for vm in &vms {
-        api.delete_vm(vm)?;
-    }
-    api.call(
-        Method::DELETE,
-        &format!("/v1/templates/{golden}"),
-        None,
-        reqwest::StatusCode::ACCEPTED,
-    )
-    .and_then(|job| api.wait_job(&job))?;
+    let (linked_10g, linked_1g) = bench_linked(app, &mut problems).await?;
+    let (full_service, full_plain, full_bytes) = bench_full(app, work, &mut problems).await?;
+    let (deploy, deploy_plain) = bench_deploy(app, work, &mut problems).await?;
     Ok(CloneFigures {
         linked_10g,
         linked_1g,
@@ -243,9 +67,195 @@ pub fn bench_clones(api: &Api, work: &Path) -> Result<CloneFigures> {
     })
 }
 
-fn single_active_path_of_template(api: &Api, template: &str) -> Result<std::path::PathBuf> {
-    let view = api.get(&format!("/v1/templates/{template}"))?;
-    Ok(str_field(&view["disks"][0], "path")?.into())
+/// Linked clones of a snapshot of a 10 GiB and of a 1 GiB disk, alternating; the
+/// times of each (after one untimed round).
+async fn bench_linked(
+    app: &TestApp,
+    problems: &mut Vec<String>,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    eprintln!("strata bench: linked clones, {LINKED_ROUNDS} rounds");
+    let vm_10g = create_vm(app, "bench-clone-10g", 1, 10 * GIB).await;
+    let vm_1g = create_vm(app, "bench-clone-1g", 1, GIB).await;
+    let mut snapshots = Vec::new();
+    for vm in [vm_10g, vm_1g] {
+        write_bytes(single_active_path(app, vm).await?, 0x5c, 0, 256 * MIB);
+        snapshots.push(snapshot(app, vm, "base").await);
+    }
+    let mut linked_10g = Vec::new();
+    let mut linked_1g = Vec::new();
+    let mut clones = Vec::new();
+    for round in 0..=LINKED_ROUNDS {
+        let mut pair = [
+            (vm_10g, snapshots[0], &mut linked_10g),
+            (vm_1g, snapshots[1], &mut linked_1g),
+        ];
+        // Alternate which goes first, so neither always pays for the other's fsyncs.
+        if round % 2 == 1 {
+            pair.reverse();
+        }
+        for (vm, snapshot, samples) in pair {
+            let body = json!({"name": format!("lc-{vm}-{round}"), "mode": "linked", "snapshot_id": snapshot});
+            let (time, id) = clone(app, vm, body).await;
+            if round > 0 {
+                samples.push(time);
+            }
+            clones.push((id, vm));
+        }
+    }
+    for (id, vm) in clones.iter().take(2) {
+        let (copy, source) = (
+            single_active_path(app, *id).await?,
+            single_active_path(app, *vm).await?,
+        );
+        if let Err(e) = try_compare(copy, source) {
+            problems.push(format!("a linked clone differs from its source: {e}"));
+        }
+    }
+    for (id, _) in &clones {
+        app.delete_vm(id).await;
+    }
+    app.delete_vm(vm_10g).await;
+    app.delete_vm(vm_1g).await;
+    Ok((linked_10g, linked_1g))
+}
+
+/// Full clones of a two-layer present state against `qemu-img convert` + `sync` of
+/// the same active file, interleaved; both series and the copy's size on disk.
+async fn bench_full(
+    app: &TestApp,
+    work: &Path,
+    problems: &mut Vec<String>,
+) -> Result<(Vec<Duration>, Vec<Duration>, u64)> {
+    eprintln!("strata bench: full clones, {FULL_ROUNDS} rounds");
+    let source = create_vm(app, "bench-full", 1, 8 * GIB).await;
+    write_bytes(single_active_path(app, source).await?, 0x6d, 0, GIB);
+    snapshot(app, source, "half").await;
+    write_bytes(single_active_path(app, source).await?, 0x6e, GIB, GIB);
+    let active = single_active_path(app, source).await?;
+    let plain_dir = work.join("plain-full");
+    std::fs::create_dir_all(&plain_dir)?;
+    let mut full_service = Vec::new();
+    let mut full_plain = Vec::new();
+    let mut full_bytes = 0;
+    for round in 0..FULL_ROUNDS {
+        sync_fs()?;
+        let body = json!({"name": format!("full-{round}"), "mode": "full"});
+        let (time, id) = clone(app, source, body).await;
+        full_service.push(time);
+        let copy = single_active_path(app, id).await?;
+        full_bytes = std::fs::metadata(&copy)?.len();
+        if let Err(e) = try_compare(&copy, &active) {
+            problems.push(format!("a full clone differs from its source: {e}"));
+        }
+        app.delete_vm(id).await;
+        sync_fs()?;
+        let target = plain_dir.join(format!("copy-{round}.qcow2"));
+        // Like the service, make the copy durable before calling it done.
+        let started = Instant::now();
+        run_tool(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
+                path_str(&active),
+                path_str(&target),
+            ],
+        )?;
+        run_tool("sync", &[path_str(&target)])?;
+        full_plain.push(started.elapsed());
+        std::fs::remove_file(&target)?;
+    }
+    app.delete_vm(source).await;
+    Ok((full_service, full_plain, full_bytes))
+}
+
+/// One deploy of `DEPLOY_COUNT` linked VMs against as many `qemu-img create -u -b`
+/// calls; both times.
+async fn bench_deploy(
+    app: &TestApp,
+    work: &Path,
+    problems: &mut Vec<String>,
+) -> Result<(Duration, Duration)> {
+    eprintln!("strata bench: deploying {DEPLOY_COUNT} linked VMs from a template");
+    let golden = create_vm(app, "bench-golden", 1, 10 * GIB).await;
+    write_bytes(single_active_path(app, golden).await?, 0x7f, 0, 64 * MIB);
+    let convert = format!("/v1/vms/{golden}/convert-to-template");
+    app.run_job(Method::POST, &convert, None).await;
+    let template_file = template_disk_path(app, golden).await?;
+    let start = Instant::now();
+    let job = app
+        .run_job(
+            Method::POST,
+            &format!("/v1/templates/{golden}/deploy"),
+            Some(json!({"name": "fleet", "mode": "linked", "count": DEPLOY_COUNT})),
+        )
+        .await;
+    let deploy = start.elapsed();
+    let vms = job.vm_ids().to_vec();
+    if vms.len() != DEPLOY_COUNT {
+        problems.push(format!(
+            "the deploy made {} VMs, not {DEPLOY_COUNT}",
+            vms.len()
+        ));
+    }
+    if let Some(first) = vms.first()
+        && let Err(e) = try_compare(single_active_path(app, *first).await?, &template_file)
+    {
+        problems.push(format!("a deployed VM differs from its template: {e}"));
+    }
+    let deploy_plain = plain_deploy(work, &template_file)?;
+    for vm in &vms {
+        app.delete_vm(vm).await;
+    }
+    let template = format!("/v1/templates/{golden}");
+    app.run_job(Method::DELETE, &template, None).await;
+    Ok((deploy, deploy_plain))
+}
+
+/// `DEPLOY_COUNT` sequential `qemu-img create -u -b` over a copy of the template's
+/// file, timed.
+fn plain_deploy(work: &Path, template_file: &Path) -> Result<Duration> {
+    let name = template_file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("template file name")?
+        .to_owned();
+    let plain_deploy = work.join("plain-deploy");
+    std::fs::create_dir_all(&plain_deploy)?;
+    std::fs::copy(template_file, plain_deploy.join(&name))?;
+    let start = Instant::now();
+    for i in 0..DEPLOY_COUNT {
+        run_tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                &name,
+                "-F",
+                "qcow2",
+                path_str(&plain_deploy.join(format!("vm-{i}.qcow2"))),
+                &(10 * GIB).to_string(),
+            ],
+        )?;
+    }
+    Ok(start.elapsed())
+}
+
+async fn template_disk_path(app: &TestApp, template: Uuid) -> Result<PathBuf> {
+    let view = app.template(template).await;
+    let disk = view.disks.first().ok_or("a template without disks")?;
+    let path = disk
+        .path
+        .as_deref()
+        .ok_or("a template disk without a file")?;
+    Ok(path.into())
 }
 
 pub fn report(figures: &CloneFigures) -> (String, Vec<String>) {

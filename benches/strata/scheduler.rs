@@ -19,15 +19,20 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
-use reqwest::Method;
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 use strata::domain::retention::RetentionPolicy;
 use strata::domain::{ResourceStatus, Schedule, ScheduleTarget, Snapshot, Vm, new_id};
 use strata::jobs::{Engine, EngineConfig};
 use strata::store::{self, Db};
 
+use super::support::{
+    JobList, JobStatus, MIB, TestApp, Uuid, VmList, create_image, path_str, run_tool,
+    try_expect_bytes, write_bytes,
+};
 use super::{
-    Api, MIB, Result, Server, median, ms, path_str, qemu_io_write, ratio, spread, str_field, tool,
+    Result, chain_lengths, create_vm, median, ms, plain_commit, ratio, single_active_path, spread,
+    start_service, sync_fs,
 };
 
 const SCHEDULES: usize = 10_000;
@@ -183,101 +188,101 @@ pub struct PruneFigures {
     problems: Vec<String>,
 }
 
-pub fn bench_prune(binary: &Path, work: &Path) -> Result<PruneFigures> {
-    let server = Server::start(
-        binary,
-        work,
-        "prune-service",
-        &[
-            "--sweep-interval-secs",
-            "1",
-            "--workers",
-            &WORKERS.to_string(),
-        ],
-    )?;
-    let outcome = prune_with(&server, work);
+pub async fn bench_prune(work: &Path) -> Result<PruneFigures> {
+    let workers = WORKERS.to_string();
+    let env = [("STRATA_SWEEP_INTERVAL", "1"), ("STRATA_WORKERS", &workers)];
+    let app = start_service(work, "prune-service", &env).await?;
+    let outcome = prune_with(&app, work).await;
     if outcome.is_err() {
         eprintln!(
             "--- last lines of the service log ---\n{}",
-            server.log_tail(40)
+            app.log_tail(40)
         );
     }
     outcome
 }
 
-fn prune_with(server: &Server, work: &Path) -> Result<PruneFigures> {
-    let api = Api::new(&server.url)?;
+/// 100 VMs with 10 snapshots each (1 MiB written before each), all expiring at one
+/// instant a little ahead; their ids.
+async fn build_expiring_snapshots(app: &TestApp) -> Result<Vec<Uuid>> {
     let far = (Utc::now() + chrono::Duration::hours(12)).to_rfc3339();
-    let mut snapshots: Vec<String> = Vec::new();
+    let mut snapshots = Vec::new();
     eprintln!("strata bench: building {PRUNE_VMS} VMs with {PRUNE_PER_VM} snapshots each");
     for v in 0..PRUNE_VMS {
-        let vm = api.create_vm(&format!("prune-{v}"), 1, 64 * MIB)?;
+        let vm = create_vm(app, &format!("prune-{v}"), 1, 64 * MIB).await;
         for n in 0..PRUNE_PER_VM {
-            let active = super::single_active_path(&api, &vm)?;
-            qemu_io_write(&active, 0x20 + n as u8, n as u64 * MIB, MIB)?;
-            let job = api.run_job(
-                Method::POST,
-                &format!("/v1/vms/{vm}/snapshots"),
-                Some(&json!({"name": format!("s{n}"), "expires_at": far})),
-            )?;
-            snapshots.push(str_field(&job["target"], "id")?.to_owned());
+            let active = single_active_path(app, vm).await?;
+            write_bytes(&active, 0x20 + n as u8, n as u64 * MIB, MIB);
+            let job = app
+                .run_job(
+                    Method::POST,
+                    &format!("/v1/vms/{vm}/snapshots"),
+                    Some(json!({"name": format!("s{n}"), "expires_at": far})),
+                )
+                .await;
+            snapshots.push(job.target.id);
         }
     }
     // All expire at one instant a little ahead, set quickly once everything exists.
     let expiry = Utc::now() + chrono::Duration::seconds(20);
     for snapshot in &snapshots {
-        api.call(
-            Method::PATCH,
-            &format!("/v1/snapshots/{snapshot}"),
-            Some(&json!({"expires_at": expiry.to_rfc3339()})),
-            reqwest::StatusCode::OK,
-        )?;
+        let (status, body) = app
+            .patch(
+                &format!("/v1/snapshots/{snapshot}"),
+                json!({"expires_at": expiry.to_rfc3339()}),
+            )
+            .await;
+        if status != StatusCode::OK {
+            return Err(format!("PATCH /v1/snapshots/{snapshot}: {status} {body}").into());
+        }
     }
     let wait = (expiry - Utc::now())
         .to_std()
         .map_err(|_| "setting the expiries took longer than 20 s")?;
-    std::thread::sleep(wait);
+    tokio::time::sleep(wait).await;
+    Ok(snapshots)
+}
+
+async fn prune_with(app: &TestApp, work: &Path) -> Result<PruneFigures> {
+    let snapshots = build_expiring_snapshots(app).await?;
     let started = Instant::now();
     let deletes = loop {
-        let list = api.get("/v1/jobs?kind=snapshot_delete&limit=1000")?;
-        let jobs = list["items"].as_array().cloned().unwrap_or_default();
-        if let Some(failed) = jobs.iter().find(|j| j["status"] == "failed") {
-            return Err(format!("a prune failed: {failed}").into());
+        let list: JobList = app.get_as("/v1/jobs?kind=snapshot_delete&limit=1000").await;
+        let jobs = list.items;
+        if let Some(failed) = jobs.iter().find(|j| j.status == JobStatus::Failed) {
+            return Err(format!("a prune failed: {failed:?}").into());
         }
-        let done = jobs.iter().filter(|j| j["status"] == "succeeded").count();
+        let done = jobs
+            .iter()
+            .filter(|j| j.status == JobStatus::Succeeded)
+            .count();
         if done == snapshots.len() {
             break jobs;
         }
         if started.elapsed() > Duration::from_secs(1800) {
             return Err(format!("only {done} prunes after 30 minutes").into());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let wall = started.elapsed();
 
     let mut problems = Vec::new();
-    let intervals: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = deletes
-        .iter()
-        .map(|j| {
-            let time = |k: &str| {
-                DateTime::parse_from_rfc3339(j[k].as_str().unwrap_or_default())
-                    .map(|t| t.with_timezone(&Utc))
-            };
-            Ok((
-                j["vm_id"].as_str().unwrap_or_default().to_owned(),
-                time("started_at")?,
-                time("finished_at")?,
-            ))
-        })
-        .collect::<std::result::Result<_, chrono::ParseError>>()?;
+    let mut intervals: Vec<(Uuid, DateTime<Utc>, DateTime<Utc>)> = Vec::new();
+    for job in &deletes {
+        let (Some(vm), Some(start), Some(finish)) = (job.vm_id, job.started_at, job.finished_at)
+        else {
+            return Err(format!("a finished delete without its VM or times: {job:?}").into());
+        };
+        intervals.push((vm, start, finish));
+    }
     let job_time_sum = intervals
         .iter()
         .map(|(_, s, f)| (*f - *s).to_std().unwrap_or_default())
         .sum();
     let max_parallel = max_overlap(intervals.iter().map(|(_, s, f)| (*s, *f)));
-    let mut per_vm: BTreeMap<&str, Vec<Interval>> = BTreeMap::new();
+    let mut per_vm: BTreeMap<Uuid, Vec<Interval>> = BTreeMap::new();
     for (vm, s, f) in &intervals {
-        per_vm.entry(vm).or_default().push((*s, *f));
+        per_vm.entry(*vm).or_default().push((*s, *f));
     }
     let max_parallel_per_vm = per_vm
         .values()
@@ -293,22 +298,21 @@ fn prune_with(server: &Server, work: &Path) -> Result<PruneFigures> {
         problems.push("two prunes of one VM ran at once".into());
     }
     // Every VM is back to a single file holding all ten writes.
-    for vm in api.get("/v1/vms?limit=1000")?["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-    {
-        let id = str_field(&vm, "id")?;
-        let active = super::single_active_path(&api, id)?;
-        let chain = api.chain_lengths(id)?;
+    let vms: VmList = app.get_as("/v1/vms?limit=1000").await;
+    for vm in &vms.items {
+        let active = single_active_path(app, vm.id).await?;
+        let chain = chain_lengths(app, vm.id).await;
         if chain != [1] {
-            problems.push(format!("VM {id} kept a chain of {chain:?} after pruning"));
+            problems.push(format!(
+                "VM {} kept a chain of {chain:?} after pruning",
+                vm.id
+            ));
         }
         let regions: Vec<(u8, u64, u64)> = (0..PRUNE_PER_VM)
             .map(|n| (0x20 + n as u8, n as u64 * MIB, MIB))
             .collect();
-        if let Err(e) = super::qemu_io_verify(&active, &regions) {
-            problems.push(e.to_string());
+        if let Err(e) = try_expect_bytes(&active, &regions) {
+            problems.push(e);
         }
     }
     let plain_per_merge = plain_prunes(work)?;
@@ -350,18 +354,18 @@ fn plain_prunes(work: &Path) -> Result<Vec<Duration>> {
         let layer = |n: usize| dir.join(format!("c{c}-l{n}.qcow2"));
         for n in 0..=PRUNE_PER_VM {
             let backing = (n > 0).then(|| format!("c{c}-l{}.qcow2", n - 1));
-            super::qemu_img_create(&layer(n), 64 * MIB, backing.as_deref(), true)?;
+            create_image(layer(n), 64 * MIB, backing.as_deref(), true);
             if n < PRUNE_PER_VM {
-                qemu_io_write(&layer(n), 0x20 + n as u8, n as u64 * MIB, MIB)?;
+                write_bytes(layer(n), 0x20 + n as u8, n as u64 * MIB, MIB);
             }
         }
-        super::sync_fs()?;
+        sync_fs()?;
         let base = layer(0);
         for n in 1..=PRUNE_PER_VM {
             let started = Instant::now();
-            super::plain_commit(&base, &layer(n))?;
+            plain_commit(&base, &layer(n))?;
             if n < PRUNE_PER_VM {
-                tool(
+                run_tool(
                     "qemu-img",
                     &[
                         "rebase",
@@ -373,7 +377,7 @@ fn plain_prunes(work: &Path) -> Result<Vec<Duration>> {
                         &format!("c{c}-l0.qcow2"),
                         "-F",
                         "qcow2",
-                        path_str(&layer(n + 1))?,
+                        path_str(&layer(n + 1)),
                     ],
                 )?;
             } else {

@@ -26,14 +26,14 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 /// The resource a job works on.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobTarget {
     #[serde(rename = "type")]
     pub target_type: TargetType,
     pub id: Uuid,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobError {
     /// Same codes as problem answers (e.g. `insufficient_storage`, `vm_running`, `qemu_failed`).
     pub code: String,
@@ -41,7 +41,7 @@ pub struct JobError {
 }
 
 /// A background job.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-7c1d-7b3e-9f2a-3c4d5e6f7a8b",
     "kind": "snapshot_delete",
@@ -147,7 +147,7 @@ impl From<Job> for JobView {
     }
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct JobList {
     pub items: Vec<JobView>,
     /// Pass as `cursor` to get the next page; null on the last page.

@@ -31,7 +31,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 /// The layer a snapshot froze on one disk.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotVolume {
     pub disk_id: Uuid,
     pub volume_id: Uuid,
@@ -40,7 +40,7 @@ pub struct SnapshotVolume {
 }
 
 /// A restore point covering every disk the VM had when it was taken.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-1111-7b3e-9f2a-3c4d5e6f7a8b", "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
     "name": "before-upgrade", "description": "", "parent_id": null, "created_at": "2026-11-21T10:00:00Z",
@@ -71,7 +71,7 @@ pub struct SnapshotView {
     pub volumes: Vec<SnapshotVolume>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotList {
     pub items: Vec<SnapshotView>,
     /// Pass as `cursor` to get the next page; null on the last page.
@@ -81,7 +81,7 @@ pub struct SnapshotList {
 }
 
 /// A snapshot with the snapshots taken after it.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotNode {
     #[serde(flatten)]
     pub snapshot: SnapshotView,
@@ -89,7 +89,7 @@ pub struct SnapshotNode {
     pub children: Vec<SnapshotNode>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotTree {
     pub vm_id: Uuid,
     pub current_snapshot_id: Option<Uuid>,
@@ -98,7 +98,7 @@ pub struct SnapshotTree {
 }
 
 /// `?view=list` (default) or `?view=tree`.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum SnapshotListing {
     List(SnapshotList),

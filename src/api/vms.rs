@@ -33,7 +33,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 /// Role of a layer in a disk's chain.
-#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VolumeRole {
     /// The writable top that a hypervisor opens.
@@ -46,7 +46,7 @@ pub enum VolumeRole {
 }
 
 /// One qcow2 file in a disk's backing chain.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ChainEntry {
     pub volume_id: Uuid,
     /// Absolute path of the file.
@@ -64,7 +64,7 @@ pub struct ChainEntry {
 }
 
 /// A virtual disk: a chain of qcow2 files, of which the top is writable.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DiskView {
     pub id: Uuid,
     pub vm_id: Uuid,
@@ -86,7 +86,7 @@ pub struct DiskView {
 }
 
 /// A VM with its disks.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "web-01", "description": "front end",
     "labels": {"tier": "web"}, "dependent_vm_ids": [], "runtime": null,
@@ -124,14 +124,14 @@ pub struct VmView {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmList {
     pub items: Vec<VmView>,
     /// Pass as `cursor` to get the next page; null on the last page.
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DiskList {
     pub items: Vec<DiskView>,
     /// Pass as `cursor` to get the next page; null on the last page.
@@ -187,7 +187,7 @@ pub struct PatchVm {
 }
 
 /// How strata reaches a running VM's QEMU.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RuntimeView {
     pub qmp_socket: Option<String>,
     pub guest_agent_socket: Option<String>,

@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
 use crate::stress::{
     Api, Contract, Journal, World, clip, copy_image, difference, env_u64, file_chain, file_name,
     report, same_content, text, volume_files,
 };
+use crate::support::*;
 
 fn delays() -> Vec<u64> {
     match std::env::var("STRATA_CANCEL_DELAYS") {
@@ -278,7 +278,7 @@ impl Lab {
         layers: &[&[(usize, u8, u64, u64)]],
     ) -> (String, Vec<String>) {
         let sizes: Vec<(&str, u64)> = disk_sizes.iter().map(|(n, s)| (*n, s * MIB)).collect();
-        let vm = id(&self.app.create_vm(name, &sizes).await);
+        let vm = self.app.create_vm(name, &sizes).await.id.to_string();
         let mut snapshots = Vec::new();
         for (i, layer) in layers.iter().enumerate() {
             for &(disk, pattern, offset, len) in layer.iter() {
@@ -290,7 +290,13 @@ impl Lab {
                 );
             }
             if i + 1 < layers.len() {
-                snapshots.push(self.app.snapshot(&vm, &format!("h{i}")).await);
+                snapshots.push(
+                    self.app
+                        .snapshot(&vm, &format!("h{i}"))
+                        .await
+                        .id
+                        .to_string(),
+                );
             }
         }
         (vm, snapshots)
@@ -715,7 +721,12 @@ impl Lab {
                 Some(snapshot) => snapshot,
                 None => {
                     // The last one went: a new layer under a smaller present again.
-                    let snapshot = self.app.snapshot(&vm, &format!("t{round}")).await;
+                    let snapshot = self
+                        .app
+                        .snapshot(&vm, &format!("t{round}"))
+                        .await
+                        .id
+                        .to_string();
                     write(
                         &self.app.active_path(&vm, "root").await,
                         0x23 + round as u8,
@@ -1020,7 +1031,7 @@ impl Lab {
                         .await,
                 )
                 .await;
-            let disk_id = text(&job["target"]["id"]);
+            let disk_id = job.target.id.to_string();
             write(&self.app.active_path(vm, &name).await, 0x83, 0, 1);
             // The disk gets a layer in a snapshot too.
             self.app.snapshot(vm, &format!("with-{name}")).await;
@@ -1215,15 +1226,9 @@ impl Lab {
                 .app
                 .expect_job(self.app.post(&format!("/v1/vms/{source}/clone"), json!({"name": format!("fl-{delay}"), "mode": "linked", "snapshot_id": snapshot})).await)
                 .await;
-            let clone = text(&job["target"]["id"]);
+            let clone = job.target.id.to_string();
             write(&self.app.active_path(&clone, "root").await, 0x75, 20, 4);
-            let disk = self.app.vm(&clone).await["disks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|d| d["name"] == "root")
-                .cloned()
-                .unwrap();
+            let disk = to_json(self.app.vm(&clone).await.disk("root"));
             let request = (
                 Method::POST,
                 format!("/v1/vms/{clone}/disks/{}/flatten", text(&disk["id"])),
@@ -1430,7 +1435,7 @@ impl Lab {
                     .await,
             )
             .await;
-        let template = text(&job["target"]["id"]);
+        let template = job.target.id.to_string();
         for (round, delay) in delays().into_iter().enumerate() {
             let mode = if round % 2 == 0 { "linked" } else { "full" };
             let kind = format!("{kind} ({mode}, 2 VMs)");
@@ -1504,7 +1509,7 @@ impl Lab {
                 .app
                 .expect_job(self.app.post("/v1/templates", json!({"name": format!("tv-{delay}"), "from_vm_id": source, "snapshot_id": snapshot})).await)
                 .await;
-            let template = text(&job["target"]["id"]);
+            let template = job.target.id.to_string();
             let request = (
                 Method::POST,
                 format!("/v1/templates/{template}/convert-to-vm"),

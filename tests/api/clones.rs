@@ -3,129 +3,120 @@
 //! until the clone is flattened), and that cloning the present state leaves the
 //! source's snapshot tree as it was.
 
-use std::process::Command;
-
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 32 * MIB;
 
-async fn clone(app: &TestApp, source: &str, body: Value) -> Value {
-    let job = app
-        .expect_job(app.post(&format!("/v1/vms/{source}/clone"), body).await)
-        .await;
-    assert_eq!(job["kind"], "vm_clone");
-    assert_eq!(job["detail"]["vm_ids"][0], job["target"]["id"]);
-    let vm = app.vm(job["target"]["id"].as_str().unwrap()).await;
-    assert_eq!(vm["status"], "ready");
+async fn clone(app: &TestApp, source: Uuid, body: Value) -> VmView {
+    let path = format!("/v1/vms/{source}/clone");
+    let job = app.run_job(Method::POST, &path, Some(body)).await;
+    assert_eq!(job.kind, JobKind::VmClone);
+    assert_eq!(job.vm_ids().first(), Some(&job.target.id), "{job:?}");
+    let vm = app.vm(job.target.id).await;
+    assert_eq!(vm.status, ResourceStatus::Ready);
     vm
 }
 
-fn problem_code(reply: &(StatusCode, Value)) -> (StatusCode, String) {
-    (
-        reply.0,
-        reply.1["code"].as_str().unwrap_or_default().to_owned(),
-    )
+/// Start a clone of `source` (202) without waiting for it.
+async fn start_clone(app: &TestApp, source: Uuid, body: Value) -> JobView {
+    let path = format!("/v1/vms/{source}/clone");
+    app.accept(Method::POST, &path, Some(body)).await
 }
 
-fn root_disk(vm: &Value) -> &Value {
-    &vm["disks"][0]
+/// `method path` must be refused with 409 `code` (a POST sends `{}`).
+async fn conflict(app: &TestApp, method: Method, path: &str, code: &str) -> Problem {
+    let body = (method == Method::POST).then(|| json!({}));
+    app.expect_problem(method, path, body, StatusCode::CONFLICT, code)
+        .await
+}
+
+/// Flatten the VM's disk and wait for the job.
+async fn flatten(app: &TestApp, vm: Uuid, disk: Uuid) -> JobView {
+    let path = format!("/v1/vms/{vm}/disks/{disk}/flatten");
+    app.run_job(Method::POST, &path, Some(json!({}))).await
 }
 
 #[tokio::test]
 async fn a_linked_clone_of_a_snapshot_reads_it_and_writes_only_to_itself() {
     let app = TestApp::spawn().await;
-    let source = id(&app.create_vm("golden", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0xa1, 0, 2);
-    let s1 = app.snapshot(&source, "s1").await;
-    write(&app.active_path(&source, "root").await, 0xa2, 2, 1);
+    let source = app.create_vm("golden", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0xa1, 0, 2);
+    let s1 = app.snapshot(source, "s1").await.id;
+    write(app.active_path(source, "root").await, 0xa2, 2, 1);
 
     let clone_vm = clone(
         &app,
-        &source,
+        source,
         json!({"name": "linked", "mode": "linked", "snapshot_id": s1}),
     )
     .await;
-    let clone_id = id(&clone_vm);
-    assert_eq!(clone_vm["source_vm_id"], source.as_str());
-    let frozen = app.snapshot_path(&source, &s1, "root").await;
-    let clone_disk = root_disk(&clone_vm);
-    assert_eq!(clone_disk["chain"].as_array().unwrap().len(), 1);
+    let clone_id = clone_vm.id;
+    assert_eq!(clone_vm.source_vm_id, Some(source));
+    let frozen = app.snapshot_path(source, s1, "root").await;
+    let clone_disk = &clone_vm.disks[0];
+    assert_eq!(clone_disk.chain.len(), 1);
     let base_volume = frozen
         .rsplit('/')
         .next()
         .unwrap()
         .trim_end_matches(".qcow2");
-    assert_eq!(clone_disk["source_volume_id"], base_volume);
-    let clone_path = clone_disk["active_path"].as_str().unwrap().to_owned();
+    assert_eq!(
+        clone_disk
+            .source_volume_id
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some(base_volume)
+    );
+    let clone_path = clone_disk.path().to_owned();
     // The clone sees the snapshot, not what the source wrote after it.
     expect_all(&clone_path, &[(0xa1, 0, 2), (0, 2, 1)]);
     assert_eq!(chain(&clone_path).len(), 2);
 
     // Writes on either side stay there.
     write(&clone_path, 0xb1, 4, 1);
-    write(&app.active_path(&source, "root").await, 0xa3, 5, 1);
+    write(app.active_path(source, "root").await, 0xa3, 5, 1);
     expect_all(&frozen, &[(0xa1, 0, 2), (0, 2, 4)]);
     expect_all(
-        &app.active_path(&source, "root").await,
+        app.active_path(source, "root").await,
         &[(0xa1, 0, 2), (0xa2, 2, 1), (0, 4, 1), (0xa3, 5, 1)],
     );
     expect_all(&clone_path, &[(0xa1, 0, 2), (0xb1, 4, 1), (0, 5, 1)]);
-    let view = app.vm(&source).await;
-    assert_eq!(view["dependent_vm_ids"], json!([clone_id]));
+    let view = app.vm(source).await;
+    assert_eq!(view.dependent_vm_ids, [clone_id]);
 
     // The layer the clone reads is protected: the snapshot and the VM cannot go.
-    let refused = app.delete(&format!("/v1/snapshots/{s1}")).await;
+    let snapshot = format!("/v1/snapshots/{s1}");
+    let refused = conflict(&app, Method::DELETE, &snapshot, "has_dependents").await;
+    let dependents = refused.dependent_vms.unwrap_or_default();
+    assert_eq!(dependents[0].id, clone_id);
+    assert_eq!(dependents[0].name, "linked");
+    for path in [
+        format!("/v1/vms/{source}"),
+        format!("/v1/vms/{source}/snapshots"),
+    ] {
+        conflict(&app, Method::DELETE, &path, "has_dependents").await;
+    }
     assert_eq!(
-        problem_code(&refused),
-        (StatusCode::CONFLICT, "has_dependents".into())
+        app.get_snapshot(s1).await.status,
+        ResourceStatus::Ready,
+        "a refusal changed the snapshot"
     );
-    assert_eq!(refused.1["dependent_vms"][0]["id"], clone_id.as_str());
-    assert_eq!(refused.1["dependent_vms"][0]["name"], "linked");
-    let refused = app.delete(&format!("/v1/vms/{source}")).await;
-    assert_eq!(
-        problem_code(&refused),
-        (StatusCode::CONFLICT, "has_dependents".into())
-    );
-    let refused = app.delete(&format!("/v1/vms/{source}/snapshots")).await;
-    assert_eq!(
-        problem_code(&refused),
-        (StatusCode::CONFLICT, "has_dependents".into())
-    );
-    let (_, snap) = app.get(&format!("/v1/snapshots/{s1}")).await;
-    assert_eq!(snap["status"], "ready", "a refusal changed the snapshot");
     expect_all(&clone_path, &[(0xa1, 0, 2), (0xb1, 4, 1)]);
 
     // Flattened, the clone stands alone and the source is free again.
-    let disk_id = clone_disk["id"].as_str().unwrap();
-    let job = app
-        .expect_job(
-            app.post(
-                &format!("/v1/vms/{clone_id}/disks/{disk_id}/flatten"),
-                json!({}),
-            )
-            .await,
-        )
-        .await;
-    assert_eq!(job["kind"], "disk_flatten");
-    let flat = app.vm(&clone_id).await;
-    assert!(root_disk(&flat)["source_volume_id"].is_null());
+    let disk_id = clone_disk.id;
+    let job = flatten(&app, clone_id, disk_id).await;
+    assert_eq!(job.kind, JobKind::DiskFlatten);
+    let flat = app.vm(clone_id).await;
+    assert_eq!(flat.disks[0].source_volume_id, None);
     assert_eq!(chain(&clone_path).len(), 1);
-    let again = app
-        .post(
-            &format!("/v1/vms/{clone_id}/disks/{disk_id}/flatten"),
-            json!({}),
-        )
-        .await;
-    assert_eq!(
-        problem_code(&again),
-        (StatusCode::CONFLICT, "disk_not_linked".into())
-    );
-    app.delete_snapshot(&s1).await;
-    app.expect_job(app.delete(&format!("/v1/vms/{source}")).await)
-        .await;
+    let again = format!("/v1/vms/{clone_id}/disks/{disk_id}/flatten");
+    conflict(&app, Method::POST, &again, "disk_not_linked").await;
+    app.delete_snapshot(s1).await;
+    app.delete_vm(source).await;
     expect_all(&clone_path, &[(0xa1, 0, 2), (0, 2, 2), (0xb1, 4, 1)]);
     check_clean(&clone_path);
     assert_eq!(app.volume_files().len(), 1);
@@ -134,14 +125,15 @@ async fn a_linked_clone_of_a_snapshot_reads_it_and_writes_only_to_itself() {
 #[tokio::test]
 async fn a_linked_clone_of_the_present_state_leaves_the_source_tree_as_it_was() {
     let app = TestApp::spawn().await;
-    let source = id(&app
+    let source = app
         .create_vm("present", &[("root", DISK), ("data", DISK)])
-        .await);
-    write(&app.active_path(&source, "root").await, 0x11, 0, 1);
-    let s1 = app.snapshot(&source, "s1").await;
-    write(&app.active_path(&source, "root").await, 0x12, 1, 1);
-    write(&app.active_path(&source, "data").await, 0x21, 0, 1);
-    let before = app.vm(&source).await;
+        .await
+        .id;
+    write(app.active_path(source, "root").await, 0x11, 0, 1);
+    let s1 = app.snapshot(source, "s1").await.id;
+    write(app.active_path(source, "root").await, 0x12, 1, 1);
+    write(app.active_path(source, "data").await, 0x21, 0, 1);
+    let before = app.vm(source).await;
     let (_, tree_before) = app
         .get(&format!("/v1/vms/{source}/snapshots?view=tree"))
         .await;
@@ -150,26 +142,26 @@ async fn a_linked_clone_of_the_present_state_leaves_the_source_tree_as_it_was() 
     app.patch(&format!("/v1/vms/{source}"), json!({"state": "running"}))
         .await;
     let refused = app
-        .post(
+        .expect_problem(
+            Method::POST,
             &format!("/v1/vms/{source}/clone"),
-            json!({"name": "x", "mode": "linked"}),
+            Some(json!({"name": "x", "mode": "linked"})),
+            StatusCode::CONFLICT,
+            "vm_running",
         )
         .await;
+    let name = app.vm(source).await.name;
     assert_eq!(
-        problem_code(&refused),
-        (StatusCode::CONFLICT, "vm_running".into())
-    );
-    let name = app.vm(&source).await["name"].as_str().unwrap().to_owned();
-    assert_eq!(
-        refused.1["detail"],
+        refused.detail,
         format!("VM {name} is running; stop it first to clone its present state"),
         "the message names the VM and what to do"
     );
     app.patch(&format!("/v1/vms/{source}"), json!({"state": "stopped"}))
         .await;
 
-    let clone_vm = clone(&app, &source, json!({"name": "now", "mode": "linked"})).await;
-    let clone_id = id(&clone_vm);
+    let clone_id = clone(&app, source, json!({"name": "now", "mode": "linked"}))
+        .await
+        .id;
     let (_, tree_after) = app
         .get(&format!("/v1/vms/{source}/snapshots?view=tree"))
         .await;
@@ -177,142 +169,120 @@ async fn a_linked_clone_of_the_present_state_leaves_the_source_tree_as_it_was() 
         tree_after, tree_before,
         "the source's snapshot tree changed"
     );
-    let after = app.vm(&source).await;
-    assert_eq!(after["current_snapshot_id"], before["current_snapshot_id"]);
+    let after = app.vm(source).await;
+    assert_eq!(after.current_snapshot_id, before.current_snapshot_id);
     // Each source disk got a new writable layer over the frozen present state.
-    let roles: Vec<&str> = after["disks"][0]["chain"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["role"].as_str().unwrap())
-        .collect();
-    assert_eq!(roles, ["active", "shared", "snapshot"]);
+    let roles: Vec<VolumeRole> = after.disks[0].chain.iter().map(|c| c.role).collect();
+    assert!(
+        matches!(
+            roles[..],
+            [VolumeRole::Active, VolumeRole::Shared, VolumeRole::Snapshot]
+        ),
+        "{roles:?}"
+    );
 
-    let clone_root = app.active_path(&clone_id, "root").await;
-    let clone_data = app.active_path(&clone_id, "data").await;
+    let clone_root = app.active_path(clone_id, "root").await;
+    let clone_data = app.active_path(clone_id, "data").await;
     expect_all(&clone_root, &[(0x11, 0, 1), (0x12, 1, 1)]);
     expect_all(&clone_data, &[(0x21, 0, 1)]);
-    write(&app.active_path(&source, "root").await, 0x13, 2, 1);
+    write(app.active_path(source, "root").await, 0x13, 2, 1);
     write(&clone_root, 0x31, 3, 1);
     expect_all(
         &clone_root,
         &[(0x11, 0, 1), (0x12, 1, 1), (0, 2, 1), (0x31, 3, 1)],
     );
     expect_all(
-        &app.active_path(&source, "root").await,
+        app.active_path(source, "root").await,
         &[(0x11, 0, 1), (0x12, 1, 1), (0x13, 2, 1), (0, 3, 1)],
     );
 
     // s1 lies under the shared layer the clone reads: protected.
-    let refused = app.delete(&format!("/v1/snapshots/{s1}")).await;
-    assert_eq!(
-        problem_code(&refused),
-        (StatusCode::CONFLICT, "has_dependents".into())
-    );
+    let snapshot = format!("/v1/snapshots/{s1}");
+    conflict(&app, Method::DELETE, &snapshot, "has_dependents").await;
     // Without the clone, s1 merges normally and every byte of the source stays.
-    app.expect_job(app.delete(&format!("/v1/vms/{clone_id}")).await)
-        .await;
-    app.delete_snapshot(&s1).await;
-    let present = app.active_path(&source, "root").await;
+    app.delete_vm(clone_id).await;
+    app.delete_snapshot(s1).await;
+    let present = app.active_path(source, "root").await;
     expect_all(&present, &[(0x11, 0, 1), (0x12, 1, 1), (0x13, 2, 1)]);
     check_clean(&present);
-    assert_eq!(app.vm(&source).await["dependent_vm_ids"], json!([]));
+    assert!(app.vm(source).await.dependent_vm_ids.is_empty());
 }
 
 #[tokio::test]
 async fn a_full_clone_equals_its_source_and_outlives_it() {
     let app = TestApp::spawn().await;
-    let source = id(&app.create_vm("original", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0x41, 0, 3);
-    let s1 = app.snapshot(&source, "s1").await;
-    write(&app.active_path(&source, "root").await, 0x42, 8, 2);
+    let source = app.create_vm("original", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0x41, 0, 3);
+    let s1 = app.snapshot(source, "s1").await.id;
+    write(app.active_path(source, "root").await, 0x42, 8, 2);
 
-    let chain_before = app.vm(&source).await["disks"][0]["chain"].clone();
-    let copy = clone(&app, &source, json!({"name": "copy", "mode": "full"})).await;
+    let chain_before = to_json(&app.vm(source).await.disks[0].chain);
+    let copy = clone(&app, source, json!({"name": "copy", "mode": "full"})).await;
     // Its temporary layer merged back, the source's chain is exactly as it was.
-    assert_eq!(app.vm(&source).await["disks"][0]["chain"], chain_before);
+    assert_eq!(to_json(&app.vm(source).await.disks[0].chain), chain_before);
     let of_snapshot = clone(
         &app,
-        &source,
+        source,
         json!({"name": "copy-s1", "mode": "full", "snapshot_id": s1}),
     )
     .await;
-    let copy_path = root_disk(&copy)["active_path"].as_str().unwrap().to_owned();
-    let snap_copy_path = root_disk(&of_snapshot)["active_path"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let copy_path = copy.disks[0].path();
+    let snap_copy_path = of_snapshot.disks[0].path();
     assert_eq!(
-        chain(&copy_path).len(),
+        chain(copy_path).len(),
         1,
         "a full clone has no backing file"
     );
-    assert_eq!(chain(&snap_copy_path).len(), 1);
-    assert!(root_disk(&copy)["source_volume_id"].is_null());
-    compare(&copy_path, &app.active_path(&source, "root").await);
-    compare(
-        &snap_copy_path,
-        &app.snapshot_path(&source, &s1, "root").await,
-    );
+    assert_eq!(chain(snap_copy_path).len(), 1);
+    assert_eq!(copy.disks[0].source_volume_id, None);
+    compare(copy_path, app.active_path(source, "root").await);
+    compare(snap_copy_path, app.snapshot_path(source, s1, "root").await);
     // Sparse: only the written 5 MiB (plus metadata) are allocated.
-    let allocated = root_disk(&copy)["chain"][0]["allocated_bytes"]
-        .as_u64()
-        .unwrap();
+    let allocated = copy.disks[0].chain[0].allocated_bytes;
     assert!(
         allocated < 8 * MIB,
         "{allocated} bytes allocated for 5 MiB of data"
     );
-    assert!(app.vm(&source).await["dependent_vm_ids"] == json!([]));
+    assert!(app.vm(source).await.dependent_vm_ids.is_empty());
 
-    app.expect_job(app.delete(&format!("/v1/vms/{source}")).await)
-        .await;
-    expect_all(&copy_path, &[(0x41, 0, 3), (0, 3, 5), (0x42, 8, 2)]);
-    expect_all(&snap_copy_path, &[(0x41, 0, 3), (0, 3, 7)]);
-    check_clean(&copy_path);
-    check_clean(&snap_copy_path);
+    app.delete_vm(source).await;
+    expect_all(copy_path, &[(0x41, 0, 3), (0, 3, 5), (0x42, 8, 2)]);
+    expect_all(snap_copy_path, &[(0x41, 0, 3), (0, 3, 7)]);
+    check_clean(copy_path);
+    check_clean(snap_copy_path);
     assert_eq!(app.volume_files().len(), 2);
 }
 
 #[tokio::test]
 async fn a_cancelled_full_clone_leaves_no_vm_and_no_file() {
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=1500")]).await;
-    let source = id(&app.create_vm("busy", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0x51, 0, 4);
+    let source = app.create_vm("busy", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0x51, 0, 4);
     let files_before = app.volume_files();
-    let (status, job) = app
-        .post(
-            &format!("/v1/vms/{source}/clone"),
-            json!({"name": "doomed", "mode": "full"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let new_vm = job["target"]["id"].as_str().unwrap().to_owned();
-    let (_, pending) = app.get(&format!("/v1/vms/{new_vm}")).await;
-    assert_eq!(pending["status"], "creating");
+    let job = start_clone(&app, source, json!({"name": "doomed", "mode": "full"})).await;
+    let new_vm = job.target.id;
+    assert_eq!(app.vm(new_vm).await.status, ResourceStatus::Creating);
     // Jobs of both VMs list it.
-    let (_, listed) = app.get(&format!("/v1/jobs?vm_id={new_vm}")).await;
-    assert_eq!(listed["items"][0]["id"], job["id"]);
+    let listed: JobList = app.get_as(&format!("/v1/jobs?vm_id={new_vm}")).await;
+    assert_eq!(listed.items[0].id, job.id);
     let (status, _) = app
-        .post(
-            &format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap()),
-            json!({}),
-        )
+        .post(&format!("/v1/jobs/{}/cancel", job.id), json!({}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let ended = app.wait_job_end(&job).await;
-    assert_eq!(ended["status"], "cancelled", "{ended}");
+    let ended = app.wait_job(job.id).await;
+    assert_eq!(ended.status, JobStatus::Cancelled, "{ended:?}");
     let (status, _) = app.get(&format!("/v1/vms/{new_vm}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(app.volume_files(), files_before);
-    expect(&app.active_path(&source, "root").await, 0x51, 0, 4);
+    expect(app.active_path(source, "root").await, 0x51, 0, 4);
 }
 
 #[tokio::test]
 async fn clone_requests_are_validated_and_change_nothing_when_refused() {
     let app = TestApp::spawn().await;
-    let source = id(&app.create_vm("src", &[("root", DISK)]).await);
-    let other = id(&app.create_vm("other", &[("root", DISK)]).await);
-    let other_snapshot = app.snapshot(&other, "theirs").await;
+    let source = app.create_vm("src", &[("root", DISK)]).await.id;
+    let other = app.create_vm("other", &[("root", DISK)]).await.id;
+    let other_snapshot = app.snapshot(other, "theirs").await.id;
     let cases: Vec<(Value, StatusCode, &str)> = vec![
         (
             json!({"name": "", "mode": "linked"}),
@@ -345,134 +315,99 @@ async fn clone_requests_are_validated_and_change_nothing_when_refused() {
             "snapshot_not_found",
         ),
     ];
+    let path = format!("/v1/vms/{source}/clone");
     for (body, status, code) in cases {
-        let reply = app
-            .post(&format!("/v1/vms/{source}/clone"), body.clone())
+        app.expect_problem(Method::POST, &path, Some(body), status, code)
             .await;
-        assert_eq!(
-            problem_code(&reply),
-            (status, code.to_owned()),
-            "{body}: {}",
-            reply.1
-        );
     }
-    let reply = app
-        .post(
-            &format!("/v1/vms/{UNKNOWN_ID}/clone"),
-            json!({"name": "c", "mode": "linked"}),
-        )
-        .await;
-    assert_eq!(
-        problem_code(&reply),
-        (StatusCode::NOT_FOUND, "vm_not_found".into())
-    );
-    let (_, vms) = app.get("/v1/vms").await;
-    assert_eq!(
-        vms["items"].as_array().unwrap().len(),
-        2,
-        "a refused clone left a VM"
-    );
-    let disk = root_disk(&app.vm(&source).await)["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let reply = app
-        .post(&format!("/v1/vms/{source}/disks/{disk}/flatten"), json!({}))
-        .await;
-    assert_eq!(
-        problem_code(&reply),
-        (StatusCode::CONFLICT, "disk_not_linked".into())
-    );
-    let reply = app
-        .post(
-            &format!("/v1/vms/{source}/disks/{UNKNOWN_ID}/flatten"),
-            json!({}),
-        )
-        .await;
-    assert_eq!(
-        problem_code(&reply),
-        (StatusCode::NOT_FOUND, "disk_not_found".into())
-    );
+    app.expect_problem(
+        Method::POST,
+        &format!("/v1/vms/{UNKNOWN_ID}/clone"),
+        Some(json!({"name": "c", "mode": "linked"})),
+        StatusCode::NOT_FOUND,
+        "vm_not_found",
+    )
+    .await;
+    let vms: VmList = app.get_as("/v1/vms").await;
+    assert_eq!(vms.items.len(), 2, "a refused clone left a VM");
+    let disk = app.vm(source).await.disks[0].id;
+    let flatten = format!("/v1/vms/{source}/disks/{disk}/flatten");
+    conflict(&app, Method::POST, &flatten, "disk_not_linked").await;
+    app.expect_problem(
+        Method::POST,
+        &format!("/v1/vms/{source}/disks/{UNKNOWN_ID}/flatten"),
+        Some(json!({})),
+        StatusCode::NOT_FOUND,
+        "disk_not_found",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn flatten_dependents_streams_the_shared_data_into_clones_before_deleting() {
     let app = TestApp::spawn().await;
-    let source = id(&app.create_vm("base", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0xc1, 0, 2);
-    let s1 = app.snapshot(&source, "s1").await;
-    write(&app.active_path(&source, "root").await, 0xc2, 2, 1);
-    let s2 = app.snapshot(&source, "s2").await;
-    write(&app.active_path(&source, "root").await, 0xc3, 3, 1);
-    let a = id(&clone(
+    let source = app.create_vm("base", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0xc1, 0, 2);
+    let s1 = app.snapshot(source, "s1").await.id;
+    write(app.active_path(source, "root").await, 0xc2, 2, 1);
+    let s2 = app.snapshot(source, "s2").await.id;
+    write(app.active_path(source, "root").await, 0xc3, 3, 1);
+    let a = clone(
         &app,
-        &source,
+        source,
         json!({"name": "a", "mode": "linked", "snapshot_id": s1}),
     )
-    .await);
-    let b = id(&clone(
+    .await
+    .id;
+    let b = clone(
         &app,
-        &source,
+        source,
         json!({"name": "b", "mode": "linked", "snapshot_id": s2}),
     )
-    .await);
-    write(&app.active_path(&a, "root").await, 0xa0, 5, 1);
-    write(&app.active_path(&b, "root").await, 0xb0, 5, 1);
+    .await
+    .id;
+    write(app.active_path(a, "root").await, 0xa0, 5, 1);
+    write(app.active_path(b, "root").await, 0xb0, 5, 1);
 
     // A running dependent cannot be flattened under its guest.
     app.patch(&format!("/v1/vms/{a}"), json!({"state": "running"}))
         .await;
-    let refused = app
-        .delete(&format!("/v1/snapshots/{s1}?flatten_dependents=true"))
-        .await;
-    assert_eq!(
-        problem_code(&refused),
-        (StatusCode::CONFLICT, "vm_running".into())
-    );
+    let flattening = format!("/v1/snapshots/{s1}?flatten_dependents=true");
+    conflict(&app, Method::DELETE, &flattening, "vm_running").await;
     app.patch(&format!("/v1/vms/{a}"), json!({"state": "stopped"}))
         .await;
 
     // Deleting s1 merges s1's layer with s2's: both clones read it, both are flattened.
-    let job = app
-        .expect_job(
-            app.delete(&format!("/v1/snapshots/{s1}?flatten_dependents=true"))
-                .await,
-        )
-        .await;
-    assert_eq!(job["kind"], "snapshot_delete");
+    let job = app.run_job(Method::DELETE, &flattening, None).await;
+    assert_eq!(job.kind, JobKind::SnapshotDelete);
     for (vm, own) in [
-        (&a, [(0xc1, 0, 2), (0, 2, 2)]),
-        (&b, [(0xc1, 0, 2), (0xc2, 2, 1)]),
+        (a, [(0xc1, 0, 2), (0, 2, 2)]),
+        (b, [(0xc1, 0, 2), (0xc2, 2, 1)]),
     ] {
         let view = app.vm(vm).await;
-        assert!(root_disk(&view)["source_volume_id"].is_null(), "{view}");
+        assert_eq!(view.disks[0].source_volume_id, None, "{view:?}");
         let path = app.active_path(vm, "root").await;
         assert_eq!(chain(&path).len(), 1);
         expect_all(&path, &own);
         check_clean(&path);
     }
-    expect(&app.active_path(&a, "root").await, 0xa0, 5, 1);
-    expect(&app.active_path(&b, "root").await, 0xb0, 5, 1);
-    assert_eq!(app.vm(&source).await["dependent_vm_ids"], json!([]));
+    expect(app.active_path(a, "root").await, 0xa0, 5, 1);
+    expect(app.active_path(b, "root").await, 0xb0, 5, 1);
+    assert!(app.vm(source).await.dependent_vm_ids.is_empty());
 
     // The same for a whole VM.
-    let c = id(&clone(
+    let c = clone(
         &app,
-        &source,
+        source,
         json!({"name": "c", "mode": "linked", "snapshot_id": s2}),
     )
-    .await);
-    let refused = app.delete(&format!("/v1/vms/{source}")).await;
-    assert_eq!(
-        problem_code(&refused),
-        (StatusCode::CONFLICT, "has_dependents".into())
-    );
-    app.expect_job(
-        app.delete(&format!("/v1/vms/{source}?flatten_dependents=true"))
-            .await,
-    )
-    .await;
-    let path = app.active_path(&c, "root").await;
+    .await
+    .id;
+    let vm = format!("/v1/vms/{source}");
+    conflict(&app, Method::DELETE, &vm, "has_dependents").await;
+    let flattening = format!("{vm}?flatten_dependents=true");
+    app.run_job(Method::DELETE, &flattening, None).await;
+    let path = app.active_path(c, "root").await;
     expect_all(&path, &[(0xc1, 0, 2), (0xc2, 2, 1), (0, 3, 1)]);
     assert_eq!(chain(&path).len(), 1);
     assert_eq!(app.volume_files().len(), 3);
@@ -483,25 +418,18 @@ async fn a_full_clone_reports_progress_and_a_cancel_between_disks_removes_every_
     // Steps: a temporary layer on each of the 2 source disks, then the 2 copies; the
     // job pauses after the first copy (step 2).
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:after-step-2:pause=1500")]).await;
-    let source = id(&app
+    let source = app
         .create_vm("two", &[("root", DISK), ("data", DISK)])
-        .await);
-    write(&app.active_path(&source, "root").await, 0xd1, 0, 4);
-    write(&app.active_path(&source, "data").await, 0xd2, 0, 4);
+        .await
+        .id;
+    write(app.active_path(source, "root").await, 0xd1, 0, 4);
+    write(app.active_path(source, "data").await, 0xd2, 0, 4);
     let files_before = app.volume_files();
-    let (status, job) = app
-        .post(
-            &format!("/v1/vms/{source}/clone"),
-            json!({"name": "half", "mode": "full"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    let job = start_clone(&app, source, json!({"name": "half", "mode": "full"})).await;
     // The first disk is copied, the job pauses: its progress shows it.
-    let id_ = job["id"].as_str().unwrap().to_owned();
     let mut progress = 0;
     for _ in 0..100 {
-        let (_, now) = app.get(&format!("/v1/jobs/{id_}")).await;
-        progress = now["progress"].as_u64().unwrap();
+        progress = app.job(job.id).await.progress;
         if progress >= 70 {
             break;
         }
@@ -511,47 +439,38 @@ async fn a_full_clone_reports_progress_and_a_cancel_between_disks_removes_every_
         progress >= 70,
         "progress {progress} after one of two copies"
     );
-    app.post(&format!("/v1/jobs/{id_}/cancel"), json!({})).await;
-    let ended = app.wait_job_end(&job).await;
-    assert_eq!(ended["status"], "cancelled", "{ended}");
-    assert_eq!(app.volume_files(), files_before, "a copy was left behind");
-    let (status, _) = app
-        .get(&format!(
-            "/v1/vms/{}",
-            job["target"]["id"].as_str().unwrap()
-        ))
+    app.post(&format!("/v1/jobs/{}/cancel", job.id), json!({}))
         .await;
+    let ended = app.wait_job(job.id).await;
+    assert_eq!(ended.status, JobStatus::Cancelled, "{ended:?}");
+    assert_eq!(app.volume_files(), files_before, "a copy was left behind");
+    let (status, _) = app.get(&format!("/v1/vms/{}", job.target.id)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
 async fn a_clone_interrupted_by_a_crash_completes_after_restart() {
     let mut app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:after-step-0")]).await;
-    let source = id(&app
+    let source = app
         .create_vm("crash", &[("root", DISK), ("data", DISK)])
-        .await);
-    write(&app.active_path(&source, "root").await, 0xe1, 0, 2);
-    write(&app.active_path(&source, "data").await, 0xe2, 0, 2);
-    let (status, job) = app
-        .post(
-            &format!("/v1/vms/{source}/clone"),
-            json!({"name": "resumed", "mode": "full"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+        .await
+        .id;
+    write(app.active_path(source, "root").await, 0xe1, 0, 2);
+    write(app.active_path(source, "data").await, 0xe2, 0, 2);
+    let job = start_clone(&app, source, json!({"name": "resumed", "mode": "full"})).await;
     assert!(!app.wait_exit().success());
     app.restart(&[]).await;
-    let ended = app.wait_job_end(&job).await;
-    assert_eq!(ended["status"], "succeeded", "{ended}");
-    assert_eq!(ended["progress"], 100);
-    let clone_id = job["target"]["id"].as_str().unwrap();
+    let ended = app.wait_job(job.id).await;
+    assert_eq!(ended.status, JobStatus::Succeeded, "{ended:?}");
+    assert_eq!(ended.progress, 100);
+    let clone_id = job.target.id;
     compare(
-        &app.active_path(clone_id, "root").await,
-        &app.active_path(&source, "root").await,
+        app.active_path(clone_id, "root").await,
+        app.active_path(source, "root").await,
     );
     compare(
-        &app.active_path(clone_id, "data").await,
-        &app.active_path(&source, "data").await,
+        app.active_path(clone_id, "data").await,
+        app.active_path(source, "data").await,
     );
     assert_eq!(app.volume_files().len(), 4);
 }
@@ -561,71 +480,62 @@ async fn a_linked_clone_not_made_yet_already_protects_its_source_and_itself() {
     // The clone job is held after planning: accepted, running, no file made yet.
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=4000")]).await;
     app.wait_ready().await;
-    let source = id(&app.create_vm("source", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0x31, 0, 4);
-    let golden = app.snapshot(&source, "golden").await;
-    let (status, job) = app
-        .post(
-            &format!("/v1/vms/{source}/clone"),
-            json!({"name": "early", "mode": "linked", "snapshot_id": golden}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let clone = job["target"]["id"].as_str().unwrap().to_owned();
+    let source = app.create_vm("source", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0x31, 0, 4);
+    let golden = app.snapshot(source, "golden").await.id;
+    let job = start_clone(
+        &app,
+        source,
+        json!({"name": "early", "mode": "linked", "snapshot_id": golden}),
+    )
+    .await;
+    let clone = job.target.id;
 
     // Everything that would rewrite or remove the layers the clone will read is
     // refused now, naming the clone, rather than accepted and failed later.
-    let refusals = [
-        app.delete(&format!("/v1/snapshots/{golden}")).await,
-        app.delete(&format!("/v1/vms/{source}")).await,
-        app.delete(&format!("/v1/vms/{source}/snapshots")).await,
-        app.post(&format!("/v1/vms/{source}/convert-to-template"), json!({}))
-            .await,
-    ];
-    for (status, body) in refusals {
-        assert_eq!(status, StatusCode::CONFLICT, "{body}");
-        assert_eq!(body["code"], "has_dependents", "{body}");
-        assert_eq!(body["dependent_vms"][0]["id"], clone.as_str(), "{body}");
+    for (method, path) in [
+        (Method::DELETE, format!("/v1/snapshots/{golden}")),
+        (Method::DELETE, format!("/v1/vms/{source}")),
+        (Method::DELETE, format!("/v1/vms/{source}/snapshots")),
+        (
+            Method::POST,
+            format!("/v1/vms/{source}/convert-to-template"),
+        ),
+    ] {
+        let refused = conflict(&app, method, &path, "has_dependents").await;
+        let dependents = refused.dependent_vms.clone().unwrap_or_default();
+        assert_eq!(dependents[0].id, clone, "{refused:?}");
     }
     // The clone itself cannot be deleted while its creation runs: the job would set
     // it ready again afterwards.
-    let (status, body) = app.delete(&format!("/v1/vms/{clone}")).await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert_eq!(body["code"], "vm_not_ready", "{body}");
+    let path = format!("/v1/vms/{clone}");
+    conflict(&app, Method::DELETE, &path, "vm_not_ready").await;
 
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(app.vm(&clone).await["status"], "ready");
-    expect(&app.active_path(&clone, "root").await, 0x31, 0, 4);
-    expect(
-        &app.snapshot_path(&source, &golden, "root").await,
-        0x31,
-        0,
-        4,
-    );
+    let job = app.wait_job(job.id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert_eq!(app.vm(clone).await.status, ResourceStatus::Ready);
+    expect(app.active_path(clone, "root").await, 0x31, 0, 4);
+    expect(app.snapshot_path(source, golden, "root").await, 0x31, 0, 4);
     // Once made, the clone is an ordinary VM: it can be deleted, and then the source's
     // snapshot too.
-    app.expect_job(app.delete(&format!("/v1/vms/{clone}")).await)
-        .await;
-    app.delete_snapshot(&golden).await;
+    app.delete_vm(clone).await;
+    app.delete_snapshot(golden).await;
 }
 
 /// The volume files in the data directory are exactly those the present states and
 /// snapshots of these VMs read.
-async fn assert_only_referenced_files(app: &TestApp, vms: &[&str]) {
+async fn assert_only_referenced_files(app: &TestApp, vms: &[Uuid]) {
     let mut referenced: Vec<String> = Vec::new();
     for vm in vms {
         let view = app.vm(vm).await;
-        for disk in view["disks"].as_array().unwrap() {
+        for disk in &view.disks {
             // The whole backing chain: a linked clone's continues into its source's.
-            referenced.extend(chain(disk["active_path"].as_str().unwrap()));
+            referenced.extend(chain(disk.path()));
         }
-        let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
-        for snapshot in list["items"].as_array().unwrap() {
-            for volume in snapshot["volumes"].as_array().unwrap() {
-                for layer in chain(volume["path"].as_str().unwrap()) {
-                    referenced.push(layer);
-                }
+        let list: SnapshotList = app.get_as(&format!("/v1/vms/{vm}/snapshots")).await;
+        for snapshot in &list.items {
+            for volume in &snapshot.volumes {
+                referenced.extend(chain(&volume.path));
             }
         }
     }
@@ -643,42 +553,40 @@ async fn assert_only_referenced_files(app: &TestApp, vms: &[&str]) {
 async fn the_layer_a_linked_clone_of_the_present_sat_on_goes_with_its_last_reader() {
     let app = TestApp::spawn().await;
     for clone_goes_first in [false, true] {
-        let source = id(&app
+        let source = app
             .create_vm(&format!("origin-{clone_goes_first}"), &[("root", DISK)])
-            .await);
-        write(&app.active_path(&source, "root").await, 0x61, 0, 2);
-        let s0 = app.snapshot(&source, "s0").await;
-        write(&app.active_path(&source, "root").await, 0x62, 2, 2);
+            .await
+            .id;
+        write(app.active_path(source, "root").await, 0x61, 0, 2);
+        let s0 = app.snapshot(source, "s0").await.id;
+        write(app.active_path(source, "root").await, 0x62, 2, 2);
         // The present is frozen into a shared layer the clone sits on.
         let clone = clone(
             &app,
-            &source,
+            source,
             json!({"name": format!("reader-{clone_goes_first}"), "mode": "linked"}),
         )
-        .await;
-        let clone = id(&clone);
+        .await
+        .id;
         expect_all(
-            &app.active_path(&clone, "root").await,
+            app.active_path(clone, "root").await,
             &[(0x61, 0, 2), (0x62, 2, 2)],
         );
         if clone_goes_first {
-            app.expect_job(app.delete(&format!("/v1/vms/{clone}")).await)
-                .await;
-            app.revert(&s0).await;
+            app.delete_vm(clone).await;
+            app.revert(s0).await;
         } else {
-            app.revert(&s0).await;
+            app.revert(s0).await;
             // Still read by the clone.
-            assert_only_referenced_files(&app, &[&source, &clone]).await;
-            app.expect_job(app.delete(&format!("/v1/vms/{clone}")).await)
-                .await;
+            assert_only_referenced_files(&app, &[source, clone]).await;
+            app.delete_vm(clone).await;
         }
         // Nothing reads the shared layer any more: its file is gone too.
-        assert_only_referenced_files(&app, &[&source]).await;
-        let active = app.active_path(&source, "root").await;
+        assert_only_referenced_files(&app, &[source]).await;
+        let active = app.active_path(source, "root").await;
         expect_all(&active, &[(0x61, 0, 2), (0, 2, 2)]);
         check_clean(&active);
-        app.expect_job(app.delete(&format!("/v1/vms/{source}")).await)
-            .await;
+        app.delete_vm(source).await;
     }
     assert!(app.volume_files().is_empty(), "{:?}", app.volume_files());
 }
@@ -687,24 +595,26 @@ async fn the_layer_a_linked_clone_of_the_present_sat_on_goes_with_its_last_reade
 async fn a_snapshot_a_pending_full_clone_copies_cannot_be_deleted_under_it() {
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=3000")]).await;
     app.wait_ready().await;
-    let source = id(&app.create_vm("copied", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0x71, 0, 2);
-    let golden = app.snapshot(&source, "golden").await;
-    let (status, job) = app
-        .post(
-            &format!("/v1/vms/{source}/clone"),
-            json!({"name": "copy", "mode": "full", "snapshot_id": golden}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let (status, body) = app.delete(&format!("/v1/snapshots/{golden}")).await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert_eq!(body["code"], "snapshot_busy", "{body}");
-    assert_eq!(body["job_ids"][0], job["id"], "{body}");
-    assert_eq!(app.wait_job_end(&job).await["status"], "succeeded");
-    let copy = job["target"]["id"].as_str().unwrap().to_owned();
-    expect(&app.active_path(&copy, "root").await, 0x71, 0, 2);
-    app.delete_snapshot(&golden).await;
+    let source = app.create_vm("copied", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0x71, 0, 2);
+    let golden = app.snapshot(source, "golden").await.id;
+    let job = start_clone(
+        &app,
+        source,
+        json!({"name": "copy", "mode": "full", "snapshot_id": golden}),
+    )
+    .await;
+    let snapshot = format!("/v1/snapshots/{golden}");
+    let refused = conflict(&app, Method::DELETE, &snapshot, "snapshot_busy").await;
+    assert_eq!(
+        refused.job_ids.as_deref(),
+        Some(&[job.id][..]),
+        "{refused:?}"
+    );
+    assert_eq!(app.wait_job(job.id).await.status, JobStatus::Succeeded);
+    let copy = job.target.id;
+    expect(app.active_path(copy, "root").await, 0x71, 0, 2);
+    app.delete_snapshot(golden).await;
 }
 
 #[tokio::test]
@@ -717,61 +627,52 @@ async fn a_shared_layer_under_a_snapshot_goes_once_neither_the_clone_nor_the_sna
     .into_iter()
     .enumerate()
     {
-        let source = id(&app
+        let source = app
             .create_vm(&format!("origin-{round}"), &[("root", DISK)])
-            .await);
-        write(&app.active_path(&source, "root").await, 0x61, 0, 2);
-        let s0 = app.snapshot(&source, "s0").await;
-        write(&app.active_path(&source, "root").await, 0x62, 2, 2);
+            .await
+            .id;
+        write(app.active_path(source, "root").await, 0x61, 0, 2);
+        let s0 = app.snapshot(source, "s0").await.id;
+        write(app.active_path(source, "root").await, 0x62, 2, 2);
         // The present is frozen into a shared layer the clone sits on; a snapshot is
         // then taken on top of it, and the source goes back to s0.
         let reader = clone(
             &app,
-            &source,
+            source,
             json!({"name": format!("reader-{round}"), "mode": "linked"}),
         )
-        .await;
-        let reader = id(&reader);
-        write(&app.active_path(&source, "root").await, 0x63, 4, 2);
-        let s1 = app.snapshot(&source, "s1").await;
-        app.revert(&s0).await;
-        assert_only_referenced_files(&app, &[&source, &reader]).await;
+        .await
+        .id;
+        write(app.active_path(source, "root").await, 0x63, 4, 2);
+        let s1 = app.snapshot(source, "s1").await.id;
+        app.revert(s0).await;
+        assert_only_referenced_files(&app, &[source, reader]).await;
         if round == 0 {
-            app.expect_job(app.delete(&format!("/v1/vms/{reader}")).await)
-                .await;
+            app.delete_vm(reader).await;
             // s1 still reads the shared layer.
-            assert_only_referenced_files(&app, &[&source]).await;
+            assert_only_referenced_files(&app, &[source]).await;
             expect_all(
-                &app.snapshot_path(&source, &s1, "root").await,
+                app.snapshot_path(source, s1, "root").await,
                 &[(0x61, 0, 2), (0x62, 2, 2), (0x63, 4, 2)],
             );
-            app.delete_snapshot(&s1).await;
-            assert_only_referenced_files(&app, &[&source]).await;
+            app.delete_snapshot(s1).await;
+            assert_only_referenced_files(&app, &[source]).await;
         } else {
-            app.delete_snapshot(&s1).await;
+            app.delete_snapshot(s1).await;
             // The clone still reads the shared layer.
-            assert_only_referenced_files(&app, &[&source, &reader]).await;
-            let disk = app.vm(&reader).await["disks"][0]["id"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            app.expect_job(
-                app.post(&format!("/v1/vms/{reader}/disks/{disk}/flatten"), json!({}))
-                    .await,
-            )
-            .await;
-            let flat = app.active_path(&reader, "root").await;
+            assert_only_referenced_files(&app, &[source, reader]).await;
+            let disk = app.vm(reader).await.disks[0].id;
+            flatten(&app, reader, disk).await;
+            let flat = app.active_path(reader, "root").await;
             assert_eq!(chain(&flat).len(), 1, "{ending}: the clone is standalone");
             expect_all(&flat, &[(0x61, 0, 2), (0x62, 2, 2), (0, 4, 2)]);
-            assert_only_referenced_files(&app, &[&source, &reader]).await;
-            app.expect_job(app.delete(&format!("/v1/vms/{reader}")).await)
-                .await;
+            assert_only_referenced_files(&app, &[source, reader]).await;
+            app.delete_vm(reader).await;
         }
-        let active = app.active_path(&source, "root").await;
+        let active = app.active_path(source, "root").await;
         expect_all(&active, &[(0x61, 0, 2), (0, 2, 4)]);
         check_clean(&active);
-        app.expect_job(app.delete(&format!("/v1/vms/{source}")).await)
-            .await;
+        app.delete_vm(source).await;
         assert!(
             app.volume_files().is_empty(),
             "{ending}: {:?}",
@@ -783,23 +684,25 @@ async fn a_shared_layer_under_a_snapshot_goes_once_neither_the_clone_nor_the_sna
 #[tokio::test]
 async fn a_linked_disk_with_a_branch_on_its_source_is_flattened_whole() {
     let app = TestApp::spawn().await;
-    let source = id(&app.create_vm("trunk", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0x61, 0, 2);
-    let s0 = app.snapshot(&source, "s0").await;
-    write(&app.active_path(&source, "root").await, 0x62, 2, 2);
-    let reader = id(&clone(&app, &source, json!({"name": "branchy", "mode": "linked"})).await);
-    app.revert(&s0).await;
+    let source = app.create_vm("trunk", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0x61, 0, 2);
+    let s0 = app.snapshot(source, "s0").await.id;
+    write(app.active_path(source, "root").await, 0x62, 2, 2);
+    let reader = clone(&app, source, json!({"name": "branchy", "mode": "linked"}))
+        .await
+        .id;
+    app.revert(s0).await;
 
     // On the clone: s1 and s2 in a row, back to s1, then s1 deleted. Its layer (the
     // clone's lowest) is a branch point, streamed into both branches: the clone's disk
     // now sits on its source twice.
-    write(&app.active_path(&reader, "root").await, 0x71, 4, 1);
-    let s1 = app.snapshot(&reader, "s1").await;
-    write(&app.active_path(&reader, "root").await, 0x72, 5, 1);
-    let s2 = app.snapshot(&reader, "s2").await;
-    app.revert(&s1).await;
-    write(&app.active_path(&reader, "root").await, 0x73, 6, 1);
-    app.delete_snapshot(&s1).await;
+    write(app.active_path(reader, "root").await, 0x71, 4, 1);
+    let s1 = app.snapshot(reader, "s1").await.id;
+    write(app.active_path(reader, "root").await, 0x72, 5, 1);
+    let s2 = app.snapshot(reader, "s2").await.id;
+    app.revert(s1).await;
+    write(app.active_path(reader, "root").await, 0x73, 6, 1);
+    app.delete_snapshot(s1).await;
     let present = [
         (0x61, 0, 2),
         (0x62, 2, 2),
@@ -814,32 +717,24 @@ async fn a_linked_disk_with_a_branch_on_its_source_is_flattened_whole() {
         (0x72, 5, 1),
         (0, 6, 1),
     ];
-    expect_all(&app.active_path(&reader, "root").await, &present);
-    expect_all(&app.snapshot_path(&reader, &s2, "root").await, &at_s2);
+    expect_all(app.active_path(reader, "root").await, &present);
+    expect_all(app.snapshot_path(reader, s2, "root").await, &at_s2);
 
     // Flattening cuts both links; the source's layer they sat on then goes.
-    let disk = app.vm(&reader).await["disks"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let job = app
-        .expect_job(
-            app.post(&format!("/v1/vms/{reader}/disks/{disk}/flatten"), json!({}))
-                .await,
-        )
-        .await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    let active = app.active_path(&reader, "root").await;
-    let layer = app.snapshot_path(&reader, &s2, "root").await;
+    let disk = app.vm(reader).await.disks[0].id;
+    let job = flatten(&app, reader, disk).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let active = app.active_path(reader, "root").await;
+    let layer = app.snapshot_path(reader, s2, "root").await;
     assert_eq!(chain(&active).len(), 1, "the present is standalone");
     assert_eq!(chain(&layer).len(), 1, "s2's branch is standalone");
     expect_all(&active, &present);
     expect_all(&layer, &at_s2);
     check_clean(&active);
     check_clean(&layer);
-    assert_only_referenced_files(&app, &[&source, &reader]).await;
+    assert_only_referenced_files(&app, &[source, reader]).await;
     expect_all(
-        &app.active_path(&source, "root").await,
+        app.active_path(source, "root").await,
         &[(0x61, 0, 2), (0, 2, 6)],
     );
 }
@@ -847,45 +742,31 @@ async fn a_linked_disk_with_a_branch_on_its_source_is_flattened_whole() {
 #[tokio::test]
 async fn a_clone_queued_behind_a_grow_gets_the_grown_size() {
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "disk_resize:planned:pause=1500")]).await;
-    let source = id(&app.create_vm("growing", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0x51, 0, 2);
-    let disk = app.vm(&source).await["disks"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let source = app.create_vm("growing", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0x51, 0, 2);
+    let disk = app.vm(source).await.disks[0].id;
     let grown = 2 * DISK;
-    let (status, resize) = app
-        .post(
+    let resize = app
+        .accept(
+            Method::POST,
             &format!("/v1/vms/{source}/disks/{disk}/resize"),
-            json!({"size_bytes": grown}),
+            Some(json!({"size_bytes": grown})),
         )
         .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{resize}");
     let mut clones = Vec::new();
     for mode in ["linked", "full"] {
-        let (status, job) = app
-            .post(
-                &format!("/v1/vms/{source}/clone"),
-                json!({"name": format!("after-grow-{mode}"), "mode": mode}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-        clones.push(job);
+        let body = json!({"name": format!("after-grow-{mode}"), "mode": mode});
+        clones.push(start_clone(&app, source, body).await);
     }
-    assert_eq!(app.wait_job_end(&resize).await["status"], "succeeded");
+    assert_eq!(app.wait_job(resize.id).await.status, JobStatus::Succeeded);
     for job in &clones {
-        let ended = app.wait_job_end(job).await;
-        assert_eq!(ended["status"], "succeeded", "{ended}");
-        let clone = job["target"]["id"].as_str().unwrap();
+        let ended = app.wait_job(job.id).await;
+        assert_eq!(ended.status, JobStatus::Succeeded, "{ended:?}");
+        let clone = job.target.id;
         let view = app.vm(clone).await;
-        assert_eq!(view["disks"][0]["size_bytes"], grown, "{view}");
+        assert_eq!(view.disks[0].size_bytes, grown, "{view:?}");
         let active = app.active_path(clone, "root").await;
-        let info = Command::new("qemu-img")
-            .args(["info", "--output=json", "-f", "qcow2", &active])
-            .output()
-            .unwrap();
-        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
-        assert_eq!(info["virtual-size"], grown, "{info}");
+        assert_eq!(virtual_size(&active), grown);
         expect_all(&active, &[(0x51, 0, 2), (0, 2, 62)]);
     }
 }
@@ -893,36 +774,31 @@ async fn a_clone_queued_behind_a_grow_gets_the_grown_size() {
 #[tokio::test]
 async fn a_clone_queued_behind_a_new_disk_of_its_source_gets_that_disk() {
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "disk_create:planned:pause=1500")]).await;
-    let source = id(&app.create_vm("widening", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0x52, 0, 2);
-    let (status, added) = app
-        .post(
+    let source = app.create_vm("widening", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0x52, 0, 2);
+    let added = app
+        .accept(
+            Method::POST,
             &format!("/v1/vms/{source}/disks"),
-            json!({"name": "data", "size_bytes": DISK}),
+            Some(json!({"name": "data", "size_bytes": DISK})),
         )
         .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{added}");
     let mut clones = Vec::new();
     for mode in ["linked", "full"] {
-        let (status, job) = app
-            .post(
-                &format!("/v1/vms/{source}/clone"),
-                json!({"name": format!("wide-{mode}"), "mode": mode}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-        clones.push(job);
+        let body = json!({"name": format!("wide-{mode}"), "mode": mode});
+        clones.push(start_clone(&app, source, body).await);
     }
-    assert_eq!(app.wait_job_end(&added).await["status"], "succeeded");
+    assert_eq!(app.wait_job(added.id).await.status, JobStatus::Succeeded);
     for job in &clones {
-        let ended = app.wait_job_end(job).await;
-        assert_eq!(ended["status"], "succeeded", "{ended}");
-        let clone = job["target"]["id"].as_str().unwrap();
-        let mut names: Vec<String> = app.vm(clone).await["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["name"].as_str().unwrap().to_owned())
+        let ended = app.wait_job(job.id).await;
+        assert_eq!(ended.status, JobStatus::Succeeded, "{ended:?}");
+        let clone = job.target.id;
+        let mut names: Vec<String> = app
+            .vm(clone)
+            .await
+            .disks
+            .into_iter()
+            .map(|d| d.name)
             .collect();
         names.sort();
         assert_eq!(
@@ -930,8 +806,8 @@ async fn a_clone_queued_behind_a_new_disk_of_its_source_gets_that_disk() {
             ["data", "root"],
             "the clone is of the present when it ran"
         );
-        expect_all(&app.active_path(clone, "root").await, &[(0x52, 0, 2)]);
-        expect_all(&app.active_path(clone, "data").await, &[(0, 0, 32)]);
+        expect_all(app.active_path(clone, "root").await, &[(0x52, 0, 2)]);
+        expect_all(app.active_path(clone, "data").await, &[(0, 0, 32)]);
     }
 }
 
@@ -940,36 +816,25 @@ async fn a_collapse_behind_a_linked_clone_of_the_present_is_refused_at_once() {
     // The clone job is held after planning: it has not frozen the present yet.
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=3000")]).await;
     app.wait_ready().await;
-    let source = id(&app.create_vm("source", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0x35, 0, 2);
-    let (status, job) = app
-        .post(
-            &format!("/v1/vms/{source}/clone"),
-            json!({"name": "present", "mode": "linked"}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let clone = job["target"]["id"].as_str().unwrap().to_owned();
+    let source = app.create_vm("source", &[("root", DISK)]).await.id;
+    write(app.active_path(source, "root").await, 0x35, 0, 2);
+    let job = start_clone(&app, source, json!({"name": "present", "mode": "linked"})).await;
+    let clone = job.target.id;
 
     // Once the clone runs, the present it froze is a layer it reads: collapsing the
     // source's (empty) snapshot tree would rewrite it. Refused now, naming the clone,
     // not accepted and failed when it runs (stress seed 2).
-    let (status, body) = app.delete(&format!("/v1/vms/{source}/snapshots")).await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert_eq!(body["code"], "has_dependents", "{body}");
-    assert_eq!(body["dependent_vms"][0]["id"], clone.as_str(), "{body}");
+    let snapshots = format!("/v1/vms/{source}/snapshots");
+    let refused = conflict(&app, Method::DELETE, &snapshots, "has_dependents").await;
+    let dependents = refused.dependent_vms.clone().unwrap_or_default();
+    assert_eq!(dependents[0].id, clone, "{refused:?}");
 
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    expect(&app.active_path(&clone, "root").await, 0x35, 0, 2);
-    expect(&app.active_path(&source, "root").await, 0x35, 0, 2);
+    let job = app.wait_job(job.id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    expect(app.active_path(clone, "root").await, 0x35, 0, 2);
+    expect(app.active_path(source, "root").await, 0x35, 0, 2);
     // And once it exists, the same request is refused for the same reason.
-    let (status, body) = app.delete(&format!("/v1/vms/{source}/snapshots")).await;
-    assert_eq!(
-        (status, body["code"].as_str()),
-        (StatusCode::CONFLICT, Some("has_dependents")),
-        "{body}"
-    );
+    conflict(&app, Method::DELETE, &snapshots, "has_dependents").await;
 }
 
 /// File names (not paths) of a chain, top first.
@@ -990,9 +855,9 @@ fn chain_names(path: &str) -> Vec<String> {
 #[tokio::test]
 async fn shared_layers_under_a_snapshot_off_the_present_stay_recorded_though_no_view_shows_them() {
     let mut app = TestApp::spawn().await;
-    let source = id(&app.create_vm("stacked", &[("root", DISK)]).await);
-    write(&app.active_path(&source, "root").await, 0x41, 0, 2);
-    let s0 = app.snapshot(&source, "s0").await;
+    let source = app.create_vm("stacked", &[("root", DISK)]).await.id;
+    write(&app.active_path(source, "root").await, 0x41, 0, 2);
+    let s0 = app.snapshot(source, "s0").await.id;
     let mut readers = Vec::new();
     for layer in 0..4u8 {
         write(
@@ -1003,14 +868,14 @@ async fn shared_layers_under_a_snapshot_off_the_present_stay_recorded_though_no_
         );
         let reader = clone(
             &app,
-            &source,
+            source,
             json!({"name": format!("reader-{layer}"), "mode": "linked"}),
         )
         .await;
-        readers.push(id(&reader));
+        readers.push(reader.id);
     }
     write(&app.active_path(&source, "root").await, 0x5f, 6, 1);
-    let s1 = app.snapshot(&source, "s1").await;
+    let s1 = app.snapshot(source, "s1").await.id;
     let s1_bytes = [
         (0x41, 0, 2),
         (0x51, 2, 1),
@@ -1019,17 +884,16 @@ async fn shared_layers_under_a_snapshot_off_the_present_stay_recorded_though_no_
         (0x54, 5, 1),
         (0x5f, 6, 1),
     ];
-    app.revert(&s0).await;
+    app.revert(s0).await;
     for reader in &readers {
-        app.expect_job(app.delete(&format!("/v1/vms/{reader}")).await)
-            .await;
+        app.delete_vm(reader).await;
     }
 
-    let s1_path = app.snapshot_path(&source, &s1, "root").await;
+    let s1_path = app.snapshot_path(source, s1, "root").await;
     let s1_chain = chain_names(&s1_path);
-    let mut shown: Vec<String> = chain_names(&app.active_path(&source, "root").await);
-    for snapshot in [&s0, &s1] {
-        let path = app.snapshot_path(&source, snapshot, "root").await;
+    let mut shown: Vec<String> = chain_names(&app.active_path(source, "root").await);
+    for snapshot in [s0, s1] {
+        let path = app.snapshot_path(source, snapshot, "root").await;
         shown.push(path.rsplit('/').next().unwrap().to_owned());
     }
     let hidden: Vec<&String> = s1_chain.iter().filter(|f| !shown.contains(f)).collect();
@@ -1044,7 +908,7 @@ async fn shared_layers_under_a_snapshot_off_the_present_stay_recorded_though_no_
             .get(*file)
             .unwrap_or_else(|| panic!("{file}, read by s1, has no volume row"));
         assert_eq!(row.role, "shared", "{file}");
-        assert_eq!(row.vm, source, "{file}");
+        assert_eq!(row.vm, source.to_string(), "{file}");
     }
     // Every row has its file, every file its row, each row's parent is its backing.
     let on_disk: Vec<String> = app
@@ -1078,14 +942,14 @@ async fn shared_layers_under_a_snapshot_off_the_present_stay_recorded_though_no_
     check_clean(&s1_path);
 
     // Once s1 goes, nothing reads them: they go with it.
-    app.delete_snapshot(&s1).await;
-    assert_only_referenced_files(&app, &[&source]).await;
+    app.delete_snapshot(s1).await;
+    assert_only_referenced_files(&app, &[source]).await;
     let rows = crate::stress::volume_rows(&app.data_dir).await.unwrap();
     assert!(
         hidden.iter().all(|f| !rows.contains_key(*f)),
         "{rows:?}",
         rows = rows.keys().collect::<Vec<_>>()
     );
-    let active = app.active_path(&source, "root").await;
+    let active = app.active_path(source, "root").await;
     expect_all(&active, &[(0x41, 0, 2), (0, 2, 5)]);
 }

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 384 * MIB;
 
@@ -22,32 +22,26 @@ const STREAMED: &[(u8, u64, u64)] = &[
 /// A VM whose snapshot `s0` holds 100 MiB under a bigger present layer, so deleting
 /// `s0` streams those 100 MiB up into the present layer (a safe rebase). Returns the
 /// VM and the snapshot.
-async fn stream_setup(app: &TestApp, name: &str) -> (String, String) {
-    let vm = id(&app.create_vm(name, &[("root", DISK)]).await);
-    write(&app.active_path(&vm, "root").await, 0x11, 0, 100);
-    let s0 = app.snapshot(&vm, "s0").await;
-    write(&app.active_path(&vm, "root").await, 0x22, 120, 150);
+async fn stream_setup(app: &TestApp, name: &str) -> (Uuid, Uuid) {
+    let vm = app.create_vm(name, &[("root", DISK)]).await.id;
+    write(app.active_path(vm, "root").await, 0x11, 0, 100);
+    let s0 = app.snapshot(vm, "s0").await.id;
+    write(app.active_path(vm, "root").await, 0x22, 120, 150);
     (vm, s0)
 }
 
 /// The VM's one disk reads `regions`, every file is clean and the chain on disk is
 /// the one the API shows.
-async fn assert_present(app: &TestApp, vm: &str, regions: &[(u8, u64, u64)]) {
+async fn assert_present(app: &TestApp, vm: Uuid, regions: &[(u8, u64, u64)]) {
     let view = app.vm(vm).await;
-    let disk = &view["disks"][0];
-    let active = disk["active_path"].as_str().unwrap();
+    let disk = &view.disks[0];
+    let active = disk.path();
     expect_all(active, regions);
     check_clean(active);
-    let api_chain: Vec<&str> = disk["chain"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|entry| entry["path"].as_str().unwrap())
-        .collect();
     let file_chain = chain(active);
-    assert_eq!(file_chain.len(), api_chain.len(), "{disk}");
-    for entry in disk["chain"].as_array().unwrap() {
-        assert_eq!(entry["status"], "ready", "{entry}");
+    assert_eq!(file_chain.len(), disk.chain.len(), "{disk:?}");
+    for entry in &disk.chain {
+        assert_eq!(entry.status, VolumeStatus::Ready, "{entry:?}");
     }
 }
 
@@ -56,16 +50,17 @@ async fn killing_strata_at_any_moment_of_a_stream_loses_no_byte() {
     let mut app = TestApp::spawn().await;
     for (round, delay_ms) in [0u64, 150, 400, 900].into_iter().enumerate() {
         let (vm, s0) = stream_setup(&app, &format!("streamed-{round}")).await;
-        let (status, job) = app.delete(&format!("/v1/snapshots/{s0}")).await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let job = app
+            .accept(Method::DELETE, &format!("/v1/snapshots/{s0}"), None)
+            .await;
         wait_for_child(app.pid().unwrap(), "qemu-img").await;
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         app.kill();
         app.restart(&[]).await;
 
-        let job = app.wait_job_end(&job).await;
-        assert_eq!(job["status"], "succeeded", "round {round}: {job}");
-        assert_present(&app, &vm, STREAMED).await;
+        let job = app.wait_job(job.id).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "round {round}: {job:?}");
+        assert_present(&app, vm, STREAMED).await;
         let (status, _) = app.get(&format!("/v1/snapshots/{s0}")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
@@ -78,59 +73,59 @@ async fn a_killed_qemu_img_in_the_middle_of_a_stream_is_run_again() {
     let app = TestApp::spawn().await;
     for (round, delay_ms) in [50u64, 500].into_iter().enumerate() {
         let (vm, s0) = stream_setup(&app, &format!("retried-{round}")).await;
-        let (status, job) = app.delete(&format!("/v1/snapshots/{s0}")).await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let job = app
+            .accept(Method::DELETE, &format!("/v1/snapshots/{s0}"), None)
+            .await;
         let child = wait_for_child(app.pid().unwrap(), "qemu-img").await;
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         kill_process(child);
 
-        let job = app.wait_job_end(&job).await;
-        assert_eq!(job["status"], "succeeded", "round {round}: {job}");
-        assert_present(&app, &vm, STREAMED).await;
+        let job = app.wait_job(job.id).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "round {round}: {job:?}");
+        assert_present(&app, vm, STREAMED).await;
     }
 }
 
 #[tokio::test]
 async fn killing_strata_while_a_linked_clone_is_flattened_loses_no_byte() {
     let mut app = TestApp::spawn().await;
-    let source = id(&app.create_vm("source", &[("root", 256 * MIB)]).await);
-    write(&app.active_path(&source, "root").await, 0x44, 0, 128);
-    let golden = app.snapshot(&source, "golden").await;
+    let source = app.create_vm("source", &[("root", 256 * MIB)]).await.id;
+    write(app.active_path(source, "root").await, 0x44, 0, 128);
+    let golden = app.snapshot(source, "golden").await.id;
+    let body = json!({"name": "clone", "mode": "linked", "snapshot_id": golden});
+    let clone = app
+        .run_job(Method::POST, &format!("/v1/vms/{source}/clone"), Some(body))
+        .await
+        .target
+        .id;
+    write(app.active_path(clone, "root").await, 0x55, 200, 8);
+    let disk = app.vm(clone).await.disks[0].id;
+
     let job = app
-        .expect_job(
-            app.post(
-                &format!("/v1/vms/{source}/clone"),
-                json!({"name": "clone", "mode": "linked", "snapshot_id": golden}),
-            )
-            .await,
+        .accept(
+            Method::POST,
+            &format!("/v1/vms/{clone}/disks/{disk}/flatten"),
+            Some(json!({})),
         )
         .await;
-    let clone = job["target"]["id"].as_str().unwrap().to_owned();
-    write(&app.active_path(&clone, "root").await, 0x55, 200, 8);
-    let disk = id(&app.vm(&clone).await["disks"][0]);
-
-    let (status, job) = app
-        .post(&format!("/v1/vms/{clone}/disks/{disk}/flatten"), json!({}))
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
     wait_for_child(app.pid().unwrap(), "qemu-img").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     app.kill();
     app.restart(&[]).await;
 
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
+    let job = app.wait_job(job.id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let regions = [(0x44, 0, 128), (0, 128, 72), (0x55, 200, 8), (0, 208, 48)];
-    assert_present(&app, &clone, &regions).await;
-    assert_eq!(chain(&app.active_path(&clone, "root").await).len(), 1);
+    assert_present(&app, clone, &regions).await;
+    assert_eq!(chain(app.active_path(clone, "root").await).len(), 1);
     // The source's snapshot is untouched and can go now.
     expect(
-        &app.snapshot_path(&source, &golden, "root").await,
+        app.snapshot_path(source, golden, "root").await,
         0x44,
         0,
         128,
     );
-    app.delete_snapshot(&golden).await;
+    app.delete_snapshot(golden).await;
 }
 
 #[tokio::test]
@@ -139,38 +134,40 @@ async fn a_cancel_racing_the_end_of_a_stream_leaves_files_and_records_agreeing()
     let present = [(0x21, 0, 2), (0, 2, 6), (0x22, 8, 8), (0, 16, 48)];
     for round in 0..10u64 {
         // A small snapshot layer under a bigger present one: the delete streams.
-        let vm = id(&app
+        let vm = app
             .create_vm(&format!("racy-{round}"), &[("root", 64 * MIB)])
-            .await);
-        write(&app.active_path(&vm, "root").await, 0x21, 0, 2);
-        let snapshot = app.snapshot(&vm, "s").await;
-        write(&app.active_path(&vm, "root").await, 0x22, 8, 8);
+            .await
+            .id;
+        write(app.active_path(vm, "root").await, 0x21, 0, 2);
+        let snapshot = app.snapshot(vm, "s").await.id;
+        write(app.active_path(vm, "root").await, 0x22, 8, 8);
 
-        let (status, job) = app.delete(&format!("/v1/snapshots/{snapshot}")).await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let job = app
+            .accept(Method::DELETE, &format!("/v1/snapshots/{snapshot}"), None)
+            .await;
         tokio::time::sleep(Duration::from_millis(round * 6)).await;
         let (status, _) = app
-            .post(&format!("/v1/jobs/{}/cancel", id(&job)), json!({}))
+            .post(&format!("/v1/jobs/{}/cancel", job.id), json!({}))
             .await;
         assert!(
             status == StatusCode::ACCEPTED || status == StatusCode::CONFLICT,
             "{status}"
         );
-        let job = app.wait_job_end(&job).await;
+        let job = app.wait_job(job.id).await;
         let (status, _) = app.get(&format!("/v1/snapshots/{snapshot}")).await;
-        match job["status"].as_str() {
-            Some("succeeded") => assert_eq!(status, StatusCode::NOT_FOUND),
-            Some("cancelled") => assert_eq!(status, StatusCode::OK),
-            other => panic!("round {round}: job ended {other:?}: {job}"),
+        match job.status {
+            JobStatus::Succeeded => assert_eq!(status, StatusCode::NOT_FOUND),
+            JobStatus::Cancelled => assert_eq!(status, StatusCode::OK),
+            other => panic!("round {round}: job ended {other:?}: {job:?}"),
         }
-        assert_present(&app, &vm, &present).await;
+        assert_present(&app, vm, &present).await;
 
         // The chain the records describe is the one on disk: collapsing it works.
-        app.snapshot(&vm, "later").await;
-        app.expect_job(app.delete(&format!("/v1/vms/{vm}/snapshots")).await)
+        app.snapshot(vm, "later").await;
+        app.run_job(Method::DELETE, &format!("/v1/vms/{vm}/snapshots"), None)
             .await;
-        assert_present(&app, &vm, &present).await;
-        assert_eq!(chain(&app.active_path(&vm, "root").await).len(), 1);
+        assert_present(&app, vm, &present).await;
+        assert_eq!(chain(app.active_path(vm, "root").await).len(), 1);
     }
 }
 
@@ -220,8 +217,8 @@ async fn a_cluster_a_killed_qemu_img_counted_past_the_end_of_a_layer_is_freed_by
     // seed 2: "Leaked cluster 4 refcount=1 reference=0" in a layer flattened after a
     // cancelled flattening delete).
     let app = TestApp::spawn().await;
-    let source = id(&app.create_vm("counted", &[("root", 32 * MIB)]).await);
-    write(&app.active_path(&source, "root").await, 0x61, 0, 4);
+    let source = app.create_vm("counted", &[("root", 32 * MIB)]).await.id;
+    write(&app.active_path(source, "root").await, 0x61, 0, 4);
     let job = app
         .expect_job(
             app.post(
@@ -231,18 +228,18 @@ async fn a_cluster_a_killed_qemu_img_counted_past_the_end_of_a_layer_is_freed_by
             .await,
         )
         .await;
-    let clone = job["target"]["id"].as_str().unwrap().to_owned();
-    let layer = app.active_path(&clone, "root").await;
+    let clone = job.target.id;
+    let layer = app.active_path(clone, "root").await;
     count_a_cluster_past_the_end(&layer);
     check_clean(&layer);
 
-    let disk = id(&app.vm(&clone).await["disks"][0]);
+    let disk = app.vm(clone).await.disks[0].id;
     app.expect_job(
         app.post(&format!("/v1/vms/{clone}/disks/{disk}/flatten"), json!({}))
             .await,
     )
     .await;
-    let flat = app.active_path(&clone, "root").await;
+    let flat = app.active_path(clone, "root").await;
     assert_eq!(flat, layer, "the link layer was streamed in place");
     assert_eq!(chain(&flat).len(), 1);
     expect_all(&flat, &[(0x61, 0, 4), (0, 4, 28)]);

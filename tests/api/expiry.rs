@@ -7,7 +7,7 @@ use chrono::{SecondsFormat, Utc};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 64 * MIB;
 
@@ -15,11 +15,11 @@ fn in_seconds(seconds: i64) -> String {
     (Utc::now() + chrono::Duration::seconds(seconds)).to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-async fn snapshot_with(app: &TestApp, vm: &str, body: serde_json::Value) -> String {
+async fn snapshot_with(app: &TestApp, vm: &Uuid, body: serde_json::Value) -> String {
     let job = app
         .expect_job(app.post(&format!("/v1/vms/{vm}/snapshots"), body).await)
         .await;
-    job["target"]["id"].as_str().unwrap().to_owned()
+    job.target.id.to_string()
 }
 
 /// Wait until the snapshot is gone (the sweep runs every second in these tests).
@@ -37,7 +37,7 @@ async fn wait_gone(app: &TestApp, snapshot: &str) {
 #[tokio::test]
 async fn an_expired_snapshot_is_merged_away_by_the_sweep_and_every_other_byte_stays() {
     let app = TestApp::spawn_with(&[("STRATA_SWEEP_INTERVAL", "1")]).await;
-    let vm = id(&app.create_vm("expiring", &[("root", DISK)]).await);
+    let vm = app.create_vm("expiring", &[("root", DISK)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x11, 0, 4);
     let s1 = snapshot_with(&app, &vm, json!({"name": "keep"})).await;
     write(&app.active_path(&vm, "root").await, 0x22, 1, 1);
@@ -58,7 +58,7 @@ async fn an_expired_snapshot_is_merged_away_by_the_sweep_and_every_other_byte_st
         .await;
     let job = &jobs["items"][0];
     assert_eq!(job["target"]["id"], s2.as_str(), "{jobs}");
-    assert_eq!(app.wait_job_end(job).await["status"], "succeeded");
+    assert_eq!(app.wait_job(id(job)).await.status, JobStatus::Succeeded);
     let present = app.active_path(&vm, "root").await;
     expect_all(
         &present,
@@ -72,7 +72,7 @@ async fn an_expired_snapshot_is_merged_away_by_the_sweep_and_every_other_byte_st
 #[tokio::test]
 async fn a_snapshot_on_hold_outlives_its_expiry_until_released() {
     let app = TestApp::spawn_with(&[("STRATA_SWEEP_INTERVAL", "1")]).await;
-    let vm = id(&app.create_vm("held", &[("root", DISK)]).await);
+    let vm = app.create_vm("held", &[("root", DISK)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x44, 0, 2);
     let held = snapshot_with(
         &app,
@@ -104,7 +104,7 @@ async fn a_snapshot_on_hold_outlives_its_expiry_until_released() {
 #[tokio::test]
 async fn expiry_can_be_set_changed_and_cleared_but_never_in_the_past() {
     let app = TestApp::spawn().await;
-    let vm = id(&app.create_vm("expiry-edit", &[("root", DISK)]).await);
+    let vm = app.create_vm("expiry-edit", &[("root", DISK)]).await.id;
     let (status, problem) = app
         .post(
             &format!("/v1/vms/{vm}/snapshots"),

@@ -12,7 +12,7 @@ use std::process::Command;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 /// A tmpfs of a fixed size, unmounted when dropped.
 struct Tmpfs {
@@ -73,7 +73,7 @@ fn assert_507(status: StatusCode, body: &Value) {
     assert_eq!(body["code"], "insufficient_storage", "{body}");
 }
 
-fn schedule_body(vm: &str, name: &str) -> Value {
+fn schedule_body(vm: &Uuid, name: &str) -> Value {
     json!({"name": name, "vm_id": vm, "cron": "0 3 * * *", "retention": {"keep_last": 3}})
 }
 
@@ -98,7 +98,7 @@ async fn metadata_writes_on_a_full_file_system_answer_507_and_nothing_acknowledg
     };
     let filler_path = dir.path().join("filler");
     let mut app = TestApp::spawn_in(dir, &[]).await;
-    let vm = id(&app.create_vm("full", &[("root", 16 * MIB)]).await);
+    let vm = app.create_vm("full", &[("root", 16 * MIB)]).await.id;
     let filler = fill(&filler_path);
 
     // Rows are added until the database cannot grow; every answer is a 201 that
@@ -142,7 +142,7 @@ async fn metadata_writes_on_a_full_file_system_answer_507_and_nothing_acknowledg
             StatusCode::OK => description = wanted,
             _ => assert_507(status, &body),
         }
-        assert_eq!(app.vm(&vm).await["description"], description.as_str());
+        assert_eq!(app.vm(&vm).await.description, description);
     }
     let (status, body) = app
         .post(
@@ -172,9 +172,9 @@ async fn metadata_writes_on_a_full_file_system_answer_507_and_nothing_acknowledg
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     if let Some(job) = &snapshot_job {
-        app.wait_job_end(job).await;
+        app.wait_job(id(job)).await;
     }
-    let snapshot = app.snapshot(&vm, "after").await;
+    let snapshot = app.snapshot(&vm, "after").await.id;
 
     // And everything acknowledged survives a kill -9, nothing refused appears.
     app.kill();
@@ -187,12 +187,12 @@ async fn metadata_writes_on_a_full_file_system_answer_507_and_nothing_acknowledg
         assert!(!names.contains(name), "refused schedule {name} exists");
     }
     assert_eq!(names.len(), acknowledged.len());
-    assert_eq!(app.vm(&vm).await["description"], "space is back");
+    assert_eq!(app.vm(&vm).await.description, "space is back");
     let (status, _) = app.get(&format!("/v1/snapshots/{snapshot}")).await;
     assert_eq!(status, StatusCode::OK);
     for file in app.volume_files() {
         if file.extension().is_some_and(|e| e == "qcow2") {
-            check_clean(&file.display().to_string());
+            check_clean(&file);
         }
     }
 }
@@ -212,9 +212,9 @@ async fn merges_and_snapshots_that_do_not_fit_are_refused_up_front_with_nothing_
     let Some((app, _volumes_fs, _data_fs, volumes)) = app_with_small_volumes(96).await else {
         return skip_without_root();
     };
-    let vm = id(&app.create_vm("tight", &[("root", 64 * MIB)]).await);
+    let vm = app.create_vm("tight", &[("root", 64 * MIB)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x11, 0, 30);
-    let s1 = app.snapshot(&vm, "s1").await;
+    let s1 = app.snapshot(&vm, "s1").await.id;
     write(&app.active_path(&vm, "root").await, 0x22, 30, 30);
     let regions = [(0x11, 0, 30), (0x22, 30, 30), (0, 60, 4)];
 
@@ -250,9 +250,9 @@ async fn a_merge_that_runs_out_of_space_in_the_middle_waits_and_resumes() {
     let Some((app, _volumes_fs, _data_fs, volumes)) = app_with_small_volumes(128).await else {
         return skip_without_root();
     };
-    let vm = id(&app.create_vm("squeezed", &[("root", 64 * MIB)]).await);
+    let vm = app.create_vm("squeezed", &[("root", 64 * MIB)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x11, 0, 40);
-    let s1 = app.snapshot(&vm, "s1").await;
+    let s1 = app.snapshot(&vm, "s1").await.id;
     // New clusters for the base: the commit has to allocate them.
     write(&app.active_path(&vm, "root").await, 0x22, 40, 20);
     let regions = [(0x11, 0, 40), (0x22, 40, 20), (0, 60, 4)];
@@ -273,8 +273,8 @@ async fn a_merge_that_runs_out_of_space_in_the_middle_waits_and_resumes() {
     assert_eq!(running["status"], "running", "{running}");
 
     std::fs::remove_file(&filler).unwrap();
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
+    let job = app.wait_job(id(&job)).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let active = app.active_path(&vm, "root").await;
     expect_all(&active, &regions);
     check_clean(&active);
@@ -286,9 +286,9 @@ async fn a_stream_that_runs_out_of_space_rolls_back_with_every_byte_in_place() {
     let Some((app, _volumes_fs, _data_fs, volumes)) = app_with_small_volumes(128).await else {
         return skip_without_root();
     };
-    let vm = id(&app.create_vm("rolled", &[("root", 96 * MIB)]).await);
+    let vm = app.create_vm("rolled", &[("root", 96 * MIB)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x11, 0, 30);
-    let s1 = app.snapshot(&vm, "s1").await;
+    let s1 = app.snapshot(&vm, "s1").await.id;
     write(&app.active_path(&vm, "root").await, 0x22, 40, 40);
     let regions = [(0x11, 0, 30), (0, 30, 10), (0x22, 40, 40), (0, 80, 16)];
 
@@ -301,9 +301,13 @@ async fn a_stream_that_runs_out_of_space_rolls_back_with_every_byte_in_place() {
     let (status, job) = app.delete(&format!("/v1/snapshots/{s1}")).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{job}");
     let filler = fill(&volumes.join("filler.bin"));
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["error"]["code"], "insufficient_storage", "{job}");
+    let job = app.wait_job(id(&job)).await;
+    assert_eq!(job.status, JobStatus::Failed, "{job:?}");
+    assert_eq!(
+        job.error.as_ref().map(|e| e.code.as_str()),
+        Some("insufficient_storage"),
+        "{job:?}"
+    );
     std::fs::remove_file(&filler).unwrap();
 
     let (_, snapshot) = app.get(&format!("/v1/snapshots/{s1}")).await;
@@ -351,7 +355,7 @@ async fn referenced_files(app: &TestApp) -> std::collections::BTreeSet<String> {
     }
     shown
         .iter()
-        .flat_map(|path| chain(path))
+        .flat_map(chain)
         .map(|path| name_of(&path))
         .collect()
 }
@@ -372,7 +376,7 @@ async fn assert_files_match_records(app: &TestApp) {
     );
     for file in app.volume_files() {
         if file.extension().is_some_and(|e| e == "qcow2") {
-            check_clean(&file.display().to_string());
+            check_clean(&file);
         }
     }
 }
@@ -382,7 +386,7 @@ async fn clones_and_imports_that_do_not_fit_are_refused_up_front_with_nothing_ch
     let Some((app, _volumes_fs, _data_fs, volumes)) = app_with_small_volumes(96).await else {
         return skip_without_root();
     };
-    let vm = id(&app.create_vm("source", &[("root", 64 * MIB)]).await);
+    let vm = app.create_vm("source", &[("root", 64 * MIB)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x33, 0, 30);
     let image = volumes.parent().unwrap().join("upload.qcow2");
     let image_text = image.display().to_string();
@@ -440,7 +444,7 @@ async fn clones_and_imports_that_do_not_fit_are_refused_up_front_with_nothing_ch
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    assert_eq!(app.wait_job_end(&job).await["status"], "succeeded");
+    assert_eq!(app.wait_job(id(&job)).await.status, JobStatus::Succeeded);
 
     // With the space back, the full clone and the import work.
     std::fs::remove_file(&filler).unwrap();
@@ -451,7 +455,7 @@ async fn clones_and_imports_that_do_not_fit_are_refused_up_front_with_nothing_ch
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    assert_eq!(app.wait_job_end(&job).await["status"], "succeeded");
+    assert_eq!(app.wait_job(id(&job)).await.status, JobStatus::Succeeded);
     expect_all(&app.active_path(&vm, "root").await, &[(0x33, 0, 30)]);
     assert_files_match_records(&app).await;
 }
@@ -472,11 +476,11 @@ async fn with_the_database_file_system_full_jobs_are_refused_or_happen_whole() {
     };
     let filler_path = dir.path().join("filler");
     let mut app = TestApp::spawn_in(dir, &[("STRATA_RESERVED_SPACE", "1048576")]).await;
-    let vm = id(&app.create_vm("db-full", &[("root", 64 * MIB)]).await);
+    let vm = app.create_vm("db-full", &[("root", 64 * MIB)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x11, 0, 20);
-    let s1 = app.snapshot(&vm, "s1").await;
+    let s1 = app.snapshot(&vm, "s1").await.id;
     write(&app.active_path(&vm, "root").await, 0x22, 20, 30);
-    let s2 = app.snapshot(&vm, "s2").await;
+    let s2 = app.snapshot(&vm, "s2").await.id;
     write(&app.active_path(&vm, "root").await, 0x33, 50, 4);
     let present = [(0x11, 0, 20), (0x22, 20, 30), (0x33, 50, 4)];
 
@@ -529,8 +533,8 @@ async fn with_the_database_file_system_full_jobs_are_refused_or_happen_whole() {
     // Space comes back: every acknowledged job ends, and nothing it did is lost.
     std::fs::remove_file(&filler).unwrap();
     for (path, job) in &jobs {
-        let ended = app.wait_job_end(job).await;
-        assert_eq!(ended["status"], "succeeded", "{path}: {ended}");
+        let ended = app.wait_job(id(job)).await;
+        assert_eq!(ended.status, JobStatus::Succeeded, "{path}: {ended:?}");
     }
     app.kill();
     app.restart(&[("STRATA_RESERVED_SPACE", "1048576")]).await;
@@ -549,7 +553,7 @@ async fn with_the_database_file_system_full_jobs_are_refused_or_happen_whole() {
         &app.snapshot_path(&vm, &s2, "root").await,
         &[(0x11, 0, 20), (0x22, 20, 30), (0, 50, 14)],
     );
-    let s1_deleted = jobs.iter().any(|(path, _)| path.ends_with(&s1));
+    let s1_deleted = jobs.iter().any(|(path, _)| path.ends_with(&s1.to_string()));
     let (status, _) = app.get(&format!("/v1/snapshots/{s1}")).await;
     assert_eq!(
         status,
@@ -590,8 +594,8 @@ async fn with_the_database_file_system_full_jobs_are_refused_or_happen_whole() {
     }
     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     std::fs::remove_file(&filler).unwrap();
-    let ended = app.wait_job_end(&job).await;
-    assert_eq!(ended["status"], "succeeded", "{ended}");
+    let ended = app.wait_job(id(&job)).await;
+    assert_eq!(ended.status, JobStatus::Succeeded, "{ended:?}");
     app.kill();
     app.restart(&[("STRATA_RESERVED_SPACE", "1048576")]).await;
     let (status, _) = app.get(&format!("/v1/snapshots/{s1}")).await;

@@ -8,7 +8,7 @@ use std::process::Command;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 32 * MIB;
 
@@ -69,9 +69,10 @@ async fn upload(app: &TestApp, query: &str, file: Option<&Path>) -> (StatusCode,
 
 /// A template with two disks, made from a VM with a snapshot.
 async fn template(app: &TestApp) -> Value {
-    let vm = id(&app
+    let vm = app
         .create_vm("golden", &[("root", DISK), ("data", DISK)])
-        .await);
+        .await
+        .id;
     write(&app.active_path(&vm, "root").await, 0x71, 0, 2);
     app.snapshot(&vm, "s1").await;
     write(&app.active_path(&vm, "root").await, 0x72, 4, 1);
@@ -117,15 +118,10 @@ async fn an_exported_template_imports_to_identical_content_with_matching_digests
         // Imported elsewhere (here: the same service), the content is identical.
         let (status, job) = upload(&app, &format!("name=copy-{n}&format=qcow2"), Some(&file)).await;
         assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-        let job = app.wait_job_end(&job).await;
-        assert_eq!(job["status"], "succeeded", "{job}");
-        assert_eq!(job["kind"], "template_import");
-        let (_, imported) = app
-            .get(&format!(
-                "/v1/templates/{}",
-                job["target"]["id"].as_str().unwrap()
-            ))
-            .await;
+        let job = app.wait_job(id(&job)).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+        assert_eq!(job.kind, JobKind::TemplateImport);
+        let (_, imported) = app.get(&format!("/v1/templates/{}", job.target.id)).await;
         assert_eq!(imported["status"], "ready");
         assert_eq!(imported["disks"][0]["name"], "root");
         assert_eq!(imported["disks"][0]["size_bytes"], DISK);
@@ -182,14 +178,9 @@ async fn an_exported_template_imports_to_identical_content_with_matching_digests
     ]);
     let (status, job) = upload(&app, "name=from-raw&format=raw&disk_name=data", Some(&raw)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    let (_, imported) = app
-        .get(&format!(
-            "/v1/templates/{}",
-            job["target"]["id"].as_str().unwrap()
-        ))
-        .await;
+    let job = app.wait_job(id(&job)).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let (_, imported) = app.get(&format!("/v1/templates/{}", job.target.id)).await;
     compare(
         imported["disks"][0]["path"].as_str().unwrap(),
         original["disks"][1]["path"].as_str().unwrap(),
@@ -426,9 +417,9 @@ async fn hostile_imports_are_refused_with_their_code_and_leave_nothing_behind() 
 #[tokio::test]
 async fn a_template_flattened_under_its_exports_gets_fresh_ones() {
     let app = TestApp::spawn().await;
-    let source = id(&app.create_vm("source", &[("root", DISK)]).await);
+    let source = app.create_vm("source", &[("root", DISK)]).await.id;
     write(&app.active_path(&source, "root").await, 0x21, 0, 1);
-    let s1 = app.snapshot(&source, "s1").await;
+    let s1 = app.snapshot(&source, "s1").await.id;
     let job = app
         .expect_job(
             app.post(
@@ -438,7 +429,7 @@ async fn a_template_flattened_under_its_exports_gets_fresh_ones() {
             .await,
         )
         .await;
-    let linked = job["target"]["id"].as_str().unwrap().to_owned();
+    let linked = job.target.id.to_string();
     write(&app.active_path(&linked, "root").await, 0x22, 1, 1);
     app.expect_job(
         app.post(&format!("/v1/vms/{linked}/convert-to-template"), json!({}))
@@ -481,7 +472,7 @@ async fn a_template_flattened_under_its_exports_gets_fresh_ones() {
 #[tokio::test]
 async fn a_deleted_template_takes_its_export_files_with_it() {
     let app = TestApp::spawn().await;
-    let vm = id(&app.create_vm("golden", &[("root", DISK)]).await);
+    let vm = app.create_vm("golden", &[("root", DISK)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x31, 0, 1);
     app.expect_job(
         app.post(&format!("/v1/vms/{vm}/convert-to-template"), json!({}))
@@ -604,8 +595,8 @@ async fn imports_beyond_the_slots_are_refused_with_503_and_retry_after() {
     );
 
     // The slot comes back when the first import ends.
-    assert_eq!(app.wait_job_end(&first).await["status"], "succeeded");
+    assert_eq!(app.wait_job(id(&first)).await.status, JobStatus::Succeeded);
     let (status, second) = upload(&app, "name=second&format=qcow2", Some(&image)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{second}");
-    assert_eq!(app.wait_job_end(&second).await["status"], "succeeded");
+    assert_eq!(app.wait_job(id(&second)).await.status, JobStatus::Succeeded);
 }

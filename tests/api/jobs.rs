@@ -6,49 +6,32 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::LOCATION;
 use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 64 * MIB;
 const PAUSE_SNAPSHOT: (&str, &str) = ("STRATA_FAULT", "snapshot_create:planned:pause");
+
 /// Ids of a job list page, in the order given.
-fn ids(list: &Value) -> Vec<String> {
-    list["items"]
-        .as_array()
-        .unwrap_or_else(|| panic!("not a list: {list}"))
-        .iter()
-        .map(id)
-        .collect()
+fn ids(list: &JobList) -> Vec<Uuid> {
+    list.items.iter().map(|job| job.id).collect()
 }
 
-/// Owned copies of job ids, to compare with `ids`.
-fn order(jobs: &[&String]) -> Vec<String> {
-    jobs.iter().map(|j| (*j).clone()).collect()
-}
-
-async fn list(app: &TestApp, query: &str) -> Value {
-    let (status, list) = app.get(&format!("/v1/jobs?{query}")).await;
-    assert_eq!(status, StatusCode::OK, "{query}: {list}");
-    list
-}
-
-/// Expect a 202 with a job and return it without waiting.
-fn accepted((status, job): (StatusCode, Value)) -> Value {
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    job
+async fn list(app: &TestApp, query: &str) -> JobList {
+    app.get_as(&format!("/v1/jobs?{query}")).await
 }
 
 /// Poll until the job has journaled its plan (`detail` is set). Under the pause fault
 /// it then sits before its first step for two seconds.
-async fn wait_planned(app: &TestApp, job: &str) -> Value {
+async fn wait_planned(app: &TestApp, job: Uuid) -> JobView {
     for _ in 0..500 {
-        let (_, view) = app.get(&format!("/v1/jobs/{job}")).await;
+        let view = app.job(job).await;
         assert!(
-            matches!(view["status"].as_str(), Some("queued" | "running")),
-            "{view}"
+            matches!(view.status, JobStatus::Queued | JobStatus::Running),
+            "{view:?}"
         );
-        if view["status"] == "running" && !view["detail"].is_null() {
+        if view.status == JobStatus::Running && view.detail.is_some() {
             return view;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -56,136 +39,159 @@ async fn wait_planned(app: &TestApp, job: &str) -> Value {
     panic!("job {job} never journaled a plan");
 }
 
-#[tokio::test]
-async fn jobs_are_listed_newest_first_and_filtered_by_status_vm_and_kind() {
-    // The pause holds VM a's snapshot so that two resizes to the same size are both
-    // accepted; the second then fails when it runs (the disk has already grown).
-    let app = TestApp::spawn_with(&[PAUSE_SNAPSHOT]).await;
-    let a = app.create_vm("a", &[("root", DISK)]).await;
-    let b = app.create_vm("b", &[("root", DISK)]).await;
-    let (a_id, b_id) = (id(&a), id(&b));
-    let a_disk = id(&a["disks"][0]);
-    let resize = format!("/v1/vms/{a_id}/disks/{a_disk}/resize");
-    let (_, creates) = app.get("/v1/jobs").await;
-    let (b_create, a_create) = (ids(&creates)[0].clone(), ids(&creates)[1].clone());
+/// `POST /v1/jobs/{id}/cancel`, with the answer's headers.
+async fn cancel(app: &TestApp, job: Uuid) -> Reply {
+    send(
+        app,
+        Method::POST,
+        &format!("/v1/jobs/{job}/cancel"),
+        None,
+        None,
+    )
+    .await
+}
 
-    let a_snapshot = accepted(
-        app.post(&format!("/v1/vms/{a_id}/snapshots"), json!({"name": "s1"}))
-            .await,
-    );
-    let a_grow = accepted(app.post(&resize, json!({"size_bytes": 2 * DISK})).await);
-    let a_grow_again = accepted(app.post(&resize, json!({"size_bytes": 2 * DISK})).await);
-    let b_disk = accepted(
-        app.post(
-            &format!("/v1/vms/{b_id}/disks"),
-            json!({"name": "data", "size_bytes": DISK}),
-        )
-        .await,
-    );
-    for job in [&a_snapshot, &a_grow, &a_grow_again, &b_disk] {
-        app.wait_job_end(job).await;
+/// The jobs `jobs_are_listed...` queues on VMs a and b after their creation, newest
+/// last (all ended when this returns).
+struct Queued {
+    a_create: Uuid,
+    b_create: Uuid,
+    a_snapshot: Uuid,
+    a_grow: Uuid,
+    a_grow_again: Uuid,
+    b_disk: Uuid,
+}
+
+impl Queued {
+    fn newest_first(&self) -> Vec<Uuid> {
+        vec![
+            self.b_disk,
+            self.a_grow_again,
+            self.a_grow,
+            self.a_snapshot,
+            self.b_create,
+            self.a_create,
+        ]
     }
-    let [a_snapshot, a_grow, a_grow_again, b_disk] =
-        [a_snapshot, a_grow, a_grow_again, b_disk].map(|j| id(&j));
+}
 
-    let all = list(&app, "").await;
-    let newest_first = vec![
-        &b_disk,
-        &a_grow_again,
-        &a_grow,
-        &a_snapshot,
-        &b_create,
-        &a_create,
-    ];
-    assert_eq!(ids(&all).iter().collect::<Vec<_>>(), newest_first);
-    assert!(all["next_cursor"].is_null());
-    let created: Vec<&str> = all["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| j["created_at"].as_str().unwrap())
-        .collect();
+/// A snapshot of a (held by the pause), two resizes of a's disk to the same size
+/// (both accepted; the second fails when it runs, the disk having grown) and a new
+/// disk on b.
+async fn queue_jobs_on_two_vms(app: &TestApp, a: &VmView, b: &VmView) -> Queued {
+    let resize = format!("/v1/vms/{}/disks/{}/resize", a.id, a.disks[0].id);
+    let creates = ids(&list(app, "").await);
+    let (b_create, a_create) = (creates[0], creates[1]);
+    let post = async |path: String, body| app.accept(Method::POST, &path, Some(body)).await;
+    let a_snapshot = post(format!("/v1/vms/{}/snapshots", a.id), json!({"name": "s1"})).await;
+    let a_grow = post(resize.clone(), json!({"size_bytes": 2 * DISK})).await;
+    let a_grow_again = post(resize, json!({"size_bytes": 2 * DISK})).await;
+    let b_disk = post(
+        format!("/v1/vms/{}/disks", b.id),
+        json!({"name": "data", "size_bytes": DISK}),
+    )
+    .await;
+    for job in [&a_snapshot, &a_grow, &a_grow_again, &b_disk] {
+        app.wait_job(job.id).await;
+    }
+    Queued {
+        a_create,
+        b_create,
+        a_snapshot: a_snapshot.id,
+        a_grow: a_grow.id,
+        a_grow_again: a_grow_again.id,
+        b_disk: b_disk.id,
+    }
+}
+
+/// Every filter, alone and combined, lists exactly its jobs, newest first.
+async fn filters_list_exactly_their_jobs(app: &TestApp, a: Uuid, b: Uuid, jobs: &Queued) {
+    let all = list(app, "").await;
+    assert_eq!(ids(&all), jobs.newest_first());
+    assert!(all.next_cursor.is_none());
+    let created: Vec<_> = all.items.iter().map(|j| j.created_at).collect();
     assert!(created.windows(2).all(|w| w[0] >= w[1]), "{created:?}");
 
+    let expected = [
+        (
+            format!("vm_id={a}"),
+            vec![
+                jobs.a_grow_again,
+                jobs.a_grow,
+                jobs.a_snapshot,
+                jobs.a_create,
+            ],
+        ),
+        (format!("vm_id={b}"), vec![jobs.b_disk, jobs.b_create]),
+        ("kind=vm_create".into(), vec![jobs.b_create, jobs.a_create]),
+        (
+            "kind=disk_resize".into(),
+            vec![jobs.a_grow_again, jobs.a_grow],
+        ),
+        ("kind=snapshot_delete".into(), vec![]),
+        ("status=failed".into(), vec![jobs.a_grow_again]),
+        (
+            "status=succeeded".into(),
+            vec![
+                jobs.b_disk,
+                jobs.a_grow,
+                jobs.a_snapshot,
+                jobs.b_create,
+                jobs.a_create,
+            ],
+        ),
+        ("status=queued".into(), vec![]),
+        (
+            format!("status=succeeded&kind=disk_resize&vm_id={a}"),
+            vec![jobs.a_grow],
+        ),
+        (format!("kind=disk_create&vm_id={a}"), vec![]),
+    ];
+    for (query, jobs) in expected {
+        assert_eq!(ids(&list(app, &query).await), jobs, "{query}");
+    }
+    let failed = list(app, "status=failed").await;
+    let error = failed.items[0].error.as_ref();
     assert_eq!(
-        ids(&list(&app, &format!("vm_id={a_id}")).await),
-        order(&[&a_grow_again, &a_grow, &a_snapshot, &a_create])
+        error.map(|e| e.code.as_str()),
+        Some("disk_shrink_refused"),
+        "{failed:?}"
     );
-    assert_eq!(
-        ids(&list(&app, &format!("vm_id={b_id}")).await),
-        order(&[&b_disk, &b_create])
-    );
-    assert_eq!(
-        ids(&list(&app, "kind=vm_create").await),
-        order(&[&b_create, &a_create])
-    );
-    assert_eq!(
-        ids(&list(&app, "kind=disk_resize").await),
-        order(&[&a_grow_again, &a_grow])
-    );
-    assert_eq!(
-        ids(&list(&app, "kind=snapshot_delete").await),
-        Vec::<String>::new()
-    );
-    let failed = list(&app, "status=failed").await;
-    assert_eq!(ids(&failed), order(&[&a_grow_again]));
-    assert_eq!(
-        failed["items"][0]["error"]["code"], "disk_shrink_refused",
-        "{failed}"
-    );
-    assert_eq!(
-        ids(&list(&app, "status=succeeded").await),
-        order(&[&b_disk, &a_grow, &a_snapshot, &b_create, &a_create])
-    );
-    assert_eq!(
-        ids(&list(&app, "status=queued").await),
-        Vec::<String>::new()
-    );
-    assert_eq!(
-        ids(&list(
-            &app,
-            &format!("status=succeeded&kind=disk_resize&vm_id={a_id}")
-        )
-        .await),
-        order(&[&a_grow])
-    );
-    assert_eq!(
-        ids(&list(&app, &format!("kind=disk_create&vm_id={a_id}")).await),
-        Vec::<String>::new()
-    );
-    // The failed resize changed nothing: the disk has the size the first one gave it.
-    let path = app.active_path(&a_id, "root").await;
-    assert_eq!(app.vm(&a_id).await["disks"][0]["size_bytes"], 2 * DISK);
-    assert_eq!(chain(&path).len(), 2);
-    check_clean(&path);
+}
 
-    // Pages: newest first, each job once, the last page without a cursor.
-    let first = list(&app, "limit=4").await;
-    assert_eq!(ids(&first).iter().collect::<Vec<_>>(), newest_first[..4]);
-    let cursor = first["next_cursor"]
-        .as_str()
-        .expect("a cursor after a full page")
-        .to_owned();
-    let second = list(&app, &format!("limit=4&cursor={cursor}")).await;
-    assert_eq!(ids(&second).iter().collect::<Vec<_>>(), newest_first[4..]);
-    assert!(second["next_cursor"].is_null(), "{second}");
+/// Pages: newest first, each job once, the last page without a cursor.
+async fn pages_give_each_job_once_newest_first(app: &TestApp, a: Uuid, jobs: &Queued) {
+    let newest_first = jobs.newest_first();
+    let first = list(app, "limit=4").await;
+    assert_eq!(ids(&first), newest_first[..4]);
+    let cursor = first.next_cursor.expect("a cursor after a full page");
+    let second = list(app, &format!("limit=4&cursor={cursor}")).await;
+    assert_eq!(ids(&second), newest_first[4..]);
+    assert!(second.next_cursor.is_none(), "{second:?}");
     let mut seen = Vec::new();
-    let mut query = format!("vm_id={a_id}&limit=1");
+    let mut query = format!("vm_id={a}&limit=1");
     loop {
-        let page = list(&app, &query).await;
-        assert!(ids(&page).len() <= 1);
+        let page = list(app, &query).await;
+        assert!(page.items.len() <= 1);
         seen.extend(ids(&page));
-        match page["next_cursor"].as_str() {
-            Some(next) => query = format!("vm_id={a_id}&limit=1&cursor={next}"),
+        match page.next_cursor {
+            Some(next) => query = format!("vm_id={a}&limit=1&cursor={next}"),
             None => break,
         }
         assert!(seen.len() <= 10, "pagination does not end");
     }
     assert_eq!(
         seen,
-        order(&[&a_grow_again, &a_grow, &a_snapshot, &a_create])
+        [
+            jobs.a_grow_again,
+            jobs.a_grow,
+            jobs.a_snapshot,
+            jobs.a_create
+        ]
     );
+}
 
+async fn bad_filters_and_cursors_are_refused(app: &TestApp) {
     for query in [
         "status=bogus",
         "status=",
@@ -196,24 +202,43 @@ async fn jobs_are_listed_newest_first_and_filtered_by_status_vm_and_kind() {
         "limit=x",
     ] {
         assert_problem(
-            &send(&app, Method::GET, &format!("/v1/jobs?{query}"), None, None).await,
+            &send(app, Method::GET, &format!("/v1/jobs?{query}"), None, None).await,
             StatusCode::BAD_REQUEST,
             "invalid_query",
         );
     }
     assert_problem(
-        &send(&app, Method::GET, "/v1/jobs?cursor=garbage", None, None).await,
+        &send(app, Method::GET, "/v1/jobs?cursor=garbage", None, None).await,
         StatusCode::BAD_REQUEST,
         "invalid_cursor",
     );
 }
 
 #[tokio::test]
+async fn jobs_are_listed_newest_first_and_filtered_by_status_vm_and_kind() {
+    // The pause holds VM a's snapshot so that two resizes to the same size are both
+    // accepted; the second then fails when it runs (the disk has already grown).
+    let app = TestApp::spawn_with(&[PAUSE_SNAPSHOT]).await;
+    let a = app.create_vm("a", &[("root", DISK)]).await;
+    let b = app.create_vm("b", &[("root", DISK)]).await;
+    let jobs = queue_jobs_on_two_vms(&app, &a, &b).await;
+
+    filters_list_exactly_their_jobs(&app, a.id, b.id, &jobs).await;
+    // The failed resize changed nothing: the disk has the size the first one gave it.
+    let path = app.active_path(a.id, "root").await;
+    assert_eq!(app.vm(a.id).await.disks[0].size_bytes, 2 * DISK);
+    assert_eq!(chain(&path).len(), 2);
+    check_clean(&path);
+
+    pages_give_each_job_once_newest_first(&app, a.id, &jobs).await;
+    bad_filters_and_cursors_are_refused(&app).await;
+}
+
+#[tokio::test]
 async fn a_long_poll_on_an_ended_job_answers_at_once_and_bad_waits_or_ids_are_refused() {
     let app = TestApp::spawn().await;
     let vm = app.create_vm("poll", &[("root", DISK)]).await;
-    let (_, jobs) = app.get(&format!("/v1/jobs?vm_id={}", id(&vm))).await;
-    let job = ids(&jobs)[0].clone();
+    let job = ids(&list(&app, &format!("vm_id={}", vm.id)).await)[0].to_string();
 
     for wait in [5, 60] {
         let started = Instant::now();
@@ -294,12 +319,16 @@ async fn a_long_poll_on_an_ended_job_answers_at_once_and_bad_waits_or_ids_are_re
 #[tokio::test]
 async fn a_long_poll_on_a_running_job_waits_until_it_ends_or_the_wait_runs_out() {
     let app = TestApp::spawn_with(&[PAUSE_SNAPSHOT]).await;
-    let vm = id(&app.create_vm("long-poll", &[("root", DISK)]).await);
-    let job = id(&accepted(
-        app.post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s1"}))
-            .await,
-    ));
-    wait_planned(&app, &job).await;
+    let vm = app.create_vm("long-poll", &[("root", DISK)]).await.id;
+    let job = app
+        .accept(
+            Method::POST,
+            &format!("/v1/vms/{vm}/snapshots"),
+            Some(json!({"name": "s1"})),
+        )
+        .await
+        .id;
+    wait_planned(&app, job).await;
 
     let started = Instant::now();
     let (status, view) = app.get(&format!("/v1/jobs/{job}?wait=1")).await;
@@ -329,15 +358,25 @@ async fn a_long_poll_on_a_running_job_waits_until_it_ends_or_the_wait_runs_out()
     );
 }
 
-#[tokio::test]
-async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_rolls_it_back() {
-    let app = TestApp::spawn_with(&[PAUSE_SNAPSHOT]).await;
+/// What `cancelling_a_queued_job...` sets up: a VM with two disks of known content,
+/// a snapshot job paused after journaling its plan, and two jobs queued behind it.
+struct CancelScene {
+    vm: Uuid,
+    root: String,
+    data: String,
+    files_before: Vec<PathBuf>,
+    running: JobView,
+    queued: JobView,
+    queued_disk: JobView,
+}
+
+async fn one_job_paused_and_two_queued_behind_it(app: &TestApp) -> CancelScene {
     let vm = app
         .create_vm("cancel", &[("root", DISK), ("data", 32 * MIB)])
-        .await;
-    let vm_id = id(&vm);
-    let root = app.active_path(&vm_id, "root").await;
-    let data = app.active_path(&vm_id, "data").await;
+        .await
+        .id;
+    let root = app.active_path(vm, "root").await;
+    let data = app.active_path(vm, "data").await;
     write(&root, 0x11, 0, 2);
     write(&data, 0x22, 1, 1);
     let files_before: Vec<PathBuf> = app.volume_files();
@@ -345,51 +384,52 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
 
     // The first snapshot runs and pauses after journaling its plan; everything queued
     // behind it on the same VM waits.
-    let running = accepted(
-        app.post(&format!("/v1/vms/{vm_id}/snapshots"), json!({"name": "s1"}))
-            .await,
-    );
-    let running_snapshot = running["target"]["id"].as_str().unwrap().to_owned();
-    wait_planned(&app, &id(&running)).await;
-    let queued = accepted(
-        app.post(&format!("/v1/vms/{vm_id}/snapshots"), json!({"name": "s2"}))
-            .await,
-    );
-    let queued_snapshot = queued["target"]["id"].as_str().unwrap().to_owned();
-    let queued_disk = accepted(
-        app.post(
-            &format!("/v1/vms/{vm_id}/disks"),
-            json!({"name": "extra", "size_bytes": DISK}),
+    let snapshots = format!("/v1/vms/{vm}/snapshots");
+    let running = app
+        .accept(Method::POST, &snapshots, Some(json!({"name": "s1"})))
+        .await;
+    wait_planned(app, running.id).await;
+    let queued = app
+        .accept(Method::POST, &snapshots, Some(json!({"name": "s2"})))
+        .await;
+    let queued_disk = app
+        .accept(
+            Method::POST,
+            &format!("/v1/vms/{vm}/disks"),
+            Some(json!({"name": "extra", "size_bytes": DISK})),
         )
-        .await,
-    );
-    let queued_disk_id = queued_disk["target"]["id"].as_str().unwrap().to_owned();
-    let (_, view) = app.get(&format!("/v1/jobs/{}", id(&queued))).await;
+        .await;
+    let view = app.job(queued.id).await;
     assert_eq!(
-        view["status"], "queued",
-        "jobs of one VM run one at a time: {view}"
+        view.status,
+        JobStatus::Queued,
+        "jobs of one VM run one at a time: {view:?}"
     );
+    CancelScene {
+        vm,
+        root,
+        data,
+        files_before,
+        running,
+        queued,
+        queued_disk,
+    }
+}
 
-    // A queued job is cancelled at once, with its records.
-    let reply = send(
-        &app,
-        Method::POST,
-        &format!("/v1/jobs/{}/cancel", id(&queued)),
-        None,
-        None,
-    )
-    .await;
+/// A queued job is cancelled at once, with its records, and no file appears.
+async fn queued_jobs_are_cancelled_at_once_with_their_records(app: &TestApp, scene: &CancelScene) {
+    let reply = cancel(app, scene.queued.id).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
     assert_eq!(reply.body["status"], "cancelled", "{}", reply.body);
     assert_eq!(
         reply.headers.get(LOCATION).and_then(|v| v.to_str().ok()),
-        Some(format!("/v1/jobs/{}", id(&queued)).as_str())
+        Some(format!("/v1/jobs/{}", scene.queued.id).as_str())
     );
     assert_problem(
         &send(
-            &app,
+            app,
             Method::GET,
-            &format!("/v1/snapshots/{queued_snapshot}"),
+            &format!("/v1/snapshots/{}", scene.queued.target.id),
             None,
             None,
         )
@@ -397,14 +437,7 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
         StatusCode::NOT_FOUND,
         "snapshot_not_found",
     );
-    let reply = send(
-        &app,
-        Method::POST,
-        &format!("/v1/jobs/{}/cancel", id(&queued_disk)),
-        None,
-        None,
-    )
-    .await;
+    let reply = cancel(app, scene.queued_disk.id).await;
     assert_eq!(
         (reply.status, reply.body["status"].as_str()),
         (StatusCode::ACCEPTED, Some("cancelled")),
@@ -413,9 +446,9 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
     );
     assert_problem(
         &send(
-            &app,
+            app,
             Method::GET,
-            &format!("/v1/vms/{vm_id}/disks/{queued_disk_id}"),
+            &format!("/v1/vms/{}/disks/{}", scene.vm, scene.queued_disk.target.id),
             None,
             None,
         )
@@ -425,31 +458,27 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
     );
     assert_eq!(
         app.volume_files(),
-        files_before,
+        scene.files_before,
         "no file appeared for the cancelled jobs"
     );
+}
 
-    // The running job, paused before its first step, accepts the request and rolls back.
-    let reply = send(
-        &app,
-        Method::POST,
-        &format!("/v1/jobs/{}/cancel", id(&running)),
-        None,
-        None,
-    )
-    .await;
+/// The running job, paused before its first step, accepts the request and rolls back:
+/// no snapshot, the same files, chains and bytes as before.
+async fn the_paused_running_job_rolls_back(app: &TestApp, scene: &CancelScene) {
+    let reply = cancel(app, scene.running.id).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
     assert_eq!(reply.body["cancel_requested"], true, "{}", reply.body);
     assert_eq!(reply.body["status"], "running", "{}", reply.body);
-    let ended = app.wait_job_end(&running).await;
-    assert_eq!(ended["status"], "cancelled", "{ended}");
-    assert_eq!(ended["error"], Value::Null, "{ended}");
+    let ended = app.wait_job(scene.running.id).await;
+    assert_eq!(ended.status, JobStatus::Cancelled, "{ended:?}");
+    assert!(ended.error.is_none(), "{ended:?}");
 
     assert_problem(
         &send(
-            &app,
+            app,
             Method::GET,
-            &format!("/v1/snapshots/{running_snapshot}"),
+            &format!("/v1/snapshots/{}", scene.running.target.id),
             None,
             None,
         )
@@ -457,49 +486,51 @@ async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_ro
         StatusCode::NOT_FOUND,
         "snapshot_not_found",
     );
-    let (_, snapshots) = app.get(&format!("/v1/vms/{vm_id}/snapshots")).await;
-    assert_eq!(snapshots["items"], json!([]), "{snapshots}");
-    let view = app.vm(&vm_id).await;
-    assert_eq!(view["current_snapshot_id"], Value::Null);
-    assert_eq!(view["status"], "ready");
-    assert_eq!(view["disks"].as_array().unwrap().len(), 2, "{view}");
-    assert_eq!(app.volume_files(), files_before, "no leftover files");
-    assert_eq!(app.active_path(&vm_id, "root").await, root);
-    assert_eq!(app.active_path(&vm_id, "data").await, data);
-    for path in [&root, &data] {
+    let snapshots: SnapshotList = app.get_as(&format!("/v1/vms/{}/snapshots", scene.vm)).await;
+    assert!(snapshots.items.is_empty(), "{snapshots:?}");
+    let view = app.vm(scene.vm).await;
+    assert_eq!(view.current_snapshot_id, None);
+    assert_eq!(view.status, ResourceStatus::Ready);
+    assert_eq!(view.disks.len(), 2, "{view:?}");
+    assert_eq!(app.volume_files(), scene.files_before, "no leftover files");
+    assert_eq!(app.active_path(scene.vm, "root").await, scene.root);
+    assert_eq!(app.active_path(scene.vm, "data").await, scene.data);
+    for path in [&scene.root, &scene.data] {
         assert_eq!(chain(path).len(), 1, "the chain is unchanged");
         check_clean(path);
     }
-    expect(&root, 0x11, 0, 2);
-    expect_all(&data, &[(0, 0, 1), (0x22, 1, 1)]);
+    expect(&scene.root, 0x11, 0, 2);
+    expect_all(&scene.data, &[(0, 0, 1), (0x22, 1, 1)]);
+}
 
-    // Ended jobs cannot be cancelled, whatever their outcome.
-    let (_, created) = app
-        .get(&format!("/v1/jobs?vm_id={vm_id}&kind=vm_create"))
-        .await;
-    for job in [id(&running), id(&queued), id(&created["items"][0])] {
-        let reply = send(
-            &app,
-            Method::POST,
-            &format!("/v1/jobs/{job}/cancel"),
-            None,
-            None,
-        )
-        .await;
-        assert_problem(&reply, StatusCode::CONFLICT, "job_not_cancellable");
+/// Ended jobs cannot be cancelled, whatever their outcome.
+async fn ended_jobs_cannot_be_cancelled(app: &TestApp, scene: &CancelScene) {
+    let created = list(app, &format!("vm_id={}&kind=vm_create", scene.vm)).await;
+    for job in [scene.running.id, scene.queued.id, created.items[0].id] {
+        assert_problem(
+            &cancel(app, job).await,
+            StatusCode::CONFLICT,
+            "job_not_cancellable",
+        );
     }
-    let (_, cancelled) = app.get("/v1/jobs?status=cancelled").await;
-    assert_eq!(
-        cancelled["items"].as_array().unwrap().len(),
-        3,
-        "{cancelled}"
-    );
+    let cancelled = list(app, "status=cancelled").await;
+    assert_eq!(cancelled.items.len(), 3, "{cancelled:?}");
+}
+
+#[tokio::test]
+async fn cancelling_a_queued_job_drops_it_and_cancelling_a_paused_running_job_rolls_it_back() {
+    let app = TestApp::spawn_with(&[PAUSE_SNAPSHOT]).await;
+    let scene = one_job_paused_and_two_queued_behind_it(&app).await;
+    queued_jobs_are_cancelled_at_once_with_their_records(&app, &scene).await;
+    the_paused_running_job_rolls_back(&app, &scene).await;
+    ended_jobs_cannot_be_cancelled(&app, &scene).await;
 
     // The cancelled snapshot's name is free again and the VM works as before.
-    let s1 = app.snapshot(&vm_id, "s1").await;
-    expect(&app.snapshot_path(&vm_id, &s1, "root").await, 0x11, 0, 2);
+    let vm = scene.vm;
+    let s1 = app.snapshot(vm, "s1").await.id;
+    expect(app.snapshot_path(vm, s1, "root").await, 0x11, 0, 2);
     let (status, _) = app
-        .patch(&format!("/v1/vms/{vm_id}"), json!({"state": "running"}))
+        .patch(&format!("/v1/vms/{vm}"), json!({"state": "running"}))
         .await;
     assert_eq!(status, StatusCode::OK);
 }
@@ -553,83 +584,80 @@ async fn health_readiness_and_the_openapi_document_are_served() {
 async fn jobs_of_different_vms_run_side_by_side_while_jobs_of_one_vm_wait_their_turn() {
     // Every snapshot job pauses 5 s after journaling its plan; the harness runs 2 workers.
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "snapshot_create:planned:pause=5000")]).await;
-    let a = id(&app.create_vm("side-a", &[("root", DISK)]).await);
-    let b = id(&app.create_vm("side-b", &[("root", DISK)]).await);
-    let first_a = accepted(
-        app.post(&format!("/v1/vms/{a}/snapshots"), json!({"name": "one"}))
-            .await,
-    );
-    let second_a = accepted(
-        app.post(&format!("/v1/vms/{a}/snapshots"), json!({"name": "two"}))
-            .await,
-    );
-    let first_b = accepted(
-        app.post(&format!("/v1/vms/{b}/snapshots"), json!({"name": "one"}))
-            .await,
-    );
+    let a = app.create_vm("side-a", &[("root", DISK)]).await.id;
+    let b = app.create_vm("side-b", &[("root", DISK)]).await.id;
+    let snapshot = async |vm: Uuid, name: &str| {
+        let path = format!("/v1/vms/{vm}/snapshots");
+        app.accept(Method::POST, &path, Some(json!({"name": name})))
+            .await
+    };
+    let first_a = snapshot(a, "one").await;
+    let second_a = snapshot(a, "two").await;
+    let first_b = snapshot(b, "one").await;
 
     // Both VMs' first jobs are inside their pause at the same moment...
-    wait_planned(&app, &id(&first_a)).await;
-    wait_planned(&app, &id(&first_b)).await;
-    let (_, a_view) = app.get(&format!("/v1/jobs/{}", id(&first_a))).await;
-    assert_eq!(a_view["status"], "running", "{a_view}");
+    wait_planned(&app, first_a.id).await;
+    wait_planned(&app, first_b.id).await;
+    let a_view = app.job(first_a.id).await;
+    assert_eq!(a_view.status, JobStatus::Running, "{a_view:?}");
     // ...while the second job of VM a has not started.
-    let (_, queued) = app.get(&format!("/v1/jobs/{}", id(&second_a))).await;
-    assert_eq!(queued["status"], "queued", "{queued}");
+    let queued = app.job(second_a.id).await;
+    assert_eq!(queued.status, JobStatus::Queued, "{queued:?}");
 
     for job in [&first_a, &second_a, &first_b] {
-        let job = app.wait_job_end(job).await;
-        assert_eq!(job["status"], "succeeded", "{job}");
+        let job = app.wait_job(job.id).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     }
     // The second snapshot of a grew from the first: they ran in order.
-    let (_, second) = app
-        .get(&format!(
-            "/v1/snapshots/{}",
-            second_a["target"]["id"].as_str().unwrap()
-        ))
-        .await;
-    assert_eq!(second["parent_id"], first_a["target"]["id"]);
+    let second = app.get_snapshot(second_a.target.id).await;
+    assert_eq!(second.parent_id, Some(first_a.target.id));
 }
 
 #[tokio::test]
 async fn cancelling_a_delete_before_its_commit_starts_leaves_the_snapshot_usable() {
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "snapshot_delete:planned:pause=3000")]).await;
-    let vm = id(&app.create_vm("cancel-merge", &[("root", DISK)]).await);
-    write(&app.active_path(&vm, "root").await, 0x11, 0, 8);
-    let s1 = app.snapshot(&vm, "s1").await;
-    write(&app.active_path(&vm, "root").await, 0x22, 1, 1);
-    let s2 = app.snapshot(&vm, "s2").await;
-    let job = accepted(app.delete(&format!("/v1/snapshots/{s1}")).await);
-    let planned = wait_planned(&app, &id(&job)).await;
+    let vm = app.create_vm("cancel-merge", &[("root", DISK)]).await.id;
+    write(app.active_path(vm, "root").await, 0x11, 0, 8);
+    let s1 = app.snapshot(vm, "s1").await.id;
+    write(app.active_path(vm, "root").await, 0x22, 1, 1);
+    let s2 = app.snapshot(vm, "s2").await.id;
+    let job = app
+        .accept(Method::DELETE, &format!("/v1/snapshots/{s1}"), None)
+        .await;
+    let planned = wait_planned(&app, job.id).await;
     assert_eq!(
-        planned["detail"]["merges"][0]["action"], "commit",
-        "{planned}"
+        planned.merges()[0].action,
+        MergeAction::Commit,
+        "{planned:?}"
     );
     let (status, cancelled) = app
-        .post(&format!("/v1/jobs/{}/cancel", id(&job)), json!({}))
+        .post(&format!("/v1/jobs/{}/cancel", job.id), json!({}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{cancelled}");
-    let ended = app.wait_job_end(&job).await;
-    assert_eq!(ended["status"], "cancelled", "{ended}");
+    let ended = app.wait_job(job.id).await;
+    assert_eq!(ended.status, JobStatus::Cancelled, "{ended:?}");
 
-    let (_, snap) = app.get(&format!("/v1/snapshots/{s1}")).await;
-    assert_eq!(snap["status"], "ready", "no byte was merged: {snap}");
-    let view = app.vm(&vm).await;
-    assert!(
-        view["disks"][0]["chain"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|c| c["status"] == "ready"),
-        "{view}"
+    let snap = app.get_snapshot(s1).await;
+    assert_eq!(
+        snap.status,
+        ResourceStatus::Ready,
+        "no byte was merged: {snap:?}"
     );
-    expect_all(&app.snapshot_path(&vm, &s1, "root").await, &[(0x11, 0, 8)]);
+    let view = app.vm(vm).await;
+    assert!(
+        view.disks[0]
+            .chain
+            .iter()
+            .all(|c| c.status == VolumeStatus::Ready),
+        "{view:?}"
+    );
+    expect_all(app.snapshot_path(vm, s1, "root").await, &[(0x11, 0, 8)]);
     expect_all(
-        &app.snapshot_path(&vm, &s2, "root").await,
+        app.snapshot_path(vm, s2, "root").await,
         &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 6)],
     );
-    app.revert(&s1).await;
-    expect_all(&app.active_path(&vm, "root").await, &[(0x11, 0, 8)]);
+    app.revert(s1).await;
+    expect_all(app.active_path(vm, "root").await, &[(0x11, 0, 8)]);
 }
 
 #[tokio::test]
@@ -641,17 +669,17 @@ async fn a_long_poll_answers_with_the_job_before_the_request_timeout() {
     .await;
     app.wait_ready().await;
     let vm = app.create_vm("slow", &[("root", 16 * MIB)]).await;
-    let (status, job) = app
-        .post(
-            &format!("/v1/vms/{}/snapshots", id(&vm)),
-            json!({"name": "held"}),
+    let job = app
+        .accept(
+            Method::POST,
+            &format!("/v1/vms/{}/snapshots", vm.id),
+            Some(json!({"name": "held"})),
         )
         .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let (status, view) = app.get(&format!("/v1/jobs/{}?wait=30", id(&job))).await;
+    let (status, view) = app.get(&format!("/v1/jobs/{}?wait=30", job.id)).await;
     assert_eq!(status, StatusCode::OK, "{view}");
     assert_eq!(view["status"], "running", "{view}");
-    assert_eq!(app.wait_job_end(&job).await["status"], "succeeded");
+    assert_eq!(app.wait_job(job.id).await.status, JobStatus::Succeeded);
 }
 
 #[tokio::test]
@@ -659,48 +687,43 @@ async fn a_cancel_accepted_while_the_last_step_runs_rolls_that_step_back() {
     // Held after its only step (a stream) is done, before the result is committed.
     let app =
         TestApp::spawn_with(&[("STRATA_FAULT", "snapshot_delete:after-step-0:pause=4000")]).await;
-    let vm = id(&app.create_vm("late", &[("root", DISK)]).await);
-    write(&app.active_path(&vm, "root").await, 0x11, 0, 2);
-    let s1 = app.snapshot(&vm, "s1").await;
-    write(&app.active_path(&vm, "root").await, 0x22, 2, 8);
+    let vm = app.create_vm("late", &[("root", DISK)]).await.id;
+    write(app.active_path(vm, "root").await, 0x11, 0, 2);
+    let s1 = app.snapshot(vm, "s1").await.id;
+    write(app.active_path(vm, "root").await, 0x22, 2, 8);
     let regions = [(0x11, 0, 2), (0x22, 2, 8), (0, 10, 54)];
     let files_before = app.volume_files();
 
-    let job = accepted(app.delete(&format!("/v1/snapshots/{s1}")).await);
+    let job = app
+        .accept(Method::DELETE, &format!("/v1/snapshots/{s1}"), None)
+        .await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, view) = app.get(&format!("/v1/jobs/{}", id(&job))).await;
+        let view = app.job(job.id).await;
         assert!(
-            matches!(view["status"].as_str(), Some("queued" | "running")),
-            "{view}"
+            matches!(view.status, JobStatus::Queued | JobStatus::Running),
+            "{view:?}"
         );
-        if view["progress"].as_u64() >= Some(99) {
-            assert_eq!(view["detail"]["merges"][0]["action"], "stream", "{view}");
+        if view.progress >= 99 {
+            assert_eq!(view.merges()[0].action, MergeAction::Stream, "{view:?}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "the stream never finished: {view}"
+            "the stream never finished: {view:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let reply = send(
-        &app,
-        Method::POST,
-        &format!("/v1/jobs/{}/cancel", id(&job)),
-        None,
-        None,
-    )
-    .await;
+    let reply = cancel(&app, job.id).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
     assert_eq!(reply.body["cancel_requested"], true, "{}", reply.body);
 
     // Accepted means honoured: the stream's result is rolled back, not committed.
-    let ended = app.wait_job_end(&job).await;
-    assert_eq!(ended["status"], "cancelled", "{ended}");
-    let (_, snapshot) = app.get(&format!("/v1/snapshots/{s1}")).await;
-    assert_eq!(snapshot["status"], "ready", "{snapshot}");
-    let active = app.active_path(&vm, "root").await;
+    let ended = app.wait_job(job.id).await;
+    assert_eq!(ended.status, JobStatus::Cancelled, "{ended:?}");
+    let snapshot = app.get_snapshot(s1).await;
+    assert_eq!(snapshot.status, ResourceStatus::Ready, "{snapshot:?}");
+    let active = app.active_path(vm, "root").await;
     assert_eq!(
         chain(&active).len(),
         2,
@@ -708,7 +731,7 @@ async fn a_cancel_accepted_while_the_last_step_runs_rolls_that_step_back() {
     );
     expect_all(&active, &regions);
     expect_all(
-        &app.snapshot_path(&vm, &s1, "root").await,
+        app.snapshot_path(vm, s1, "root").await,
         &[(0x11, 0, 2), (0, 2, 62)],
     );
     check_clean(&active);
@@ -716,7 +739,7 @@ async fn a_cancel_accepted_while_the_last_step_runs_rolls_that_step_back() {
 }
 
 /// Queue a job whose stored parameters no reader knows, behind the service's back.
-fn insert_unreadable_job(data_dir: &std::path::Path, vm: &str) -> String {
+fn insert_unreadable_job(data_dir: &std::path::Path, vm: &Uuid) -> String {
     let id = "01a00000-0000-7000-8000-0000000000aa";
     let script = format!(
         "import sqlite3; c = sqlite3.connect({db:?}); \
@@ -737,19 +760,20 @@ fn insert_unreadable_job(data_dir: &std::path::Path, vm: &str) -> String {
 #[tokio::test]
 async fn a_job_whose_stored_parameters_cannot_be_read_fails_alone() {
     let mut app = TestApp::spawn().await;
-    let vm = id(&app.create_vm("odd", &[("root", MIB)]).await);
+    let vm = app.create_vm("odd", &[("root", MIB)]).await.id;
     app.kill();
     let bad = insert_unreadable_job(&app.data_dir, &vm);
     app.restart(&[]).await;
 
     // Listed like any job, and failed alone when it would run.
-    let job = app.wait_job_end(&json!({"id": bad})).await;
-    assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["error"]["code"], "internal_error", "{job}");
+    let job = app.wait_job(&bad).await;
+    assert_eq!(job.status, JobStatus::Failed, "{job:?}");
+    let error = job.error.as_ref().map(|e| e.code.as_str());
+    assert_eq!(error, Some("internal_error"), "{job:?}");
     let (status, list) = app.get("/v1/jobs").await;
     assert_eq!(status, StatusCode::OK, "{list}");
     // Every other job goes on: on the same VM, and on another.
     app.snapshot(&vm, "after").await;
     let other = app.create_vm("other", &[("root", MIB)]).await;
-    assert_eq!(app.vm(&id(&other)).await["status"], "ready");
+    assert_eq!(app.vm(other.id).await.status, ResourceStatus::Ready);
 }

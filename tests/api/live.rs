@@ -13,8 +13,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use strata::qemu::qmp::Qmp;
 
-use crate::helpers::*;
 use crate::recovery::assert_files_match_metadata;
+use crate::support::*;
 
 const DISK: u64 = 64 << 20;
 const MIB: u64 = 1 << 20;
@@ -134,12 +134,15 @@ async fn spawn(run_dir: &Path, fault: Option<&str>) -> TestApp {
 
 /// A two-disk VM, running in a daemon, marked running with its QMP socket. Before it
 /// ran, `root` got 0x11 over its first MiB (offline).
-async fn running_vm(app: &TestApp, run_dir: &Path, name: &str) -> (String, RunningVm) {
-    let vm = id(&app.create_vm(name, &[("root", DISK), ("data", DISK)]).await);
-    write(&app.active_path(&vm, "root").await, 0x11, 0, 1);
+async fn running_vm(app: &TestApp, run_dir: &Path, name: &str) -> (Uuid, RunningVm) {
+    let vm = app
+        .create_vm(name, &[("root", DISK), ("data", DISK)])
+        .await
+        .id;
+    write(&app.active_path(vm, "root").await, 0x11, 0, 1);
     let actives = vec![
-        app.active_path(&vm, "root").await,
-        app.active_path(&vm, "data").await,
+        app.active_path(vm, "root").await,
+        app.active_path(vm, "data").await,
     ];
     let process = RunningVm::start(run_dir, &actives);
     let (status, body) = app
@@ -163,8 +166,8 @@ async fn a_live_snapshot_switches_every_disk_at_once_and_loses_no_guest_write() 
     let (_run, run_dir) = run_dir();
     let app = spawn(&run_dir, None).await;
     let (vm, mut process) = running_vm(&app, &run_dir, "live-snap").await;
-    let old_root = app.active_path(&vm, "root").await;
-    let old_data = app.active_path(&vm, "data").await;
+    let old_root = app.active_path(vm, "root").await;
+    let old_data = app.active_path(vm, "data").await;
     process.write(0, 0x22, MIB, MIB);
     process.write(1, 0x61, 0, MIB);
 
@@ -208,19 +211,19 @@ async fn a_live_snapshot_switches_every_disk_at_once_and_loses_no_guest_write() 
         .await;
     stop.store(true, Ordering::Relaxed);
     let concurrent = writer.join().unwrap();
-    assert_eq!(job["status"], "succeeded", "{job}");
-    let snapshot = job["target"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let snapshot = job.target.id;
 
     // The API shows the new active layers at once; QEMU writes into them.
-    let new_root = app.active_path(&vm, "root").await;
-    let new_data = app.active_path(&vm, "data").await;
+    let new_root = app.active_path(vm, "root").await;
+    let new_data = app.active_path(vm, "data").await;
     assert_ne!(new_root, old_root);
     assert_ne!(new_data, old_data);
     assert_eq!(
         process.top_files().await,
         [new_root.clone(), new_data.clone()]
     );
-    assert_eq!(app.snapshot_path(&vm, &snapshot, "root").await, old_root);
+    assert_eq!(app.snapshot_path(vm, snapshot, "root").await, old_root);
 
     // After the snapshot, the guest overwrites the first MiB of root.
     process.write(0, 0x33, 0, MIB);
@@ -244,15 +247,15 @@ async fn a_live_snapshot_switches_every_disk_at_once_and_loses_no_guest_write() 
         check_clean(path);
     }
     assert_eq!(chain(&new_root), [new_root.clone(), old_root.clone()]);
-    assert_files_match_metadata(&app, &vm).await;
+    assert_files_match_metadata(&app, vm).await;
 }
 
 #[tokio::test]
 async fn a_qemu_reading_other_files_than_the_records_is_refused_and_nothing_changes() {
     let (_run, run_dir) = run_dir();
     let app = spawn(&run_dir, None).await;
-    let vm = id(&app.create_vm("live-mismatch", &[("root", DISK)]).await);
-    let active = app.active_path(&vm, "root").await;
+    let vm = app.create_vm("live-mismatch", &[("root", DISK)]).await.id;
+    let active = app.active_path(vm, "root").await;
     // QEMU runs the VM from a copy strata does not know.
     let stray = run_dir.join("stray.qcow2");
     std::fs::copy(&active, &stray).unwrap();
@@ -270,19 +273,14 @@ async fn a_qemu_reading_other_files_than_the_records_is_refused_and_nothing_chan
         .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s"}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["error"]["code"], "runtime_mismatch", "{job}");
-    assert!(
-        job["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("has not opened"),
-        "{job}"
-    );
+    let job = app.wait_job(&job["id"].as_str().unwrap()).await;
+    assert_eq!(job.status, JobStatus::Failed, "{job:?}");
+    let error = job.error.as_ref().unwrap();
+    assert_eq!(error.code, "runtime_mismatch", "{job:?}");
+    assert!(error.message.contains("has not opened"), "{job:?}");
     let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
     assert_eq!(list["items"], json!([]));
-    assert_eq!(app.active_path(&vm, "root").await, active);
+    assert_eq!(app.active_path(vm, "root").await, active);
     assert_eq!(app.volume_files(), files_before);
     assert_eq!(process.top_files().await, [stray.display().to_string()]);
 }
@@ -295,7 +293,7 @@ async fn a_crash_at_any_point_of_a_live_snapshot_ends_with_the_snapshot_or_nothi
         let fault = format!("snapshot_create:{point}");
         let mut app = spawn(&run_dir, Some(&fault)).await;
         let (vm, mut process) = running_vm(&app, &run_dir, "live-crash").await;
-        let old_root = app.active_path(&vm, "root").await;
+        let old_root = app.active_path(vm, "root").await;
         process.write(0, 0x22, MIB, MIB);
         let (status, job) = app
             .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s"}))
@@ -311,9 +309,9 @@ async fn a_crash_at_any_point_of_a_live_snapshot_ends_with_the_snapshot_or_nothi
         app.restart(&[("STRATA_RUNTIME_DIR", run_dir.to_str().unwrap())])
             .await;
 
-        let job = app.wait_job_end(&job).await;
-        assert_eq!(job["status"], "succeeded", "{point}: {job}");
-        let new_root = app.active_path(&vm, "root").await;
+        let job = app.wait_job(job["id"].as_str().unwrap()).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{point}: {job:?}");
+        let new_root = app.active_path(vm, "root").await;
         assert_ne!(new_root, old_root, "{point}");
         assert_eq!(process.top_files().await[0], new_root, "{point}");
         process.write(0, 0x33, 0, MIB);
@@ -326,6 +324,6 @@ async fn a_crash_at_any_point_of_a_live_snapshot_ends_with_the_snapshot_or_nothi
             .patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"}))
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        assert_files_match_metadata(&app, &vm).await;
+        assert_files_match_metadata(&app, vm).await;
     }
 }

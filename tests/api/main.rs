@@ -3,12 +3,10 @@
 mod cancel_timing;
 mod clones;
 mod deploy;
-mod documented;
 mod durability;
 mod expiry;
 mod full_disk;
 mod guest_agent;
-mod helpers;
 mod imports;
 mod jobs;
 mod live;
@@ -20,6 +18,8 @@ mod runtime;
 mod schedules;
 mod snapshots;
 mod stress;
+#[path = "../support/mod.rs"]
+mod support;
 mod templates;
 mod torture;
 mod upgrade;

@@ -1,7 +1,7 @@
 //! The checked-in OpenAPI document is the one the code generates, and it describes
 //! every route with its error answers.
 
-use crate::helpers::TestApp;
+use crate::support::TestApp;
 
 const CHECKED_IN: &str = include_str!("../../openapi/openapi.json");
 

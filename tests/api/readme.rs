@@ -16,7 +16,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::helpers::*;
+use crate::support::*;
 
 const SECTION: &str = "## Walk-through with curl";
 const README_API: &str = "API=http://127.0.0.1:8080";
@@ -625,11 +625,11 @@ fn check_bytes(end: &EndState, dir: &Path) {
             compare(&path, &golden_path);
         }
         for n in 1..=10 {
-            compare(&disk_path(end.vm(&format!("web-{n}")), disk), &golden_path);
+            compare(disk_path(end.vm(&format!("web-{n}")), disk), &golden_path);
         }
     }
     let root = disk_path(golden, "root");
-    compare(&dir.join("root.qcow2").display().to_string(), &root);
+    compare(dir.join("root.qcow2"), &root);
     let imported = disk_path(end.template("imported"), "root");
     compare(&imported, &root);
     check_clean(&imported);

@@ -2,33 +2,31 @@
 //! restarted over the same data directory, and must finish or roll back the job so
 //! that metadata and files agree and no snapshot's bytes are lost.
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 64 * MIB;
 
 /// Two disks, snapshots s1 and s2 in turn, and a small present layer on top.
-async fn two_disk_chain(app: &TestApp) -> (String, String, String) {
+async fn two_disk_chain(app: &TestApp) -> (Uuid, Uuid, Uuid) {
     let vm = app
         .create_vm("crashy", &[("root", DISK), ("data", DISK)])
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    write(&app.active_path(&vm, "root").await, 0x11, 0, 8);
-    write(&app.active_path(&vm, "data").await, 0x61, 0, 8);
-    let s1 = app.snapshot(&vm, "s1").await;
-    write(&app.active_path(&vm, "root").await, 0x22, 1, 1);
-    write(&app.active_path(&vm, "data").await, 0x62, 1, 1);
-    let s2 = app.snapshot(&vm, "s2").await;
-    write(&app.active_path(&vm, "root").await, 0x33, 2, 1);
-    write(&app.active_path(&vm, "data").await, 0x63, 2, 1);
+        .await
+        .id;
+    write(app.active_path(vm, "root").await, 0x11, 0, 8);
+    write(app.active_path(vm, "data").await, 0x61, 0, 8);
+    let s1 = app.snapshot(vm, "s1").await.id;
+    write(app.active_path(vm, "root").await, 0x22, 1, 1);
+    write(app.active_path(vm, "data").await, 0x62, 1, 1);
+    let s2 = app.snapshot(vm, "s2").await.id;
+    write(app.active_path(vm, "root").await, 0x33, 2, 1);
+    write(app.active_path(vm, "data").await, 0x63, 2, 1);
     (vm, s1, s2)
 }
 
-async fn assert_two_disk_present(app: &TestApp, vm: &str) {
+async fn assert_two_disk_present(app: &TestApp, vm: Uuid) {
     let root = app.active_path(vm, "root").await;
     let data = app.active_path(vm, "data").await;
     expect_all(
@@ -44,29 +42,24 @@ async fn assert_two_disk_present(app: &TestApp, vm: &str) {
 }
 
 /// Every file in volumes/ belongs to some chain the API shows, and every chain opens.
-pub(crate) async fn assert_files_match_metadata(app: &TestApp, vm: &str) {
+pub(crate) async fn assert_files_match_metadata(app: &TestApp, vm: Uuid) {
     let view = app.vm(vm).await;
     let mut known: Vec<String> = Vec::new();
-    for disk in view["disks"].as_array().unwrap() {
-        let active = disk["active_path"].as_str().unwrap();
-        assert_eq!(
-            chain(active).len(),
-            disk["chain"].as_array().unwrap().len(),
-            "{disk}"
-        );
-        for entry in disk["chain"].as_array().unwrap() {
-            known.push(entry["path"].as_str().unwrap().to_owned());
-            assert_eq!(entry["status"], "ready", "{entry}");
+    for disk in &view.disks {
+        assert_eq!(chain(disk.path()).len(), disk.chain.len(), "{disk:?}");
+        for entry in &disk.chain {
+            known.push(entry.path.clone());
+            assert_eq!(entry.status, VolumeStatus::Ready, "{entry:?}");
         }
     }
-    let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
-    for snapshot in list["items"].as_array().unwrap() {
-        assert_eq!(snapshot["status"], "ready", "{snapshot}");
-        for volume in snapshot["volumes"].as_array().unwrap() {
-            let path = volume["path"].as_str().unwrap();
+    let list: SnapshotList = app.get_as(&format!("/v1/vms/{vm}/snapshots")).await;
+    for snapshot in &list.items {
+        assert_eq!(snapshot.status, ResourceStatus::Ready, "{snapshot:?}");
+        for volume in &snapshot.volumes {
+            let path = &volume.path;
             assert!(exists(path), "snapshot layer {path} is missing");
             chain(path);
-            known.push(path.to_owned());
+            known.push(path.clone());
         }
     }
     known.sort();
@@ -97,28 +90,30 @@ async fn a_crash_at_any_point_of_a_snapshot_delete_is_finished_at_the_next_start
         let mut app =
             TestApp::spawn_with(&[("STRATA_FAULT", &format!("snapshot_delete:{point}"))]).await;
         let (vm, s1, s2) = two_disk_chain(&app).await;
-        let (status, job) = app.delete(&format!("/v1/snapshots/{s1}")).await;
-        assert_eq!(status, StatusCode::ACCEPTED);
+        let job = app
+            .accept(Method::DELETE, &format!("/v1/snapshots/{s1}"), None)
+            .await;
         restart_after_crash(&mut app).await;
 
-        let job = app.wait_job_end(&job).await;
-        assert_eq!(job["status"], "succeeded", "{point}: {job}");
+        let job = app.wait_job(job.id).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{point}: {job:?}");
         assert_eq!(
-            job["detail"]["merges"][0]["action"], "commit",
-            "{point}: {job}"
+            job.merges()[0].action,
+            MergeAction::Commit,
+            "{point}: {job:?}"
         );
         let (status, _) = app.get(&format!("/v1/snapshots/{s1}")).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{point}");
-        assert_two_disk_present(&app, &vm).await;
+        assert_two_disk_present(&app, vm).await;
         expect_all(
-            &app.snapshot_path(&vm, &s2, "root").await,
+            app.snapshot_path(vm, s2, "root").await,
             &[(0x11, 0, 1), (0x22, 1, 1), (0x11, 2, 6)],
         );
         expect_all(
-            &app.snapshot_path(&vm, &s2, "data").await,
+            app.snapshot_path(vm, s2, "data").await,
             &[(0x61, 0, 1), (0x62, 1, 1), (0x61, 2, 6)],
         );
-        assert_files_match_metadata(&app, &vm).await;
+        assert_files_match_metadata(&app, vm).await;
     }
 }
 
@@ -127,33 +122,32 @@ async fn a_crash_during_a_streaming_delete_is_finished_at_the_next_start() {
     for point in ["after-step-0", "committed"] {
         let mut app =
             TestApp::spawn_with(&[("STRATA_FAULT", &format!("snapshot_delete:{point}"))]).await;
-        let vm = app.create_vm("stream-crash", &[("root", DISK)]).await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        write(&app.active_path(&vm, "root").await, 0x11, 0, 1);
-        let s1 = app.snapshot(&vm, "s1").await;
-        write(&app.active_path(&vm, "root").await, 0x22, 1, 16);
-        let s2 = app.snapshot(&vm, "s2").await;
-        let (status, job) = app.delete(&format!("/v1/snapshots/{s1}")).await;
-        assert_eq!(status, StatusCode::ACCEPTED);
+        let vm = app.create_vm("stream-crash", &[("root", DISK)]).await.id;
+        write(app.active_path(vm, "root").await, 0x11, 0, 1);
+        let s1 = app.snapshot(vm, "s1").await.id;
+        write(app.active_path(vm, "root").await, 0x22, 1, 16);
+        let s2 = app.snapshot(vm, "s2").await.id;
+        let job = app
+            .accept(Method::DELETE, &format!("/v1/snapshots/{s1}"), None)
+            .await;
         restart_after_crash(&mut app).await;
 
-        let job = app.wait_job_end(&job).await;
-        assert_eq!(job["status"], "succeeded", "{point}: {job}");
+        let job = app.wait_job(job.id).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{point}: {job:?}");
         assert_eq!(
-            job["detail"]["merges"][0]["action"], "stream",
-            "{point}: {job}"
+            job.merges()[0].action,
+            MergeAction::Stream,
+            "{point}: {job:?}"
         );
         expect_all(
-            &app.snapshot_path(&vm, &s2, "root").await,
+            app.snapshot_path(vm, s2, "root").await,
             &[(0x11, 0, 1), (0x22, 1, 16)],
         );
         expect_all(
-            &app.active_path(&vm, "root").await,
+            app.active_path(vm, "root").await,
             &[(0x11, 0, 1), (0x22, 1, 16)],
         );
-        assert_files_match_metadata(&app, &vm).await;
+        assert_files_match_metadata(&app, vm).await;
     }
 }
 
@@ -164,27 +158,28 @@ async fn a_crash_while_taking_a_snapshot_leaves_either_the_snapshot_or_nothing()
             TestApp::spawn_with(&[("STRATA_FAULT", &format!("snapshot_create:{point}"))]).await;
         let vm = app
             .create_vm("create-crash", &[("root", DISK), ("data", DISK)])
-            .await["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        write(&app.active_path(&vm, "root").await, 0x11, 0, 2);
-        write(&app.active_path(&vm, "data").await, 0x61, 0, 2);
-        let (status, job) = app
-            .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s1"}))
+            .await
+            .id;
+        write(app.active_path(vm, "root").await, 0x11, 0, 2);
+        write(app.active_path(vm, "data").await, 0x61, 0, 2);
+        let job = app
+            .accept(
+                Method::POST,
+                &format!("/v1/vms/{vm}/snapshots"),
+                Some(json!({"name": "s1"})),
+            )
             .await;
-        assert_eq!(status, StatusCode::ACCEPTED);
         restart_after_crash(&mut app).await;
 
-        let job = app.wait_job_end(&job).await;
-        assert_eq!(job["status"], "succeeded", "{point}: {job}");
-        let snapshot = job["target"]["id"].as_str().unwrap();
-        expect(&app.snapshot_path(&vm, snapshot, "root").await, 0x11, 0, 2);
-        let root = app.active_path(&vm, "root").await;
+        let job = app.wait_job(job.id).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{point}: {job:?}");
+        let snapshot = job.target.id;
+        expect(app.snapshot_path(vm, snapshot, "root").await, 0x11, 0, 2);
+        let root = app.active_path(vm, "root").await;
         assert_eq!(chain(&root).len(), 2);
         expect(&root, 0x11, 0, 2);
-        expect(&app.active_path(&vm, "data").await, 0x61, 0, 2);
-        assert_files_match_metadata(&app, &vm).await;
+        expect(app.active_path(vm, "data").await, 0x61, 0, 2);
+        assert_files_match_metadata(&app, vm).await;
     }
 }
 
@@ -198,49 +193,44 @@ async fn a_crash_during_a_revert_or_a_delete_all_is_finished_at_the_next_start()
     ] {
         let mut app = TestApp::spawn_with(&[("STRATA_FAULT", &format!("{kind}:{point}"))]).await;
         let (vm, s1, _s2) = two_disk_chain(&app).await;
-        let (status, job) = if kind == "snapshot_revert" {
-            app.post(&format!("/v1/snapshots/{s1}/revert"), json!({}))
-                .await
+        let job = if kind == "snapshot_revert" {
+            let revert = format!("/v1/snapshots/{s1}/revert");
+            app.accept(Method::POST, &revert, Some(json!({}))).await
         } else {
-            app.delete(&format!("/v1/vms/{vm}/snapshots")).await
+            let snapshots = format!("/v1/vms/{vm}/snapshots");
+            app.accept(Method::DELETE, &snapshots, None).await
         };
-        assert_eq!(status, StatusCode::ACCEPTED);
         restart_after_crash(&mut app).await;
-        let job = app.wait_job_end(&job).await;
-        assert_eq!(job["status"], "succeeded", "{kind} {point}: {job}");
+        let job = app.wait_job(job.id).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{kind} {point}: {job:?}");
         if kind == "snapshot_revert" {
-            expect_all(&app.active_path(&vm, "root").await, &[(0x11, 0, 8)]);
-            expect_all(&app.active_path(&vm, "data").await, &[(0x61, 0, 8)]);
+            expect_all(app.active_path(vm, "root").await, &[(0x11, 0, 8)]);
+            expect_all(app.active_path(vm, "data").await, &[(0x61, 0, 8)]);
         } else {
-            assert_two_disk_present(&app, &vm).await;
+            assert_two_disk_present(&app, vm).await;
             assert_eq!(app.volume_files().len(), 2, "{kind} {point}");
         }
-        assert_files_match_metadata(&app, &vm).await;
+        assert_files_match_metadata(&app, vm).await;
     }
 }
 
 #[tokio::test]
 async fn killing_the_service_while_qemu_img_merges_loses_nothing() {
     let mut app = TestApp::spawn().await;
-    let vm = app.create_vm("kill-9", &[("root", 1024 * MIB)]).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    write(&app.active_path(&vm, "root").await, 0x11, 0, 384);
-    let s1 = app.snapshot(&vm, "s1").await;
-    write(&app.active_path(&vm, "root").await, 0x22, 64, 320);
-    let s2 = app.snapshot(&vm, "s2").await;
-    write(&app.active_path(&vm, "root").await, 0x33, 0, 1);
-    let (status, job) = app.delete(&format!("/v1/snapshots/{s1}")).await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    let vm = app.create_vm("kill-9", &[("root", 1024 * MIB)]).await.id;
+    write(app.active_path(vm, "root").await, 0x11, 0, 384);
+    let s1 = app.snapshot(vm, "s1").await.id;
+    write(app.active_path(vm, "root").await, 0x22, 64, 320);
+    let s2 = app.snapshot(vm, "s2").await.id;
+    write(app.active_path(vm, "root").await, 0x33, 0, 1);
+    let job = app
+        .accept(Method::DELETE, &format!("/v1/snapshots/{s1}"), None)
+        .await;
     // Kill as soon as the plan is journaled, i.e. while the commit copies data (the
     // exact moment varies from run to run; every moment must be safe).
-    let id = job["id"].as_str().unwrap().to_owned();
     for _ in 0..400 {
-        let (_, current) = app.get(&format!("/v1/jobs/{id}")).await;
-        if !current["detail"].is_null()
-            || current["status"] != "queued" && current["status"] != "running"
-        {
+        let current = app.job(job.id).await;
+        if current.detail.is_some() || current.status.is_terminal() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -248,16 +238,16 @@ async fn killing_the_service_while_qemu_img_merges_loses_nothing() {
     app.kill();
     app.restart(&[]).await;
 
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
+    let job = app.wait_job(job.id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     expect_all(
-        &app.active_path(&vm, "root").await,
+        app.active_path(vm, "root").await,
         &[(0x33, 0, 1), (0x11, 1, 63), (0x22, 64, 320)],
     );
     expect_all(
-        &app.snapshot_path(&vm, &s2, "root").await,
+        app.snapshot_path(vm, s2, "root").await,
         &[(0x11, 0, 64), (0x22, 64, 320)],
     );
-    check_clean(&app.active_path(&vm, "root").await);
-    assert_files_match_metadata(&app, &vm).await;
+    check_clean(app.active_path(vm, "root").await);
+    assert_files_match_metadata(&app, vm).await;
 }

@@ -10,8 +10,8 @@ use std::path::Path;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::*;
 use crate::qmp::{Daemon, chain};
+use crate::support::*;
 
 async fn app_with_runtime_dir(dir: &Path) -> TestApp {
     let app = TestApp::spawn_with(&[("STRATA_RUNTIME_DIR", dir.to_str().unwrap())]).await;
@@ -36,15 +36,15 @@ fn chatty_socket(path: &Path) {
     });
 }
 
-async fn patch(app: &TestApp, vm: &str, body: Value) -> Reply {
+async fn patch(app: &TestApp, vm: Uuid, body: Value) -> Reply {
     send_json(app, Method::PATCH, &format!("/v1/vms/{vm}"), &body).await
 }
 
 /// The VM is as it was: stopped, no runtime.
-async fn assert_unchanged(app: &TestApp, vm: &str) {
+async fn assert_unchanged(app: &TestApp, vm: Uuid) {
     let view = app.vm(vm).await;
-    assert_eq!(view["state"], "stopped", "{view}");
-    assert_eq!(view["runtime"], Value::Null, "{view}");
+    assert_eq!(view.state, VmState::Stopped, "{view:?}");
+    assert!(view.runtime.is_none(), "{view:?}");
 }
 
 #[tokio::test]
@@ -53,7 +53,7 @@ async fn a_running_vm_records_its_sockets_and_shows_its_qemu() {
     let run_dir = std::fs::canonicalize(run.path()).unwrap();
     let app = app_with_runtime_dir(&run_dir).await;
     let vm = app.create_vm("live-01", &[("root", 64 << 20)]).await;
-    let vm = id(&vm);
+    let vm = vm.id;
     let top = chain(&run_dir);
     let daemon = Daemon::start(&run_dir, &top);
     let agent_path = run_dir.join("qga.sock");
@@ -61,7 +61,7 @@ async fn a_running_vm_records_its_sockets_and_shows_its_qemu() {
 
     let reply = patch(
         &app,
-        &vm,
+        vm,
         json!({"state": "running", "qmp_socket": daemon.socket, "guest_agent_socket": agent_path}),
     )
     .await;
@@ -75,7 +75,8 @@ async fn a_running_vm_records_its_sockets_and_shows_its_qemu() {
         version.split('.').count() == 3 && version.split('.').all(|p| p.parse::<u32>().is_ok()),
         "{version}"
     );
-    assert_eq!(app.vm(&vm).await["runtime"], *runtime);
+    let (_, view) = app.get(&format!("/v1/vms/{vm}")).await;
+    assert_eq!(view["runtime"], *runtime);
 
     // Giving the same socket again does not need the monitor (it serves one client at
     // a time, and a live job may hold it): the daemon is gone, and the PATCH still
@@ -83,7 +84,7 @@ async fn a_running_vm_records_its_sockets_and_shows_its_qemu() {
     drop(daemon);
     let reply = patch(
         &app,
-        &vm,
+        vm,
         json!({"state": "running", "qmp_socket": run_dir.join("qmp.sock")}),
     )
     .await;
@@ -91,7 +92,7 @@ async fn a_running_vm_records_its_sockets_and_shows_its_qemu() {
     assert_eq!(reply.body["runtime"]["qemu_version"], version);
 
     // Stopped, the VM has no QEMU to reach.
-    let reply = patch(&app, &vm, json!({"state": "stopped"})).await;
+    let reply = patch(&app, vm, json!({"state": "stopped"})).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert_eq!(reply.body["runtime"], Value::Null);
 }
@@ -103,7 +104,7 @@ async fn sockets_that_are_not_a_qemu_monitor_inside_the_runtime_dir_are_refused_
     let run_dir = std::fs::canonicalize(run.path()).unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     let app = app_with_runtime_dir(&run_dir).await;
-    let vm = id(&app.create_vm("live-02", &[("root", 64 << 20)]).await);
+    let vm = app.create_vm("live-02", &[("root", 64 << 20)]).await.id;
 
     let outside = elsewhere.path().join("qmp.sock");
     let _outside = silent_socket(&outside);
@@ -129,14 +130,14 @@ async fn sockets_that_are_not_a_qemu_monitor_inside_the_runtime_dir_are_refused_
     ];
     for (path, why) in &refused_paths {
         for field in ["qmp_socket", "guest_agent_socket"] {
-            let reply = patch(&app, &vm, json!({"state": "running", field: path})).await;
+            let reply = patch(&app, vm, json!({"state": "running", field: path})).await;
             assert_problem(&reply, StatusCode::BAD_REQUEST, "socket_refused");
             assert!(
                 reply.body["detail"].as_str().unwrap().contains(field),
                 "{why}: {}",
                 reply.body
             );
-            assert_unchanged(&app, &vm).await;
+            assert_unchanged(&app, vm).await;
         }
     }
 
@@ -145,30 +146,30 @@ async fn sockets_that_are_not_a_qemu_monitor_inside_the_runtime_dir_are_refused_
     let silent = run_dir.join("silent.sock");
     let _silent = silent_socket(&silent);
     for socket in [&chatty, &silent] {
-        let reply = patch(&app, &vm, json!({"state": "running", "qmp_socket": socket})).await;
+        let reply = patch(&app, vm, json!({"state": "running", "qmp_socket": socket})).await;
         assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "qmp_unavailable");
-        assert_unchanged(&app, &vm).await;
+        assert_unchanged(&app, vm).await;
     }
 
     // A real monitor, but for a VM that stays stopped.
     let top = chain(&run_dir);
     let daemon = Daemon::start(&run_dir, &top);
-    let reply = patch(&app, &vm, json!({"qmp_socket": daemon.socket})).await;
+    let reply = patch(&app, vm, json!({"qmp_socket": daemon.socket})).await;
     assert_problem(&reply, StatusCode::BAD_REQUEST, "socket_refused");
-    assert_unchanged(&app, &vm).await;
+    assert_unchanged(&app, vm).await;
 }
 
 #[tokio::test]
 async fn without_a_runtime_dir_sockets_are_refused() {
     let app = TestApp::spawn().await;
     app.wait_ready().await;
-    let vm = id(&app.create_vm("live-03", &[("root", 64 << 20)]).await);
+    let vm = app.create_vm("live-03", &[("root", 64 << 20)]).await.id;
     let run = tempfile::tempdir().unwrap();
     let top = chain(run.path());
     let daemon = Daemon::start(run.path(), &top);
     let reply = patch(
         &app,
-        &vm,
+        vm,
         json!({"state": "running", "qmp_socket": daemon.socket}),
     )
     .await;
@@ -181,5 +182,5 @@ async fn without_a_runtime_dir_sockets_are_refused() {
         "{}",
         reply.body
     );
-    assert_unchanged(&app, &vm).await;
+    assert_unchanged(&app, vm).await;
 }

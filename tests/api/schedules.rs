@@ -9,7 +9,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 32 * MIB;
 
@@ -124,7 +124,7 @@ async fn settle(app: &TestApp, schedule: &str) -> Value {
     panic!("schedule {schedule} never settled");
 }
 
-async fn snapshots(app: &TestApp, vm: &str) -> Vec<Value> {
+async fn snapshots(app: &TestApp, vm: &Uuid) -> Vec<Value> {
     let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
     list["items"].as_array().unwrap().clone()
 }
@@ -142,8 +142,8 @@ fn pattern(index: u64) -> u8 {
 async fn a_schedule_run_across_simulated_days_keeps_what_its_policy_says_with_every_byte() {
     let clock = Clock::at("2026-02-28T23:00:00Z");
     let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("six-hourly", &[("root", DISK)]).await);
-    let manual = app.snapshot(&vm, "manual-base").await;
+    let vm = app.create_vm("six-hourly", &[("root", DISK)]).await.id;
+    let manual = app.snapshot(&vm, "manual-base").await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "every-6h", "vm_id": vm, "cron": "0 */6 * * *",
@@ -211,7 +211,7 @@ async fn a_schedule_run_across_simulated_days_keeps_what_its_policy_says_with_ev
     // The manual snapshot is never the policy's to prune.
     assert!(
         left.iter()
-            .any(|s| s["id"] == manual.as_str() && s["schedule_id"].is_null())
+            .any(|s| s["id"] == manual.to_string() && s["schedule_id"].is_null())
     );
     assert_eq!(left.len(), expected.len() + 1);
 
@@ -247,7 +247,7 @@ async fn a_schedule_run_across_simulated_days_keeps_what_its_policy_says_with_ev
 async fn a_missed_run_is_taken_once_at_start_and_the_schedule_continues_from_now() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let mut app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("missed", &[("root", DISK)]).await);
+    let vm = app.create_vm("missed", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "hourly", "vm_id": vm, "cron": "@hourly"}),
@@ -282,7 +282,7 @@ async fn a_run_still_going_at_the_next_tick_makes_that_tick_skipped_not_stacked(
         &[("STRATA_FAULT", "snapshot_create:planned:pause=3000")],
     )
     .await;
-    let vm = id(&app.create_vm("slow", &[("root", DISK)]).await);
+    let vm = app.create_vm("slow", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "hourly", "vm_id": vm, "cron": "0 * * * *"}),
@@ -346,7 +346,7 @@ async fn a_run_still_going_at_the_next_tick_makes_that_tick_skipped_not_stacked(
 async fn a_crash_in_the_middle_of_a_run_is_finished_after_restart() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let mut app = spawn(&clock, &[("STRATA_FAULT", "snapshot_create:planned")]).await;
-    let vm = id(&app.create_vm("crashy", &[("root", DISK)]).await);
+    let vm = app.create_vm("crashy", &[("root", DISK)]).await.id;
     write(&app.active_path(&vm, "root").await, 0x5a, 0, 2);
     let schedule = create_schedule(
         &app,
@@ -387,11 +387,9 @@ async fn a_selector_schedule_snapshots_every_labelled_vm_and_prunes_each_on_its_
             )
             .await;
         let vm = app.expect_job((status, vm)).await;
-        let vm_id = vm["target"]["id"].as_str().unwrap().to_owned();
-        app.wait_job_end(&vm).await;
-        web.push(vm_id);
+        web.push(vm.target.id);
     }
-    let db = id(&app.create_vm("db", &[("root", DISK)]).await);
+    let db = app.create_vm("db", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "web", "selector": "tier=web", "cron": "@hourly",
@@ -438,7 +436,7 @@ async fn a_selector_schedule_snapshots_every_labelled_vm_and_prunes_each_on_its_
     clock.set(time("2026-03-01T03:00:00Z"));
     let third = wait_run(&app, &sid, 3).await;
     assert_eq!(third["targets"].as_array().unwrap().len(), 1);
-    assert_eq!(third["targets"][0]["vm_id"], web[0].as_str());
+    assert_eq!(third["targets"][0]["vm_id"], web[0].to_string());
 
     // No VM carries the label: skipped, with the reason.
     let (status, _) = app
@@ -464,7 +462,7 @@ async fn a_selector_schedule_snapshots_every_labelled_vm_and_prunes_each_on_its_
 async fn a_running_vm_is_skipped_with_the_reason_and_prunes_it_blocks_are_reported_held() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("live", &[("root", DISK)]).await);
+    let vm = app.create_vm("live", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "manual-only", "vm_id": vm, "cron": "0 0 1 1 *", "retention": {"keep_last": 2}}),
@@ -559,7 +557,7 @@ async fn a_running_vm_is_skipped_with_the_reason_and_prunes_it_blocks_are_report
 async fn held_and_expired_scheduled_snapshots_follow_hold_first_then_expiry() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("holds", &[("root", DISK)]).await);
+    let vm = app.create_vm("holds", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "h", "vm_id": vm, "cron": "@hourly", "retention": {"keep_last": 1}}),
@@ -598,23 +596,22 @@ async fn held_and_expired_scheduled_snapshots_follow_hold_first_then_expiry() {
     assert_eq!(preview["items"][0]["keep_reasons"], json!(["hold"]));
 }
 
-#[tokio::test]
-async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_stay() {
-    let clock = Clock::at("2026-03-01T00:30:00Z");
-    let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("crud", &[("root", DISK)]).await);
-    let base = json!({"name": "s", "vm_id": vm, "cron": "@daily"});
-    let with = |patch: Value| {
-        let mut body = base.clone();
-        for (k, v) in patch.as_object().unwrap() {
-            if v.is_null() {
-                body.as_object_mut().unwrap().remove(k);
-            } else {
-                body[k] = v.clone();
-            }
+/// `base` with the members of `patch` set, or removed where `patch` has them null.
+fn with(base: &Value, patch: Value) -> Value {
+    let mut body = base.clone();
+    for (k, v) in patch.as_object().unwrap() {
+        if v.is_null() {
+            body.as_object_mut().unwrap().remove(k);
+        } else {
+            body[k] = v.clone();
         }
-        body
-    };
+    }
+    body
+}
+
+/// Every malformed schedule is refused with its problem, and none is stored.
+async fn bad_schedules_are_refused_and_none_is_stored(app: &TestApp, base: &Value) {
+    let with = |patch: Value| with(base, patch);
     let bad: Vec<(Value, StatusCode, &str)> = vec![
         (
             with(json!({"cron": "* * * *"})),
@@ -717,13 +714,18 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
         list["items"].as_array().unwrap().is_empty(),
         "a refused schedule was stored"
     );
+}
 
+/// A schedule in a time zone: its next run, its retention as stored, its name taken.
+async fn a_schedule_runs_next_at_midnight_in_its_time_zone(app: &TestApp, base: &Value) -> String {
     let schedule = create_schedule(
-        &app,
-        with(json!({"timezone": "Europe/Paris", "retention": {"keep_daily": 7, "max_age": "36h"}})),
+        app,
+        with(
+            base,
+            json!({"timezone": "Europe/Paris", "retention": {"keep_daily": 7, "max_age": "36h"}}),
+        ),
     )
     .await;
-    let sid = schedule["id"].as_str().unwrap().to_owned();
     // Midnight in Paris is 23:00 UTC in March (CET).
     assert_eq!(schedule["next_run_at"], "2026-03-01T23:00:00Z");
     assert_eq!(
@@ -732,8 +734,17 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
     );
     let (status, problem) = app.post("/v1/schedules", base.clone()).await;
     is_problem(status, &problem, StatusCode::CONFLICT, "name_taken");
+    schedule["id"].as_str().unwrap().to_owned()
+}
 
-    // Disabled: no next run; enabled again: the next one from now.
+/// Disabled: no next run; enabled again: the next one from now. Bad changes are
+/// refused and change nothing.
+async fn disabling_and_enabling_moves_the_next_run(
+    app: &TestApp,
+    clock: &Clock,
+    sid: &str,
+    vm: Uuid,
+) {
     let (status, patched) = app
         .patch(&format!("/v1/schedules/{sid}"), json!({"enabled": false}))
         .await;
@@ -771,8 +782,10 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
     let (_, unchanged) = app.get(&format!("/v1/schedules/{sid}")).await;
     assert_eq!(unchanged["cron"], "0 */4 * * *");
     assert_eq!(unchanged["retention"]["keep_daily"], 7);
+}
 
-    // Not found: unknown ids, malformed ids, runs of other schedules.
+/// Not found: unknown ids, malformed ids, runs of other schedules.
+async fn unknown_schedules_and_runs_are_not_found(app: &TestApp, sid: &str) {
     for path in [
         format!("/v1/schedules/{UNKNOWN_ID}"),
         "/v1/schedules/nope".to_owned(),
@@ -800,8 +813,11 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
         StatusCode::NOT_FOUND,
         "schedule_not_found",
     );
+}
 
-    // Manual runs page newest first, and the run is reachable by its Location.
+/// Manual runs page newest first, and the run is reachable by its Location; the
+/// schedule is listed under its VM only.
+async fn manual_runs_are_listed_newest_first(app: &TestApp, sid: &str, vm: Uuid) {
     let mut run_ids = Vec::new();
     for n in 1..=3 {
         let (status, run) = app
@@ -809,7 +825,7 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{run}");
         run_ids.push(run["id"].as_str().unwrap().to_owned());
-        wait_run(&app, &sid, n).await;
+        wait_run(app, sid, n).await;
     }
     let (_, page1) = app.get(&format!("/v1/schedules/{sid}/runs?limit=2")).await;
     assert_eq!(page1["items"][0]["id"], run_ids[2].as_str());
@@ -829,11 +845,13 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
     assert_eq!(by_vm["items"].as_array().unwrap().len(), 1);
     let (_, other) = app.get(&format!("/v1/schedules?vm_id={UNKNOWN_ID}")).await;
     assert!(other["items"].as_array().unwrap().is_empty());
+}
 
-    // Deleting the schedule keeps its snapshots, now manual.
-    let taken = snapshots(&app, &vm).await;
+/// Deleting the schedule keeps its (three) snapshots, now manual.
+async fn deleting_a_schedule_keeps_its_snapshots_as_manual(app: &TestApp, sid: &str, vm: Uuid) {
+    let taken = snapshots(app, &vm).await;
     assert_eq!(taken.len(), 3);
-    assert!(taken.iter().all(|s| s["schedule_id"] == sid.as_str()));
+    assert!(taken.iter().all(|s| s["schedule_id"] == sid));
     let (status, _) = app.delete(&format!("/v1/schedules/{sid}")).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, problem) = app.get(&format!("/v1/schedules/{sid}")).await;
@@ -843,16 +861,30 @@ async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_
         StatusCode::NOT_FOUND,
         "schedule_not_found",
     );
-    let kept = snapshots(&app, &vm).await;
+    let kept = snapshots(app, &vm).await;
     assert_eq!(kept.len(), 3);
     assert!(kept.iter().all(|s| s["schedule_id"].is_null()));
+}
+
+#[tokio::test]
+async fn schedules_are_validated_listed_changed_and_deleted_and_their_snapshots_stay() {
+    let clock = Clock::at("2026-03-01T00:30:00Z");
+    let app = spawn(&clock, &[]).await;
+    let vm = app.create_vm("crud", &[("root", DISK)]).await.id;
+    let base = json!({"name": "s", "vm_id": vm, "cron": "@daily"});
+    bad_schedules_are_refused_and_none_is_stored(&app, &base).await;
+    let sid = a_schedule_runs_next_at_midnight_in_its_time_zone(&app, &base).await;
+    disabling_and_enabling_moves_the_next_run(&app, &clock, &sid, vm).await;
+    unknown_schedules_and_runs_are_not_found(&app, &sid).await;
+    manual_runs_are_listed_newest_first(&app, &sid, vm).await;
+    deleting_a_schedule_keeps_its_snapshots_as_manual(&app, &sid, vm).await;
 }
 
 #[tokio::test]
 async fn a_snapshot_a_linked_clone_reads_is_held_by_retention_with_the_reason() {
     let clock = Clock::at("2026-03-01T00:30:00Z");
     let app = spawn(&clock, &[]).await;
-    let vm = id(&app.create_vm("cloned", &[("root", DISK)]).await);
+    let vm = app.create_vm("cloned", &[("root", DISK)]).await.id;
     let schedule = create_schedule(
         &app,
         json!({"name": "keep-one", "vm_id": vm, "cron": "0 0 1 1 *", "retention": {"keep_last": 1}}),
@@ -877,7 +909,7 @@ async fn a_snapshot_a_linked_clone_reads_is_held_by_retention_with_the_reason() 
             .await,
         )
         .await;
-    let reader = clone_job["target"]["id"].as_str().unwrap().to_owned();
+    let reader = clone_job.target.id.to_string();
 
     write(&app.active_path(&vm, "root").await, 0x62, 1, 1);
     clock.set(time("2026-03-01T02:00:00Z"));

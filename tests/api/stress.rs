@@ -32,7 +32,7 @@ use reqwest::Method;
 use reqwest::header::CONTENT_TYPE;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 // ---------------------------------------------------------------------------------
 // A seeded PRNG (splitmix64): no dependency, reproducible choices.
@@ -1408,12 +1408,14 @@ struct Family {
 
 async fn build_family(app: &TestApp, family: usize, refs_dir: &Path) -> Family {
     let disks = family_disks(family);
-    let vm = id(&app
+    let vm = app
         .create_vm(
             &format!("v{family}"),
             &disks.iter().map(|(n, s)| (*n, s * MIB)).collect::<Vec<_>>(),
         )
-        .await);
+        .await
+        .id
+        .to_string();
     let mut snapshots = Vec::new();
     for state in 0..3 {
         for (index, (name, _)) in disks.iter().enumerate() {
@@ -1426,7 +1428,12 @@ async fn build_family(app: &TestApp, family: usize, refs_dir: &Path) -> Family {
             );
         }
         if state < 2 {
-            snapshots.push(app.snapshot(&vm, &format!("pre-{state}")).await);
+            snapshots.push(
+                app.snapshot(&vm, &format!("pre-{state}"))
+                    .await
+                    .id
+                    .to_string(),
+            );
         }
     }
     let mut refs = BTreeMap::new();

@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::MIB;
+use crate::support::MIB;
 
 const DEFAULT_SEEDS: [u64; 3] = [1, 2, 3];
 const DEFAULT_CYCLES: u32 = 20;

@@ -34,7 +34,7 @@ use std::process::Command;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/upgrade-v1");
 
@@ -147,7 +147,7 @@ async fn settle(app: &TestApp) {
             return;
         }
         for job in &pending {
-            app.wait_job_end(job).await;
+            app.wait_job(id(job)).await;
         }
     }
 }

@@ -4,13 +4,12 @@
 //! qemu-io, not only through the API.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use reqwest::header::LOCATION;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::*;
+use crate::support::*;
 
 const DISK: u64 = 64 * MIB;
 const TIB: u64 = 1 << 40;
@@ -33,37 +32,14 @@ async fn world(app: &TestApp) -> (Value, Value, Vec<(PathBuf, u64)>) {
     (vms, jobs, files)
 }
 
-/// Virtual size of an image as qemu-img reports it.
-fn virtual_size(path: &str) -> u64 {
-    let output = Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "qcow2", path])
-        .output()
-        .expect("run qemu-img info");
-    assert!(
-        output.status.success(),
-        "qemu-img info {path}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let info: Value = serde_json::from_slice(&output.stdout).expect("info JSON");
-    info["virtual-size"].as_u64().expect("virtual-size")
+fn names(list: &VmList) -> Vec<&str> {
+    list.items.iter().map(|vm| vm.name.as_str()).collect()
 }
 
-fn disk<'a>(vm: &'a Value, name: &str) -> &'a Value {
-    vm["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == name)
-        .unwrap_or_else(|| panic!("no disk {name} in {vm}"))
-}
-
-fn names(list: &Value) -> Vec<String> {
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_owned())
-        .collect()
+/// Names of the VMs `GET /v1/vms?{query}` lists, in order.
+async fn vm_names(app: &TestApp, query: &str) -> Vec<String> {
+    let list: VmList = app.get_as(&format!("/v1/vms?{query}")).await;
+    list.items.into_iter().map(|vm| vm.name).collect()
 }
 
 #[tokio::test]
@@ -74,47 +50,47 @@ async fn creating_a_vm_answers_202_with_a_job_and_its_disks_become_empty_qcow2_f
         {"name": "root", "size_bytes": DISK}, {"name": "data", "size_bytes": 32 * MIB + 512}]});
     let reply = send_json(&app, Method::POST, "/v1/vms", &body).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
-    let job = reply.body;
-    let job_id = id(&job);
+    let job: JobView = reply.read();
     assert_eq!(
         reply.headers.get(LOCATION).and_then(|v| v.to_str().ok()),
-        Some(format!("/v1/jobs/{job_id}").as_str())
+        Some(format!("/v1/jobs/{}", job.id).as_str())
     );
-    assert_eq!(job["kind"], "vm_create");
-    assert_eq!(job["target"]["type"], "vm");
-    assert_eq!(job["cancel_requested"], false);
-    let vm_id = job["target"]["id"].as_str().unwrap().to_owned();
-    assert_eq!(job["vm_id"], vm_id.as_str());
+    assert_eq!(job.kind, JobKind::VmCreate);
+    assert_eq!(job.target.target_type, TargetType::Vm);
+    assert!(!job.cancel_requested);
+    let vm_id = job.target.id;
+    assert_eq!(job.vm_id, Some(vm_id));
 
     // The record exists at once, before (or just as) the job creates the files.
-    let early = app.vm(&vm_id).await;
+    let early = app.vm(vm_id).await;
     assert!(
-        matches!(early["status"].as_str(), Some("creating" | "ready")),
-        "{early}"
+        matches!(
+            early.status,
+            ResourceStatus::Creating | ResourceStatus::Ready
+        ),
+        "{early:?}"
     );
-    assert_eq!(early["name"], "web-01");
-    assert_eq!(early["disks"].as_array().unwrap().len(), 2);
+    assert_eq!(early.name, "web-01");
+    assert_eq!(early.disks.len(), 2);
 
     // The Location header leads to the job.
-    let (status, followed) = app.get(&format!("/v1/jobs/{job_id}")).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(followed["id"], job_id.as_str());
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(job["progress"], 100);
+    assert_eq!(app.job(job.id).await.id, job.id);
+    let job = app.wait_job(job.id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert_eq!(job.progress, 100);
 
-    let vm = app.vm(&vm_id).await;
-    assert_eq!(vm["status"], "ready");
-    assert_eq!(vm["state"], "stopped");
-    assert_eq!(vm["description"], "front end");
-    assert_eq!(vm["current_snapshot_id"], Value::Null);
+    let vm = app.vm(vm_id).await;
+    assert_eq!(vm.status, ResourceStatus::Ready);
+    assert_eq!(vm.state, VmState::Stopped);
+    assert_eq!(vm.description, "front end");
+    assert_eq!(vm.current_snapshot_id, None);
     for (name, size) in [("root", DISK), ("data", 32 * MIB + 512)] {
-        let disk = disk(&vm, name);
-        assert_eq!(disk["format"], "qcow2");
-        assert_eq!(disk["status"], "ready");
-        assert_eq!(disk["size_bytes"], size);
-        assert_eq!(disk["vm_id"], vm_id.as_str());
-        let path = disk["active_path"].as_str().unwrap();
+        let disk = vm.disk(name);
+        assert_eq!(disk.format, "qcow2");
+        assert_eq!(disk.status, ResourceStatus::Ready);
+        assert_eq!(disk.size_bytes, size);
+        assert_eq!(disk.vm_id, vm_id);
+        let path = disk.path();
         assert!(exists(path), "{path}");
         assert!(
             PathBuf::from(path).starts_with(app.data_dir.canonicalize().unwrap().join("volumes")),
@@ -122,11 +98,10 @@ async fn creating_a_vm_answers_202_with_a_job_and_its_disks_become_empty_qcow2_f
         );
         assert_eq!(virtual_size(path), size);
         assert_eq!(chain(path).len(), 1);
-        let chain_view = disk["chain"].as_array().unwrap();
-        assert_eq!(chain_view.len(), 1);
-        assert_eq!(chain_view[0]["role"], "active");
-        assert_eq!(chain_view[0]["path"], path);
-        assert_eq!(chain_view[0]["size_bytes"], size);
+        assert_eq!(disk.chain.len(), 1);
+        assert!(matches!(disk.chain[0].role, VolumeRole::Active));
+        assert_eq!(disk.chain[0].path, path);
+        assert_eq!(disk.chain[0].size_bytes, size);
         check_clean(path);
         // A fresh disk reads as zeros and takes writes.
         expect(path, 0, 0, 4);
@@ -141,7 +116,7 @@ async fn listing_vms_pages_through_all_of_them_with_a_cursor_and_filters_by_name
     let app = TestApp::spawn().await;
     let mut created = Vec::new();
     for i in 0..5 {
-        created.push(id(&app.create_vm(&format!("page-{i}"), &[]).await));
+        created.push(app.create_vm(&format!("page-{i}"), &[]).await.id);
     }
 
     let mut seen = Vec::new();
@@ -152,13 +127,11 @@ async fn listing_vms_pages_through_all_of_them_with_a_cursor_and_filters_by_name
             Some(c) => format!("/v1/vms?limit=2&cursor={c}"),
             None => "/v1/vms?limit=2".to_owned(),
         };
-        let (status, page) = app.get(&path).await;
-        assert_eq!(status, StatusCode::OK, "{page}");
-        let items = page["items"].as_array().unwrap();
-        pages.push(items.len());
-        seen.extend(items.iter().map(id));
-        match page["next_cursor"].as_str() {
-            Some(next) => cursor = Some(next.to_owned()),
+        let page: VmList = app.get_as(&path).await;
+        pages.push(page.items.len());
+        seen.extend(page.items.iter().map(|vm| vm.id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
             None => break,
         }
         assert!(pages.len() < 10, "pagination does not end");
@@ -166,18 +139,16 @@ async fn listing_vms_pages_through_all_of_them_with_a_cursor_and_filters_by_name
     assert_eq!(pages, vec![2, 2, 1]);
     assert_eq!(seen, created, "every VM once, in creation order");
 
-    let (_, all) = app.get("/v1/vms").await;
-    assert_eq!(all["items"].as_array().unwrap().len(), 5);
-    assert!(all["next_cursor"].is_null(), "{all}");
+    let all: VmList = app.get_as("/v1/vms").await;
+    assert_eq!(all.items.len(), 5);
+    assert!(all.next_cursor.is_none(), "{all:?}");
 
-    let (status, one) = app.get("/v1/vms?name=page-3").await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(names(&one), vec!["page-3"]);
-    assert_eq!(one["items"][0]["id"], created[3].as_str());
-    assert!(one["next_cursor"].is_null());
-    let (_, none) = app.get("/v1/vms?name=page").await;
+    let one: VmList = app.get_as("/v1/vms?name=page-3").await;
+    assert_eq!(names(&one), ["page-3"]);
+    assert_eq!(one.items[0].id, created[3]);
+    assert!(one.next_cursor.is_none());
     assert_eq!(
-        names(&none),
+        vm_names(&app, "name=page").await,
         Vec::<String>::new(),
         "the name filter is exact"
     );
@@ -202,54 +173,46 @@ async fn listing_vms_pages_through_all_of_them_with_a_cursor_and_filters_by_name
 async fn patching_a_vm_changes_its_name_description_and_power_state() {
     let app = TestApp::spawn().await;
     let vm = app.create_vm("patch-a", &[("root", DISK)]).await;
-    let vm_id = id(&vm);
-    let path = format!("/v1/vms/{vm_id}");
+    let path = format!("/v1/vms/{}", vm.id);
+    let patch = async |body| -> VmView { app.call(Method::PATCH, &path, Some(body)).await };
 
-    let (status, patched) = app
-        .patch(&path, json!({"name": "patch-b", "description": "renamed"}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{patched}");
-    assert_eq!(patched["name"], "patch-b");
-    assert_eq!(patched["description"], "renamed");
-    assert_eq!(patched["state"], "stopped");
-    assert!(patched["updated_at"].as_str().unwrap() >= vm["updated_at"].as_str().unwrap());
-    let (_, by_old) = app.get("/v1/vms?name=patch-a").await;
-    assert_eq!(names(&by_old), Vec::<String>::new());
-    let (_, by_new) = app.get("/v1/vms?name=patch-b").await;
-    assert_eq!(names(&by_new), vec!["patch-b"]);
+    let patched = patch(json!({"name": "patch-b", "description": "renamed"})).await;
+    assert_eq!(patched.name, "patch-b");
+    assert_eq!(patched.description, "renamed");
+    assert_eq!(patched.state, VmState::Stopped);
+    assert!(patched.updated_at >= vm.updated_at);
+    assert_eq!(vm_names(&app, "name=patch-a").await, Vec::<String>::new());
+    assert_eq!(vm_names(&app, "name=patch-b").await, ["patch-b"]);
 
     // Only the fields sent change.
-    let (status, patched) = app.patch(&path, json!({"state": "running"})).await;
-    assert_eq!(status, StatusCode::OK, "{patched}");
+    let patched = patch(json!({"state": "running"})).await;
     assert_eq!(
         (
-            patched["state"].as_str(),
-            patched["name"].as_str(),
-            patched["description"].as_str()
+            patched.state,
+            patched.name.as_str(),
+            patched.description.as_str()
         ),
-        (Some("running"), Some("patch-b"), Some("renamed"))
+        (VmState::Running, "patch-b", "renamed")
     );
-    assert_eq!(app.vm(&vm_id).await["state"], "running");
-    let (status, patched) = app.patch(&path, json!({"description": ""})).await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(app.vm(vm.id).await.state, VmState::Running);
+    let patched = patch(json!({"description": ""})).await;
     assert_eq!(
-        (patched["state"].as_str(), patched["description"].as_str()),
-        (Some("running"), Some(""))
+        (patched.state, patched.description.as_str()),
+        (VmState::Running, "")
     );
-    let (status, patched) = app.patch(&path, json!({"state": "stopped"})).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(patched["state"], "stopped");
+    let patched = patch(json!({"state": "stopped"})).await;
+    assert_eq!(patched.state, VmState::Stopped);
 
     // Disks and files are untouched by a PATCH.
-    let after = app.vm(&vm_id).await;
-    assert_eq!(after["disks"], vm["disks"]);
+    let after = app.vm(vm.id).await;
+    assert_eq!(to_json(&after.disks), to_json(&vm.disks));
 }
 
 #[tokio::test]
 async fn renaming_a_vm_to_a_name_another_vm_has_is_a_conflict_and_changes_nothing() {
     let app = TestApp::spawn().await;
     app.create_vm("taken", &[]).await;
-    let other = id(&app.create_vm("other", &[("root", DISK)]).await);
+    let other = app.create_vm("other", &[("root", DISK)]).await.id;
     let before = world(&app).await;
 
     let reply = send_json(
@@ -261,14 +224,10 @@ async fn renaming_a_vm_to_a_name_another_vm_has_is_a_conflict_and_changes_nothin
     .await;
     assert_problem(&reply, StatusCode::CONFLICT, "name_taken");
     assert_eq!(world(&app).await, before);
-    let vm = app.vm(&other).await;
+    let vm = app.vm(other).await;
     assert_eq!(
-        (
-            vm["name"].as_str(),
-            vm["description"].as_str(),
-            vm["state"].as_str()
-        ),
-        (Some("other"), Some(""), Some("stopped"))
+        (vm.name.as_str(), vm.description.as_str(), vm.state),
+        ("other", "", VmState::Stopped)
     );
 
     // Renaming a VM to its own name is not a conflict.
@@ -467,22 +426,17 @@ async fn invalid_names_and_sizes_are_refused_with_problems_and_change_nothing() 
         assert_problem(&reply, status, code);
     }
     assert_eq!(world(&app).await, before);
-    let (_, list) = app.get("/v1/vms").await;
-    assert_eq!(names(&list), vec!["exists"]);
+    assert_eq!(vm_names(&app, "").await, ["exists"]);
 
     // The limits themselves are accepted: 128 characters, and exactly 16 TiB (qcow2 is sparse).
     let vm = app.create_vm(&"y".repeat(128), &[("huge", 16 * TIB)]).await;
-    let path = disk(&vm, "huge")["active_path"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(virtual_size(&path), 16 * TIB);
+    assert_eq!(virtual_size(vm.disk("huge").path()), 16 * TIB);
 }
 
 #[tokio::test]
 async fn invalid_patches_are_refused_with_problems_and_change_nothing() {
     let app = TestApp::spawn().await;
-    let vm_id = id(&app.create_vm("patch-me", &[("root", DISK)]).await);
+    let vm_id = app.create_vm("patch-me", &[("root", DISK)]).await.id;
     let path = format!("/v1/vms/{vm_id}");
     let before = world(&app).await;
 
@@ -551,7 +505,7 @@ async fn invalid_patches_are_refused_with_problems_and_change_nothing() {
 #[tokio::test]
 async fn unknown_ids_routes_and_methods_get_not_found_and_method_not_allowed_problems() {
     let app = TestApp::spawn().await;
-    let vm_id = id(&app.create_vm("known", &[("root", DISK)]).await);
+    let vm_id = app.create_vm("known", &[("root", DISK)]).await.id;
     let before = world(&app).await;
 
     for vm in [UNKNOWN_ID, "not-a-uuid", "12345"] {
@@ -631,9 +585,9 @@ async fn unknown_ids_routes_and_methods_get_not_found_and_method_not_allowed_pro
 async fn a_snapshot_of_a_vm_without_disks_is_refused() {
     let app = TestApp::spawn().await;
     let vm = app.create_vm("diskless", &[]).await;
-    assert_eq!(vm["status"], "ready");
-    assert_eq!(vm["disks"], json!([]));
-    let vm_id = id(&vm);
+    assert_eq!(vm.status, ResourceStatus::Ready);
+    assert!(vm.disks.is_empty(), "{vm:?}");
+    let vm_id = vm.id;
     let before = world(&app).await;
 
     let reply = send_json(
@@ -645,20 +599,25 @@ async fn a_snapshot_of_a_vm_without_disks_is_refused() {
     .await;
     assert_problem(&reply, StatusCode::CONFLICT, "vm_has_no_disks");
     assert_eq!(world(&app).await, before);
-    let (_, list) = app.get(&format!("/v1/vms/{vm_id}/snapshots")).await;
-    assert_eq!(list["items"], json!([]));
+    let list: SnapshotList = app.get_as(&format!("/v1/vms/{vm_id}/snapshots")).await;
+    assert!(list.items.is_empty(), "{list:?}");
     assert_eq!(app.volume_files(), Vec::<PathBuf>::new());
 }
 
 #[tokio::test]
 async fn snapshot_names_are_unique_within_a_vm_but_may_repeat_across_vms() {
     let app = TestApp::spawn().await;
-    let first = id(&app.create_vm("first", &[("root", DISK)]).await);
-    let second = id(&app.create_vm("second", &[("root", DISK)]).await);
-    let path = app.active_path(&first, "root").await;
+    let first = app.create_vm("first", &[("root", DISK)]).await.id;
+    let second = app.create_vm("second", &[("root", DISK)]).await.id;
+    let path = app.active_path(first, "root").await;
     write(&path, 0x17, 0, 1);
-    let s1 = app.snapshot(&first, "nightly").await;
+    let s1 = app.snapshot(first, "nightly").await.id;
     let before = world(&app).await;
+    let snapshot_names = async |vm: Uuid| {
+        let list: SnapshotList = app.get_as(&format!("/v1/vms/{vm}/snapshots")).await;
+        let names: Vec<String> = list.items.into_iter().map(|s| s.name).collect();
+        (names, list.current_snapshot_id)
+    };
 
     let reply = send_json(
         &app,
@@ -669,22 +628,22 @@ async fn snapshot_names_are_unique_within_a_vm_but_may_repeat_across_vms() {
     .await;
     assert_problem(&reply, StatusCode::CONFLICT, "name_taken");
     assert_eq!(world(&app).await, before);
-    let (_, list) = app.get(&format!("/v1/vms/{first}/snapshots")).await;
-    assert_eq!(names(&list), vec!["nightly"]);
-    assert_eq!(list["current_snapshot_id"], s1.as_str());
+    assert_eq!(
+        snapshot_names(first).await,
+        (vec!["nightly".to_owned()], Some(s1))
+    );
 
-    let s2 = app.snapshot(&second, "nightly").await;
+    let s2 = app.snapshot(second, "nightly").await.id;
     assert_ne!(s1, s2);
-    let (_, list) = app.get(&format!("/v1/vms/{second}/snapshots")).await;
-    assert_eq!(names(&list), vec!["nightly"]);
-    expect(&app.snapshot_path(&first, &s1, "root").await, 0x17, 0, 1);
-    expect(&app.active_path(&first, "root").await, 0x17, 0, 1);
+    assert_eq!(snapshot_names(second).await.0, ["nightly"]);
+    expect(app.snapshot_path(first, s1, "root").await, 0x17, 0, 1);
+    expect(app.active_path(first, "root").await, 0x17, 0, 1);
 }
 
 #[tokio::test]
 async fn a_json_array_body_is_not_taken_for_an_object() {
     let app = TestApp::spawn().await;
-    let vm_id = id(&app.create_vm("exists", &[("root", DISK)]).await);
+    let vm_id = app.create_vm("exists", &[("root", DISK)]).await.id;
     let before = world(&app).await;
     for body in [json!(["x"]), json!(["y", "positional", [["root", DISK]]])] {
         let reply = send_json(&app, Method::POST, "/v1/vms", &body).await;
@@ -747,15 +706,14 @@ async fn a_body_just_under_the_limit_reaches_validation() {
     let body = json!({"name": "big", "description": "d".repeat((1 << 20) - 64)});
     let reply = send_json(&app, Method::POST, "/v1/vms", &body).await;
     assert_problem(&reply, StatusCode::BAD_REQUEST, "validation_failed");
-    let (_, list) = app.get("/v1/vms").await;
-    assert_eq!(list["items"], json!([]));
+    assert_eq!(vm_names(&app, "").await, Vec::<String>::new());
 }
 
 #[tokio::test]
 async fn adding_a_disk_creates_its_file_and_another_disk_with_the_same_name_is_a_conflict() {
     let app = TestApp::spawn().await;
-    let vm_id = id(&app.create_vm("grow-disks", &[("root", DISK)]).await);
-    let root = app.active_path(&vm_id, "root").await;
+    let vm_id = app.create_vm("grow-disks", &[("root", DISK)]).await.id;
+    let root = app.active_path(vm_id, "root").await;
     write(&root, 0x31, 0, 1);
 
     let reply = send_json(
@@ -766,48 +724,42 @@ async fn adding_a_disk_creates_its_file_and_another_disk_with_the_same_name_is_a
     )
     .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
-    let job_id = id(&reply.body);
+    let job: JobView = reply.read();
     assert_eq!(
         reply.headers.get(LOCATION).and_then(|v| v.to_str().ok()),
-        Some(format!("/v1/jobs/{job_id}").as_str())
+        Some(format!("/v1/jobs/{}", job.id).as_str())
     );
-    assert_eq!(reply.body["kind"], "disk_create");
-    assert_eq!(reply.body["target"]["type"], "disk");
-    let disk_id = reply.body["target"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(job.kind, JobKind::DiskCreate);
+    assert_eq!(job.target.target_type, TargetType::Disk);
+    let disk_id = job.target.id;
     app.expect_job((reply.status, reply.body)).await;
 
-    let (status, view) = app.get(&format!("/v1/vms/{vm_id}/disks/{disk_id}")).await;
-    assert_eq!(status, StatusCode::OK, "{view}");
-    assert_eq!(
-        (
-            view["name"].as_str(),
-            view["status"].as_str(),
-            view["format"].as_str()
-        ),
-        (Some("data"), Some("ready"), Some("qcow2"))
-    );
-    assert_eq!(view["size_bytes"], 32 * MIB);
-    let data = view["active_path"].as_str().unwrap().to_owned();
-    assert!(exists(&data));
-    assert_eq!(virtual_size(&data), 32 * MIB);
-    assert_eq!(chain(&data).len(), 1);
-    check_clean(&data);
-    let (status, disks) = app.get(&format!("/v1/vms/{vm_id}/disks")).await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(disks["items"].as_array().unwrap().len(), 2);
-    assert_eq!(disks["next_cursor"], Value::Null);
-    let (_, first) = app.get(&format!("/v1/vms/{vm_id}/disks?limit=1")).await;
-    assert_eq!(first["items"].as_array().unwrap().len(), 1);
-    let cursor = first["next_cursor"]
-        .as_str()
-        .expect("a second page")
-        .to_owned();
-    let (_, second) = app
-        .get(&format!("/v1/vms/{vm_id}/disks?limit=1&cursor={cursor}"))
+    let view: DiskView = app
+        .get_as(&format!("/v1/vms/{vm_id}/disks/{disk_id}"))
         .await;
-    assert_eq!(second["items"].as_array().unwrap().len(), 1);
-    assert_ne!(second["items"][0]["id"], first["items"][0]["id"]);
-    assert_eq!(second["next_cursor"], Value::Null);
+    assert_eq!(
+        (view.name.as_str(), view.status, view.format.as_str()),
+        ("data", ResourceStatus::Ready, "qcow2")
+    );
+    assert_eq!(view.size_bytes, 32 * MIB);
+    let data = view.path();
+    assert!(exists(data));
+    assert_eq!(virtual_size(data), 32 * MIB);
+    assert_eq!(chain(data).len(), 1);
+    check_clean(data);
+    let disks = format!("/v1/vms/{vm_id}/disks");
+    let all: DiskList = app.get_as(&disks).await;
+    assert_eq!(all.items.len(), 2);
+    assert_eq!(all.next_cursor, None);
+    let first: DiskList = app.get_as(&format!("{disks}?limit=1")).await;
+    assert_eq!(first.items.len(), 1);
+    let cursor = first.next_cursor.expect("a second page");
+    let second: DiskList = app
+        .get_as(&format!("{disks}?limit=1&cursor={cursor}"))
+        .await;
+    assert_eq!(second.items.len(), 1);
+    assert_ne!(second.items[0].id, first.items[0].id);
+    assert_eq!(second.next_cursor, None);
     assert_eq!(app.volume_files().len(), 2);
 
     let before = world(&app).await;
@@ -843,8 +795,8 @@ async fn adding_a_disk_creates_its_file_and_another_disk_with_the_same_name_is_a
 async fn growing_a_disk_keeps_its_data_and_shrinking_or_keeping_its_size_is_refused() {
     let app = TestApp::spawn().await;
     let vm = app.create_vm("resize", &[("root", DISK)]).await;
-    let (vm_id, disk_id) = (id(&vm), id(disk(&vm, "root")));
-    let path = app.active_path(&vm_id, "root").await;
+    let (vm_id, disk_id) = (vm.id, vm.disk("root").id);
+    let path = app.active_path(vm_id, "root").await;
     write(&path, 0x5a, 0, 2);
     write(&path, 0x5b, 62, 2);
     let resize = format!("/v1/vms/{vm_id}/disks/{disk_id}/resize");
@@ -852,12 +804,12 @@ async fn growing_a_disk_keeps_its_data_and_shrinking_or_keeping_its_size_is_refu
     let job = app
         .expect_job(app.post(&resize, json!({"size_bytes": 2 * DISK})).await)
         .await;
-    assert_eq!(job["kind"], "disk_resize");
-    assert_eq!(job["target"]["id"], disk_id.as_str());
-    let grown = app.active_path(&vm_id, "root").await;
+    assert_eq!(job.kind, JobKind::DiskResize);
+    assert_eq!(job.target.id, disk_id);
+    let grown = app.active_path(vm_id, "root").await;
     assert_eq!(grown, path, "a resize grows the file in place");
     assert_eq!(virtual_size(&grown), 2 * DISK);
-    assert_eq!(app.vm(&vm_id).await["disks"][0]["size_bytes"], 2 * DISK);
+    assert_eq!(app.vm(vm_id).await.disks[0].size_bytes, 2 * DISK);
     expect_all(
         &grown,
         &[(0x5a, 0, 2), (0, 2, 60), (0x5b, 62, 2), (0, 64, 64)],
@@ -868,9 +820,17 @@ async fn growing_a_disk_keeps_its_data_and_shrinking_or_keeping_its_size_is_refu
 
     let before = world(&app).await;
     for size in [DISK, 2 * DISK, 2 * DISK - 512, 512] {
-        let reply = send_json(&app, Method::POST, &resize, &json!({"size_bytes": size})).await;
-        assert_problem(&reply, StatusCode::CONFLICT, "disk_shrink_refused");
-        assert_eq!(reply.body["current_size_bytes"], 2 * DISK, "{}", reply.body);
+        let body = json!({"size_bytes": size});
+        let problem = app
+            .expect_problem(
+                Method::POST,
+                &resize,
+                Some(body),
+                StatusCode::CONFLICT,
+                "disk_shrink_refused",
+            )
+            .await;
+        assert_eq!(problem.current_size_bytes, Some(2 * DISK), "{problem:?}");
     }
     for size in [0, 2 * DISK + 1, 17 * TIB] {
         let reply = send_json(&app, Method::POST, &resize, &json!({"size_bytes": size})).await;
@@ -892,24 +852,25 @@ async fn deleting_a_disk_removes_its_files_and_its_layers_in_snapshots_and_keeps
     let vm = app
         .create_vm("drop-disk", &[("root", DISK), ("data", DISK)])
         .await;
-    let (vm_id, data_id) = (id(&vm), id(disk(&vm, "data")));
-    write(&app.active_path(&vm_id, "root").await, 0x11, 0, 2);
-    write(&app.active_path(&vm_id, "data").await, 0x21, 0, 2);
-    let s1 = app.snapshot(&vm_id, "s1").await;
-    write(&app.active_path(&vm_id, "root").await, 0x12, 1, 1);
-    let data_frozen = app.snapshot_path(&vm_id, &s1, "data").await;
-    let data_active = app.active_path(&vm_id, "data").await;
-    let root_frozen = app.snapshot_path(&vm_id, &s1, "root").await;
-    let root_active = app.active_path(&vm_id, "root").await;
+    let (vm_id, data_id) = (vm.id, vm.disk("data").id);
+    write(app.active_path(vm_id, "root").await, 0x11, 0, 2);
+    write(app.active_path(vm_id, "data").await, 0x21, 0, 2);
+    let s1 = app.snapshot(vm_id, "s1").await.id;
+    write(app.active_path(vm_id, "root").await, 0x12, 1, 1);
+    let data_frozen = app.snapshot_path(vm_id, s1, "data").await;
+    let data_active = app.active_path(vm_id, "data").await;
+    let root_frozen = app.snapshot_path(vm_id, s1, "root").await;
+    let root_active = app.active_path(vm_id, "root").await;
     assert_eq!(app.volume_files().len(), 4);
 
     let job = app
-        .expect_job(
-            app.delete(&format!("/v1/vms/{vm_id}/disks/{data_id}"))
-                .await,
+        .run_job(
+            Method::DELETE,
+            &format!("/v1/vms/{vm_id}/disks/{data_id}"),
+            None,
         )
         .await;
-    assert_eq!(job["kind"], "disk_delete");
+    assert_eq!(job.kind, JobKind::DiskDelete);
     assert!(
         !exists(&data_frozen),
         "the disk's layer in the snapshot is gone"
@@ -925,35 +886,35 @@ async fn deleting_a_disk_removes_its_files_and_its_layers_in_snapshots_and_keeps
     expected.sort();
     assert_eq!(remaining, expected);
 
-    let view = app.vm(&vm_id).await;
-    assert_eq!(view["disks"].as_array().unwrap().len(), 1);
-    assert_eq!(view["disks"][0]["name"], "root");
+    let view = app.vm(vm_id).await;
+    assert_eq!(view.disks.len(), 1);
+    assert_eq!(view.disks[0].name, "root");
     let (status, _) = app.get(&format!("/v1/vms/{vm_id}/disks/{data_id}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    let (_, snap) = app.get(&format!("/v1/snapshots/{s1}")).await;
-    assert_eq!(snap["status"], "ready");
-    assert_eq!(snap["volumes"].as_array().unwrap().len(), 1, "{snap}");
-    assert_eq!(snap["volumes"][0]["path"], root_frozen.as_str());
+    let snap = app.get_snapshot(s1).await;
+    assert_eq!(snap.status, ResourceStatus::Ready);
+    assert_eq!(snap.volumes.len(), 1, "{snap:?}");
+    assert_eq!(snap.volumes[0].path, root_frozen);
 
     // The other disk's snapshot layer and present state still read back, and reverting
     // to the snapshot still works.
     expect(&root_frozen, 0x11, 0, 2);
     expect_all(&root_active, &[(0x11, 0, 1), (0x12, 1, 1)]);
     check_clean(&root_active);
-    app.revert(&s1).await;
-    let reverted = app.active_path(&vm_id, "root").await;
+    app.revert(s1).await;
+    let reverted = app.active_path(vm_id, "root").await;
     expect(&reverted, 0x11, 0, 2);
     assert_eq!(chain(&reverted).len(), 2);
-    assert_eq!(app.vm(&vm_id).await["disks"].as_array().unwrap().len(), 1);
+    assert_eq!(app.vm(vm_id).await.disks.len(), 1);
 }
 
 #[tokio::test]
 async fn a_disk_of_another_vm_is_not_found_through_this_vm() {
     let app = TestApp::spawn().await;
-    let mine = id(&app.create_vm("mine", &[("root", DISK)]).await);
+    let mine = app.create_vm("mine", &[("root", DISK)]).await.id;
     let theirs = app.create_vm("theirs", &[("root", DISK)]).await;
-    let their_disk = id(disk(&theirs, "root"));
-    write(&app.active_path(&id(&theirs), "root").await, 0x66, 0, 1);
+    let their_disk = theirs.disk("root").id.to_string();
+    write(theirs.disk("root").path(), 0x66, 0, 1);
     let before = world(&app).await;
 
     for disk in [their_disk.as_str(), UNKNOWN_ID, "not-a-uuid"] {
@@ -987,30 +948,32 @@ async fn a_disk_of_another_vm_is_not_found_through_this_vm() {
     .await;
     assert_problem(&unknown_vm, StatusCode::NOT_FOUND, "vm_not_found");
     assert_eq!(world(&app).await, before);
-    expect(&app.active_path(&id(&theirs), "root").await, 0x66, 0, 1);
+    expect(app.active_path(theirs.id, "root").await, 0x66, 0, 1);
 }
 
 #[tokio::test]
 async fn deleting_a_vm_with_snapshots_removes_all_its_files_and_records() {
     let app = TestApp::spawn().await;
-    let keep = id(&app.create_vm("keep", &[("root", DISK)]).await);
-    write(&app.active_path(&keep, "root").await, 0x44, 0, 1);
+    let keep = app.create_vm("keep", &[("root", DISK)]).await.id;
+    write(app.active_path(keep, "root").await, 0x44, 0, 1);
     let keep_files = app.volume_files();
 
-    let vm_id = id(&app
+    let vm_id = app
         .create_vm("doomed", &[("root", DISK), ("data", 32 * MIB)])
-        .await);
-    write(&app.active_path(&vm_id, "root").await, 0x11, 0, 2);
-    let s1 = app.snapshot(&vm_id, "s1").await;
-    write(&app.active_path(&vm_id, "data").await, 0x22, 0, 2);
-    let s2 = app.snapshot(&vm_id, "s2").await;
-    app.revert(&s1).await;
-    let s3 = app.snapshot(&vm_id, "s3").await;
+        .await
+        .id;
+    write(app.active_path(vm_id, "root").await, 0x11, 0, 2);
+    let s1 = app.snapshot(vm_id, "s1").await.id;
+    write(app.active_path(vm_id, "data").await, 0x22, 0, 2);
+    let s2 = app.snapshot(vm_id, "s2").await.id;
+    app.revert(s1).await;
+    let s3 = app.snapshot(vm_id, "s3").await.id;
     assert!(app.volume_files().len() > keep_files.len() + 2);
 
-    let (status, job) = app.delete(&format!("/v1/vms/{vm_id}")).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    assert_eq!(job["kind"], "vm_delete");
+    let job = app
+        .accept(Method::DELETE, &format!("/v1/vms/{vm_id}"), None)
+        .await;
+    assert_eq!(job.kind, JobKind::VmDelete);
     let again = send(
         &app,
         Method::DELETE,
@@ -1023,8 +986,8 @@ async fn deleting_a_vm_with_snapshots_removes_all_its_files_and_records() {
         StatusCode::CONFLICT => assert_problem(&again, StatusCode::CONFLICT, "vm_not_ready"),
         _ => assert_problem(&again, StatusCode::NOT_FOUND, "vm_not_found"),
     }
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
+    let job = app.wait_job(job.id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
 
     assert_eq!(
         app.volume_files(),
@@ -1071,135 +1034,121 @@ async fn deleting_a_vm_with_snapshots_removes_all_its_files_and_records() {
         StatusCode::NOT_FOUND,
         "vm_not_found",
     );
-    let (_, list) = app.get("/v1/vms").await;
-    assert_eq!(names(&list), vec!["keep"]);
+    assert_eq!(vm_names(&app, "").await, ["keep"]);
 
     // The name is free again, and the other VM is intact.
     app.create_vm("doomed", &[]).await;
-    expect(&app.active_path(&keep, "root").await, 0x44, 0, 1);
-    check_clean(&app.active_path(&keep, "root").await);
+    expect(app.active_path(keep, "root").await, 0x44, 0, 1);
+    check_clean(app.active_path(keep, "root").await);
 }
 
 #[tokio::test]
 async fn a_vm_cannot_be_marked_running_while_a_job_still_works_on_its_files() {
     let app = TestApp::spawn_with(&[("STRATA_FAULT", "snapshot_create:planned:pause")]).await;
-    let vm_id = id(&app.create_vm("busy", &[("root", DISK)]).await);
-    write(&app.active_path(&vm_id, "root").await, 0x77, 0, 1);
+    let vm_id = app.create_vm("busy", &[("root", DISK)]).await.id;
+    write(app.active_path(vm_id, "root").await, 0x77, 0, 1);
     let path = format!("/v1/vms/{vm_id}");
 
-    let (status, job) = app
-        .post(&format!("/v1/vms/{vm_id}/snapshots"), json!({"name": "s1"}))
+    let job = app
+        .accept(
+            Method::POST,
+            &format!("/v1/vms/{vm_id}/snapshots"),
+            Some(json!({"name": "s1"})),
+        )
         .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-    let refused = send_json(
-        &app,
-        Method::PATCH,
-        &path,
-        &json!({"state": "running", "description": "started"}),
-    )
-    .await;
-    assert_problem(&refused, StatusCode::CONFLICT, "vm_busy");
-    assert_eq!(
-        refused.body["job_ids"],
-        json!([job["id"]]),
-        "{}",
-        refused.body
-    );
-    let vm = app.vm(&vm_id).await;
-    assert_eq!(
-        (vm["state"].as_str(), vm["description"].as_str()),
-        (Some("stopped"), Some(""))
-    );
+    let refused = app
+        .expect_problem(
+            Method::PATCH,
+            &path,
+            Some(json!({"state": "running", "description": "started"})),
+            StatusCode::CONFLICT,
+            "vm_busy",
+        )
+        .await;
+    assert_eq!(refused.job_ids, Some(vec![job.id]), "{refused:?}");
+    let vm = app.vm(vm_id).await;
+    assert_eq!((vm.state, vm.description.as_str()), (VmState::Stopped, ""));
 
     // Other edits are fine while the job runs.
     let (status, _) = app.patch(&path, json!({"description": "waiting"})).await;
     assert_eq!(status, StatusCode::OK);
 
-    let (_, current) = app.get(&format!("/v1/jobs/{}", id(&job))).await;
+    let current = app.job(job.id).await;
     assert!(
-        matches!(current["status"].as_str(), Some("queued" | "running")),
-        "the pause keeps the job going: {current}"
+        matches!(current.status, JobStatus::Queued | JobStatus::Running),
+        "the pause keeps the job going: {current:?}"
     );
-    let job = app.wait_job_end(&job).await;
-    assert_eq!(job["status"], "succeeded", "{job}");
+    let job = app.wait_job(job.id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
 
-    let (status, vm) = app.patch(&path, json!({"state": "running"})).await;
-    assert_eq!(status, StatusCode::OK, "{vm}");
+    let vm: VmView = app
+        .call(Method::PATCH, &path, Some(json!({"state": "running"})))
+        .await;
     assert_eq!(
-        (vm["state"].as_str(), vm["description"].as_str()),
-        (Some("running"), Some("waiting"))
+        (vm.state, vm.description.as_str()),
+        (VmState::Running, "waiting")
     );
-    expect(&app.active_path(&vm_id, "root").await, 0x77, 0, 1);
+    expect(app.active_path(vm_id, "root").await, 0x77, 0, 1);
 }
 
 #[tokio::test]
 async fn labels_are_set_on_creation_replaced_by_patch_and_select_vms_in_listings() {
     let app = TestApp::spawn().await;
-    let (status, job) = app
-        .post("/v1/vms", json!({"name": "web-1", "labels": {"tier": "web", "example.com/team": "blue"}, "disks": []}))
-        .await;
-    let web1 = app.expect_job((status, job)).await["target"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let web2 = id(&app.create_vm("web-2", &[]).await);
-    let db = id(&app.create_vm("db-1", &[]).await);
-    let (status, vm) = app
-        .patch(
-            &format!("/v1/vms/{web2}"),
-            json!({"labels": {"tier": "web"}}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{vm}");
-    assert_eq!(vm["labels"], json!({"tier": "web"}));
-    app.patch(&format!("/v1/vms/{db}"), json!({"labels": {"tier": "db"}}))
-        .await;
-
-    let names = |list: &Value| {
-        list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["name"].as_str().unwrap().to_owned())
-            .collect::<Vec<_>>()
+    let body = json!({"name": "web-1", "labels": {"tier": "web", "example.com/team": "blue"}, "disks": []});
+    let web1 = app
+        .run_job(Method::POST, "/v1/vms", Some(body))
+        .await
+        .target
+        .id;
+    let web2 = app.create_vm("web-2", &[]).await.id;
+    let db = app.create_vm("db-1", &[]).await.id;
+    let set_labels = async |vm: Uuid, labels| -> VmView {
+        let path = format!("/v1/vms/{vm}");
+        app.call(Method::PATCH, &path, Some(json!({ "labels": labels })))
+            .await
     };
-    let (_, list) = app.get("/v1/vms?label=tier=web").await;
-    assert_eq!(names(&list), vec!["web-1", "web-2"]);
-    let (_, list) = app.get("/v1/vms?label=example.com/team=blue").await;
-    assert_eq!(names(&list), vec!["web-1"]);
-    let (_, list) = app.get("/v1/vms?label=tier=web&limit=1").await;
-    assert_eq!(names(&list), vec!["web-1"]);
-    assert!(list["next_cursor"].is_string());
-    let (_, one) = app.get(&format!("/v1/vms/{web1}")).await;
-    assert_eq!(one["labels"]["example.com/team"], "blue");
+    let labels = |vm: &VmView| to_json(&vm.labels);
+    let vm = set_labels(web2, json!({"tier": "web"})).await;
+    assert_eq!(labels(&vm), json!({"tier": "web"}));
+    set_labels(db, json!({"tier": "db"})).await;
+
+    assert_eq!(vm_names(&app, "label=tier=web").await, ["web-1", "web-2"]);
+    assert_eq!(
+        vm_names(&app, "label=example.com/team=blue").await,
+        ["web-1"]
+    );
+    let list: VmList = app.get_as("/v1/vms?label=tier=web&limit=1").await;
+    assert_eq!(names(&list), ["web-1"]);
+    assert!(list.next_cursor.is_some());
+    let one = app.vm(web1).await;
+    assert_eq!(one.labels["example.com/team"], "blue");
 
     // Replacing with an empty map clears them; bad shapes are refused and change nothing.
-    app.patch(&format!("/v1/vms/{web2}"), json!({"labels": {}}))
-        .await;
-    let (_, list) = app.get("/v1/vms?label=tier=web").await;
-    assert_eq!(names(&list), vec!["web-1"]);
-    let (status, problem) = app
-        .patch(
-            &format!("/v1/vms/{db}"),
-            json!({"labels": {"bad key": "x"}}),
-        )
-        .await;
-    assert_eq!(
-        (status, problem["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("validation_failed"))
-    );
-    assert_eq!(app.vm(&db).await["labels"], json!({"tier": "db"}));
-    let (status, problem) = app.get("/v1/vms?label=tier").await;
-    assert_eq!(
-        (status, problem["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("invalid_query"))
-    );
+    set_labels(web2, json!({})).await;
+    assert_eq!(vm_names(&app, "label=tier=web").await, ["web-1"]);
+    app.expect_problem(
+        Method::PATCH,
+        &format!("/v1/vms/{db}"),
+        Some(json!({"labels": {"bad key": "x"}})),
+        StatusCode::BAD_REQUEST,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(labels(&app.vm(db).await), json!({"tier": "db"}));
+    app.expect_problem(
+        Method::GET,
+        "/v1/vms?label=tier",
+        None,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn unknown_query_parameters_are_refused_with_the_parameter_named() {
     let app = TestApp::spawn().await;
-    let vm = id(&app.create_vm("queried", &[("root", DISK)]).await);
+    let vm = app.create_vm("queried", &[("root", DISK)]).await.id;
     let before = world(&app).await;
     for (method, path, unknown) in [
         (Method::GET, "/v1/vms?colour=red".to_owned(), "colour"),
@@ -1220,49 +1169,42 @@ async fn unknown_query_parameters_are_refused_with_the_parameter_named() {
         );
     }
     // Documented parameters still work, and nothing was changed.
-    let (status, page) = app.get("/v1/vms?limit=5&name=queried").await;
-    assert_eq!(status, StatusCode::OK, "{page}");
-    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(vm_names(&app, "limit=5&name=queried").await, ["queried"]);
     assert_eq!(world(&app).await, before);
 }
 
 #[tokio::test]
 async fn a_disk_can_be_added_to_a_running_vm_but_not_removed_or_grown() {
     let app = TestApp::spawn().await;
-    let vm = id(&app.create_vm("hot", &[("root", MIB)]).await);
-    write(&app.active_path(&vm, "root").await, 0x44, 0, 1);
+    let vm = app.create_vm("hot", &[("root", MIB)]).await.id;
+    write(app.active_path(vm, "root").await, 0x44, 0, 1);
     app.patch(&format!("/v1/vms/{vm}"), json!({"state": "running"}))
         .await;
     // A new empty file the hypervisor does not use yet: hot-adding it is safe.
     let job = app
-        .expect_job(
-            app.post(
-                &format!("/v1/vms/{vm}/disks"),
-                json!({"name": "scratch", "size_bytes": MIB}),
-            )
-            .await,
+        .run_job(
+            Method::POST,
+            &format!("/v1/vms/{vm}/disks"),
+            Some(json!({"name": "scratch", "size_bytes": MIB})),
         )
         .await;
-    assert_eq!(job["kind"], "disk_create");
-    let scratch = app.active_path(&vm, "scratch").await;
+    assert_eq!(job.kind, JobKind::DiskCreate);
+    let scratch = app.active_path(vm, "scratch").await;
     expect(&scratch, 0, 0, 1);
     check_clean(&scratch);
     // Removing or growing one changes a file the guest may have open.
-    let disk = job["target"]["id"].as_str().unwrap();
-    let (status, problem) = app.delete(&format!("/v1/vms/{vm}/disks/{disk}")).await;
-    assert_eq!(
-        (status, problem["code"].as_str()),
-        (StatusCode::CONFLICT, Some("vm_running"))
-    );
-    let (status, problem) = app
-        .post(
-            &format!("/v1/vms/{vm}/disks/{disk}/resize"),
-            json!({"size_bytes": 2 * MIB}),
-        )
+    let disk = format!("/v1/vms/{vm}/disks/{}", job.target.id);
+    let conflict = (StatusCode::CONFLICT, "vm_running");
+    app.expect_problem(Method::DELETE, &disk, None, conflict.0, conflict.1)
         .await;
-    assert_eq!(
-        (status, problem["code"].as_str()),
-        (StatusCode::CONFLICT, Some("vm_running"))
-    );
-    expect(&app.active_path(&vm, "root").await, 0x44, 0, 1);
+    let resize = Some(json!({"size_bytes": 2 * MIB}));
+    app.expect_problem(
+        Method::POST,
+        &format!("{disk}/resize"),
+        resize,
+        conflict.0,
+        conflict.1,
+    )
+    .await;
+    expect(app.active_path(vm, "root").await, 0x44, 0, 1);
 }
