@@ -87,8 +87,6 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         files.clone(),
         EngineConfig {
             workers: config.workers,
-            volumes_dir,
-            reserved_bytes: config.reserved_space,
             fault: config.fault.clone(),
             import_slots: config.import_slots.max(1),
         },

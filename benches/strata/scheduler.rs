@@ -147,7 +147,7 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
         }
         let qemu = strata::qemu::Qemu::new("qemu-img".into(), Duration::from_secs(60));
         let volumes_dir = work.join("due-volumes");
-        let files = strata::files::Files::new(volumes_dir.clone(), 0, qemu.clone(), db.clone());
+        let files = strata::files::Files::new(volumes_dir, 0, qemu.clone(), db.clone());
         let engine = Engine::new(
             db.clone(),
             qemu,
@@ -155,8 +155,6 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
             EngineConfig {
                 import_slots: 2,
                 workers: WORKERS,
-                volumes_dir,
-                reserved_bytes: 0,
                 fault: None,
             },
         );

@@ -124,11 +124,7 @@ async fn import_template(
         .files
         .measure_image(&staged.path, query.format)
         .await?;
-    let needed = copy_bytes.saturating_add(state.engine.reserved_bytes());
-    let available = storage::available_bytes(volumes_dir)?;
-    if available < needed {
-        return Err(storage::insufficient_storage(needed, available));
-    }
+    state.files.require_room_for_copy(copy_bytes)?;
 
     let now = store::now();
     let template = Vm {

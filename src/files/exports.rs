@@ -94,12 +94,7 @@ pub async fn artifact(files: &Files, export: ExportKey) -> Result<PathBuf> {
 pub async fn check_room(files: &Files, volume: Uuid) -> Result<()> {
     let chain_bytes =
         super::chain_bytes(&files.volumes_dir, &mut *files.db.reader().await?, volume).await?;
-    let needed = chain_bytes.saturating_add(files.reserved_bytes);
-    let available = super::available_bytes(&files.volumes_dir)?;
-    if available < needed {
-        return Err(super::insufficient_storage(needed, available));
-    }
-    Ok(())
+    files.require_room_for_copy(chain_bytes)
 }
 
 /// Remove every export artifact made from `volume` (any generation), once the volume

@@ -45,6 +45,27 @@ impl Files {
     pub fn volume_path(&self, volume: Uuid) -> PathBuf {
         volume_path(&self.volumes_dir, volume)
     }
+
+    /// Free space a copy must leave untouched on the data file system
+    /// (`--reserved-space`).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reserved_bytes
+    }
+
+    /// Refuse with `507 insufficient_storage` unless `needed` bytes are free on the
+    /// volumes' file system.
+    pub fn require_free(&self, needed: u64) -> crate::error::Result<()> {
+        let available = available_bytes(&self.volumes_dir)?;
+        if available < needed {
+            return Err(insufficient_storage(needed, available));
+        }
+        Ok(())
+    }
+
+    /// Refuse unless a copy of up to `bytes` fits and leaves the reserve free.
+    pub fn require_room_for_copy(&self, bytes: u64) -> crate::error::Result<()> {
+        self.require_free(bytes.saturating_add(self.reserved_bytes))
+    }
 }
 
 /// Every volume sits in one directory, so a backing reference is just a file name and

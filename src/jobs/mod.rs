@@ -20,7 +20,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::domain::{Job, JobStatus, Uuid};
 use crate::error::{Error, ErrorCode, Result};
-use crate::files::{self, Files, insufficient_storage, uploads};
+use crate::files::{Files, uploads};
 use crate::qemu::Qemu;
 use crate::store::{self, Db};
 
@@ -46,9 +46,6 @@ const PARK_FOR: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub workers: usize,
-    pub volumes_dir: PathBuf,
-    /// Free space a merge must leave untouched on the data file system.
-    pub reserved_bytes: u64,
     /// Test-only crash point, `<job kind>:<point>` (see `Engine::fault_point`).
     pub fault: Option<String>,
     /// Imports (inspection in the request, conversion in the job) running at once.
@@ -88,17 +85,17 @@ impl Engine {
     }
 
     pub fn volume_path(&self, volume: Uuid) -> PathBuf {
-        files::volume_path(&self.config.volumes_dir, volume)
+        self.files.volume_path(volume)
     }
 
     /// The directory every volume file sits in.
     pub fn volumes_dir(&self) -> &std::path::Path {
-        &self.config.volumes_dir
+        self.files.volumes_dir()
     }
 
     /// Free space a copy must leave untouched on the data file system.
     pub fn reserved_bytes(&self) -> u64 {
-        self.config.reserved_bytes
+        self.files.reserved_bytes()
     }
 
     /// Worker tasks running jobs at once.
@@ -113,12 +110,7 @@ impl Engine {
         if bytes == 0 {
             return Ok(());
         }
-        let available = files::available_bytes(&self.config.volumes_dir)?;
-        let needed = bytes.saturating_add(reserve);
-        if available < needed {
-            return Err(insufficient_storage(needed, available));
-        }
-        Ok(())
+        self.files.require_free(bytes.saturating_add(reserve))
     }
 
     /// A slot for inspecting an untrusted image now, or `503 imports_busy` when every

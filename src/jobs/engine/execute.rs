@@ -180,7 +180,7 @@ impl Engine {
                 format,
                 volume,
             } => {
-                let source = files::upload_path(&self.config.volumes_dir, upload);
+                let source = files::upload_path(self.volumes_dir(), upload);
                 let path = self.volume_path(volume);
                 let copy =
                     self.qemu
