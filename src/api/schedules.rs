@@ -140,7 +140,7 @@ pub struct ScheduleList {
          "code": null, "reason": null},
         {"vm_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "vm_name": "web-02", "outcome": "skipped",
          "snapshot_id": null, "job_id": null, "code": "vm_running",
-         "reason": "VM web-02 is running; a running VM needs a live snapshot, which this service does not take yet"}],
+         "reason": "VM web-02 is running and strata has no QMP socket for it: stop it first, or give its QMP socket (PATCH qmp_socket, inside --runtime-dir) to snapshot it live"}],
     "retention": {"pruned": [{"snapshot_id": "019a6f5e-cccc-7b3e-9f2a-3c4d5e6f7a8b", "snapshot_name": "auto-20261114-030000",
         "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "why_pruned": "outside_policy",
         "job_id": "019a6f5e-dddd-7b3e-9f2a-3c4d5e6f7a8b", "code": null, "reason": null}],

@@ -243,13 +243,8 @@ async fn snapshot_vm(
         }
         Err(e @ Error::Problem { .. }) => {
             target.code = Some(e.code().as_str().to_owned());
-            target.reason = Some(match e.code() {
-                ErrorCode::VmRunning => format!(
-                    "VM {} is running; a running VM needs a live snapshot, which this service does not take yet",
-                    vm.name
-                ),
-                _ => e.to_string(),
-            });
+            // The refusal says what to do (e.g. give a running VM's QMP socket).
+            target.reason = Some(e.to_string());
         }
         Err(e) => return Err(e),
     }

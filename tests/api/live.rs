@@ -327,3 +327,53 @@ async fn a_crash_at_any_point_of_a_live_snapshot_ends_with_the_snapshot_or_nothi
         assert_files_match_metadata(&app, vm).await;
     }
 }
+
+#[tokio::test]
+async fn a_schedule_run_snapshots_a_running_vm_live_and_skips_one_without_a_socket() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (live, mut process) = running_vm(&app, &run_dir, "sched-live").await;
+    let old_root = app.active_path(live, "root").await;
+    let unreachable = app.create_vm("sched-no-socket", &[("root", DISK)]).await.id;
+    let (status, body) = app
+        .patch(
+            &format!("/v1/vms/{unreachable}"),
+            json!({"state": "running"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (vm, name) in [(live, "every-hour-live"), (unreachable, "every-hour-off")] {
+        let (status, schedule) = app
+            .post(
+                "/v1/schedules",
+                json!({"name": name, "vm_id": vm, "cron": "@hourly"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{schedule}");
+        let id = schedule["id"].as_str().unwrap();
+        let (status, run) = app
+            .post(&format!("/v1/schedules/{id}/run"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        let target = &run["targets"][0];
+        if vm == live {
+            assert_eq!(target["outcome"], "queued", "{run}");
+            let job = app.wait_job(target["job_id"].as_str().unwrap()).await;
+            assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+        } else {
+            assert_eq!(run["status"], "skipped", "{run}");
+            assert_eq!(target["code"], "vm_running", "{run}");
+            assert!(
+                target["reason"].as_str().unwrap().contains("qmp_socket"),
+                "{run}"
+            );
+        }
+    }
+    let new_root = app.active_path(live, "root").await;
+    assert_ne!(new_root, old_root);
+    assert_eq!(process.top_files().await[0], new_root);
+    process.write(0, 0x33, 0, MIB);
+    process.stop();
+    expect_all(&old_root, &[(0x11, 0, 1)]);
+    expect_all(&new_root, &[(0x33, 0, 1)]);
+}
