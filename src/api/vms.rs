@@ -483,19 +483,11 @@ async fn patch_vm(
     let sockets = checked_sockets(&state, &id, &body).await?;
     let mut tx = state.db.begin().await?;
     let mut vm = find_vm(&mut tx, &id).await?;
-    if body.state == Some(VmState::Running) && vm.state != VmState::Running {
-        let pending = store::jobs::pending_for_vm(&mut tx, vm.id).await?;
-        if !pending.is_empty() {
-            return Err(Error::with_extra(
-                ErrorCode::VmBusy,
-                format!(
-                    "VM {} has {} unfinished job(s) working on its files; wait for them before starting it",
-                    vm.name,
-                    pending.len()
-                ),
-                serde_json::json!({ "job_ids": pending.iter().map(|j| j.id).collect::<Vec<_>>() }),
-            ));
-        }
+    // A VM started, or a QEMU strata reaches another way, while jobs work on its
+    // files could write a layer a job is switching away from.
+    let starts = body.state == Some(VmState::Running) && vm.state != VmState::Running;
+    if starts || sockets.changes_qmp(&vm) {
+        refuse_while_busy(&mut tx, &vm).await?;
     }
     if let Some(name) = body.name {
         vm.name = name;
@@ -522,6 +514,23 @@ async fn patch_vm(
     Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
 }
 
+/// `vm_busy` while jobs work on the VM's files.
+async fn refuse_while_busy(conn: &mut sqlx::SqliteConnection, vm: &Vm) -> Result<()> {
+    let pending = store::jobs::pending_for_vm(conn, vm.id).await?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    Err(Error::with_extra(
+        ErrorCode::VmBusy,
+        format!(
+            "VM {} has {} unfinished job(s) working on its files; wait for them before starting it or giving another QMP socket",
+            vm.name,
+            pending.len()
+        ),
+        serde_json::json!({ "job_ids": pending.iter().map(|j| j.id).collect::<Vec<_>>() }),
+    ))
+}
+
 /// The sockets a PATCH gives, checked: inside `--runtime-dir`, unix sockets, and a
 /// monitor that greets as QEMU's (unless it is the one already recorded).
 struct GivenSockets {
@@ -539,10 +548,15 @@ async fn checked_sockets(state: &AppState, id: &str, body: &PatchVm) -> Result<G
         None => None,
         Some(path) => {
             let socket = state.live.check_socket("qmp_socket", path)?;
-            let vm = find_vm(&mut *state.db.reader().await?, id).await?;
+            let mut conn = state.db.reader().await?;
+            let vm = find_vm(&mut conn, id).await?;
             let version = if vm.runtime.qmp_socket.as_deref() == Some(socket.as_str()) {
                 vm.runtime.qemu_version
             } else {
+                // Refused before greeting a monitor for nothing (checked again when
+                // the change is written).
+                refuse_while_busy(&mut conn, &vm).await?;
+                drop(conn);
                 Some(state.live.probe_qmp(vm.id, &socket).await?)
             };
             Some((socket, version))
@@ -552,6 +566,13 @@ async fn checked_sockets(state: &AppState, id: &str, body: &PatchVm) -> Result<G
 }
 
 impl GivenSockets {
+    /// Whether the request points strata at another QEMU monitor than the recorded one.
+    fn changes_qmp(&self, vm: &Vm) -> bool {
+        self.qmp
+            .as_ref()
+            .is_some_and(|(socket, _)| vm.runtime.qmp_socket.as_ref() != Some(socket))
+    }
+
     /// Record the sockets on the VM as read in the write transaction; a stopped VM
     /// has none.
     fn apply(self, vm: &mut Vm) -> Result<()> {

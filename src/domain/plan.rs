@@ -451,6 +451,13 @@ impl Plan {
     }
 
     /// Index of the first step after which the job can no longer be undone.
+    /// Whether a step works on a running VM's QEMU.
+    pub fn is_live(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s.op, FileOp::LiveAdd { .. } | FileOp::LiveSwitch { .. }))
+    }
+
     pub fn point_of_no_return(&self) -> Option<usize> {
         self.steps.iter().position(|s| s.op.is_point_of_no_return())
     }

@@ -160,7 +160,7 @@ impl Qmp {
     /// Connect, check the greeting is QEMU's and leave negotiation mode. `timeout`
     /// bounds the connection, the greeting and every later answer.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<Self, QmpError> {
-        let stream = deadline(timeout, "the connection", UnixStream::connect(socket)).await??;
+        let stream = deadline(timeout, "the connection", connect_retrying(socket)).await??;
         let (read, writer) = stream.into_split();
         let mut qmp = Self {
             reader: BufReader::new(read),
@@ -267,6 +267,25 @@ impl Qmp {
             });
         }
         serde_json::from_str(&line).map_err(|e| QmpError::NotQmp(format!("{e}: {}", line.trim())))
+    }
+}
+
+/// How long a refused connection is tried again: a monitor serves one client at a
+/// time, and QEMU refuses connections for a moment after the previous client left.
+const REFUSED_FOR: Duration = Duration::from_secs(2);
+
+async fn connect_retrying(socket: &Path) -> std::io::Result<UnixStream> {
+    let started = tokio::time::Instant::now();
+    loop {
+        match UnixStream::connect(socket).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && started.elapsed() < REFUSED_FOR =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
     }
 }
 

@@ -288,7 +288,16 @@ async fn a_qemu_reading_other_files_than_the_records_is_refused_and_nothing_chan
 #[tokio::test]
 async fn a_crash_at_any_point_of_a_live_snapshot_ends_with_the_snapshot_or_nothing_lost() {
     // Steps: create(root), create(data), open the overlays in QEMU (2), switch (3).
-    for point in ["planned", "after-step-1", "after-step-2", "committed"] {
+    // `ran-step-N`: the step's work is done, its journal entry is not (a resumed job
+    // must not make again a file QEMU already holds).
+    for point in [
+        "planned",
+        "after-step-1",
+        "ran-step-2",
+        "after-step-2",
+        "ran-step-3",
+        "committed",
+    ] {
         let (_run, run_dir) = run_dir();
         let fault = format!("snapshot_create:{point}");
         let mut app = spawn(&run_dir, Some(&fault)).await;
@@ -376,4 +385,73 @@ async fn a_schedule_run_snapshots_a_running_vm_live_and_skips_one_without_a_sock
     process.stop();
     expect_all(&old_root, &[(0x11, 0, 1)]);
     expect_all(&new_root, &[(0x33, 0, 1)]);
+}
+
+#[tokio::test]
+async fn a_qemu_that_stops_answering_before_the_switch_holds_the_job_until_the_vm_is_marked_stopped()
+ {
+    let (_run, run_dir) = run_dir();
+    // The job pauses once its overlays are open in QEMU, before the switch.
+    let app = spawn(&run_dir, Some("snapshot_create:after-step-2:pause=4000")).await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "live-gone").await;
+    let old_root = app.active_path(vm, "root").await;
+    process.write(0, 0x22, MIB, MIB);
+    let (status, job) = app
+        .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s"}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let job_id = job["id"].as_str().unwrap().to_owned();
+    // Until the overlays are open in QEMU (step 2 journaled: the job pauses there).
+    let mut waited = 0;
+    while app.job(&job_id).await.progress < 74 {
+        waited += 1;
+        assert!(waited < 300, "the job never opened its overlays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Pointing strata at another monitor while the job works is refused.
+    let other = run_dir.join("other.qmp");
+    let _other = std::os::unix::net::UnixListener::bind(&other).unwrap();
+    let reply = send_json(
+        &app,
+        reqwest::Method::PATCH,
+        &format!("/v1/vms/{vm}"),
+        &json!({"qmp_socket": other}),
+    )
+    .await;
+    assert_problem(&reply, StatusCode::CONFLICT, "vm_busy");
+
+    // QEMU goes away while the VM is still recorded running: a refused connection
+    // proves nothing (QEMU may be restarting), so the job waits.
+    process.write(0, 0x44, 2 * MIB, MIB);
+    process.stop();
+    let mut waited = 0;
+    loop {
+        let job = app.job(&job_id).await;
+        assert_eq!(job.status, JobStatus::Running, "{job:?}");
+        if job.error.is_some() {
+            break;
+        }
+        waited += 1;
+        assert!(
+            waited < 200,
+            "the job never said what it waits for: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The orchestrator says the VM stopped: no QEMU writes any layer now, and the
+    // overlays are recorded (they read exactly as the layers below them).
+    let (status, body) = app
+        .patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let job = app.wait_job(&job_id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let new_root = app.active_path(vm, "root").await;
+    assert_ne!(new_root, old_root);
+    assert_eq!(app.snapshot_path(vm, job.target.id, "root").await, old_root);
+    expect_all(&old_root, &[(0x11, 0, 1), (0x22, 1, 1), (0x44, 2, 1)]);
+    expect_all(&new_root, &[(0x11, 0, 1), (0x22, 1, 1), (0x44, 2, 1)]);
+    check_clean(&new_root);
+    assert_files_match_metadata(&app, vm).await;
 }

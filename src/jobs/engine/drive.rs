@@ -130,6 +130,8 @@ impl Engine {
                     return Ok(None);
                 }
             }
+            // A crash after the step did its work but before the journal says so.
+            self.fault_point(job, &format!("ran-step-{index}")).await;
             let last = index + 1 == plan.steps.len();
             if last {
                 last_step_done = true;
@@ -166,13 +168,16 @@ impl Engine {
     }
 
     /// Record that step `index` is done, with the metadata that describes its result.
-    /// Creating an empty file is cheap and is redone from scratch on resume, so only
-    /// steps that copy data or change metadata cost a journal write. (The last step's
+    /// Creating an empty file is cheap and is redone from scratch on resume (outside
+    /// live plans), so only steps that copy data or change metadata cost a journal
+    /// write. (The last step's
     /// entry goes into the final transaction instead: a crash between the two redoes
     /// that step, and every file operation is idempotent.)
     async fn journal_step(&self, job: &Job, plan: &Plan, index: usize) -> Result<()> {
         let step = &plan.steps[index];
-        if matches!(step.op, FileOp::Create { .. }) && step.then.is_empty() {
+        // Except in a live plan: once a later step may have opened the file in a running
+        // VM's QEMU, making it again would unlink the file QEMU holds.
+        if matches!(step.op, FileOp::Create { .. }) && step.then.is_empty() && !plan.is_live() {
             return Ok(());
         }
         let total = plan.steps.len().max(1) as f32;

@@ -6,14 +6,13 @@
 //! on its overlay above that chain ("switched"), and anything else is a
 //! `runtime_mismatch`, never a guess.
 
-use std::io::ErrorKind;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use super::super::Engine;
-use crate::domain::Uuid;
 use crate::domain::plan::LiveOverlay;
+use crate::domain::{Uuid, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::live::{DiskChain, match_disks};
 use crate::qemu::qmp::{BlockNode, Qmp, QmpError};
@@ -22,6 +21,17 @@ use crate::store;
 /// Bounds every exchange with a monitor. Graph changes are quick; a QEMU that does not
 /// answer within this is treated as hung, and the step is tried again.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a live step can know of the VM's QEMU.
+enum Reach {
+    Reached(Qmp),
+    /// The orchestrator marked the VM stopped: its QEMU is gone (a VM cannot be marked
+    /// running again while the job is pending).
+    Stopped,
+    /// Recorded running, but its monitor cannot be asked now: nothing can be concluded
+    /// (a QEMU restarting, or a socket path removed while QEMU runs).
+    Unreachable(Error),
+}
 
 /// Where every disk of a live step stands in QEMU's graph.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,12 +45,16 @@ enum Graph {
 impl Engine {
     /// Open the overlays in QEMU as nodes of their own (not yet read by anything).
     pub(super) async fn live_add(&self, vm: Uuid, overlays: &[LiveOverlay]) -> Result<()> {
-        let mut qmp = self.connect_live(vm).await?.ok_or_else(|| {
-            Error::problem(
-                ErrorCode::VmNotReady,
-                format!("VM {vm} no longer has a QEMU to reach: take the snapshot offline"),
-            )
-        })?;
+        let mut qmp = match self.connect_live(vm).await? {
+            Reach::Reached(qmp) => qmp,
+            Reach::Stopped => {
+                return Err(Error::problem(
+                    ErrorCode::VmNotReady,
+                    format!("VM {vm} was stopped: take the snapshot again, offline"),
+                ));
+            }
+            Reach::Unreachable(e) => return Err(e),
+        };
         let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
         if self.live_graph(&nodes, overlays).await? == Graph::Switched {
             return Ok(());
@@ -48,7 +62,12 @@ impl Engine {
         for overlay in overlays {
             let name = overlay_node(overlay.overlay);
             if nodes.iter().any(|n| n.node_name == name) {
-                continue;
+                // Left by an attempt that died before its journal entry: not switched
+                // in (the graph is still before), but it may hold a file made again
+                // since. Opened afresh, it reads the file on disk now.
+                qmp.execute::<Value>("blockdev-del", json!({"node-name": name}))
+                    .await
+                    .map_err(qmp_error)?;
             }
             let filename = self.volume_path(overlay.overlay);
             // `backing: null`: the switch attaches the disk's node as its backing;
@@ -69,9 +88,14 @@ impl Engine {
     /// Switch every disk onto its overlay in one transaction (all or none), then check
     /// QEMU reads the overlays. Done already, or no QEMU left: nothing to do.
     pub(super) async fn live_switch(&self, vm: Uuid, overlays: &[LiveOverlay]) -> Result<()> {
-        let Some(mut qmp) = self.connect_live(vm).await? else {
-            tracing::warn!(%vm, "the VM's QEMU is gone; its overlays are recorded as they are");
-            return Ok(());
+        let mut qmp = match self.connect_live(vm).await? {
+            Reach::Reached(qmp) => qmp,
+            Reach::Stopped => {
+                tracing::warn!(%vm, "the VM was stopped; its overlays are recorded as they are");
+                return Ok(());
+            }
+            // Parked by the caller until QEMU answers or the VM is marked stopped.
+            Reach::Unreachable(e) => return Err(e),
         };
         let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
         let disk_nodes = match self.live_graph(&nodes, overlays).await? {
@@ -102,8 +126,16 @@ impl Engine {
     /// QEMU to ask, there is nothing to close; a node that reads nothing the guest
     /// writes is harmless to leave if closing it fails.
     pub(super) async fn live_remove(&self, vm: Uuid, overlays: &[LiveOverlay]) -> Result<()> {
-        let Some(mut qmp) = self.connect_live(vm).await? else {
-            return Ok(());
+        let mut qmp = match self.connect_live(vm).await? {
+            Reach::Reached(qmp) => qmp,
+            Reach::Stopped => return Ok(()),
+            // Before the switch no overlay takes guest writes (the switch is journaled as
+            // the point of no return before it is sent): its file may go, and a node
+            // left open reads nothing anyone writes.
+            Reach::Unreachable(e) => {
+                tracing::warn!(%vm, error = %e, "cannot close the overlay nodes of a stopped live job");
+                return Ok(());
+            }
         };
         let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
         // Whatever else QEMU reads (a mismatch may be why the job stops), an overlay
@@ -136,23 +168,24 @@ impl Engine {
         Ok(())
     }
 
-    /// A monitor connection to the VM's QEMU, or `None` when there is no QEMU to reach:
-    /// the VM has no socket recorded any more (it was marked stopped), or nothing
-    /// listens on it (the process is gone). A QEMU that does not answer is an error.
-    async fn connect_live(&self, vm: Uuid) -> Result<Option<Qmp>> {
+    /// The VM's QEMU as far as a step can know it. Only the orchestrator's word that
+    /// the VM stopped means its QEMU is gone: a refused connection or a missing socket
+    /// may be a QEMU restarting, or one whose socket path was removed while it runs.
+    async fn connect_live(&self, vm: Uuid) -> Result<Reach> {
         let record = store::vms::get_vm(&mut *self.db.reader().await?, vm).await?;
-        let Some(socket) = record.and_then(|vm| vm.runtime.qmp_socket) else {
-            return Ok(None);
+        let Some(record) = record.filter(|r| r.state == VmState::Running) else {
+            return Ok(Reach::Stopped);
         };
-        match Qmp::connect(socket.as_ref(), QMP_TIMEOUT).await {
-            Ok(qmp) => Ok(Some(qmp)),
-            Err(QmpError::Io(e))
-                if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(qmp_error(e)),
-        }
+        let Some(socket) = record.runtime.qmp_socket else {
+            return Ok(Reach::Unreachable(Error::problem(
+                ErrorCode::VmRunning,
+                format!("VM {} is running with no QMP socket recorded", record.name),
+            )));
+        };
+        Ok(match Qmp::connect(socket.as_ref(), QMP_TIMEOUT).await {
+            Ok(qmp) => Reach::Reached(qmp),
+            Err(e) => Reach::Unreachable(qmp_error(e)),
+        })
     }
 
     /// Where the disks stand: on their recorded chains, or on their overlays above
