@@ -4,6 +4,7 @@
 use axum::http::StatusCode;
 
 use crate::qemu::QemuError;
+use crate::qemu::qmp::QmpError;
 
 macro_rules! error_codes {
     ($($variant:ident => ($code:literal, $status:ident, $title:literal)),+ $(,)?) => {
@@ -85,6 +86,8 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Qemu(#[from] QemuError),
+    #[error("QMP: {0}")]
+    Qmp(#[from] QmpError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -123,9 +126,15 @@ impl Error {
             Error::Problem { code, .. } => *code,
             Error::Qemu(QemuError::Cancelled) => ErrorCode::Internal,
             _ if self.is_out_of_space() => ErrorCode::InsufficientStorage,
-            Error::Qemu(_) => ErrorCode::QemuFailed,
+            Error::Qemu(_) | Error::Qmp(_) => ErrorCode::QemuFailed,
             _ => ErrorCode::Internal,
         }
+    }
+
+    /// QEMU answered a command with an error: the command did not happen (unlike a
+    /// lost connection or a timeout, after which nothing is known).
+    pub fn is_refused_by_qemu(&self) -> bool {
+        matches!(self, Error::Qmp(QmpError::Command { .. }))
     }
 
     /// A write failed because a file system is full: SQLite's `SQLITE_FULL` (13), an

@@ -172,8 +172,9 @@ pub struct PatchVm {
     /// Replaces all labels of the VM.
     pub labels: Option<BTreeMap<String, String>>,
     /// Set by the orchestrator when it starts or stops the VM. While `running`,
-    /// snapshot, revert, resize and merges of the active chain are refused. Marking
-    /// it `stopped` forgets its sockets.
+    /// revert and merges of the active chain are refused, and snapshot and resize
+    /// are done live through the QMP socket (refused without one). Marking it
+    /// `stopped` forgets its sockets.
     pub state: Option<VmState>,
     /// The running VM's QMP monitor socket, inside `--runtime-dir`: checked to be a
     /// unix socket answering as a QEMU monitor. Given with `state: running` or for a
@@ -738,7 +739,8 @@ pub(crate) async fn find_vm_disk(
 problems!(ResizeDiskProblems = JSON_BODY, DISK, CHAIN_JOB; DiskShrinkRefused, DiskNotReady);
 
 /// Grow a disk. Only the writable top grows; snapshots keep the size they had, and a
-/// revert restores it.
+/// revert restores it. A running VM's disk grows through its QEMU (`block_resize`),
+/// which needs its QMP socket; QEMU refusing fails the job (`qemu_failed`).
 #[utoipa::path(post, path = "/v1/vms/{vm_id}/disks/{disk_id}/resize", tag = "vms", request_body = ResizeDisk,
     params(("vm_id" = Uuid, Path, description = "VM id"), ("disk_id" = Uuid, Path, description = "Disk id")),
     responses(

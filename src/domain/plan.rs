@@ -197,6 +197,13 @@ pub enum FileOp {
         vm: Uuid,
         overlays: Vec<LiveOverlay>,
     },
+    /// Grow a running VM's disk through its QEMU (`block_resize`), so the guest sees the
+    /// new size; offline (as `Resize`) once the VM is marked stopped.
+    LiveResize {
+        vm: Uuid,
+        volume: Uuid,
+        size_bytes: u64,
+    },
 }
 
 /// One disk of a live snapshot: the layer QEMU writes now and the overlay that takes
@@ -216,7 +223,10 @@ impl FileOp {
     pub fn is_point_of_no_return(&self) -> bool {
         matches!(
             self,
-            FileOp::Commit { .. } | FileOp::Resize { .. } | FileOp::LiveSwitch { .. }
+            FileOp::Commit { .. }
+                | FileOp::Resize { .. }
+                | FileOp::LiveSwitch { .. }
+                | FileOp::LiveResize { .. }
         )
     }
 
@@ -253,6 +263,7 @@ impl FileOp {
             | FileOp::Import { volume, .. } => vec![volume],
             FileOp::Commit { top, base } => vec![top, base],
             FileOp::LiveAdd { .. } => vec![],
+            FileOp::LiveResize { volume, .. } => vec![volume],
             // QEMU writes the overlays from the switch on.
             FileOp::LiveSwitch { ref overlays, .. } => overlays.iter().map(|o| o.overlay).collect(),
         }
@@ -453,9 +464,12 @@ impl Plan {
     /// Index of the first step after which the job can no longer be undone.
     /// Whether a step works on a running VM's QEMU.
     pub fn is_live(&self) -> bool {
-        self.steps
-            .iter()
-            .any(|s| matches!(s.op, FileOp::LiveAdd { .. } | FileOp::LiveSwitch { .. }))
+        self.steps.iter().any(|s| {
+            matches!(
+                s.op,
+                FileOp::LiveAdd { .. } | FileOp::LiveSwitch { .. } | FileOp::LiveResize { .. }
+            )
+        })
     }
 
     pub fn point_of_no_return(&self) -> Option<usize> {
@@ -1274,6 +1288,21 @@ pub fn plan_delete_all_snapshots(
     }
     for disk in disks {
         plan.drop_unread_shared_layers(disk, &[]);
+    }
+    Ok(plan)
+}
+
+/// Grow a running VM's disk through its QEMU: the offline plan, its step done live.
+pub fn plan_live_resize(vm: Uuid, disk: &DiskGraph, size_bytes: u64) -> Result<Plan, PlanError> {
+    let mut plan = plan_resize(disk, size_bytes)?;
+    for step in &mut plan.steps {
+        if let FileOp::Resize { volume, size_bytes } = step.op {
+            step.op = FileOp::LiveResize {
+                vm,
+                volume,
+                size_bytes,
+            };
+        }
     }
     Ok(plan)
 }

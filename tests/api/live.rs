@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use strata::qemu::qmp::Qmp;
 
@@ -454,4 +454,62 @@ async fn a_qemu_that_stops_answering_before_the_switch_holds_the_job_until_the_v
     expect_all(&new_root, &[(0x11, 0, 1), (0x22, 1, 1), (0x44, 2, 1)]);
     check_clean(&new_root);
     assert_files_match_metadata(&app, vm).await;
+}
+
+#[tokio::test]
+async fn a_running_vm_disk_grows_through_its_qemu_and_the_guest_writes_past_the_old_end() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "live-grow").await;
+    let root = app.vm(vm).await.disk("root").id;
+
+    // QEMU's NBD export forbids resizing the node it serves (a guest's virtio-blk
+    // device allows it): QEMU refuses, the grow did not happen, and the job fails
+    // rather than waiting.
+    let path = format!("/v1/vms/{vm}/disks/{root}/resize");
+    let body = json!({"size_bytes": 2 * DISK});
+    let accepted = app.accept(Method::POST, &path, Some(body)).await;
+    let refused = app.wait_job(accepted.id).await;
+    assert_eq!(refused.status, JobStatus::Failed, "{refused:?}");
+    assert_eq!(refused.error.as_ref().unwrap().code, "qemu_failed");
+    let view = app.vm(vm).await;
+    let disk = view.disk("root");
+    assert_eq!(
+        (disk.size_bytes, disk.status),
+        (DISK, ResourceStatus::Ready)
+    );
+
+    let mut qmp = Qmp::connect(&process.qmp, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let export = json!({"type": "nbd", "id": "exp0", "node-name": "disk0", "name": "disk0", "writable": true});
+    qmp.execute::<Value>("block-export-del", json!({"id": "exp0"}))
+        .await
+        .unwrap();
+    drop(qmp);
+    let job = app.resize(vm, root, 2 * DISK).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert_eq!(app.vm(vm).await.disk("root").size_bytes, 2 * DISK);
+    let mut qmp = Qmp::connect(&process.qmp, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let node = qmp
+        .block_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.node_name == "disk0")
+        .unwrap();
+    assert_eq!(node.image.virtual_size, 2 * DISK);
+    // The guest sees the new size: it writes past the old end.
+    qmp.execute::<Value>("block-export-add", export)
+        .await
+        .unwrap();
+    drop(qmp);
+    process.write(0, 0x77, DISK + MIB, MIB);
+    process.stop();
+    let active = app.active_path(vm, "root").await;
+    expect_bytes(&active, 0x77, DISK + MIB, MIB);
+    expect_all(&active, &[(0x11, 0, 1)]);
+    check_clean(&active);
 }

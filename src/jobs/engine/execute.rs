@@ -46,9 +46,14 @@ impl Engine {
             if past_no_return && error.is_out_of_space() && !can_fail {
                 return Err(Stop::Parked(error));
             }
-            // A switch that may have happened must be recorded, never given up: the
-            // job waits until QEMU answers (or is gone) and tries again.
-            if matches!(op, FileOp::LiveSwitch { .. }) {
+            // A switch or grow that may have happened must be recorded, never given
+            // up: the job waits until QEMU answers (or is gone) and tries again. A grow
+            // QEMU refused did not happen (`block_resize` is all or nothing, and the
+            // size is checked before it is tried again), and fails as an offline one.
+            if matches!(op, FileOp::LiveResize { .. }) && error.is_refused_by_qemu() {
+                return Err(Stop::Failed(error));
+            }
+            if matches!(op, FileOp::LiveSwitch { .. } | FileOp::LiveResize { .. }) {
                 return Err(Stop::Parked(error));
             }
             let killed = matches!(error, Error::Qemu(QemuError::Killed { .. }));
@@ -114,6 +119,11 @@ impl Engine {
             }
             FileOp::LiveAdd { vm, ref overlays } => self.live_add(vm, overlays).await?,
             FileOp::LiveSwitch { vm, ref overlays } => self.live_switch(vm, overlays).await?,
+            FileOp::LiveResize {
+                vm,
+                volume,
+                size_bytes,
+            } => self.live_resize(vm, volume, size_bytes, again).await?,
         }
         Ok(())
     }

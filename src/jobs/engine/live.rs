@@ -15,7 +15,7 @@ use crate::domain::plan::LiveOverlay;
 use crate::domain::{Uuid, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::live::{DiskChain, match_disks};
-use crate::qemu::qmp::{BlockNode, Qmp, QmpError};
+use crate::qemu::qmp::{BlockNode, Qmp};
 use crate::store;
 
 /// Bounds every exchange with a monitor. Graph changes are quick; a QEMU that does not
@@ -55,7 +55,7 @@ impl Engine {
             }
             Reach::Unreachable(e) => return Err(e),
         };
-        let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
+        let nodes = qmp.block_nodes().await?;
         if self.live_graph(&nodes, overlays).await? == Graph::Switched {
             return Ok(());
         }
@@ -66,8 +66,7 @@ impl Engine {
                 // in (the graph is still before), but it may hold a file made again
                 // since. Opened afresh, it reads the file on disk now.
                 qmp.execute::<Value>("blockdev-del", json!({"node-name": name}))
-                    .await
-                    .map_err(qmp_error)?;
+                    .await?;
             }
             let filename = self.volume_path(overlay.overlay);
             // `backing: null`: the switch attaches the disk's node as its backing;
@@ -78,9 +77,7 @@ impl Engine {
                 "file": {"driver": "file", "filename": filename},
                 "backing": null
             });
-            qmp.execute::<Value>("blockdev-add", node)
-                .await
-                .map_err(qmp_error)?;
+            qmp.execute::<Value>("blockdev-add", node).await?;
         }
         Ok(())
     }
@@ -97,7 +94,7 @@ impl Engine {
             // Parked by the caller until QEMU answers or the VM is marked stopped.
             Reach::Unreachable(e) => return Err(e),
         };
-        let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
+        let nodes = qmp.block_nodes().await?;
         let disk_nodes = match self.live_graph(&nodes, overlays).await? {
             Graph::Switched => return Ok(()),
             Graph::Before(disk_nodes) => disk_nodes,
@@ -110,9 +107,8 @@ impl Engine {
             })
             .collect();
         qmp.execute::<Value>("transaction", json!({"actions": actions}))
-            .await
-            .map_err(qmp_error)?;
-        let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
+            .await?;
+        let nodes = qmp.block_nodes().await?;
         match self.live_graph(&nodes, overlays).await? {
             Graph::Switched => Ok(()),
             Graph::Before(_) => Err(Error::problem(
@@ -120,6 +116,74 @@ impl Engine {
                 "QEMU accepted the snapshot transaction but still reads the old layers",
             )),
         }
+    }
+
+    /// Grow a running VM's disk in its QEMU, so the guest sees the new size; done
+    /// already (the node is that large), nothing to do; the VM stopped, offline.
+    pub(super) async fn live_resize(
+        &self,
+        vm: Uuid,
+        volume: Uuid,
+        size_bytes: u64,
+        again: bool,
+    ) -> Result<()> {
+        let mut qmp = match self.connect_live(vm).await? {
+            Reach::Reached(qmp) => qmp,
+            Reach::Stopped => {
+                let path = self.volume_path(volume);
+                if again {
+                    self.qemu.repair_leaks(&path).await?;
+                }
+                return Ok(self.qemu.resize(&path, size_bytes).await?);
+            }
+            Reach::Unreachable(e) => return Err(e),
+        };
+        let node = self.live_node(&mut qmp, volume).await?;
+        if node.image.virtual_size < size_bytes {
+            qmp.execute::<Value>(
+                "block_resize",
+                json!({"node-name": node.node_name, "size": size_bytes}),
+            )
+            .await?;
+        }
+        let grown = self.live_node(&mut qmp, volume).await?;
+        if grown.image.virtual_size < size_bytes {
+            return Err(Error::problem(
+                ErrorCode::QemuFailed,
+                format!(
+                    "QEMU accepted block_resize but the disk is {} bytes",
+                    grown.image.virtual_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The node QEMU reads the chain topped by `volume` through.
+    async fn live_node(&self, qmp: &mut Qmp, volume: Uuid) -> Result<BlockNode> {
+        let nodes = qmp.block_nodes().await?;
+        let chain = store::vms::volume_chain(&mut *self.db.reader().await?, volume).await?;
+        let disk = DiskChain {
+            disk: volume,
+            name: volume.to_string(),
+            files: chain
+                .iter()
+                .map(|v| self.volume_path(*v).display().to_string())
+                .collect(),
+        };
+        let found = match_disks(&nodes, &[disk]).map_err(|differences| {
+            Error::problem(
+                ErrorCode::RuntimeMismatch,
+                format!(
+                    "the VM's QEMU does not read the chain strata records: {}",
+                    differences.join("; ")
+                ),
+            )
+        })?;
+        nodes
+            .into_iter()
+            .find(|n| n.node_name == found[0].node_name)
+            .ok_or_else(|| Error::Internal("a matched node vanished".into()))
     }
 
     /// Close overlay nodes a stopped live job opened, before their files go. With no
@@ -137,7 +201,7 @@ impl Engine {
                 return Ok(());
             }
         };
-        let nodes = qmp.block_nodes().await.map_err(qmp_error)?;
+        let nodes = qmp.block_nodes().await?;
         // Whatever else QEMU reads (a mismatch may be why the job stops), an overlay
         // with a backing attached has been switched in and takes the guest's writes.
         // Never reached (a stop past the switch goes forward); refuse rather than let
@@ -184,7 +248,7 @@ impl Engine {
         };
         Ok(match Qmp::connect(socket.as_ref(), QMP_TIMEOUT).await {
             Ok(qmp) => Reach::Reached(qmp),
-            Err(e) => Reach::Unreachable(qmp_error(e)),
+            Err(e) => Reach::Unreachable(e.into()),
         })
     }
 
@@ -238,8 +302,4 @@ impl Engine {
 fn overlay_node(volume: Uuid) -> String {
     let hex = volume.simple().to_string();
     format!("strata-{}", &hex[8..])
-}
-
-fn qmp_error(e: QmpError) -> Error {
-    Error::problem(ErrorCode::QemuFailed, format!("QMP: {e}"))
 }

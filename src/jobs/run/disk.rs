@@ -4,12 +4,13 @@ use sqlx::SqliteConnection;
 
 use super::guards::{
     load_disk, load_vm, refuse_if_readers_running, require_ready, require_stopped,
+    require_stopped_or_reachable,
 };
 use super::links::{drop_unread_source_layers, links_bytes};
 use super::{Admission, Planning, Run};
 use crate::domain::job_spec::{DiskCreate, DiskDelete, DiskFlatten, DiskResize};
 use crate::domain::plan::{self, DiskGraph, MetaOp, Plan};
-use crate::domain::{ResourceStatus, Uuid};
+use crate::domain::{ResourceStatus, Uuid, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
@@ -117,7 +118,7 @@ impl Run for DiskResize {
         let vm = load_vm(conn, self.vm).await?;
         let disk = load_disk(conn, &vm, self.disk).await?;
         require_ready(&vm)?;
-        require_stopped(&vm, "resize one of its disks")?;
+        require_stopped_or_reachable(&vm, "resize one of its disks")?;
         require_disk_status(&disk, &[ResourceStatus::Ready])?;
         if self.size_bytes <= disk.size_bytes {
             return Err(Error::with_extra(
@@ -134,7 +135,7 @@ impl Run for DiskResize {
     }
 
     async fn plan(&self, cx: &mut Planning<'_>) -> Result<Plan> {
-        require_stopped(&cx.vm, "resize one of its disks")?;
+        require_stopped_or_reachable(&cx.vm, "resize one of its disks")?;
         let disk = disk_graph(cx, self.disk)?;
         // Re-checked here: an earlier resize in the queue may have grown it further.
         if self.size_bytes <= disk.size_bytes {
@@ -146,7 +147,11 @@ impl Run for DiskResize {
                 ),
             ));
         }
-        Ok(plan::plan_resize(&disk, self.size_bytes)?)
+        Ok(if cx.vm.state == VmState::Running {
+            plan::plan_live_resize(self.vm, &disk, self.size_bytes)?
+        } else {
+            plan::plan_resize(&disk, self.size_bytes)?
+        })
     }
 
     async fn unwind(&self, _: &mut SqliteConnection, _: bool) -> Result<Vec<MetaOp>> {

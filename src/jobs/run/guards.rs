@@ -42,6 +42,21 @@ pub fn require_stopped(vm: &Vm, action: &str) -> Result<()> {
     Ok(())
 }
 
+/// A running VM is worked on live through its QEMU, which strata can only reach by the
+/// QMP socket the orchestrator gave.
+pub fn require_stopped_or_reachable(vm: &Vm, action: &str) -> Result<()> {
+    if vm.state == VmState::Running && vm.runtime.qmp_socket.is_none() {
+        return Err(Error::problem(
+            ErrorCode::VmRunning,
+            format!(
+                "VM {} is running and strata has no QMP socket for it: stop it first, or give its QMP socket (PATCH qmp_socket, inside --runtime-dir) to {action} live",
+                vm.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The VM, which a request found a moment ago: gone since is a 404 all the same.
 pub async fn load_vm(conn: &mut SqliteConnection, id: Uuid) -> Result<Vm> {
     store::vms::get_vm(conn, id)

@@ -4,13 +4,14 @@ use sqlx::SqliteConnection;
 
 use super::guards::{
     find_snapshot, list_all_for_collapse, listed_snapshots, load_vm, refuse_merge_while_running,
-    require_deletable, require_ready, require_stopped, restore_listed,
+    require_deletable, require_ready, require_stopped, require_stopped_or_reachable,
+    restore_listed,
 };
 use super::links::flatten_dependents_first;
 use super::{Admission, Planning, Run};
 use crate::domain::job_spec::{SnapshotCreate, SnapshotDelete, SnapshotDeleteAll, SnapshotRevert};
 use crate::domain::plan::{self, MetaOp, Plan};
-use crate::domain::{ResourceStatus, Vm, VmState};
+use crate::domain::{ResourceStatus, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
@@ -21,7 +22,7 @@ impl Run for SnapshotCreate {
     async fn admit(&mut self, conn: &mut SqliteConnection) -> Result<Admission> {
         let vm = load_vm(conn, self.vm).await?;
         require_ready(&vm)?;
-        require_reachable_if_running(&vm)?;
+        require_stopped_or_reachable(&vm, "snapshot it")?;
         if store::vms::list_disks(conn, vm.id).await?.is_empty() {
             return Err(Error::problem(
                 ErrorCode::VmHasNoDisks,
@@ -34,7 +35,7 @@ impl Run for SnapshotCreate {
     async fn plan(&self, cx: &mut Planning<'_>) -> Result<Plan> {
         // Decided from the VM as it is when the job runs: a VM stopped since the
         // request is snapshotted offline.
-        require_reachable_if_running(&cx.vm)?;
+        require_stopped_or_reachable(&cx.vm, "snapshot it")?;
         if cx.graphs.is_empty() {
             return Err(Error::problem(
                 ErrorCode::VmHasNoDisks,
@@ -59,21 +60,6 @@ impl Run for SnapshotCreate {
             snapshot: self.snapshot,
         }])
     }
-}
-
-/// A running VM is snapshotted live through its QEMU, which strata can only reach by
-/// the QMP socket the orchestrator gave.
-fn require_reachable_if_running(vm: &Vm) -> Result<()> {
-    if vm.state == VmState::Running && vm.runtime.qmp_socket.is_none() {
-        return Err(Error::problem(
-            ErrorCode::VmRunning,
-            format!(
-                "VM {} is running and strata has no QMP socket for it: stop it first, or give its QMP socket (PATCH qmp_socket, inside --runtime-dir) to snapshot it live",
-                vm.name
-            ),
-        ));
-    }
-    Ok(())
 }
 
 impl Run for SnapshotRevert {
