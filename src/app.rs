@@ -89,6 +89,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
             workers: config.workers,
             fault: config.fault.clone(),
             import_slots: config.import_slots.max(1),
+            freeze_timeout: std::time::Duration::from_secs(config.freeze_timeout_secs.max(1)),
         },
     );
     let ready = Arc::new(AtomicBool::new(false));

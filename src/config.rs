@@ -86,6 +86,12 @@ pub struct ServeConfig {
     #[arg(long, env = "STRATA_RUNTIME_DIR")]
     pub runtime_dir: Option<PathBuf>,
 
+    /// Longest wait, in seconds, for a guest agent to freeze the guest's file systems
+    /// before a live snapshot (bounds the read of the answer itself); a freeze that
+    /// takes longer fails, and the guest is thawed.
+    #[arg(long, env = "STRATA_FREEZE_TIMEOUT", default_value_t = 60)]
+    pub freeze_timeout_secs: u64,
+
     /// Directory whose files `POST /v1/templates/import?path=` may import (off when
     /// unset).
     #[arg(long, env = "STRATA_IMPORT_DIR")]

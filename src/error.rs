@@ -44,6 +44,8 @@ error_codes! {
     VmNotReady => ("vm_not_ready", CONFLICT, "The VM is not ready for this operation"),
     VmBusy => ("vm_busy", CONFLICT, "Jobs are still working on the VM's files"),
     VmHasNoDisks => ("vm_has_no_disks", CONFLICT, "The VM has no disks"),
+    GuestAgentUnavailable => ("guest_agent_unavailable", CONFLICT, "The VM has no guest-agent socket to freeze its file systems with"),
+    QuiesceFailed => ("quiesce_failed", CONFLICT, "The guest's file systems could not be frozen"),
     DiskNotReady => ("disk_not_ready", CONFLICT, "The disk is not ready for this operation"),
     DiskShrinkRefused => ("disk_shrink_refused", CONFLICT, "Disks can only grow"),
     SnapshotNotReady => ("snapshot_not_ready", CONFLICT, "The snapshot is not ready for this operation"),

@@ -109,6 +109,7 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
                     expires_at: None,
                     hold: false,
                     schedule_id: Some(schedule.id),
+                    consistency: strata::domain::SnapshotConsistency::Stopped,
                     volumes: Vec::new(),
                 };
                 store::snapshots::insert(&mut tx, &snapshot).await?;
@@ -156,6 +157,7 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
                 import_slots: 2,
                 workers: WORKERS,
                 fault: None,
+                freeze_timeout: Duration::from_secs(60),
             },
         );
         for _ in 0..SWEEP_SAMPLES {

@@ -14,7 +14,7 @@ use super::extract::{Query, parse_id};
 use super::problem::problems;
 use super::{AppState, PageQuery, accepted, page};
 use crate::domain::plan::MergeAction;
-use crate::domain::{Job, JobKind, JobStatus, TargetType, Uuid};
+use crate::domain::{Job, JobKind, JobStatus, SnapshotConsistency, TargetType, Uuid};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
@@ -88,6 +88,20 @@ pub struct JobDetail {
     /// Free space the plan needs on the data file system.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space_needed_bytes: Option<u64>,
+    /// A live snapshot's consistency, once its switch is made (also on the snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<SnapshotConsistency>,
+    /// How long the guest's file systems were frozen, from the freeze's answer to the
+    /// thaw's (only for a `filesystem`-consistent snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_ms: Option<u64>,
+    /// Why a best-effort freeze failed: the snapshot was taken crash-consistent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce_error: Option<String>,
+    /// Why the guest could not be thawed after a snapshot: it may need thawing by hand
+    /// (`guest-fsfreeze-thaw`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thaw_error: Option<String>,
 }
 
 /// The planner's choice for one disk, with the estimates it compared.

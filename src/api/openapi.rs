@@ -257,6 +257,7 @@ mod tests {
             ErrorCode::MethodNotAllowed,
             ErrorCode::Interrupted,
             ErrorCode::RuntimeMismatch,
+            ErrorCode::QuiesceFailed,
         ];
         let doc = document();
         let mut documented = std::collections::BTreeSet::new();

@@ -12,8 +12,8 @@ use crate::domain::image::ImageFormat;
 use crate::domain::plan::{CloneMode, MergeAction};
 use crate::domain::retention::{KeepReason, PruneReason};
 use crate::domain::{
-    JobKind, JobStatus, ResourceStatus, RunStatus, RunTrigger, StringEnum, TargetOutcome,
-    TargetType, VmKind, VmState, VolumeStatus,
+    Consistency, JobKind, JobStatus, Quiesce, ResourceStatus, RunStatus, RunTrigger,
+    SnapshotConsistency, StringEnum, TargetOutcome, TargetType, VmKind, VmState, VolumeStatus,
 };
 
 /// The schema of a string enum: its values, and its docs with each value's own.
@@ -75,6 +75,9 @@ string_enum_schemas!(
     PruneReason,
     MergeAction,
     CloneMode,
+    SnapshotConsistency,
+    Consistency,
+    Quiesce,
 );
 
 #[cfg(test)]

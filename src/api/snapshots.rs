@@ -12,7 +12,10 @@ use super::extract::{Json, Query, parse_id};
 use super::problem::problems;
 use super::vms::find_vm;
 use super::{AppState, PageQuery, accept_job, page};
-use crate::domain::{JobSpec, ResourceStatus, Snapshot, Uuid, Vm, job_spec, plan, validate};
+use crate::domain::{
+    Consistency, JobSpec, Quiesce, ResourceStatus, Snapshot, SnapshotConsistency, Uuid, Vm,
+    job_spec, plan, validate,
+};
 use crate::error::{Error, ErrorCode, Result};
 use crate::files as storage;
 use crate::jobs::accept::name_taken;
@@ -45,7 +48,7 @@ pub struct SnapshotVolume {
     "id": "019a6f5e-1111-7b3e-9f2a-3c4d5e6f7a8b", "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
     "name": "before-upgrade", "description": "", "parent_id": null, "created_at": "2026-11-21T10:00:00Z",
     "status": "ready", "is_current": true, "expires_at": null, "hold": false, "schedule_id": null,
-    "volumes": [{"disk_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "volume_id": "019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b",
+    "consistency": "filesystem", "volumes": [{"disk_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "volume_id": "019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b",
         "path": "/var/lib/strata/volumes/019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b.qcow2"}]
 }))]
 pub struct SnapshotView {
@@ -68,6 +71,9 @@ pub struct SnapshotView {
     /// The schedule that took the snapshot; absent for manual snapshots, which no
     /// retention policy prunes (only their own `expires_at`).
     pub schedule_id: Option<Uuid>,
+    /// `stopped`: taken while the VM was stopped; `crash`: from a running VM, as
+    /// after a power loss; `filesystem`: while the guest's file systems were frozen.
+    pub consistency: SnapshotConsistency,
     pub volumes: Vec<SnapshotVolume>,
 }
 
@@ -133,6 +139,15 @@ pub struct CreateSnapshot {
     /// Keep the snapshot whatever its expiry says.
     #[serde(default)]
     pub hold: bool,
+    /// For a running VM: freeze its file systems through the guest agent around the
+    /// snapshot (`filesystem`), or not (`crash`). Default: `filesystem` when the VM
+    /// has a guest-agent socket, else `crash`. A stopped VM's snapshot is `stopped`
+    /// whatever is asked.
+    pub consistency: Option<Consistency>,
+    /// With `filesystem`: `required` fails the job (changing nothing) when the freeze
+    /// fails; `best_effort` (the default) takes the snapshot crash-consistent and says
+    /// why in the job's `quiesce_error`. Giving it implies `filesystem`.
+    pub quiesce: Option<Quiesce>,
 }
 
 /// Absent: leave as is; `null`: clear; a value: set.
@@ -182,6 +197,7 @@ fn snapshot_view(state: &AppState, vm: &Vm, snapshot: Snapshot) -> SnapshotView 
         expires_at: snapshot.expires_at,
         hold: snapshot.hold,
         schedule_id: snapshot.schedule_id,
+        consistency: snapshot.consistency,
         volumes: snapshot
             .volumes
             .into_iter()
@@ -211,7 +227,7 @@ async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<(S
     crate::jobs::find_snapshot(conn, parse_id(id, ErrorCode::SnapshotNotFound, "snapshot")?).await
 }
 
-problems!(CreateSnapshotProblems = JSON_BODY, NAMED, VM, CHAIN_JOB; VmHasNoDisks);
+problems!(CreateSnapshotProblems = JSON_BODY, NAMED, VM, CHAIN_JOB; VmHasNoDisks, GuestAgentUnavailable);
 
 /// Take a snapshot of every disk of a (stopped) VM at once.
 #[utoipa::path(post, path = "/v1/vms/{id}/snapshots", tag = "snapshots", request_body = CreateSnapshot,
@@ -243,6 +259,8 @@ async fn create_snapshot(
         expires_at: body.expires_at,
         hold: body.hold,
         schedule_id: None,
+        consistency: body.consistency,
+        quiesce: body.quiesce,
     };
     accept_job(&state, new.request(&vm)).await
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::image::ImageFormat;
 use super::plan::CloneMode;
-use super::{JobKind, ResourceStatus, TargetType, Uuid};
+use super::{Consistency, JobKind, Quiesce, ResourceStatus, TargetType, Uuid};
 
 /// Create the files of a new VM's disks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +80,23 @@ pub struct DiskFlatten {
 pub struct SnapshotCreate {
     pub vm: Uuid,
     pub snapshot: Uuid,
+    /// As requested; decided at accept from the VM (`None` in jobs of releases before
+    /// live snapshots: crash).
+    #[serde(default)]
+    pub consistency: Option<Consistency>,
+    /// With `filesystem`: what a failed freeze does (decided at accept).
+    #[serde(default)]
+    pub quiesce: Option<Quiesce>,
+}
+
+impl SnapshotCreate {
+    /// The freeze a live snapshot of this job does: `None` for crash consistency.
+    pub fn freeze(&self) -> Option<Quiesce> {
+        match self.consistency {
+            Some(Consistency::Filesystem) => Some(self.quiesce.unwrap_or(Quiesce::BestEffort)),
+            _ => None,
+        }
+    }
 }
 
 /// Revert a VM to a snapshot.

@@ -151,6 +151,40 @@ pub struct Vm {
     pub updated_at: Timestamp,
 }
 
+string_enum!(
+    /// How consistent a snapshot's point in time is.
+    SnapshotConsistency {
+        /// Taken while the VM was stopped: the disks as the VM left them.
+        Stopped => "stopped",
+        /// Taken from a running VM without its file systems frozen: what the disks
+        /// hold after a power loss at that instant.
+        Crash => "crash",
+        /// Taken while the guest agent held the guest's file systems frozen: every
+        /// file system clean at that instant.
+        Filesystem => "filesystem"
+    }
+);
+string_enum!(
+    /// The consistency a snapshot of a running VM asks for. Default: `filesystem` when
+    /// the VM has a guest-agent socket, else `crash`.
+    Consistency {
+        /// No freeze: the disks as after a power loss at the instant of the snapshot.
+        Crash => "crash",
+        /// The guest agent freezes the guest's file systems around the switch.
+        Filesystem => "filesystem"
+    }
+);
+string_enum!(
+    /// What a snapshot asking for `filesystem` consistency does when the guest's file
+    /// systems cannot be frozen. Default: `best_effort`.
+    Quiesce {
+        /// The job fails and changes nothing.
+        Required => "required",
+        /// The snapshot is taken crash-consistent; the job says why in `quiesce_error`.
+        BestEffort => "best_effort"
+    }
+);
+
 /// The sockets of a running VM's QEMU, given by the orchestrator that started it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmRuntime {
@@ -229,6 +263,7 @@ pub struct Snapshot {
     pub hold: bool,
     /// The schedule that took it (None for manual snapshots).
     pub schedule_id: Option<Uuid>,
+    pub consistency: SnapshotConsistency,
     /// (disk id, frozen volume id) for each disk the snapshot covers.
     pub volumes: Vec<(Uuid, Uuid)>,
 }

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::image::ImageFormat;
-use super::{ResourceStatus, Uuid, VmKind, VolumeStatus, new_id};
+use super::{Quiesce, ResourceStatus, Uuid, VmKind, VolumeStatus, new_id};
 
 /// Who reads a volume as its own content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,10 +193,21 @@ pub enum FileOp {
     /// only go forward. Redone, it finds the switch made and does nothing; with no QEMU
     /// left to ask (the VM stopped), the overlays are right to record either way (an
     /// overlay QEMU never wrote reads exactly as the layer below it).
+    ///
+    /// The snapshot's consistency is recorded once the switch is made; with `thaw`
+    /// (a `LiveFreeze` came before), the guest's file systems are thawed on every
+    /// path, whatever the switch's outcome.
     LiveSwitch {
         vm: Uuid,
         overlays: Vec<LiveOverlay>,
+        snapshot: Uuid,
+        #[serde(default)]
+        thaw: bool,
     },
+    /// Freeze the running VM's file systems through its guest agent, just before the
+    /// switch. A failed freeze fails the job when `required` (nothing has changed yet:
+    /// the stop closes the overlays and thaws), else the snapshot is crash-consistent.
+    LiveFreeze { vm: Uuid, required: bool },
     /// Grow a running VM's disk through its QEMU (`block_resize`), so the guest sees the
     /// new size; offline (as `Resize`) once the VM is marked stopped.
     LiveResize {
@@ -262,7 +273,7 @@ impl FileOp {
             | FileOp::Convert { volume, .. }
             | FileOp::Import { volume, .. } => vec![volume],
             FileOp::Commit { top, base } => vec![top, base],
-            FileOp::LiveAdd { .. } => vec![],
+            FileOp::LiveAdd { .. } | FileOp::LiveFreeze { .. } => vec![],
             FileOp::LiveResize { volume, .. } => vec![volume],
             // QEMU writes the overlays from the switch on.
             FileOp::LiveSwitch { ref overlays, .. } => overlays.iter().map(|o| o.overlay).collect(),
@@ -467,7 +478,10 @@ impl Plan {
         self.steps.iter().any(|s| {
             matches!(
                 s.op,
-                FileOp::LiveAdd { .. } | FileOp::LiveSwitch { .. } | FileOp::LiveResize { .. }
+                FileOp::LiveAdd { .. }
+                    | FileOp::LiveFreeze { .. }
+                    | FileOp::LiveSwitch { .. }
+                    | FileOp::LiveResize { .. }
             )
         })
     }
@@ -663,6 +677,7 @@ pub fn plan_live_snapshot_create(
     snapshot: Uuid,
     parent: Option<Uuid>,
     disks: &[DiskGraph],
+    freeze: Option<Quiesce>,
 ) -> Result<Plan, PlanError> {
     let mut plan = plan_snapshot_create(vm, snapshot, parent, disks)?;
     let overlays: Vec<LiveOverlay> = plan
@@ -689,8 +704,24 @@ pub fn plan_live_snapshot_create(
         },
         then: vec![],
     });
+    // The freeze is the last step before the switch: the guest stays frozen for no
+    // more than the switch itself and the journal write between them.
+    if let Some(quiesce) = freeze {
+        plan.steps.push(Step {
+            op: FileOp::LiveFreeze {
+                vm,
+                required: quiesce == Quiesce::Required,
+            },
+            then: vec![],
+        });
+    }
     plan.steps.push(Step {
-        op: FileOp::LiveSwitch { vm, overlays },
+        op: FileOp::LiveSwitch {
+            vm,
+            overlays,
+            snapshot,
+            thaw: freeze.is_some(),
+        },
         then: vec![],
     });
     Ok(plan)

@@ -9,7 +9,8 @@ use sqlx::SqliteConnection;
 
 use super::{Engine, run};
 use crate::domain::{
-    Disk, Job, JobSpec, ResourceStatus, Snapshot, Timestamp, Uuid, Vm, VmKind, job_spec, new_id,
+    Consistency, Disk, Job, JobSpec, Quiesce, ResourceStatus, Snapshot, SnapshotConsistency,
+    Timestamp, Uuid, Vm, VmKind, job_spec, new_id,
 };
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
@@ -49,6 +50,9 @@ pub struct NewSnapshot {
     pub hold: bool,
     /// The schedule taking it; `None` for a manual snapshot.
     pub schedule_id: Option<Uuid>,
+    /// As requested (see `SnapshotCreate`).
+    pub consistency: Option<Consistency>,
+    pub quiesce: Option<Quiesce>,
 }
 
 impl NewSnapshot {
@@ -66,11 +70,15 @@ impl NewSnapshot {
             expires_at: self.expires_at,
             hold: self.hold,
             schedule_id: self.schedule_id,
+            // The column's default; a live job records what it achieved.
+            consistency: SnapshotConsistency::Stopped,
             volumes: Vec::new(),
         };
         let spec = JobSpec::SnapshotCreate(job_spec::SnapshotCreate {
             vm: vm.id,
             snapshot: snapshot.id,
+            consistency: self.consistency,
+            quiesce: self.quiesce,
         });
         Request::creating(spec, NewRecords::Snapshot(snapshot))
     }

@@ -50,6 +50,8 @@ pub struct EngineConfig {
     pub fault: Option<String>,
     /// Imports (inspection in the request, conversion in the job) running at once.
     pub import_slots: usize,
+    /// Bounds a guest agent's freeze (and thaw) of the guest's file systems.
+    pub freeze_timeout: Duration,
 }
 
 pub struct Engine {
@@ -65,6 +67,10 @@ pub struct Engine {
     running: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
     /// Progress of running jobs within a step (see `progress_reporter`).
     live_progress: Mutex<HashMap<Uuid, u8>>,
+    /// When each VM's guest answered its freeze, for a live snapshot in this process:
+    /// only a freeze seen to succeed, and thawed after the switch, makes a snapshot
+    /// `filesystem`-consistent (a resumed job cannot know, and records `crash`).
+    freezes: Mutex<HashMap<Uuid, std::time::Instant>>,
     /// Slots for work on untrusted images (see `EngineConfig::import_slots`).
     import_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -81,6 +87,7 @@ impl Engine {
             changed: watch::channel(0).0,
             running: Mutex::new(HashMap::new()),
             live_progress: Mutex::new(HashMap::new()),
+            freezes: Mutex::new(HashMap::new()),
         })
     }
 

@@ -256,6 +256,7 @@ mod tests {
             expires_at: None,
             hold: false,
             schedule_id: Some(schedule),
+            consistency: crate::domain::SnapshotConsistency::Stopped,
             volumes: Vec::new(),
         }
     }

@@ -219,6 +219,20 @@ pub async fn save_plan(conn: &mut SqliteConnection, id: Uuid, plan: &Plan) -> Re
     Ok(())
 }
 
+/// Add members to the job's `detail` (what a step learned as it ran).
+pub async fn add_detail(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    detail: &serde_json::Value,
+) -> Result<()> {
+    sqlx::query("UPDATE jobs SET detail = json_patch(COALESCE(detail, '{}'), ?) WHERE id = ?")
+        .bind(detail.to_string())
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 pub async fn set_next_step(
     conn: &mut SqliteConnection,
     id: Uuid,

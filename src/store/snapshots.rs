@@ -4,7 +4,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
 use super::{get_enum, get_id, get_opt_id, get_ts, id_text, opt_id_text, ts};
-use crate::domain::{ResourceStatus, Snapshot, Uuid};
+use crate::domain::{ResourceStatus, Snapshot, SnapshotConsistency, Uuid};
 use crate::error::Result;
 
 fn from_row(row: &SqliteRow) -> Result<Snapshot> {
@@ -19,6 +19,7 @@ fn from_row(row: &SqliteRow) -> Result<Snapshot> {
         expires_at: super::get_opt_ts(row, "expires_at")?,
         hold: row.try_get::<i64, _>("hold")? != 0,
         schedule_id: get_opt_id(row, "schedule_id")?,
+        consistency: get_enum(row, "consistency", SnapshotConsistency::parse)?,
         volumes: Vec::new(),
     })
 }
@@ -72,8 +73,8 @@ pub async fn list(
 
 pub async fn insert(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<()> {
     sqlx::query(
-        "INSERT INTO snapshots (id, vm_id, name, description, parent_id, status, created_at, expires_at, hold, schedule_id)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO snapshots (id, vm_id, name, description, parent_id, status, created_at, expires_at, hold, schedule_id, consistency)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
         .bind(id_text(snapshot.id))
         .bind(id_text(snapshot.vm_id))
@@ -85,6 +86,7 @@ pub async fn insert(conn: &mut SqliteConnection, snapshot: &Snapshot) -> Result<
         .bind(snapshot.expires_at.map(ts))
         .bind(snapshot.hold as i64)
         .bind(opt_id_text(snapshot.schedule_id))
+        .bind(snapshot.consistency.as_str())
         .execute(conn)
         .await?;
     Ok(())
@@ -202,4 +204,18 @@ pub async fn name_exists(conn: &mut SqliteConnection, vm: Uuid, name: &str) -> R
             .fetch_optional(conn)
             .await?;
     Ok(found.is_some())
+}
+
+/// Record how consistent a live snapshot turned out (once its switch is made).
+pub async fn set_consistency(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    consistency: SnapshotConsistency,
+) -> Result<()> {
+    sqlx::query("UPDATE snapshots SET consistency = ? WHERE id = ?")
+        .bind(consistency.as_str())
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
+    Ok(())
 }

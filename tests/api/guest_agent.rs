@@ -33,7 +33,12 @@ pub struct AgentState {
     pub behaviour: Vec<(String, Behaviour)>,
     /// Sent before the answer to the next sync, as a previous session might have left.
     pub stale: Vec<u8>,
+    /// Run when a command is answered, after its effect and before the answer is sent
+    /// (what the guest does as it freezes or thaws).
+    pub hooks: Vec<(String, Hook)>,
 }
+
+pub type Hook = Arc<dyn Fn() + Send + Sync>;
 
 /// A guest agent double listening on `socket`.
 pub struct AgentDouble {
@@ -44,14 +49,25 @@ pub struct AgentDouble {
 impl AgentDouble {
     pub fn start(dir: &Path) -> Self {
         let socket = dir.join("qga.sock");
-        let listener = UnixListener::bind(&socket).expect("bind the agent double");
+        let listener =
+            std::os::unix::net::UnixListener::bind(&socket).expect("bind the agent double");
+        listener.set_nonblocking(true).unwrap();
         let state = Arc::new(Mutex::new(AgentState::default()));
         let shared = Arc::clone(&state);
-        tokio::spawn(async move {
-            // The channel serves one client at a time, as a virtio-serial port does.
-            while let Ok((stream, _)) = listener.accept().await {
-                serve(stream, Arc::clone(&shared)).await;
-            }
+        // On a thread of its own, so it answers while the test blocks (waiting for a
+        // strata process to die, say): a guest's agent runs whatever its host does.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = UnixListener::from_std(listener).unwrap();
+                // The channel serves one client at a time, as a virtio-serial port does.
+                while let Ok((stream, _)) = listener.accept().await {
+                    serve(stream, Arc::clone(&shared)).await;
+                }
+            });
         });
         Self { socket, state }
     }
@@ -60,6 +76,11 @@ impl AgentDouble {
         let mut state = self.state.lock().unwrap();
         state.behaviour.retain(|(c, _)| c != command);
         state.behaviour.push((command.to_owned(), behaviour));
+    }
+
+    pub fn on(&self, command: &str, hook: impl Fn() + Send + Sync + 'static) {
+        let mut state = self.state.lock().unwrap();
+        state.hooks.push((command.to_owned(), Arc::new(hook)));
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -104,6 +125,18 @@ async fn serve(stream: tokio::net::UnixStream, state: Arc<Mutex<AgentState>>) {
             }
         };
         let Some(reply) = reply else { continue };
+        let hook = {
+            let state = state.lock().unwrap();
+            let answered = reply.get("return").is_some();
+            state
+                .hooks
+                .iter()
+                .find(|(c, _)| answered && *c == command)
+                .map(|(_, hook)| Arc::clone(hook))
+        };
+        if let Some(hook) = hook {
+            tokio::task::spawn_blocking(move || hook()).await.unwrap();
+        }
         let mut bytes = Vec::new();
         if command == "guest-sync-delimited" {
             bytes.append(&mut state.lock().unwrap().stale);

@@ -16,14 +16,14 @@ use strata::qemu::qmp::Qmp;
 use crate::recovery::assert_files_match_metadata;
 use crate::support::*;
 
-const DISK: u64 = 64 << 20;
-const MIB: u64 = 1 << 20;
+pub(crate) const DISK: u64 = 64 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 
 /// The running VM: a qemu-storage-daemon with one node and one NBD export per disk.
-struct RunningVm {
+pub(crate) struct RunningVm {
     child: Child,
-    qmp: PathBuf,
-    nbd: PathBuf,
+    pub(crate) qmp: PathBuf,
+    pub(crate) nbd: PathBuf,
 }
 
 impl RunningVm {
@@ -66,28 +66,12 @@ impl RunningVm {
     }
 
     /// Write `pattern` over [offset, offset + len) bytes of disk `index`, as the guest.
-    fn write(&self, index: usize, pattern: u8, offset: u64, len: u64) {
-        let url = format!("nbd+unix:///disk{index}?socket={}", self.nbd.display());
-        let output = Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                &format!("write -P {pattern:#x} {offset} {len}"),
-                &url,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success() && !String::from_utf8_lossy(&output.stdout).contains("error"),
-            "guest write failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+    pub(crate) fn write(&self, index: usize, pattern: u8, offset: u64, len: u64) {
+        guest_write(&self.nbd, index, pattern, offset, len);
     }
 
     /// The files QEMU has open on top of each disk node, as it reports them.
-    async fn top_files(&self) -> Vec<String> {
+    pub(crate) async fn top_files(&self) -> Vec<String> {
         let mut qmp = Qmp::connect(&self.qmp, Duration::from_secs(10))
             .await
             .unwrap();
@@ -110,10 +94,32 @@ impl RunningVm {
     }
 
     /// Stop the VM (its QEMU exits).
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Write `pattern` over [offset, offset + len) bytes of disk `index` of the VM
+/// serving `nbd`, as its guest.
+pub(crate) fn guest_write(nbd: &Path, index: usize, pattern: u8, offset: u64, len: u64) {
+    let url = format!("nbd+unix:///disk{index}?socket={}", nbd.display());
+    let output = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P {pattern:#x} {offset} {len}"),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success() && !String::from_utf8_lossy(&output.stdout).contains("error"),
+        "guest write failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 impl Drop for RunningVm {
@@ -122,7 +128,7 @@ impl Drop for RunningVm {
     }
 }
 
-async fn spawn(run_dir: &Path, fault: Option<&str>) -> TestApp {
+pub(crate) async fn spawn(run_dir: &Path, fault: Option<&str>) -> TestApp {
     let mut env = vec![("STRATA_RUNTIME_DIR", run_dir.to_str().unwrap())];
     if let Some(fault) = fault {
         env.push(("STRATA_FAULT", fault));
@@ -134,7 +140,7 @@ async fn spawn(run_dir: &Path, fault: Option<&str>) -> TestApp {
 
 /// A two-disk VM, running in a daemon, marked running with its QMP socket. Before it
 /// ran, `root` got 0x11 over its first MiB (offline).
-async fn running_vm(app: &TestApp, run_dir: &Path, name: &str) -> (Uuid, RunningVm) {
+pub(crate) async fn running_vm(app: &TestApp, run_dir: &Path, name: &str) -> (Uuid, RunningVm) {
     let vm = app
         .create_vm(name, &[("root", DISK), ("data", DISK)])
         .await
@@ -155,7 +161,15 @@ async fn running_vm(app: &TestApp, run_dir: &Path, name: &str) -> (Uuid, Running
     (vm, process)
 }
 
-fn run_dir() -> (tempfile::TempDir, PathBuf) {
+/// The orchestrator's word that the VM stopped (its QEMU is gone).
+pub(crate) async fn mark_stopped(app: &TestApp, vm: Uuid) {
+    let (status, body) = app
+        .patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+pub(crate) fn run_dir() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let canonical = std::fs::canonicalize(dir.path()).unwrap();
     (dir, canonical)
@@ -228,10 +242,7 @@ async fn a_live_snapshot_switches_every_disk_at_once_and_loses_no_guest_write() 
     // After the snapshot, the guest overwrites the first MiB of root.
     process.write(0, 0x33, 0, MIB);
     process.stop();
-    let (status, body) = app
-        .patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    mark_stopped(&app, vm).await;
 
     // The snapshot holds what the guest wrote before it, and nothing after.
     expect_all(&old_root, &[(0x11, 0, 1), (0x22, 1, 1)]);
@@ -329,10 +340,7 @@ async fn a_crash_at_any_point_of_a_live_snapshot_ends_with_the_snapshot_or_nothi
         expect_all(&new_root, &[(0x33, 0, 1), (0x22, 1, 1), (0x44, 2, 1)]);
         check_clean(&new_root);
         check_clean(&old_root);
-        let (status, body) = app
-            .patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"}))
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
+        mark_stopped(&app, vm).await;
         assert_files_match_metadata(&app, vm).await;
     }
 }
@@ -441,10 +449,7 @@ async fn a_qemu_that_stops_answering_before_the_switch_holds_the_job_until_the_v
     }
     // The orchestrator says the VM stopped: no QEMU writes any layer now, and the
     // overlays are recorded (they read exactly as the layers below them).
-    let (status, body) = app
-        .patch(&format!("/v1/vms/{vm}"), json!({"state": "stopped"}))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    mark_stopped(&app, vm).await;
     let job = app.wait_job(&job_id).await;
     assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
     let new_root = app.active_path(vm, "root").await;

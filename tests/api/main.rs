@@ -12,6 +12,7 @@ mod jobs;
 mod live;
 mod openapi;
 mod qmp;
+mod quiesce;
 mod readme;
 mod recovery;
 mod runtime;

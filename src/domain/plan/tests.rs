@@ -559,6 +559,38 @@ fn a_snapshot_that_cannot_be_taken_is_deleted_again() {
 }
 
 #[test]
+fn a_live_snapshot_freezes_just_before_its_switch_and_thaws_in_it() {
+    let mut root = Disk::new(GIB);
+    root.active(None, MIB);
+    let mut data = Disk::new(GIB);
+    data.active(None, MIB);
+    let (vm, snapshot) = (new_id(), new_id());
+    let graphs = [root.build(), data.build()];
+
+    for (freeze, expected) in [
+        (None, None),
+        (Some(Quiesce::Required), Some(true)),
+        (Some(Quiesce::BestEffort), Some(false)),
+    ] {
+        let plan = plan_live_snapshot_create(vm, snapshot, None, &graphs, freeze).unwrap();
+        let ops = file_ops(&plan);
+        let switch = ops.len() - 1;
+        // The switch, last, is the point of no return; the freeze (when asked for)
+        // comes right before it, so a failed one is undone like any earlier step.
+        assert_eq!(plan.point_of_no_return(), Some(switch));
+        assert!(
+            matches!(ops[switch], FileOp::LiveSwitch { thaw, snapshot: s, .. } if thaw == freeze.is_some() && s == snapshot)
+        );
+        let required = match ops[switch - 1] {
+            FileOp::LiveFreeze { vm: v, required } if v == vm => Some(required),
+            _ => None,
+        };
+        assert_eq!(required, expected, "{freeze:?}");
+        assert!(plan.is_live());
+    }
+}
+
+#[test]
 fn a_snapshot_of_a_disk_without_an_active_volume_is_refused() {
     let mut disk = Disk::new(GIB);
     disk.frozen(None, new_id(), MIB);

@@ -258,7 +258,7 @@ impl Engine {
         if past_no_return {
             return self.end(job, &plan.fail, &outcome).await;
         }
-        let mut undo = self.roll_back_files(plan, index).await?;
+        let mut undo = self.roll_back_files(job.id, plan, index).await?;
         undo.extend_from_slice(match (outcome.status, &plan.cancel) {
             (JobStatus::Cancelled, Some(cancel)) => cancel,
             _ => &plan.undo,
@@ -299,11 +299,16 @@ impl Engine {
     /// stream it finished is pointed back at the layer it read (still there: nothing is
     /// dropped before the final commit), and the records with it. The copied clusters
     /// stay in the file and read exactly as that layer does.
-    async fn roll_back_files(&self, plan: &Plan, index: usize) -> Result<Vec<MetaOp>> {
-        // Overlays a live job opened in QEMU are closed before their files go.
-        for step in &plan.steps {
-            if let FileOp::LiveAdd { vm, ref overlays } = step.op {
-                self.live_remove(vm, overlays).await?;
+    async fn roll_back_files(&self, job: Uuid, plan: &Plan, index: usize) -> Result<Vec<MetaOp>> {
+        // Overlays a live job opened in QEMU are closed before their files go, and a
+        // guest frozen for the switch (or perhaps frozen: a freeze cut short) is thawed.
+        for (at, step) in plan.steps.iter().enumerate() {
+            match step.op {
+                FileOp::LiveAdd { vm, ref overlays } => self.live_remove(vm, overlays).await?,
+                FileOp::LiveFreeze { vm, .. } if at <= index => {
+                    self.live_unfreeze(job, vm).await?;
+                }
+                _ => {}
             }
         }
         for step in &plan.steps {

@@ -34,7 +34,7 @@ impl Engine {
     ) -> Result<(), Stop> {
         let mut failures = 0u32;
         loop {
-            let error = match self.execute(op, again, cancel, progress).await {
+            let error = match self.execute(job.id, op, again, cancel, progress).await {
                 Ok(()) => return Ok(()),
                 Err(Error::Qemu(QemuError::Cancelled)) => return Err(Stop::Cancelled),
                 Err(e) => e,
@@ -79,6 +79,7 @@ impl Engine {
     /// have run it partway: never trust what it left, header included.
     pub(super) async fn execute(
         &self,
+        job: Uuid,
         op: &FileOp,
         again: bool,
         cancel: Option<&watch::Receiver<bool>>,
@@ -118,7 +119,13 @@ impl Engine {
                 self.copy(op, cancel, progress).await?;
             }
             FileOp::LiveAdd { vm, ref overlays } => self.live_add(vm, overlays).await?,
-            FileOp::LiveSwitch { vm, ref overlays } => self.live_switch(vm, overlays).await?,
+            FileOp::LiveFreeze { vm, required } => self.live_freeze(job, vm, required).await?,
+            FileOp::LiveSwitch {
+                vm,
+                ref overlays,
+                snapshot,
+                thaw,
+            } => self.live_switch(job, vm, overlays, snapshot, thaw).await?,
             FileOp::LiveResize {
                 vm,
                 volume,

@@ -6,21 +6,27 @@
 //! on its overlay above that chain ("switched"), and anything else is a
 //! `runtime_mismatch`, never a guess.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use super::super::Engine;
 use crate::domain::plan::LiveOverlay;
-use crate::domain::{Uuid, VmState};
+use crate::domain::{SnapshotConsistency, Uuid, Vm, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::live::{DiskChain, match_disks};
+use crate::qemu::guest_agent::{FreezeStatus, GuestAgent};
 use crate::qemu::qmp::{BlockNode, Qmp};
 use crate::store;
 
 /// Bounds every exchange with a monitor. Graph changes are quick; a QEMU that does not
 /// answer within this is treated as hung, and the step is tried again.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A thaw is tried this many times, `THAW_PAUSE` apart, before it is reported.
+const THAW_ATTEMPTS: u32 = 3;
+const THAW_PAUSE: Duration = Duration::from_secs(1);
 
 /// What a live step can know of the VM's QEMU.
 enum Reach {
@@ -31,6 +37,14 @@ enum Reach {
     /// Recorded running, but its monitor cannot be asked now: nothing can be concluded
     /// (a QEMU restarting, or a socket path removed while QEMU runs).
     Unreachable(Error),
+}
+
+/// What a switch found or did.
+enum Switch {
+    Made,
+    /// The VM was marked stopped: nothing to switch, the overlays are recorded as the
+    /// layers QEMU's successor reads.
+    VmStopped,
 }
 
 /// Where every disk of a live step stands in QEMU's graph.
@@ -82,21 +96,150 @@ impl Engine {
         Ok(())
     }
 
-    /// Switch every disk onto its overlay in one transaction (all or none), then check
-    /// QEMU reads the overlays. Done already, or no QEMU left: nothing to do.
-    pub(super) async fn live_switch(&self, vm: Uuid, overlays: &[LiveOverlay]) -> Result<()> {
+    /// Freeze the guest's file systems for the switch that follows. A failed freeze is
+    /// the job's failure when `required` (nothing has changed: the stop closes the
+    /// overlays and thaws); otherwise its reason goes into the job's `quiesce_error`
+    /// and the snapshot is crash-consistent. The VM stopped: nothing to freeze.
+    pub(super) async fn live_freeze(&self, job: Uuid, vm: Uuid, required: bool) -> Result<()> {
+        let record = store::vms::get_vm(&mut *self.db.reader().await?, vm).await?;
+        let Some(record) = record.filter(|r| r.state == VmState::Running) else {
+            return Ok(());
+        };
+        match self.freeze_guest(&record).await {
+            Ok(()) => {
+                let mut freezes = self.freezes.lock().unwrap_or_else(|e| e.into_inner());
+                freezes.insert(vm, Instant::now());
+                Ok(())
+            }
+            Err(e) if required => Err(Error::problem(
+                ErrorCode::QuiesceFailed,
+                format!("could not freeze VM {}'s file systems: {e}", record.name),
+            )),
+            Err(e) => {
+                tracing::warn!(%job, %vm, error = %e, "the guest's file systems could not be frozen; the snapshot is crash-consistent");
+                let mut tx = self.db.begin().await?;
+                store::jobs::add_detail(&mut tx, job, &json!({ "quiesce_error": e })).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Ask the guest agent to freeze every file system, within the freeze timeout (on
+    /// the read of the answer itself). Found frozen (by an attempt that died before
+    /// the switch), it stays frozen.
+    async fn freeze_guest(&self, vm: &Vm) -> std::result::Result<(), String> {
+        let socket = vm
+            .runtime
+            .guest_agent_socket
+            .as_deref()
+            .ok_or("the VM has no guest-agent socket")?;
+        let timeout = self.config.freeze_timeout;
+        let mut agent = GuestAgent::connect(Path::new(socket), timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        if agent
+            .freeze_status(timeout)
+            .await
+            .map_err(|e| e.to_string())?
+            == FreezeStatus::Frozen
+        {
+            return Ok(());
+        }
+        agent.freeze(timeout).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Thaw the guest's file systems, a few times over if need be (a guest left frozen
+    /// stops working). The number thawed (0: nothing was frozen, or the VM stopped). A
+    /// thaw that keeps failing is logged as an error and put in the job's `thaw_error`:
+    /// the guest may need thawing by hand.
+    pub(super) async fn thaw_guest(&self, job: Uuid, vm: Uuid) -> Result<Option<u64>> {
+        let record = store::vms::get_vm(&mut *self.db.reader().await?, vm).await?;
+        let Some(socket) = record
+            .filter(|r| r.state == VmState::Running)
+            .and_then(|r| r.runtime.guest_agent_socket)
+        else {
+            return Ok(Some(0));
+        };
+        let timeout = self.config.freeze_timeout;
+        let mut last = String::new();
+        for attempt in 1..=THAW_ATTEMPTS {
+            let thawed = async {
+                let mut agent = GuestAgent::connect(Path::new(&socket), timeout).await?;
+                agent.thaw(timeout).await
+            };
+            match thawed.await {
+                Ok(count) => return Ok(Some(count)),
+                Err(e) => last = e.to_string(),
+            }
+            if attempt < THAW_ATTEMPTS {
+                tokio::time::sleep(THAW_PAUSE).await;
+            }
+        }
+        tracing::error!(%job, %vm, error = %last, "could not thaw the guest's file systems; thaw them by hand (guest-fsfreeze-thaw)");
+        let mut tx = self.db.begin().await?;
+        store::jobs::add_detail(&mut tx, job, &json!({ "thaw_error": last })).await?;
+        tx.commit().await?;
+        Ok(None)
+    }
+
+    /// Switch every disk onto its overlay in one transaction (all or none), thaw the
+    /// guest if it was frozen for it (on every path), and record the snapshot's
+    /// consistency once the switch is made: `filesystem` only when this process saw
+    /// the freeze succeed and the thaw find file systems still frozen (a guest that
+    /// thawed itself, or a resumed job, cannot prove the switch fell inside a freeze).
+    pub(super) async fn live_switch(
+        &self,
+        job: Uuid,
+        vm: Uuid,
+        overlays: &[LiveOverlay],
+        snapshot: Uuid,
+        thaw: bool,
+    ) -> Result<()> {
+        let switched = self.switch(vm, overlays).await;
+        let frozen_at = self
+            .freezes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&vm);
+        let thawed = if thaw {
+            self.thaw_guest(job, vm).await?
+        } else {
+            None
+        };
+        let consistency = match switched? {
+            Switch::VmStopped => SnapshotConsistency::Stopped,
+            Switch::Made if thawed.is_some_and(|n| n > 0) && frozen_at.is_some() => {
+                SnapshotConsistency::Filesystem
+            }
+            Switch::Made => SnapshotConsistency::Crash,
+        };
+        let frozen_ms = frozen_at
+            .filter(|_| consistency == SnapshotConsistency::Filesystem)
+            .map(|at| at.elapsed().as_millis() as u64);
+        let mut tx = self.db.begin().await?;
+        store::snapshots::set_consistency(&mut tx, snapshot, consistency).await?;
+        let detail = json!({ "consistency": consistency, "frozen_ms": frozen_ms });
+        store::jobs::add_detail(&mut tx, job, &detail).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The switch itself. Done already, or no QEMU left: nothing to do.
+    async fn switch(&self, vm: Uuid, overlays: &[LiveOverlay]) -> Result<Switch> {
         let mut qmp = match self.connect_live(vm).await? {
             Reach::Reached(qmp) => qmp,
             Reach::Stopped => {
                 tracing::warn!(%vm, "the VM was stopped; its overlays are recorded as they are");
-                return Ok(());
+                return Ok(Switch::VmStopped);
             }
             // Parked by the caller until QEMU answers or the VM is marked stopped.
             Reach::Unreachable(e) => return Err(e),
         };
         let nodes = qmp.block_nodes().await?;
         let disk_nodes = match self.live_graph(&nodes, overlays).await? {
-            Graph::Switched => return Ok(()),
+            Graph::Switched => return Ok(Switch::Made),
             Graph::Before(disk_nodes) => disk_nodes,
         };
         let actions: Vec<Value> = overlays
@@ -110,12 +253,21 @@ impl Engine {
             .await?;
         let nodes = qmp.block_nodes().await?;
         match self.live_graph(&nodes, overlays).await? {
-            Graph::Switched => Ok(()),
+            Graph::Switched => Ok(Switch::Made),
             Graph::Before(_) => Err(Error::problem(
                 ErrorCode::RuntimeMismatch,
                 "QEMU accepted the snapshot transaction but still reads the old layers",
             )),
         }
+    }
+
+    /// Forget a freeze of a job that stopped, and thaw the guest.
+    pub(super) async fn live_unfreeze(&self, job: Uuid, vm: Uuid) -> Result<()> {
+        self.freezes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&vm);
+        self.thaw_guest(job, vm).await.map(drop)
     }
 
     /// Grow a running VM's disk in its QEMU, so the guest sees the new size; done

@@ -1,0 +1,246 @@
+//! File-system-consistent live snapshots: the guest agent (a double: a real qemu-ga
+//! must never run on the host) freezes the guest's file systems around the switch.
+//! The double's hooks write through the VM's NBD export as the guest would: its last
+//! write before the freeze must land in the snapshot, its first after the thaw in the
+//! present, which proves the switch fell inside the freeze.
+
+use std::path::Path;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use strata::domain::{JobStatus, SnapshotConsistency};
+
+use crate::guest_agent::{AgentDouble, Behaviour};
+use crate::live::{MIB, RunningVm, guest_write, mark_stopped, run_dir, running_vm, spawn};
+use crate::recovery::assert_files_match_metadata;
+use crate::support::*;
+
+const FREEZE: &str = "guest-fsfreeze-freeze";
+const THAW: &str = "guest-fsfreeze-thaw";
+
+/// A guest agent for the VM, given to strata; the guest writes 0xa1 over root's
+/// fourth MiB as it freezes and 0xb2 over it once thawed.
+async fn agent_for(
+    app: &TestApp,
+    vm: impl std::fmt::Display,
+    run_dir: &Path,
+    process: &RunningVm,
+) -> AgentDouble {
+    let agent = AgentDouble::start(run_dir);
+    let (status, body) = app
+        .patch(
+            &format!("/v1/vms/{vm}"),
+            json!({"guest_agent_socket": agent.socket}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (command, pattern) in [(FREEZE, 0xa1), (THAW, 0xb2)] {
+        let nbd = process.nbd.clone();
+        agent.on(command, move || guest_write(&nbd, 0, pattern, 4 * MIB, MIB));
+    }
+    agent
+}
+
+/// The position of the first call of `command`, which must have been made.
+fn called(agent: &AgentDouble, command: &str) -> usize {
+    let calls = agent.calls();
+    calls
+        .iter()
+        .position(|c| c == command)
+        .unwrap_or_else(|| panic!("no {command} in {calls:?}"))
+}
+
+async fn post_snapshot(
+    app: &TestApp,
+    vm: impl std::fmt::Display,
+    body: serde_json::Value,
+) -> JobView {
+    let (status, job) = app.post(&format!("/v1/vms/{vm}/snapshots"), body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    app.wait_job(job["id"].as_str().unwrap()).await
+}
+
+#[tokio::test]
+async fn a_guest_with_an_agent_is_frozen_for_the_switch_and_thawed_after() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "quiesced").await;
+    let agent = agent_for(&app, vm, &run_dir, &process).await;
+    let old_root = app.active_path(vm, "root").await;
+
+    // No consistency asked: a VM with a guest agent is frozen by default.
+    let job = post_snapshot(&app, vm, json!({"name": "frozen"})).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let detail = job.detail.as_ref().unwrap();
+    assert_eq!(detail.consistency, Some(SnapshotConsistency::Filesystem));
+    assert!(detail.frozen_ms.is_some(), "{job:?}");
+    assert!(detail.quiesce_error.is_none() && detail.thaw_error.is_none());
+    let snapshot = app.get_snapshot(job.target.id).await;
+    assert_eq!(snapshot.consistency, SnapshotConsistency::Filesystem);
+    assert!(called(&agent, FREEZE) < called(&agent, THAW));
+    assert!(!agent.frozen());
+
+    let new_root = app.active_path(vm, "root").await;
+    process.stop();
+    // The write made as the guest froze is in the snapshot; the one made once it was
+    // thawed only in the present.
+    expect_all(&old_root, &[(0x11, 0, 1), (0xa1, 4, 1)]);
+    expect_all(&new_root, &[(0x11, 0, 1), (0xb2, 4, 1)]);
+    check_clean(&new_root);
+}
+
+#[tokio::test]
+async fn a_required_freeze_that_fails_fails_the_job_and_changes_nothing() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "must-freeze").await;
+    let agent = agent_for(&app, vm, &run_dir, &process).await;
+    agent.set(FREEZE, Behaviour::Fail);
+    let actives = process.top_files().await;
+    let files_before = app.volume_files();
+
+    let body = json!({"name": "s", "consistency": "filesystem", "quiesce": "required"});
+    let job = post_snapshot(&app, vm, body).await;
+    assert_eq!(job.status, JobStatus::Failed, "{job:?}");
+    let error = job.error.as_ref().unwrap();
+    assert_eq!(error.code, "quiesce_failed", "{job:?}");
+    assert!(error.message.contains("refused by the test"), "{job:?}");
+    // Thawed all the same, and nothing changed: no snapshot, no file, no node.
+    assert!(called(&agent, FREEZE) < called(&agent, THAW));
+    let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
+    assert_eq!(list["items"], json!([]));
+    assert_eq!(app.volume_files(), files_before);
+    assert_eq!(process.top_files().await, actives);
+    process.stop();
+    mark_stopped(&app, vm).await;
+    assert_files_match_metadata(&app, vm).await;
+}
+
+#[tokio::test]
+async fn a_best_effort_freeze_that_times_out_gives_a_crash_consistent_snapshot_and_a_thaw() {
+    let (_run, run_dir) = run_dir();
+    let app = TestApp::spawn_with(&[
+        ("STRATA_RUNTIME_DIR", run_dir.to_str().unwrap()),
+        ("STRATA_FREEZE_TIMEOUT", "1"),
+    ])
+    .await;
+    app.wait_ready().await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "stuck-guest").await;
+    let agent = agent_for(&app, vm, &run_dir, &process).await;
+    // A guest stuck in its freeze hook never answers.
+    agent.set(FREEZE, Behaviour::Hang);
+
+    let job = post_snapshot(&app, vm, json!({"name": "s", "quiesce": "best_effort"})).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let detail = job.detail.as_ref().unwrap();
+    assert_eq!(detail.consistency, Some(SnapshotConsistency::Crash));
+    assert!(detail.frozen_ms.is_none(), "{job:?}");
+    let reason = detail.quiesce_error.as_deref().unwrap_or_default();
+    assert!(reason.contains("did not answer"), "{job:?}");
+    let snapshot = app.get_snapshot(job.target.id).await;
+    assert_eq!(snapshot.consistency, SnapshotConsistency::Crash);
+    // The thaw is sent even though the freeze never answered.
+    assert!(called(&agent, FREEZE) < called(&agent, THAW));
+    process.stop();
+}
+
+#[tokio::test]
+async fn consistency_is_checked_at_accept_and_recorded_on_every_snapshot() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "no-agent").await;
+    let path = format!("/v1/vms/{vm}/snapshots");
+    let before = app.volume_files();
+    // A freeze that must happen cannot without an agent; quiesce means nothing
+    // without a freeze.
+    let refusals = [
+        (
+            json!({"name": "s", "consistency": "filesystem", "quiesce": "required"}),
+            StatusCode::CONFLICT,
+            "guest_agent_unavailable",
+        ),
+        (
+            json!({"name": "s", "consistency": "crash", "quiesce": "best_effort"}),
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+        ),
+        (
+            json!({"name": "s", "consistency": "app"}),
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+        ),
+    ];
+    for (body, status, code) in refusals {
+        app.expect_problem(reqwest::Method::POST, &path, Some(body), status, code)
+            .await;
+    }
+    assert_eq!(app.volume_files(), before);
+    let (_, jobs) = app
+        .get(&format!("/v1/jobs?vm_id={vm}&kind=snapshot_create"))
+        .await;
+    assert_eq!(jobs["items"], json!([]), "{jobs}");
+
+    // Without an agent, a running VM's snapshot is crash-consistent (a best-effort
+    // filesystem request says why); a stopped VM's is `stopped`.
+    let job = post_snapshot(&app, vm, json!({"name": "crash"})).await;
+    let detail = job.detail.as_ref().unwrap();
+    assert_eq!(detail.consistency, Some(SnapshotConsistency::Crash));
+    assert!(detail.quiesce_error.is_none(), "{job:?}");
+    let job = post_snapshot(&app, vm, json!({"name": "fs", "consistency": "filesystem"})).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let detail = job.detail.as_ref().unwrap();
+    assert_eq!(detail.consistency, Some(SnapshotConsistency::Crash));
+    assert!(
+        detail
+            .quiesce_error
+            .as_deref()
+            .unwrap()
+            .contains("no guest-agent socket")
+    );
+    process.stop();
+    mark_stopped(&app, vm).await;
+    let stopped = app.snapshot(vm, "offline").await;
+    assert_eq!(stopped.consistency, SnapshotConsistency::Stopped);
+}
+
+#[tokio::test]
+async fn strata_killed_while_the_guest_is_frozen_thaws_it_on_restart_and_keeps_the_snapshot() {
+    // Steps: create(root), create(data), open the overlays (2), freeze (3), switch (4).
+    // `ran-step-3`: frozen, not journaled (the resumed freeze finds the guest frozen
+    // and goes on); `after-step-3`: journaled, killed before the switch (the resumed
+    // job did not see the freeze succeed, so cannot call the snapshot filesystem-
+    // consistent).
+    for (point, consistency) in [
+        ("ran-step-3", SnapshotConsistency::Filesystem),
+        ("after-step-3", SnapshotConsistency::Crash),
+    ] {
+        let (_run, run_dir) = run_dir();
+        let fault = format!("snapshot_create:{point}");
+        let mut app = spawn(&run_dir, Some(&fault)).await;
+        let (vm, mut process) = running_vm(&app, &run_dir, "frozen-crash").await;
+        let agent = agent_for(&app, vm, &run_dir, &process).await;
+        let old_root = app.active_path(vm, "root").await;
+        let (status, job) = app
+            .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s"}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        assert!(!app.wait_exit().success(), "{point}: the fault aborts");
+        assert!(agent.frozen(), "{point}: strata died with the guest frozen");
+
+        app.restart(&[("STRATA_RUNTIME_DIR", run_dir.to_str().unwrap())])
+            .await;
+        let job = app.wait_job(job["id"].as_str().unwrap()).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{point}: {job:?}");
+        assert!(!agent.frozen(), "{point}: thawed after the restart");
+        let snapshot = app.get_snapshot(job.target.id).await;
+        assert_eq!(snapshot.consistency, consistency, "{point}");
+        let new_root = app.active_path(vm, "root").await;
+        assert_eq!(process.top_files().await[0], new_root, "{point}");
+        process.stop();
+        expect_all(&old_root, &[(0x11, 0, 1), (0xa1, 4, 1)]);
+        expect_all(&new_root, &[(0x11, 0, 1), (0xb2, 4, 1)]);
+        check_clean(&new_root);
+        mark_stopped(&app, vm).await;
+        assert_files_match_metadata(&app, vm).await;
+    }
+}
