@@ -92,6 +92,8 @@ pub fn bench_due(work: &Path) -> Result<DueFigures> {
                     keep_last: Some(SNAPSHOTS_PER_SCHEDULE as u32),
                     ..Default::default()
                 },
+                consistency: None,
+                quiesce: None,
                 next_run_at: Some(at(1, minute)),
                 created_at: created,
                 updated_at: created,

@@ -4,6 +4,7 @@
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::domain::Uuid;
@@ -84,4 +85,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
 pub fn parse_id(text: &str, not_found: ErrorCode, what: &str) -> Result<Uuid, Error> {
     text.parse()
         .map_err(|_| Error::problem(not_found, format!("{what} {text} does not exist")))
+}
+
+/// For a PATCH field that can be cleared: absent leaves it as is (`None`), `null`
+/// clears it (`Some(None)`), a value sets it.
+pub fn present<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }

@@ -19,8 +19,8 @@ use crate::domain::job_spec::SnapshotDelete;
 use crate::domain::retention::{self, Decision, KeepReason, MaxAge, PruneReason};
 use crate::domain::schedule::{self, CronSpec};
 use crate::domain::{
-    self, RunStatus, RunTrigger, Schedule, ScheduleRun, ScheduleTarget, TargetOutcome, Uuid,
-    new_id, validate,
+    self, Consistency, Quiesce, RunStatus, RunTrigger, Schedule, ScheduleRun, ScheduleTarget,
+    TargetOutcome, Uuid, new_id, validate,
 };
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::accept::{self, name_taken};
@@ -66,6 +66,14 @@ pub struct CreateSchedule {
     /// Default: keep everything (only `expires_at` prunes).
     #[serde(default)]
     pub retention: RetentionPolicy,
+    /// What each snapshot of a running VM asks for, as on `POST
+    /// /v1/vms/{id}/snapshots`; left out, each VM's default (`filesystem` when it has a
+    /// guest-agent socket, else `crash`).
+    pub consistency: Option<Consistency>,
+    /// With `filesystem`: `required` or `best_effort` (the default). A VM a required
+    /// freeze cannot be tried on (no guest-agent socket) is skipped by the run, with
+    /// `guest_agent_unavailable`.
+    pub quiesce: Option<Quiesce>,
 }
 
 /// Change a schedule: fields left out stay; `retention` replaces the whole policy;
@@ -82,6 +90,14 @@ pub struct PatchSchedule {
     pub enabled: Option<bool>,
     pub name_template: Option<String>,
     pub retention: Option<RetentionPolicy>,
+    /// A value sets it; `null` goes back to each VM's default.
+    #[serde(default, deserialize_with = "super::extract::present")]
+    #[schema(value_type = Option<Consistency>)]
+    pub consistency: Option<Option<Consistency>>,
+    /// A value sets it; `null` goes back to `best_effort`.
+    #[serde(default, deserialize_with = "super::extract::present")]
+    #[schema(value_type = Option<Quiesce>)]
+    pub quiesce: Option<Option<Quiesce>>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -90,6 +106,7 @@ pub struct PatchSchedule {
     "cron": "0 3 * * *", "timezone": "Europe/Paris", "enabled": true, "name_template": "auto-%Y%m%d-%H%M%S",
     "retention": {"keep_last": null, "keep_hourly": null, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": null,
         "keep_yearly": null, "max_age": "60d"},
+    "consistency": "filesystem", "quiesce": "best_effort",
     "next_run_at": "2026-11-22T02:00:00Z",
     "last_run": {"id": "019a6f5e-9999-7b3e-9f2a-3c4d5e6f7a8b", "at": "2026-11-21T02:00:00Z", "status": "succeeded",
         "job_id": "019a6f5e-aaaa-7b3e-9f2a-3c4d5e6f7a8b", "reason": null},
@@ -105,6 +122,10 @@ pub struct ScheduleView {
     pub enabled: bool,
     pub name_template: String,
     pub retention: RetentionPolicy,
+    /// Null: each VM's default.
+    pub consistency: Option<Consistency>,
+    /// Null: `best_effort` (with `filesystem`).
+    pub quiesce: Option<Quiesce>,
     /// When the next run is due (absent while disabled).
     pub next_run_at: Option<DateTime<Utc>>,
     pub last_run: Option<LastRun>,
@@ -404,6 +425,8 @@ fn view(schedule: Schedule, last: Option<ScheduleRun>) -> ScheduleView {
         enabled: schedule.enabled,
         name_template: schedule.name_template,
         retention: schedule.retention.into(),
+        consistency: schedule.consistency,
+        quiesce: schedule.quiesce,
         next_run_at: schedule.next_run_at,
         last_run: last.map(|run| LastRun {
             id: run.id,
@@ -489,6 +512,11 @@ fn validate_schedule(schedule: &mut Schedule) -> Result<()> {
     validate::name("the snapshot name from name_template", &sample)
         .map_err(|e| Error::validation(format!("{e} (it gives {sample:?})")))?;
     validate::retention(&schedule.retention).map_err(Error::validation)?;
+    if schedule.quiesce.is_some() && schedule.consistency == Some(Consistency::Crash) {
+        return Err(Error::validation(
+            "quiesce applies to filesystem consistency; leave it out with consistency crash",
+        ));
+    }
     schedule.next_run_at = if schedule.enabled {
         spec.next_after(store::now())
     } else {
@@ -523,6 +551,8 @@ async fn create_schedule(
             .name_template
             .unwrap_or_else(|| schedule::DEFAULT_NAME_TEMPLATE.into()),
         retention: body.retention.into(),
+        consistency: body.consistency,
+        quiesce: body.quiesce,
         next_run_at: None,
         created_at: now,
         updated_at: now,
@@ -624,6 +654,12 @@ async fn patch_schedule(
     }
     if let Some(retention) = body.retention {
         schedule.retention = retention.into();
+    }
+    if let Some(consistency) = body.consistency {
+        schedule.consistency = consistency;
+    }
+    if let Some(quiesce) = body.quiesce {
+        schedule.quiesce = quiesce;
     }
     let next_run_at = schedule.next_run_at;
     validate_schedule(&mut schedule)?;

@@ -150,13 +150,6 @@ pub struct CreateSnapshot {
     pub quiesce: Option<Quiesce>,
 }
 
-/// Absent: leave as is; `null`: clear; a value: set.
-fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> std::result::Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
-}
-
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"expires_at": null, "hold": true}))]
@@ -164,7 +157,7 @@ pub struct PatchSnapshot {
     pub name: Option<String>,
     pub description: Option<String>,
     /// A future time to set the expiry, or `null` to clear it.
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "super::extract::present")]
     #[schema(value_type = Option<DateTime<Utc>>)]
     pub expires_at: Option<Option<DateTime<Utc>>>,
     /// Put the snapshot on hold (never pruned) or release it.

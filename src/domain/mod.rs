@@ -323,6 +323,9 @@ pub struct Schedule {
     pub enabled: bool,
     pub name_template: String,
     pub retention: retention::RetentionPolicy,
+    /// What each snapshot asks for; `None` leaves it to the VM (see `Consistency`).
+    pub consistency: Option<Consistency>,
+    pub quiesce: Option<Quiesce>,
     pub next_run_at: Option<Timestamp>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,

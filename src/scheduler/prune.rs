@@ -234,6 +234,8 @@ mod tests {
             timezone: "UTC".into(),
             enabled: true,
             name_template: "x".into(),
+            consistency: None,
+            quiesce: None,
             retention: retention::RetentionPolicy {
                 keep_last: Some(keep_last),
                 ..Default::default()

@@ -234,9 +234,8 @@ async fn snapshot_vm(
         expires_at: None,
         hold: false,
         schedule_id: Some(schedule.id),
-        // The defaults: frozen (best effort) when the VM has a guest-agent socket.
-        consistency: None,
-        quiesce: None,
+        consistency: schedule.consistency,
+        quiesce: schedule.quiesce,
     };
     match accept_in(engine, tx, new.request(vm)).await {
         Ok(job) => {

@@ -251,6 +251,18 @@ pub(crate) fn get_enum<T>(
     parse(&text).ok_or_else(|| Error::Internal(format!("unknown value {text:?} in {column}")))
 }
 
+pub(crate) fn get_opt_enum<T>(
+    row: &SqliteRow,
+    column: &str,
+    parse: fn(&str) -> Option<T>,
+) -> Result<Option<T>> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|text| {
+        parse(&text).ok_or_else(|| Error::Internal(format!("unknown value {text:?} in {column}")))
+    })
+    .transpose()
+}
+
 pub(crate) fn get_u64(row: &SqliteRow, column: &str) -> Result<u64> {
     let value: i64 = row.try_get(column)?;
     u64::try_from(value).map_err(|_| Error::Internal(format!("negative {column}")))

@@ -3,9 +3,12 @@
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-use super::{get_enum, get_id, get_opt_id, get_opt_ts, get_ts, id_text, opt_id_text, ts};
+use super::{
+    get_enum, get_id, get_opt_enum, get_opt_id, get_opt_ts, get_ts, id_text, opt_id_text, ts,
+};
 use crate::domain::{
-    RunStatus, RunTrigger, Schedule, ScheduleRun, ScheduleTarget, Timestamp, Uuid,
+    Consistency, Quiesce, RunStatus, RunTrigger, Schedule, ScheduleRun, ScheduleTarget, Timestamp,
+    Uuid,
 };
 use crate::error::{Error, Result};
 
@@ -36,6 +39,8 @@ fn from_row(row: &SqliteRow) -> Result<Schedule> {
         name_template: row.try_get("name_template")?,
         retention: serde_json::from_str(&row.try_get::<String, _>("retention")?)
             .map_err(|e| Error::Internal(format!("bad retention JSON: {e}")))?,
+        consistency: get_opt_enum(row, "consistency", Consistency::parse)?,
+        quiesce: get_opt_enum(row, "quiesce", Quiesce::parse)?,
         next_run_at: get_opt_ts(row, "next_run_at")?,
         created_at: get_ts(row, "created_at")?,
         updated_at: get_ts(row, "updated_at")?,
@@ -53,10 +58,10 @@ fn target_columns(target: &ScheduleTarget) -> (Option<String>, Option<String>) {
 pub async fn save(conn: &mut SqliteConnection, schedule: &Schedule) -> Result<()> {
     let (vm, selector) = target_columns(&schedule.target);
     sqlx::query(
-        "INSERT INTO schedules (id, name, vm_id, selector, cron, timezone, enabled, name_template, retention, next_run_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+        "INSERT INTO schedules (id, name, vm_id, selector, cron, timezone, enabled, name_template, retention, next_run_at, created_at, updated_at, consistency, quiesce)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
          ON CONFLICT (id) DO UPDATE SET name = ?2, vm_id = ?3, selector = ?4, cron = ?5, timezone = ?6, enabled = ?7,
-           name_template = ?8, retention = ?9, next_run_at = ?10, updated_at = ?12",
+           name_template = ?8, retention = ?9, next_run_at = ?10, updated_at = ?12, consistency = ?13, quiesce = ?14",
     )
     .bind(id_text(schedule.id))
     .bind(&schedule.name)
@@ -70,6 +75,8 @@ pub async fn save(conn: &mut SqliteConnection, schedule: &Schedule) -> Result<()
     .bind(schedule.next_run_at.map(ts))
     .bind(ts(schedule.created_at))
     .bind(ts(schedule.updated_at))
+    .bind(schedule.consistency.map(Consistency::as_str))
+    .bind(schedule.quiesce.map(Quiesce::as_str))
     .execute(conn)
     .await?;
     Ok(())

@@ -244,3 +244,70 @@ async fn strata_killed_while_the_guest_is_frozen_thaws_it_on_restart_and_keeps_t
         assert_files_match_metadata(&app, vm).await;
     }
 }
+
+#[tokio::test]
+async fn a_schedule_asks_every_snapshot_for_its_consistency_and_skips_a_vm_it_cannot_freeze() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (with_agent, without_agent) = (run_dir.join("a"), run_dir.join("b"));
+    std::fs::create_dir(&with_agent).unwrap();
+    std::fs::create_dir(&without_agent).unwrap();
+    let (frozen, mut frozen_process) = running_vm(&app, &with_agent, "db-1").await;
+    let agent = agent_for(&app, frozen, &with_agent, &frozen_process).await;
+    let (bare, mut bare_process) = running_vm(&app, &without_agent, "db-2").await;
+    for vm in [frozen, bare] {
+        let (status, body) = app
+            .patch(&format!("/v1/vms/{vm}"), json!({"labels": {"tier": "db"}}))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, schedule) = app
+        .post(
+            "/v1/schedules",
+            json!({"name": "db-hourly", "selector": "tier=db", "cron": "@hourly",
+                   "consistency": "filesystem", "quiesce": "required"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{schedule}");
+    assert_eq!(
+        (&schedule["consistency"], &schedule["quiesce"]),
+        (&json!("filesystem"), &json!("required"))
+    );
+    let path = format!("/v1/schedules/{}", schedule["id"].as_str().unwrap());
+
+    let (status, run) = app.post(&format!("{path}/run"), json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    for target in run["targets"].as_array().unwrap() {
+        if target["vm_id"] == json!(frozen) {
+            assert_eq!(target["outcome"], "queued", "{run}");
+            let job = app.wait_job(target["job_id"].as_str().unwrap()).await;
+            assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+            let snapshot = app.get_snapshot(job.target.id).await;
+            assert_eq!(snapshot.consistency, SnapshotConsistency::Filesystem);
+        } else {
+            assert_eq!(target["outcome"], "skipped", "{run}");
+            assert_eq!(target["code"], "guest_agent_unavailable", "{run}");
+        }
+    }
+    assert!(called(&agent, FREEZE) < called(&agent, THAW));
+
+    // Back to each VM's default; a quiesce without a freeze is refused.
+    let (status, body) = app
+        .patch(&path, json!({"consistency": null, "quiesce": null}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (&body["consistency"], &body["quiesce"]),
+        (&json!(null), &json!(null))
+    );
+    app.expect_problem(
+        reqwest::Method::PATCH,
+        &path,
+        Some(json!({"consistency": "crash", "quiesce": "required"})),
+        StatusCode::BAD_REQUEST,
+        "validation_failed",
+    )
+    .await;
+    frozen_process.stop();
+    bare_process.stop();
+}
