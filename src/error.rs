@@ -88,8 +88,13 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Qemu(#[from] QemuError),
+    /// Anything but a refusal from QEMU: a lost connection, a timeout, an answer that
+    /// does not fit. What QEMU did is not known.
     #[error("QMP: {0}")]
     Qmp(#[from] QmpError),
+    /// QEMU answered a graph-changing command with an error: it did not happen.
+    #[error("QEMU refused: {0}")]
+    QemuRefused(QmpError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
@@ -128,15 +133,23 @@ impl Error {
             Error::Problem { code, .. } => *code,
             Error::Qemu(QemuError::Cancelled) => ErrorCode::Internal,
             _ if self.is_out_of_space() => ErrorCode::InsufficientStorage,
-            Error::Qemu(_) | Error::Qmp(_) => ErrorCode::QemuFailed,
+            Error::Qemu(_) | Error::Qmp(_) | Error::QemuRefused(_) => ErrorCode::QemuFailed,
             _ => ErrorCode::Internal,
         }
     }
 
-    /// QEMU answered a command with an error: the command did not happen (unlike a
-    /// lost connection or a timeout, after which nothing is known).
+    /// QEMU refused the command that would have changed its graph: nothing happened
+    /// (unlike a lost connection or a timeout, after which nothing is known).
     pub fn is_refused_by_qemu(&self) -> bool {
-        matches!(self, Error::Qmp(QmpError::Command { .. }))
+        matches!(self, Error::QemuRefused(_))
+    }
+
+    /// `QemuRefused` for QEMU's own error answer, else what nothing can be concluded from.
+    pub fn from_graph_change(e: QmpError) -> Self {
+        match e {
+            QmpError::Command { .. } => Error::QemuRefused(e),
+            other => Error::Qmp(other),
+        }
     }
 
     /// A write failed because a file system is full: SQLite's `SQLITE_FULL` (13), an

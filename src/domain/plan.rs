@@ -194,20 +194,19 @@ pub enum FileOp {
     /// left to ask (the VM stopped), the overlays are right to record either way (an
     /// overlay QEMU never wrote reads exactly as the layer below it).
     ///
-    /// The snapshot's consistency is recorded once the switch is made; with `thaw`
-    /// (a `LiveFreeze` came before), the guest's file systems are thawed on every
-    /// path, whatever the switch's outcome.
+    /// With `freeze`, the guest agent freezes the guest's file systems right before
+    /// the transaction and thaws them right after its answer, in this step: no journal
+    /// write ever happens while the guest is frozen. A required freeze that fails, or a
+    /// transaction QEMU refuses, changed nothing: the job is undone as if it had
+    /// stopped before this step. The snapshot's consistency is recorded once the
+    /// switch is made.
     LiveSwitch {
         vm: Uuid,
         overlays: Vec<LiveOverlay>,
         snapshot: Uuid,
         #[serde(default)]
-        thaw: bool,
+        freeze: Option<Quiesce>,
     },
-    /// Freeze the running VM's file systems through its guest agent, just before the
-    /// switch. A failed freeze fails the job when `required` (nothing has changed yet:
-    /// the stop closes the overlays and thaws), else the snapshot is crash-consistent.
-    LiveFreeze { vm: Uuid, required: bool },
     /// Grow a running VM's disk through its QEMU (`block_resize`), so the guest sees the
     /// new size; offline (as `Resize`) once the VM is marked stopped.
     LiveResize {
@@ -273,7 +272,7 @@ impl FileOp {
             | FileOp::Convert { volume, .. }
             | FileOp::Import { volume, .. } => vec![volume],
             FileOp::Commit { top, base } => vec![top, base],
-            FileOp::LiveAdd { .. } | FileOp::LiveFreeze { .. } => vec![],
+            FileOp::LiveAdd { .. } => vec![],
             FileOp::LiveResize { volume, .. } => vec![volume],
             // QEMU writes the overlays from the switch on.
             FileOp::LiveSwitch { ref overlays, .. } => overlays.iter().map(|o| o.overlay).collect(),
@@ -478,10 +477,7 @@ impl Plan {
         self.steps.iter().any(|s| {
             matches!(
                 s.op,
-                FileOp::LiveAdd { .. }
-                    | FileOp::LiveFreeze { .. }
-                    | FileOp::LiveSwitch { .. }
-                    | FileOp::LiveResize { .. }
+                FileOp::LiveAdd { .. } | FileOp::LiveSwitch { .. } | FileOp::LiveResize { .. }
             )
         })
     }
@@ -704,23 +700,12 @@ pub fn plan_live_snapshot_create(
         },
         then: vec![],
     });
-    // The freeze is the last step before the switch: the guest stays frozen for no
-    // more than the switch itself and the journal write between them.
-    if let Some(quiesce) = freeze {
-        plan.steps.push(Step {
-            op: FileOp::LiveFreeze {
-                vm,
-                required: quiesce == Quiesce::Required,
-            },
-            then: vec![],
-        });
-    }
     plan.steps.push(Step {
         op: FileOp::LiveSwitch {
             vm,
             overlays,
             snapshot,
-            thaw: freeze.is_some(),
+            freeze,
         },
         then: vec![],
     });

@@ -67,10 +67,6 @@ pub struct Engine {
     running: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
     /// Progress of running jobs within a step (see `progress_reporter`).
     live_progress: Mutex<HashMap<Uuid, u8>>,
-    /// When each VM's guest answered its freeze, for a live snapshot in this process:
-    /// only a freeze seen to succeed, and thawed after the switch, makes a snapshot
-    /// `filesystem`-consistent (a resumed job cannot know, and records `crash`).
-    freezes: Mutex<HashMap<Uuid, std::time::Instant>>,
     /// Slots for work on untrusted images (see `EngineConfig::import_slots`).
     import_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -87,7 +83,6 @@ impl Engine {
             changed: watch::channel(0).0,
             running: Mutex::new(HashMap::new()),
             live_progress: Mutex::new(HashMap::new()),
-            freezes: Mutex::new(HashMap::new()),
         })
     }
 

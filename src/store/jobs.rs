@@ -382,6 +382,16 @@ pub async fn pending_for_vm(conn: &mut SqliteConnection, vm: Uuid) -> Result<Vec
 /// Record that the job starts its step of no return, unless a cancel was requested
 /// first (then nothing changes and `false` is returned). One statement, so it cannot
 /// interleave with a cancel request.
+/// Undo `enter_no_return` for a job whose step of no return did nothing (journaled
+/// with the stop, so a restart rolls it back too).
+pub async fn leave_no_return(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
+    sqlx::query("UPDATE jobs SET past_no_return = 0 WHERE id = ?")
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 pub async fn enter_no_return(conn: &mut SqliteConnection, id: Uuid) -> Result<bool> {
     let done =
         sqlx::query("UPDATE jobs SET past_no_return = 1 WHERE id = ? AND cancel_requested = 0")

@@ -125,16 +125,17 @@ async fn serve(stream: tokio::net::UnixStream, state: Arc<Mutex<AgentState>>) {
             }
         };
         let Some(reply) = reply else { continue };
-        let hook = {
+        let hooks: Vec<Hook> = {
             let state = state.lock().unwrap();
             let answered = reply.get("return").is_some();
             state
                 .hooks
                 .iter()
-                .find(|(c, _)| answered && *c == command)
+                .filter(|(c, _)| answered && *c == command)
                 .map(|(_, hook)| Arc::clone(hook))
+                .collect()
         };
-        if let Some(hook) = hook {
+        for hook in hooks {
             tokio::task::spawn_blocking(move || hook()).await.unwrap();
         }
         let mut bytes = Vec::new();

@@ -5,6 +5,8 @@
 //! present, which proves the switch fell inside the freeze.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use reqwest::StatusCode;
 use serde_json::json;
@@ -205,35 +207,55 @@ async fn consistency_is_checked_at_accept_and_recorded_on_every_snapshot() {
 
 #[tokio::test]
 async fn strata_killed_while_the_guest_is_frozen_thaws_it_on_restart_and_keeps_the_snapshot() {
-    // Steps: create(root), create(data), open the overlays (2), freeze (3), switch (4).
-    // `ran-step-3`: frozen, not journaled (the resumed freeze finds the guest frozen
-    // and goes on); `after-step-3`: journaled, killed before the switch (the resumed
-    // job did not see the freeze succeed, so cannot call the snapshot filesystem-
-    // consistent).
-    for (point, consistency) in [
-        ("ran-step-3", SnapshotConsistency::Filesystem),
-        ("after-step-3", SnapshotConsistency::Crash),
-    ] {
+    // `frozen`: strata is killed as the guest freezes (the guest frozen, nothing
+    // switched): the restart thaws it first, and the resumed switch freezes again.
+    // `ran-step-3`: the switch done and the guest thawed, its journal entry not: the
+    // restart keeps the consistency the switch recorded.
+    for point in ["frozen", "ran-step-3"] {
         let (_run, run_dir) = run_dir();
         let fault = format!("snapshot_create:{point}");
-        let mut app = spawn(&run_dir, Some(&fault)).await;
+        let mut app = spawn(&run_dir, (point != "frozen").then_some(fault.as_str())).await;
         let (vm, mut process) = running_vm(&app, &run_dir, "frozen-crash").await;
         let agent = agent_for(&app, vm, &run_dir, &process).await;
+        if point == "frozen" {
+            let pid = app.pid().unwrap();
+            let killed = Arc::new(AtomicBool::new(false));
+            agent.on(FREEZE, move || {
+                if !killed.swap(true, Ordering::SeqCst) {
+                    kill_process(pid);
+                }
+            });
+        }
         let old_root = app.active_path(vm, "root").await;
         let (status, job) = app
             .post(&format!("/v1/vms/{vm}/snapshots"), json!({"name": "s"}))
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{job}");
-        assert!(!app.wait_exit().success(), "{point}: the fault aborts");
-        assert!(agent.frozen(), "{point}: strata died with the guest frozen");
+        assert!(!app.wait_exit().success(), "{point}: strata died");
 
         app.restart(&[("STRATA_RUNTIME_DIR", run_dir.to_str().unwrap())])
             .await;
         let job = app.wait_job(job["id"].as_str().unwrap()).await;
         assert_eq!(job.status, JobStatus::Succeeded, "{point}: {job:?}");
         assert!(!agent.frozen(), "{point}: thawed after the restart");
+        let calls: Vec<String> = agent
+            .calls()
+            .into_iter()
+            .filter(|c| c == FREEZE || c == THAW)
+            .collect();
+        let expected = match point {
+            // Frozen when strata died; thawed at start; frozen and thawed again.
+            "frozen" => [FREEZE, THAW, FREEZE, THAW].as_slice(),
+            // Frozen and thawed; thawed again at start and by the resumed switch.
+            _ => [FREEZE, THAW, THAW, THAW].as_slice(),
+        };
+        assert_eq!(calls, expected, "{point}");
         let snapshot = app.get_snapshot(job.target.id).await;
-        assert_eq!(snapshot.consistency, consistency, "{point}");
+        assert_eq!(
+            snapshot.consistency,
+            SnapshotConsistency::Filesystem,
+            "{point}"
+        );
         let new_root = app.active_path(vm, "root").await;
         assert_eq!(process.top_files().await[0], new_root, "{point}");
         process.stop();

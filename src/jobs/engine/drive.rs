@@ -232,13 +232,26 @@ impl Engine {
         index: usize,
         stop: Stop,
     ) -> Result<()> {
+        // A step of no return that did nothing leaves the job as before that step: it
+        // is rolled back like any stop before it.
+        let undone = matches!(stop, Stop::Undone(_));
         let outcome = Outcome::of(job, stop);
         // Decided once: the decision is journaled before any file is touched, so a crash
         // while rolling back rolls back again instead of running the job on from a
         // state whose files were already removed.
         let mut tx = self.db.begin().await?;
         store::jobs::begin_stopping(&mut tx, job.id, outcome.error_pair()).await?;
+        if undone {
+            store::jobs::leave_no_return(&mut tx, job.id).await?;
+        }
         tx.commit().await?;
+        if undone {
+            let before = Job {
+                past_no_return: false,
+                ..job.clone()
+            };
+            return self.finish_stopping(&before, plan, index, outcome).await;
+        }
         self.finish_stopping(job, plan, index, outcome).await
     }
 
@@ -258,7 +271,7 @@ impl Engine {
         if past_no_return {
             return self.end(job, &plan.fail, &outcome).await;
         }
-        let mut undo = self.roll_back_files(job.id, plan, index).await?;
+        let mut undo = self.roll_back_files(plan, index).await?;
         undo.extend_from_slice(match (outcome.status, &plan.cancel) {
             (JobStatus::Cancelled, Some(cancel)) => cancel,
             _ => &plan.undo,
@@ -299,16 +312,11 @@ impl Engine {
     /// stream it finished is pointed back at the layer it read (still there: nothing is
     /// dropped before the final commit), and the records with it. The copied clusters
     /// stay in the file and read exactly as that layer does.
-    async fn roll_back_files(&self, job: Uuid, plan: &Plan, index: usize) -> Result<Vec<MetaOp>> {
-        // Overlays a live job opened in QEMU are closed before their files go, and a
-        // guest frozen for the switch (or perhaps frozen: a freeze cut short) is thawed.
-        for (at, step) in plan.steps.iter().enumerate() {
-            match step.op {
-                FileOp::LiveAdd { vm, ref overlays } => self.live_remove(vm, overlays).await?,
-                FileOp::LiveFreeze { vm, .. } if at <= index => {
-                    self.live_unfreeze(job, vm).await?;
-                }
-                _ => {}
+    async fn roll_back_files(&self, plan: &Plan, index: usize) -> Result<Vec<MetaOp>> {
+        // Overlays a live job opened in QEMU are closed before their files go.
+        for step in &plan.steps {
+            if let FileOp::LiveAdd { vm, ref overlays } = step.op {
+                self.live_remove(vm, overlays).await?;
             }
         }
         for step in &plan.steps {

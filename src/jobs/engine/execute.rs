@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::super::{Engine, FORWARD_RETRIES, KILLED_RETRIES};
 use super::Stop;
+use super::live::Switch;
 use crate::domain::plan::FileOp;
 use crate::domain::{Job, Uuid};
 use crate::error::{Error, Result};
@@ -47,14 +48,26 @@ impl Engine {
                 return Err(Stop::Parked(error));
             }
             // A switch or grow that may have happened must be recorded, never given
-            // up: the job waits until QEMU answers (or is gone) and tries again. A grow
-            // QEMU refused did not happen (`block_resize` is all or nothing, and the
-            // size is checked before it is tried again), and fails as an offline one.
-            if matches!(op, FileOp::LiveResize { .. }) && error.is_refused_by_qemu() {
-                return Err(Stop::Failed(error));
-            }
-            if matches!(op, FileOp::LiveSwitch { .. } | FileOp::LiveResize { .. }) {
-                return Err(Stop::Parked(error));
+            // up: the job waits until QEMU answers (or is gone) and tries again. One
+            // that surely did not happen (QEMU refused it; a required freeze failed
+            // before the switch was sent) is undone, or fails as an offline grow does.
+            match op {
+                FileOp::LiveSwitch { .. } => {
+                    let nothing_done = error.is_refused_by_qemu()
+                        || error.code() == crate::error::ErrorCode::QuiesceFailed;
+                    return Err(if nothing_done {
+                        Stop::Undone(error)
+                    } else {
+                        Stop::Parked(error)
+                    });
+                }
+                FileOp::LiveResize { .. } if error.is_refused_by_qemu() => {
+                    return Err(Stop::Failed(error));
+                }
+                FileOp::LiveResize { .. } if matches!(error, Error::Qmp(_)) => {
+                    return Err(Stop::Parked(error));
+                }
+                _ => {}
             }
             let killed = matches!(error, Error::Qemu(QemuError::Killed { .. }));
             let retry = if past_no_return {
@@ -119,13 +132,22 @@ impl Engine {
                 self.copy(op, cancel, progress).await?;
             }
             FileOp::LiveAdd { vm, ref overlays } => self.live_add(vm, overlays).await?,
-            FileOp::LiveFreeze { vm, required } => self.live_freeze(job, vm, required).await?,
             FileOp::LiveSwitch {
                 vm,
                 ref overlays,
                 snapshot,
-                thaw,
-            } => self.live_switch(job, vm, overlays, snapshot, thaw).await?,
+                freeze,
+            } => {
+                let switch = Switch {
+                    job,
+                    vm,
+                    overlays,
+                    snapshot,
+                    freeze,
+                    again,
+                };
+                self.live_switch(switch).await?
+            }
             FileOp::LiveResize {
                 vm,
                 volume,

@@ -13,11 +13,11 @@ use serde_json::{Value, json};
 
 use super::super::Engine;
 use crate::domain::plan::LiveOverlay;
-use crate::domain::{SnapshotConsistency, Uuid, Vm, VmState};
+use crate::domain::{Quiesce, SnapshotConsistency, Uuid, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::live::{DiskChain, match_disks};
-use crate::qemu::guest_agent::{FreezeStatus, GuestAgent};
-use crate::qemu::qmp::{BlockNode, Qmp};
+use crate::qemu::guest_agent::{AgentError, FreezeStatus, GuestAgent};
+use crate::qemu::qmp::{BlockNode, Qmp, QmpError};
 use crate::store;
 
 /// Bounds every exchange with a monitor. Graph changes are quick; a QEMU that does not
@@ -39,12 +39,30 @@ enum Reach {
     Unreachable(Error),
 }
 
-/// What a switch found or did.
-enum Switch {
-    Made,
-    /// The VM was marked stopped: nothing to switch, the overlays are recorded as the
-    /// layers QEMU's successor reads.
-    VmStopped,
+/// A `FileOp::LiveSwitch` to run: which job, which VM, which overlays, and whether an
+/// earlier attempt may have run it.
+pub(super) struct Switch<'a> {
+    pub job: Uuid,
+    pub vm: Uuid,
+    pub overlays: &'a [LiveOverlay],
+    pub snapshot: Uuid,
+    pub freeze: Option<Quiesce>,
+    pub again: bool,
+}
+
+/// Why a freeze failed: before the freeze command was sent (nothing can be frozen),
+/// or after (the guest may be frozen, or become so: it must be thawed).
+enum FreezeFailure {
+    NotSent(String),
+    Sent(String),
+}
+
+impl FreezeFailure {
+    fn reason(&self) -> &str {
+        match self {
+            FreezeFailure::NotSent(reason) | FreezeFailure::Sent(reason) => reason,
+        }
+    }
 }
 
 /// Where every disk of a live step stands in QEMU's graph.
@@ -96,64 +114,181 @@ impl Engine {
         Ok(())
     }
 
-    /// Freeze the guest's file systems for the switch that follows. A failed freeze is
-    /// the job's failure when `required` (nothing has changed: the stop closes the
-    /// overlays and thaws); otherwise its reason goes into the job's `quiesce_error`
-    /// and the snapshot is crash-consistent. The VM stopped: nothing to freeze.
-    pub(super) async fn live_freeze(&self, job: Uuid, vm: Uuid, required: bool) -> Result<()> {
-        let record = store::vms::get_vm(&mut *self.db.reader().await?, vm).await?;
-        let Some(record) = record.filter(|r| r.state == VmState::Running) else {
-            return Ok(());
+    /// Switch every disk onto its overlay in one transaction (all or none), the guest
+    /// frozen around it when asked, and record the snapshot's consistency.
+    ///
+    /// The graph is read first (switched already: only the thaw and the record are
+    /// left); the freeze comes right before the transaction and the thaw right after
+    /// its answer, on every path, so the guest is frozen for no more than the
+    /// transaction. `filesystem` is recorded only when this attempt saw the freeze
+    /// succeed and the thaw find file systems still frozen; anything else is `crash`
+    /// (`stopped` when the VM was marked stopped before any attempt could switch).
+    pub(super) async fn live_switch(&self, step: Switch<'_>) -> Result<()> {
+        let Switch {
+            job,
+            vm,
+            overlays,
+            snapshot,
+            freeze,
+            again,
+        } = step;
+        let mut qmp = match self.connect_live(vm).await? {
+            Reach::Reached(qmp) => qmp,
+            Reach::Stopped => {
+                tracing::warn!(%vm, "the VM was stopped; its overlays are recorded as they are");
+                // Recorded by an attempt that switched; else an earlier attempt may
+                // have switched, and the guest written since.
+                if self.job_detail(job).await?.get("consistency").is_some() {
+                    return Ok(());
+                }
+                let consistency = if again {
+                    SnapshotConsistency::Crash
+                } else {
+                    SnapshotConsistency::Stopped
+                };
+                return self
+                    .record_consistency(job, snapshot, consistency, None)
+                    .await;
+            }
+            // Parked by the caller until QEMU answers or the VM is marked stopped.
+            Reach::Unreachable(e) => return Err(e),
         };
-        match self.freeze_guest(&record).await {
-            Ok(()) => {
-                let mut freezes = self.freezes.lock().unwrap_or_else(|e| e.into_inner());
-                freezes.insert(vm, Instant::now());
-                Ok(())
+        let nodes = qmp.block_nodes().await?;
+        let disk_nodes = match self.live_graph(&nodes, overlays).await? {
+            Graph::Switched => {
+                // Switched by an earlier attempt, which may have died with the guest
+                // frozen, or failed to thaw it (then this job waits until it can).
+                let detail = self.job_detail(job).await?;
+                if freeze.is_some() {
+                    let failed_before = detail.get("thaw_error").is_some_and(|e| !e.is_null());
+                    let thawed = self.thaw_guest(job, vm).await?;
+                    if thawed.is_none() && failed_before {
+                        return Err(Error::problem(
+                            ErrorCode::QemuFailed,
+                            "the guest's file systems could not be thawed",
+                        ));
+                    }
+                }
+                // Recorded by the attempt that switched, unless it died first.
+                if detail.get("consistency").is_some() {
+                    return Ok(());
+                }
+                return self
+                    .record_consistency(job, snapshot, SnapshotConsistency::Crash, None)
+                    .await;
             }
-            Err(e) if required => Err(Error::problem(
-                ErrorCode::QuiesceFailed,
-                format!("could not freeze VM {}'s file systems: {e}", record.name),
-            )),
-            Err(e) => {
-                tracing::warn!(%job, %vm, error = %e, "the guest's file systems could not be frozen; the snapshot is crash-consistent");
-                let mut tx = self.db.begin().await?;
-                store::jobs::add_detail(&mut tx, job, &json!({ "quiesce_error": e })).await?;
-                tx.commit().await?;
-                Ok(())
+            Graph::Before(disk_nodes) => disk_nodes,
+        };
+        let actions: Vec<Value> = overlays
+            .iter()
+            .zip(&disk_nodes)
+            .map(|(overlay, node)| {
+                json!({"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay_node(overlay.overlay)}})
+            })
+            .collect();
+
+        let mut must_thaw = false;
+        let mut frozen_at = None;
+        if let Some(quiesce) = freeze {
+            match self.freeze_guest(vm).await {
+                Ok(()) => {
+                    must_thaw = true;
+                    frozen_at = Some(Instant::now());
+                }
+                Err(failure) => {
+                    // A freeze that timed out may still complete in the guest.
+                    if let FreezeFailure::Sent(_) = failure {
+                        self.thaw_guest(job, vm).await?;
+                    }
+                    if quiesce == Quiesce::Required {
+                        return Err(Error::problem(
+                            ErrorCode::QuiesceFailed,
+                            format!(
+                                "could not freeze the guest's file systems: {}",
+                                failure.reason()
+                            ),
+                        ));
+                    }
+                    tracing::warn!(%job, %vm, error = failure.reason(), "the guest's file systems could not be frozen; the snapshot is crash-consistent");
+                    let detail = json!({ "quiesce_error": failure.reason() });
+                    self.add_detail(job, &detail).await?;
+                }
             }
+        }
+        let sent = qmp
+            .execute::<Value>("transaction", json!({"actions": actions}))
+            .await;
+        let thawed = if must_thaw {
+            self.thaw_guest(job, vm).await?
+        } else {
+            None
+        };
+        let frozen_ms = frozen_at.map(|at| at.elapsed().as_millis() as u64);
+        sent.map_err(Error::from_graph_change)?;
+
+        let consistency = if thawed.is_some_and(|n| n > 0) {
+            SnapshotConsistency::Filesystem
+        } else {
+            SnapshotConsistency::Crash
+        };
+        let frozen_ms = frozen_ms.filter(|_| consistency == SnapshotConsistency::Filesystem);
+        self.record_consistency(job, snapshot, consistency, frozen_ms)
+            .await?;
+        if must_thaw && thawed.is_none() {
+            // Switched, but the guest may still be frozen: the job waits (parked) and
+            // tries the thaw again.
+            return Err(Error::problem(
+                ErrorCode::QemuFailed,
+                "the guest's file systems could not be thawed",
+            ));
+        }
+        let nodes = qmp.block_nodes().await?;
+        match self.live_graph(&nodes, overlays).await? {
+            Graph::Switched => Ok(()),
+            Graph::Before(_) => Err(Error::Qmp(QmpError::Protocol {
+                command: "transaction".into(),
+                detail: "QEMU accepted the snapshot transaction but still reads the old layers"
+                    .into(),
+            })),
         }
     }
 
     /// Ask the guest agent to freeze every file system, within the freeze timeout (on
-    /// the read of the answer itself). Found frozen (by an attempt that died before
-    /// the switch), it stays frozen.
-    async fn freeze_guest(&self, vm: &Vm) -> std::result::Result<(), String> {
-        let socket = vm
-            .runtime
-            .guest_agent_socket
-            .as_deref()
-            .ok_or("the VM has no guest-agent socket")?;
+    /// the read of the answer itself). Found frozen (by an attempt that died), it stays
+    /// frozen: the switch still falls inside a freeze.
+    async fn freeze_guest(&self, vm: Uuid) -> std::result::Result<(), FreezeFailure> {
+        let record = store::vms::get_vm(
+            &mut *self
+                .db
+                .reader()
+                .await
+                .map_err(|e| FreezeFailure::NotSent(e.to_string()))?,
+            vm,
+        )
+        .await
+        .map_err(|e| FreezeFailure::NotSent(e.to_string()))?;
+        let socket = record
+            .and_then(|r| r.runtime.guest_agent_socket)
+            .ok_or_else(|| FreezeFailure::NotSent("the VM has no guest-agent socket".into()))?;
         let timeout = self.config.freeze_timeout;
-        let mut agent = GuestAgent::connect(Path::new(socket), timeout)
+        let not_sent = |e: AgentError| FreezeFailure::NotSent(e.to_string());
+        let mut agent = GuestAgent::connect(Path::new(&socket), timeout)
             .await
-            .map_err(|e| e.to_string())?;
-        if agent
-            .freeze_status(timeout)
-            .await
-            .map_err(|e| e.to_string())?
-            == FreezeStatus::Frozen
-        {
+            .map_err(not_sent)?;
+        if agent.freeze_status(timeout).await.map_err(not_sent)? == FreezeStatus::Frozen {
             return Ok(());
         }
-        agent.freeze(timeout).await.map_err(|e| e.to_string())?;
-        Ok(())
+        agent
+            .freeze(timeout)
+            .await
+            .map(drop)
+            .map_err(|e| FreezeFailure::Sent(e.to_string()))
     }
 
     /// Thaw the guest's file systems, a few times over if need be (a guest left frozen
-    /// stops working). The number thawed (0: nothing was frozen, or the VM stopped). A
-    /// thaw that keeps failing is logged as an error and put in the job's `thaw_error`:
-    /// the guest may need thawing by hand.
+    /// stops working). The number thawed (0: nothing was frozen, or the VM stopped);
+    /// `None` when every try failed: that is logged as an error and put in the job's
+    /// `thaw_error` (cleared by a later success).
     pub(super) async fn thaw_guest(&self, job: Uuid, vm: Uuid) -> Result<Option<u64>> {
         let record = store::vms::get_vm(&mut *self.db.reader().await?, vm).await?;
         let Some(socket) = record
@@ -170,7 +305,13 @@ impl Engine {
                 agent.thaw(timeout).await
             };
             match thawed.await {
-                Ok(count) => return Ok(Some(count)),
+                Ok(count) => {
+                    let detail = self.job_detail(job).await?;
+                    if detail.get("thaw_error").is_some_and(|e| !e.is_null()) {
+                        self.add_detail(job, &json!({ "thaw_error": null })).await?;
+                    }
+                    return Ok(Some(count));
+                }
                 Err(e) => last = e.to_string(),
             }
             if attempt < THAW_ATTEMPTS {
@@ -178,46 +319,23 @@ impl Engine {
             }
         }
         tracing::error!(%job, %vm, error = %last, "could not thaw the guest's file systems; thaw them by hand (guest-fsfreeze-thaw)");
-        let mut tx = self.db.begin().await?;
-        store::jobs::add_detail(&mut tx, job, &json!({ "thaw_error": last })).await?;
-        tx.commit().await?;
+        self.add_detail(job, &json!({ "thaw_error": last })).await?;
         Ok(None)
     }
 
-    /// Switch every disk onto its overlay in one transaction (all or none), thaw the
-    /// guest if it was frozen for it (on every path), and record the snapshot's
-    /// consistency once the switch is made: `filesystem` only when this process saw
-    /// the freeze succeed and the thaw find file systems still frozen (a guest that
-    /// thawed itself, or a resumed job, cannot prove the switch fell inside a freeze).
-    pub(super) async fn live_switch(
+    /// What the job's attempts recorded so far in its `detail`.
+    async fn job_detail(&self, job: Uuid) -> Result<Value> {
+        let job = store::jobs::get(&mut *self.db.reader().await?, job).await?;
+        Ok(job.and_then(|j| j.detail).unwrap_or(Value::Null))
+    }
+
+    async fn record_consistency(
         &self,
         job: Uuid,
-        vm: Uuid,
-        overlays: &[LiveOverlay],
         snapshot: Uuid,
-        thaw: bool,
+        consistency: SnapshotConsistency,
+        frozen_ms: Option<u64>,
     ) -> Result<()> {
-        let switched = self.switch(vm, overlays).await;
-        let frozen_at = self
-            .freezes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&vm);
-        let thawed = if thaw {
-            self.thaw_guest(job, vm).await?
-        } else {
-            None
-        };
-        let consistency = match switched? {
-            Switch::VmStopped => SnapshotConsistency::Stopped,
-            Switch::Made if thawed.is_some_and(|n| n > 0) && frozen_at.is_some() => {
-                SnapshotConsistency::Filesystem
-            }
-            Switch::Made => SnapshotConsistency::Crash,
-        };
-        let frozen_ms = frozen_at
-            .filter(|_| consistency == SnapshotConsistency::Filesystem)
-            .map(|at| at.elapsed().as_millis() as u64);
         let mut tx = self.db.begin().await?;
         store::snapshots::set_consistency(&mut tx, snapshot, consistency).await?;
         let detail = json!({ "consistency": consistency, "frozen_ms": frozen_ms });
@@ -226,48 +344,11 @@ impl Engine {
         Ok(())
     }
 
-    /// The switch itself. Done already, or no QEMU left: nothing to do.
-    async fn switch(&self, vm: Uuid, overlays: &[LiveOverlay]) -> Result<Switch> {
-        let mut qmp = match self.connect_live(vm).await? {
-            Reach::Reached(qmp) => qmp,
-            Reach::Stopped => {
-                tracing::warn!(%vm, "the VM was stopped; its overlays are recorded as they are");
-                return Ok(Switch::VmStopped);
-            }
-            // Parked by the caller until QEMU answers or the VM is marked stopped.
-            Reach::Unreachable(e) => return Err(e),
-        };
-        let nodes = qmp.block_nodes().await?;
-        let disk_nodes = match self.live_graph(&nodes, overlays).await? {
-            Graph::Switched => return Ok(Switch::Made),
-            Graph::Before(disk_nodes) => disk_nodes,
-        };
-        let actions: Vec<Value> = overlays
-            .iter()
-            .zip(&disk_nodes)
-            .map(|(overlay, node)| {
-                json!({"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay_node(overlay.overlay)}})
-            })
-            .collect();
-        qmp.execute::<Value>("transaction", json!({"actions": actions}))
-            .await?;
-        let nodes = qmp.block_nodes().await?;
-        match self.live_graph(&nodes, overlays).await? {
-            Graph::Switched => Ok(Switch::Made),
-            Graph::Before(_) => Err(Error::problem(
-                ErrorCode::RuntimeMismatch,
-                "QEMU accepted the snapshot transaction but still reads the old layers",
-            )),
-        }
-    }
-
-    /// Forget a freeze of a job that stopped, and thaw the guest.
-    pub(super) async fn live_unfreeze(&self, job: Uuid, vm: Uuid) -> Result<()> {
-        self.freezes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&vm);
-        self.thaw_guest(job, vm).await.map(drop)
+    async fn add_detail(&self, job: Uuid, detail: &Value) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        store::jobs::add_detail(&mut tx, job, detail).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Grow a running VM's disk in its QEMU, so the guest sees the new size; done
@@ -290,23 +371,34 @@ impl Engine {
             }
             Reach::Unreachable(e) => return Err(e),
         };
-        let node = self.live_node(&mut qmp, volume).await?;
+        // What is not a QMP error here fails the job (the records keep the old size),
+        // unless an earlier attempt may have sent the grow: then nothing is known.
+        let unsettled = |e: Error| match e {
+            Error::Qmp(_) => e,
+            other => Error::Qmp(QmpError::Protocol {
+                command: "block_resize".into(),
+                detail: other.to_string(),
+            }),
+        };
+        let node = match self.live_node(&mut qmp, volume).await {
+            Err(e) if again => return Err(unsettled(e)),
+            found => found?,
+        };
         if node.image.virtual_size < size_bytes {
             qmp.execute::<Value>(
                 "block_resize",
                 json!({"node-name": node.node_name, "size": size_bytes}),
             )
-            .await?;
+            .await
+            .map_err(Error::from_graph_change)?;
         }
-        let grown = self.live_node(&mut qmp, volume).await?;
+        // From here on QEMU may have grown the disk: every doubt parks the job.
+        let grown = self.live_node(&mut qmp, volume).await.map_err(unsettled)?;
         if grown.image.virtual_size < size_bytes {
-            return Err(Error::problem(
-                ErrorCode::QemuFailed,
-                format!(
-                    "QEMU accepted block_resize but the disk is {} bytes",
-                    grown.image.virtual_size
-                ),
-            ));
+            return Err(unsettled(Error::Internal(format!(
+                "QEMU accepted block_resize but the disk is {} bytes",
+                grown.image.virtual_size
+            ))));
         }
         Ok(())
     }

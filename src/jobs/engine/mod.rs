@@ -20,6 +20,10 @@ enum Stop {
     Failed(Error),
     /// Past its point of no return, out of space: it waits (parked) and goes on later.
     Parked(Error),
+    /// The step of no return did nothing (QEMU refused the switch, or a required
+    /// freeze failed before it was sent): the job fails, undone as if it had stopped
+    /// before that step.
+    Undone(Error),
 }
 
 /// A stop as the journal records it: the final status and, for a failure, its code
@@ -36,7 +40,7 @@ impl Outcome {
                 status: JobStatus::Cancelled,
                 error: None,
             },
-            Stop::Failed(e) | Stop::Parked(e) => {
+            Stop::Failed(e) | Stop::Parked(e) | Stop::Undone(e) => {
                 if e.code().status().is_server_error() {
                     tracing::error!(job = %job.id, kind = %job.kind, error = %e, "job failed");
                 } else {

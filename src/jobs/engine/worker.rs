@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::super::{BOOKKEEPING_RETRIES, Engine};
+use crate::domain::plan::FileOp;
 use crate::domain::{Job, JobKind, JobStatus, Uuid};
 use crate::error::Result;
 use crate::files::uploads;
@@ -18,6 +19,22 @@ impl Engine {
     pub async fn recover(self: &Arc<Self>) -> Result<usize> {
         let interrupted = store::jobs::list_running(&mut *self.db.reader().await?).await?;
         let count = interrupted.len();
+        // A guest frozen for a switch the crash cut short must not wait for the older
+        // jobs resumed before its own: it is thawed first (a thaw with nothing frozen
+        // does nothing), and its resumed job records what it can prove.
+        for job in &interrupted {
+            for step in job.plan.iter().flat_map(|plan| &plan.steps) {
+                if let FileOp::LiveSwitch {
+                    vm,
+                    freeze: Some(_),
+                    ..
+                } = step.op
+                    && let Err(e) = self.thaw_guest(job.id, vm).await
+                {
+                    tracing::error!(job = %job.id, %vm, error = %e, "could not thaw a guest frozen before the restart");
+                }
+            }
+        }
         for job in interrupted {
             tracing::warn!(job = %job.id, kind = %job.kind, phase = ?job.phase, step = job.next_step, "resuming interrupted job");
             self.run(job).await;
