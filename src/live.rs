@@ -67,19 +67,21 @@ impl Live {
             .map_err(|_| refuse(format!("{path:?} is not valid UTF-8")))
     }
 
-    /// Greet the VM's monitor: its QEMU version, or `qmp_unavailable` when nothing
-    /// answers or what answers is not QEMU's monitor.
-    pub async fn probe_qmp(&self, vm: Uuid, socket: &str) -> Result<String> {
+    /// Greet the VM's monitor: its QEMU version and whether it can pause its guest, or
+    /// `qmp_unavailable` when nothing answers or what answers is not QEMU's monitor.
+    pub async fn probe_qmp(&self, vm: Uuid, socket: &str) -> Result<(String, bool)> {
         let answer = Qmp::connect(Path::new(socket), PROBE_TIMEOUT).await;
         self.record_contact(vm, answer.is_ok());
-        let qmp = answer.map_err(|e| {
+        let unavailable = |e: QmpError| {
             let why = match e {
                 QmpError::NotQmp(_) => format!("{socket} does not speak QMP ({e})"),
                 other => format!("{socket} does not answer as a QEMU monitor: {other}"),
             };
             Error::problem(ErrorCode::QmpUnavailable, why)
-        })?;
-        Ok(qmp.version().to_string())
+        };
+        let mut qmp = answer.map_err(unavailable)?;
+        let can_pause = qmp.can_pause().await.map_err(unavailable)?;
+        Ok((qmp.version().to_string(), can_pause))
     }
 
     pub fn record_contact(&self, vm: Uuid, reached: bool) {

@@ -102,6 +102,10 @@ pub struct JobDetail {
     /// (`guest-fsfreeze-thaw`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thaw_error: Option<String>,
+    /// How long a live deletion paused the guest (`stop` to `cont`): around the pivot
+    /// of an active commit, or to make QEMU write a merge's tables to disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_ms: Option<u64>,
 }
 
 /// The planner's choice for one disk, with the estimates it compared.

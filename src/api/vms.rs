@@ -198,6 +198,13 @@ pub struct RuntimeView {
     /// QEMU's version, as the monitor reported it when the socket was given.
     #[schema(example = "10.0.2")]
     pub qemu_version: Option<String>,
+    /// Whether that QEMU can pause its guest (`stop`/`cont`; a VM's QEMU can, a
+    /// qemu-storage-daemon cannot). Deleting a snapshot whose layer is the parent of a
+    /// disk's active layer commits the active layer down and switches the disk onto the
+    /// merged file, with the guest paused for that moment, only then; otherwise the
+    /// snapshot's layer is streamed up into the active layer.
+    #[schema(example = true)]
+    pub can_pause: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -320,6 +327,7 @@ fn runtime_view(state: &AppState, vm: &Vm) -> Option<RuntimeView> {
             .as_ref()
             .and_then(|_| state.live.last_contact(vm.id)),
         qemu_version: runtime.qemu_version.clone(),
+        can_pause: runtime.can_pause,
     })
 }
 
@@ -535,7 +543,8 @@ async fn refuse_while_busy(conn: &mut sqlx::SqliteConnection, vm: &Vm) -> Result
 /// The sockets a PATCH gives, checked: inside `--runtime-dir`, unix sockets, and a
 /// monitor that greets as QEMU's (unless it is the one already recorded).
 struct GivenSockets {
-    qmp: Option<(String, Option<String>)>,
+    /// The monitor's socket, with its QEMU's version and whether it can pause the guest.
+    qmp: Option<(String, Option<String>, Option<bool>)>,
     guest_agent: Option<String>,
 }
 
@@ -551,16 +560,18 @@ async fn checked_sockets(state: &AppState, id: &str, body: &PatchVm) -> Result<G
             let socket = state.live.check_socket("qmp_socket", path)?;
             let mut conn = state.db.reader().await?;
             let vm = find_vm(&mut conn, id).await?;
-            let version = if vm.runtime.qmp_socket.as_deref() == Some(socket.as_str()) {
-                vm.runtime.qemu_version
+            let (version, can_pause) = if vm.runtime.qmp_socket.as_deref() == Some(socket.as_str())
+            {
+                (vm.runtime.qemu_version, vm.runtime.can_pause)
             } else {
                 // Refused before greeting a monitor for nothing (checked again when
                 // the change is written).
                 refuse_while_busy(&mut conn, &vm).await?;
                 drop(conn);
-                Some(state.live.probe_qmp(vm.id, &socket).await?)
+                let (version, can_pause) = state.live.probe_qmp(vm.id, &socket).await?;
+                (Some(version), Some(can_pause))
             };
-            Some((socket, version))
+            Some((socket, version, can_pause))
         }
     };
     Ok(GivenSockets { qmp, guest_agent })
@@ -571,7 +582,7 @@ impl GivenSockets {
     fn changes_qmp(&self, vm: &Vm) -> bool {
         self.qmp
             .as_ref()
-            .is_some_and(|(socket, _)| vm.runtime.qmp_socket.as_ref() != Some(socket))
+            .is_some_and(|(socket, _, _)| vm.runtime.qmp_socket.as_ref() != Some(socket))
     }
 
     /// Record the sockets on the VM as read in the write transaction; a stopped VM
@@ -591,9 +602,10 @@ impl GivenSockets {
             vm.runtime = Default::default();
             return Ok(());
         }
-        if let Some((socket, version)) = self.qmp {
+        if let Some((socket, version, can_pause)) = self.qmp {
             vm.runtime.qmp_socket = Some(socket);
             vm.runtime.qemu_version = version;
+            vm.runtime.can_pause = can_pause;
         }
         if let Some(socket) = self.guest_agent {
             vm.runtime.guest_agent_socket = Some(socket);

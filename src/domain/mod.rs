@@ -194,6 +194,9 @@ pub struct VmRuntime {
     pub guest_agent_socket: Option<String>,
     /// QEMU's version, as its monitor reported it when the socket was given.
     pub qemu_version: Option<String>,
+    /// Whether that QEMU can pause its guest (`stop`/`cont`), as its monitor listed its
+    /// commands then: a live deletion pivots a disk onto its parent only then.
+    pub can_pause: Option<bool>,
 }
 
 impl Vm {

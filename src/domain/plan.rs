@@ -214,6 +214,31 @@ pub enum FileOp {
         volume: Uuid,
         size_bytes: u64,
     },
+    /// `Commit` of layers the running VM's QEMU reads, done by QEMU (`block-commit`):
+    /// `above` is the layer QEMU reads on top of `top`, which QEMU points at `base` by
+    /// its relative name. With no `above`, `top` is the disk's active layer: once the
+    /// copy has converged QEMU switches the disk onto `base` (the pivot), the guest
+    /// paused from before the switch until strata has recorded it. Until that record
+    /// `top` over `base` is the disk; after it, `base` alone (`top` is never read again).
+    /// With the VM stopped, it is finished offline from the files, which all stay until
+    /// the plan is over.
+    LiveCommit {
+        vm: Uuid,
+        top: Uuid,
+        base: Uuid,
+        above: Option<Uuid>,
+    },
+    /// `Stream` into `volume`, a layer the running VM's QEMU reads, done by QEMU
+    /// (`block-stream`, which then points `volume` at `backing` by its relative name).
+    /// `from` (the layer `volume` reads now) stays until the plan is over: QEMU writes
+    /// the new backing name before it writes the tables of what it copied, so until
+    /// `volume`'s file maps those clusters on disk, `volume` over `from` is the disk.
+    LiveStream {
+        vm: Uuid,
+        volume: Uuid,
+        from: Uuid,
+        backing: Option<Uuid>,
+    },
 }
 
 /// One disk of a live snapshot: the layer QEMU writes now and the overlay that takes
@@ -237,6 +262,10 @@ impl FileOp {
                 | FileOp::Resize { .. }
                 | FileOp::LiveSwitch { .. }
                 | FileOp::LiveResize { .. }
+                // QEMU points the layer above at the new backing itself: the graph
+                // cannot be put back as it was.
+                | FileOp::LiveCommit { .. }
+                | FileOp::LiveStream { .. }
         )
     }
 
@@ -249,6 +278,18 @@ impl FileOp {
                 | FileOp::Stream { .. }
                 | FileOp::Convert { .. }
                 | FileOp::Import { .. }
+        )
+    }
+
+    /// Whether the operation works through a running VM's QEMU.
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self,
+            FileOp::LiveAdd { .. }
+                | FileOp::LiveSwitch { .. }
+                | FileOp::LiveResize { .. }
+                | FileOp::LiveCommit { .. }
+                | FileOp::LiveStream { .. }
         )
     }
 
@@ -274,6 +315,13 @@ impl FileOp {
             FileOp::Commit { top, base } => vec![top, base],
             FileOp::LiveAdd { .. } => vec![],
             FileOp::LiveResize { volume, .. } => vec![volume],
+            FileOp::LiveCommit {
+                top, base, above, ..
+            } => [Some(top), Some(base), above]
+                .into_iter()
+                .flatten()
+                .collect(),
+            FileOp::LiveStream { volume, .. } => vec![volume],
             // QEMU writes the overlays from the switch on.
             FileOp::LiveSwitch { ref overlays, .. } => overlays.iter().map(|o| o.overlay).collect(),
         }
@@ -474,12 +522,7 @@ impl Plan {
     /// Index of the first step after which the job can no longer be undone.
     /// Whether a step works on a running VM's QEMU.
     pub fn is_live(&self) -> bool {
-        self.steps.iter().any(|s| {
-            matches!(
-                s.op,
-                FileOp::LiveAdd { .. } | FileOp::LiveSwitch { .. } | FileOp::LiveResize { .. }
-            )
-        })
+        self.steps.iter().any(|s| s.op.is_live())
     }
 
     pub fn point_of_no_return(&self) -> Option<usize> {
@@ -515,6 +558,20 @@ impl Plan {
 
     /// True when the plan writes or removes a file that a hypervisor running the VM
     /// holds open (any layer of a disk's active chain).
+    /// Whether a step outside QEMU (a qemu-img step) writes a file on a disk's active
+    /// chain, which a running VM's QEMU has open.
+    pub fn writes_offline_into_active_chains(&self, disks: &[DiskGraph]) -> bool {
+        let open: BTreeSet<Uuid> = disks
+            .iter()
+            .filter_map(|disk| disk.active().map(|active| disk.chain_from(active.id)))
+            .flatten()
+            .map(|v| v.id)
+            .collect();
+        self.steps.iter().any(|step| {
+            !step.op.is_live() && step.op.written_volumes().iter().any(|v| open.contains(v))
+        })
+    }
+
     pub fn touches_active_chains(&self, disks: &[DiskGraph]) -> bool {
         let touched = self.touched_volumes();
         disks.iter().any(|disk| {
@@ -890,6 +947,30 @@ pub fn plan_snapshot_delete(
     previous: ResourceStatus,
     disks: &[DiskGraph],
 ) -> Result<Plan, PlanError> {
+    plan_snapshot_delete_with(snapshot, previous, disks, true)
+}
+
+/// `plan_snapshot_delete` for a running VM reached through its QEMU: the merges of
+/// layers QEMU reads run inside QEMU (see `go_live`). `can_pivot`: whether the VM's
+/// QEMU can pause the guest around a pivot; if not, an active layer is never committed
+/// down (the snapshot's layer is streamed up into it instead, whatever it costs).
+pub fn plan_live_snapshot_delete(
+    vm: Uuid,
+    snapshot: Uuid,
+    previous: ResourceStatus,
+    disks: &[DiskGraph],
+    can_pivot: bool,
+) -> Result<Plan, PlanError> {
+    let plan = plan_snapshot_delete_with(snapshot, previous, disks, can_pivot)?;
+    Ok(go_live(plan, vm, disks))
+}
+
+fn plan_snapshot_delete_with(
+    snapshot: Uuid,
+    previous: ResourceStatus,
+    disks: &[DiskGraph],
+    commit_active: bool,
+) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     plan.flag_snapshot_deleting(snapshot, previous);
     for disk in disks {
@@ -909,7 +990,10 @@ pub fn plan_snapshot_delete(
                     bytes_to_copy: 0,
                 });
             }
-            [child] if child.allocated_bytes <= frozen.allocated_bytes => {
+            [child]
+                if child.allocated_bytes <= frozen.allocated_bytes
+                    && (commit_active || child.owner != Owner::Active) =>
+            {
                 commit_child_into(&mut plan, disk, frozen, child);
                 plan.merges.push(MergeChoice {
                     disk_id: disk.disk_id,
@@ -1195,6 +1279,29 @@ pub fn plan_delete_all_snapshots(
     snapshots: &[(Uuid, ResourceStatus)],
     disks: &[DiskGraph],
 ) -> Result<Plan, PlanError> {
+    plan_delete_all_with(vm, snapshots, disks, true)
+}
+
+/// `plan_delete_all_snapshots` for a running VM reached through its QEMU (see
+/// `plan_live_snapshot_delete`): each chain collapses by a live commit into its base
+/// (only where QEMU can pause the guest around the pivot) or a live stream into its
+/// active layer.
+pub fn plan_live_delete_all_snapshots(
+    vm: Uuid,
+    snapshots: &[(Uuid, ResourceStatus)],
+    disks: &[DiskGraph],
+    can_pivot: bool,
+) -> Result<Plan, PlanError> {
+    let plan = plan_delete_all_with(vm, snapshots, disks, can_pivot)?;
+    Ok(go_live(plan, vm, disks))
+}
+
+fn plan_delete_all_with(
+    vm: Uuid,
+    snapshots: &[(Uuid, ResourceStatus)],
+    disks: &[DiskGraph],
+    commit_active: bool,
+) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
     for &(snapshot, previous) in snapshots {
         plan.flag_snapshot_deleting(snapshot, previous);
@@ -1235,7 +1342,7 @@ pub fn plan_delete_all_snapshots(
             let stream_bytes: u64 = chain[1..].iter().map(|v| v.allocated_bytes).sum();
             // Committing into the base rewrites it even if other branches sit on it; that
             // is safe here only because every one of those branches is dropped too.
-            let action = if commit_bytes <= stream_bytes {
+            let action = if commit_bytes <= stream_bytes && commit_active {
                 MergeAction::Commit
             } else {
                 MergeAction::Stream
@@ -1306,6 +1413,65 @@ pub fn plan_delete_all_snapshots(
         plan.drop_unread_shared_layers(disk, &[]);
     }
     Ok(plan)
+}
+
+/// Hand the merges of layers a running VM's QEMU reads to QEMU: a `Commit` or `Stream`
+/// of a layer on a disk's active chain becomes its live form, and the repoint of the
+/// layer QEMU reads above a committed one is QEMU's to do (its record goes with the live
+/// commit). Every other step works on files QEMU has not open and stays as it is.
+pub fn go_live(plan: Plan, vm: Uuid, disks: &[DiskGraph]) -> Plan {
+    let open: BTreeSet<Uuid> = disks
+        .iter()
+        .filter_map(|disk| disk.active().map(|active| disk.chain_from(active.id)))
+        .flatten()
+        .map(|v| v.id)
+        .collect();
+    // The layer QEMU reads directly on top of an open one.
+    let above = |volume: Uuid| {
+        disks
+            .iter()
+            .flat_map(|d| &d.volumes)
+            .find(|v| v.parent == Some(volume) && open.contains(&v.id))
+            .map(|v| v.id)
+    };
+    let mut steps: Vec<Step> = Vec::with_capacity(plan.steps.len());
+    for step in plan.steps {
+        let op = match step.op {
+            FileOp::Commit { top, base } if open.contains(&top) => FileOp::LiveCommit {
+                vm,
+                top,
+                base,
+                above: above(top),
+            },
+            FileOp::Stream {
+                volume,
+                from: Some(from),
+                backing,
+            } if open.contains(&volume) => FileOp::LiveStream {
+                vm,
+                volume,
+                from,
+                backing,
+            },
+            FileOp::Repoint { volume, backing } => {
+                let done_by_qemu = steps.iter_mut().find(|s| {
+                    matches!(s.op, FileOp::LiveCommit { base, above: Some(above), .. }
+                        if above == volume && base == backing)
+                });
+                if let Some(live_commit) = done_by_qemu {
+                    live_commit.then.extend(step.then);
+                    continue;
+                }
+                FileOp::Repoint { volume, backing }
+            }
+            op => op,
+        };
+        steps.push(Step {
+            op,
+            then: step.then,
+        });
+    }
+    Plan { steps, ..plan }
 }
 
 /// Grow a running VM's disk through its QEMU: the offline plan, its step done live.

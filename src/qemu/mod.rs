@@ -298,6 +298,38 @@ impl Qemu {
         serde_json::from_slice(&out).map_err(|e| self.output_error(e))
     }
 
+    /// The byte ranges `path` itself maps (data or zero clusters of its own, not of its
+    /// backing chain), as its file on disk says now: read with `-U`, so it works on a
+    /// file a running VM's QEMU holds open, and sees only what QEMU has written out of
+    /// its caches. Sorted, adjacent ranges joined.
+    pub async fn own_ranges(&self, path: &Path) -> Result<Vec<(u64, u64)>, QemuError> {
+        #[derive(Deserialize)]
+        struct Extent {
+            start: u64,
+            length: u64,
+            depth: u64,
+            present: bool,
+        }
+        let args = ["map", "-U", "--output=json", "-f", "qcow2"]
+            .map(String::from)
+            .into_iter()
+            .chain([path_arg(path)]);
+        let out = self
+            .run(&args.collect::<Vec<_>>(), self.quick_timeout, None, None)
+            .await?;
+        let extents: Vec<Extent> =
+            serde_json::from_slice(&out).map_err(|e| self.output_error(e))?;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for extent in extents.iter().filter(|e| e.present && e.depth == 0) {
+            let end = extent.start + extent.length;
+            match ranges.last_mut() {
+                Some(last) if last.1 == extent.start => last.1 = end,
+                _ => ranges.push((extent.start, end)),
+            }
+        }
+        Ok(ranges)
+    }
+
     /// Consistency check; leaks alone (exit 3) are reported, not treated as failure.
     pub async fn check(&self, path: &Path) -> Result<CheckReport, QemuError> {
         let args = ["check", "--output=json", "-f", "qcow2"]
@@ -661,6 +693,25 @@ impl Qemu {
     }
 }
 
+/// Whether the sorted, disjoint ranges `held` cover every range of `needed` (any order).
+pub fn ranges_cover(held: &[(u64, u64)], needed: &[(u64, u64)]) -> bool {
+    needed.iter().all(|&(start, end)| {
+        let mut at = start;
+        for &(from, to) in held {
+            if from > at {
+                break;
+            }
+            if to > at {
+                at = to;
+            }
+            if at >= end {
+                break;
+            }
+        }
+        at >= end
+    })
+}
+
 fn path_arg(path: &Path) -> String {
     path.display().to_string()
 }
@@ -690,6 +741,17 @@ mod tests {
         assert_eq!(last_progress(b"    (100.00/100%)\r"), Some(1.0));
         assert_eq!(last_progress(b""), None);
         assert_eq!(last_progress(b"    (12.5"), None);
+    }
+
+    #[test]
+    fn ranges_cover_needs_every_byte_of_every_needed_range() {
+        let held = [(0, 4), (4, 8), (16, 20)];
+        assert!(ranges_cover(&held, &[(0, 8), (17, 19), (5, 5)]));
+        assert!(ranges_cover(&held, &[]));
+        assert!(!ranges_cover(&held, &[(6, 10)]));
+        assert!(!ranges_cover(&held, &[(12, 14)]));
+        assert!(!ranges_cover(&[], &[(0, 1)]));
+        assert!(!ranges_cover(&held, &[(0, 8), (15, 20)]));
     }
 
     #[test]

@@ -245,6 +245,28 @@ impl Qmp {
         self.execute("query-jobs", json!({})).await
     }
 
+    /// Whether this QEMU can pause and resume its guest (`stop`, `cont`, `query-status`):
+    /// a VM's QEMU can, a `qemu-storage-daemon` cannot.
+    pub async fn can_pause(&mut self) -> Result<bool, QmpError> {
+        #[derive(Deserialize)]
+        struct Command {
+            name: String,
+        }
+        let commands: Vec<Command> = self.execute("query-commands", json!({})).await?;
+        let has = |name: &str| commands.iter().any(|c| c.name == name);
+        Ok(has("stop") && has("cont") && has("query-status"))
+    }
+
+    /// Whether the guest's CPUs run (`query-status`), as opposed to paused.
+    pub async fn guest_running(&mut self) -> Result<bool, QmpError> {
+        #[derive(Deserialize)]
+        struct Status {
+            running: bool,
+        }
+        let status: Status = self.execute("query-status", json!({})).await?;
+        Ok(status.running)
+    }
+
     /// The events seen so far (for the log: state is learned by querying).
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)

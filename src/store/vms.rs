@@ -27,6 +27,7 @@ fn vm_from_row(row: &SqliteRow) -> Result<Vm> {
             qmp_socket: row.try_get("qmp_socket")?,
             guest_agent_socket: row.try_get("guest_agent_socket")?,
             qemu_version: row.try_get("qemu_version")?,
+            can_pause: row.try_get("qemu_can_pause")?,
         },
         created_at: get_ts(row, "created_at")?,
         updated_at: get_ts(row, "updated_at")?,
@@ -109,7 +110,8 @@ pub async fn insert_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
 pub async fn update_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
     sqlx::query(
         "UPDATE vms SET name = ?, description = ?, labels = ?, state = ?, qmp_socket = ?,
-         guest_agent_socket = ?, qemu_version = ?, updated_at = ? WHERE id = ?",
+         guest_agent_socket = ?, qemu_version = ?, qemu_can_pause = ?, updated_at = ?
+         WHERE id = ?",
     )
     .bind(&vm.name)
     .bind(&vm.description)
@@ -118,6 +120,7 @@ pub async fn update_vm(conn: &mut SqliteConnection, vm: &Vm) -> Result<()> {
     .bind(&vm.runtime.qmp_socket)
     .bind(&vm.runtime.guest_agent_socket)
     .bind(&vm.runtime.qemu_version)
+    .bind(vm.runtime.can_pause)
     .bind(ts(vm.updated_at))
     .bind(id_text(vm.id))
     .execute(conn)

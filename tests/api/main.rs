@@ -10,6 +10,7 @@ mod guest_agent;
 mod imports;
 mod jobs;
 mod live;
+mod live_merge;
 mod openapi;
 mod qmp;
 mod quiesce;

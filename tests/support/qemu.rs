@@ -128,11 +128,13 @@ pub fn check_clean(path: impl AsRef<Path>) {
 }
 
 /// The file names of the backing chain, top first (fails if a backing file is missing).
+/// Read with `-U`: it may be the chain of a running VM's disk.
 pub fn chain(path: impl AsRef<Path>) -> Vec<String> {
     let stdout = must_run(
         "qemu-img",
         &[
             "info",
+            "-U",
             "--output=json",
             "--backing-chain",
             "-f",

@@ -2324,3 +2324,111 @@ fn a_shared_layer_another_snapshot_or_the_present_sits_on_is_never_dropped() {
     let left = after(&all, &graphs);
     assert_eq!(left[0].volumes.len(), 1);
 }
+
+// ---------------------------------------------------------------------------------
+// Live merges (a running VM reached through its QEMU)
+// ---------------------------------------------------------------------------------
+
+#[test]
+fn a_live_delete_of_a_middle_layer_is_committed_by_qemu_which_repoints_the_layer_above() {
+    let c = classic(700 * MIB, 40 * MIB, 3 * MIB);
+    let graphs = [c.disk.build()];
+    let vm = new_id();
+    let plan =
+        plan_live_snapshot_delete(vm, c.snap01, ResourceStatus::Ready, &graphs, false).unwrap();
+    // The repoint of l2 is QEMU's (block-commit's backing-file), recorded with the step.
+    assert_eq!(
+        file_ops(&plan),
+        [FileOp::LiveCommit {
+            vm,
+            top: c.l1,
+            base: c.l0,
+            above: Some(c.l2),
+        }]
+    );
+    assert!(plan.steps[0].then.contains(&MetaOp::SetVolumeParent {
+        volume: c.l2,
+        parent: Some(c.l0),
+    }));
+    assert!(!plan.writes_offline_into_active_chains(&graphs));
+    assert_eq!(plan.point_of_no_return(), Some(0));
+    assert_store_order(&plan, &graphs);
+}
+
+#[test]
+fn a_live_delete_of_the_newest_snapshot_pivots_only_where_qemu_can_pause() {
+    let c = classic(700 * MIB, 40 * MIB, 3 * MIB);
+    let graphs = [c.disk.build()];
+    let vm = new_id();
+    let pivot =
+        plan_live_snapshot_delete(vm, c.snap02, ResourceStatus::Ready, &graphs, true).unwrap();
+    assert_eq!(
+        file_ops(&pivot),
+        [FileOp::LiveCommit {
+            vm,
+            top: c.l2,
+            base: c.l1,
+            above: None,
+        }]
+    );
+    assert_eq!(pivot.merges[0].action, MergeAction::Commit);
+    // Without a pause the snapshot's layer is streamed up, though it costs more.
+    let stream =
+        plan_live_snapshot_delete(vm, c.snap02, ResourceStatus::Ready, &graphs, false).unwrap();
+    assert_eq!(
+        file_ops(&stream),
+        [FileOp::LiveStream {
+            vm,
+            volume: c.l2,
+            from: c.l1,
+            backing: Some(c.l0),
+        }]
+    );
+    assert_eq!(stream.merges[0].action, MergeAction::Stream);
+    for plan in [&pivot, &stream] {
+        assert!(!plan.writes_offline_into_active_chains(&graphs));
+        assert_store_order(plan, &graphs);
+    }
+}
+
+#[test]
+fn a_live_plan_leaves_the_merges_of_layers_qemu_has_not_open_to_qemu_img() {
+    // x and y sit on the base beside the present chain: QEMU does not read them.
+    let t = tree(100 * MIB, 200 * MIB, 3 * MIB);
+    let graphs = [t.disk.build()];
+    let vm = new_id();
+    let plan = plan_live_snapshot_delete(vm, t.snapshots[2], ResourceStatus::Ready, &graphs, true)
+        .unwrap();
+    assert!(!plan.is_live(), "{:?}", file_ops(&plan));
+    assert!(!plan.writes_offline_into_active_chains(&graphs));
+    // Deleting everything: QEMU collapses the present chain, the branch is dropped.
+    let all = plan_live_delete_all_snapshots(
+        vm,
+        &t.snapshots
+            .iter()
+            .map(|s| (*s, ResourceStatus::Ready))
+            .collect::<Vec<_>>(),
+        &graphs,
+        true,
+    )
+    .unwrap();
+    assert_eq!(
+        file_ops(&all),
+        [FileOp::LiveCommit {
+            vm,
+            top: t.present,
+            base: t.base,
+            above: None,
+        }]
+    );
+    assert!(all.drops.contains(&t.x) && all.drops.contains(&t.y));
+    assert_store_order(&all, &graphs);
+}
+
+#[test]
+fn an_offline_plan_on_the_present_chain_is_seen_writing_files_qemu_has_open() {
+    let c = classic(700 * MIB, 40 * MIB, 3 * MIB);
+    let graphs = [c.disk.build()];
+    let plan = plan_snapshot_delete(c.snap01, ResourceStatus::Ready, &graphs).unwrap();
+    assert!(plan.writes_offline_into_active_chains(&graphs));
+}

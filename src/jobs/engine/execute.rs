@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use super::super::{Engine, FORWARD_RETRIES, KILLED_RETRIES};
 use super::Stop;
 use super::live::Switch;
+use super::live_merge::LiveMerge;
 use crate::domain::plan::FileOp;
 use crate::domain::{Job, Uuid};
 use crate::error::{Error, Result};
@@ -65,6 +66,19 @@ impl Engine {
                     return Err(Stop::Failed(error));
                 }
                 FileOp::LiveResize { .. } if matches!(error, Error::Qmp(_)) => {
+                    return Err(Stop::Parked(error));
+                }
+                // A QEMU that cannot be asked now, or a graph that is not what the
+                // records say: the merge waits (its files all stay) until QEMU answers,
+                // the graph is put right, or the VM is marked stopped.
+                FileOp::LiveCommit { .. } | FileOp::LiveStream { .. }
+                    if matches!(error, Error::Qmp(_))
+                        || matches!(
+                            error.code(),
+                            crate::error::ErrorCode::RuntimeMismatch
+                                | crate::error::ErrorCode::VmRunning
+                        ) =>
+                {
                     return Err(Stop::Parked(error));
                 }
                 _ => {}
@@ -153,6 +167,10 @@ impl Engine {
                 volume,
                 size_bytes,
             } => self.live_resize(vm, volume, size_bytes, again).await?,
+            FileOp::LiveCommit { .. } | FileOp::LiveStream { .. } => {
+                let merge = LiveMerge::of(op).expect("a live merge step");
+                self.live_merge(job, merge, progress).await?
+            }
         }
         Ok(())
     }
@@ -165,7 +183,7 @@ impl Engine {
     /// (it only scans clusters inside the file), so the repair after the kill misses
     /// it; the next write that grows the file over that cluster turns it into an
     /// ordinary leak, which this repair frees.
-    async fn merge(
+    pub(super) async fn merge(
         &self,
         op: &FileOp,
         again: bool,

@@ -29,7 +29,7 @@ const THAW_ATTEMPTS: u32 = 3;
 const THAW_PAUSE: Duration = Duration::from_secs(1);
 
 /// What a live step can know of the VM's QEMU.
-enum Reach {
+pub(super) enum Reach {
     Reached(Qmp),
     /// The orchestrator marked the VM stopped: its QEMU is gone (a VM cannot be marked
     /// running again while the job is pending).
@@ -324,7 +324,7 @@ impl Engine {
     }
 
     /// What the job's attempts recorded so far in its `detail`.
-    async fn job_detail(&self, job: Uuid) -> Result<Value> {
+    pub(super) async fn job_detail(&self, job: Uuid) -> Result<Value> {
         let job = store::jobs::get(&mut *self.db.reader().await?, job).await?;
         Ok(job.and_then(|j| j.detail).unwrap_or(Value::Null))
     }
@@ -344,7 +344,7 @@ impl Engine {
         Ok(())
     }
 
-    async fn add_detail(&self, job: Uuid, detail: &Value) -> Result<()> {
+    pub(super) async fn add_detail(&self, job: Uuid, detail: &Value) -> Result<()> {
         let mut tx = self.db.begin().await?;
         store::jobs::add_detail(&mut tx, job, detail).await?;
         tx.commit().await?;
@@ -479,7 +479,7 @@ impl Engine {
     /// The VM's QEMU as far as a step can know it. Only the orchestrator's word that
     /// the VM stopped means its QEMU is gone: a refused connection or a missing socket
     /// may be a QEMU restarting, or one whose socket path was removed while it runs.
-    async fn connect_live(&self, vm: Uuid) -> Result<Reach> {
+    pub(super) async fn connect_live(&self, vm: Uuid) -> Result<Reach> {
         let record = store::vms::get_vm(&mut *self.db.reader().await?, vm).await?;
         let Some(record) = record.filter(|r| r.state == VmState::Running) else {
             return Ok(Reach::Stopped);

@@ -35,6 +35,16 @@ impl Engine {
                 }
             }
         }
+        // Likewise a guest paused for a pivot (or a flush) the crash cut short.
+        for job in &interrupted {
+            for step in job.plan.iter().flat_map(|plan| &plan.steps) {
+                if let Some(merge) = super::live_merge::LiveMerge::of(&step.op)
+                    && let Err(e) = self.resume_paused_guest(job.id, merge).await
+                {
+                    tracing::error!(job = %job.id, error = %e, "could not resume a guest paused before the restart");
+                }
+            }
+        }
         for job in interrupted {
             tracing::warn!(job = %job.id, kind = %job.kind, phase = ?job.phase, step = job.next_step, "resuming interrupted job");
             self.run(job).await;

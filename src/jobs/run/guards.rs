@@ -222,14 +222,38 @@ pub fn restore_listed(listed: &[ListedSnapshot]) -> Vec<MetaOp> {
         .collect()
 }
 
-/// A merge may run beside a running guest only if it leaves every file the hypervisor
-/// has open alone (e.g. dropping a layer on another branch).
+/// Whether merges on `vm` run inside its QEMU: it runs, and strata can reach its
+/// monitor.
+pub fn merges_live(vm: &Vm) -> bool {
+    vm.state == VmState::Running && vm.runtime.qmp_socket.is_some()
+}
+
+/// A merge may run beside a running guest only if QEMU does every part of it that
+/// touches a file QEMU has open (a live plan), or if it leaves those files alone (e.g.
+/// dropping a layer on another branch).
 pub fn refuse_merge_while_running(vm: &Vm, plan: &Plan, graphs: &[DiskGraph]) -> Result<()> {
-    if vm.state == VmState::Running && plan.touches_active_chains(graphs) {
+    if vm.state != VmState::Running {
+        return Ok(());
+    }
+    if merges_live(vm) {
+        // Never reached: `go_live` hands QEMU every step on an open file. Refused
+        // rather than run a writing qemu-img under a running guest.
+        if plan.writes_offline_into_active_chains(graphs) {
+            return Err(Error::problem(
+                ErrorCode::VmRunning,
+                format!(
+                    "this deletion would rewrite a file VM {} is running on outside its QEMU; stop the VM first",
+                    vm.name
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    if plan.touches_active_chains(graphs) {
         return Err(Error::problem(
             ErrorCode::VmRunning,
             format!(
-                "deleting this snapshot merges layers VM {} is running on; stop the VM first",
+                "deleting this snapshot merges layers VM {} is running on: stop the VM first, or give its QMP socket (PATCH qmp_socket, inside --runtime-dir) to merge them live",
                 vm.name
             ),
         ));

@@ -3,9 +3,9 @@
 use sqlx::SqliteConnection;
 
 use super::guards::{
-    find_snapshot, list_all_for_collapse, listed_snapshots, load_vm, refuse_merge_while_running,
-    require_deletable, require_ready, require_stopped, require_stopped_or_reachable,
-    restore_listed,
+    find_snapshot, list_all_for_collapse, listed_snapshots, load_vm, merges_live,
+    refuse_merge_while_running, require_deletable, require_ready, require_stopped,
+    require_stopped_or_reachable, restore_listed,
 };
 use super::links::flatten_dependents_first;
 use super::{Admission, Planning, Run};
@@ -159,7 +159,17 @@ impl Run for SnapshotDelete {
     }
 
     async fn plan(&self, cx: &mut Planning<'_>) -> Result<Plan> {
-        let plan = plan::plan_snapshot_delete(self.snapshot, self.previous_status, &cx.graphs)?;
+        let plan = if merges_live(&cx.vm) {
+            plan::plan_live_snapshot_delete(
+                cx.vm.id,
+                self.snapshot,
+                self.previous_status,
+                &cx.graphs,
+                cx.vm.runtime.can_pause == Some(true),
+            )?
+        } else {
+            plan::plan_snapshot_delete(self.snapshot, self.previous_status, &cx.graphs)?
+        };
         refuse_merge_while_running(&cx.vm, &plan, &cx.graphs)?;
         flatten_dependents_first(cx, plan, &self.flatten).await
     }
@@ -187,7 +197,16 @@ impl Run for SnapshotDeleteAll {
 
     async fn plan(&self, cx: &mut Planning<'_>) -> Result<Plan> {
         let snapshots = listed_snapshots(cx.conn, self.vm, &self.snapshots).await?;
-        let plan = plan::plan_delete_all_snapshots(self.vm, &snapshots, &cx.graphs)?;
+        let plan = if merges_live(&cx.vm) {
+            plan::plan_live_delete_all_snapshots(
+                self.vm,
+                &snapshots,
+                &cx.graphs,
+                cx.vm.runtime.can_pause == Some(true),
+            )?
+        } else {
+            plan::plan_delete_all_snapshots(self.vm, &snapshots, &cx.graphs)?
+        };
         refuse_merge_while_running(&cx.vm, &plan, &cx.graphs)?;
         Ok(plan)
     }

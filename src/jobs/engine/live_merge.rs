@@ -1,0 +1,583 @@
+//! Live merges: a snapshot's layer merged away while its VM runs, by QEMU's own block
+//! jobs on the chain it has open (`block-commit`, `block-stream`). strata never runs a
+//! writing qemu-img on a file a running QEMU has open.
+//!
+//! Every step learns where it stands from QEMU and the journal, never from what an
+//! earlier attempt remembers: the QEMU job has an id derived from the layer it merges,
+//! `auto-dismiss` off, and is dismissed only after strata recorded its success in the
+//! job's `detail.live_merges`. So a redone step finds the QEMU job running, ready or
+//! concluded, or finds its success recorded, or finds no job and starts one.
+//!
+//! Two facts of QEMU 10 shape the rest (both seen with qemu-storage-daemon):
+//! - QEMU writes a layer's new backing name into its header when a job completes, but
+//!   may keep the cluster tables that make that header true in its cache: after a
+//!   completed stream, the header named the new backing while the streamed clusters were
+//!   not mapped on disk, and a kill -9 lost them. So the file merged away stays until
+//!   the file that took its clusters maps them on disk (`qemu-img map -U`) and strata
+//!   fsync'd it (QEMU is asked to write its caches out by pausing the guest, where it
+//!   can; otherwise the job waits, parked, for the guest's next flush). A QEMU crash
+//!   before that is finished offline from files that are all still there.
+//! - An active commit's pivot cannot be seen in the files: after a kill -9 nothing says
+//!   whether QEMU switched the disk onto the base. So the guest is paused (`stop`) before
+//!   `job-complete` and resumed (`cont`) only after strata recorded the pivot. QEMU killed
+//!   before that record: nothing was written since the pause, the old top over the base
+//!   still holds the whole disk, and committing it down again offline loses nothing.
+//!   After it: the base alone is the disk (QEMU flushed it before switching), and the old
+//!   top is never read again. (With `auto-finalize` off, a write made while the job
+//!   waited to be finalized reached the old top only and was lost by the pivot: it stays
+//!   on.)
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::super::Engine;
+use super::live::Reach;
+use crate::domain::Uuid;
+use crate::domain::plan::FileOp;
+use crate::error::{Error, ErrorCode, Result};
+use crate::files;
+use crate::qemu::qmp::{BlockNode, JobInfo, Qmp, QmpError};
+use crate::store;
+
+/// How often a running QEMU job is asked how far it got.
+const POLL: Duration = Duration::from_millis(50);
+
+/// One live merge, as its plan step describes it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum LiveMerge {
+    Commit {
+        vm: Uuid,
+        top: Uuid,
+        base: Uuid,
+        above: Option<Uuid>,
+    },
+    Stream {
+        vm: Uuid,
+        volume: Uuid,
+        from: Uuid,
+        backing: Option<Uuid>,
+    },
+}
+
+impl LiveMerge {
+    pub(super) fn of(op: &FileOp) -> Option<Self> {
+        match *op {
+            FileOp::LiveCommit {
+                vm,
+                top,
+                base,
+                above,
+            } => Some(Self::Commit {
+                vm,
+                top,
+                base,
+                above,
+            }),
+            FileOp::LiveStream {
+                vm,
+                volume,
+                from,
+                backing,
+            } => Some(Self::Stream {
+                vm,
+                volume,
+                from,
+                backing,
+            }),
+            _ => None,
+        }
+    }
+
+    fn vm(&self) -> Uuid {
+        match *self {
+            Self::Commit { vm, .. } | Self::Stream { vm, .. } => vm,
+        }
+    }
+
+    /// The layer whose merge this is: it names the QEMU job and the record.
+    fn key(&self) -> Uuid {
+        match *self {
+            Self::Commit { top, .. } => top,
+            Self::Stream { volume, .. } => volume,
+        }
+    }
+
+    /// The QEMU job's id: the same for every attempt, so a redone step finds it.
+    fn qemu_job_id(&self) -> String {
+        match self {
+            Self::Commit { top, .. } => format!("strata-commit-{}", top.simple()),
+            Self::Stream { volume, .. } => format!("strata-stream-{}", volume.simple()),
+        }
+    }
+
+    /// The file that takes the merged clusters and stays.
+    fn kept(&self) -> Uuid {
+        match *self {
+            Self::Commit { base, .. } => base,
+            Self::Stream { volume, .. } => volume,
+        }
+    }
+
+    fn is_pivot(&self) -> bool {
+        matches!(self, Self::Commit { above: None, .. })
+    }
+}
+
+impl Engine {
+    /// Run one live merge to its end: QEMU's job done and recorded, the nodes of the
+    /// merged-away layers closed, and the kept file's tables on disk. With the VM
+    /// stopped, the merge is finished offline from the files.
+    pub(super) async fn live_merge(
+        &self,
+        job: Uuid,
+        merge: LiveMerge,
+        progress: &(dyn Fn(f32) + Send + Sync),
+    ) -> Result<()> {
+        let mut qmp = match self.connect_live(merge.vm()).await? {
+            Reach::Reached(qmp) => qmp,
+            Reach::Stopped => return self.merge_offline(job, merge, progress).await,
+            // Past the point of no return: the job waits (parked) for QEMU to answer or
+            // for the VM to be marked stopped.
+            Reach::Unreachable(e) => return Err(e),
+        };
+        if self.merge_recorded(job, &merge).await? {
+            // Recorded by an attempt that died before it dismissed QEMU's job (or let
+            // the guest run again).
+            let id = merge.qemu_job_id();
+            if qmp.jobs().await?.iter().any(|j| j.id == id) {
+                qmp.execute::<Value>("job-dismiss", json!({ "id": id }))
+                    .await?;
+            }
+            self.resume_guest(&mut qmp, job, &id, None).await?;
+        } else {
+            self.run_qemu_job(&mut qmp, job, &merge, progress).await?;
+        }
+        let gone = self.merged_away(&merge).await?;
+        self.close_nodes(&mut qmp, &gone).await?;
+        self.settle_on_disk(&mut qmp, job, &merge, &gone).await
+    }
+
+    /// Drive QEMU's job from wherever it stands to its recorded success.
+    async fn run_qemu_job(
+        &self,
+        qmp: &mut Qmp,
+        job: Uuid,
+        merge: &LiveMerge,
+        progress: &(dyn Fn(f32) + Send + Sync),
+    ) -> Result<()> {
+        let id = merge.qemu_job_id();
+        let mut paused_at: Option<Instant> = None;
+        loop {
+            let found: Option<JobInfo> = qmp.jobs().await?.into_iter().find(|j| j.id == id);
+            let Some(info) = found else {
+                // Never started (a started job stays until strata recorded it).
+                self.start_qemu_job(qmp, merge).await?;
+                self.live_fault_point(job, "started").await;
+                continue;
+            };
+            if info.total_progress > 0 {
+                progress(info.current_progress as f32 / info.total_progress as f32);
+            }
+            match info.status.as_str() {
+                "concluded" => {
+                    if let Some(error) = info.error {
+                        // Nothing was switched: the graph is as before the job.
+                        qmp.execute::<Value>("job-dismiss", json!({ "id": id }))
+                            .await?;
+                        self.resume_guest(qmp, job, &id, paused_at).await?;
+                        return Err(qemu_job_failed(&id, &error));
+                    }
+                    // Recorded before the job is dismissed, and before the guest runs
+                    // again: from here on the kept file is the disk.
+                    self.live_fault_point(job, "concluded").await;
+                    self.record_merged(job, merge).await?;
+                    self.live_fault_point(job, "recorded").await;
+                    self.resume_guest(qmp, job, &id, paused_at).await?;
+                    qmp.execute::<Value>("job-dismiss", json!({ "id": id }))
+                        .await?;
+                    return Ok(());
+                }
+                "ready" if merge.is_pivot() => {
+                    if paused_at.is_none() {
+                        paused_at = Some(self.pause_guest(qmp, job, &id).await?);
+                        self.live_fault_point(job, "paused").await;
+                    }
+                    // Refused while QEMU cannot complete yet (a new write to copy):
+                    // asked again at the next poll.
+                    match qmp
+                        .execute::<Value>("job-complete", json!({ "id": id }))
+                        .await
+                    {
+                        Ok(_) | Err(QmpError::Command { .. }) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                // Paused by someone else: a paused merge never ends.
+                "paused" | "standby" => {
+                    qmp.execute::<Value>("job-resume", json!({ "id": id }))
+                        .await?;
+                }
+                "pending" => {
+                    qmp.execute::<Value>("job-finalize", json!({ "id": id }))
+                        .await?;
+                }
+                _ => {}
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Start QEMU's job, after checking QEMU reads the layers the step merges.
+    async fn start_qemu_job(&self, qmp: &mut Qmp, merge: &LiveMerge) -> Result<()> {
+        let nodes = qmp.block_nodes().await?;
+        let id = merge.qemu_job_id();
+        let mut arguments = match *merge {
+            LiveMerge::Commit {
+                top, base, above, ..
+            } => {
+                let top_node = self.node_reading(&nodes, top, Some(base))?;
+                let base_node = self.node_reading(&nodes, base, None)?;
+                let device = match above {
+                    // The device is the active layer QEMU writes, above everything.
+                    Some(above) => self.top_of_chain(&nodes, above)?,
+                    None => top_node.clone(),
+                };
+                let mut arguments = json!({
+                    "device": device,
+                    "top-node": top_node,
+                    "base-node": base_node,
+                });
+                if above.is_some() {
+                    // Written into the header of the layer above as given: relative, as
+                    // strata names every backing file. (QEMU refuses it for an active
+                    // commit, which rewrites no header.)
+                    arguments["backing-file"] = json!(files::volume_file_name(base));
+                }
+                arguments
+            }
+            LiveMerge::Stream {
+                volume,
+                from,
+                backing,
+                ..
+            } => {
+                let node = self.node_reading(&nodes, volume, Some(from))?;
+                let mut arguments = json!({ "device": node });
+                if let Some(backing) = backing {
+                    arguments["base-node"] = json!(self.node_reading(&nodes, backing, None)?);
+                    arguments["backing-file"] = json!(files::volume_file_name(backing));
+                }
+                arguments
+            }
+        };
+        arguments["job-id"] = json!(id);
+        arguments["auto-dismiss"] = json!(false);
+        let command = match merge {
+            LiveMerge::Commit { .. } => "block-commit",
+            LiveMerge::Stream { .. } => "block-stream",
+        };
+        qmp.execute::<Value>(command, arguments)
+            .await
+            .map_err(Error::from_graph_change)?;
+        Ok(())
+    }
+
+    /// The format node QEMU reads `volume`'s file through, with `below` somewhere
+    /// beneath it (or anything, when `None`). Any other graph is a mismatch: never
+    /// guessed.
+    fn node_reading(
+        &self,
+        nodes: &[BlockNode],
+        volume: Uuid,
+        below: Option<Uuid>,
+    ) -> Result<String> {
+        let file = self.volume_path(volume).display().to_string();
+        let below = below.map(|b| self.volume_path(b).display().to_string());
+        let found: Vec<&BlockNode> = nodes
+            .iter()
+            .filter(|n| n.drv == "qcow2" && n.image.file_name() == file)
+            .filter(|n| {
+                below
+                    .as_ref()
+                    .is_none_or(|b| n.image.chain()[1..].contains(b))
+            })
+            .collect();
+        match found.as_slice() {
+            [node] => Ok(node.node_name.clone()),
+            [] => Err(mismatch(format!(
+                "QEMU does not read {file}{}",
+                below.map(|b| format!(" on top of {b}")).unwrap_or_default()
+            ))),
+            several => Err(mismatch(format!(
+                "QEMU opened {file} {} times",
+                several.len()
+            ))),
+        }
+    }
+
+    /// The node at the top of the chain `volume` is in (what the guest writes).
+    fn top_of_chain(&self, nodes: &[BlockNode], volume: Uuid) -> Result<String> {
+        let file = self.volume_path(volume).display().to_string();
+        let tops: Vec<&BlockNode> = nodes
+            .iter()
+            .filter(|n| n.drv == "qcow2" && n.image.chain().contains(&file))
+            .filter(|n| {
+                // Nothing else reads it as a backing file.
+                let name = n.image.file_name();
+                !nodes
+                    .iter()
+                    .any(|other| other.drv == "qcow2" && other.image.chain()[1..].contains(&name))
+            })
+            .collect();
+        match tops.as_slice() {
+            [node] => Ok(node.node_name.clone()),
+            [] => Err(mismatch(format!("QEMU does not read {file}"))),
+            several => Err(mismatch(format!(
+                "{file} is read by {} chains in QEMU",
+                several.len()
+            ))),
+        }
+    }
+
+    /// Pause the guest for a pivot, recording first that strata paused it (so a
+    /// restart resumes it). A guest already paused (by an earlier attempt, or by the
+    /// orchestrator) stays as it is.
+    async fn pause_guest(&self, qmp: &mut Qmp, job: Uuid, qemu_job: &str) -> Result<Instant> {
+        if qmp.guest_running().await? {
+            self.add_detail(job, &json!({ "paused_for": qemu_job }))
+                .await?;
+            qmp.execute::<Value>("stop", json!({})).await?;
+        }
+        Ok(Instant::now())
+    }
+
+    /// Let the guest run again if strata paused it for this QEMU job.
+    async fn resume_guest(
+        &self,
+        qmp: &mut Qmp,
+        job: Uuid,
+        qemu_job: &str,
+        paused_at: Option<Instant>,
+    ) -> Result<()> {
+        let detail = self.job_detail(job).await?;
+        if detail.get("paused_for").and_then(Value::as_str) != Some(qemu_job) {
+            return Ok(());
+        }
+        qmp.execute::<Value>("cont", json!({})).await?;
+        let mut cleared = json!({ "paused_for": null });
+        if let Some(at) = paused_at {
+            cleared["paused_ms"] = json!(at.elapsed().as_millis() as u64);
+        }
+        self.add_detail(job, &cleared).await
+    }
+
+    /// At start, before any job resumes: a guest a pivot paused before the restart is
+    /// let run again once it is known whether the pivot happened (recorded first if it
+    /// did). A pivot still under way is left to its resumed job.
+    pub(super) async fn resume_paused_guest(&self, job: Uuid, merge: LiveMerge) -> Result<()> {
+        let id = merge.qemu_job_id();
+        let detail = self.job_detail(job).await?;
+        if detail.get("paused_for").and_then(Value::as_str) != Some(id.as_str()) {
+            return Ok(());
+        }
+        let Reach::Reached(mut qmp) = self.connect_live(merge.vm()).await? else {
+            return Ok(());
+        };
+        let found = qmp.jobs().await?.into_iter().find(|j| j.id == id);
+        match found {
+            Some(info) if info.status == "concluded" && info.error.is_none() => {
+                self.record_merged(job, &merge).await?;
+            }
+            // Failed (nothing switched), not started, or done and recorded (dismissed
+            // only after the record).
+            Some(info) if info.status == "concluded" => {}
+            None => {}
+            // Ready or completing: whether it pivots is not known yet.
+            Some(_) => return Ok(()),
+        }
+        self.resume_guest(&mut qmp, job, &id, None).await
+    }
+
+    async fn merge_recorded(&self, job: Uuid, merge: &LiveMerge) -> Result<bool> {
+        let detail = self.job_detail(job).await?;
+        Ok(detail["live_merges"][merge.key().to_string()] == json!("done"))
+    }
+
+    async fn record_merged(&self, job: Uuid, merge: &LiveMerge) -> Result<()> {
+        let detail = json!({ "live_merges": { merge.key().to_string(): "done" } });
+        self.add_detail(job, &detail).await
+    }
+
+    /// The layers whose clusters the merge moved into the kept file: from `top` down to
+    /// `base` (excluded) for a commit, from `from` down to `backing` (excluded) for a
+    /// stream, as the records say (they change with the step's journal entry, after
+    /// this).
+    async fn merged_away(&self, merge: &LiveMerge) -> Result<Vec<Uuid>> {
+        let (start, stop) = match *merge {
+            LiveMerge::Commit { top, base, .. } => (top, Some(base)),
+            LiveMerge::Stream { from, backing, .. } => (from, backing),
+        };
+        let chain = store::vms::volume_chain(&mut *self.db.reader().await?, start).await?;
+        Ok(chain.into_iter().take_while(|v| Some(*v) != stop).collect())
+    }
+
+    /// Close the nodes of merged-away layers QEMU still has open though nothing reads
+    /// them (one the orchestrator or a live snapshot added by name stays after the
+    /// merge), before their files go. One that will not close is left: the file's
+    /// removal cannot harm a process that holds it open.
+    async fn close_nodes(&self, qmp: &mut Qmp, gone: &[Uuid]) -> Result<()> {
+        let files: BTreeSet<String> = gone
+            .iter()
+            .map(|v| self.volume_path(*v).display().to_string())
+            .collect();
+        let nodes = qmp.block_nodes().await?;
+        let read_below: BTreeSet<String> = nodes
+            .iter()
+            .filter(|n| n.drv == "qcow2")
+            .flat_map(|n| n.image.chain().into_iter().skip(1))
+            .collect();
+        for node in nodes.iter().filter(|n| n.drv == "qcow2") {
+            let file = node.image.file_name();
+            if !files.contains(&file) || read_below.contains(&file) {
+                continue;
+            }
+            if let Err(e) = qmp
+                .execute::<Value>("blockdev-del", json!({"node-name": node.node_name}))
+                .await
+            {
+                tracing::debug!(node = %node.node_name, error = %e, "a merged-away node stays open");
+            }
+        }
+        Ok(())
+    }
+
+    /// Make sure the kept file holds, on disk, every cluster the merged-away layers
+    /// mapped, and fsync it (and the layer above a commit, whose header QEMU rewrote),
+    /// so their files can go. If QEMU has not written its tables out yet, a QEMU that can
+    /// pause its guest is asked to (pausing flushes every image); otherwise the job waits
+    /// for the guest's next flush.
+    async fn settle_on_disk(
+        &self,
+        qmp: &mut Qmp,
+        job: Uuid,
+        merge: &LiveMerge,
+        gone: &[Uuid],
+    ) -> Result<()> {
+        let kept = self.volume_path(merge.kept());
+        let mut needed: Vec<(u64, u64)> = Vec::new();
+        for volume in gone {
+            needed.extend(self.qemu.own_ranges(&self.volume_path(*volume)).await?);
+        }
+        let mut flushed = false;
+        loop {
+            let held = self.qemu.own_ranges(&kept).await?;
+            // After a flush the file on disk is what QEMU reads: a range the guest
+            // discarded since the merge is rightly missing.
+            if flushed || crate::qemu::ranges_cover(&held, &needed) {
+                break;
+            }
+            if !qmp.can_pause().await? {
+                return Err(Error::Qmp(QmpError::Protocol {
+                    command: "flush".into(),
+                    detail: format!(
+                        "QEMU has not written the tables of what it merged into {} to disk yet (it does at the guest's next flush)",
+                        kept.display()
+                    ),
+                }));
+            }
+            let id = merge.qemu_job_id();
+            let paused_at = self.pause_guest(qmp, job, &id).await?;
+            self.resume_guest(qmp, job, &id, Some(paused_at)).await?;
+            flushed = true;
+        }
+        super::execute::sync_file(&kept).await?;
+        if let LiveMerge::Commit {
+            above: Some(above), ..
+        } = *merge
+        {
+            super::execute::sync_file(&self.volume_path(above)).await?;
+        }
+        Ok(())
+    }
+
+    /// Finish a merge whose VM stopped, from the files, which all stay until the plan
+    /// is over.
+    async fn merge_offline(
+        &self,
+        job: Uuid,
+        merge: LiveMerge,
+        progress: &(dyn Fn(f32) + Send + Sync),
+    ) -> Result<()> {
+        tracing::warn!(%job, vm = %merge.vm(), "the VM stopped; the merge is finished offline");
+        match merge {
+            LiveMerge::Commit {
+                top,
+                base,
+                above: Some(above),
+                ..
+            } => {
+                // QEMU may have pointed `above` at `base` before `base`'s tables reached
+                // the disk; `above` over `top` is the disk either way (`top` is
+                // untouched, and what the commit copied only hides under it).
+                self.qemu
+                    .repoint(&self.volume_path(above), &files::volume_file_name(top))
+                    .await?;
+                self.merge(&FileOp::Commit { top, base }, true, None, progress)
+                    .await?;
+                self.qemu
+                    .repoint(&self.volume_path(above), &files::volume_file_name(base))
+                    .await?;
+            }
+            LiveMerge::Commit {
+                top,
+                base,
+                above: None,
+                ..
+            } => {
+                if self.merge_recorded(job, &merge).await? {
+                    // Pivoted: the base alone is the disk; the old top is never read.
+                    self.qemu.repair_leaks(&self.volume_path(base)).await?;
+                } else {
+                    self.merge(&FileOp::Commit { top, base }, true, None, progress)
+                        .await?;
+                }
+            }
+            LiveMerge::Stream {
+                volume,
+                from,
+                backing,
+                ..
+            } => {
+                // Pointed back at `from` first (`again`): what QEMU streamed equals it.
+                let stream = FileOp::Stream {
+                    volume,
+                    from: Some(from),
+                    backing,
+                };
+                self.merge(&stream, true, None, progress).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mismatch(what: String) -> Error {
+    Error::problem(
+        ErrorCode::RuntimeMismatch,
+        format!("the VM's QEMU does not read the chain strata records: {what}"),
+    )
+}
+
+/// A QEMU block job that ended in error: a full file system waits for space (parked),
+/// anything else is retried, then fails the job.
+fn qemu_job_failed(id: &str, error: &str) -> Error {
+    if error.contains("No space left on device") {
+        return Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    Error::problem(
+        ErrorCode::QemuFailed,
+        format!("QEMU's block job {id} failed: {error}"),
+    )
+}

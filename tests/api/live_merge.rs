@@ -1,0 +1,428 @@
+//! Deleting snapshots of running VMs: the merges run inside the VM's QEMU (the
+//! qemu-storage-daemon stand-in of `live.rs`) while a guest writer keeps writing, in each
+//! of the four delete cases, for all snapshots at once, and through crashes of strata
+//! and of QEMU around the pivot. Every byte is checked afterwards.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::live::{DISK, MIB, RunningVm, mark_stopped, run_dir, spawn, try_guest_write};
+use crate::recovery::assert_files_match_metadata;
+use crate::support::*;
+
+/// A one-disk VM running on a chain built live: s1 froze `layers[0]` (0x11 over
+/// `mib[0]` MiB at 0), s2 froze `layers[1]` (0x22 over `mib[1]` MiB at 16 MiB), and the
+/// guest then wrote 0x33 over `mib[2]` MiB at 32 MiB into the active `layers[2]`.
+struct LiveChain {
+    vm: Uuid,
+    process: RunningVm,
+    s1: Uuid,
+    s2: Uuid,
+    layers: [String; 3],
+    mib: [u64; 3],
+}
+
+async fn live_chain(app: &TestApp, run_dir: &Path, pausable: bool, mib: [u64; 3]) -> LiveChain {
+    let vm = app.create_vm("live-merge", &[("root", DISK)]).await.id;
+    let base = app.active_path(vm, "root").await;
+    write(&base, 0x11, 0, mib[0]);
+    let process = if pausable {
+        RunningVm::start_pausable(run_dir, std::slice::from_ref(&base))
+    } else {
+        RunningVm::start(run_dir, std::slice::from_ref(&base))
+    };
+    let (status, body) = app
+        .patch(
+            &format!("/v1/vms/{vm}"),
+            json!({"state": "running", "qmp_socket": process.qmp}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let s1 = app.snapshot(vm, "s1").await.id;
+    process.write(0, 0x22, 16 * MIB, mib[1] * MIB);
+    let s2 = app.snapshot(vm, "s2").await.id;
+    process.write(0, 0x33, 32 * MIB, mib[2] * MIB);
+    let layers = [
+        app.snapshot_path(vm, s1, "root").await,
+        app.snapshot_path(vm, s2, "root").await,
+        app.active_path(vm, "root").await,
+    ];
+    LiveChain {
+        vm,
+        process,
+        s1,
+        s2,
+        layers,
+        mib,
+    }
+}
+
+impl LiveChain {
+    /// What s1, s2 and the present read, each as far as it goes.
+    fn regions(&self, upto: usize) -> Vec<(u8, u64, u64)> {
+        [(0x11, 0), (0x22, 16), (0x33, 32)]
+            .into_iter()
+            .zip(self.mib)
+            .take(upto)
+            .map(|((pattern, at), len)| (pattern, at, len))
+            .collect()
+    }
+}
+
+/// A guest that writes a MiB of its own at a time (from 48 MiB on) until told to stop,
+/// or until its QEMU is gone; it returns the writes that succeeded.
+fn guest_writer(process: &RunningVm) -> (Arc<AtomicBool>, JoinHandle<Vec<(u8, u64)>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::clone(&process.gate);
+    let nbd = process.nbd.clone();
+    let stopping = Arc::clone(&stop);
+    let handle = std::thread::spawn(move || {
+        let mut written = Vec::new();
+        for n in 0..15u64 {
+            if stopping.load(Ordering::Relaxed) {
+                break;
+            }
+            let (pattern, offset) = (0x80 + n as u8, (48 + n) * MIB);
+            let _running = gate.enter();
+            let ok = try_guest_write(&nbd, 0, pattern, offset, MIB).is_ok();
+            if !ok {
+                break;
+            }
+            written.push((pattern, offset));
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        written
+    });
+    (stop, handle)
+}
+
+/// Stop the VM and check every byte: the present holds the chain's data and every
+/// write the guest made, and the files are clean and as the records say.
+async fn expect_present(app: &TestApp, chain: &mut LiveChain, written: &[(u8, u64)]) {
+    chain.process.stop();
+    mark_stopped(app, chain.vm).await;
+    let present = app.active_path(chain.vm, "root").await;
+    expect_all(&present, &chain.regions(3));
+    for &(pattern, offset) in written {
+        expect_bytes(&present, pattern, offset, MIB);
+    }
+    for file in crate::support::chain(&present) {
+        check_clean(&file);
+    }
+    assert_files_match_metadata(app, chain.vm).await;
+}
+
+/// The job's detail as JSON.
+fn detail(job: &JobView) -> serde_json::Value {
+    serde_json::to_value(&job.detail).unwrap()
+}
+
+/// Delete `snapshot` with the guest writing throughout; the job's view and the writes.
+async fn delete_under_writes(
+    app: &TestApp,
+    chain: &LiveChain,
+    snapshot: Uuid,
+) -> (JobView, Vec<(u8, u64)>) {
+    let (stop, writer) = guest_writer(&chain.process);
+    let job = app
+        .expect_job(app.delete(&format!("/v1/snapshots/{snapshot}")).await)
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    (job, writer.join().unwrap())
+}
+
+#[tokio::test]
+async fn deleting_a_middle_snapshot_of_a_running_vm_commits_inside_qemu() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let mut chain = live_chain(&app, &run_dir, false, [4, 1, 1]).await;
+    // s1's layer is the bigger: s2's layer is committed down into it, under the active
+    // layer (QEMU points the active layer at s1's file itself).
+    let (job, written) = delete_under_writes(&app, &chain, chain.s1).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert_eq!(detail(&job)["merges"][0]["action"], "commit", "{job:?}");
+    let [l0, l1, l2] = chain.layers.clone();
+    assert_eq!(app.snapshot_path(chain.vm, chain.s2, "root").await, l0);
+    assert_eq!(app.active_path(chain.vm, "root").await, l2);
+    assert_eq!(crate::support::chain(&l2), [l2.clone(), l0.clone()]);
+    assert_eq!(chain.process.top_files().await, std::slice::from_ref(&l2));
+    assert!(!Path::new(&l1).exists(), "s2's old layer is removed");
+    expect_all(&l0, &chain.regions(2));
+    expect_present(&app, &mut chain, &written).await;
+}
+
+#[tokio::test]
+async fn deleting_the_newest_snapshot_pivots_the_disk_onto_it_with_the_guest_paused() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let mut chain = live_chain(&app, &run_dir, true, [1, 4, 1]).await;
+    let (job, written) = delete_under_writes(&app, &chain, chain.s2).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert_eq!(detail(&job)["merges"][0]["action"], "commit", "{job:?}");
+    assert!(detail(&job)["paused_ms"].is_u64(), "{job:?}");
+    let commands = chain.process.commands();
+    let at = |name: &str| commands.iter().position(|c| c == name).unwrap();
+    assert!(
+        at("stop") < at("job-complete") && at("job-complete") < at("cont"),
+        "{commands:?}"
+    );
+    assert!(!chain.process.gate.paused());
+    // The disk now is s2's old layer; the old active layer is gone.
+    let [l0, l1, l2] = chain.layers.clone();
+    assert_eq!(app.active_path(chain.vm, "root").await, l1);
+    assert_eq!(chain.process.top_files().await, std::slice::from_ref(&l1));
+    assert_eq!(crate::support::chain(&l1), [l1.clone(), l0.clone()]);
+    assert!(!Path::new(&l2).exists());
+    expect_all(&l0, &chain.regions(1));
+    expect_present(&app, &mut chain, &written).await;
+}
+
+#[tokio::test]
+async fn without_a_pause_the_newest_snapshot_is_streamed_into_the_active_layer() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    // Committing would be cheaper, but this QEMU cannot pause its guest for a pivot.
+    let mut chain = live_chain(&app, &run_dir, false, [1, 4, 1]).await;
+    let (job, written) = delete_under_writes(&app, &chain, chain.s2).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert_eq!(detail(&job)["merges"][0]["action"], "stream", "{job:?}");
+    let [l0, l1, l2] = chain.layers.clone();
+    assert_eq!(app.active_path(chain.vm, "root").await, l2);
+    assert_eq!(crate::support::chain(&l2), [l2.clone(), l0.clone()]);
+    assert!(!Path::new(&l1).exists());
+    expect_all(&l0, &chain.regions(1));
+    expect_present(&app, &mut chain, &written).await;
+}
+
+#[tokio::test]
+async fn a_layer_qemu_has_not_open_is_dropped_without_asking_qemu() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    // Offline: s1, s2, then back to s1: s2's layer is a branch QEMU will not open.
+    let vm = app.create_vm("live-drop", &[("root", DISK)]).await.id;
+    write(&app.active_path(vm, "root").await, 0x11, 0, 1);
+    let s1 = app.snapshot(vm, "s1").await.id;
+    write(&app.active_path(vm, "root").await, 0x22, 1, 1);
+    let s2 = app.snapshot(vm, "s2").await.id;
+    let branch = app.snapshot_path(vm, s2, "root").await;
+    app.expect_job(
+        app.post(&format!("/v1/snapshots/{s1}/revert"), json!({}))
+            .await,
+    )
+    .await;
+    let active = app.active_path(vm, "root").await;
+    let process = RunningVm::start_pausable(&run_dir, std::slice::from_ref(&active));
+    let (status, body) = app
+        .patch(
+            &format!("/v1/vms/{vm}"),
+            json!({"state": "running", "qmp_socket": process.qmp}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let job = app
+        .expect_job(app.delete(&format!("/v1/snapshots/{s2}")).await)
+        .await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    assert_eq!(detail(&job)["merges"][0]["action"], "drop", "{job:?}");
+    assert!(!Path::new(&branch).exists());
+    let commands = process.commands();
+    assert!(
+        !commands
+            .iter()
+            .any(|c| c.starts_with("block-") || c == "stop"),
+        "{commands:?}"
+    );
+    drop(process);
+    mark_stopped(&app, vm).await;
+    expect_all(&active, &[(0x11, 0, 1)]);
+    assert_files_match_metadata(&app, vm).await;
+}
+
+#[tokio::test]
+async fn deleting_every_snapshot_of_a_running_vm_collapses_each_chain_live() {
+    // Committed into the base with a pivot where QEMU can pause, streamed into the
+    // active layer where it cannot.
+    for (pausable, action) in [(true, "commit"), (false, "stream")] {
+        let (_run, run_dir) = run_dir();
+        let app = spawn(&run_dir, None).await;
+        let mut chain = live_chain(&app, &run_dir, pausable, [4, 1, 1]).await;
+        let (stop, writer) = guest_writer(&chain.process);
+        let job = app
+            .expect_job(app.delete(&format!("/v1/vms/{}/snapshots", chain.vm)).await)
+            .await;
+        stop.store(true, Ordering::Relaxed);
+        let written = writer.join().unwrap();
+        assert_eq!(job.status, JobStatus::Succeeded, "{pausable}: {job:?}");
+        assert_eq!(detail(&job)["merges"][0]["action"], action, "{job:?}");
+        let present = app.active_path(chain.vm, "root").await;
+        assert_eq!(
+            crate::support::chain(&present),
+            std::slice::from_ref(&present)
+        );
+        assert_eq!(
+            chain.process.top_files().await,
+            std::slice::from_ref(&present)
+        );
+        let (_, list) = app.get(&format!("/v1/vms/{}/snapshots", chain.vm)).await;
+        assert_eq!(list["items"], json!([]));
+        expect_present(&app, &mut chain, &written).await;
+    }
+}
+
+#[tokio::test]
+async fn qemu_killed_around_the_pivot_leaves_the_disk_whole() {
+    // QEMU dies: while the commit copies; with the pivot asked but not yet answered;
+    // right after QEMU answered it; once strata recorded the pivot, before the guest
+    // runs again. The job waits for the orchestrator's word that the VM stopped, then
+    // finishes offline: before the recorded pivot the old top over the base is the
+    // disk, after it the base alone, and no write the guest made is lost either way.
+    for (command, after_answer) in [
+        ("block-commit", true),
+        ("job-complete", false),
+        ("job-complete", true),
+        ("cont", false),
+    ] {
+        let (_run, run_dir) = run_dir();
+        let app = spawn(&run_dir, None).await;
+        let mut chain = live_chain(&app, &run_dir, true, [1, 4, 1]).await;
+        chain.process.kill_on(command, after_answer);
+        let (stop, writer) = guest_writer(&chain.process);
+        let (status, job) = app.delete(&format!("/v1/snapshots/{}", chain.s2)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        let id = job["id"].as_str().unwrap().to_owned();
+        let mut waited = 0;
+        while !chain.process.exited() {
+            waited += 1;
+            assert!(waited < 500, "{command}: QEMU was never killed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A writer the pause held finds its QEMU gone.
+        stop.store(true, Ordering::Relaxed);
+        chain.process.gate.open();
+        let written = writer.join().unwrap();
+        mark_stopped(&app, chain.vm).await;
+        let job = app.wait_job(&id).await;
+        assert_eq!(
+            job.status,
+            JobStatus::Succeeded,
+            "{command}/{after_answer}: {job:?}"
+        );
+        assert_eq!(app.active_path(chain.vm, "root").await, chain.layers[1]);
+        expect_all(&chain.layers[0], &chain.regions(1));
+        expect_present(&app, &mut chain, &written).await;
+    }
+}
+
+#[tokio::test]
+async fn strata_killed_inside_a_live_merge_resumes_it_and_lets_the_guest_run() {
+    // Inside the pivot: the guest paused; QEMU's job concluded, not recorded; recorded,
+    // the guest still paused. Then the step's own journal points.
+    for fault in [
+        "live:started",
+        "live:paused",
+        "live:concluded",
+        "live:recorded",
+        "snapshot_delete:ran-step-0",
+    ] {
+        let (_run, run_dir) = run_dir();
+        let mut app = spawn(&run_dir, Some(fault)).await;
+        let mut chain = live_chain(&app, &run_dir, true, [1, 4, 1]).await;
+        let (status, job) = app.delete(&format!("/v1/snapshots/{}", chain.s2)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+        assert!(
+            !app.wait_exit().success(),
+            "{fault}: the fault aborts strata"
+        );
+        app.restart(&[("STRATA_RUNTIME_DIR", run_dir.to_str().unwrap())])
+            .await;
+        let job = app.wait_job(job["id"].as_str().unwrap()).await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{fault}: {job:?}");
+        assert!(
+            !chain.process.gate.paused(),
+            "{fault}: the guest runs again"
+        );
+        assert_eq!(app.active_path(chain.vm, "root").await, chain.layers[1]);
+        assert_eq!(chain.process.top_files().await, [chain.layers[1].clone()]);
+        chain.process.write(0, 0x44, 8 * MIB, MIB);
+        expect_present(&app, &mut chain, &[(0x44, 8 * MIB)]).await;
+    }
+}
+
+#[tokio::test]
+async fn a_schedule_prunes_the_snapshots_of_a_running_vm_live() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let vm = app.create_vm("live-prune", &[("root", DISK)]).await.id;
+    let base = app.active_path(vm, "root").await;
+    write(&base, 0x11, 0, 2);
+    let process = RunningVm::start_pausable(&run_dir, std::slice::from_ref(&base));
+    let (status, body) = app
+        .patch(
+            &format!("/v1/vms/{vm}"),
+            json!({"state": "running", "qmp_socket": process.qmp}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, schedule) = app
+        .post(
+            "/v1/schedules",
+            json!({"name": "hourly", "vm_id": vm, "cron": "@hourly", "retention": {"keep_last": 1}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{schedule}");
+    let id = schedule["id"].as_str().unwrap().to_owned();
+    // Two runs; the second one's retention prunes the first snapshot, live.
+    let mut taken = Vec::new();
+    for pattern in [0x22u8, 0x33] {
+        let (status, run) = app
+            .post(&format!("/v1/schedules/{id}/run"), json!({}))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+        let job = app
+            .wait_job(run["targets"][0]["job_id"].as_str().unwrap())
+            .await;
+        assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+        taken.push(job.target.id);
+        let mut waited = 0;
+        while app.get(&format!("/v1/schedules/{id}/runs")).await.1["items"][0]["status"]
+            == "running"
+        {
+            waited += 1;
+            assert!(waited < 600, "the run never ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        process.write(0, pattern, 16 * MIB, MIB);
+    }
+    let mut waited = 0;
+    loop {
+        let (_, list) = app.get(&format!("/v1/vms/{vm}/snapshots")).await;
+        let (_, jobs) = app.get("/v1/jobs?status=running").await;
+        let (_, queued) = app.get("/v1/jobs?status=queued").await;
+        let idle = jobs["items"].as_array().unwrap().is_empty()
+            && queued["items"].as_array().unwrap().is_empty();
+        if list["items"].as_array().unwrap().len() == 1 && idle {
+            assert_eq!(list["items"][0]["id"], taken[1].to_string(), "{list}");
+            break;
+        }
+        waited += 1;
+        assert!(waited < 600, "the prune never ran: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(process.commands().iter().any(|c| c.starts_with("block-")));
+    // The snapshot kept reads what the guest wrote before it; the present all of it.
+    let kept = app.snapshot_path(vm, taken[1], "root").await;
+    let present = app.active_path(vm, "root").await;
+    drop(process);
+    mark_stopped(&app, vm).await;
+    expect_all(&kept, &[(0x11, 0, 2), (0x22, 16, 1)]);
+    expect_all(&present, &[(0x11, 0, 2), (0x33, 16, 1)]);
+    check_clean(&present);
+    assert_files_match_metadata(&app, vm).await;
+}
