@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 use crate::live::{DISK, MIB, RunningVm, mark_stopped, run_dir, spawn, try_guest_write};
@@ -425,4 +425,28 @@ async fn a_schedule_prunes_the_snapshots_of_a_running_vm_live() {
     expect_all(&present, &[(0x11, 0, 2), (0x33, 16, 1)]);
     check_clean(&present);
     assert_files_match_metadata(&app, vm).await;
+}
+
+#[tokio::test]
+async fn a_revert_of_a_running_vm_is_refused_even_with_a_qmp_socket() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let chain = live_chain(&app, &run_dir, true, [1, 1, 1]).await;
+    let files = app.volume_files();
+    let problem = app
+        .expect_problem(
+            Method::POST,
+            &format!("/v1/snapshots/{}/revert", chain.s1),
+            Some(json!({})),
+            StatusCode::CONFLICT,
+            "vm_running",
+        )
+        .await;
+    assert!(
+        problem.detail.contains("cannot be done live"),
+        "{}",
+        problem.detail
+    );
+    assert_eq!(app.volume_files(), files);
+    assert_eq!(app.active_path(chain.vm, "root").await, chain.layers[2]);
 }

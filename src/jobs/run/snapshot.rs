@@ -4,8 +4,8 @@ use sqlx::SqliteConnection;
 
 use super::guards::{
     find_snapshot, list_all_for_collapse, listed_snapshots, load_vm, merges_live,
-    refuse_merge_while_running, require_deletable, require_ready, require_stopped,
-    require_stopped_or_reachable, restore_listed,
+    refuse_merge_while_running, require_deletable, require_ready, require_stopped_or_reachable,
+    restore_listed,
 };
 use super::links::flatten_dependents_first;
 use super::{Admission, Planning, Run};
@@ -98,6 +98,21 @@ impl SnapshotCreate {
     }
 }
 
+/// A revert is never done live, QMP socket or not: the guest's memory holds the state
+/// it runs on, so it must boot again on the reverted disks.
+fn refuse_revert_while_running(vm: &Vm) -> Result<()> {
+    if vm.state == VmState::Running {
+        return Err(Error::problem(
+            ErrorCode::VmRunning,
+            format!(
+                "VM {} is running, and a revert cannot be done live: the guest keeps running on the state it holds in memory. Stop the VM, revert, and start it again on the disks' new active_path",
+                vm.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Run for SnapshotRevert {
     // Planned when it runs: the layers to drop are those of the present state then.
     const PLAN_AT_ACCEPT: bool = false;
@@ -105,7 +120,7 @@ impl Run for SnapshotRevert {
     async fn admit(&mut self, conn: &mut SqliteConnection) -> Result<Admission> {
         let (snapshot, vm) = find_snapshot(conn, self.snapshot).await?;
         require_ready(&vm)?;
-        require_stopped(&vm, "revert it")?;
+        refuse_revert_while_running(&vm)?;
         if snapshot.status != ResourceStatus::Ready {
             return Err(Error::problem(
                 ErrorCode::SnapshotNotReady,
@@ -119,7 +134,7 @@ impl Run for SnapshotRevert {
     }
 
     async fn plan(&self, cx: &mut Planning<'_>) -> Result<Plan> {
-        require_stopped(&cx.vm, "revert it")?;
+        refuse_revert_while_running(&cx.vm)?;
         let plan = plan::plan_revert(self.vm, self.snapshot, &cx.graphs)?;
         if plan.steps.is_empty() {
             return Err(Error::problem(
