@@ -36,7 +36,9 @@ pub struct CloneVm {
     /// layers are then shared and protected). `full`: a standalone copy.
     pub mode: CloneMode,
     /// Clone this snapshot of the VM (the VM may then be running). Without one, the
-    /// present state: the VM must be stopped.
+    /// present state: the VM must be stopped, except for a linked clone of a running VM
+    /// with a QMP socket (its disks are switched onto new layers live, and the clone
+    /// sits on the layers they leave).
     pub snapshot_id: Option<Uuid>,
 }
 

@@ -203,7 +203,9 @@ pub enum FileOp {
     LiveSwitch {
         vm: Uuid,
         overlays: Vec<LiveOverlay>,
-        snapshot: Uuid,
+        /// The snapshot whose consistency is recorded; none for the layer a linked
+        /// clone of the present sits on.
+        snapshot: Option<Uuid>,
         #[serde(default)]
         freeze: Option<Quiesce>,
     },
@@ -761,7 +763,7 @@ pub fn plan_live_snapshot_create(
         op: FileOp::LiveSwitch {
             vm,
             overlays,
-            snapshot,
+            snapshot: Some(snapshot),
             freeze,
         },
         then: vec![],
@@ -1209,6 +1211,49 @@ pub fn plan_clone(new_vms: &[(Uuid, Vec<CloneDisk>)], mode: CloneMode, freeze: &
     // frozen present therefore copies nothing: it is dropped, and the source's chain
     // is exactly as it was.
     plan.drops.extend(temporary);
+    plan
+}
+
+/// A linked clone of a running VM's present state: the plan of `plan_clone`, whose new
+/// layers on the source's disks are then opened in its QEMU and switched in at one
+/// instant, as for a live snapshot (crash-consistent). The clones' overlays are made
+/// before the switch, on the layers it freezes, so the switch stays the last step:
+/// before it a stop undoes everything; from it on the source's records follow.
+pub fn plan_live_linked_clone(
+    vm: Uuid,
+    new_vms: &[(Uuid, Vec<CloneDisk>)],
+    freeze: &[Freeze],
+) -> Plan {
+    let mut plan = plan_clone(new_vms, CloneMode::Linked, freeze);
+    // `plan_clone` makes the source's new layers first, one per frozen disk.
+    let overlays: Vec<LiveOverlay> = plan.steps[..freeze.len()]
+        .iter()
+        .zip(freeze)
+        .filter_map(|(step, frozen)| match step.op {
+            FileOp::Create { volume, .. } => Some(LiveOverlay {
+                disk: frozen.disk,
+                active: frozen.active,
+                overlay: volume,
+            }),
+            _ => None,
+        })
+        .collect();
+    plan.steps.push(Step {
+        op: FileOp::LiveAdd {
+            vm,
+            overlays: overlays.clone(),
+        },
+        then: vec![],
+    });
+    plan.steps.push(Step {
+        op: FileOp::LiveSwitch {
+            vm,
+            overlays,
+            snapshot: None,
+            freeze: None,
+        },
+        then: vec![],
+    });
     plan
 }
 

@@ -13,7 +13,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 use crate::live::{DISK, MIB, RunningVm, mark_stopped, run_dir, spawn, try_guest_write};
-use crate::recovery::assert_files_match_metadata;
+use crate::recovery::{assert_files_match_metadata, assert_files_match_metadata_of};
 use crate::support::*;
 
 /// A one-disk VM running on a chain built live: s1 froze `layers[0]` (0x11 over
@@ -449,4 +449,49 @@ async fn a_revert_of_a_running_vm_is_refused_even_with_a_qmp_socket() {
     );
     assert_eq!(app.volume_files(), files);
     assert_eq!(app.active_path(chain.vm, "root").await, chain.layers[2]);
+}
+
+#[tokio::test]
+async fn a_linked_clone_of_a_running_vms_present_switches_the_source_onto_a_new_layer() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let mut chain = live_chain(&app, &run_dir, true, [1, 1, 1]).await;
+    let (stop, writer) = guest_writer(&chain.process);
+    let job = app
+        .expect_job(
+            app.post(
+                &format!("/v1/vms/{}/clone", chain.vm),
+                json!({"name": "live-linked", "mode": "linked"}),
+            )
+            .await,
+        )
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    // The source writes into a new layer on its old active one, which the clone reads.
+    let shared = chain.layers[2].clone();
+    let source_now = app.active_path(chain.vm, "root").await;
+    assert_ne!(source_now, shared);
+    assert_eq!(
+        chain.process.top_files().await,
+        std::slice::from_ref(&source_now)
+    );
+    let clone = job.target.id;
+    let clone_path = app.active_path(clone, "root").await;
+    assert_eq!(crate::support::chain(&clone_path)[1], shared);
+    // The clone shows the source as it was at the switch: the chain's data, and some
+    // prefix of the guest's writes.
+    expect_all(&clone_path, &chain.regions(3));
+    let (_, snapshots) = app.get(&format!("/v1/vms/{}/snapshots", chain.vm)).await;
+    assert_eq!(snapshots["items"].as_array().unwrap().len(), 2);
+    chain.process.stop();
+    mark_stopped(&app, chain.vm).await;
+    expect_all(&source_now, &chain.regions(3));
+    for &(pattern, offset) in &written {
+        expect_bytes(&source_now, pattern, offset, MIB);
+    }
+    check_clean(&source_now);
+    check_clean(&clone_path);
+    assert_files_match_metadata_of(&app, &[chain.vm, clone]).await;
 }

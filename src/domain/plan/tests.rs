@@ -576,7 +576,7 @@ fn a_live_snapshot_ends_with_its_switch_which_carries_the_freeze() {
         assert!(matches!(ops[2], FileOp::LiveAdd { .. }));
         assert_eq!(plan.point_of_no_return(), Some(3));
         assert!(
-            matches!(ops[3], FileOp::LiveSwitch { freeze: f, snapshot: s, .. } if f == freeze && s == snapshot),
+            matches!(ops[3], FileOp::LiveSwitch { freeze: f, snapshot: s, .. } if f == freeze && s == Some(snapshot)),
             "{freeze:?}"
         );
         assert!(plan.is_live());
@@ -2431,4 +2431,53 @@ fn an_offline_plan_on_the_present_chain_is_seen_writing_files_qemu_has_open() {
     let graphs = [c.disk.build()];
     let plan = plan_snapshot_delete(c.snap01, ResourceStatus::Ready, &graphs).unwrap();
     assert!(plan.writes_offline_into_active_chains(&graphs));
+}
+
+#[test]
+fn a_live_linked_clone_switches_the_source_onto_its_new_layers_last() {
+    let c = classic(700 * MIB, 40 * MIB, 3 * MIB);
+    let (vm, clone, clone_disk) = (new_id(), new_id(), new_id());
+    let freeze = [Freeze {
+        disk: c.disk.id(),
+        active: c.l2,
+        size_bytes: 10 * GIB,
+    }];
+    let disks = vec![CloneDisk {
+        disk: clone_disk,
+        source: c.l2,
+        size_bytes: 10 * GIB,
+        copy_bytes: 0,
+    }];
+    let plan = plan_live_linked_clone(vm, &[(clone, disks)], &freeze);
+    let ops = file_ops(&plan);
+    let FileOp::Create { volume: layer, .. } = ops[0] else {
+        panic!("{ops:?}")
+    };
+    let overlays = vec![LiveOverlay {
+        disk: c.disk.id(),
+        active: c.l2,
+        overlay: layer,
+    }];
+    assert!(matches!(ops[1], FileOp::Create { backing: Some(b), .. } if b == c.l2));
+    assert_eq!(
+        ops[2],
+        FileOp::LiveAdd {
+            vm,
+            overlays: overlays.clone()
+        }
+    );
+    assert_eq!(
+        ops[3],
+        FileOp::LiveSwitch {
+            vm,
+            overlays,
+            snapshot: None,
+            freeze: None,
+        }
+    );
+    assert_eq!(plan.point_of_no_return(), Some(3));
+    assert!(plan.finish.contains(&MetaOp::SetActiveVolume {
+        disk: c.disk.id(),
+        volume: layer,
+    }));
 }

@@ -45,7 +45,7 @@ pub(super) struct Switch<'a> {
     pub job: Uuid,
     pub vm: Uuid,
     pub overlays: &'a [LiveOverlay],
-    pub snapshot: Uuid,
+    pub snapshot: Option<Uuid>,
     pub freeze: Option<Quiesce>,
     pub again: bool,
 }
@@ -82,7 +82,9 @@ impl Engine {
             Reach::Stopped => {
                 return Err(Error::problem(
                     ErrorCode::VmNotReady,
-                    format!("VM {vm} was stopped: take the snapshot again, offline"),
+                    format!(
+                        "VM {vm} was stopped before its new layers were switched in: ask again (it runs offline now)"
+                    ),
                 ));
             }
             Reach::Unreachable(e) => return Err(e),
@@ -329,15 +331,19 @@ impl Engine {
         Ok(job.and_then(|j| j.detail).unwrap_or(Value::Null))
     }
 
+    /// Record the consistency of what the switch froze: on the job, and on the
+    /// snapshot when there is one (a linked clone's shared layer has none).
     async fn record_consistency(
         &self,
         job: Uuid,
-        snapshot: Uuid,
+        snapshot: Option<Uuid>,
         consistency: SnapshotConsistency,
         frozen_ms: Option<u64>,
     ) -> Result<()> {
         let mut tx = self.db.begin().await?;
-        store::snapshots::set_consistency(&mut tx, snapshot, consistency).await?;
+        if let Some(snapshot) = snapshot {
+            store::snapshots::set_consistency(&mut tx, snapshot, consistency).await?;
+        }
         let detail = json!({ "consistency": consistency, "frozen_ms": frozen_ms });
         store::jobs::add_detail(&mut tx, job, &detail).await?;
         tx.commit().await?;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use sqlx::SqliteConnection;
 
 use super::guards::{
-    find_snapshot, load_vm, require_ready, require_snapshot_ready, require_stopped,
+    find_snapshot, load_vm, merges_live, require_ready, require_snapshot_ready, require_stopped,
 };
 use super::{Admission, Planning, Run};
 use crate::domain::job_spec::Clone;
@@ -46,7 +46,8 @@ impl Run for Clone {
         // present state is frozen first, like a snapshot taken for the purpose (it must
         // be stopped, as for a snapshot).
         let freeze_present = snapshot.is_none() && cx.vm.kind == VmKind::Vm;
-        if freeze_present {
+        let live = freeze_present && merges_live(&cx.vm);
+        if freeze_present && !(live && self.mode == CloneMode::Linked) {
             require_stopped(&cx.vm, "clone its present state")?;
         }
         let mut freeze = Vec::new();
@@ -93,6 +94,9 @@ impl Run for Clone {
                 });
             }
             new_vms.push((target.id, disks));
+        }
+        if live && self.mode == CloneMode::Linked {
+            return Ok(plan::plan_live_linked_clone(cx.vm.id, &new_vms, &freeze));
         }
         Ok(plan::plan_clone(&new_vms, self.mode, &freeze))
     }
