@@ -36,9 +36,10 @@ pub struct CloneVm {
     /// layers are then shared and protected). `full`: a standalone copy.
     pub mode: CloneMode,
     /// Clone this snapshot of the VM (the VM may then be running). Without one, the
-    /// present state: the VM must be stopped, except for a linked clone of a running VM
-    /// with a QMP socket (its disks are switched onto new layers live, and the clone
-    /// sits on the layers they leave).
+    /// present state: the VM must be stopped, or running with a QMP socket. Then a
+    /// linked clone switches the VM's disks onto new layers live and sits on the layers
+    /// they leave; a full clone is copied by the VM's QEMU (`blockdev-backup`, every
+    /// disk at one instant).
     pub snapshot_id: Option<Uuid>,
 }
 

@@ -230,6 +230,12 @@ pub enum FileOp {
         base: Uuid,
         above: Option<Uuid>,
     },
+    /// Copy what each source disk of the running VM shows now into a new standalone file
+    /// (made by an earlier `Create`), by QEMU: `blockdev-backup` with `sync: full`
+    /// started for every disk in one transaction, so the copies are of one instant.
+    /// Redone with no QEMU job under way, the copies start over on fresh files; with the
+    /// VM stopped, each is made offline (`Convert`) from the files as the VM left them.
+    LiveCopy { vm: Uuid, copies: Vec<LiveCopy> },
     /// `Stream` into `volume`, a layer the running VM's QEMU reads, done by QEMU
     /// (`block-stream`, which then points `volume` at `backing` by its relative name).
     /// `from` (the layer `volume` reads now) stays until the plan is over: QEMU writes
@@ -241,6 +247,15 @@ pub enum FileOp {
         from: Uuid,
         backing: Option<Uuid>,
     },
+}
+
+/// One disk of a live full clone: the source disk's active layer (QEMU's node for the
+/// disk) and the new file the copy goes into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveCopy {
+    pub source: Uuid,
+    pub volume: Uuid,
+    pub size_bytes: u64,
 }
 
 /// One disk of a live snapshot: the layer QEMU writes now and the overlay that takes
@@ -280,6 +295,7 @@ impl FileOp {
                 | FileOp::Stream { .. }
                 | FileOp::Convert { .. }
                 | FileOp::Import { .. }
+                | FileOp::LiveCopy { .. }
         )
     }
 
@@ -292,6 +308,7 @@ impl FileOp {
                 | FileOp::LiveResize { .. }
                 | FileOp::LiveCommit { .. }
                 | FileOp::LiveStream { .. }
+                | FileOp::LiveCopy { .. }
         )
     }
 
@@ -324,6 +341,7 @@ impl FileOp {
                 .flatten()
                 .collect(),
             FileOp::LiveStream { volume, .. } => vec![volume],
+            FileOp::LiveCopy { ref copies, .. } => copies.iter().map(|c| c.volume).collect(),
             // QEMU writes the overlays from the switch on.
             FileOp::LiveSwitch { ref overlays, .. } => overlays.iter().map(|o| o.overlay).collect(),
         }
@@ -1252,6 +1270,43 @@ pub fn plan_live_linked_clone(
             snapshot: None,
             freeze: None,
         },
+        then: vec![],
+    });
+    plan
+}
+
+/// A full clone of a running VM's present state: a new standalone file per disk, then
+/// one step in which the VM's QEMU copies every disk as it is at one instant.
+pub fn plan_live_full_clone(vm: Uuid, new_vms: &[(Uuid, Vec<CloneDisk>)]) -> Plan {
+    let mut plan = Plan::default();
+    let mut copies = Vec::new();
+    for (new_vm, disks) in new_vms {
+        for disk in disks {
+            let volume = new_id();
+            plan.steps.push(Step {
+                op: FileOp::Create {
+                    volume,
+                    backing: None,
+                    size_bytes: disk.size_bytes,
+                },
+                then: vec![],
+            });
+            copies.push(LiveCopy {
+                source: disk.source,
+                volume,
+                size_bytes: disk.size_bytes,
+            });
+            finish_new_disk(&mut plan, disk.disk, volume, None, disk.size_bytes);
+            plan.space_needed += disk.copy_bytes + EMPTY_IMAGE_BYTES;
+        }
+        plan.finish.push(MetaOp::SetVmStatus {
+            vm: *new_vm,
+            status: ResourceStatus::Ready,
+        });
+        plan.undo.push(MetaOp::DeleteVm { vm: *new_vm });
+    }
+    plan.steps.push(Step {
+        op: FileOp::LiveCopy { vm, copies },
         then: vec![],
     });
     plan

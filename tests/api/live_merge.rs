@@ -105,6 +105,16 @@ fn guest_writer(process: &RunningVm) -> (Arc<AtomicBool>, JoinHandle<Vec<(u8, u6
 /// Stop the VM and check every byte: the present holds the chain's data and every
 /// write the guest made, and the files are clean and as the records say.
 async fn expect_present(app: &TestApp, chain: &mut LiveChain, written: &[(u8, u64)]) {
+    expect_present_with(app, chain, written, &[]).await;
+}
+
+/// `expect_present` where `clones` of the VM own the other files.
+async fn expect_present_with(
+    app: &TestApp,
+    chain: &mut LiveChain,
+    written: &[(u8, u64)],
+    clones: &[Uuid],
+) {
     chain.process.stop();
     mark_stopped(app, chain.vm).await;
     let present = app.active_path(chain.vm, "root").await;
@@ -115,7 +125,9 @@ async fn expect_present(app: &TestApp, chain: &mut LiveChain, written: &[(u8, u6
     for file in crate::support::chain(&present) {
         check_clean(&file);
     }
-    assert_files_match_metadata(app, chain.vm).await;
+    let mut vms = vec![chain.vm];
+    vms.extend_from_slice(clones);
+    assert_files_match_metadata_of(app, &vms).await;
 }
 
 /// The job's detail as JSON.
@@ -494,4 +506,92 @@ async fn a_linked_clone_of_a_running_vms_present_switches_the_source_onto_a_new_
     check_clean(&source_now);
     check_clean(&clone_path);
     assert_files_match_metadata_of(&app, &[chain.vm, clone]).await;
+}
+
+/// Start a full clone of the running VM of `chain` (202).
+async fn start_full_clone(app: &TestApp, chain: &LiveChain) -> String {
+    let (status, job) = app
+        .post(
+            &format!("/v1/vms/{}/clone", chain.vm),
+            json!({"name": "live-full", "mode": "full"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    job["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_full_clone_of_a_running_vm_is_a_copy_of_one_instant_made_by_qemu() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let mut chain = live_chain(&app, &run_dir, false, [1, 1, 1]).await;
+    let (stop, writer) = guest_writer(&chain.process);
+    let job = app.wait_job(start_full_clone(&app, &chain).await).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let clone = job.target.id;
+    let copy = app.active_path(clone, "root").await;
+    assert_eq!(crate::support::chain(&copy), std::slice::from_ref(&copy));
+    // The source is untouched; the copy holds the chain, and of the guest's writes
+    // exactly a prefix: the ones QEMU had before the instant of the copy.
+    assert_eq!(app.active_path(chain.vm, "root").await, chain.layers[2]);
+    expect_all(&copy, &chain.regions(3));
+    let mut copied = true;
+    for &(pattern, offset) in &written {
+        let has = try_expect_bytes(&copy, &[(pattern, offset, MIB)]).is_ok();
+        assert!(has || try_expect_bytes(&copy, &[(0, offset, MIB)]).is_ok());
+        assert!(
+            copied || !has,
+            "the copy is not of one instant: {written:?}"
+        );
+        copied = has;
+    }
+    check_clean(&copy);
+    expect_present_with(&app, &mut chain, &written, &[clone]).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_or_interrupted_live_full_clone_leaves_nothing_or_finishes() {
+    let (_run, run_dir) = run_dir();
+    // Cancelled while QEMU copies: its jobs and nodes go, and the new files.
+    let app = spawn(&run_dir, Some("live:copying:pause=1500")).await;
+    let chain = live_chain(&app, &run_dir, false, [1, 1, 1]).await;
+    let files = app.volume_files();
+    let id = start_full_clone(&app, &chain).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = app.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = app.wait_job(&id).await;
+    assert_eq!(job.status, JobStatus::Cancelled, "{job:?}");
+    assert_eq!(app.volume_files(), files);
+    let mut qmp = strata::qemu::qmp::Qmp::connect(&chain.process.qmp, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(qmp.jobs().await.unwrap().is_empty());
+    // QEMU reads only the source's files again (the live snapshots' overlay nodes are
+    // named strata-* too).
+    let known: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    for node in qmp.block_nodes().await.unwrap() {
+        let file = node.image.file_name();
+        assert!(known.contains(&file), "{file} not in {known:?}");
+    }
+    drop(qmp);
+    drop(chain);
+    drop(app);
+
+    // strata killed while QEMU copies: the restarted job finds QEMU's jobs and ends.
+    let (_run, run_dir) = crate::live::run_dir();
+    let mut app = spawn(&run_dir, Some("live:copying")).await;
+    let mut chain = live_chain(&app, &run_dir, false, [1, 1, 1]).await;
+    let id = start_full_clone(&app, &chain).await;
+    assert!(!app.wait_exit().success());
+    app.restart(&[("STRATA_RUNTIME_DIR", run_dir.to_str().unwrap())])
+        .await;
+    let job = app.wait_job(&id).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let copy = app.active_path(job.target.id, "root").await;
+    expect_all(&copy, &chain.regions(3));
+    check_clean(&copy);
+    expect_present_with(&app, &mut chain, &[], &[job.target.id]).await;
 }

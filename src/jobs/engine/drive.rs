@@ -313,10 +313,13 @@ impl Engine {
     /// dropped before the final commit), and the records with it. The copied clusters
     /// stay in the file and read exactly as that layer does.
     async fn roll_back_files(&self, plan: &Plan, index: usize) -> Result<Vec<MetaOp>> {
-        // Overlays a live job opened in QEMU are closed before their files go.
+        // Overlays a live job opened in QEMU are closed, and its copies stopped, before
+        // their files go.
         for step in &plan.steps {
-            if let FileOp::LiveAdd { vm, ref overlays } = step.op {
-                self.live_remove(vm, overlays).await?;
+            match step.op {
+                FileOp::LiveAdd { vm, ref overlays } => self.live_remove(vm, overlays).await?,
+                FileOp::LiveCopy { vm, ref copies } => self.live_copy_remove(vm, copies).await,
+                _ => {}
             }
         }
         for step in &plan.steps {

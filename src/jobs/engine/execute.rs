@@ -167,6 +167,9 @@ impl Engine {
                 volume,
                 size_bytes,
             } => self.live_resize(vm, volume, size_bytes, again).await?,
+            FileOp::LiveCopy { vm, ref copies } => {
+                self.live_copy(job, vm, copies, cancel, progress).await?
+            }
             FileOp::LiveCommit { .. } | FileOp::LiveStream { .. } => {
                 let merge = LiveMerge::of(op).expect("a live merge step");
                 self.live_merge(job, merge, progress).await?
@@ -225,7 +228,7 @@ impl Engine {
     }
 
     /// A copy step: an uploaded image converted into a volume, or a full clone's copy.
-    async fn copy(
+    pub(super) async fn copy(
         &self,
         op: &FileOp,
         cancel: Option<&watch::Receiver<bool>>,

@@ -287,7 +287,7 @@ impl Engine {
     /// The format node QEMU reads `volume`'s file through, with `below` somewhere
     /// beneath it (or anything, when `None`). Any other graph is a mismatch: never
     /// guessed.
-    fn node_reading(
+    pub(super) fn node_reading(
         &self,
         nodes: &[BlockNode],
         volume: Uuid,

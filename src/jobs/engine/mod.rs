@@ -2,14 +2,15 @@
 //! at start, resuming after a failed journal write), `drive` (driving one job through
 //! its plan and journal: plan, steps, commit, stop, park), `execute` (one file
 //! operation, with its retries and progress), `live` (the steps that work on a running
-//! VM's QEMU), `live_merge` (merges done by a running VM's QEMU) and `fault` (test-only
-//! crash points).
+//! VM's QEMU), `live_merge` (merges done by a running VM's QEMU), `live_copy` (full
+//! clones copied by it) and `fault` (test-only crash points).
 //! The `Engine` type and what the rest of the service calls live in `jobs`.
 
 mod drive;
 mod execute;
 mod fault;
 mod live;
+mod live_copy;
 mod live_merge;
 mod worker;
 

@@ -47,7 +47,7 @@ impl Run for Clone {
         // be stopped, as for a snapshot).
         let freeze_present = snapshot.is_none() && cx.vm.kind == VmKind::Vm;
         let live = freeze_present && merges_live(&cx.vm);
-        if freeze_present && !(live && self.mode == CloneMode::Linked) {
+        if freeze_present && !live {
             require_stopped(&cx.vm, "clone its present state")?;
         }
         let mut freeze = Vec::new();
@@ -95,8 +95,11 @@ impl Run for Clone {
             }
             new_vms.push((target.id, disks));
         }
-        if live && self.mode == CloneMode::Linked {
-            return Ok(plan::plan_live_linked_clone(cx.vm.id, &new_vms, &freeze));
+        if live {
+            return Ok(match self.mode {
+                CloneMode::Linked => plan::plan_live_linked_clone(cx.vm.id, &new_vms, &freeze),
+                CloneMode::Full => plan::plan_live_full_clone(cx.vm.id, &new_vms),
+            });
         }
         Ok(plan::plan_clone(&new_vms, self.mode, &freeze))
     }
