@@ -535,16 +535,19 @@ impl Plan {
                     | FileOp::Stream { .. }
                     | FileOp::Convert { .. }
                     | FileOp::Import { .. }
+                    | FileOp::LiveCommit { .. }
+                    | FileOp::LiveStream { .. }
+                    | FileOp::LiveCopy { .. }
             )
         })
     }
 
-    /// Index of the first step after which the job can no longer be undone.
     /// Whether a step works on a running VM's QEMU.
     pub fn is_live(&self) -> bool {
         self.steps.iter().any(|s| s.op.is_live())
     }
 
+    /// Index of the first step after which the job can no longer be undone.
     pub fn point_of_no_return(&self) -> Option<usize> {
         self.steps.iter().position(|s| s.op.is_point_of_no_return())
     }

@@ -245,6 +245,32 @@ impl Qmp {
         self.execute("query-jobs", json!({})).await
     }
 
+    /// The nodes something outside the block layer reads: each device's medium
+    /// (`query-block`) and each export's node (`query-block-exports`; a
+    /// qemu-storage-daemon has no devices). Node names an old layer keeps after a
+    /// merge are not among them.
+    pub async fn attached_nodes(&mut self) -> Result<Vec<String>, QmpError> {
+        let devices: Vec<Value> = self.execute("query-block", json!({})).await?;
+        let mut names: Vec<String> = devices
+            .iter()
+            .filter_map(|d| d["inserted"]["node-name"].as_str().map(str::to_owned))
+            .collect();
+        match self
+            .execute::<Vec<Value>>("query-block-exports", json!({}))
+            .await
+        {
+            Ok(exports) => names.extend(
+                exports
+                    .iter()
+                    .filter_map(|e| e["node-name"].as_str().map(str::to_owned)),
+            ),
+            // A QEMU without exports (the command is absent): devices only.
+            Err(QmpError::Command { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(names)
+    }
+
     /// Whether this QEMU can pause and resume its guest (`stop`, `cont`, `query-status`):
     /// a VM's QEMU can, a `qemu-storage-daemon` cannot.
     pub async fn can_pause(&mut self) -> Result<bool, QmpError> {

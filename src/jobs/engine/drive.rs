@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::super::{Engine, PARK_FOR, run};
-use super::execute::remove_if_exists;
+use super::execute::{StepPlace, remove_if_exists};
 use super::{Outcome, Stop};
 use crate::domain::plan::{FileOp, MetaOp, Plan};
 use crate::domain::{Job, JobPhase, JobStatus, Uuid};
@@ -156,15 +156,13 @@ impl Engine {
         let total = plan.steps.len().max(1) as f32;
         let progress = self.progress_reporter(job.id, index as f32 / total, 1.0 / total);
         let interrupt = cancel.filter(|_| step.op.is_interruptible());
-        self.execute_with_retries(
-            job,
-            &step.op,
-            again,
-            job.past_no_return,
-            interrupt,
-            &progress,
-        )
-        .await
+        let place = StepPlace {
+            past_no_return: job.past_no_return,
+            first_of_no_return: plan.point_of_no_return() == Some(index),
+            live_plan: plan.is_live(),
+        };
+        self.execute_with_retries(job, &step.op, again, place, interrupt, &progress)
+            .await
     }
 
     /// Record that step `index` is done, with the metadata that describes its result.

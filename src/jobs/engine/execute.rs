@@ -18,22 +18,37 @@ use crate::files;
 use crate::qemu::QemuError;
 use crate::store;
 
+/// Where a step stands in its plan, for what a failure of it may do.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StepPlace {
+    /// The job entered its point of no return.
+    pub past_no_return: bool,
+    /// This step is the plan's point of no return (nothing of no return ran before).
+    pub first_of_no_return: bool,
+    /// The plan works on a running VM's QEMU.
+    pub live_plan: bool,
+}
+
 impl Engine {
     /// Run one step's file operation, trying again where that is the right answer:
     /// a qemu-img killed by someone else is retried at once (a few times); past the
     /// point of no return, where stopping would leave a half-merged layer, every
     /// failure is retried with a growing pause, and a full file system parks the job
-    /// (it resumes once space is freed, without holding a worker meanwhile). Returns
-    /// how the job must stop if it cannot go on.
+    /// (it resumes once space is freed, without holding a worker meanwhile). Past the
+    /// point of no return of a live plan nothing fails: QEMU's graph may have changed
+    /// (a pivot, a stream, a rewritten header), which the records of a failed job would
+    /// not follow, so the job waits (parked) and tries again. Returns how the job must
+    /// stop if it cannot go on.
     pub(super) async fn execute_with_retries(
         &self,
         job: &Job,
         op: &FileOp,
         mut again: bool,
-        past_no_return: bool,
+        place: StepPlace,
         cancel: Option<&watch::Receiver<bool>>,
         progress: &(dyn Fn(f32) + Send + Sync),
     ) -> Result<(), Stop> {
+        let past_no_return = place.past_no_return;
         let mut failures = 0u32;
         loop {
             let error = match self.execute(job.id, op, again, cancel, progress).await {
@@ -68,6 +83,12 @@ impl Engine {
                 FileOp::LiveResize { .. } if matches!(error, Error::Qmp(_)) => {
                     return Err(Stop::Parked(error));
                 }
+                // QEMU refused to start the plan's first merge: nothing changed.
+                FileOp::LiveCommit { .. } | FileOp::LiveStream { .. }
+                    if error.is_refused_by_qemu() && place.first_of_no_return =>
+                {
+                    return Err(Stop::Undone(error));
+                }
                 // A QEMU that cannot be asked now, or a graph that is not what the
                 // records say: the merge waits (its files all stay) until QEMU answers,
                 // the graph is put right, or the VM is marked stopped.
@@ -89,6 +110,9 @@ impl Engine {
             } else {
                 killed && failures <= KILLED_RETRIES
             };
+            if !retry && past_no_return && place.live_plan {
+                return Err(Stop::Parked(error));
+            }
             if !retry {
                 return Err(Stop::Failed(error));
             }

@@ -104,12 +104,14 @@ impl LiveMerge {
         }
     }
 
-    /// The QEMU job's id: the same for every attempt, so a redone step finds it.
-    fn qemu_job_id(&self) -> String {
-        match self {
-            Self::Commit { top, .. } => format!("strata-commit-{}", top.simple()),
-            Self::Stream { volume, .. } => format!("strata-stream-{}", volume.simple()),
-        }
+    /// The QEMU job's id: the same for every attempt of this strata job, so a redone
+    /// step finds it, and another job's leftover is never taken for it.
+    fn qemu_job_id(&self, job: Uuid) -> String {
+        let kind = match self {
+            Self::Commit { .. } => "commit",
+            Self::Stream { .. } => "stream",
+        };
+        format!("strata-{kind}-{}-{}", job.simple(), self.key().simple())
     }
 
     /// The file that takes the merged clusters and stays.
@@ -142,38 +144,55 @@ impl Engine {
             // for the VM to be marked stopped.
             Reach::Unreachable(e) => return Err(e),
         };
+        let gone = self.merged_away(&merge).await?;
+        let id = merge.qemu_job_id(job);
         if self.merge_recorded(job, &merge).await? {
-            // Recorded by an attempt that died before it dismissed QEMU's job (or let
-            // the guest run again).
-            let id = merge.qemu_job_id();
+            // Recorded by an attempt that died before it dismissed QEMU's job or let
+            // the guest run again. QEMU must still read the merged chain: one restarted
+            // on the old chain meanwhile would be writing files about to go.
+            if !self.merged_in_qemu(&mut qmp, &merge, &gone).await? {
+                return Err(mismatch(
+                    "the merge is recorded, but QEMU reads the layers it merged away".into(),
+                ));
+            }
             if qmp.jobs().await?.iter().any(|j| j.id == id) {
                 qmp.execute::<Value>("job-dismiss", json!({ "id": id }))
                     .await?;
             }
             self.resume_guest(&mut qmp, job, &id, None).await?;
         } else {
-            self.run_qemu_job(&mut qmp, job, &merge, progress).await?;
+            self.run_qemu_job(&mut qmp, job, &merge, &gone, progress)
+                .await?;
         }
-        let gone = self.merged_away(&merge).await?;
         self.close_nodes(&mut qmp, &gone).await?;
         self.settle_on_disk(&mut qmp, job, &merge, &gone).await
     }
 
-    /// Drive QEMU's job from wherever it stands to its recorded success.
+    /// Drive QEMU's job from wherever it stands to its recorded success. QEMU's graph,
+    /// not the job's status, says whether the merge happened: a ready active commit
+    /// cancelled by someone else concludes without an error and without a pivot.
     async fn run_qemu_job(
         &self,
         qmp: &mut Qmp,
         job: Uuid,
         merge: &LiveMerge,
+        gone: &[Uuid],
         progress: &(dyn Fn(f32) + Send + Sync),
     ) -> Result<()> {
-        let id = merge.qemu_job_id();
+        let id = merge.qemu_job_id(job);
         let mut paused_at: Option<Instant> = None;
         loop {
             let found: Option<JobInfo> = qmp.jobs().await?.into_iter().find(|j| j.id == id);
             let Some(info) = found else {
-                // Never started (a started job stays until strata recorded it).
-                self.start_qemu_job(qmp, merge).await?;
+                if self.merged_in_qemu(qmp, merge, gone).await? {
+                    // Done by a job that ended unseen (dismissed by someone else).
+                    self.record_merged(job, merge).await?;
+                    return self.resume_guest(qmp, job, &id, paused_at).await;
+                }
+                // Never started, or gone without merging: nothing pivots now.
+                self.forget_pivot(qmp, job, &id, paused_at).await?;
+                paused_at = None;
+                self.start_qemu_job(qmp, job, merge).await?;
                 self.live_fault_point(job, "started").await;
                 continue;
             };
@@ -182,27 +201,58 @@ impl Engine {
             }
             match info.status.as_str() {
                 "concluded" => {
-                    if let Some(error) = info.error {
-                        // Nothing was switched: the graph is as before the job.
+                    // A stream ends only by changing the backing or with an error; its
+                    // graph cannot be read before it is dismissed (QEMU 10.0 crashed
+                    // listing its nodes then), so it is checked after.
+                    let merged = info.error.is_none()
+                        && match merge {
+                            LiveMerge::Stream { .. } => true,
+                            LiveMerge::Commit { .. } => {
+                                self.merged_in_qemu(qmp, merge, gone).await?
+                            }
+                        };
+                    if merged {
+                        // Recorded before the job is dismissed, and before the guest
+                        // runs again: from here on the kept file is the disk.
+                        self.live_fault_point(job, "concluded").await;
+                        self.record_merged(job, merge).await?;
+                        self.live_fault_point(job, "recorded").await;
+                        self.resume_guest(qmp, job, &id, paused_at).await?;
                         qmp.execute::<Value>("job-dismiss", json!({ "id": id }))
                             .await?;
-                        self.resume_guest(qmp, job, &id, paused_at).await?;
-                        return Err(qemu_job_failed(&id, &error));
+                        if !self.merged_in_qemu(qmp, merge, gone).await? {
+                            return Err(mismatch(
+                                "QEMU's job ended, but QEMU still reads the layers it merged away"
+                                    .into(),
+                            ));
+                        }
+                        return Ok(());
                     }
-                    // Recorded before the job is dismissed, and before the guest runs
-                    // again: from here on the kept file is the disk.
-                    self.live_fault_point(job, "concluded").await;
-                    self.record_merged(job, merge).await?;
-                    self.live_fault_point(job, "recorded").await;
-                    self.resume_guest(qmp, job, &id, paused_at).await?;
+                    // Failed, or ended without merging: the graph is as before.
                     qmp.execute::<Value>("job-dismiss", json!({ "id": id }))
                         .await?;
-                    return Ok(());
+                    self.forget_pivot(qmp, job, &id, paused_at).await?;
+                    paused_at = None;
+                    if let Some(error) = info.error {
+                        return Err(qemu_job_failed(&id, &error));
+                    }
+                    continue;
                 }
                 "ready" if merge.is_pivot() => {
-                    if paused_at.is_none() {
+                    if !self.paused_for(job, &id).await? {
+                        // Only under a pause strata set itself: one set by someone
+                        // else may end before the pivot is recorded.
+                        if !qmp.guest_running().await? {
+                            tokio::time::sleep(POLL).await;
+                            continue;
+                        }
                         paused_at = Some(self.pause_guest(qmp, job, &id).await?);
                         self.live_fault_point(job, "paused").await;
+                    }
+                    let detail = self.job_detail(job).await?;
+                    if detail.get("pivot_requested").and_then(Value::as_str) != Some(&id) {
+                        self.add_detail(job, &json!({ "pivot_requested": id }))
+                            .await?;
                     }
                     // Refused while QEMU cannot complete yet (a new write to copy):
                     // asked again at the next poll.
@@ -229,21 +279,24 @@ impl Engine {
         }
     }
 
-    /// Start QEMU's job, after checking QEMU reads the layers the step merges.
-    async fn start_qemu_job(&self, qmp: &mut Qmp, merge: &LiveMerge) -> Result<()> {
+    /// Start QEMU's job, after checking QEMU reads the layers the step merges. The
+    /// device is the node a device or an export reads: QEMU takes no other.
+    async fn start_qemu_job(&self, qmp: &mut Qmp, job: Uuid, merge: &LiveMerge) -> Result<()> {
         let nodes = qmp.block_nodes().await?;
-        let id = merge.qemu_job_id();
+        let attached = qmp.attached_nodes().await?;
         let mut arguments = match *merge {
             LiveMerge::Commit {
                 top, base, above, ..
             } => {
                 let top_node = self.node_reading(&nodes, top, Some(base))?;
                 let base_node = self.node_reading(&nodes, base, None)?;
-                let device = match above {
-                    // The device is the active layer QEMU writes, above everything.
-                    Some(above) => self.top_of_chain(&nodes, above)?,
-                    None => top_node.clone(),
-                };
+                let device = self.attached_reading(&nodes, &attached, top)?;
+                if above.is_none() && device != top_node {
+                    return Err(mismatch(format!(
+                        "{} is not the layer the guest writes",
+                        self.volume_path(top).display()
+                    )));
+                }
                 let mut arguments = json!({
                     "device": device,
                     "top-node": top_node,
@@ -264,6 +317,7 @@ impl Engine {
                 ..
             } => {
                 let node = self.node_reading(&nodes, volume, Some(from))?;
+                self.attached_reading(&nodes, &attached, volume)?;
                 let mut arguments = json!({ "device": node });
                 if let Some(backing) = backing {
                     arguments["base-node"] = json!(self.node_reading(&nodes, backing, None)?);
@@ -272,7 +326,7 @@ impl Engine {
                 arguments
             }
         };
-        arguments["job-id"] = json!(id);
+        arguments["job-id"] = json!(merge.qemu_job_id(job));
         arguments["auto-dismiss"] = json!(false);
         let command = match merge {
             LiveMerge::Commit { .. } => "block-commit",
@@ -317,39 +371,74 @@ impl Engine {
         }
     }
 
-    /// The node at the top of the chain `volume` is in (what the guest writes).
-    fn top_of_chain(&self, nodes: &[BlockNode], volume: Uuid) -> Result<String> {
+    /// The chains (files, top first) of the nodes devices and exports read.
+    async fn attached_chains(&self, qmp: &mut Qmp) -> Result<Vec<Vec<String>>> {
+        let nodes = qmp.block_nodes().await?;
+        let attached = qmp.attached_nodes().await?;
+        Ok(nodes
+            .into_iter()
+            .filter(|n| attached.contains(&n.node_name))
+            .map(|n| n.image.chain())
+            .collect())
+    }
+
+    /// The attached node whose chain reads `volume`'s file: the device a job on that
+    /// chain must name. None, or several, is a mismatch.
+    fn attached_reading(
+        &self,
+        nodes: &[BlockNode],
+        attached: &[String],
+        volume: Uuid,
+    ) -> Result<String> {
         let file = self.volume_path(volume).display().to_string();
-        let tops: Vec<&BlockNode> = nodes
+        let found: Vec<&BlockNode> = nodes
             .iter()
-            .filter(|n| n.drv == "qcow2" && n.image.chain().contains(&file))
-            .filter(|n| {
-                // Nothing else reads it as a backing file.
-                let name = n.image.file_name();
-                !nodes
-                    .iter()
-                    .any(|other| other.drv == "qcow2" && other.image.chain()[1..].contains(&name))
-            })
+            .filter(|n| attached.contains(&n.node_name) && n.image.chain().contains(&file))
             .collect();
-        match tops.as_slice() {
+        match found.as_slice() {
             [node] => Ok(node.node_name.clone()),
-            [] => Err(mismatch(format!("QEMU does not read {file}"))),
+            [] => Err(mismatch(format!(
+                "no device or export of QEMU reads {file}"
+            ))),
             several => Err(mismatch(format!(
-                "{file} is read by {} chains in QEMU",
+                "{file} is read by {} devices or exports",
                 several.len()
             ))),
         }
     }
 
-    /// Pause the guest for a pivot, recording first that strata paused it (so a
-    /// restart resumes it). A guest already paused (by an earlier attempt, or by the
-    /// orchestrator) stays as it is.
+    /// Whether QEMU's graph shows the merge done: a device or export reads the kept
+    /// file, and none reads a merged-away one.
+    async fn merged_in_qemu(
+        &self,
+        qmp: &mut Qmp,
+        merge: &LiveMerge,
+        gone: &[Uuid],
+    ) -> Result<bool> {
+        let kept = self.volume_path(merge.kept()).display().to_string();
+        let gone: Vec<String> = gone
+            .iter()
+            .map(|v| self.volume_path(*v).display().to_string())
+            .collect();
+        let chains = self.attached_chains(qmp).await?;
+        let reads_kept = chains.iter().any(|chain| chain.contains(&kept));
+        let reads_gone = chains
+            .iter()
+            .any(|chain| chain.iter().any(|f| gone.contains(f)));
+        Ok(reads_kept && !reads_gone)
+    }
+
+    async fn paused_for(&self, job: Uuid, qemu_job: &str) -> Result<bool> {
+        let detail = self.job_detail(job).await?;
+        Ok(detail.get("paused_for").and_then(Value::as_str) == Some(qemu_job))
+    }
+
+    /// Pause the running guest, recording first that strata paused it (so a restart
+    /// resumes it).
     async fn pause_guest(&self, qmp: &mut Qmp, job: Uuid, qemu_job: &str) -> Result<Instant> {
-        if qmp.guest_running().await? {
-            self.add_detail(job, &json!({ "paused_for": qemu_job }))
-                .await?;
-            qmp.execute::<Value>("stop", json!({})).await?;
-        }
+        self.add_detail(job, &json!({ "paused_for": qemu_job }))
+            .await?;
+        qmp.execute::<Value>("stop", json!({})).await?;
         Ok(Instant::now())
     }
 
@@ -361,43 +450,68 @@ impl Engine {
         qemu_job: &str,
         paused_at: Option<Instant>,
     ) -> Result<()> {
-        let detail = self.job_detail(job).await?;
-        if detail.get("paused_for").and_then(Value::as_str) != Some(qemu_job) {
+        if !self.paused_for(job, qemu_job).await? {
             return Ok(());
         }
         qmp.execute::<Value>("cont", json!({})).await?;
-        let mut cleared = json!({ "paused_for": null });
+        let mut cleared = json!({ "paused_for": null, "pivot_requested": null });
         if let Some(at) = paused_at {
             cleared["paused_ms"] = json!(at.elapsed().as_millis() as u64);
         }
         self.add_detail(job, &cleared).await
     }
 
-    /// At start, before any job resumes: a guest a pivot paused before the restart is
-    /// let run again once it is known whether the pivot happened (recorded first if it
-    /// did). A pivot still under way is left to its resumed job.
-    pub(super) async fn resume_paused_guest(&self, job: Uuid, merge: LiveMerge) -> Result<()> {
-        let id = merge.qemu_job_id();
+    /// A pivot that did not happen and will not (its QEMU job is gone or ended
+    /// without it): forget the request and let a guest strata paused run again.
+    async fn forget_pivot(
+        &self,
+        qmp: &mut Qmp,
+        job: Uuid,
+        qemu_job: &str,
+        paused_at: Option<Instant>,
+    ) -> Result<()> {
+        self.resume_guest(qmp, job, qemu_job, paused_at).await?;
         let detail = self.job_detail(job).await?;
-        if detail.get("paused_for").and_then(Value::as_str) != Some(id.as_str()) {
+        if detail.get("pivot_requested").is_some_and(|r| !r.is_null()) {
+            self.add_detail(job, &json!({ "pivot_requested": null }))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// At start, before any job resumes: a guest strata paused before the restart runs
+    /// again. With no pivot asked for, at once (a pause for a flush, or one before
+    /// `job-complete` was sent); otherwise once QEMU's job ended (waited for a while),
+    /// the pivot recorded first if the graph shows it. A pivot still under way is left
+    /// to its resumed job.
+    pub(super) async fn resume_paused_guest(&self, job: Uuid, merge: LiveMerge) -> Result<()> {
+        let id = merge.qemu_job_id(job);
+        if !self.paused_for(job, &id).await? {
             return Ok(());
         }
         let Reach::Reached(mut qmp) = self.connect_live(merge.vm()).await? else {
             return Ok(());
         };
-        let found = qmp.jobs().await?.into_iter().find(|j| j.id == id);
-        match found {
-            Some(info) if info.status == "concluded" && info.error.is_none() => {
+        let detail = self.job_detail(job).await?;
+        if detail.get("pivot_requested").and_then(Value::as_str) == Some(&id) {
+            let gone = self.merged_away(&merge).await?;
+            let mut ended = false;
+            for _ in 0..100 {
+                let found = qmp.jobs().await?.into_iter().find(|j| j.id == id);
+                if found.as_ref().is_none_or(|j| j.status == "concluded") {
+                    ended = true;
+                    break;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            if !ended {
+                return Ok(());
+            }
+            if self.merged_in_qemu(&mut qmp, &merge, &gone).await? {
                 self.record_merged(job, &merge).await?;
             }
-            // Failed (nothing switched), not started, or done and recorded (dismissed
-            // only after the record).
-            Some(info) if info.status == "concluded" => {}
-            None => {}
-            // Ready or completing: whether it pivots is not known yet.
-            Some(_) => return Ok(()),
         }
-        self.resume_guest(&mut qmp, job, &id, None).await
+        self.forget_pivot(&mut qmp, job, &id, None).await
     }
 
     async fn merge_recorded(&self, job: Uuid, merge: &LiveMerge) -> Result<bool> {
@@ -425,39 +539,49 @@ impl Engine {
 
     /// Close the nodes of merged-away layers QEMU still has open though nothing reads
     /// them (one the orchestrator or a live snapshot added by name stays after the
-    /// merge), before their files go. One that will not close is left: the file's
-    /// removal cannot harm a process that holds it open.
+    /// merge), upper ones first, until none more closes, before their files go. One
+    /// that will not close is left: removing the file cannot harm a process that holds
+    /// it open.
     async fn close_nodes(&self, qmp: &mut Qmp, gone: &[Uuid]) -> Result<()> {
         let files: BTreeSet<String> = gone
             .iter()
             .map(|v| self.volume_path(*v).display().to_string())
             .collect();
-        let nodes = qmp.block_nodes().await?;
-        let read_below: BTreeSet<String> = nodes
-            .iter()
-            .filter(|n| n.drv == "qcow2")
-            .flat_map(|n| n.image.chain().into_iter().skip(1))
-            .collect();
-        for node in nodes.iter().filter(|n| n.drv == "qcow2") {
-            let file = node.image.file_name();
-            if !files.contains(&file) || read_below.contains(&file) {
-                continue;
+        loop {
+            let nodes = qmp.block_nodes().await?;
+            let read_below: BTreeSet<String> = nodes
+                .iter()
+                .filter(|n| n.drv == "qcow2")
+                .flat_map(|n| n.image.chain().into_iter().skip(1))
+                .collect();
+            let mut closed = false;
+            for node in nodes.iter().filter(|n| n.drv == "qcow2") {
+                let file = node.image.file_name();
+                if !files.contains(&file) || read_below.contains(&file) {
+                    continue;
+                }
+                match qmp
+                    .execute::<Value>("blockdev-del", json!({"node-name": node.node_name}))
+                    .await
+                {
+                    Ok(_) => closed = true,
+                    Err(e) => {
+                        tracing::debug!(node = %node.node_name, error = %e, "a merged-away node stays open");
+                    }
+                }
             }
-            if let Err(e) = qmp
-                .execute::<Value>("blockdev-del", json!({"node-name": node.node_name}))
-                .await
-            {
-                tracing::debug!(node = %node.node_name, error = %e, "a merged-away node stays open");
+            if !closed {
+                return Ok(());
             }
         }
-        Ok(())
     }
 
     /// Make sure the kept file holds, on disk, every cluster the merged-away layers
     /// mapped, and fsync it (and the layer above a commit, whose header QEMU rewrote),
-    /// so their files can go. If QEMU has not written its tables out yet, a QEMU that can
-    /// pause its guest is asked to (pausing flushes every image); otherwise the job waits
-    /// for the guest's next flush.
+    /// so their files can go. If QEMU has not written its tables out yet, a QEMU that
+    /// can pause its guest is made to (`stop` flushes every image, the guest paused
+    /// already or not) and the check is made again; otherwise the job waits for the
+    /// guest's next flush.
     async fn settle_on_disk(
         &self,
         qmp: &mut Qmp,
@@ -471,14 +595,8 @@ impl Engine {
             needed.extend(self.qemu.own_ranges(&self.volume_path(*volume)).await?);
         }
         let mut flushed = false;
-        loop {
-            let held = self.qemu.own_ranges(&kept).await?;
-            // After a flush the file on disk is what QEMU reads: a range the guest
-            // discarded since the merge is rightly missing.
-            if flushed || crate::qemu::ranges_cover(&held, &needed) {
-                break;
-            }
-            if !qmp.can_pause().await? {
+        while !crate::qemu::ranges_cover(&self.qemu.own_ranges(&kept).await?, &needed) {
+            if flushed || !qmp.can_pause().await? {
                 return Err(Error::Qmp(QmpError::Protocol {
                     command: "flush".into(),
                     detail: format!(
@@ -487,9 +605,13 @@ impl Engine {
                     ),
                 }));
             }
-            let id = merge.qemu_job_id();
-            let paused_at = self.pause_guest(qmp, job, &id).await?;
-            self.resume_guest(qmp, job, &id, Some(paused_at)).await?;
+            let id = merge.qemu_job_id(job);
+            if qmp.guest_running().await? {
+                let paused_at = self.pause_guest(qmp, job, &id).await?;
+                self.resume_guest(qmp, job, &id, Some(paused_at)).await?;
+            } else {
+                qmp.execute::<Value>("stop", json!({})).await?;
+            }
             flushed = true;
         }
         super::execute::sync_file(&kept).await?;
