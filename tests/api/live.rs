@@ -65,6 +65,14 @@ impl RunningVm {
         *proxy.kill_on.lock().unwrap() = Some((command.to_owned(), after_answer));
     }
 
+    /// Turn strata's next `job-complete` into a `block-job-cancel` of the same job, as
+    /// another client of the monitor could: a ready active commit then ends without an
+    /// error and without a pivot.
+    pub(crate) fn cancel_next_completion(&self) {
+        let proxy = self.proxy.as_ref().expect("a pausable VM");
+        proxy.cancel_completion.store(true, Ordering::Relaxed);
+    }
+
     /// The commands strata sent to the monitor so far (a pausable VM's).
     pub(crate) fn commands(&self) -> Vec<String> {
         let proxy = self.proxy.as_ref().expect("a pausable VM");
@@ -267,6 +275,7 @@ struct MonitorProxy {
     socket: PathBuf,
     commands: Mutex<Vec<String>>,
     kill_on: Mutex<Option<(String, bool)>>,
+    cancel_completion: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -285,6 +294,7 @@ impl MonitorProxy {
             socket,
             commands: Mutex::new(Vec::new()),
             kill_on: Mutex::new(None),
+            cancel_completion: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         });
         let serving = Arc::clone(&proxy);
@@ -377,7 +387,16 @@ impl MonitorProxy {
                 }
                 continue;
             }
-            to_daemon.write_all(line.as_bytes())?;
+            let mut forwarded = line.clone();
+            if command == "job-complete" && self.cancel_completion.swap(false, Ordering::Relaxed) {
+                let cancel = json!({
+                    "execute": "block-job-cancel",
+                    "arguments": {"device": request["arguments"]["id"]},
+                    "id": request["id"],
+                });
+                forwarded = format!("{cancel}\n");
+            }
+            to_daemon.write_all(forwarded.as_bytes())?;
             loop {
                 let mut answer = String::new();
                 if from_daemon.read_line(&mut answer)? == 0 {

@@ -595,3 +595,26 @@ async fn a_cancelled_or_interrupted_live_full_clone_leaves_nothing_or_finishes()
     check_clean(&copy);
     expect_present_with(&app, &mut chain, &[], &[job.target.id]).await;
 }
+
+#[tokio::test]
+async fn a_pivot_cancelled_by_another_client_is_not_taken_for_one() {
+    // Someone else cancels the ready commit where strata asked for the pivot: QEMU ends
+    // the job without an error and without switching. strata sees from the graph that
+    // nothing pivoted, lets the guest run, and starts the commit again.
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let mut chain = live_chain(&app, &run_dir, true, [1, 4, 1]).await;
+    chain.process.cancel_next_completion();
+    let (job, written) = delete_under_writes(&app, &chain, chain.s2).await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let commands = chain.process.commands();
+    let commits = commands.iter().filter(|c| *c == "block-commit").count();
+    assert_eq!(commits, 2, "{commands:?}");
+    assert!(!chain.process.gate.paused());
+    assert_eq!(app.active_path(chain.vm, "root").await, chain.layers[1]);
+    assert_eq!(
+        chain.process.top_files().await,
+        std::slice::from_ref(&chain.layers[1])
+    );
+    expect_present(&app, &mut chain, &written).await;
+}
