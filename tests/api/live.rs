@@ -73,6 +73,13 @@ impl RunningVm {
         proxy.cancel_completion.store(true, Ordering::Relaxed);
     }
 
+    /// Answer strata's next `command` with an error, as QEMU does when it refuses it
+    /// (nothing reaches the daemon).
+    pub(crate) fn refuse_next(&self, command: &str) {
+        let proxy = self.proxy.as_ref().expect("a pausable VM");
+        *proxy.refuse.lock().unwrap() = Some(command.to_owned());
+    }
+
     /// The commands strata sent to the monitor so far (a pausable VM's).
     pub(crate) fn commands(&self) -> Vec<String> {
         let proxy = self.proxy.as_ref().expect("a pausable VM");
@@ -276,6 +283,7 @@ struct MonitorProxy {
     commands: Mutex<Vec<String>>,
     kill_on: Mutex<Option<(String, bool)>>,
     cancel_completion: AtomicBool,
+    refuse: Mutex<Option<String>>,
     closed: AtomicBool,
 }
 
@@ -295,6 +303,7 @@ impl MonitorProxy {
             commands: Mutex::new(Vec::new()),
             kill_on: Mutex::new(None),
             cancel_completion: AtomicBool::new(false),
+            refuse: Mutex::new(None),
             closed: AtomicBool::new(false),
         });
         let serving = Arc::clone(&proxy);
@@ -355,6 +364,20 @@ impl MonitorProxy {
             };
             if kill_now(false) {
                 return Ok(());
+            }
+            let refused = {
+                let mut refuse = self.refuse.lock().unwrap();
+                let now = refuse.as_deref() == Some(command.as_str());
+                if now {
+                    *refuse = None;
+                }
+                now
+            };
+            if refused {
+                let error = json!({"class": "GenericError", "desc": "refused by the test"});
+                let reply = json!({"error": error, "id": request["id"]});
+                to_client.write_all(format!("{reply}\n").as_bytes())?;
+                continue;
             }
             let local = match command.as_str() {
                 "stop" => {

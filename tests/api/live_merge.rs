@@ -618,3 +618,26 @@ async fn a_pivot_cancelled_by_another_client_is_not_taken_for_one() {
     );
     expect_present(&app, &mut chain, &written).await;
 }
+
+#[tokio::test]
+async fn a_first_merge_qemu_refuses_changes_nothing() {
+    // QEMU refuses the commit that starts the deletion: the job fails, undone, and the
+    // snapshot, its layers and the present are as they were.
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let mut chain = live_chain(&app, &run_dir, true, [4, 1, 1]).await;
+    chain.process.refuse_next("block-commit");
+    let files = app.volume_files();
+    let (status, job) = app.delete(&format!("/v1/snapshots/{}", chain.s1)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let job = app.wait_job(job["id"].as_str().unwrap()).await;
+    assert_eq!(job.status, JobStatus::Failed, "{job:?}");
+    let error = job.error.as_ref().unwrap();
+    assert!(error.message.contains("refused by the test"), "{job:?}");
+    let snapshot = app.get_snapshot(chain.s1).await;
+    assert_eq!(snapshot.status, ResourceStatus::Ready, "{snapshot:?}");
+    assert_eq!(app.volume_files(), files);
+    assert_eq!(app.active_path(chain.vm, "root").await, chain.layers[2]);
+    expect_all(&chain.layers[0], &chain.regions(1));
+    expect_present(&app, &mut chain, &[]).await;
+}
