@@ -29,6 +29,8 @@
 
 #[path = "strata/clones.rs"]
 mod clones;
+#[path = "strata/live.rs"]
+mod live;
 #[path = "strata/scheduler.rs"]
 mod scheduler;
 // The tests' harness; the bench uses only part of what it re-exports.
@@ -110,6 +112,12 @@ fn run() -> Result<Vec<String>> {
         return Ok(problems);
     }
     let app = rt.block_on(start_service(work.path(), "service", &[]))?;
+    if std::env::args().any(|a| a == "--only-live") {
+        let figures = rt.block_on(live::bench_live(work.path()))?;
+        let (section, problems) = live::report(&figures);
+        println!("{section}");
+        return Ok(problems);
+    }
     if std::env::args().any(|a| a == "--only-clones") {
         let figures = rt.block_on(clones::bench_clones(&app, work.path()))?;
         let (section, problems) = clones::report(&figures);
@@ -145,12 +153,16 @@ fn run() -> Result<Vec<String>> {
     for merge in &merges {
         problems.extend(merge.problems.iter().cloned());
     }
+    let live_figures = rt.block_on(live::bench_live(work.path()))?;
+    let (live_section, live_problems) = live::report(&live_figures);
+    problems.extend(live_problems);
     let (clones_section, clones_problems) = clones::report(&clone_figures);
     let (scheduler_section, scheduler_problems) = scheduler_part()?;
     problems.extend(clones_problems);
     problems.extend(scheduler_problems);
     let mut section = report(&machine, &snapshots, &merges, &problems);
     section.push_str(&clones_section);
+    section.push_str(&live_section);
     section.push_str(&scheduler_section);
     println!("\n{section}");
     let doc = manifest_dir.join("docs").join("benchmarks.md");

@@ -2,7 +2,8 @@
 //! spawned over a temporary data directory (`app`); a typed client that reads answers
 //! as strata's own view types (`client`, `views`) over untyped requests for exact
 //! shapes and bad input (`http`), every answer checked against the OpenAPI document
-//! (`documented`); and qemu-io / qemu-img on the files the service reports (`qemu`).
+//! (`documented`); qemu-io / qemu-img on the files the service reports (`qemu`); and a
+//! running VM stood in for by qemu-storage-daemon (`live`).
 //!
 //! Included by path (`#[path = ...] mod support;`) from tests/api/main.rs and
 //! benches/strata.rs; each uses only part of it.
@@ -12,6 +13,7 @@ mod app;
 mod client;
 mod documented;
 mod http;
+pub mod live;
 mod qemu;
 mod views;
 

@@ -44,6 +44,12 @@ use crate::store;
 /// How often a running QEMU job is asked how far it got.
 const POLL: Duration = Duration::from_millis(50);
 
+/// How long a merge waits, within its step, for a QEMU that cannot pause to write the
+/// merged tables out (at the guest's next flush), and how often it looks; then it
+/// waits parked.
+const FLUSH_WAIT: Duration = Duration::from_secs(30);
+const FLUSH_POLL: Duration = Duration::from_millis(200);
+
 /// One live merge, as its plan step describes it.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum LiveMerge {
@@ -580,8 +586,8 @@ impl Engine {
     /// mapped, and fsync it (and the layer above a commit, whose header QEMU rewrote),
     /// so their files can go. If QEMU has not written its tables out yet, a QEMU that
     /// can pause its guest is made to (`stop` flushes every image, the guest paused
-    /// already or not) and the check is made again; otherwise the job waits for the
-    /// guest's next flush.
+    /// already or not) and the check is made again; otherwise the step waits for the
+    /// guest's next flush (up to `FLUSH_WAIT`, then parked).
     async fn settle_on_disk(
         &self,
         qmp: &mut Qmp,
@@ -595,7 +601,13 @@ impl Engine {
             needed.extend(self.qemu.own_ranges(&self.volume_path(*volume)).await?);
         }
         let mut flushed = false;
+        let waiting_since = Instant::now();
         while !crate::qemu::ranges_cover(&self.qemu.own_ranges(&kept).await?, &needed) {
+            if !flushed && !qmp.can_pause().await? && waiting_since.elapsed() < FLUSH_WAIT {
+                // A guest flushes its disks every few seconds while it writes.
+                tokio::time::sleep(FLUSH_POLL).await;
+                continue;
+            }
             if flushed || !qmp.can_pause().await? {
                 return Err(Error::Qmp(QmpError::Protocol {
                     command: "flush".into(),
