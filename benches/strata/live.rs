@@ -175,10 +175,13 @@ async fn live_merge(
     let base = active_paths(app, vm).await.remove(0);
     write_bytes(&base, 0x11, 0, base_mib * MIB);
     let actives = [base.display().to_string()];
+    // A directory of its own: the sockets of the VMs before are still there.
+    let dir = run_dir.join(expected);
+    std::fs::create_dir_all(&dir)?;
     let process = if pausable {
-        RunningVm::start_pausable(run_dir, &actives)
+        RunningVm::start_pausable(&dir, &actives)
     } else {
-        RunningVm::start(run_dir, &actives)
+        RunningVm::start(&dir, &actives)
     };
     mark(app, vm, Some(&process)).await?;
     let snap = snapshot(app, vm, "s").await;

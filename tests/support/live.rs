@@ -290,6 +290,8 @@ impl MonitorProxy {
         disks: usize,
         pid: u32,
     ) -> Arc<Self> {
+        // A socket an earlier stand-in left in the same directory.
+        let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).unwrap();
         listener.set_nonblocking(true).unwrap();
         let proxy = Arc::new(Self {
