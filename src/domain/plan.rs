@@ -773,6 +773,20 @@ pub fn plan_live_snapshot_create(
             _ => None,
         })
         .collect();
+    push_live_switch(&mut plan, vm, overlays, Some(snapshot), freeze);
+    Ok(plan)
+}
+
+/// End a plan whose `Create` steps made `overlays` with the two live steps that put
+/// them under the running VM's guest: open them in QEMU, then switch every disk onto
+/// its overlay at one instant.
+fn push_live_switch(
+    plan: &mut Plan,
+    vm: Uuid,
+    overlays: Vec<LiveOverlay>,
+    snapshot: Option<Uuid>,
+    freeze: Option<Quiesce>,
+) {
     plan.steps.push(Step {
         op: FileOp::LiveAdd {
             vm,
@@ -784,12 +798,11 @@ pub fn plan_live_snapshot_create(
         op: FileOp::LiveSwitch {
             vm,
             overlays,
-            snapshot: Some(snapshot),
+            snapshot,
             freeze,
         },
         then: vec![],
     });
-    Ok(plan)
 }
 
 /// Throw away each covered disk's present layer and start a new empty one on the
@@ -1259,22 +1272,7 @@ pub fn plan_live_linked_clone(
             _ => None,
         })
         .collect();
-    plan.steps.push(Step {
-        op: FileOp::LiveAdd {
-            vm,
-            overlays: overlays.clone(),
-        },
-        then: vec![],
-    });
-    plan.steps.push(Step {
-        op: FileOp::LiveSwitch {
-            vm,
-            overlays,
-            snapshot: None,
-            freeze: None,
-        },
-        then: vec![],
-    });
+    push_live_switch(&mut plan, vm, overlays, None, None);
     plan
 }
 

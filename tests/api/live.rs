@@ -43,6 +43,12 @@ pub(crate) async fn running_vm(app: &TestApp, run_dir: &Path, name: &str) -> (Uu
         app.active_path(vm, "data").await,
     ];
     let process = RunningVm::start(run_dir, &actives);
+    mark_running(app, vm, &process).await;
+    (vm, process)
+}
+
+/// The orchestrator's word that the VM runs in `process`, with its monitor socket.
+pub(crate) async fn mark_running(app: &TestApp, vm: Uuid, process: &RunningVm) {
     let (status, body) = app
         .patch(
             &format!("/v1/vms/{vm}"),
@@ -50,7 +56,6 @@ pub(crate) async fn running_vm(app: &TestApp, run_dir: &Path, name: &str) -> (Uu
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    (vm, process)
 }
 
 /// The orchestrator's word that the VM stopped (its QEMU is gone).
@@ -156,13 +161,7 @@ async fn a_qemu_reading_other_files_than_the_records_is_refused_and_nothing_chan
     let stray = run_dir.join("stray.qcow2");
     std::fs::copy(&active, &stray).unwrap();
     let process = RunningVm::start(&run_dir, &[stray.display().to_string()]);
-    let (status, body) = app
-        .patch(
-            &format!("/v1/vms/{vm}"),
-            json!({"state": "running", "qmp_socket": process.qmp}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    mark_running(&app, vm, &process).await;
     let files_before = app.volume_files();
 
     let (status, job) = app

@@ -12,7 +12,9 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::live::{DISK, MIB, RunningVm, mark_stopped, run_dir, spawn, try_guest_write};
+use crate::live::{
+    DISK, MIB, RunningVm, mark_running, mark_stopped, run_dir, spawn, try_guest_write,
+};
 use crate::recovery::{assert_files_match_metadata, assert_files_match_metadata_of};
 use crate::support::*;
 
@@ -37,13 +39,7 @@ async fn live_chain(app: &TestApp, run_dir: &Path, pausable: bool, mib: [u64; 3]
     } else {
         RunningVm::start(run_dir, std::slice::from_ref(&base))
     };
-    let (status, body) = app
-        .patch(
-            &format!("/v1/vms/{vm}"),
-            json!({"state": "running", "qmp_socket": process.qmp}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    mark_running(app, vm, &process).await;
     let s1 = app.snapshot(vm, "s1").await.id;
     process.write(0, 0x22, 16 * MIB, mib[1] * MIB);
     let s2 = app.snapshot(vm, "s2").await.id;
@@ -230,13 +226,7 @@ async fn a_layer_qemu_has_not_open_is_dropped_without_asking_qemu() {
     .await;
     let active = app.active_path(vm, "root").await;
     let process = RunningVm::start_pausable(&run_dir, std::slice::from_ref(&active));
-    let (status, body) = app
-        .patch(
-            &format!("/v1/vms/{vm}"),
-            json!({"state": "running", "qmp_socket": process.qmp}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    mark_running(&app, vm, &process).await;
 
     let job = app
         .expect_job(app.delete(&format!("/v1/snapshots/{s2}")).await)
@@ -375,13 +365,7 @@ async fn a_schedule_prunes_the_snapshots_of_a_running_vm_live() {
     let base = app.active_path(vm, "root").await;
     write(&base, 0x11, 0, 2);
     let process = RunningVm::start_pausable(&run_dir, std::slice::from_ref(&base));
-    let (status, body) = app
-        .patch(
-            &format!("/v1/vms/{vm}"),
-            json!({"state": "running", "qmp_socket": process.qmp}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    mark_running(&app, vm, &process).await;
     let (status, schedule) = app
         .post(
             "/v1/schedules",
