@@ -77,12 +77,9 @@ impl Engine {
             }
         }
         // Done and recorded: QEMU's jobs and nodes go, the copies are made durable.
-        for copy in copies {
-            let id = job_id(copy);
-            if qmp.jobs().await?.iter().any(|j| j.id == id) {
-                qmp.execute::<Value>("job-dismiss", json!({ "id": id }))
-                    .await?;
-            }
+        for info in self.copy_jobs(&mut qmp, copies).await? {
+            qmp.execute::<Value>("job-dismiss", json!({ "id": info.id }))
+                .await?;
         }
         self.close_targets(&mut qmp, copies).await?;
         for copy in copies {

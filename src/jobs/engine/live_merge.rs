@@ -601,14 +601,20 @@ impl Engine {
             needed.extend(self.qemu.own_ranges(&self.volume_path(*volume)).await?);
         }
         let mut flushed = false;
+        // Asked once, and only if a flush turns out to be needed.
+        let mut can_pause = None;
         let waiting_since = Instant::now();
         while !crate::qemu::ranges_cover(&self.qemu.own_ranges(&kept).await?, &needed) {
-            if !flushed && !qmp.can_pause().await? && waiting_since.elapsed() < FLUSH_WAIT {
+            let pausable = match can_pause {
+                Some(known) => known,
+                None => *can_pause.insert(qmp.can_pause().await?),
+            };
+            if !flushed && !pausable && waiting_since.elapsed() < FLUSH_WAIT {
                 // A guest flushes its disks every few seconds while it writes.
                 tokio::time::sleep(FLUSH_POLL).await;
                 continue;
             }
-            if flushed || !qmp.can_pause().await? {
+            if flushed || !pausable {
                 return Err(Error::Qmp(QmpError::Protocol {
                     command: "flush".into(),
                     detail: format!(
