@@ -7,8 +7,11 @@
 #   scripts/soak.sh                                     # the regression seeds, 150 cycles, 256 MiB
 #   SEEDS="7 42 1001" CYCLES=500 MAX_MIB=384 scripts/soak.sh
 #   SEEDS=$(seq 200 299) FULL_READ=1 scripts/soak.sh
+#   KIND=live SEEDS="1 2 3" CYCLES=40 scripts/soak.sh   # the live torture test
 #
 # Environment:
+#   KIND        offline (default): tests/api/torture.rs; live: tests/api/live_torture.rs
+#               (a running VM; MAX_MIB and FULL_READ do not apply)
 #   SEEDS       seeds, separated by spaces or commas (default: the regression seeds
 #               of docs/reliability.md: 101..106, 201, 206, 208, 213, 227, 228)
 #   CYCLES      cycles per seed (default: 150)
@@ -29,6 +32,15 @@ MAX_MIB=${MAX_MIB:-256}
 FULL_READ=${FULL_READ:-0}
 LOG_DIR=${LOG_DIR:-target/soak/$(date +%Y%m%d-%H%M%S)}
 CARGO_FLAGS=${CARGO_FLAGS:-}
+KIND=${KIND:-offline}
+case "$KIND" in
+    offline) filter="torture::random_operations" ;;
+    live) filter="live_torture::" ;;
+    *)
+        echo "KIND must be offline or live" >&2
+        exit 2
+        ;;
+esac
 mkdir -p "$LOG_DIR"
 
 echo "==> building the test binary"
@@ -50,7 +62,8 @@ for seed in $SEEDS; do
     # shellcheck disable=SC2086
     STRATA_TORTURE_SEED=$seed STRATA_TORTURE_CYCLES=$CYCLES STRATA_TORTURE_MAX_MIB=$MAX_MIB \
         STRATA_TORTURE_FULL_READ=$FULL_READ \
-        cargo test $CARGO_FLAGS --test api torture -- --nocapture >"$log" 2>&1
+        STRATA_LIVE_TORTURE_SEED=$seed STRATA_LIVE_TORTURE_CYCLES=$CYCLES \
+        cargo test $CARGO_FLAGS --test api "$filter" -- --nocapture >"$log" 2>&1
     status=$?
     seconds=$(($(date +%s) - t0))
     ran=$(sed -n "s/^torture seed $seed: \([0-9]*\) of [0-9]* cycles.*/\1/p" "$log" | head -n 1)

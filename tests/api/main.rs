@@ -11,6 +11,7 @@ mod imports;
 mod jobs;
 mod live;
 mod live_merge;
+mod live_torture;
 mod openapi;
 mod qmp;
 mod quiesce;

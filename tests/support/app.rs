@@ -163,11 +163,17 @@ impl TestApp {
 
     /// Start a new process over the same data directory.
     pub async fn restart(&mut self, env: &[(&str, &str)]) {
+        self.restart_unready(env);
+        self.wait_ready().await;
+    }
+
+    /// `restart` without waiting for the new process to be ready: it may still be
+    /// recovering (a test can kill it there).
+    pub fn restart_unready(&mut self, env: &[(&str, &str)]) {
         self.kill();
         let mut next = Self::start(Arc::clone(&self._temp), env, self.log.clone());
         self.base = next.base.clone();
         self.child = next.child.take();
-        self.wait_ready().await;
     }
 
     pub async fn wait_ready(&self) {

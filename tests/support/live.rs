@@ -18,7 +18,10 @@ use strata::qemu::qmp::Qmp;
 /// The running VM: a qemu-storage-daemon with one node and one NBD export per disk.
 pub struct RunningVm {
     child: Child,
+    /// The monitor strata is given (the proxy's, for a pausable VM).
     pub qmp: PathBuf,
+    /// The daemon's own monitor.
+    daemon_qmp: PathBuf,
     pub nbd: PathBuf,
     /// Writes made through `write` wait while the guest is paused (`pausable` only).
     pub gate: Arc<GuestGate>,
@@ -87,6 +90,9 @@ impl RunningVm {
 
     fn launch(run_dir: &Path, actives: &[String], qmp: PathBuf) -> Self {
         let nbd = run_dir.join("vm.nbd");
+        // Sockets an earlier stand-in left: waiting for the paths below would not wait.
+        let _ = std::fs::remove_file(&qmp);
+        let _ = std::fs::remove_file(&nbd);
         let mut command = Command::new("qemu-storage-daemon");
         for (i, active) in actives.iter().enumerate() {
             let blockdev = json!({
@@ -120,6 +126,7 @@ impl RunningVm {
         }
         Self {
             child,
+            daemon_qmp: qmp.clone(),
             qmp,
             nbd,
             gate: Arc::new(GuestGate::default()),
@@ -157,6 +164,25 @@ impl RunningVm {
             .collect()
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Shut the VM down cleanly: QEMU closes its images (`quit`) and exits.
+    pub async fn quit(&mut self) {
+        if let Ok(mut qmp) = Qmp::connect(&self.daemon_qmp, Duration::from_secs(10)).await {
+            let _: Result<Value, _> = qmp.execute("quit", json!({})).await;
+        }
+        for _ in 0..400 {
+            if self.exited() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.stop();
+    }
+
     /// Stop the VM (its QEMU exits).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
@@ -180,17 +206,35 @@ pub fn try_guest_write(
     offset: u64,
     len: u64,
 ) -> Result<(), String> {
+    guest_io(
+        nbd,
+        index,
+        &[&format!("write -P {pattern:#x} {offset} {len}")],
+    )
+}
+
+/// `try_guest_write` followed by a flush: once it returns `Ok`, the bytes are the
+/// guest's durable writes, which no crash of QEMU may lose.
+pub fn try_guest_write_flushed(
+    nbd: &Path,
+    index: usize,
+    pattern: u8,
+    offset: u64,
+    len: u64,
+) -> Result<(), String> {
+    let write = format!("write -P {pattern:#x} {offset} {len}");
+    guest_io(nbd, index, &[&write, "flush"])
+}
+
+/// Run qemu-io `commands` on disk `index` as the guest; qemu-io's output on failure.
+fn guest_io(nbd: &Path, index: usize, commands: &[&str]) -> Result<(), String> {
     let url = format!("nbd+unix:///disk{index}?socket={}", nbd.display());
-    let output = Command::new("qemu-io")
-        .args([
-            "-f",
-            "raw",
-            "-c",
-            &format!("write -P {pattern:#x} {offset} {len}"),
-            &url,
-        ])
-        .output()
-        .map_err(|e| e.to_string())?;
+    let mut command = Command::new("qemu-io");
+    command.args(["-f", "raw"]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    let output = command.arg(&url).output().map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if output.status.success() && !stdout.contains("error") {
         Ok(())
