@@ -13,7 +13,10 @@ use super::problem::problems;
 use super::vms::{find_vm, find_vm_disk};
 use super::{AppState, accept_job};
 use crate::domain::plan::CloneMode;
-use crate::domain::{Disk, JobSpec, ResourceStatus, Uuid, Vm, VmKind, job_spec, new_id, validate};
+use crate::domain::{
+    Consistency, Disk, JobSpec, Quiesce, ResourceStatus, Uuid, Vm, VmKind, job_spec, new_id,
+    validate,
+};
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::{NewRecords, Request};
 use crate::store;
@@ -41,9 +44,18 @@ pub struct CloneVm {
     /// they leave; a full clone is copied by the VM's QEMU (`blockdev-backup`, every
     /// disk at one instant).
     pub snapshot_id: Option<Uuid>,
+    /// For the present state of a running VM, as for a snapshot: freeze its file
+    /// systems through the guest agent around the instant the clone captures
+    /// (`filesystem`), or not (`crash`). Default: `filesystem` when the VM has a
+    /// guest-agent socket, else `crash`. Refused with `snapshot_id`.
+    pub consistency: Option<Consistency>,
+    /// With `filesystem`: `required` fails the job (making nothing) when the freeze
+    /// fails; `best_effort` (the default) clones crash-consistent and says why in the
+    /// job's `quiesce_error`. Giving it implies `filesystem`.
+    pub quiesce: Option<Quiesce>,
 }
 
-problems!(CloneVmProblems = JSON_BODY, NAMED, VM, SNAPSHOT, CHAIN_JOB; VmHasNoDisks, SnapshotNotReady);
+problems!(CloneVmProblems = JSON_BODY, NAMED, VM, SNAPSHOT, CHAIN_JOB; VmHasNoDisks, SnapshotNotReady, GuestAgentUnavailable);
 
 /// Clone a VM. The new VM exists at once with status `creating` and becomes `ready`
 /// when the job ends. A linked clone of the present state first freezes each disk's
@@ -72,6 +84,8 @@ async fn clone_vm(
         names: vec![body.name],
         description: body.description,
         kind: VmKind::Vm,
+        consistency: body.consistency,
+        quiesce: body.quiesce,
     };
     let request = clone_request(&state, &source, request, JobSpec::VmClone).await?;
     accept_job(&state, request).await
@@ -87,6 +101,9 @@ pub(crate) struct CloneRequest {
     pub description: String,
     /// What the new records are.
     pub kind: VmKind,
+    /// For a clone of a running VM's present state (`CloneVm`).
+    pub consistency: Option<Consistency>,
+    pub quiesce: Option<Quiesce>,
 }
 
 /// The records a clone makes (one VM or template per name, with a disk per source
@@ -143,6 +160,8 @@ pub(crate) async fn clone_request(
         mode: request.mode,
         snapshot_id: request.snapshot_id,
         vms: targets,
+        consistency: request.consistency,
+        quiesce: request.quiesce,
     });
     let mut request = Request::creating(spec, NewRecords::Vms(records));
     request.detail = Some(serde_json::json!({ "vm_ids": ids }));

@@ -246,6 +246,8 @@ async fn create_template(
         names: vec![body.name],
         description: body.description,
         kind: VmKind::Template,
+        consistency: None,
+        quiesce: None,
     };
     let request = clone_request(&state, &source, request, JobSpec::TemplateCreate).await?;
     accept_job(&state, request).await
@@ -332,6 +334,8 @@ async fn deploy(
         names,
         description: body.description,
         kind: VmKind::Vm,
+        consistency: None,
+        quiesce: None,
     };
     let request = clone_request(&state, &template, request, JobSpec::TemplateDeploy).await?;
     accept_job(&state, request).await

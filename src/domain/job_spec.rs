@@ -92,10 +92,15 @@ pub struct SnapshotCreate {
 impl SnapshotCreate {
     /// The freeze a live snapshot of this job does: `None` for crash consistency.
     pub fn freeze(&self) -> Option<Quiesce> {
-        match self.consistency {
-            Some(Consistency::Filesystem) => Some(self.quiesce.unwrap_or(Quiesce::BestEffort)),
-            _ => None,
-        }
+        freeze_for(self.consistency, self.quiesce)
+    }
+}
+
+/// The freeze a live step does for a request's consistency and quiesce policy.
+fn freeze_for(consistency: Option<Consistency>, quiesce: Option<Quiesce>) -> Option<Quiesce> {
+    match consistency {
+        Some(Consistency::Filesystem) => Some(quiesce.unwrap_or(Quiesce::BestEffort)),
+        _ => None,
     }
 }
 
@@ -157,6 +162,19 @@ pub struct Clone {
     /// Start from this snapshot of the source; without one, from its present state.
     pub snapshot_id: Option<Uuid>,
     pub vms: Vec<CloneTarget>,
+    /// For the present state of a running VM: as requested, decided at accept (`None`
+    /// in jobs of releases before quiesced clones: crash).
+    #[serde(default)]
+    pub consistency: Option<Consistency>,
+    #[serde(default)]
+    pub quiesce: Option<Quiesce>,
+}
+
+impl Clone {
+    /// The freeze a live clone of this job does: `None` for crash consistency.
+    pub fn freeze(&self) -> Option<Quiesce> {
+        freeze_for(self.consistency, self.quiesce)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -365,6 +383,8 @@ mod tests {
                 id: new_id(),
                 disks: vec![(new_id(), new_id())],
             }],
+            consistency: Some(Consistency::Filesystem),
+            quiesce: Some(Quiesce::Required),
         };
         let listed = vec![ListedSnapshot {
             id: new_id(),

@@ -235,7 +235,14 @@ pub enum FileOp {
     /// started for every disk in one transaction, so the copies are of one instant.
     /// Redone with no QEMU job under way, the copies start over on fresh files; with the
     /// VM stopped, each is made offline (`Convert`) from the files as the VM left them.
-    LiveCopy { vm: Uuid, copies: Vec<LiveCopy> },
+    /// With `freeze`, the guest's file systems are frozen around the transaction that
+    /// starts the copies, as for `LiveSwitch`.
+    LiveCopy {
+        vm: Uuid,
+        copies: Vec<LiveCopy>,
+        #[serde(default)]
+        freeze: Option<Quiesce>,
+    },
     /// `Stream` into `volume`, a layer the running VM's QEMU reads, done by QEMU
     /// (`block-stream`, which then points `volume` at `backing` by its relative name).
     /// `from` (the layer `volume` reads now) stays until the plan is over: QEMU writes
@@ -1257,6 +1264,7 @@ pub fn plan_live_linked_clone(
     vm: Uuid,
     new_vms: &[(Uuid, Vec<CloneDisk>)],
     freeze: &[Freeze],
+    quiesce: Option<Quiesce>,
 ) -> Plan {
     let mut plan = plan_clone(new_vms, CloneMode::Linked, freeze);
     // `plan_clone` makes the source's new layers first, one per frozen disk.
@@ -1272,13 +1280,17 @@ pub fn plan_live_linked_clone(
             _ => None,
         })
         .collect();
-    push_live_switch(&mut plan, vm, overlays, None, None);
+    push_live_switch(&mut plan, vm, overlays, None, quiesce);
     plan
 }
 
 /// A full clone of a running VM's present state: a new standalone file per disk, then
 /// one step in which the VM's QEMU copies every disk as it is at one instant.
-pub fn plan_live_full_clone(vm: Uuid, new_vms: &[(Uuid, Vec<CloneDisk>)]) -> Plan {
+pub fn plan_live_full_clone(
+    vm: Uuid,
+    new_vms: &[(Uuid, Vec<CloneDisk>)],
+    freeze: Option<Quiesce>,
+) -> Plan {
     let mut plan = Plan::default();
     let mut copies = Vec::new();
     for (new_vm, disks) in new_vms {
@@ -1307,7 +1319,7 @@ pub fn plan_live_full_clone(vm: Uuid, new_vms: &[(Uuid, Vec<CloneDisk>)]) -> Pla
         plan.undo.push(MetaOp::DeleteVm { vm: *new_vm });
     }
     plan.steps.push(Step {
-        op: FileOp::LiveCopy { vm, copies },
+        op: FileOp::LiveCopy { vm, copies, freeze },
         then: vec![],
     });
     plan

@@ -209,9 +209,7 @@ impl Qmp {
         loop {
             let message = self.read_message(command).await?;
             if message.get("event").is_some() {
-                if let Ok(event) = serde_json::from_value(message) {
-                    self.events.push(event);
-                }
+                self.keep_event(message);
                 continue;
             }
             if message.get("id").and_then(Value::as_str) != Some(id.as_str()) {
@@ -293,6 +291,39 @@ impl Qmp {
         Ok(status.running)
     }
 
+    /// Wait up to `wait` for QEMU to send an event, and keep it; whether one came. A
+    /// caller that polls QEMU's state sleeps here instead, so that it asks again as
+    /// soon as something changed (a job's status, say) and only then.
+    pub async fn wait_event(&mut self, wait: Duration) -> Result<bool, QmpError> {
+        // `fill_buf` is cancellation safe: what arrived stays buffered for the read.
+        match tokio::time::timeout(wait, self.reader.fill_buf()).await {
+            Err(_) => return Ok(false),
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok([])) => return Err(QmpError::Closed),
+            Ok(Ok(_)) => {}
+        }
+        let message = self.read_message("an event").await?;
+        if message.get("event").is_none() {
+            return Err(QmpError::Protocol {
+                command: "an event".into(),
+                detail: format!("a message no command asked for: {message}"),
+            });
+        }
+        self.keep_event(message);
+        Ok(true)
+    }
+
+    /// Keep an event for `take_events`, the newest `KEPT_EVENTS` only: a connection
+    /// held through a long merge must not grow without bound.
+    fn keep_event(&mut self, message: Value) {
+        if let Ok(event) = serde_json::from_value(message) {
+            if self.events.len() == KEPT_EVENTS {
+                self.events.remove(0);
+            }
+            self.events.push(event);
+        }
+    }
+
     /// The events seen so far (for the log: state is learned by querying).
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
@@ -317,6 +348,9 @@ impl Qmp {
         serde_json::from_str(&line).map_err(|e| QmpError::NotQmp(format!("{e}: {}", line.trim())))
     }
 }
+
+/// Events kept for `take_events`.
+const KEPT_EVENTS: usize = 64;
 
 /// How long a refused connection is tried again: a monitor serves one client at a
 /// time, and QEMU refuses connections for a moment after the previous client left.

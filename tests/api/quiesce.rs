@@ -333,3 +333,97 @@ async fn a_schedule_asks_every_snapshot_for_its_consistency_and_skips_a_vm_it_ca
     frozen_process.stop();
     bare_process.stop();
 }
+
+async fn post_clone(app: &TestApp, vm: impl std::fmt::Display, body: serde_json::Value) -> JobView {
+    let (status, job) = app.post(&format!("/v1/vms/{vm}/clone"), body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    app.wait_job(job["id"].as_str().unwrap()).await
+}
+
+#[tokio::test]
+async fn clones_of_a_running_vms_present_freeze_the_guest_around_their_instant() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "quiesced-source").await;
+    let agent = agent_for(&app, vm, &run_dir, &process).await;
+
+    // A linked clone, frozen by default (the VM has an agent), and a full clone that
+    // requires the freeze: each holds the write the guest made as it froze, not the
+    // one it made once thawed.
+    let linked = post_clone(&app, vm, json!({"name": "linked", "mode": "linked"})).await;
+    let full_body = json!({"name": "full", "mode": "full", "quiesce": "required"});
+    let full = post_clone(&app, vm, full_body).await;
+    for job in [&linked, &full] {
+        assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+        let detail = job.detail.as_ref().unwrap();
+        assert_eq!(detail.consistency, Some(SnapshotConsistency::Filesystem));
+        assert!(detail.frozen_ms.is_some(), "{job:?}");
+    }
+    let calls = agent.calls();
+    let freezes: Vec<usize> = (0..calls.len()).filter(|&i| calls[i] == FREEZE).collect();
+    let thaws: Vec<usize> = (0..calls.len()).filter(|&i| calls[i] == THAW).collect();
+    assert_eq!((freezes.len(), thaws.len()), (2, 2), "{calls:?}");
+    assert!(freezes[0] < thaws[0] && thaws[0] < freezes[1] && freezes[1] < thaws[1]);
+    assert!(!agent.frozen());
+
+    process.stop();
+    mark_stopped(&app, vm).await;
+    for job in [&linked, &full] {
+        let clone = job.target.id;
+        let root = app.active_path(clone, "root").await;
+        expect_all(&root, &[(0x11, 0, 1), (0xa1, 4, 1)]);
+        check_clean(&root);
+    }
+    let present = app.active_path(vm, "root").await;
+    expect_all(&present, &[(0x11, 0, 1), (0xb2, 4, 1)]);
+    crate::recovery::assert_files_match_metadata_of(&app, &[vm, linked.target.id, full.target.id])
+        .await;
+}
+
+#[tokio::test]
+async fn a_clone_whose_required_freeze_fails_makes_nothing_and_a_snapshots_clone_takes_no_consistency()
+ {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "clone-must-freeze").await;
+    let agent = agent_for(&app, vm, &run_dir, &process).await;
+    agent.set(FREEZE, Behaviour::Fail);
+    let files_before = app.volume_files();
+
+    let body = json!({"name": "full", "mode": "full", "quiesce": "required"});
+    let job = post_clone(&app, vm, body).await;
+    assert_eq!(job.status, JobStatus::Failed, "{job:?}");
+    assert_eq!(
+        job.error.as_ref().unwrap().code,
+        "quiesce_failed",
+        "{job:?}"
+    );
+    assert!(called(&agent, FREEZE) < called(&agent, THAW));
+    assert!(!agent.frozen());
+    let (status, _) = app.get(&format!("/v1/vms/{}", job.target.id)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(app.volume_files(), files_before);
+
+    // A snapshot's layers never change: asking for a consistency is a contradiction.
+    agent.set(FREEZE, Behaviour::Answer);
+    let snapshot = post_snapshot(&app, vm, json!({"name": "s", "consistency": "crash"})).await;
+    assert_eq!(snapshot.status, JobStatus::Succeeded, "{snapshot:?}");
+    let body = json!({"name": "c", "mode": "linked", "snapshot_id": snapshot.target.id, "consistency": "filesystem"});
+    let reply = send_json(
+        &app,
+        reqwest::Method::POST,
+        &format!("/v1/vms/{vm}/clone"),
+        &body,
+    )
+    .await;
+    assert_problem(
+        &reply,
+        StatusCode::BAD_REQUEST,
+        "validation_failed",
+    );
+    let (_, vms) = app.get("/v1/vms").await;
+    assert_eq!(vms["items"].as_array().unwrap().len(), 1, "{vms}");
+    process.stop();
+    mark_stopped(&app, vm).await;
+    assert_files_match_metadata(&app, vm).await;
+}

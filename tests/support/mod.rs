@@ -2,8 +2,9 @@
 //! spawned over a temporary data directory (`app`); a typed client that reads answers
 //! as strata's own view types (`client`, `views`) over untyped requests for exact
 //! shapes and bad input (`http`), every answer checked against the OpenAPI document
-//! (`documented`); qemu-io / qemu-img on the files the service reports (`qemu`); and a
-//! running VM stood in for by qemu-storage-daemon (`live`).
+//! (`documented`); qemu-io / qemu-img on the files the service reports (`qemu`); a
+//! running VM stood in for by qemu-storage-daemon (`live`), and its guest agent by a
+//! double (`guest_agent`).
 //!
 //! Included by path (`#[path = ...] mod support;`) from tests/api/main.rs and
 //! benches/strata.rs; each uses only part of it.
@@ -12,6 +13,7 @@
 mod app;
 mod client;
 mod documented;
+pub mod guest_agent;
 mod http;
 pub mod live;
 mod qemu;

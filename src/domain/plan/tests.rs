@@ -2448,7 +2448,7 @@ fn a_live_linked_clone_switches_the_source_onto_its_new_layers_last() {
         size_bytes: 10 * GIB,
         copy_bytes: 0,
     }];
-    let plan = plan_live_linked_clone(vm, &[(clone, disks)], &freeze);
+    let plan = plan_live_linked_clone(vm, &[(clone, disks)], &freeze, None);
     let ops = file_ops(&plan);
     let FileOp::Create { volume: layer, .. } = ops[0] else {
         panic!("{ops:?}")

@@ -316,7 +316,7 @@ impl Engine {
         for step in &plan.steps {
             match step.op {
                 FileOp::LiveAdd { vm, ref overlays } => self.live_remove(vm, overlays).await?,
-                FileOp::LiveCopy { vm, ref copies } => self.live_copy_remove(vm, copies).await,
+                FileOp::LiveCopy { vm, ref copies, .. } => self.live_copy_remove(vm, copies).await,
                 _ => {}
             }
         }

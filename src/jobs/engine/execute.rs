@@ -191,8 +191,13 @@ impl Engine {
                 volume,
                 size_bytes,
             } => self.live_resize(vm, volume, size_bytes, again).await?,
-            FileOp::LiveCopy { vm, ref copies } => {
-                self.live_copy(job, vm, copies, cancel, progress).await?
+            FileOp::LiveCopy {
+                vm,
+                ref copies,
+                freeze,
+            } => {
+                self.live_copy(job, vm, copies, freeze, cancel, progress)
+                    .await?
             }
             FileOp::LiveCommit { .. } | FileOp::LiveStream { .. } => {
                 let merge = LiveMerge::of(op).expect("a live merge step");

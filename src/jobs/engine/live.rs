@@ -50,6 +50,16 @@ pub(super) struct Switch<'a> {
     pub again: bool,
 }
 
+/// A transaction to run with the guest frozen around it (`transaction_frozen`): for
+/// which job and VM, whether to freeze, and the snapshot whose consistency it records
+/// (none for a clone's).
+pub(super) struct Frozen {
+    pub job: Uuid,
+    pub vm: Uuid,
+    pub freeze: Option<Quiesce>,
+    pub snapshot: Option<Uuid>,
+}
+
 /// Why a freeze failed: before the freeze command was sent (nothing can be frozen),
 /// or after (the guest may be frozen, or become so: it must be thawed).
 enum FreezeFailure {
@@ -189,6 +199,47 @@ impl Engine {
             })
             .collect();
 
+        let frozen = Frozen {
+            job,
+            vm,
+            freeze,
+            snapshot,
+        };
+        self.transaction_frozen(&mut qmp, frozen, actions)
+            .await?
+            .map_err(Error::from_graph_change)?;
+        let nodes = qmp.block_nodes().await?;
+        match self.live_graph(&nodes, overlays).await? {
+            Graph::Switched => Ok(()),
+            Graph::Before(_) => Err(Error::Qmp(QmpError::Protocol {
+                command: "transaction".into(),
+                detail: "QEMU accepted the snapshot transaction but still reads the old layers"
+                    .into(),
+            })),
+        }
+    }
+
+    /// Run `actions` in one QMP transaction, the guest's file systems frozen right
+    /// before it and thawed right after its answer, on every path, when `freeze` asks
+    /// (no journal write in between). A required freeze that fails is an error before
+    /// the transaction is sent; a best-effort one records why and goes on. Once the
+    /// transaction succeeded, what it captured is recorded: `filesystem` only when this
+    /// attempt saw the freeze succeed and the thaw find file systems still frozen,
+    /// else `crash`. The outer error is the freeze's or thaw's (a thaw that failed after
+    /// a freeze parks the job, which tries it again); the inner one, QEMU's answer to
+    /// the transaction.
+    pub(super) async fn transaction_frozen(
+        &self,
+        qmp: &mut Qmp,
+        frozen: Frozen,
+        actions: Vec<Value>,
+    ) -> Result<std::result::Result<(), QmpError>> {
+        let Frozen {
+            job,
+            vm,
+            freeze,
+            snapshot,
+        } = frozen;
         let mut must_thaw = false;
         let mut frozen_at = None;
         if let Some(quiesce) = freeze {
@@ -211,7 +262,7 @@ impl Engine {
                             ),
                         ));
                     }
-                    tracing::warn!(%job, %vm, error = failure.reason(), "the guest's file systems could not be frozen; the snapshot is crash-consistent");
+                    tracing::warn!(%job, %vm, error = failure.reason(), "the guest's file systems could not be frozen; going on crash-consistent");
                     let detail = json!({ "quiesce_error": failure.reason() });
                     self.add_detail(job, &detail).await?;
                 }
@@ -226,8 +277,9 @@ impl Engine {
             None
         };
         let frozen_ms = frozen_at.map(|at| at.elapsed().as_millis() as u64);
-        sent.map_err(Error::from_graph_change)?;
-
+        if let Err(e) = sent {
+            return Ok(Err(e));
+        }
         let consistency = if thawed.is_some_and(|n| n > 0) {
             SnapshotConsistency::Filesystem
         } else {
@@ -237,22 +289,14 @@ impl Engine {
         self.record_consistency(job, snapshot, consistency, frozen_ms)
             .await?;
         if must_thaw && thawed.is_none() {
-            // Switched, but the guest may still be frozen: the job waits (parked) and
+            // Done, but the guest may still be frozen: the job waits (parked) and
             // tries the thaw again.
             return Err(Error::problem(
                 ErrorCode::QemuFailed,
                 "the guest's file systems could not be thawed",
             ));
         }
-        let nodes = qmp.block_nodes().await?;
-        match self.live_graph(&nodes, overlays).await? {
-            Graph::Switched => Ok(()),
-            Graph::Before(_) => Err(Error::Qmp(QmpError::Protocol {
-                command: "transaction".into(),
-                detail: "QEMU accepted the snapshot transaction but still reads the old layers"
-                    .into(),
-            })),
-        }
+        Ok(Ok(()))
     }
 
     /// Ask the guest agent to freeze every file system, within the freeze timeout (on

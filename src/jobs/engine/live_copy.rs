@@ -16,9 +16,9 @@ use tokio::sync::watch;
 
 use super::super::Engine;
 use super::execute::{remove_if_exists, sync_file};
-use super::live::Reach;
-use crate::domain::Uuid;
+use super::live::{Frozen, Reach};
 use crate::domain::plan::{FileOp, LiveCopy};
+use crate::domain::{Quiesce, Uuid};
 use crate::error::{Error, ErrorCode, Result};
 use crate::qemu::QemuError;
 use crate::qemu::qmp::{JobInfo, Qmp};
@@ -43,6 +43,7 @@ impl Engine {
         job: Uuid,
         vm: Uuid,
         copies: &[LiveCopy],
+        freeze: Option<Quiesce>,
         cancel: Option<&watch::Receiver<bool>>,
         progress: &(dyn Fn(f32) + Send + Sync),
     ) -> Result<()> {
@@ -65,7 +66,13 @@ impl Engine {
         if detail["live_copies"] != json!("done") {
             let running = self.copy_jobs(&mut qmp, copies).await?;
             if running.is_empty() {
-                self.start_copies(&mut qmp, copies).await?;
+                let frozen = Frozen {
+                    job,
+                    vm,
+                    freeze,
+                    snapshot: None,
+                };
+                self.start_copies(&mut qmp, copies, frozen).await?;
                 self.live_fault_point(job, "copying").await;
             }
             if let Err(e) = self
@@ -99,8 +106,9 @@ impl Engine {
             .collect())
     }
 
-    /// Open fresh target files in QEMU and start every copy at one instant.
-    async fn start_copies(&self, qmp: &mut Qmp, copies: &[LiveCopy]) -> Result<()> {
+    /// Open fresh target files in QEMU and start every copy at one instant, the guest
+    /// frozen around it when asked.
+    async fn start_copies(&self, qmp: &mut Qmp, copies: &[LiveCopy], frozen: Frozen) -> Result<()> {
         self.close_targets(qmp, copies).await?;
         let nodes = qmp.block_nodes().await?;
         let mut actions = Vec::with_capacity(copies.len());
@@ -123,8 +131,7 @@ impl Engine {
                 "auto-dismiss": false,
             }}));
         }
-        qmp.execute::<Value>("transaction", json!({ "actions": actions }))
-            .await?;
+        self.transaction_frozen(qmp, frozen, actions).await??;
         Ok(())
     }
 

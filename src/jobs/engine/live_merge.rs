@@ -41,7 +41,8 @@ use crate::files;
 use crate::qemu::qmp::{BlockNode, JobInfo, Qmp, QmpError};
 use crate::store;
 
-/// How often a running QEMU job is asked how far it got.
+/// How often a running QEMU job is asked how far it got, when no event (a change of
+/// its status) wakes the step sooner.
 const POLL: Duration = Duration::from_millis(50);
 
 /// How long a merge waits, within its step, for a QEMU that cannot pause to write the
@@ -281,7 +282,8 @@ impl Engine {
                 }
                 _ => {}
             }
-            tokio::time::sleep(POLL).await;
+            // Woken by QEMU's next event (the job's status changed), or asks again.
+            qmp.wait_event(POLL).await?;
         }
     }
 

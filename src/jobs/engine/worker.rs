@@ -24,11 +24,20 @@ impl Engine {
         // does nothing), and its resumed job records what it can prove.
         for job in &interrupted {
             for step in job.plan.iter().flat_map(|plan| &plan.steps) {
-                if let FileOp::LiveSwitch {
-                    vm,
-                    freeze: Some(_),
-                    ..
-                } = step.op
+                let frozen_vm = match step.op {
+                    FileOp::LiveSwitch {
+                        vm,
+                        freeze: Some(_),
+                        ..
+                    }
+                    | FileOp::LiveCopy {
+                        vm,
+                        freeze: Some(_),
+                        ..
+                    } => Some(vm),
+                    _ => None,
+                };
+                if let Some(vm) = frozen_vm
                     && let Err(e) = self.thaw_guest(job.id, vm).await
                 {
                     tracing::error!(job = %job.id, %vm, error = %e, "could not thaw a guest frozen before the restart");

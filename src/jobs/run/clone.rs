@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use sqlx::SqliteConnection;
 
 use super::guards::{
-    find_snapshot, load_vm, merges_live, require_ready, require_snapshot_ready, require_stopped,
+    decide_consistency, find_snapshot, load_vm, merges_live, require_ready, require_snapshot_ready,
+    require_stopped,
 };
 use super::{Admission, Planning, Run};
 use crate::domain::job_spec::Clone;
@@ -27,6 +28,13 @@ impl Run for Clone {
         if let Some(id) = self.snapshot_id {
             let (snapshot, _) = find_snapshot(conn, id).await?;
             require_snapshot_ready(&snapshot)?;
+        }
+        if self.snapshot_id.is_none() && source.kind == VmKind::Vm {
+            decide_consistency(&source, &mut self.consistency, &mut self.quiesce)?;
+        } else if self.consistency.is_some() || self.quiesce.is_some() {
+            return Err(Error::validation(
+                "consistency and quiesce apply to a clone of a VM's present state, not to one of a snapshot or a template",
+            ));
         }
         Ok(Admission {
             flags: Vec::new(),
@@ -97,8 +105,10 @@ impl Run for Clone {
         }
         if live {
             return Ok(match self.mode {
-                CloneMode::Linked => plan::plan_live_linked_clone(cx.vm.id, &new_vms, &freeze),
-                CloneMode::Full => plan::plan_live_full_clone(cx.vm.id, &new_vms),
+                CloneMode::Linked => {
+                    plan::plan_live_linked_clone(cx.vm.id, &new_vms, &freeze, self.freeze())
+                }
+                CloneMode::Full => plan::plan_live_full_clone(cx.vm.id, &new_vms, self.freeze()),
             });
         }
         Ok(plan::plan_clone(&new_vms, self.mode, &freeze))

@@ -8,7 +8,10 @@ use sqlx::SqliteConnection;
 
 use crate::domain::job_spec::ListedSnapshot;
 use crate::domain::plan::{self, CloneMode, DiskGraph, MetaOp, Plan};
-use crate::domain::{Disk, JobKind, JobSpec, ResourceStatus, Snapshot, Uuid, Vm, VmKind, VmState};
+use crate::domain::{
+    Consistency, Disk, JobKind, JobSpec, Quiesce, ResourceStatus, Snapshot, Uuid, Vm, VmKind,
+    VmState,
+};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
@@ -18,6 +21,43 @@ pub fn noun(vm: &Vm) -> &'static str {
         VmKind::Vm => "VM",
         VmKind::Template => "template",
     }
+}
+
+/// Settle the consistency a live snapshot or clone of `vm` left open, from the VM as
+/// it is now: `filesystem` by default when strata can reach a guest agent, and then
+/// `best_effort` by default. A freeze that is required but cannot even be tried is
+/// refused now, not failed later.
+pub fn decide_consistency(
+    vm: &Vm,
+    consistency: &mut Option<Consistency>,
+    quiesce: &mut Option<Quiesce>,
+) -> Result<()> {
+    if quiesce.is_some() && *consistency == Some(Consistency::Crash) {
+        return Err(Error::validation(
+            "quiesce applies to filesystem consistency; leave it out with consistency crash",
+        ));
+    }
+    let agent = vm.runtime.guest_agent_socket.is_some();
+    let decided = match (*consistency, *quiesce) {
+        (Some(asked), _) => asked,
+        (None, Some(_)) => Consistency::Filesystem,
+        (None, None) if agent => Consistency::Filesystem,
+        (None, None) => Consistency::Crash,
+    };
+    *consistency = Some(decided);
+    if decided == Consistency::Filesystem {
+        let policy = *quiesce.get_or_insert(Quiesce::BestEffort);
+        if policy == Quiesce::Required && vm.state == VmState::Running && !agent {
+            return Err(Error::problem(
+                ErrorCode::GuestAgentUnavailable,
+                format!(
+                    "VM {} has no guest-agent socket to freeze its file systems with: give it (PATCH guest_agent_socket), or ask for quiesce best_effort or consistency crash",
+                    vm.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Refuse work on a VM that is still being created, is going away, or failed.

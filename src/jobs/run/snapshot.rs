@@ -3,15 +3,15 @@
 use sqlx::SqliteConnection;
 
 use super::guards::{
-    find_snapshot, list_all_for_collapse, listed_snapshots, load_vm, merges_live,
-    refuse_merge_while_running, require_deletable, require_ready, require_stopped_or_reachable,
-    restore_listed,
+    decide_consistency, find_snapshot, list_all_for_collapse, listed_snapshots, load_vm,
+    merges_live, refuse_merge_while_running, require_deletable, require_ready,
+    require_stopped_or_reachable, restore_listed,
 };
 use super::links::flatten_dependents_first;
 use super::{Admission, Planning, Run};
 use crate::domain::job_spec::{SnapshotCreate, SnapshotDelete, SnapshotDeleteAll, SnapshotRevert};
 use crate::domain::plan::{self, MetaOp, Plan};
-use crate::domain::{Consistency, Quiesce, ResourceStatus, Vm, VmState};
+use crate::domain::{ResourceStatus, Vm, VmState};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
@@ -29,7 +29,7 @@ impl Run for SnapshotCreate {
                 format!("VM {} has no disks to snapshot", vm.name),
             ));
         }
-        self.decide_consistency(&vm)?;
+        decide_consistency(&vm, &mut self.consistency, &mut self.quiesce)?;
         Ok(Admission::default())
     }
 
@@ -61,40 +61,6 @@ impl Run for SnapshotCreate {
         Ok(vec![MetaOp::DeleteSnapshot {
             snapshot: self.snapshot,
         }])
-    }
-}
-
-impl SnapshotCreate {
-    /// Settle what the request left open, from the VM as it is now: `filesystem` by
-    /// default when strata can reach a guest agent, `best_effort` by default. A freeze
-    /// that is required but cannot even be tried is refused now, not failed later.
-    fn decide_consistency(&mut self, vm: &Vm) -> Result<()> {
-        if self.quiesce.is_some() && self.consistency == Some(Consistency::Crash) {
-            return Err(Error::validation(
-                "quiesce applies to filesystem consistency; leave it out with consistency crash",
-            ));
-        }
-        let agent = vm.runtime.guest_agent_socket.is_some();
-        let consistency = match (self.consistency, self.quiesce) {
-            (Some(asked), _) => asked,
-            (None, Some(_)) => Consistency::Filesystem,
-            (None, None) if agent => Consistency::Filesystem,
-            (None, None) => Consistency::Crash,
-        };
-        self.consistency = Some(consistency);
-        if consistency == Consistency::Filesystem {
-            let quiesce = *self.quiesce.get_or_insert(Quiesce::BestEffort);
-            if quiesce == Quiesce::Required && vm.state == VmState::Running && !agent {
-                return Err(Error::problem(
-                    ErrorCode::GuestAgentUnavailable,
-                    format!(
-                        "VM {} has no guest-agent socket to freeze its file systems with: give it (PATCH guest_agent_socket), or ask for quiesce best_effort or consistency crash",
-                        vm.name
-                    ),
-                ));
-            }
-        }
-        Ok(())
     }
 }
 
