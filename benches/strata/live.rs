@@ -239,11 +239,7 @@ async fn live_merge(
     pausable: bool,
     problems: &mut Vec<String>,
 ) -> Result<(Duration, Duration)> {
-    let (base_mib, top_mib) = if expected == "commit" {
-        (MERGE_MIB + 16, MERGE_MIB)
-    } else {
-        (MERGE_MIB, MERGE_MIB - 16)
-    };
+    let (base_mib, top_mib) = merge_sizes(expected);
     static VMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = VMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let vm = create_vm(app, &format!("live-{expected}-{n}"), 1, GIB).await;
@@ -314,6 +310,17 @@ async fn live_merge(
     Ok((took, paused))
 }
 
+/// (base, top) MiB of a chain whose cheaper merge is `direction`: the planner copies
+/// the smaller side (a commit copies the top down, a stream the base up), whether QEMU
+/// can pause or not.
+fn merge_sizes(direction: &str) -> (u64, u64) {
+    if direction == "commit" {
+        (MERGE_MIB + 16, MERGE_MIB)
+    } else {
+        (MERGE_MIB - 16, MERGE_MIB)
+    }
+}
+
 /// The same merge with plain qemu-img on identical files built offline.
 fn plain_merge(work: &Path, direction: &str) -> Result<Duration> {
     let dir = tempfile::Builder::new()
@@ -321,11 +328,7 @@ fn plain_merge(work: &Path, direction: &str) -> Result<Duration> {
         .tempdir_in(work)?;
     let base: PathBuf = dir.path().join("base.qcow2");
     let top: PathBuf = dir.path().join("top.qcow2");
-    let (base_mib, top_mib) = if direction == "commit" {
-        (MERGE_MIB + 16, MERGE_MIB)
-    } else {
-        (MERGE_MIB, MERGE_MIB - 16)
-    };
+    let (base_mib, top_mib) = merge_sizes(direction);
     let size = GIB.to_string();
     run_tool(
         "qemu-img",

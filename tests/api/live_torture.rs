@@ -450,6 +450,8 @@ struct Stats {
     accepted: BTreeMap<&'static str, u32>,
     succeeded: BTreeMap<&'static str, u32>,
     failed: BTreeMap<String, u32>,
+    /// Why jobs failed (each message once, shortened).
+    failures: BTreeSet<String>,
     refused: BTreeMap<String, u32>,
     merges: BTreeMap<String, u32>,
     faults: BTreeMap<&'static str, u32>,
@@ -927,6 +929,9 @@ impl SeedRun {
             if status != "succeeded" {
                 let code = view["error"]["code"].as_str().unwrap_or(status);
                 bump(&mut self.stats.failed, format!("{kind} {code}"));
+                let message = view["error"]["message"].as_str().unwrap_or_default();
+                let message: String = message.chars().take(160).collect();
+                self.stats.failures.insert(format!("{kind}: {message}"));
                 continue;
             }
             bump(&mut self.stats.succeeded, kind);
@@ -1247,7 +1252,7 @@ impl SeedRun {
     fn summary(&self, cycles: u32, started: Instant, held: bool) -> String {
         let s = &self.stats;
         format!(
-            "torture seed {}: {} of {cycles} cycles in {:.1} s{} (live)\n  guest writes {}; jobs accepted [{}]; succeeded [{}]; failed [{}]; refused [{}]\n  merges [{}]; faults [{}]",
+            "torture seed {}: {} of {cycles} cycles in {:.1} s{} (live)\n  guest writes {}; jobs accepted [{}]; succeeded [{}]; failed [{}]; refused [{}]\n  merges [{}]; faults [{}]{}",
             self.seed,
             s.cycles,
             started.elapsed().as_secs_f64(),
@@ -1263,6 +1268,10 @@ impl SeedRun {
             counts(&s.refused),
             counts(&s.merges),
             counts(&s.faults),
+            s.failures
+                .iter()
+                .map(|f| format!("\n  failed: {f}"))
+                .collect::<String>(),
         )
     }
 

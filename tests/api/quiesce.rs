@@ -416,11 +416,7 @@ async fn a_clone_whose_required_freeze_fails_makes_nothing_and_a_snapshots_clone
         &body,
     )
     .await;
-    assert_problem(
-        &reply,
-        StatusCode::BAD_REQUEST,
-        "validation_failed",
-    );
+    assert_problem(&reply, StatusCode::BAD_REQUEST, "validation_failed");
     let (_, vms) = app.get("/v1/vms").await;
     assert_eq!(vms["items"].as_array().unwrap().len(), 1, "{vms}");
     process.stop();
