@@ -46,6 +46,7 @@ error_codes! {
     VmHasNoDisks => ("vm_has_no_disks", CONFLICT, "The VM has no disks"),
     GuestAgentUnavailable => ("guest_agent_unavailable", CONFLICT, "The VM has no guest-agent socket to freeze its file systems with"),
     QuiesceFailed => ("quiesce_failed", CONFLICT, "The guest's file systems could not be frozen"),
+    ThawFailed => ("thaw_failed", CONFLICT, "The guest's file systems may still be frozen: they could not be thawed"),
     DiskNotReady => ("disk_not_ready", CONFLICT, "The disk is not ready for this operation"),
     DiskShrinkRefused => ("disk_shrink_refused", CONFLICT, "Disks can only grow"),
     SnapshotNotReady => ("snapshot_not_ready", CONFLICT, "The snapshot is not ready for this operation"),

@@ -100,7 +100,9 @@ pub struct CreateTemplate {
     pub description: String,
     pub from_vm_id: Uuid,
     /// Copy this snapshot of the VM (which may then be running); without one, its
-    /// present state (the VM must be stopped).
+    /// present state: a stopped VM's files, or a running VM's disks as its QEMU copies
+    /// them at one instant (as a full clone does; with a guest-agent socket the guest's
+    /// file systems are frozen around that instant, best effort).
     pub snapshot_id: Option<Uuid>,
 }
 

@@ -423,3 +423,46 @@ async fn a_clone_whose_required_freeze_fails_makes_nothing_and_a_snapshots_clone
     mark_stopped(&app, vm).await;
     assert_files_match_metadata(&app, vm).await;
 }
+
+#[tokio::test]
+async fn a_live_full_clone_whose_thaw_fails_waits_and_finishes_once_the_guest_thaws() {
+    let (_run, run_dir) = run_dir();
+    let app = spawn(&run_dir, None).await;
+    let (vm, mut process) = running_vm(&app, &run_dir, "thaw-fails").await;
+    let agent = agent_for(&app, vm, &run_dir, &process).await;
+    agent.set(THAW, Behaviour::Fail);
+
+    let body = json!({"name": "full", "mode": "full", "quiesce": "required"});
+    let (status, job) = app.post(&format!("/v1/vms/{vm}/clone"), body).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    // The copy started under the freeze, but the guest cannot be thawed: the job waits
+    // (it neither ends nor throws the copy away), and says why.
+    let mut waited = 0;
+    let view = loop {
+        let view = app.job(&id).await;
+        let thaw_error = view.detail.as_ref().and_then(|d| d.thaw_error.clone());
+        if thaw_error.is_some() {
+            break view;
+        }
+        assert!(waited < 300, "no thaw_error: {view:?}");
+        waited += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(view.status, JobStatus::Running, "{view:?}");
+    assert!(agent.frozen());
+
+    agent.set(THAW, Behaviour::Answer);
+    let done = app.wait_job(&id).await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    assert!(!agent.frozen());
+    assert!(
+        done.detail.as_ref().unwrap().thaw_error.is_none(),
+        "{done:?}"
+    );
+    process.stop();
+    mark_stopped(&app, vm).await;
+    let root = app.active_path(done.target.id, "root").await;
+    expect_all(&root, &[(0x11, 0, 1), (0xa1, 4, 1)]);
+    crate::recovery::assert_files_match_metadata_of(&app, &[vm, done.target.id]).await;
+}

@@ -67,6 +67,11 @@ impl Engine {
             // up: the job waits until QEMU answers (or is gone) and tries again. One
             // that surely did not happen (QEMU refused it; a required freeze failed
             // before the switch was sent) is undone, or fails as an offline grow does.
+            // A guest that may still be frozen is never left so: the step waits and
+            // tries the thaw again, whatever else it was doing.
+            if error.code() == crate::error::ErrorCode::ThawFailed {
+                return Err(Stop::Parked(error));
+            }
             match op {
                 FileOp::LiveSwitch { .. } => {
                     let nothing_done = error.is_refused_by_qemu()

@@ -50,6 +50,13 @@ pub(super) struct Switch<'a> {
     pub again: bool,
 }
 
+fn thaw_failed() -> Error {
+    Error::problem(
+        ErrorCode::ThawFailed,
+        "the guest's file systems could not be thawed (see thaw_error); the job tries again",
+    )
+}
+
 /// A transaction to run with the guest frozen around it (`transaction_frozen`): for
 /// which job and VM, whether to freeze, and the snapshot whose consistency it records
 /// (none for a clone's).
@@ -172,14 +179,7 @@ impl Engine {
                 // frozen, or failed to thaw it (then this job waits until it can).
                 let detail = self.job_detail(job).await?;
                 if freeze.is_some() {
-                    let failed_before = detail.get("thaw_error").is_some_and(|e| !e.is_null());
-                    let thawed = self.thaw_guest(job, vm).await?;
-                    if thawed.is_none() && failed_before {
-                        return Err(Error::problem(
-                            ErrorCode::QemuFailed,
-                            "the guest's file systems could not be thawed",
-                        ));
-                    }
+                    self.thaw_or_wait(job, vm).await?;
                 }
                 // Recorded by the attempt that switched, unless it died first.
                 if detail.get("consistency").is_some() {
@@ -249,9 +249,10 @@ impl Engine {
                     frozen_at = Some(Instant::now());
                 }
                 Err(failure) => {
-                    // A freeze that timed out may still complete in the guest.
+                    // A freeze that timed out may still complete in the guest: it is
+                    // thawed before anything else, or the job waits until it can be.
                     if let FreezeFailure::Sent(_) = failure {
-                        self.thaw_guest(job, vm).await?;
+                        self.thaw_or_wait(job, vm).await?;
                     }
                     if quiesce == Quiesce::Required {
                         return Err(Error::problem(
@@ -278,6 +279,11 @@ impl Engine {
         };
         let frozen_ms = frozen_at.map(|at| at.elapsed().as_millis() as u64);
         if let Err(e) = sent {
+            // Nothing happened, but the guest must not stay frozen: the job waits
+            // (parked) for a thaw before it is undone or fails.
+            if must_thaw && thawed.is_none() {
+                return Err(thaw_failed());
+            }
             return Ok(Err(e));
         }
         let consistency = if thawed.is_some_and(|n| n > 0) {
@@ -291,12 +297,19 @@ impl Engine {
         if must_thaw && thawed.is_none() {
             // Done, but the guest may still be frozen: the job waits (parked) and
             // tries the thaw again.
-            return Err(Error::problem(
-                ErrorCode::QemuFailed,
-                "the guest's file systems could not be thawed",
-            ));
+            return Err(thaw_failed());
         }
         Ok(Ok(()))
+    }
+
+    /// Thaw a guest an attempt may have frozen; a thaw that fails is `thaw_failed`,
+    /// which parks the job (it tries again) rather than letting it end or roll back
+    /// with the guest frozen.
+    pub(super) async fn thaw_or_wait(&self, job: Uuid, vm: Uuid) -> Result<()> {
+        match self.thaw_guest(job, vm).await? {
+            Some(_) => Ok(()),
+            None => Err(thaw_failed()),
+        }
     }
 
     /// Ask the guest agent to freeze every file system, within the freeze timeout (on

@@ -63,6 +63,11 @@ impl Engine {
             Reach::Unreachable(e) => return Err(e),
         };
         let detail = self.job_detail(job).await?;
+        // An attempt (or the thaw at start) that could not thaw the guest after the
+        // copies' freeze: the guest is thawed before anything else.
+        if freeze.is_some() && detail.get("thaw_error").is_some_and(|e| !e.is_null()) {
+            self.thaw_or_wait(job, vm).await?;
+        }
         if detail["live_copies"] != json!("done") {
             let running = self.copy_jobs(&mut qmp, copies).await?;
             if running.is_empty() {
