@@ -12,7 +12,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::api::problem::Problem;
 use crate::api::{self, AppState};
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, TokenAction, TokenCommand};
 use crate::error::{Error, ErrorCode, Result};
 use crate::files::Files;
 use crate::jobs::{Engine, EngineConfig};
@@ -58,6 +58,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         ))
     })?;
     let db = Db::open(&data_dir.join("strata.db")).await?;
+    let auth_mode = auth_mode(&config, &db, &data_dir).await?;
     // A qemu-img a killed predecessor left must be gone before recovery touches the
     // layer it was writing.
     let child_tag = data_dir.display().to_string();
@@ -103,6 +104,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         body_limit: config.body_limit,
         request_timeout: Duration::from_secs(config.request_timeout_secs),
         live: Arc::new(live),
+        auth: Arc::new(api::auth::Auth::new(auth_mode)),
         import: api::ImportSettings {
             dir: config.import_dir.clone(),
             max_bytes: config.import_max_bytes,
@@ -162,6 +164,8 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     };
 
     let mut http_shutdown = shutdown_rx.clone();
+    // The client's address: failed token attempts are counted per address.
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = http_shutdown.wait_for(|stop| *stop).await;
     });
@@ -176,6 +180,97 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     let _ = tokio::time::timeout(grace, server).await;
     db.close().await;
     Ok(())
+}
+
+/// `strata token ...`: manage the tokens of a data directory, whether its service runs
+/// or not (SQLite serialises the writes; a revoked token is refused from the service's
+/// next request). `create` prints the token alone on stdout, for scripts.
+pub async fn token(command: TokenCommand) -> Result<()> {
+    std::fs::create_dir_all(&command.data_dir).map_err(|e| {
+        Error::Internal(format!(
+            "cannot create data directory {}: {e}",
+            command.data_dir.display()
+        ))
+    })?;
+    let db = Db::open(&command.data_dir.join("strata.db")).await?;
+    let result = match command.action {
+        TokenAction::Create {
+            name,
+            scope,
+            expires,
+        } => {
+            let scope = crate::auth::parse_scope(&scope)?;
+            let expires_at = match expires.as_deref() {
+                Some(text) => Some(crate::store::now() + crate::auth::parse_lifetime(text)?),
+                None => None,
+            };
+            let (token, text) = crate::auth::issue(&db, &name, scope, expires_at).await?;
+            println!("{text}");
+            eprintln!(
+                "token {} (scope {}{}) created; it is shown only now",
+                token.name,
+                token.scope.as_str(),
+                token.expires_at.map_or(String::new(), |at| format!(
+                    ", expires {}",
+                    crate::store::ts(at)
+                ))
+            );
+            Ok(())
+        }
+        TokenAction::List => {
+            let now = crate::store::now();
+            println!(
+                "{:<24} {:<8} {:<28} {:<28} STATUS",
+                "NAME", "SCOPE", "CREATED", "EXPIRES"
+            );
+            for token in crate::store::tokens::list(&mut *db.reader().await?).await? {
+                let status = token.status_at(now).as_str();
+                println!(
+                    "{:<24} {:<8} {:<28} {:<28} {status}",
+                    token.name,
+                    token.scope.as_str(),
+                    crate::store::ts(token.created_at),
+                    token.expires_at.map_or("never".into(), crate::store::ts),
+                );
+            }
+            Ok(())
+        }
+        TokenAction::Revoke { name } => {
+            let token = crate::auth::revoke(&db, &name).await?;
+            eprintln!("token {} revoked", token.name);
+            Ok(())
+        }
+    };
+    db.close().await;
+    result
+}
+
+/// Whether requests need tokens (see `api::auth::Mode`). On a non-loopback address
+/// with no usable token the service does not start, unless told it may serve everyone
+/// (`--insecure-no-auth`): anyone reaching the port could delete every disk.
+async fn auth_mode(
+    config: &ServeConfig,
+    db: &Db,
+    data_dir: &std::path::Path,
+) -> Result<api::auth::Mode> {
+    use api::auth::Mode;
+    if config.insecure_no_auth {
+        tracing::warn!(listen = %config.listen, "--insecure-no-auth: every request is served without authentication");
+        return Ok(Mode::Off);
+    }
+    if config.listen.ip().is_loopback() {
+        return Ok(Mode::WhenDefined);
+    }
+    let usable =
+        crate::store::tokens::any_usable(&mut *db.reader().await?, crate::store::now()).await?;
+    if !usable {
+        return Err(Error::Internal(format!(
+            "refusing to listen on {} with no API token: anyone who can reach the port could change or delete every disk. Create one first (strata token create --data-dir {} --name admin --scope admin), or pass --insecure-no-auth",
+            config.listen,
+            data_dir.display()
+        )));
+    }
+    Ok(Mode::Required)
 }
 
 /// Hold an exclusive lock on `<data dir>/strata.lock` for the life of the process: two

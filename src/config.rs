@@ -22,6 +22,38 @@ pub enum Command {
     Serve(Box<ServeConfig>),
     /// Print the OpenAPI document (the one checked in as openapi/openapi.json).
     Openapi,
+    /// Manage API tokens in a data directory (also while the service runs there).
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCommand {
+    /// The service's data directory.
+    #[arg(long, env = "STRATA_DATA_DIR", default_value = "./data", global = true)]
+    pub data_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub action: TokenAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Create a token and print it (once: only a digest of it is kept).
+    Create {
+        /// Unique among tokens not revoked; jobs record it as `requested_by`.
+        #[arg(long)]
+        name: String,
+        /// read, operate or admin.
+        #[arg(long)]
+        scope: String,
+        /// Lifetime, e.g. 90m, 12h, 30d (default: no expiry).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// List the tokens (never their secrets).
+    List,
+    /// Revoke the token named NAME: refused at once, also by a running service.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -62,6 +94,12 @@ pub struct ServeConfig {
     /// Largest JSON request body, in bytes.
     #[arg(long, env = "STRATA_BODY_LIMIT", default_value_t = 1 << 20)]
     pub body_limit: usize,
+
+    /// Serve every request without authentication, even on a non-loopback address
+    /// (logged as a warning at start). Without it, a non-loopback address needs a token
+    /// to exist (`strata token create`).
+    #[arg(long, env = "STRATA_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 
     /// Origins allowed to call the API from a browser (repeat the flag, or `*`).
     #[arg(

@@ -9,6 +9,13 @@ async fn main() -> std::process::ExitCode {
             print!("{}", strata::api::openapi_json_pretty());
             std::process::ExitCode::SUCCESS
         }
+        Command::Token(command) => match strata::app::token(command).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strata token: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::Serve(config) => {
             strata::app::init_tracing();
             match strata::app::serve(*config).await {

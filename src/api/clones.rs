@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::Caller;
 use super::extract::Json;
 use super::problem::problems;
 use super::vms::{find_vm, find_vm_disk};
@@ -72,6 +73,7 @@ problems!(CloneVmProblems = JSON_BODY, NAMED, VM, SNAPSHOT, CHAIN_JOB; VmHasNoDi
     ))]
 async fn clone_vm(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Json(body): Json<CloneVm>,
 ) -> Result<Response> {
@@ -88,7 +90,7 @@ async fn clone_vm(
         quiesce: body.quiesce,
     };
     let request = clone_request(&state, &source, request, JobSpec::VmClone).await?;
-    accept_job(&state, request).await
+    accept_job(&state, &caller, request).await
 }
 
 /// A clone, a batch deploy or a copy into a template, as a request asks for it.
@@ -224,6 +226,7 @@ problems!(FlattenDiskProblems = DISK, CHAIN_JOB, READ_BY_CLONES; DiskNotLinked, 
     ))]
 async fn flatten_disk(
     State(state): State<AppState>,
+    caller: Caller,
     Path((vm_id, disk_id)): Path<(String, String)>,
 ) -> Result<Response> {
     let (vm, disk) = find_vm_disk(&state, &vm_id, &disk_id).await?;
@@ -231,5 +234,5 @@ async fn flatten_disk(
         vm: vm.id,
         disk: disk.id,
     });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }

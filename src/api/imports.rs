@@ -86,6 +86,7 @@ problems!(ImportTemplateProblems = NAMED; ValidationFailed, ImportPathRefused, R
     ))]
 async fn import_template(
     State(state): State<AppState>,
+    caller: super::auth::Caller,
     Query(query): Query<ImportQuery>,
     body: Body,
 ) -> Result<Response> {
@@ -148,7 +149,8 @@ async fn import_template(
     });
     let template_id = template.id;
     let records = NewRecords::Vms(vec![(template, vec![disk])]);
-    let job = crate::jobs::accept(&state.engine, Request::creating(spec, records)).await?;
+    let request = Request::creating(spec, records).by(caller.name());
+    let job = crate::jobs::accept(&state.engine, request).await?;
     // From here the job owns the upload and removes it when it ends.
     staged.keep = true;
     tracing::info!(template = %template_id, copy_bytes, virtual_size = inspection.virtual_size, "image accepted for import");

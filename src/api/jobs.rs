@@ -69,6 +69,9 @@ pub struct JobView {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub cancel_requested: bool,
+    /// The name of the token whose request made the job (`scheduler` for the
+    /// scheduler's runs and prunes); null when the request was anonymous.
+    pub requested_by: Option<String>,
     pub error: Option<JobError>,
     /// What the job makes and what its planner chose once it started.
     pub detail: Option<JobDetail>,
@@ -155,6 +158,7 @@ impl From<Job> for JobView {
             started_at: job.started_at,
             finished_at: job.finished_at,
             cancel_requested: job.cancel_requested,
+            requested_by: job.requested_by,
             error,
             // Written only by this service (`store::jobs`): a shape it cannot read is
             // shown as no detail rather than failing the view.
@@ -181,6 +185,9 @@ pub struct JobFilterQuery {
     pub vm_id: Option<Uuid>,
     /// Only jobs of this kind.
     pub kind: Option<JobKind>,
+    /// Only jobs asked for with the token of this name (`scheduler`: the scheduler's
+    /// own).
+    pub requested_by: Option<String>,
 }
 
 problems!(ListJobsProblems = PAGED);
@@ -202,6 +209,7 @@ async fn list_jobs(
         status: filter.status,
         vm_id: filter.vm_id,
         kind: filter.kind,
+        requested_by: filter.requested_by,
     };
     let mut conn = state.db.reader().await?;
     if let Some(cursor) = cursor

@@ -2,6 +2,7 @@
 //! derives, and the OpenAPI document itself. Handlers validate, write the records and
 //! the job in one transaction and answer 202; they never run qemu-img.
 
+pub mod auth;
 pub mod clones;
 mod extract;
 pub mod imports;
@@ -14,6 +15,7 @@ mod schemas;
 pub mod snapshots;
 pub mod system;
 pub mod templates;
+pub mod tokens;
 pub mod vms;
 
 use std::sync::Arc;
@@ -50,6 +52,8 @@ pub struct AppState {
     pub import: ImportSettings,
     /// Running VMs' sockets: their checks and the last contact with each.
     pub live: Arc<crate::live::Live>,
+    /// Whether requests need tokens, and the failed attempts per client address.
+    pub auth: Arc<auth::Auth>,
 }
 
 /// Where imports may come from and how large they may be.
@@ -77,6 +81,7 @@ pub struct ImportSettings {
         (name = "schedules", description = "Scheduled snapshots with retention: runs, manual runs, previews"),
         (name = "templates", description = "Templates: read-only golden images, conversion both ways, batch deploys"),
         (name = "jobs", description = "Background jobs that touch disk files"),
+        (name = "tokens", description = "API tokens (admin scope)"),
         (name = "system", description = "Health and the API description"),
     ),
     // Query parameter types utoipa names but does not collect.
@@ -93,6 +98,7 @@ fn json_routes() -> OpenApiRouter<AppState> {
         .merge(templates::routes())
         .merge(schedules::routes())
         .merge(jobs::routes())
+        .merge(tokens::routes())
         .merge(system::routes())
 }
 
@@ -121,6 +127,11 @@ pub fn router(state: AppState) -> axum::Router {
         .route_layer(axum::middleware::from_fn_with_state(
             documented,
             query_check::refuse_unknown_parameters,
+        ))
+        // Outside the query check: a request without a token learns nothing else.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
         ))
         .fallback(|| async {
             Error::problem(
@@ -211,8 +222,14 @@ pub fn page<T>(mut rows: Vec<T>, limit: u32, id: impl Fn(&T) -> Uuid) -> (Vec<T>
     }
 }
 
-/// Accept a job (see `jobs::accept`) and answer 202 with it.
-pub async fn accept_job(state: &AppState, request: crate::jobs::Request) -> Result<Response> {
+/// Accept a job (see `jobs::accept`), recorded as asked for by `caller`, and answer 202
+/// with it.
+pub async fn accept_job(
+    state: &AppState,
+    caller: &auth::Caller,
+    request: crate::jobs::Request,
+) -> Result<Response> {
+    let request = request.by(caller.name());
     let job = crate::jobs::accept(&state.engine, request).await?;
     Ok(accepted(job.into()))
 }

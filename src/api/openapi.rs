@@ -4,11 +4,14 @@
 //! table in `error.rs`) and its typed extension members; the answers any request can
 //! get (400 for an unknown query parameter, 408, 500, and 507 for a request that
 //! writes); the `Location` header and the OpenAPI links of every 202; binary bodies
-//! typed as such; and the server.
+//! typed as such; the server; and who may call each operation (the bearer scheme and
+//! each operation's scope, from the one table in `auth`).
 
 use serde_json::{Map, Value, json};
 
+use super::auth::Access;
 use super::problem::{PROBLEM_JSON, code_line, status_heading};
+use crate::domain::Scope;
 use crate::domain::validate::{MAX_DESCRIPTION_LEN, MAX_LABELS, MAX_NAME_LEN, SECTOR};
 use crate::error::ErrorCode;
 
@@ -22,6 +25,13 @@ pub fn document() -> Value {
         "description": "This service: every path is absolute from its root (e.g. http://127.0.0.1:8080)."
     }]);
     doc["components"]["schemas"]["Problem"] = problem_schema();
+    doc["components"]["securitySchemes"] = json!({
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API token (`strata token create`, or POST /v1/tokens): `Authorization: Bearer strata_...`. Each operation lists the scope it needs (`read` < `operate` < `admin`; a scope allows what the ones before it do). A service on a loopback address with no token defined answers without one."
+        }
+    });
     add_input_constraints(&mut doc["components"]["schemas"]);
     let paths = doc["paths"].as_object_mut().expect("paths");
     for (path, item) in paths.iter_mut() {
@@ -29,6 +39,8 @@ pub fn document() -> Value {
         for (method, operation) in item.iter_mut() {
             let writes = matches!(method.as_str(), "post" | "put" | "patch" | "delete");
             complete_operation(path, writes, operation);
+            let method = method.to_uppercase().parse().expect("an HTTP method");
+            add_security(&method, path, operation);
         }
     }
     doc
@@ -61,6 +73,40 @@ fn complete_operation(path: &str, writes: bool, operation: &mut Value) {
     if let Some(accepted) = responses.get_mut("202") {
         complete_accepted(accepted);
     }
+}
+
+/// The scope the operation needs (`auth::access`), and the answers a request without
+/// it gets. A route missing from the table is a bug the tests catch: it is documented
+/// as needing `admin`, which the middleware's refusal of it is stricter than.
+fn add_security(method: &axum::http::Method, path: &str, operation: &mut Value) {
+    let scope = match super::auth::access(method, path) {
+        Some(Access::Public) => {
+            operation["security"] = json!([]);
+            return;
+        }
+        Some(Access::Scope(scope)) => scope,
+        None => Scope::Admin,
+    };
+    operation["security"] = json!([{ "bearer": [scope.as_str()] }]);
+    operation["x-required-scope"] = json!(scope.as_str());
+    let responses = operation["responses"]
+        .as_object_mut()
+        .expect("every operation has responses");
+    for code in [
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::TooManyAttempts,
+    ] {
+        add_problem(responses, code);
+    }
+    responses["401"]["headers"] = json!({"WWW-Authenticate": {
+        "schema": {"type": "string"},
+        "description": "`Bearer realm=\"strata\"`: send a token as `Authorization: Bearer <token>`"
+    }});
+    responses["429"]["headers"] = json!({"Retry-After": {
+        "schema": {"type": "integer"},
+        "description": "Seconds to wait before trying again"
+    }});
 }
 
 /// Adds `code` to the operation's problem answer for its status, as the handlers'
@@ -167,7 +213,9 @@ fn problem_schema() -> Value {
             "needed_bytes": {"type": "integer", "format": "int64", "minimum": 0, "description": "`insufficient_storage`: free bytes the request needs (with the reserve)."},
             "available_bytes": {"type": "integer", "format": "int64", "minimum": 0, "description": "`insufficient_storage`: free bytes there are."},
             "current_size_bytes": {"type": "integer", "format": "int64", "minimum": 0, "description": "`disk_shrink_refused`: the disk's size now."},
-            "run_id": {"type": "string", "format": "uuid", "description": "`schedule_busy`: the run still in progress."}
+            "run_id": {"type": "string", "format": "uuid", "description": "`schedule_busy`: the run still in progress."},
+            "required_scope": {"type": "string", "enum": ["read", "operate", "admin"], "description": "`forbidden`: the scope the operation needs."},
+            "retry_after_seconds": {"type": "integer", "format": "int64", "minimum": 1, "description": "`too_many_attempts`: seconds until this address may try again."}
         },
         "example": {
             "type": "urn:strata:problem:name_taken",
@@ -250,14 +298,16 @@ mod tests {
     /// documented answer of an operation lists each code once, under its own status.
     #[test]
     fn every_code_is_documented_once_under_its_status() {
-        // The router's fallbacks answer for no operation; `interrupted` and
-        // `runtime_mismatch` (found when a live job asks QEMU) are jobs' errors.
+        // The router's fallbacks answer for no operation; `interrupted`,
+        // `runtime_mismatch` (found when a live job asks QEMU) and the guest agent's
+        // failures are jobs' errors.
         let unanswered = [
             ErrorCode::RouteNotFound,
             ErrorCode::MethodNotAllowed,
             ErrorCode::Interrupted,
             ErrorCode::RuntimeMismatch,
             ErrorCode::QuiesceFailed,
+            ErrorCode::ThawFailed,
         ];
         let doc = document();
         let mut documented = std::collections::BTreeSet::new();

@@ -67,12 +67,29 @@ impl IntoResponse for Problem {
 impl IntoResponse for Error {
     fn into_response(self) -> HttpResponse {
         let code = self.code();
+        let retry_after = match &self {
+            Error::Problem {
+                extra: Some(extra), ..
+            } => extra["retry_after_seconds"].as_u64(),
+            _ => None,
+        };
         let mut response = self.into_problem(code);
-        if code == ErrorCode::ImportsBusy {
+        let headers = response.headers_mut();
+        match code {
             // Long enough for a typical inspection to finish.
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            ErrorCode::ImportsBusy => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            ErrorCode::TooManyAttempts => {
+                let seconds = retry_after.unwrap_or(60).to_string();
+                if let Ok(value) = HeaderValue::from_str(&seconds) {
+                    headers.insert(header::RETRY_AFTER, value);
+                }
+            }
+            ErrorCode::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, super::auth::challenge());
+            }
+            _ => {}
         }
         response
     }
@@ -189,12 +206,22 @@ pub fn problem_responses(sets: &[&[ErrorCode]]) -> BTreeMap<String, RefOr<Respon
                     .schema(Some(Ref::from_schema_name("Problem")))
                     .build(),
             );
-            if codes.contains(&ErrorCode::ImportsBusy) {
+            if codes.contains(&ErrorCode::ImportsBusy) || codes.contains(&ErrorCode::TooManyAttempts)
+            {
                 response = response.header(
                     "Retry-After",
                     HeaderBuilder::new()
                         .schema(Some(ObjectBuilder::new().schema_type(Type::Integer)))
-                        .description(Some("`imports_busy`: seconds to wait before trying again"))
+                        .description(Some("Seconds to wait before trying again"))
+                        .build(),
+                );
+            }
+            if codes.contains(&ErrorCode::Unauthorized) {
+                response = response.header(
+                    "WWW-Authenticate",
+                    HeaderBuilder::new()
+                        .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                        .description(Some("`Bearer realm=\"strata\"`: send a token as `Authorization: Bearer <token>`"))
                         .build(),
                 );
             }

@@ -765,7 +765,11 @@ problems!(TriggerRunProblems = SCHEDULE; ScheduleBusy);
             headers(("Location" = String, description = "/v1/schedules/{id}/runs/{run_id}"))),
         TriggerRunProblems,
     ))]
-async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+async fn trigger_run(
+    State(state): State<AppState>,
+    caller: super::auth::Caller,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let schedule = find_schedule(&mut *state.db.reader().await?, &id).await?;
     let run = runs::start(
         &state.db,
@@ -774,6 +778,7 @@ async fn trigger_run(State(state): State<AppState>, Path(id): Path<String>) -> R
         RunTrigger::Manual,
         store::now(),
         state.run_history,
+        caller.name(),
     )
     .await?
     .ok_or_else(|| Error::Internal("a manual run always starts or is refused".into()))?;

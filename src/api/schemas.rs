@@ -12,8 +12,9 @@ use crate::domain::image::ImageFormat;
 use crate::domain::plan::{CloneMode, MergeAction};
 use crate::domain::retention::{KeepReason, PruneReason};
 use crate::domain::{
-    Consistency, JobKind, JobStatus, Quiesce, ResourceStatus, RunStatus, RunTrigger,
-    SnapshotConsistency, StringEnum, TargetOutcome, TargetType, VmKind, VmState, VolumeStatus,
+    Consistency, JobKind, JobStatus, Quiesce, ResourceStatus, RunStatus, RunTrigger, Scope,
+    SnapshotConsistency, StringEnum, TargetOutcome, TargetType, TokenStatus, VmKind, VmState,
+    VolumeStatus,
 };
 
 /// The schema of a string enum: its values, and its docs with each value's own.
@@ -78,6 +79,8 @@ string_enum_schemas!(
     SnapshotConsistency,
     Consistency,
     Quiesce,
+    Scope,
+    TokenStatus,
 );
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::Caller;
 use super::extract::{Json, Query, parse_id};
 use super::problem::problems;
 use super::vms::find_vm;
@@ -232,6 +233,7 @@ problems!(CreateSnapshotProblems = JSON_BODY, NAMED, VM, CHAIN_JOB; VmHasNoDisks
     ))]
 async fn create_snapshot(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Json(body): Json<CreateSnapshot>,
 ) -> Result<Response> {
@@ -255,7 +257,7 @@ async fn create_snapshot(
         consistency: body.consistency,
         quiesce: body.quiesce,
     };
-    accept_job(&state, new.request(&vm)).await
+    accept_job(&state, &caller, new.request(&vm)).await
 }
 
 problems!(ListSnapshotsProblems = PAGED, VM);
@@ -335,6 +337,7 @@ problems!(DeleteSnapshotProblems = SNAPSHOT, CHAIN_JOB, READ_BY_CLONES; Snapshot
     ))]
 async fn delete_snapshot(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
@@ -345,7 +348,7 @@ async fn delete_snapshot(
         previous_status: snapshot.status,
         flatten: query.flatten(),
     });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }
 
 problems!(DeleteAllSnapshotsProblems = VM, CHAIN_JOB, READ_BY_CLONES; SnapshotBusy, SnapshotNotReady);
@@ -360,6 +363,7 @@ problems!(DeleteAllSnapshotsProblems = VM, CHAIN_JOB, READ_BY_CLONES; SnapshotBu
     ))]
 async fn delete_all_snapshots(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response> {
     let vm = find_vm(&mut *state.db.reader().await?, &id).await?;
@@ -368,7 +372,7 @@ async fn delete_all_snapshots(
         // Listed by the accept transaction: exactly the snapshots it flags.
         snapshots: Vec::new(),
     });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }
 
 problems!(RevertSnapshotProblems = SNAPSHOT, CHAIN_JOB; SnapshotNotReady);
@@ -383,6 +387,7 @@ problems!(RevertSnapshotProblems = SNAPSHOT, CHAIN_JOB; SnapshotNotReady);
     ))]
 async fn revert_snapshot(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response> {
     let (snapshot, vm) = find_snapshot(&mut *state.db.reader().await?, &id).await?;
@@ -390,7 +395,7 @@ async fn revert_snapshot(
         vm: vm.id,
         snapshot: snapshot.id,
     });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }
 
 problems!(PatchSnapshotProblems = JSON_BODY, NAMED, SNAPSHOT; SnapshotBusy);

@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::Caller;
 use super::clones::{CloneRequest, clone_request};
 use super::extract::{Json, Query, parse_id};
 use super::problem::problems;
@@ -237,6 +238,7 @@ problems!(CreateTemplateProblems = JSON_BODY, NAMED, VM, SNAPSHOT, CHAIN_JOB; Vm
     ))]
 async fn create_template(
     State(state): State<AppState>,
+    caller: Caller,
     Json(body): Json<CreateTemplate>,
 ) -> Result<Response> {
     validate::name("name", &body.name).map_err(Error::validation)?;
@@ -252,7 +254,7 @@ async fn create_template(
         quiesce: None,
     };
     let request = clone_request(&state, &source, request, JobSpec::TemplateCreate).await?;
-    accept_job(&state, request).await
+    accept_job(&state, &caller, request).await
 }
 
 problems!(ConvertToTemplateProblems = VM, CHAIN_JOB, READ_BY_CLONES; SnapshotBusy, SnapshotNotReady);
@@ -269,6 +271,7 @@ problems!(ConvertToTemplateProblems = VM, CHAIN_JOB, READ_BY_CLONES; SnapshotBus
     ))]
 async fn convert_to_template(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response> {
     let vm = find_vm(&mut *state.db.reader().await?, &id).await?;
@@ -277,7 +280,7 @@ async fn convert_to_template(
         // Listed by the accept transaction: exactly the snapshots it flags.
         snapshots: Vec::new(),
     });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }
 
 problems!(ConvertToVmProblems = TEMPLATE, READ_BY_CLONES; VmNotReady);
@@ -291,10 +294,14 @@ problems!(ConvertToVmProblems = TEMPLATE, READ_BY_CLONES; VmNotReady);
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         ConvertToVmProblems,
     ))]
-async fn convert_to_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+async fn convert_to_vm(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let template = find_template(&mut *state.db.reader().await?, &id).await?;
     let spec = JobSpec::TemplateToVm(job_spec::TemplateToVm { vm: template.id });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }
 
 problems!(DeployProblems = JSON_BODY, NAMED, TEMPLATE; VmNotReady, InsufficientStorage);
@@ -311,6 +318,7 @@ problems!(DeployProblems = JSON_BODY, NAMED, TEMPLATE; VmNotReady, InsufficientS
     ))]
 async fn deploy(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Json(body): Json<Deploy>,
 ) -> Result<Response> {
@@ -340,7 +348,7 @@ async fn deploy(
         quiesce: None,
     };
     let request = clone_request(&state, &template, request, JobSpec::TemplateDeploy).await?;
-    accept_job(&state, request).await
+    accept_job(&state, &caller, request).await
 }
 
 problems!(DeleteTemplateProblems = TEMPLATE, CHAIN_JOB, READ_BY_CLONES);
@@ -357,6 +365,7 @@ problems!(DeleteTemplateProblems = TEMPLATE, CHAIN_JOB, READ_BY_CLONES);
     ))]
 async fn delete_template(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
@@ -366,7 +375,7 @@ async fn delete_template(
         previous_status: template.status,
         flatten: query.flatten(),
     });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::Caller;
 use super::extract::{Json, Query, parse_id};
 use super::problem::problems;
 use super::{AppState, PageQuery, accept_job, page};
@@ -383,7 +384,11 @@ problems!(CreateVmProblems = JSON_BODY, NAMED);
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         CreateVmProblems,
     ))]
-async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) -> Result<Response> {
+async fn create_vm(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(body): Json<CreateVm>,
+) -> Result<Response> {
     validate::name("name", &body.name).map_err(Error::validation)?;
     validate::description(&body.description).map_err(Error::validation)?;
     validate::labels(&body.labels).map_err(Error::validation)?;
@@ -400,7 +405,7 @@ async fn create_vm(State(state): State<AppState>, Json(body): Json<CreateVm>) ->
         .collect();
     let spec = JobSpec::VmCreate(job_spec::VmCreate { vm: vm.id });
     let records = NewRecords::Vms(vec![(vm, disks)]);
-    accept_job(&state, Request::creating(spec, records)).await
+    accept_job(&state, &caller, Request::creating(spec, records)).await
 }
 
 /// A disk record as a request creates it: no file yet, the job makes it.
@@ -625,6 +630,7 @@ problems!(DeleteVmProblems = VM, CHAIN_JOB, READ_BY_CLONES);
     ))]
 async fn delete_vm(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Query(query): Query<super::FlattenQuery>,
 ) -> Result<Response> {
@@ -634,7 +640,7 @@ async fn delete_vm(
         previous_status: vm.status,
         flatten: query.flatten(),
     });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }
 
 problems!(ListDisksProblems = PAGED, VM);
@@ -680,6 +686,7 @@ problems!(CreateDiskProblems = JSON_BODY, NAMED, VM; VmNotReady);
     ))]
 async fn create_disk(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
     Json(body): Json<NewDisk>,
 ) -> Result<Response> {
@@ -690,7 +697,12 @@ async fn create_disk(
         vm: vm.id,
         disk: disk.id,
     });
-    accept_job(&state, Request::creating(spec, NewRecords::Disk(disk))).await
+    accept_job(
+        &state,
+        &caller,
+        Request::creating(spec, NewRecords::Disk(disk)),
+    )
+    .await
 }
 
 problems!(GetDiskProblems = DISK);
@@ -725,6 +737,7 @@ problems!(DeleteDiskProblems = DISK, CHAIN_JOB; DiskNotReady);
     ))]
 async fn delete_disk(
     State(state): State<AppState>,
+    caller: Caller,
     Path((vm_id, disk_id)): Path<(String, String)>,
 ) -> Result<Response> {
     let (vm, disk) = find_vm_disk(&state, &vm_id, &disk_id).await?;
@@ -733,7 +746,7 @@ async fn delete_disk(
         disk: disk.id,
         previous_status: disk.status,
     });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }
 
 /// The VM and its disk a path names (404 otherwise).
@@ -762,6 +775,7 @@ problems!(ResizeDiskProblems = JSON_BODY, DISK, CHAIN_JOB; DiskShrinkRefused, Di
     ))]
 async fn resize_disk(
     State(state): State<AppState>,
+    caller: Caller,
     Path((vm_id, disk_id)): Path<(String, String)>,
     Json(body): Json<ResizeDisk>,
 ) -> Result<Response> {
@@ -773,5 +787,5 @@ async fn resize_disk(
         size_bytes: body.size_bytes,
         previous_status: disk.status,
     });
-    accept_job(&state, Request::new(spec)).await
+    accept_job(&state, &caller, Request::new(spec)).await
 }

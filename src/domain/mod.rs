@@ -117,6 +117,14 @@ string_enum!(
     JobStatus { Queued => "queued", Running => "running", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" }
 );
 string_enum!(
+    /// What an API token may do, each scope allowing everything the one before it does:
+    /// `read` every GET; `operate` also the day-to-day changes an orchestrator makes
+    /// (snapshots, reverts, clones, deploys, schedule runs, marking VMs running or
+    /// stopped); `admin` everything, including deletions of VMs, disks and templates,
+    /// imports, template conversions, schedule management and tokens.
+    Scope derives(PartialOrd, Ord) { Read => "read", Operate => "operate", Admin => "admin" }
+);
+string_enum!(
     /// Kind of resource a job works on.
     TargetType { Vm => "vm", Disk => "disk", Snapshot => "snapshot" }
 );
@@ -296,6 +304,9 @@ pub struct Job {
     pub created_at: Timestamp,
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
+    /// The name of the token whose request made the job (`scheduler` for the
+    /// scheduler's own); none when the request was anonymous.
+    pub requested_by: Option<String>,
 }
 
 string_enum!(
@@ -409,3 +420,36 @@ pub struct PruneEntry {
     pub code: Option<String>,
     pub reason: Option<String>,
 }
+
+/// An API token's record (its secret is never kept: only a digest, in the store).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiToken {
+    /// The public part of the token's text.
+    pub id: String,
+    /// Unique among tokens not revoked; what jobs record as `requested_by`.
+    pub name: String,
+    pub scope: Scope,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+}
+
+impl ApiToken {
+    /// Whether requests may use the token at `now`: not revoked, not expired.
+    pub fn usable_at(&self, now: Timestamp) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|at| now < at)
+    }
+
+    pub fn status_at(&self, now: Timestamp) -> TokenStatus {
+        match (self.revoked_at, self.usable_at(now)) {
+            (Some(_), _) => TokenStatus::Revoked,
+            (None, true) => TokenStatus::Active,
+            (None, false) => TokenStatus::Expired,
+        }
+    }
+}
+
+string_enum!(
+    /// Whether an API token can be used now.
+    TokenStatus { Active => "active", Expired => "expired", Revoked => "revoked" }
+);

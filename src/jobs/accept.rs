@@ -22,15 +22,13 @@ pub struct Request {
     pub records: NewRecords,
     /// The job's `detail` from the start (e.g. the VMs a deploy makes).
     pub detail: Option<serde_json::Value>,
+    /// Who asked (a token's name, or `scheduler`); none for an anonymous request.
+    pub requested_by: Option<String>,
 }
 
 impl Request {
     pub fn new(spec: JobSpec) -> Self {
-        Self {
-            spec,
-            records: NewRecords::None,
-            detail: None,
-        }
+        Self::creating(spec, NewRecords::None)
     }
 
     pub fn creating(spec: JobSpec, records: NewRecords) -> Self {
@@ -38,6 +36,15 @@ impl Request {
             spec,
             records,
             detail: None,
+            requested_by: None,
+        }
+    }
+
+    /// The same request, recorded as made by `requested_by`.
+    pub fn by(self, requested_by: Option<&str>) -> Self {
+        Self {
+            requested_by: requested_by.map(str::to_owned),
+            ..self
         }
     }
 }
@@ -196,6 +203,7 @@ async fn accept_checked(
         mut spec,
         records,
         detail,
+        requested_by,
     } = request;
     require_vm_kind(tx, &spec).await?;
     let admission = run::admit(&mut spec, tx).await?;
@@ -206,6 +214,7 @@ async fn accept_checked(
     store::apply(tx, &admission.flags).await?;
     let mut job = store::jobs::new_job(spec);
     job.detail = detail;
+    job.requested_by = requested_by;
     store::jobs::insert(tx, &job, &admission.locks).await?;
     Ok(job)
 }

@@ -21,6 +21,9 @@ use crate::domain::Uuid;
 use crate::jobs::Engine;
 use crate::store::{self, Db};
 
+/// What the scheduler's own jobs record as `requested_by` (a reserved token name).
+pub const SCHEDULER: &str = "scheduler";
+
 /// How often the scheduler looks at the clock and sweeps.
 #[derive(Debug, Clone)]
 pub struct Settings {

@@ -185,7 +185,8 @@ pub async fn prune(
         }
         match accept(
             engine,
-            Request::new(JobSpec::SnapshotDelete(SnapshotDelete::of(&snapshot))),
+            Request::new(JobSpec::SnapshotDelete(SnapshotDelete::of(&snapshot)))
+                .by(Some(super::SCHEDULER)),
         )
         .await
         {

@@ -35,7 +35,17 @@ pub async fn start_due(
     let due = store::schedules::due(&mut *db.reader().await?, now).await?;
     let mut started = Vec::with_capacity(due.len());
     for id in due {
-        match start(db, engine, id, RunTrigger::Cron, now, run_history).await {
+        match start(
+            db,
+            engine,
+            id,
+            RunTrigger::Cron,
+            now,
+            run_history,
+            Some(super::SCHEDULER),
+        )
+        .await
+        {
             Ok(run) => started.extend(run),
             // One schedule's trouble must not hold back the others.
             Err(e @ Error::Problem { .. }) => {
@@ -59,6 +69,7 @@ pub async fn start(
     trigger: RunTrigger,
     now: Timestamp,
     run_history: u32,
+    requested_by: Option<&str>,
 ) -> Result<Option<ScheduleRun>> {
     let mut tx = db.begin().await?;
     let mut schedule = store::schedules::get(&mut tx, id)
@@ -118,7 +129,7 @@ pub async fn start(
         let vms = target_vms(&mut tx, &schedule.target).await?;
         let tz = spec.timezone();
         for vm in &vms {
-            let target = snapshot_vm(engine, &mut tx, &schedule, vm, now, tz).await?;
+            let target = snapshot_vm(engine, &mut tx, &schedule, vm, now, tz, requested_by).await?;
             run.detail.targets.push(target);
         }
         if run
@@ -201,6 +212,7 @@ async fn snapshot_vm(
     vm: &Vm,
     now: Timestamp,
     tz: chrono_tz::Tz,
+    requested_by: Option<&str>,
 ) -> Result<RunTarget> {
     let mut target = RunTarget {
         vm_id: vm.id,
@@ -237,7 +249,7 @@ async fn snapshot_vm(
         consistency: schedule.consistency,
         quiesce: schedule.quiesce,
     };
-    match accept_in(engine, tx, new.request(vm)).await {
+    match accept_in(engine, tx, new.request(vm).by(requested_by)).await {
         Ok(job) => {
             target.outcome = TargetOutcome::Queued;
             target.snapshot_id = Some(job.target_id);

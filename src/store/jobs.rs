@@ -54,6 +54,7 @@ fn from_row(row: &SqliteRow) -> Result<Job> {
         created_at: get_ts(row, "created_at")?,
         started_at: get_opt_ts(row, "started_at")?,
         finished_at: get_opt_ts(row, "finished_at")?,
+        requested_by: row.try_get("requested_by")?,
     })
 }
 
@@ -81,13 +82,14 @@ pub fn new_job(spec: JobSpec) -> Job {
         created_at: super::now(),
         started_at: None,
         finished_at: None,
+        requested_by: None,
     }
 }
 
 /// Insert a job. It locks its own VM (`vm_id`) and `other_vms`: it is claimed only when
 /// none of them has a running job, and after every older queued job that shares one.
 pub async fn insert(conn: &mut SqliteConnection, job: &Job, other_vms: &[Uuid]) -> Result<()> {
-    sqlx::query("INSERT INTO jobs (id, kind, status, target_type, target_id, vm_id, params, detail, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO jobs (id, kind, status, target_type, target_id, vm_id, params, detail, created_at, requested_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
         .bind(id_text(job.id))
         .bind(job.kind.as_str())
         .bind(job.status.as_str())
@@ -97,6 +99,7 @@ pub async fn insert(conn: &mut SqliteConnection, job: &Job, other_vms: &[Uuid]) 
         .bind(job.spec.params_json())
         .bind(job.detail.as_ref().map(|d| d.to_string()))
         .bind(ts(job.created_at))
+        .bind(&job.requested_by)
         .execute(&mut *conn)
         .await?;
     for vm in job.vm_id.iter().chain(other_vms) {
@@ -124,6 +127,7 @@ pub struct JobFilter {
     pub status: Option<JobStatus>,
     pub vm_id: Option<Uuid>,
     pub kind: Option<JobKind>,
+    pub requested_by: Option<String>,
 }
 
 /// Jobs newest first, after the job `before` (the cursor), at most `limit`.
@@ -136,6 +140,7 @@ pub async fn list(
     let rows = sqlx::query(
         "SELECT * FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?3 IS NULL OR kind = ?3)
          AND (?2 IS NULL OR EXISTS (SELECT 1 FROM job_vms v WHERE v.job_seq = jobs.seq AND v.vm_id = ?2))
+         AND (?6 IS NULL OR requested_by = ?6)
          AND (?4 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?4)) ORDER BY seq DESC LIMIT ?5",
     )
     .bind(filter.status.map(|s| s.as_str()))
@@ -143,6 +148,7 @@ pub async fn list(
     .bind(filter.kind.map(|k| k.as_str()))
     .bind(opt_id_text(before))
     .bind(limit as i64)
+    .bind(filter.requested_by.as_deref())
     .fetch_all(conn)
     .await?;
     rows.iter().map(from_row).collect()

@@ -8,6 +8,7 @@
 pub mod jobs;
 pub mod schedules;
 pub mod snapshots;
+pub mod tokens;
 pub mod vms;
 
 use std::path::Path;

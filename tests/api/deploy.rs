@@ -324,11 +324,18 @@ fn attribute_items(inner: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
-/// Every option declared with `#[arg(long ...)]`; the flag is the field name with
-/// dashes unless `long = "..."` names it.
+/// Every option of `strata serve` (`ServeConfig`) declared with `#[arg(long ...)]`;
+/// the flag is the field name with dashes unless `long = "..."` names it. Other
+/// commands' options (`strata token`) are documented with the command.
 fn config_flags() -> Vec<ConfigFlag> {
     let source = read("src/config.rs");
-    let lines: Vec<&str> = source.lines().map(str::trim).collect();
+    let lines: Vec<&str> = source
+        .lines()
+        .map(str::trim)
+        .skip_while(|line| !line.starts_with("pub struct ServeConfig"))
+        .take_while(|line| *line != "}")
+        .collect();
+    assert!(!lines.is_empty(), "src/config.rs declares ServeConfig");
     let mut flags = Vec::new();
     let mut i = 0;
     while i < lines.len() {

@@ -1,5 +1,6 @@
 //! Black-box tests: the real service over HTTP, with bytes checked by qemu-io/qemu-img.
 
+mod auth;
 mod cancel_timing;
 mod clones;
 mod deploy;

@@ -14,6 +14,8 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub data_dir: PathBuf,
+    /// Sent as `Authorization: Bearer` with every request the harness makes.
+    pub token: Option<String>,
     // Kept alive so the directory outlives restarts; removed when the test ends.
     _temp: Arc<tempfile::TempDir>,
     child: Option<Child>,
@@ -130,6 +132,7 @@ impl TestApp {
                 .build()
                 .expect("client"),
             data_dir,
+            token: None,
             _temp: temp,
             child: Some(child),
             log,

@@ -70,6 +70,9 @@ pub async fn send(
 ) -> Reply {
     let documented_method = method.clone();
     let mut request = app.client.request(method, format!("{}{}", app.base, path));
+    if let Some(token) = &app.token {
+        request = request.bearer_auth(token);
+    }
     if let Some(content_type) = content_type {
         request = request.header(CONTENT_TYPE, content_type);
     }

@@ -1,0 +1,137 @@
+//! `/v1/tokens`: API tokens, for an `admin` token (as `strata token` on the data
+//! directory). A token's text is shown once, in the answer that creates it.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::extract::Json;
+use super::problem::problems;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{ApiToken, Scope, TokenStatus};
+use crate::error::Result;
+use crate::store;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+}
+
+/// A token, without its secret.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "scheduler", "scope": "operate", "status": "active",
+    "created_at": "2026-12-04T10:00:00Z", "expires_at": null, "revoked_at": null}))]
+pub struct TokenView {
+    pub name: String,
+    pub scope: Scope,
+    pub status: TokenStatus,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl TokenView {
+    fn of(token: ApiToken, now: DateTime<Utc>) -> Self {
+        Self {
+            status: token.status_at(now),
+            name: token.name,
+            scope: token.scope,
+            created_at: token.created_at,
+            expires_at: token.expires_at,
+            revoked_at: token.revoked_at,
+        }
+    }
+}
+
+/// Every token, revoked and expired ones too, oldest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenList {
+    pub items: Vec<TokenView>,
+}
+
+/// A new token.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "scheduler", "scope": "operate", "expires_at": "2027-03-01T00:00:00Z"}))]
+pub struct CreateToken {
+    /// Unique among tokens not revoked; jobs the token asks for record it as
+    /// `requested_by`.
+    pub name: String,
+    pub scope: Scope,
+    /// When the token stops working (in the future); never when absent.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A token just made: its text, shown this once (only a digest is kept).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"token": "strata_9bbd7d9cb0d1d683_52ba5b80284d865b869bf40a2a244b0cab1d1250c1392c99b914260aa1a02098",
+    "name": "scheduler", "scope": "operate", "status": "active",
+    "created_at": "2026-12-04T10:00:00Z", "expires_at": null, "revoked_at": null}))]
+pub struct CreatedToken {
+    /// Send as `Authorization: Bearer <token>`.
+    pub token: String,
+    #[serde(flatten)]
+    pub view: TokenView,
+}
+
+problems!(ListTokensProblems =);
+
+/// List the tokens (never their secrets).
+#[utoipa::path(get, path = "/v1/tokens", tag = "tokens",
+    responses(
+        (status = 200, description = "Every token", body = TokenList),
+        ListTokensProblems,
+    ))]
+async fn list_tokens(State(state): State<AppState>) -> Result<axum::Json<TokenList>> {
+    let now = store::now();
+    let tokens = store::tokens::list(&mut *state.db.reader().await?).await?;
+    Ok(axum::Json(TokenList {
+        items: tokens.into_iter().map(|t| TokenView::of(t, now)).collect(),
+    }))
+}
+
+problems!(CreateTokenProblems = JSON_BODY, NAMED);
+
+/// Create a token. Its text is in this answer only.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens", request_body = CreateToken,
+    responses(
+        (status = 201, description = "The token, with its text", body = CreatedToken),
+        CreateTokenProblems,
+    ))]
+async fn create_token(
+    State(state): State<AppState>,
+    Json(body): Json<CreateToken>,
+) -> Result<Response> {
+    let (token, text) =
+        crate::auth::issue(&state.db, &body.name, body.scope, body.expires_at).await?;
+    let created = CreatedToken {
+        token: text,
+        view: TokenView::of(token, store::now()),
+    };
+    Ok((StatusCode::CREATED, axum::Json(created)).into_response())
+}
+
+problems!(RevokeTokenProblems = ; TokenNotFound);
+
+/// Revoke a token: every request with it is refused from now on. Its record stays
+/// (jobs name it), and its name can be given to a new token.
+#[utoipa::path(delete, path = "/v1/tokens/{name}", tag = "tokens",
+    params(("name" = String, Path, description = "Token name")),
+    responses(
+        (status = 204, description = "Revoked"),
+        RevokeTokenProblems,
+    ))]
+async fn revoke_token(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode> {
+    crate::auth::revoke(&state.db, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,89 @@
+//! API tokens: their records and the digests of their secrets.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection};
+
+use super::{get_enum, get_opt_ts, get_ts, is_unique_violation, ts};
+use crate::domain::{ApiToken, Scope, Timestamp};
+use crate::error::{Error, ErrorCode, Result};
+
+fn from_row(row: &SqliteRow) -> Result<ApiToken> {
+    Ok(ApiToken {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        scope: get_enum(row, "scope", Scope::parse)?,
+        created_at: get_ts(row, "created_at")?,
+        expires_at: get_opt_ts(row, "expires_at")?,
+        revoked_at: get_opt_ts(row, "revoked_at")?,
+    })
+}
+
+/// Store a new token; a name a token not revoked has is `name_taken`.
+pub async fn insert(conn: &mut SqliteConnection, token: &ApiToken, digest: &[u8]) -> Result<()> {
+    let inserted = sqlx::query(
+        "INSERT INTO tokens (id, name, scope, digest, created_at, expires_at, revoked_at)
+         VALUES (?, ?, ?, ?, ?, ?, NULL)",
+    )
+    .bind(&token.id)
+    .bind(&token.name)
+    .bind(token.scope.as_str())
+    .bind(digest)
+    .bind(ts(token.created_at))
+    .bind(token.expires_at.map(ts))
+    .execute(&mut *conn)
+    .await
+    .map_err(Error::from);
+    match inserted {
+        Err(e) if is_unique_violation(&e) => Err(Error::problem(
+            ErrorCode::NameTaken,
+            format!("a token named {} exists; revoke it first", token.name),
+        )),
+        other => other.map(|_| ()),
+    }
+}
+
+/// The token with this id and its secret's digest.
+pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<(ApiToken, Vec<u8>)>> {
+    let row = sqlx::query("SELECT * FROM tokens WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|row| Ok((from_row(&row)?, row.try_get("digest")?)))
+        .transpose()
+}
+
+/// Every token, revoked ones too, oldest first.
+pub async fn list(conn: &mut SqliteConnection) -> Result<Vec<ApiToken>> {
+    let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at, id")
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Revoke the token named `name` (not revoked yet); the revoked record, if any.
+pub async fn revoke(
+    conn: &mut SqliteConnection,
+    name: &str,
+    now: Timestamp,
+) -> Result<Option<ApiToken>> {
+    let row = sqlx::query(
+        "UPDATE tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING *",
+    )
+    .bind(ts(now))
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Whether any token can be used at `now`: with none, a service on a loopback address
+/// serves without authentication.
+pub async fn any_usable(conn: &mut SqliteConnection, now: Timestamp) -> Result<bool> {
+    let found = sqlx::query(
+        "SELECT 1 FROM tokens WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?) LIMIT 1",
+    )
+    .bind(ts(now))
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found.is_some())
+}

@@ -1,0 +1,417 @@
+//! Authentication: tokens made with `strata token` (on the data directory, while the
+//! service runs) and `/v1/tokens`, each scope against a representative operation of
+//! every group, refusals (401 with a challenge, 403 naming the scope, 429 after too
+//! many failures), revocation and expiry taking effect at once, `requested_by` on
+//! jobs, and the refusal to serve a non-loopback address with no token. Every request
+//! goes to 127.0.0.1.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use reqwest::header::{RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// `strata token ARGS` on the service's data directory; its stdout.
+fn token_cli(app: &TestApp, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("token")
+        .arg("--data-dir")
+        .arg(&app.data_dir)
+        .args(args)
+        .output()
+        .expect("run strata token");
+    assert!(
+        output.status.success(),
+        "strata token {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+fn create_token(app: &TestApp, name: &str, scope: &str) -> String {
+    token_cli(app, &["create", "--name", name, "--scope", scope])
+}
+
+/// Send as `token` (none: no Authorization header).
+async fn as_token(
+    app: &mut TestApp,
+    token: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Reply {
+    app.token = token.map(str::to_owned);
+    let reply = match body {
+        Some(body) => send_json(app, method, path, &body).await,
+        None => send(app, method, path, None, None).await,
+    };
+    app.token = None;
+    reply
+}
+
+#[tokio::test]
+async fn without_a_token_defined_a_loopback_service_serves_everyone_and_records_no_requester() {
+    let app = TestApp::spawn().await;
+    let vm = app.create_vm("open", &[("root", MIB)]).await;
+    let (_, jobs) = app.get(&format!("/v1/jobs?vm_id={}", vm.id)).await;
+    assert_eq!(jobs["items"][0]["requested_by"], Value::Null, "{jobs}");
+}
+
+#[tokio::test]
+async fn each_scope_may_do_its_operations_and_is_refused_the_others_with_the_scope_named() {
+    let mut app = TestApp::spawn().await;
+    let vm = app.create_vm("scoped", &[("root", MIB)]).await.id;
+    let read = create_token(&app, "reader", "read");
+    let operate = create_token(&app, "orchestrator", "operate");
+    let admin = create_token(&app, "root", "admin");
+
+    // No token, now that tokens exist: 401 with the challenge. Health stays open.
+    let reply = as_token(&mut app, None, Method::GET, "/v1/vms", None).await;
+    assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(
+        reply.headers.get(WWW_AUTHENTICATE).unwrap(),
+        "Bearer realm=\"strata\""
+    );
+    for open in ["/healthz", "/readyz", "/v1/openapi.json"] {
+        let reply = as_token(&mut app, None, Method::GET, open, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{open}");
+    }
+
+    // One operation of each group, with the scope below it refused and its own allowed.
+    let snapshot_body = json!({"name": "s1"});
+    let schedule_body =
+        json!({"name": "nightly", "vm_id": vm, "cron": "0 3 * * *", "retention": {"keep_last": 3}});
+    // (method, path, body, scope needed, a token one scope below it, a token with it)
+    type Case<'a> = (Method, String, Option<Value>, &'a str, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            Method::GET,
+            format!("/v1/vms/{vm}"),
+            None,
+            "read",
+            "",
+            &read,
+        ),
+        (Method::GET, "/v1/jobs".into(), None, "read", "", &read),
+        (
+            Method::POST,
+            format!("/v1/vms/{vm}/snapshots"),
+            Some(snapshot_body),
+            "operate",
+            &read,
+            &operate,
+        ),
+        (
+            Method::PATCH,
+            format!("/v1/vms/{vm}"),
+            Some(json!({"description": "web"})),
+            "operate",
+            &read,
+            &operate,
+        ),
+        (
+            Method::POST,
+            "/v1/schedules".into(),
+            Some(schedule_body),
+            "admin",
+            &operate,
+            &admin,
+        ),
+        (
+            Method::GET,
+            "/v1/tokens".into(),
+            None,
+            "admin",
+            &operate,
+            &admin,
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/vms/{vm}"),
+            None,
+            "admin",
+            &operate,
+            &admin,
+        ),
+    ];
+    for (method, path, body, needed, below, allowed) in cases {
+        if !below.is_empty() {
+            let reply = as_token(&mut app, Some(below), method.clone(), &path, body.clone()).await;
+            assert_problem(&reply, StatusCode::FORBIDDEN, "forbidden");
+            assert_eq!(reply.body["required_scope"], needed, "{method} {path}");
+            assert!(reply.body["detail"].as_str().unwrap().contains(needed));
+        }
+        let reply = as_token(&mut app, Some(allowed), method.clone(), &path, body).await;
+        assert!(
+            reply.status.is_success(),
+            "{method} {path} with scope {needed}: {} {}",
+            reply.status,
+            reply.body
+        );
+    }
+
+    // Jobs record who asked, and can be listed by it.
+    let path = format!("/v1/jobs?vm_id={vm}");
+    let jobs = as_token(&mut app, Some(&read), Method::GET, &path, None).await;
+    let requesters: Vec<&str> = jobs.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["requested_by"].as_str().unwrap_or("-"))
+        .collect();
+    // Newest first: the VM's deletion, the snapshot, then its creation (anonymous).
+    assert_eq!(requesters, ["root", "orchestrator", "-"], "{}", jobs.body);
+    let mine = as_token(
+        &mut app,
+        Some(&read),
+        Method::GET,
+        "/v1/jobs?requested_by=orchestrator",
+        None,
+    )
+    .await;
+    let items = mine.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{}", mine.body);
+    assert_eq!(items[0]["kind"], "snapshot_create");
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_a_reason_and_repeated_failures_are_slowed_down() {
+    let mut app = TestApp::spawn().await;
+    let good = create_token(&app, "good", "read");
+    let wrong_secret = format!("{}{}", &good[..good.len() - 4], "0000");
+    let other_id = format!("strata_0000000000000000{}", &good[23..]);
+    let cases = [
+        ("Basic dXNlcjpwYXNz", "must read Bearer"),
+        ("Bearer short", "characters long"),
+    ];
+    for (header, reason) in cases {
+        let reply = send_with_header(&app, header).await;
+        assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+        assert!(
+            reply.body["detail"].as_str().unwrap().contains(reason),
+            "{header}: {}",
+            reply.body
+        );
+    }
+    for token in [&wrong_secret, &other_id] {
+        let reply = as_token(&mut app, Some(token), Method::GET, "/v1/vms", None).await;
+        assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+        assert_eq!(reply.body["detail"], "unknown token");
+    }
+    // Four failures so far; six more, and the address must wait, good token or not.
+    for _ in 0..6 {
+        let reply = as_token(&mut app, Some(&wrong_secret), Method::GET, "/v1/vms", None).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    let reply = as_token(&mut app, Some(&good), Method::GET, "/v1/vms", None).await;
+    assert_problem(&reply, StatusCode::TOO_MANY_REQUESTS, "too_many_attempts");
+    let wait: u64 = reply.headers[RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(reply.body["retry_after_seconds"], wait);
+}
+
+async fn send_with_header(app: &TestApp, header: &str) -> Reply {
+    let response = app
+        .client
+        .get(format!("{}/v1/vms", app.base))
+        .header(reqwest::header::AUTHORIZATION, header)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body: Value = response.json().await.unwrap();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+#[tokio::test]
+async fn a_token_revoked_or_expired_while_the_service_runs_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "2030-01-01T00:00:00Z").unwrap();
+    let clock_path = clock.to_str().unwrap().to_owned();
+    let mut app = TestApp::spawn_with(&[("STRATA_CLOCK_FILE", &clock_path)]).await;
+    let admin = create_token(&app, "admin", "admin");
+
+    // Made through the API: the text is in this answer only.
+    let body = json!({"name": "ci", "scope": "operate", "expires_at": "2030-01-01T01:00:00Z"});
+    let created = as_token(
+        &mut app,
+        Some(&admin),
+        Method::POST,
+        "/v1/tokens",
+        Some(body),
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let ci = created.body["token"].as_str().unwrap().to_owned();
+    assert_eq!(created.body["status"], "active");
+    let reply = as_token(&mut app, Some(&ci), Method::GET, "/v1/vms", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let listed = as_token(&mut app, Some(&admin), Method::GET, "/v1/tokens", None).await;
+    assert!(
+        !listed.body.to_string().contains(&ci[8..]),
+        "no secret listed"
+    );
+
+    // An hour and a second later it has expired.
+    std::fs::write(&clock, "2030-01-01T01:00:01Z").unwrap();
+    let reply = as_token(&mut app, Some(&ci), Method::GET, "/v1/vms", None).await;
+    assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(reply.body["detail"].as_str().unwrap().contains("expired"));
+
+    // Revoked by the command line while the service runs: refused from the next request.
+    let reader = create_token(&app, "reader", "read");
+    let reply = as_token(&mut app, Some(&reader), Method::GET, "/v1/vms", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    token_cli(&app, &["revoke", "reader"]);
+    let reply = as_token(&mut app, Some(&reader), Method::GET, "/v1/vms", None).await;
+    assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(reply.body["detail"].as_str().unwrap().contains("revoked"));
+    // The name is free again; revoking through the API works the same.
+    let again = create_token(&app, "reader", "read");
+    let path = "/v1/tokens/reader";
+    let reply = as_token(&mut app, Some(&admin), Method::DELETE, path, None).await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    let reply = as_token(&mut app, Some(&again), Method::GET, "/v1/vms", None).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = as_token(&mut app, Some(&admin), Method::DELETE, path, None).await;
+    assert_problem(&reply, StatusCode::NOT_FOUND, "token_not_found");
+}
+
+#[tokio::test]
+async fn bad_token_requests_are_clear_errors_that_change_nothing() {
+    let mut app = TestApp::spawn().await;
+    let admin = create_token(&app, "admin", "admin");
+    for (body, code) in [
+        (json!({"name": "x", "scope": "root"}), "validation_failed"),
+        (json!({"name": "", "scope": "read"}), "validation_failed"),
+        (
+            json!({"name": "scheduler", "scope": "read"}),
+            "validation_failed",
+        ),
+        (
+            json!({"name": "old", "scope": "read", "expires_at": "2001-01-01T00:00:00Z"}),
+            "validation_failed",
+        ),
+        (json!({"name": "admin", "scope": "read"}), "name_taken"),
+    ] {
+        let reply = as_token(
+            &mut app,
+            Some(&admin),
+            Method::POST,
+            "/v1/tokens",
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(reply.body["code"], code, "{body}: {}", reply.body);
+    }
+    let listed = as_token(&mut app, Some(&admin), Method::GET, "/v1/tokens", None).await;
+    assert_eq!(
+        listed.body["items"].as_array().unwrap().len(),
+        1,
+        "{}",
+        listed.body
+    );
+
+    // The command line refuses the same, changing nothing.
+    let output = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["token", "--data-dir"])
+        .arg(&app.data_dir)
+        .args(["create", "--name", "x", "--scope", "superuser"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown scope"));
+    assert_eq!(token_cli(&app, &["list"]).lines().count(), 2);
+}
+
+/// Start the service on `listen` with extra arguments; its first line of output and,
+/// when it exited, its status.
+fn start_on(
+    data_dir: &std::path::Path,
+    listen: &str,
+    extra: &[&str],
+) -> (
+    String,
+    Option<std::process::ExitStatus>,
+    std::process::Child,
+) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["serve", "--listen", listen, "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("STRATA_LOG", "warn")
+        .env_remove("STRATA_INSECURE_NO_AUTH")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let status = if line.is_empty() {
+        Some(child.wait().unwrap())
+    } else {
+        None
+    };
+    (line, status, child)
+}
+
+#[tokio::test]
+async fn a_non_loopback_address_needs_a_token_or_an_explicit_insecure_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (line, status, child) = start_on(&data, "0.0.0.0:0", &[]);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(line.is_empty() && !status.unwrap().success(), "{line}");
+    assert!(stderr.contains("strata token create"), "{stderr}");
+
+    let (line, _, mut insecure) = start_on(&data, "0.0.0.0:0", &["--insecure-no-auth"]);
+    assert!(line.starts_with("strata listening on"), "{line}");
+    insecure.kill().unwrap();
+    insecure.wait().unwrap();
+
+    // With a token it starts, and wants the token even from this host.
+    let token = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["token", "--data-dir"])
+        .arg(&data)
+        .args(["create", "--name", "ops", "--scope", "read"])
+        .output()
+        .unwrap();
+    assert!(token.status.success());
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let (line, _, mut served) = start_on(&data, "0.0.0.0:0", &[]);
+    let port = line.trim().rsplit(':').next().unwrap().to_owned();
+    let url = format!("http://127.0.0.1:{port}/v1/vms");
+    let client = reqwest::Client::new();
+    let anonymous = client.get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let with_token = client.get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(with_token.status(), StatusCode::OK);
+    // Revoking the last token does not open it: it is not a loopback service.
+    let revoke = Command::new(env!("CARGO_BIN_EXE_strata"))
+        .args(["token", "--data-dir"])
+        .arg(&data)
+        .args(["revoke", "ops"])
+        .output()
+        .unwrap();
+    assert!(revoke.status.success());
+    let anonymous = client.get(&url).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    served.kill().unwrap();
+    served.wait().unwrap();
+}
