@@ -81,6 +81,40 @@ pub fn access(method: &Method, path: &str) -> Option<Access> {
     Some(Access::Scope(scope))
 }
 
+/// The scope table as Markdown, one row per operation of the OpenAPI document (sorted
+/// by scope, then path), as the README shows it: generated from `access`, so the
+/// documentation cannot drift from what the middleware checks.
+pub fn scope_table_markdown() -> String {
+    let (_, api) = super::api_router().split_for_parts();
+    let mut rows: Vec<(u8, String, String, &'static str)> = Vec::new();
+    for (path, item) in &api.paths.paths {
+        let operations = [
+            (Method::GET, item.get.as_ref()),
+            (Method::POST, item.post.as_ref()),
+            (Method::PUT, item.put.as_ref()),
+            (Method::PATCH, item.patch.as_ref()),
+            (Method::DELETE, item.delete.as_ref()),
+        ];
+        for (method, operation) in operations {
+            if operation.is_none() {
+                continue;
+            }
+            let (rank, scope) = match access(&method, path) {
+                Some(Access::Public) => (0, "none"),
+                Some(Access::Scope(scope)) => (scope as u8 + 1, scope.as_str()),
+                None => (9, "undeclared (refused)"),
+            };
+            rows.push((rank, path.clone(), method.to_string(), scope));
+        }
+    }
+    rows.sort();
+    let mut table = String::from("| Operation | Scope |\n|---|---|\n");
+    for (_, path, method, scope) in rows {
+        table.push_str(&format!("| `{method} {path}` | {scope} |\n"));
+    }
+    table
+}
+
 /// Whether requests are authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

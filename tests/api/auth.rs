@@ -415,3 +415,56 @@ async fn a_non_loopback_address_needs_a_token_or_an_explicit_insecure_flag() {
     served.kill().unwrap();
     served.wait().unwrap();
 }
+
+#[test]
+fn the_readme_shows_the_scope_of_every_operation_as_the_code_decides_it() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let begin = "<!-- scopes:begin (generated from src/api/auth.rs; a test checks it) -->\n";
+    let end = "<!-- scopes:end -->";
+    let start = readme
+        .find(begin)
+        .expect("the README marks the scope table")
+        + begin.len();
+    let stop = readme[start..].find(end).expect("the table's end marker") + start;
+    let expected = strata::api::auth::scope_table_markdown();
+    assert!(
+        readme[start..stop] == expected,
+        "the README's scope table is stale; put this between the markers:\n{expected}"
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_declares_the_bearer_scheme_and_each_operations_scope() {
+    let app = TestApp::spawn().await;
+    let (_, doc) = app.get("/v1/openapi.json").await;
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let mut scoped = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let security = operation["security"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{method} {path}: no security"));
+            if security.is_empty() {
+                assert!(
+                    ["/healthz", "/readyz", "/v1/openapi.json"].contains(&path.as_str()),
+                    "{path}"
+                );
+                continue;
+            }
+            scoped += 1;
+            let scope = security[0]["bearer"][0].as_str().unwrap();
+            assert_eq!(operation["x-required-scope"], scope, "{method} {path}");
+            for status in ["401", "403", "429"] {
+                assert!(
+                    operation["responses"][status].is_object(),
+                    "{method} {path} {status}"
+                );
+            }
+        }
+    }
+    assert!(scoped > 40, "{scoped}");
+}
