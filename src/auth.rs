@@ -157,6 +157,22 @@ pub fn parse_lifetime(text: &str) -> Result<chrono::Duration> {
     })
 }
 
+/// A ticket's text (`ticket_<64 hex digits>`, 256 random bits) and the digest it is
+/// kept under: a ticket lets a browser authorise one request that cannot carry the
+/// `Authorization` header (a download link, an `EventSource`) without putting the token
+/// in a URL.
+pub fn new_ticket() -> std::io::Result<(String, Vec<u8>)> {
+    let mut secret = [0u8; SECRET_BYTES];
+    getrandom::fill(&mut secret).map_err(std::io::Error::other)?;
+    let text = format!("ticket_{}", encode_hex(&secret));
+    Ok((text.clone(), ticket_digest(&text)))
+}
+
+/// What a ticket is kept under.
+pub fn ticket_digest(text: &str) -> Vec<u8> {
+    Sha256::digest(text.as_bytes()).to_vec()
+}
+
 fn is_lower_hex(text: &str) -> bool {
     text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }

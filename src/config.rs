@@ -24,6 +24,8 @@ pub enum Command {
     Openapi,
     /// Manage API tokens in a data directory (also while the service runs there).
     Token(TokenCommand),
+    /// Print the table of the scope each operation needs (the README's, as Markdown).
+    Scopes,
 }
 
 #[derive(Debug, Args)]

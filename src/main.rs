@@ -9,6 +9,10 @@ async fn main() -> std::process::ExitCode {
             print!("{}", strata::api::openapi_json_pretty());
             std::process::ExitCode::SUCCESS
         }
+        Command::Scopes => {
+            print!("{}", strata::api::auth::scope_table_markdown());
+            std::process::ExitCode::SUCCESS
+        }
         Command::Token(command) => match strata::app::token(command).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

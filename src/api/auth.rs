@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::auth::Presented;
-use crate::domain::Scope;
+use crate::domain::{ApiToken, Scope};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
@@ -73,7 +73,8 @@ pub fn access(method: &Method, path: &str) -> Option<Access> {
         ("PATCH", "/v1/schedules/{id}") => Admin,
         ("DELETE", "/v1/schedules/{id}") => Admin,
         ("POST", "/v1/jobs/{id}/cancel") => Operate,
-        // Tokens.
+        // Tokens, and tickets for what a browser cannot send a header with.
+        ("POST", "/v1/tickets") => Read,
         ("POST", "/v1/tokens") => Admin,
         ("DELETE", "/v1/tokens/{name}") => Admin,
         _ => return None,
@@ -115,6 +116,24 @@ pub fn scope_table_markdown() -> String {
     table
 }
 
+/// Routes a ticket (`?ticket=`, from `POST /v1/tickets`) may authorise instead of the
+/// `Authorization` header: what a browser fetches without being able to set a header
+/// (a download link; later an `EventSource`).
+pub fn accepts_ticket(method: &Method, path: &str) -> bool {
+    method == Method::GET && path == "/v1/templates/{id}/export"
+}
+
+/// How long a ticket can be used, once.
+pub const TICKET_LIFETIME: Duration = Duration::from_secs(60);
+/// Tickets outstanding at once (each is used or expires within a minute).
+const MAX_TICKETS: usize = 10_000;
+
+/// A ticket not used yet: for which token (none when it was issued anonymously).
+struct Ticket {
+    token_id: Option<String>,
+    expires: Instant,
+}
+
 /// Whether requests are authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -132,6 +151,8 @@ pub enum Mode {
 pub struct Auth {
     pub mode: Mode,
     failures: Mutex<HashMap<IpAddr, Failures>>,
+    /// Outstanding tickets by their text's digest.
+    tickets: Mutex<HashMap<Vec<u8>, Ticket>>,
 }
 
 /// Failed attempts of one client address within the current window.
@@ -149,7 +170,35 @@ impl Auth {
         Self {
             mode,
             failures: Mutex::new(HashMap::new()),
+            tickets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A ticket for one request of `token_id`'s holder (none: an anonymous caller),
+    /// usable once within `TICKET_LIFETIME`.
+    pub fn issue_ticket(&self, token_id: Option<String>) -> Result<String> {
+        let (text, digest) = crate::auth::new_ticket()
+            .map_err(|e| Error::Internal(format!("no randomness for a ticket: {e}")))?;
+        let mut tickets = self.tickets.lock().expect("tickets lock");
+        tickets.retain(|_, t| t.expires > Instant::now());
+        if tickets.len() >= MAX_TICKETS {
+            return Err(Error::with_extra(
+                ErrorCode::TooManyAttempts,
+                "too many tickets outstanding; use or let some expire first",
+                serde_json::json!({ "retry_after_seconds": TICKET_LIFETIME.as_secs() }),
+            ));
+        }
+        let expires = Instant::now() + TICKET_LIFETIME;
+        tickets.insert(digest, Ticket { token_id, expires });
+        Ok(text)
+    }
+
+    /// Use a ticket (it is gone afterwards): the token it was issued for, if it was
+    /// one of ours and is still valid.
+    fn redeem(&self, text: &str) -> Option<Option<String>> {
+        let digest = crate::auth::ticket_digest(text);
+        let ticket = self.tickets.lock().expect("tickets lock").remove(&digest)?;
+        (ticket.expires > Instant::now()).then_some(ticket.token_id)
     }
 
     /// Seconds until `client` may try again, when it failed too often.
@@ -178,10 +227,23 @@ impl Auth {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     Anonymous,
-    Token { name: String, scope: Scope },
+    Token {
+        /// The public part of the token's text (what a ticket refers to).
+        id: String,
+        name: String,
+        scope: Scope,
+    },
 }
 
 impl Caller {
+    /// The token the request came with.
+    pub fn token_id(&self) -> Option<&str> {
+        match self {
+            Caller::Anonymous => None,
+            Caller::Token { id, .. } => Some(id),
+        }
+    }
+
     /// What jobs record as `requested_by`.
     pub fn name(&self) -> Option<&str> {
         match self {
@@ -221,6 +283,7 @@ pub async fn authenticate(
             .get::<MatchedPath>()
             .map(|p| p.as_str().to_owned()),
         authorization: request.headers().get(header::AUTHORIZATION).cloned(),
+        query: request.uri().query().map(str::to_owned),
         client: request
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
@@ -241,6 +304,8 @@ struct Asked {
     /// The route's template (`/v1/vms/{id}`); none for the fallbacks.
     path: Option<String>,
     authorization: Option<HeaderValue>,
+    /// The query string, for a route that takes a ticket.
+    query: Option<String>,
     client: IpAddr,
 }
 
@@ -249,6 +314,7 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         method,
         path,
         authorization,
+        query,
         client,
     } = asked;
     let Some(path) = path else {
@@ -277,6 +343,34 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         ));
     }
     let now = store::now();
+    let ticket = query.as_deref().and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("ticket="))
+            .map(str::to_owned)
+    });
+    let refused = |reason: &str| {
+        auth.record_failure(client);
+        tracing::warn!(%client, %method, path, reason, "request refused: bad token");
+        unauthorized(reason)
+    };
+    // A ticket stands for the token it was issued to, checked again now (revoked or
+    // expired since: refused); only where a browser cannot send the header.
+    let ticket_token = match ticket {
+        Some(text) if authorization.is_none() && accepts_ticket(&method, &path) => {
+            match auth.redeem(&text) {
+                Some(token_id) => Some(token_id),
+                None => return Err(refused("unknown, used or expired ticket")),
+            }
+        }
+        _ => None,
+    };
+    if let Some(Some(token_id)) = ticket_token {
+        let found = store::tokens::get(&mut *state.db.reader().await?, &token_id).await?;
+        let Some((token, _)) = found.filter(|(t, _)| t.usable_at(now)) else {
+            return Err(refused("the ticket's token was revoked or has expired"));
+        };
+        return allow(token, needed, &method, &path);
+    }
     let Some(header) = authorization else {
         if auth.mode == Mode::WhenDefined {
             let mut conn = state.db.reader().await?;
@@ -287,11 +381,6 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         return Err(unauthorized(
             "this endpoint needs a token: send Authorization: Bearer <token>",
         ));
-    };
-    let refused = |reason: &str| {
-        auth.record_failure(client);
-        tracing::warn!(%client, %method, path, reason, "request refused: bad token");
-        unauthorized(reason)
     };
     let Some(text) = header
         .to_str()
@@ -319,6 +408,11 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
     if let Some(at) = token.expires_at.filter(|&at| now >= at) {
         return Err(refused(&format!("token {} expired at {at}", token.name)));
     }
+    allow(token, needed, &method, &path)
+}
+
+/// A valid token's caller, if its scope is enough for the route.
+fn allow(token: ApiToken, needed: Scope, method: &Method, path: &str) -> Result<Caller> {
     if token.scope < needed {
         return Err(Error::with_extra(
             ErrorCode::Forbidden,
@@ -332,6 +426,7 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         ));
     }
     Ok(Caller::Token {
+        id: token.id,
         name: token.name,
         scope: token.scope,
     })

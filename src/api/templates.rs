@@ -386,6 +386,10 @@ pub struct ExportQuery {
     pub disk: Option<String>,
     /// Compress the qcow2 clusters: a smaller file that is slower to make.
     pub compress: Option<bool>,
+    /// Instead of the `Authorization` header, which a browser's download link cannot
+    /// send: a ticket from `POST /v1/tickets` (used once, within a minute). Never the
+    /// token itself.
+    pub ticket: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

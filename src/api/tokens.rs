@@ -1,5 +1,7 @@
 //! `/v1/tokens`: API tokens, for an `admin` token (as `strata token` on the data
 //! directory). A token's text is shown once, in the answer that creates it.
+//! `/v1/tickets`: one-use tickets standing for the caller's token where a browser
+//! cannot send the `Authorization` header.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -22,6 +24,39 @@ pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
+        .routes(routes!(create_ticket))
+}
+
+/// A ticket: use it once, within a minute, as `?ticket=` where the operation says so.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"ticket": "ticket_52ba5b80284d865b869bf40a2a244b0cab1d1250c1392c99b914260aa1a02098",
+    "expires_at": "2026-12-04T10:01:00Z"}))]
+pub struct TicketView {
+    pub ticket: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+problems!(CreateTicketProblems =);
+
+/// A ticket for one request a browser makes without the `Authorization` header (a
+/// template export's download link): it stands for the token that asked for it,
+/// checked again when it is used, and the token never appears in a URL.
+#[utoipa::path(post, path = "/v1/tickets", tag = "tokens",
+    responses(
+        (status = 201, description = "The ticket", body = TicketView),
+        CreateTicketProblems,
+    ))]
+async fn create_ticket(
+    State(state): State<AppState>,
+    caller: super::auth::Caller,
+) -> Result<Response> {
+    let ticket = state
+        .auth
+        .issue_ticket(caller.token_id().map(str::to_owned))?;
+    let expires_at =
+        store::now() + chrono::Duration::from_std(super::auth::TICKET_LIFETIME).expect("a minute");
+    let view = TicketView { ticket, expires_at };
+    Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
 /// A token, without its secret.

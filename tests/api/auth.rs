@@ -430,7 +430,7 @@ fn the_readme_shows_the_scope_of_every_operation_as_the_code_decides_it() {
     let expected = strata::api::auth::scope_table_markdown();
     assert!(
         readme[start..stop] == expected,
-        "the README's scope table is stale; put this between the markers:\n{expected}"
+        "the README's scope table is stale: put the output of `cargo run -- scopes` between the markers:\n{expected}"
     );
 }
 
@@ -467,4 +467,64 @@ async fn the_openapi_document_declares_the_bearer_scheme_and_each_operations_sco
         }
     }
     assert!(scoped > 40, "{scoped}");
+}
+
+#[tokio::test]
+async fn a_browser_download_uses_a_one_time_ticket_never_the_token_in_the_url() {
+    let mut app = TestApp::spawn().await;
+    let vm = app.create_vm("golden", &[("root", MIB)]).await.id;
+    let job = app
+        .run_job(
+            Method::POST,
+            "/v1/templates",
+            Some(json!({"name": "golden-t", "from_vm_id": vm})),
+        )
+        .await;
+    assert_eq!(job.status, JobStatus::Succeeded, "{job:?}");
+    let template = job.target.id;
+    let reader = create_token(&app, "browser", "read");
+    let export = format!("{}/v1/templates/{template}/export", app.base);
+
+    let ticket = as_token(&mut app, Some(&reader), Method::POST, "/v1/tickets", None).await;
+    assert_eq!(ticket.status, StatusCode::CREATED, "{}", ticket.body);
+    let ticket = ticket.body["ticket"].as_str().unwrap().to_owned();
+    assert!(!ticket.contains(&reader[23..]), "a ticket is not the token");
+    let download = app
+        .client
+        .get(format!("{export}?ticket={ticket}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), StatusCode::OK);
+    let bytes = download.bytes().await.unwrap();
+    assert_eq!(&bytes[..4], b"QFI\xfb", "a qcow2 file");
+
+    // Used once; and only where a browser cannot send the header.
+    let again = app
+        .client
+        .get(format!("{export}?ticket={ticket}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::UNAUTHORIZED);
+    let fresh = as_token(&mut app, Some(&reader), Method::POST, "/v1/tickets", None).await;
+    let fresh = fresh.body["ticket"].as_str().unwrap().to_owned();
+    let elsewhere = app
+        .client
+        .get(format!("{}/v1/vms?ticket={fresh}", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), StatusCode::UNAUTHORIZED);
+    // A ticket of a token revoked since it was issued is refused.
+    let other = as_token(&mut app, Some(&reader), Method::POST, "/v1/tickets", None).await;
+    let other = other.body["ticket"].as_str().unwrap().to_owned();
+    token_cli(&app, &["revoke", "browser"]);
+    let revoked = app
+        .client
+        .get(format!("{export}?ticket={other}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::UNAUTHORIZED);
 }
