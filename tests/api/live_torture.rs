@@ -10,7 +10,9 @@
 //! or of a snapshot, a grow, deleting a clone) and injects faults at random instants:
 //! SIGKILL of strata (sometimes again while it recovers), SIGKILL of its qemu-img
 //! children, SIGKILL of the VM's QEMU (which the orchestrator then reports: the VM is
-//! marked stopped). When every job has ended, the guest stops writing, the VM is
+//! marked stopped), and a guest agent (the tests' double) whose freeze fails or hangs
+//! or whose thaw fails for a while; snapshots and clones of the present ask for crash
+//! consistency or a freeze, required or best effort. When every job has ended, the guest stops writing, the VM is
 //! powered off hard (SIGKILL of its QEMU after the guest's last flush: nothing strata
 //! left in QEMU's caches survives) and marked stopped, and these invariants hold:
 //!
@@ -26,7 +28,7 @@
 //! 5. the files in volumes/ are exactly those the API references; no job is left
 //!    running; every VM, disk and snapshot is ready; the snapshots, clones and sizes
 //!    the API shows are the model's (a succeeded job applied whole, a failed one not
-//!    at all).
+//!    at all); and, once every job ended, the guest is not frozen.
 //!
 //! The VM then boots again from the API's active paths and is marked running.
 //!
@@ -44,6 +46,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::live::run_dir;
+use crate::support::guest_agent::{AgentDouble, Behaviour};
 use crate::support::live::{GuestGate, RunningVm, try_guest_write_flushed};
 use crate::support::{Launch, MIB, TestApp, children_named, kill_process};
 use crate::torture::{Rng, parse_u64};
@@ -480,6 +483,19 @@ struct Faults {
     report_stopped_after: u64,
     /// Kill the qemu-img processes strata runs during this first stretch.
     kill_qemu_img_until: Option<u64>,
+    /// What the guest agent does wrong in this cycle.
+    agent: AgentFault,
+}
+
+/// A guest agent that misbehaves: its freeze fails, or never answers (strata's freeze
+/// timeout is 1 s here), or its thaw fails until the given instant (ms), when it
+/// answers again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentFault {
+    None,
+    FreezeFails,
+    FreezeHangs,
+    ThawFailsUntil(u64),
 }
 
 // ---------------------------------------------------------------------------------
@@ -497,6 +513,8 @@ struct SeedRun {
     vm_id: String,
     disk_ids: Vec<String>,
     process: Option<RunningVm>,
+    /// The guest's agent (a double), given to strata with every boot.
+    agent: AgentDouble,
     writer: Option<Writer>,
     /// The VM's QEMU was killed while the guest wrote (leaks are then allowed).
     qemu_crashed: bool,
@@ -514,10 +532,14 @@ impl SeedRun {
     async fn start(seed: u64) -> Result<Self, String> {
         let (run_dir_guard, run_dir) = run_dir();
         let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let env = vec![(
-            "STRATA_RUNTIME_DIR".to_owned(),
-            run_dir.display().to_string(),
-        )];
+        let env = vec![
+            (
+                "STRATA_RUNTIME_DIR".to_owned(),
+                run_dir.display().to_string(),
+            ),
+            // A freeze that hangs fails within a second.
+            ("STRATA_FREEZE_TIMEOUT".to_owned(), "1".to_owned()),
+        ];
         let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (&**k, &**v)).collect();
         let app = TestApp::launch(Launch {
             env: &pairs,
@@ -537,6 +559,7 @@ impl SeedRun {
             return Err(format!("creating the VM answered {status}: {vm}"));
         }
         let vm_id = vm["target"]["id"].as_str().unwrap().to_owned();
+        let agent = AgentDouble::start(&run_dir);
         let mut run = Self {
             seed,
             rng: Rng::new(seed),
@@ -549,6 +572,7 @@ impl SeedRun {
             vm_id,
             disk_ids: Vec::new(),
             process: None,
+            agent,
             writer: None,
             qemu_crashed: false,
             qemu_killed_this_cycle: false,
@@ -587,16 +611,30 @@ impl SeedRun {
         // Let the guest write a while first.
         sleep_ms(self.rng.range(0, 300)).await;
         let ops = self.choose_ops();
+        let faults = self.choose_faults();
+        self.note(format!("faults {faults:?}"));
+        self.set_agent(faults.agent);
+        match faults.agent {
+            AgentFault::None => {}
+            AgentFault::FreezeFails => bump(&mut self.stats.faults, "agent-freeze-fails"),
+            AgentFault::FreezeHangs => bump(&mut self.stats.faults, "agent-freeze-hangs"),
+            AgentFault::ThawFailsUntil(_) => bump(&mut self.stats.faults, "agent-thaw-fails"),
+        }
         let mut pending = Vec::new();
         for op in ops {
             if let Some(job) = self.submit(op).await? {
                 pending.push(job);
             }
         }
-        let faults = self.choose_faults();
-        self.note(format!("faults {faults:?}"));
         self.run_faults_and_wait(&faults, &mut pending).await?;
+        // No path leaves a guest frozen that strata froze: not an error, a cancel, a
+        // timeout, a crash of strata, nor a thaw that failed for a while.
+        if !self.qemu_killed_this_cycle && self.agent.frozen() {
+            return Err("[5 state] every job ended, and the guest is still frozen".into());
+        }
         self.power_off().await?;
+        // A guest that boots again is not frozen, whatever its last life was.
+        self.agent.state.lock().unwrap().frozen = false;
         self.apply(&pending)?;
         self.check().await?;
         self.rewrite_torn_blocks().await?;
@@ -671,13 +709,41 @@ impl SeedRun {
         let kill_qemu_at = self.rng.chance(25).then(|| self.rng.range(0, 1500));
         let report_stopped_after = self.rng.range(0, 800);
         let kill_qemu_img_until = self.rng.chance(15).then(|| self.rng.range(200, 2000));
+        let agent = match self.rng.below(10) {
+            0 => AgentFault::FreezeFails,
+            1 => AgentFault::FreezeHangs,
+            2 => AgentFault::ThawFailsUntil(self.rng.range(500, 4000)),
+            _ => AgentFault::None,
+        };
         Faults {
             kill_strata_at,
             kill_again_after,
             kill_qemu_at,
             report_stopped_after,
             kill_qemu_img_until,
+            agent,
         }
+    }
+
+    /// A live request's consistency: crash, or a freeze required or best effort.
+    fn consistency(&mut self) -> Value {
+        match self.rng.below(10) {
+            0..4 => json!({"consistency": "crash"}),
+            4..7 => json!({"quiesce": "best_effort"}),
+            _ => json!({"quiesce": "required"}),
+        }
+    }
+
+    /// Make the guest agent behave as `fault` says for this cycle.
+    fn set_agent(&self, fault: AgentFault) {
+        let (freeze, thaw) = match fault {
+            AgentFault::None => (Behaviour::Answer, Behaviour::Answer),
+            AgentFault::FreezeFails => (Behaviour::Fail, Behaviour::Answer),
+            AgentFault::FreezeHangs => (Behaviour::Hang, Behaviour::Answer),
+            AgentFault::ThawFailsUntil(_) => (Behaviour::Answer, Behaviour::Fail),
+        };
+        self.agent.set("guest-fsfreeze-freeze", freeze);
+        self.agent.set("guest-fsfreeze-thaw", thaw);
     }
 
     /// Submit `op`; the job when it was accepted, `None` when refused (a 4xx that
@@ -686,11 +752,11 @@ impl SeedRun {
         self.names += 1;
         let vm = self.vm_id.clone();
         let (method, path, body) = match &op {
-            Op::Snapshot => (
-                Method::POST,
-                format!("/v1/vms/{vm}/snapshots"),
-                Some(json!({"name": format!("s{}", self.names), "consistency": "crash"})),
-            ),
+            Op::Snapshot => {
+                let mut body = self.consistency();
+                body["name"] = json!(format!("s{}", self.names));
+                (Method::POST, format!("/v1/vms/{vm}/snapshots"), Some(body))
+            }
             Op::Delete(id) => (Method::DELETE, format!("/v1/snapshots/{id}"), None),
             Op::DeleteAll => (Method::DELETE, format!("/v1/vms/{vm}/snapshots"), None),
             Op::Clone { linked, snapshot } => {
@@ -698,8 +764,14 @@ impl SeedRun {
                     "name": format!("c{}", self.names),
                     "mode": if *linked { "linked" } else { "full" },
                 });
-                if let Some(snapshot) = snapshot {
-                    body["snapshot_id"] = json!(snapshot.id);
+                match snapshot {
+                    Some(snapshot) => body["snapshot_id"] = json!(snapshot.id),
+                    None => {
+                        let consistency = self.consistency();
+                        for (key, value) in consistency.as_object().unwrap() {
+                            body[key] = value.clone();
+                        }
+                    }
                 }
                 (Method::POST, format!("/v1/vms/{vm}/clone"), Some(body))
             }
@@ -783,6 +855,11 @@ impl SeedRun {
                 self.kill_strata(faults.kill_again_after).await;
                 last_fault = Instant::now();
             }
+            if let AgentFault::ThawFailsUntil(until) = faults.agent
+                && elapsed >= until
+            {
+                self.set_agent(AgentFault::None);
+            }
             if let Some(until) = faults.kill_qemu_img_until
                 && elapsed < until
                 && let Some(pid) = self.app.pid()
@@ -810,7 +887,12 @@ impl SeedRun {
                     job.ended = Some((self.guest.tick(), view));
                 }
             }
-            let faults_done = faults.kill_strata_at.is_none_or(|_| strata_killed)
+            let agent_done = match faults.agent {
+                AgentFault::ThawFailsUntil(until) => elapsed >= until,
+                _ => true,
+            };
+            let faults_done = agent_done
+                && faults.kill_strata_at.is_none_or(|_| strata_killed)
                 && faults.kill_qemu_at.is_none_or(|_| reported_stopped)
                 && faults
                     .kill_qemu_img_until
@@ -1204,7 +1286,7 @@ impl SeedRun {
             .app
             .patch(
                 &path,
-                json!({"state": "running", "qmp_socket": process.qmp}),
+                json!({"state": "running", "qmp_socket": process.qmp, "guest_agent_socket": self.agent.socket}),
             )
             .await;
         if status != StatusCode::OK {
