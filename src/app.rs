@@ -192,7 +192,16 @@ pub async fn token(command: TokenCommand) -> Result<()> {
             command.data_dir.display()
         ))
     })?;
-    let db = Db::open(&command.data_dir.join("strata.db")).await?;
+    let database = command.data_dir.join("strata.db");
+    // Only `create` may start a database (before the service's first start); a
+    // mistyped directory must not list or revoke in a new, empty one.
+    if !matches!(command.action, TokenAction::Create { .. }) && !database.exists() {
+        return Err(Error::Internal(format!(
+            "no strata database at {}: is --data-dir the service's?",
+            database.display()
+        )));
+    }
+    let db = Db::open(&database).await?;
     let result = match command.action {
         TokenAction::Create {
             name,

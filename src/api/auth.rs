@@ -2,9 +2,11 @@
 //! OpenAPI document, the docs' table and the middleware all read it), and the
 //! middleware that checks a request's bearer token against it.
 //!
-//! With no usable token defined and a loopback listen address, the service answers
-//! without authentication (as before tokens existed), so a first start on a laptop
-//! needs no setup; once a token exists every route but the public ones needs one.
+//! With a loopback listen address and no token ever made, the service answers
+//! requests addressed to the loopback interface without authentication (as before
+//! tokens existed), so a first start on a laptop needs no setup; once a token was
+//! made every route but the public ones needs one. Tokens are managed only with a
+//! token (or the command line), in every mode.
 //! A non-loopback listen address with no token refuses to start (see `app`), unless
 //! `--insecure-no-auth` turns authentication off altogether.
 
@@ -140,8 +142,9 @@ pub enum Mode {
     /// Every request but the public ones needs a token (a non-loopback address: the
     /// service did not start without one, and revoking the last one does not open it).
     Required,
-    /// A loopback address: a token is needed once one usable token exists; before
-    /// that (or once none is left) requests are anonymous, as on a first start.
+    /// A loopback address: requests addressed to it (`Host` localhost, 127.0.0.1,
+    /// [::1]) are anonymous until the first token is made, as on a first start; from
+    /// then on a token is needed, also once every token expired or was revoked.
     WhenDefined,
     /// `--insecure-no-auth`: every request is anonymous.
     Off,
@@ -164,6 +167,10 @@ struct Failures {
 /// Failed attempts one client address may make per window before it is refused.
 const MAX_FAILURES: u32 = 10;
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Client addresses whose failures are counted at once.
+const MAX_TRACKED: usize = 10_000;
+/// Tickets one token may have outstanding.
+const MAX_TICKETS_PER_TOKEN: usize = 100;
 
 impl Auth {
     pub fn new(mode: Mode) -> Self {
@@ -181,7 +188,8 @@ impl Auth {
             .map_err(|e| Error::Internal(format!("no randomness for a ticket: {e}")))?;
         let mut tickets = self.tickets.lock().expect("tickets lock");
         tickets.retain(|_, t| t.expires > Instant::now());
-        if tickets.len() >= MAX_TICKETS {
+        let own = tickets.values().filter(|t| t.token_id == token_id).count();
+        if tickets.len() >= MAX_TICKETS || own >= MAX_TICKETS_PER_TOKEN {
             return Err(Error::with_extra(
                 ErrorCode::TooManyAttempts,
                 "too many tickets outstanding; use or let some expire first",
@@ -212,12 +220,24 @@ impl Auth {
 
     fn record_failure(&self, client: IpAddr) {
         let mut failures = self.failures.lock().expect("failures lock");
-        // Forget windows that ended, so the map stays as small as the clients failing.
-        failures.retain(|_, f| f.since.elapsed() < FAILURE_WINDOW);
+        if failures.len() >= MAX_TRACKED && !failures.contains_key(&client) {
+            // Forget windows that ended; past the bound, new addresses go uncounted
+            // rather than letting the map (and this lock's hold) grow.
+            failures.retain(|_, f| f.since.elapsed() < FAILURE_WINDOW);
+            if failures.len() >= MAX_TRACKED {
+                return;
+            }
+        }
         let entry = failures.entry(client).or_insert(Failures {
             since: Instant::now(),
             count: 0,
         });
+        if entry.since.elapsed() >= FAILURE_WINDOW {
+            *entry = Failures {
+                since: Instant::now(),
+                count: 0,
+            };
+        }
         entry.count += 1;
     }
 }
@@ -284,15 +304,30 @@ pub async fn authenticate(
             .map(|p| p.as_str().to_owned()),
         authorization: request.headers().get(header::AUTHORIZATION).cloned(),
         query: request.uri().query().map(str::to_owned),
+        host: request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned),
         client: request
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip()),
     };
+    let (method, path) = (asked.method.clone(), asked.path.clone());
     match check(&state, asked).await {
         Ok(caller) => {
+            let name = caller.name().unwrap_or("anonymous").to_owned();
             request.extensions_mut().insert(caller);
-            next.run(request).await
+            let response = next.run(request).await;
+            // Who changed what, for every change, a job's or not (a rename, a
+            // schedule, a token, a cancel).
+            if !matches!(method, Method::GET | Method::HEAD) {
+                let status = response.status().as_u16();
+                let path = path.unwrap_or_default();
+                tracing::info!(requested_by = %name, %method, path, status, "change requested");
+            }
+            response
         }
         Err(refusal) => refusal.into_response(),
     }
@@ -306,6 +341,7 @@ struct Asked {
     authorization: Option<HeaderValue>,
     /// The query string, for a route that takes a ticket.
     query: Option<String>,
+    host: Option<String>,
     client: IpAddr,
 }
 
@@ -315,13 +351,20 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         path,
         authorization,
         query,
+        host,
         client,
     } = asked;
     let Some(path) = path else {
         // Fallbacks (unknown paths and methods) answer their own problems.
         return Ok(Caller::Anonymous);
     };
-    let needed = match access(&method, &path) {
+    // HEAD is a GET without the body (axum answers it with the GET handler).
+    let asked_as = if method == Method::HEAD {
+        Method::GET
+    } else {
+        method.clone()
+    };
+    let needed = match access(&asked_as, &path) {
         Some(Access::Public) => return Ok(Caller::Anonymous),
         Some(Access::Scope(scope)) => scope,
         None => {
@@ -332,31 +375,39 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         }
     };
     let auth = &state.auth;
-    if auth.mode == Mode::Off {
+    // Only a token manages tokens, whatever the mode: nobody anonymous mints one that
+    // would outlive an open first start or `--insecure-no-auth`.
+    let manages_tokens = path.starts_with("/v1/tokens");
+    if auth.mode == Mode::Off && !manages_tokens {
         return Ok(Caller::Anonymous);
     }
-    if let Some(seconds) = auth.blocked_for(client) {
-        return Err(Error::with_extra(
-            ErrorCode::TooManyAttempts,
-            format!("too many failed attempts from {client}; try again in {seconds} s"),
-            serde_json::json!({ "retry_after_seconds": seconds }),
-        ));
-    }
     let now = store::now();
+    let key = client_key(client);
+    // A client that failed too often is told to wait, but only when it fails again: a
+    // valid token is never refused, so one bad client behind a shared address (a
+    // proxy) cannot lock the others out.
+    let blocked = auth.blocked_for(key);
+    let refused = |reason: &str| {
+        auth.record_failure(key);
+        tracing::warn!(%client, %method, path, reason, "request refused: bad token");
+        match blocked {
+            Some(seconds) => Error::with_extra(
+                ErrorCode::TooManyAttempts,
+                format!("too many failed attempts from {client}; try again in {seconds} s"),
+                serde_json::json!({ "retry_after_seconds": seconds }),
+            ),
+            None => unauthorized(reason),
+        }
+    };
     let ticket = query.as_deref().and_then(|q| {
         q.split('&')
             .find_map(|pair| pair.strip_prefix("ticket="))
             .map(str::to_owned)
     });
-    let refused = |reason: &str| {
-        auth.record_failure(client);
-        tracing::warn!(%client, %method, path, reason, "request refused: bad token");
-        unauthorized(reason)
-    };
     // A ticket stands for the token it was issued to, checked again now (revoked or
     // expired since: refused); only where a browser cannot send the header.
     let ticket_token = match ticket {
-        Some(text) if authorization.is_none() && accepts_ticket(&method, &path) => {
+        Some(text) if authorization.is_none() && accepts_ticket(&asked_as, &path) => {
             match auth.redeem(&text) {
                 Some(token_id) => Some(token_id),
                 None => return Err(refused("unknown, used or expired ticket")),
@@ -372,22 +423,31 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         return allow(token, needed, &method, &path);
     }
     let Some(header) = authorization else {
-        if auth.mode == Mode::WhenDefined {
+        // Open only until the first token is made: once one existed, its expiry or
+        // revocation does not open the service again.
+        if auth.mode == Mode::WhenDefined && !manages_tokens {
             let mut conn = state.db.reader().await?;
-            if !store::tokens::any_usable(&mut conn, now).await? {
-                return Ok(Caller::Anonymous);
+            if !store::tokens::any_ever(&mut conn).await? {
+                // A web page can point a name of its own at 127.0.0.1 (DNS
+                // rebinding); the browser then sends that name as Host.
+                if host.as_deref().is_some_and(is_loopback_host) {
+                    return Ok(Caller::Anonymous);
+                }
+                return Err(unauthorized(
+                    "without a token, only requests addressed to the loopback interface (Host localhost, 127.0.0.1 or [::1]) are served",
+                ));
             }
         }
         return Err(unauthorized(
             "this endpoint needs a token: send Authorization: Bearer <token>",
         ));
     };
-    let Some(text) = header
-        .to_str()
-        .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
-    else {
+    // The scheme's name is case-insensitive (RFC 9110).
+    let text = header.to_str().ok().and_then(|h| {
+        let (scheme, rest) = h.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    });
+    let Some(text) = text else {
         return Err(refused("the Authorization header must read Bearer <token>"));
     };
     let presented = match Presented::parse(text) {
@@ -395,10 +455,9 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         Err(e) => return Err(refused(&e.to_string())),
     };
     let found = store::tokens::get(&mut *state.db.reader().await?, &presented.id).await?;
-    let Some((token, digest)) = found.filter(|(_, digest)| presented.matches(digest)) else {
+    let Some((token, _)) = found.filter(|(_, digest)| presented.matches(digest)) else {
         return Err(refused("unknown token"));
     };
-    drop(digest);
     if let Some(at) = token.revoked_at {
         return Err(refused(&format!(
             "token {} was revoked at {at}",
@@ -409,6 +468,30 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         return Err(refused(&format!("token {} expired at {at}", token.name)));
     }
     allow(token, needed, &method, &path)
+}
+
+/// Whether a `Host` header names the loopback interface.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The address failures are counted under: an IPv6 client by its /64 (one host
+/// usually holds a whole /64), an IPv4-mapped one as IPv4.
+fn client_key(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
 }
 
 /// A valid token's caller, if its scope is enough for the route.

@@ -87,3 +87,12 @@ pub async fn any_usable(conn: &mut SqliteConnection, now: Timestamp) -> Result<b
     .await?;
     Ok(found.is_some())
 }
+
+/// Whether a token was ever made (revoked and expired ones count): a loopback service
+/// is open only before the first.
+pub async fn any_ever(conn: &mut SqliteConnection) -> Result<bool> {
+    let found = sqlx::query("SELECT 1 FROM tokens LIMIT 1")
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(found.is_some())
+}

@@ -206,7 +206,7 @@ async fn bad_tokens_are_refused_with_a_reason_and_repeated_failures_are_slowed_d
         let reply = as_token(&mut app, Some(&wrong_secret), Method::GET, "/v1/vms", None).await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     }
-    let reply = as_token(&mut app, Some(&good), Method::GET, "/v1/vms", None).await;
+    let reply = as_token(&mut app, Some(&wrong_secret), Method::GET, "/v1/vms", None).await;
     assert_problem(&reply, StatusCode::TOO_MANY_REQUESTS, "too_many_attempts");
     let wait: u64 = reply.headers[RETRY_AFTER]
         .to_str()
@@ -215,6 +215,12 @@ async fn bad_tokens_are_refused_with_a_reason_and_repeated_failures_are_slowed_d
         .unwrap();
     assert!((1..=60).contains(&wait), "{wait}");
     assert_eq!(reply.body["retry_after_seconds"], wait);
+    // A valid token from the same address is never locked out (clients behind one
+    // proxy share it); the scheme's name is case-insensitive.
+    let reply = as_token(&mut app, Some(&good), Method::GET, "/v1/vms", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let lower = send_with_header(&app, &format!("bearer {good}")).await;
+    assert_eq!(lower.status, StatusCode::OK);
 }
 
 async fn send_with_header(app: &TestApp, header: &str) -> Reply {
@@ -288,6 +294,54 @@ async fn a_token_revoked_or_expired_while_the_service_runs_is_refused_at_once() 
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     let reply = as_token(&mut app, Some(&admin), Method::DELETE, path, None).await;
     assert_problem(&reply, StatusCode::NOT_FOUND, "token_not_found");
+
+    // Every token revoked or expired: the service does not open again.
+    token_cli(&app, &["revoke", "admin"]);
+    let reply = as_token(&mut app, None, Method::GET, "/v1/vms", None).await;
+    assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+#[tokio::test]
+async fn before_any_token_only_loopback_requests_are_served_and_no_token_can_be_minted_anonymously()
+{
+    let mut app = TestApp::spawn().await;
+    // The first token comes from the command line, never from an anonymous request.
+    let body = json!({"name": "mine", "scope": "admin"});
+    let reply = as_token(&mut app, None, Method::POST, "/v1/tokens", Some(body)).await;
+    assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+    // A page that points a name of its own at 127.0.0.1 sends that name as Host.
+    let rebound = app
+        .client
+        .get(format!("{}/v1/vms", app.base))
+        .header(reqwest::header::HOST, "evil.example:8080")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), StatusCode::UNAUTHORIZED);
+    let local = app
+        .client
+        .get(format!("{}/v1/vms", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(local.status(), StatusCode::OK);
+    // HEAD is a GET without the body.
+    let head = app
+        .client
+        .head(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    let reader = create_token(&app, "reader", "read");
+    let head = app
+        .client
+        .head(format!("{}/v1/vms", app.base))
+        .bearer_auth(&reader)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
 }
 
 #[tokio::test]
