@@ -88,28 +88,17 @@ pub fn access(method: &Method, path: &str) -> Option<Access> {
 /// by scope, then path), as the README shows it: generated from `access`, so the
 /// documentation cannot drift from what the middleware checks.
 pub fn scope_table_markdown() -> String {
-    let (_, api) = super::api_router().split_for_parts();
-    let mut rows: Vec<(u8, String, String, &'static str)> = Vec::new();
-    for (path, item) in &api.paths.paths {
-        let operations = [
-            (Method::GET, item.get.as_ref()),
-            (Method::POST, item.post.as_ref()),
-            (Method::PUT, item.put.as_ref()),
-            (Method::PATCH, item.patch.as_ref()),
-            (Method::DELETE, item.delete.as_ref()),
-        ];
-        for (method, operation) in operations {
-            if operation.is_none() {
-                continue;
-            }
-            let (rank, scope) = match access(&method, path) {
+    let mut rows: Vec<(u8, String, String, &'static str)> = routes()
+        .into_iter()
+        .map(|(method, path)| {
+            let (rank, scope) = match access(&method, &path) {
                 Some(Access::Public) => (0, "none"),
                 Some(Access::Scope(scope)) => (scope as u8 + 1, scope.as_str()),
                 None => (9, "undeclared (refused)"),
             };
-            rows.push((rank, path.clone(), method.to_string(), scope));
-        }
-    }
+            (rank, path, method.to_string(), scope)
+        })
+        .collect();
     rows.sort();
     let mut table = String::from("| Operation | Scope |\n|---|---|\n");
     for (_, path, method, scope) in rows {
@@ -134,6 +123,28 @@ const MAX_TICKETS: usize = 10_000;
 struct Ticket {
     token_id: Option<String>,
     expires: Instant,
+}
+
+/// Every (method, route template) of the router: its OpenAPI document is generated
+/// from the same handler list.
+fn routes() -> Vec<(Method, String)> {
+    let (_, api) = super::api_router().split_for_parts();
+    let mut routes = Vec::new();
+    for (path, item) in &api.paths.paths {
+        let operations = [
+            (Method::GET, item.get.is_some()),
+            (Method::POST, item.post.is_some()),
+            (Method::PUT, item.put.is_some()),
+            (Method::PATCH, item.patch.is_some()),
+            (Method::DELETE, item.delete.is_some()),
+        ];
+        for (method, present) in operations {
+            if present {
+                routes.push((method, path.clone()));
+            }
+        }
+    }
+    routes
 }
 
 /// Whether requests are authenticated.
@@ -533,27 +544,13 @@ mod tests {
     /// open, or shut, by accident.
     #[test]
     fn every_route_of_the_router_declares_who_may_call_it() {
-        let (_, api) = super::super::api_router().split_for_parts();
-        let mut missing = Vec::new();
-        let mut routes = 0;
-        for (path, item) in &api.paths.paths {
-            let operations = [
-                (Method::GET, item.get.is_some()),
-                (Method::POST, item.post.is_some()),
-                (Method::PUT, item.put.is_some()),
-                (Method::PATCH, item.patch.is_some()),
-                (Method::DELETE, item.delete.is_some()),
-            ];
-            for (method, present) in operations {
-                if present {
-                    routes += 1;
-                    if access(&method, path).is_none() {
-                        missing.push(format!("{method} {path}"));
-                    }
-                }
-            }
-        }
-        assert!(routes > 40, "only {routes} routes found");
+        let routes = routes();
+        let missing: Vec<String> = routes
+            .iter()
+            .filter(|(method, path)| access(method, path).is_none())
+            .map(|(method, path)| format!("{method} {path}"))
+            .collect();
+        assert!(routes.len() > 40, "only {} routes found", routes.len());
         assert!(
             missing.is_empty(),
             "routes with no declared scope: {missing:?}"
