@@ -582,3 +582,185 @@ async fn a_browser_download_uses_a_one_time_ticket_never_the_token_in_the_url() 
         .unwrap();
     assert_eq!(revoked.status(), StatusCode::UNAUTHORIZED);
 }
+
+/// Upload an image to `POST /v1/templates/import` as `token`.
+async fn import_as(
+    app: &TestApp,
+    token: &str,
+    name: &str,
+    image: &std::path::Path,
+) -> (StatusCode, Value) {
+    let response = app
+        .client
+        .post(format!(
+            "{}/v1/templates/import?name={name}&format=qcow2",
+            app.base
+        ))
+        .bearer_auth(token)
+        .header("content-type", "application/octet-stream")
+        .body(std::fs::read(image).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn clones_templates_imports_schedule_runs_and_cancels_check_their_scope_and_record_who_asked()
+{
+    let mut app = TestApp::spawn().await;
+    let read = create_token(&app, "viewer", "read");
+    let op = create_token(&app, "ops", "operate");
+    let admin = create_token(&app, "root", "admin");
+    let requester = |reply: &Reply| {
+        reply.body["requested_by"]
+            .as_str()
+            .unwrap_or("-")
+            .to_owned()
+    };
+
+    let vm = as_token(
+        &mut app,
+        Some(&op),
+        Method::POST,
+        "/v1/vms",
+        Some(json!({"name": "src", "disks": [{"name": "root", "size_bytes": MIB}]})),
+    )
+    .await;
+    assert_eq!(vm.status, StatusCode::ACCEPTED, "{}", vm.body);
+    let vm_id = vm.body["target"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(requester(&vm), "ops");
+    app.token = Some(admin.clone());
+    app.wait_job(vm.body["id"].as_str().unwrap()).await;
+
+    // Clones: operate.
+    let clone_path = format!("/v1/vms/{vm_id}/clone");
+    let body = json!({"name": "copy", "mode": "linked"});
+    let refused = as_token(
+        &mut app,
+        Some(&read),
+        Method::POST,
+        &clone_path,
+        Some(body.clone()),
+    )
+    .await;
+    assert_problem(&refused, StatusCode::FORBIDDEN, "forbidden");
+    let clone = as_token(&mut app, Some(&op), Method::POST, &clone_path, Some(body)).await;
+    assert_eq!(
+        (clone.status, requester(&clone)),
+        (StatusCode::ACCEPTED, "ops".into()),
+        "{}",
+        clone.body
+    );
+
+    // Templates: made by admin, deployed by operate.
+    let body = json!({"name": "golden", "from_vm_id": vm_id});
+    let refused = as_token(
+        &mut app,
+        Some(&op),
+        Method::POST,
+        "/v1/templates",
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(refused.body["required_scope"], "admin");
+    let template = as_token(
+        &mut app,
+        Some(&admin),
+        Method::POST,
+        "/v1/templates",
+        Some(body),
+    )
+    .await;
+    assert_eq!(
+        (template.status, requester(&template)),
+        (StatusCode::ACCEPTED, "root".into())
+    );
+    app.token = Some(admin.clone());
+    let done = app.wait_job(template.body["id"].as_str().unwrap()).await;
+    assert_eq!(done.status, JobStatus::Succeeded, "{done:?}");
+    let deploy_path = format!("/v1/templates/{}/deploy", done.target.id);
+    let body = json!({"name": "web", "mode": "linked", "count": 2});
+    let refused = as_token(
+        &mut app,
+        Some(&read),
+        Method::POST,
+        &deploy_path,
+        Some(body.clone()),
+    )
+    .await;
+    assert_problem(&refused, StatusCode::FORBIDDEN, "forbidden");
+    let deploy = as_token(&mut app, Some(&op), Method::POST, &deploy_path, Some(body)).await;
+    assert_eq!(
+        (deploy.status, requester(&deploy)),
+        (StatusCode::ACCEPTED, "ops".into()),
+        "{}",
+        deploy.body
+    );
+
+    // Imports: admin.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (status, refused) = import_as(&app, &op, "imported", &image).await;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    let (status, imported) = import_as(&app, &admin, "imported", &image).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{imported}");
+    assert_eq!(imported["requested_by"], "root");
+
+    // A schedule: made by admin, run now by operate, whose snapshot job is the runner's.
+    let body = json!({"name": "hourly", "vm_id": vm_id, "cron": "0 * * * *", "retention": {"keep_last": 2}});
+    let schedule = as_token(
+        &mut app,
+        Some(&admin),
+        Method::POST,
+        "/v1/schedules",
+        Some(body),
+    )
+    .await;
+    assert_eq!(schedule.status, StatusCode::CREATED, "{}", schedule.body);
+    let run_path = format!(
+        "/v1/schedules/{}/run",
+        schedule.body["id"].as_str().unwrap()
+    );
+    let refused = as_token(&mut app, Some(&read), Method::POST, &run_path, None).await;
+    assert_problem(&refused, StatusCode::FORBIDDEN, "forbidden");
+    let run = as_token(&mut app, Some(&op), Method::POST, &run_path, None).await;
+    assert_eq!(run.status, StatusCode::ACCEPTED, "{}", run.body);
+    let snapshot_job = run.body["targets"][0]["job_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no job in the run: {}", run.body))
+        .to_owned();
+    let job = as_token(
+        &mut app,
+        Some(&read),
+        Method::GET,
+        &format!("/v1/jobs/{snapshot_job}"),
+        None,
+    )
+    .await;
+    assert_eq!(requester(&job), "ops", "{}", job.body);
+
+    // Cancelling a job: operate (this one may have ended already: then it is refused
+    // as no longer cancellable, not for its scope).
+    let cancel_path = format!("/v1/jobs/{snapshot_job}/cancel");
+    let refused = as_token(&mut app, Some(&read), Method::POST, &cancel_path, None).await;
+    assert_problem(&refused, StatusCode::FORBIDDEN, "forbidden");
+    let cancel = as_token(&mut app, Some(&op), Method::POST, &cancel_path, None).await;
+    assert!(
+        cancel.status.is_success() || cancel.body["code"] == "job_not_cancellable",
+        "{} {}",
+        cancel.status,
+        cancel.body
+    );
+}
