@@ -16,10 +16,15 @@ use crate::support::*;
 
 /// `strata token ARGS` on the service's data directory; its stdout.
 fn token_cli(app: &TestApp, args: &[&str]) -> String {
+    token_cli_in(&app.data_dir, args)
+}
+
+/// `strata token ARGS` on `data_dir`, which must succeed; its stdout.
+fn token_cli_in(data_dir: &std::path::Path, args: &[&str]) -> String {
     let output = Command::new(env!("CARGO_BIN_EXE_strata"))
         .arg("token")
         .arg("--data-dir")
-        .arg(&app.data_dir)
+        .arg(data_dir)
         .args(args)
         .output()
         .expect("run strata token");
@@ -440,14 +445,7 @@ async fn a_non_loopback_address_needs_a_token_or_an_explicit_insecure_flag() {
     insecure.wait().unwrap();
 
     // With a token it starts, and wants the token even from this host.
-    let token = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["token", "--data-dir"])
-        .arg(&data)
-        .args(["create", "--name", "ops", "--scope", "read"])
-        .output()
-        .unwrap();
-    assert!(token.status.success());
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let token = token_cli_in(&data, &["create", "--name", "ops", "--scope", "read"]);
     let (line, _, mut served) = start_on(&data, "0.0.0.0:0", &[]);
     let port = line.trim().rsplit(':').next().unwrap().to_owned();
     let url = format!("http://127.0.0.1:{port}/v1/vms");
@@ -457,13 +455,7 @@ async fn a_non_loopback_address_needs_a_token_or_an_explicit_insecure_flag() {
     let with_token = client.get(&url).bearer_auth(&token).send().await.unwrap();
     assert_eq!(with_token.status(), StatusCode::OK);
     // Revoking the last token does not open it: it is not a loopback service.
-    let revoke = Command::new(env!("CARGO_BIN_EXE_strata"))
-        .args(["token", "--data-dir"])
-        .arg(&data)
-        .args(["revoke", "ops"])
-        .output()
-        .unwrap();
-    assert!(revoke.status.success());
+    token_cli_in(&data, &["revoke", "ops"]);
     let anonymous = client.get(&url).send().await.unwrap();
     assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
     served.kill().unwrap();
