@@ -19,9 +19,11 @@ use crate::jobs::{Engine, EngineConfig};
 use crate::qemu::Qemu;
 use crate::store::Db;
 
-pub fn init_tracing() {
+/// Log to stderr, filtered by `STRATA_LOG` or else `default` (the service logs from
+/// `info`, `strata token` only warnings, around the token it prints on stdout).
+pub fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
-        .unwrap_or_else(|_| "info,sqlx=warn,tower_http=info".into());
+        .unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -59,6 +61,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     })?;
     let db = Db::open(&data_dir.join("strata.db")).await?;
     let auth_mode = auth_mode(&config, &db, &data_dir).await?;
+    let token_key = crate::auth::open_key(&db, &data_dir).await?;
     // A qemu-img a killed predecessor left must be gone before recovery touches the
     // layer it was writing.
     let child_tag = data_dir.display().to_string();
@@ -104,7 +107,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         body_limit: config.body_limit,
         request_timeout: Duration::from_secs(config.request_timeout_secs),
         live: Arc::new(live),
-        auth: Arc::new(api::auth::Auth::new(auth_mode)),
+        auth: Arc::new(api::auth::Auth::new(auth_mode, token_key)),
         import: api::ImportSettings {
             dir: config.import_dir.clone(),
             max_bytes: config.import_max_bytes,
@@ -202,7 +205,14 @@ pub async fn token(command: TokenCommand) -> Result<()> {
         )));
     }
     let db = Db::open(&database).await?;
-    let result = match command.action {
+    let result = token_action(&db, &command.data_dir, command.action).await;
+    db.close().await;
+    result
+}
+
+async fn token_action(db: &Db, data_dir: &std::path::Path, action: TokenAction) -> Result<()> {
+    let key = crate::auth::open_key(db, data_dir).await?;
+    match action {
         TokenAction::Create {
             name,
             scope,
@@ -213,7 +223,7 @@ pub async fn token(command: TokenCommand) -> Result<()> {
                 Some(text) => Some(crate::store::now() + crate::auth::parse_lifetime(text)?),
                 None => None,
             };
-            let (token, text) = crate::auth::issue(&db, &name, scope, expires_at).await?;
+            let (token, text) = crate::auth::issue(db, &key, &name, scope, expires_at).await?;
             println!("{text}");
             eprintln!(
                 "token {} (scope {}{}) created; it is shown only now",
@@ -245,13 +255,11 @@ pub async fn token(command: TokenCommand) -> Result<()> {
             Ok(())
         }
         TokenAction::Revoke { name } => {
-            let token = crate::auth::revoke(&db, &name).await?;
+            let token = crate::auth::revoke(db, &name).await?;
             eprintln!("token {} revoked", token.name);
             Ok(())
         }
-    };
-    db.close().await;
-    result
+    }
 }
 
 /// Whether requests need tokens (see `api::auth::Mode`). On a non-loopback address

@@ -2,10 +2,17 @@
 //!
 //! A token reads `strata_<id>_<secret>`: `id` (16 hex digits) names the stored row and
 //! is not secret; `secret` (64 hex digits, 256 random bits from the OS) is stored only
-//! as its SHA-256 digest. A presented token is found by its id and its secret's digest
-//! compared with the stored one in constant time. A fast digest is enough: the secret is
-//! random, not a password a slow hash must protect from guessing.
+//! as a keyed digest, HMAC-SHA256 under the data directory's `token.key` of the
+//! secret's SHA-256 digest. A presented token is found by its id and its digest
+//! compared with the stored one in constant time. The key keeps a copy of the database
+//! (a backup, a dump) from checking guesses offline; a fast digest is enough, since the
+//! secret is random, not a password a slow hash must protect.
 
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -51,13 +58,10 @@ impl Presented {
         })
     }
 
-    /// Whether this token's secret is the one `digest` was made from (constant time).
-    pub fn matches(&self, digest: &[u8]) -> bool {
-        self.digest().ct_eq(digest).into()
-    }
-
-    fn digest(&self) -> Vec<u8> {
-        Sha256::digest(self.secret).to_vec()
+    /// Whether this token's secret is the one `digest` was made from under `key`
+    /// (constant time).
+    pub fn matches(&self, key: &TokenKey, digest: &[u8]) -> bool {
+        key.digest(&self.secret).ct_eq(digest).into()
     }
 }
 
@@ -70,14 +74,14 @@ pub struct NewToken {
 
 impl NewToken {
     /// 64 random bits of id and 256 of secret from the operating system.
-    pub fn generate() -> std::io::Result<Self> {
+    pub fn generate(key: &TokenKey) -> std::io::Result<Self> {
         let mut id = [0u8; ID_BYTES];
         let mut secret = [0u8; SECRET_BYTES];
         getrandom::fill(&mut id).map_err(std::io::Error::other)?;
         getrandom::fill(&mut secret).map_err(std::io::Error::other)?;
         let id = encode_hex(&id);
         let text = format!("{PREFIX}{id}_{}", encode_hex(&secret));
-        let digest = Sha256::digest(secret).to_vec();
+        let digest = key.digest(&secret);
         Ok(Self { text, id, digest })
     }
 }
@@ -87,6 +91,7 @@ impl NewToken {
 /// come here.
 pub async fn issue(
     db: &Db,
+    key: &TokenKey,
     name: &str,
     scope: Scope,
     expires_at: Option<Timestamp>,
@@ -101,7 +106,7 @@ pub async fn issue(
     if expires_at.is_some_and(|at| at <= now) {
         return Err(Error::validation("expires_at must be in the future"));
     }
-    let new = NewToken::generate()
+    let new = NewToken::generate(key)
         .map_err(|e| Error::Internal(format!("no randomness for a token: {e}")))?;
     let token = ApiToken {
         id: new.id,
@@ -128,6 +133,114 @@ pub async fn revoke(db: &Db, name: &str) -> Result<ApiToken> {
             format!("no token named {name} (or it is revoked already)"),
         )
     })
+}
+
+/// The key token digests are made under: 32 random bytes in `<data dir>/token.key`
+/// (mode 0600), made on first use by the service or `strata token`. Back it up with
+/// the database: without it no stored token can be checked, and only new tokens work.
+pub struct TokenKey([u8; KEY_BYTES]);
+
+const KEY_BYTES: usize = 32;
+const KEY_FILE: &str = "token.key";
+
+impl TokenKey {
+    /// The data directory's key, made if it has none yet. Two processes making it at
+    /// once (the service's first start and a `strata token create`) agree on one: each
+    /// writes its own file in full and links it into place, which only one link can
+    /// win; the other reads the winner's.
+    pub fn load_or_create(data_dir: &Path) -> std::io::Result<Self> {
+        let path = data_dir.join(KEY_FILE);
+        match Self::load(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => return other,
+        }
+        let mut key = [0u8; KEY_BYTES];
+        getrandom::fill(&mut key).map_err(std::io::Error::other)?;
+        let staged = data_dir.join(format!("{KEY_FILE}.{}.new", encode_hex(&key[..8])));
+        let written =
+            write_private(&staged, &key).and_then(|()| match std::fs::hard_link(&staged, &path) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                other => other,
+            });
+        let _ = std::fs::remove_file(&staged);
+        written?;
+        crate::files::fsync_dir(data_dir)?;
+        Self::load(&path)
+    }
+
+    fn load(path: &Path) -> std::io::Result<Self> {
+        let bytes = std::fs::read(path)?;
+        let key = <[u8; KEY_BYTES]>::try_from(bytes.as_slice()).map_err(|_| {
+            std::io::Error::other(format!(
+                "{} holds {} bytes, not a {KEY_BYTES}-byte key: restore it from a backup (or remove it and create new tokens; no existing token will work)",
+                path.display(),
+                bytes.len()
+            ))
+        })?;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the token key is readable by other users; chmod 600 it");
+        }
+        Ok(Self(key))
+    }
+
+    /// Where the key of `data_dir` lives.
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(KEY_FILE)
+    }
+
+    fn digest(&self, secret: &[u8; SECRET_BYTES]) -> Vec<u8> {
+        self.keyed(&Sha256::digest(secret))
+    }
+
+    /// The keyed digest of a secret whose plain SHA-256 digest is `plain`: how rows of
+    /// the release before, which kept the plain digest, are brought under the key.
+    pub fn keyed(&self, plain: &[u8]) -> Vec<u8> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(plain);
+        mac.finalize().into_bytes().to_vec()
+    }
+}
+
+/// Write `bytes` to a new file only its owner can read, and make it durable.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Open the key of `data_dir` (making it if needed) and bring any digest still kept the
+/// old, unkeyed way under it, in one transaction. The service and `strata token` both
+/// do this right after opening the database.
+pub async fn open_key(db: &Db, data_dir: &Path) -> Result<TokenKey> {
+    let had_key = TokenKey::path(data_dir).exists();
+    let key = TokenKey::load_or_create(data_dir).map_err(|e| {
+        Error::Internal(format!(
+            "cannot open the token key {}: {e}",
+            TokenKey::path(data_dir).display()
+        ))
+    })?;
+    if !had_key {
+        let lost = store::tokens::count_keyed(&mut *db.reader().await?).await?;
+        if lost > 0 {
+            tracing::warn!(
+                tokens = lost,
+                path = %TokenKey::path(data_dir).display(),
+                "the token key was missing and a new one was made: the tokens made under the old key no longer work; restore the old key from a backup to bring them back, or create new tokens"
+            );
+        }
+    }
+    let mut tx = db.begin().await?;
+    let upgraded = store::tokens::key_plain_digests(&mut tx, &key).await?;
+    tx.commit().await?;
+    if upgraded > 0 {
+        tracing::info!(upgraded, "token digests now kept under the token key");
+    }
+    Ok(key)
 }
 
 /// A scope by name, or a clear refusal.
@@ -196,17 +309,62 @@ fn decode_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
 mod tests {
     use super::*;
 
+    fn key(dir: &tempfile::TempDir) -> TokenKey {
+        TokenKey::load_or_create(dir.path()).unwrap()
+    }
+
     #[test]
-    fn a_new_token_parses_back_and_matches_only_its_own_digest() {
-        let token = NewToken::generate().unwrap();
+    fn a_new_token_parses_back_and_matches_only_its_own_digest_under_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = key(&dir);
+        let token = NewToken::generate(&key).unwrap();
         assert_eq!(token.text.len(), TOKEN_LEN);
         let presented = Presented::parse(&token.text).unwrap();
         assert_eq!(presented.id, token.id);
-        assert!(presented.matches(&token.digest));
-        let other = NewToken::generate().unwrap();
+        assert!(presented.matches(&key, &token.digest));
+        let other = NewToken::generate(&key).unwrap();
         assert_ne!(other.id, token.id);
-        assert!(!presented.matches(&other.digest));
-        assert!(!presented.matches(&token.digest[..31]));
+        assert!(!presented.matches(&key, &other.digest));
+        assert!(!presented.matches(&key, &token.digest[..31]));
+        // The stored digest is useless without the key: not the plain digest, and
+        // another data directory's key does not check it.
+        assert_ne!(token.digest, Sha256::digest(presented.secret).to_vec());
+        let elsewhere = tempfile::tempdir().unwrap();
+        assert!(!presented.matches(&self::key(&elsewhere), &token.digest));
+        // A plain digest of the release before, brought under the key, matches.
+        let plain = Sha256::digest(presented.secret);
+        assert!(presented.matches(&key, &key.keyed(&plain)));
+    }
+
+    #[test]
+    fn the_key_is_made_once_private_and_durable_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Many makers at once agree on one key and leave no staged file behind.
+        let keys: Vec<[u8; KEY_BYTES]> = std::thread::scope(|scope| {
+            let makers: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| TokenKey::load_or_create(dir.path()).unwrap().0))
+                .collect();
+            makers.into_iter().map(|m| m.join().unwrap()).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]));
+        let entries: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, vec![std::ffi::OsString::from(KEY_FILE)]);
+        let path = TokenKey::path(dir.path());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(key(&dir).0, keys[0], "the key is read back, not remade");
+
+        std::fs::write(&path, [7u8; 31]).unwrap();
+        let refused = TokenKey::load_or_create(dir.path()).err().unwrap();
+        assert!(refused.to_string().contains("31 bytes"), "{refused}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            vec![7u8; 31],
+            "left for the operator"
+        );
     }
 
     #[test]
@@ -226,7 +384,8 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_told_apart_from_unknown_ones() {
-        let token = NewToken::generate().unwrap().text;
+        let dir = tempfile::tempdir().unwrap();
+        let token = NewToken::generate(&key(&dir)).unwrap().text;
         assert_eq!(
             Presented::parse(&token[..40]).err(),
             Some(FormatError::Length(40))

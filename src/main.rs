@@ -13,15 +13,18 @@ async fn main() -> std::process::ExitCode {
             print!("{}", strata::api::auth::scope_table_markdown());
             std::process::ExitCode::SUCCESS
         }
-        Command::Token(command) => match strata::app::token(command).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("strata token: {e}");
-                std::process::ExitCode::FAILURE
+        Command::Token(command) => {
+            strata::app::init_tracing("warn");
+            match strata::app::token(command).await {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("strata token: {e}");
+                    std::process::ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Serve(config) => {
-            strata::app::init_tracing();
+            strata::app::init_tracing("info,sqlx=warn,tower_http=info");
             match strata::app::serve(*config).await {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {

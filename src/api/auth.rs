@@ -164,6 +164,8 @@ pub enum Mode {
 /// The authentication state handlers share.
 pub struct Auth {
     pub mode: Mode,
+    /// What token digests are made under.
+    pub key: crate::auth::TokenKey,
     failures: Mutex<HashMap<IpAddr, Failures>>,
     /// Outstanding tickets by their text's digest.
     tickets: Mutex<HashMap<Vec<u8>, Ticket>>,
@@ -184,9 +186,10 @@ const MAX_TRACKED: usize = 10_000;
 const MAX_TICKETS_PER_TOKEN: usize = 100;
 
 impl Auth {
-    pub fn new(mode: Mode) -> Self {
+    pub fn new(mode: Mode, key: crate::auth::TokenKey) -> Self {
         Self {
             mode,
+            key,
             failures: Mutex::new(HashMap::new()),
             tickets: Mutex::new(HashMap::new()),
         }
@@ -466,7 +469,8 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         Err(e) => return Err(refused(&e.to_string())),
     };
     let found = store::tokens::get(&mut *state.db.reader().await?, &presented.id).await?;
-    let Some((token, _)) = found.filter(|(_, digest)| presented.matches(digest)) else {
+    let Some((token, _)) = found.filter(|(_, digest)| presented.matches(&state.auth.key, digest))
+    else {
         return Err(refused("unknown token"));
     };
     if let Some(at) = token.revoked_at {

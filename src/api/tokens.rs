@@ -144,8 +144,14 @@ async fn create_token(
     State(state): State<AppState>,
     Json(body): Json<CreateToken>,
 ) -> Result<Response> {
-    let (token, text) =
-        crate::auth::issue(&state.db, &body.name, body.scope, body.expires_at).await?;
+    let (token, text) = crate::auth::issue(
+        &state.db,
+        &state.auth.key,
+        &body.name,
+        body.scope,
+        body.expires_at,
+    )
+    .await?;
     let created = CreatedToken {
         token: text,
         view: TokenView::of(token, store::now()),

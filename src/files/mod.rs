@@ -107,6 +107,12 @@ pub fn available_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
 }
 
+/// Make the entries of `dir` (a file just created, linked or renamed in it) survive a
+/// power cut: fsync of the file alone does not promise its name.
+pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// A directory beside the volumes in the data directory (`exports`, `imports`).
 pub fn data_subdir(volumes_dir: &Path, name: &str) -> PathBuf {
     volumes_dir

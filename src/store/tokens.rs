@@ -1,9 +1,10 @@
-//! API tokens: their records and the digests of their secrets.
+//! API tokens: their records and the keyed digests of their secrets.
 
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
 use super::{get_enum, get_opt_ts, get_ts, is_unique_violation, ts};
+use crate::auth::TokenKey;
 use crate::domain::{ApiToken, Scope, Timestamp};
 use crate::error::{Error, ErrorCode, Result};
 
@@ -21,8 +22,8 @@ fn from_row(row: &SqliteRow) -> Result<ApiToken> {
 /// Store a new token; a name a token not revoked has is `name_taken`.
 pub async fn insert(conn: &mut SqliteConnection, token: &ApiToken, digest: &[u8]) -> Result<()> {
     let inserted = sqlx::query(
-        "INSERT INTO tokens (id, name, scope, digest, created_at, expires_at, revoked_at)
-         VALUES (?, ?, ?, ?, ?, ?, NULL)",
+        "INSERT INTO tokens (id, name, scope, digest, digest_kind, created_at, expires_at, revoked_at)
+         VALUES (?, ?, ?, ?, 'keyed', ?, ?, NULL)",
     )
     .bind(&token.id)
     .bind(&token.name)
@@ -95,4 +96,30 @@ pub async fn any_ever(conn: &mut SqliteConnection) -> Result<bool> {
         .fetch_optional(&mut *conn)
         .await?;
     Ok(found.is_some())
+}
+
+/// Bring every digest still kept as a plain SHA-256 (rows of the release before keyed
+/// digests) under `key`; how many were.
+pub async fn key_plain_digests(conn: &mut SqliteConnection, key: &TokenKey) -> Result<u64> {
+    let plain: Vec<(String, Vec<u8>)> =
+        sqlx::query_as("SELECT id, digest FROM tokens WHERE digest_kind = 'sha256'")
+            .fetch_all(&mut *conn)
+            .await?;
+    for (id, digest) in &plain {
+        sqlx::query("UPDATE tokens SET digest = ?, digest_kind = 'keyed' WHERE id = ?")
+            .bind(key.keyed(digest))
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(plain.len() as u64)
+}
+
+/// How many tokens were made under a key (revoked ones too).
+pub async fn count_keyed(conn: &mut SqliteConnection) -> Result<u64> {
+    let (count,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM tokens WHERE digest_kind = 'keyed'")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok(count as u64)
 }

@@ -756,3 +756,97 @@ async fn clones_templates_imports_schedule_runs_and_cancels_check_their_scope_an
         cancel.body
     );
 }
+
+/// The database alone cannot check a token: its digest is keyed by `token.key`, which
+/// survives restarts; a digest kept the old, unkeyed way is brought under the key at
+/// the next start and its token keeps working.
+#[tokio::test]
+async fn stored_digests_are_keyed_by_the_data_directorys_key_and_old_ones_are_upgraded() {
+    use sha2::{Digest, Sha256};
+    use sqlx::{Connection, Row};
+    use std::os::unix::fs::PermissionsExt;
+
+    let logs = tempfile::tempdir().unwrap();
+    let mut app = TestApp::launch(Launch {
+        log: Some(logs.path().join("service.log")),
+        ..Launch::default()
+    })
+    .await;
+    app.wait_ready().await;
+    let admin = create_token(&app, "admin", "admin");
+    let key_path = app.data_dir.join("token.key");
+    let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "only the service's user reads the key");
+    let key = std::fs::read(&key_path).unwrap();
+    assert_eq!(key.len(), 32);
+
+    let options =
+        sqlx::sqlite::SqliteConnectOptions::new().filename(app.data_dir.join("strata.db"));
+    let mut db = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    let secret_digest = |text: &str| {
+        let secret: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&text[24 + 2 * i..26 + 2 * i], 16).unwrap())
+            .collect();
+        Sha256::digest(&secret).to_vec()
+    };
+    let row = sqlx::query("SELECT digest, digest_kind FROM tokens WHERE name = 'admin'")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    let stored: Vec<u8> = row.get("digest");
+    assert_eq!(row.get::<String, _>("digest_kind"), "keyed");
+    assert_ne!(stored, secret_digest(&admin), "not the plain digest");
+
+    // A token of the release before: its plain SHA-256 digest, no key. The running
+    // service brought the old rows under the key at its start; this one is refused
+    // until the next start does.
+    let legacy = format!("strata_00112233aabbccdd_{}", "5a".repeat(32));
+    sqlx::query(
+        "INSERT INTO tokens (id, name, scope, digest, digest_kind, created_at)
+         VALUES ('00112233aabbccdd', 'legacy', 'read', ?, 'sha256', '2026-01-01T00:00:00Z')",
+    )
+    .bind(secret_digest(&legacy))
+    .execute(&mut db)
+    .await
+    .unwrap();
+    db.close().await.unwrap();
+    let reply = as_token(&mut app, Some(&legacy), Method::GET, "/v1/vms", None).await;
+    assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    app.restart(&[]).await;
+    for token in [&admin, &legacy] {
+        let reply = as_token(&mut app, Some(token), Method::GET, "/v1/vms", None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+    assert_eq!(std::fs::read(&key_path).unwrap(), key, "the key is kept");
+    let mut db = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    let plain: i64 = sqlx::query("SELECT count(*) AS n FROM tokens WHERE digest_kind = 'sha256'")
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+        .get("n");
+    assert_eq!(plain, 0);
+    db.close().await.unwrap();
+
+    // A lost key: the tokens made under it stop working (a new key is made, and the
+    // service says why in its log); restoring the key brings them back.
+    app.kill();
+    std::fs::remove_file(&key_path).unwrap();
+    app.restart(&[]).await;
+    let reply = as_token(&mut app, Some(&admin), Method::GET, "/v1/vms", None).await;
+    assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(
+        app.log_tail(200).contains("token key was missing"),
+        "{}",
+        app.log_tail(50)
+    );
+    app.kill();
+    std::fs::write(&key_path, &key).unwrap();
+    app.restart(&[]).await;
+    let reply = as_token(&mut app, Some(&admin), Method::GET, "/v1/vms", None).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
