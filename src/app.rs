@@ -60,6 +60,16 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         ))
     })?;
     let db = Db::open(&data_dir.join("strata.db")).await?;
+    let live = Arc::new(live);
+    // Before the first write: every transaction's events carry their resources' views.
+    db.outbox()
+        .set_renderer(Arc::new(api::events::ViewRenderer {
+            volumes_dir: volumes_dir.clone(),
+            live: Arc::clone(&live),
+        }));
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let events =
+        crate::events::Hub::load(db.clone(), config.event_history, shutdown_rx.clone()).await?;
     let auth_mode = auth_mode(&config, &db, &data_dir).await?;
     let token_key = crate::auth::open_key(&db, &data_dir).await?;
     // A qemu-img a killed predecessor left must be gone before recovery touches the
@@ -106,7 +116,8 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         run_history: config.run_history.max(1),
         body_limit: config.body_limit,
         request_timeout: Duration::from_secs(config.request_timeout_secs),
-        live: Arc::new(live),
+        live,
+        events: Arc::clone(&events),
         auth: Arc::new(api::auth::Auth::new(auth_mode, token_key)),
         import: api::ImportSettings {
             dir: config.import_dir.clone(),
@@ -123,7 +134,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     println!("strata listening on http://{address}");
     tracing::info!(%address, data_dir = %data_dir.display(), "strata started");
 
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let event_feed = events.spawn();
     let scheduler_settings = crate::scheduler::Settings {
         tick: Duration::from_millis(config.scheduler_tick_ms.max(10)),
         sweep_interval: Duration::from_secs(config.sweep_interval_secs.max(1)),
@@ -181,6 +192,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         tracing::warn!("jobs still running after the grace period; they resume at the next start");
     }
     let _ = tokio::time::timeout(grace, server).await;
+    let _ = event_feed.await;
     db.close().await;
     Ok(())
 }

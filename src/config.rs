@@ -147,6 +147,11 @@ pub struct ServeConfig {
     #[arg(long, env = "STRATA_IMPORT_MAX_BYTES", default_value_t = 64 << 30)]
     pub import_max_bytes: u64,
 
+    /// Events kept for clients of /v1/events that reconnect (`Last-Event-ID`); one
+    /// resuming from an older event is told to reload.
+    #[arg(long, env = "STRATA_EVENT_HISTORY", default_value_t = 4096)]
+    pub event_history: usize,
+
     /// Runs kept in each schedule's history; older ones are forgotten.
     #[arg(long, env = "STRATA_RUN_HISTORY", default_value_t = 200)]
     pub run_history: u32,

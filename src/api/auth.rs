@@ -111,7 +111,7 @@ pub fn scope_table_markdown() -> String {
 /// `Authorization` header: what a browser fetches without being able to set a header
 /// (a download link; later an `EventSource`).
 pub fn accepts_ticket(method: &Method, path: &str) -> bool {
-    method == Method::GET && path == "/v1/templates/{id}/export"
+    method == Method::GET && matches!(path, "/v1/templates/{id}/export" | "/v1/events")
 }
 
 /// How long a ticket can be used, once.

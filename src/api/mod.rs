@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod clones;
+pub mod events;
 mod extract;
 pub mod imports;
 pub mod jobs;
@@ -54,6 +55,26 @@ pub struct AppState {
     pub live: Arc<crate::live::Live>,
     /// Whether requests need tokens, and the failed attempts per client address.
     pub auth: Arc<auth::Auth>,
+    /// The committed events, for `/v1/events`.
+    pub events: Arc<crate::events::Hub>,
+}
+
+/// What rendering a view needs beyond the database: where the volume files are (their
+/// paths and allocation are shown) and when each running VM's QEMU last answered. Both
+/// the handlers and the event stream's renderer (`events::ViewRenderer`) have one.
+#[derive(Clone, Copy)]
+pub struct Views<'a> {
+    pub volumes_dir: &'a std::path::Path,
+    pub live: &'a crate::live::Live,
+}
+
+impl AppState {
+    pub fn views(&self) -> Views<'_> {
+        Views {
+            volumes_dir: self.files.volumes_dir(),
+            live: &self.live,
+        }
+    }
 }
 
 /// Where imports may come from and how large they may be.
@@ -82,6 +103,7 @@ pub struct ImportSettings {
         (name = "templates", description = "Templates: read-only golden images, conversion both ways, batch deploys"),
         (name = "jobs", description = "Background jobs that touch disk files"),
         (name = "tokens", description = "API tokens (admin scope)"),
+        (name = "events", description = "The stream of committed changes (Server-Sent Events)"),
         (name = "system", description = "Health and the API description"),
     ),
     // Query parameter types utoipa names but does not collect.
@@ -99,6 +121,7 @@ fn json_routes() -> OpenApiRouter<AppState> {
         .merge(schedules::routes())
         .merge(jobs::routes())
         .merge(tokens::routes())
+        .merge(events::routes())
         .merge(system::routes())
 }
 

@@ -11,6 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::Caller;
 use super::extract::{Json, Query, parse_id};
 use super::problem::problems;
 use super::{AppState, PageQuery, located, page};
@@ -440,7 +441,7 @@ fn view(schedule: Schedule, last: Option<ScheduleRun>) -> ScheduleView {
     }
 }
 
-fn run_view(run: ScheduleRun) -> RunView {
+pub(crate) fn run_view(run: ScheduleRun) -> RunView {
     RunView {
         id: run.id,
         schedule_id: run.schedule_id,
@@ -456,7 +457,15 @@ fn run_view(run: ScheduleRun) -> RunView {
 }
 
 async fn view_with_last(state: &AppState, schedule: Schedule) -> Result<ScheduleView> {
-    let last = store::schedules::last_run(&mut *state.db.reader().await?, schedule.id).await?;
+    schedule_view(&mut *state.db.reader().await?, schedule).await
+}
+
+/// A schedule's view, with its last run.
+pub(crate) async fn schedule_view(
+    conn: &mut sqlx::SqliteConnection,
+    schedule: Schedule,
+) -> Result<ScheduleView> {
+    let last = store::schedules::last_run(conn, schedule.id).await?;
     Ok(view(schedule, last))
 }
 
@@ -535,11 +544,13 @@ problems!(CreateScheduleProblems = JSON_BODY, NAMED, VM);
         CreateScheduleProblems,
     ))]
 async fn create_schedule(
+    caller: Caller,
     State(state): State<AppState>,
     Json(body): Json<CreateSchedule>,
 ) -> Result<Response> {
     let now = store::now();
     let mut tx = state.db.begin().await?;
+    tx.act_for(caller.name());
     let mut schedule = Schedule {
         id: new_id(),
         name: body.name,
@@ -623,11 +634,13 @@ problems!(PatchScheduleProblems = JSON_BODY, NAMED, VM, SCHEDULE);
         PatchScheduleProblems,
     ))]
 async fn patch_schedule(
+    caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
     Json(body): Json<PatchSchedule>,
 ) -> Result<axum::Json<ScheduleView>> {
     let mut tx = state.db.begin().await?;
+    tx.act_for(caller.name());
     let mut schedule = find_schedule(&mut tx, &id).await?;
     let timing_before = (
         schedule.cron.clone(),
@@ -691,10 +704,12 @@ problems!(DeleteScheduleProblems = SCHEDULE);
         DeleteScheduleProblems,
     ))]
 async fn delete_schedule(
+    caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let mut tx = state.db.begin().await?;
+    tx.act_for(caller.name());
     let schedule = find_schedule(&mut tx, &id).await?;
     store::schedules::delete(&mut tx, schedule.id).await?;
     tx.commit().await?;
@@ -767,7 +782,7 @@ problems!(TriggerRunProblems = SCHEDULE; ScheduleBusy);
     ))]
 async fn trigger_run(
     State(state): State<AppState>,
-    caller: super::auth::Caller,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response> {
     let schedule = find_schedule(&mut *state.db.reader().await?, &id).await?;

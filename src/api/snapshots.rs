@@ -12,7 +12,7 @@ use super::auth::Caller;
 use super::extract::{Json, Query, parse_id};
 use super::problem::problems;
 use super::vms::find_vm;
-use super::{AppState, PageQuery, accept_job, page};
+use super::{AppState, PageQuery, Views, accept_job, page};
 use crate::domain::{
     Consistency, JobSpec, Quiesce, ResourceStatus, Snapshot, SnapshotConsistency, Uuid, Vm,
     job_spec, plan, validate,
@@ -177,8 +177,8 @@ fn validate_expiry(expires_at: Option<DateTime<Utc>>) -> Result<()> {
     Ok(())
 }
 
-fn snapshot_view(state: &AppState, vm: &Vm, snapshot: Snapshot) -> SnapshotView {
-    let dir = state.files.volumes_dir();
+pub(crate) fn snapshot_view(views: Views, vm: &Vm, snapshot: Snapshot) -> SnapshotView {
+    let dir = views.volumes_dir;
     SnapshotView {
         is_current: vm.current_snapshot_id == Some(snapshot.id),
         id: snapshot.id,
@@ -285,7 +285,7 @@ async fn list_snapshots(
             SnapshotListing::List(SnapshotList {
                 items: rows
                     .into_iter()
-                    .map(|s| snapshot_view(&state, &vm, s))
+                    .map(|s| snapshot_view(state.views(), &vm, s))
                     .collect(),
                 next_cursor,
                 current_snapshot_id: vm.current_snapshot_id,
@@ -295,7 +295,7 @@ async fn list_snapshots(
             let rows = store::snapshots::list(&mut conn, vm.id, None, u32::MAX).await?;
             let mut views: Vec<SnapshotView> = rows
                 .into_iter()
-                .map(|s| snapshot_view(&state, &vm, s))
+                .map(|s| snapshot_view(state.views(), &vm, s))
                 .collect();
             let roots = build_tree(None, &mut views);
             SnapshotListing::Tree(SnapshotTree {
@@ -321,7 +321,7 @@ async fn get_snapshot(
 ) -> Result<axum::Json<SnapshotView>> {
     let mut conn = state.db.reader().await?;
     let (snapshot, vm) = find_snapshot(&mut conn, &id).await?;
-    Ok(axum::Json(snapshot_view(&state, &vm, snapshot)))
+    Ok(axum::Json(snapshot_view(state.views(), &vm, snapshot)))
 }
 
 problems!(DeleteSnapshotProblems = SNAPSHOT, CHAIN_JOB, READ_BY_CLONES; SnapshotBusy, SnapshotNotReady);
@@ -409,6 +409,7 @@ problems!(PatchSnapshotProblems = JSON_BODY, NAMED, SNAPSHOT; SnapshotBusy);
         PatchSnapshotProblems,
     ))]
 async fn patch_snapshot(
+    caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
     Json(body): Json<PatchSnapshot>,
@@ -423,6 +424,7 @@ async fn patch_snapshot(
         validate_expiry(expires_at)?;
     }
     let mut tx = state.db.begin().await?;
+    tx.act_for(caller.name());
     let (mut snapshot, vm) = find_snapshot(&mut tx, &id).await?;
     if snapshot.status == ResourceStatus::Deleting {
         return Err(Error::problem(
@@ -453,5 +455,5 @@ async fn patch_snapshot(
             })
         })?;
     tx.commit().await?;
-    Ok(axum::Json(snapshot_view(&state, &vm, snapshot)))
+    Ok(axum::Json(snapshot_view(state.views(), &vm, snapshot)))
 }

@@ -16,7 +16,7 @@ use super::clones::{CloneRequest, clone_request};
 use super::extract::{Json, Query, parse_id};
 use super::problem::problems;
 use super::vms::find_vm;
-use super::{AppState, PageQuery, accept_job, page};
+use super::{AppState, PageQuery, Views, accept_job, page};
 use crate::domain::plan::CloneMode;
 use crate::domain::{ExportKey, JobSpec, ResourceStatus, Uuid, Vm, VmKind, job_spec, validate};
 use crate::error::{Error, ErrorCode, Result};
@@ -123,13 +123,13 @@ pub struct Deploy {
     pub count: Option<u32>,
 }
 
-async fn template_view(
-    state: &AppState,
+pub(crate) async fn template_view(
+    views: Views<'_>,
     conn: &mut sqlx::SqliteConnection,
     template: Vm,
 ) -> Result<TemplateView> {
     let disks = store::vms::list_disks(conn, template.id).await?;
-    let dir = state.files.volumes_dir();
+    let dir = views.volumes_dir;
     let mut linked: Vec<Uuid> = store::vms::dependents_of(conn, template.id)
         .await?
         .into_iter()
@@ -201,7 +201,7 @@ async fn list_templates(
     let (rows, next_cursor) = page(rows, limit, |t| t.id);
     let mut items = Vec::with_capacity(rows.len());
     for template in rows {
-        items.push(template_view(&state, &mut conn, template).await?);
+        items.push(template_view(state.views(), &mut conn, template).await?);
     }
     Ok(axum::Json(TemplateList { items, next_cursor }))
 }
@@ -222,7 +222,7 @@ async fn get_template(
     let mut conn = state.db.reader().await?;
     let template = find_template(&mut conn, &id).await?;
     Ok(axum::Json(
-        template_view(&state, &mut conn, template).await?,
+        template_view(state.views(), &mut conn, template).await?,
     ))
 }
 

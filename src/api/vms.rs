@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use super::auth::Caller;
 use super::extract::{Json, Query, parse_id};
 use super::problem::problems;
-use super::{AppState, PageQuery, accept_job, page};
+use super::{AppState, PageQuery, Views, accept_job, page};
 use crate::domain::{
     Disk, JobSpec, ResourceStatus, Uuid, Vm, VmKind, VmState, Volume, VolumeStatus, job_spec,
     new_id, validate,
@@ -240,8 +240,8 @@ impl VmFilter {
 }
 
 /// Paths of the disk's chain, top first, with live allocation figures.
-fn disk_view(state: &AppState, disk: Disk, volumes: &[Volume]) -> DiskView {
-    let dir = state.files.volumes_dir();
+pub(crate) fn disk_view(views: Views, disk: Disk, volumes: &[Volume]) -> DiskView {
+    let dir = views.volumes_dir;
     let mut chain = Vec::new();
     let mut next = disk.active_volume_id;
     let mut source_volume_id = None;
@@ -283,7 +283,11 @@ fn disk_view(state: &AppState, disk: Disk, volumes: &[Volume]) -> DiskView {
     }
 }
 
-async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) -> Result<VmView> {
+pub(crate) async fn vm_view(
+    views: Views<'_>,
+    conn: &mut sqlx::SqliteConnection,
+    vm: Vm,
+) -> Result<VmView> {
     let disks = store::vms::list_disks(conn, vm.id).await?;
     let volumes = store::vms::list_volumes(conn, vm.id).await?;
     let mut dependent_vm_ids: Vec<Uuid> = store::vms::dependents_of(conn, vm.id)
@@ -293,7 +297,7 @@ async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) ->
         .collect();
     dependent_vm_ids.sort();
     dependent_vm_ids.dedup();
-    let runtime = runtime_view(state, &vm);
+    let runtime = runtime_view(views, &vm);
     Ok(VmView {
         id: vm.id,
         name: vm.name,
@@ -304,7 +308,7 @@ async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) ->
         current_snapshot_id: vm.current_snapshot_id,
         disks: disks
             .into_iter()
-            .map(|d| disk_view(state, d, &volumes))
+            .map(|d| disk_view(views, d, &volumes))
             .collect(),
         source_vm_id: vm.source_vm_id,
         template_id: vm.template_id,
@@ -315,7 +319,7 @@ async fn vm_view(state: &AppState, conn: &mut sqlx::SqliteConnection, vm: Vm) ->
     })
 }
 
-fn runtime_view(state: &AppState, vm: &Vm) -> Option<RuntimeView> {
+fn runtime_view(views: Views, vm: &Vm) -> Option<RuntimeView> {
     let runtime = &vm.runtime;
     if runtime.qmp_socket.is_none() && runtime.guest_agent_socket.is_none() {
         return None;
@@ -326,7 +330,7 @@ fn runtime_view(state: &AppState, vm: &Vm) -> Option<RuntimeView> {
         connected: runtime
             .qmp_socket
             .as_ref()
-            .and_then(|_| state.live.last_contact(vm.id)),
+            .and_then(|_| views.live.last_contact(vm.id)),
         qemu_version: runtime.qemu_version.clone(),
         can_pause: runtime.can_pause,
     })
@@ -448,7 +452,7 @@ async fn list_vms(
     let (rows, next_cursor) = page(rows, limit, |vm| vm.id);
     let mut items = Vec::with_capacity(rows.len());
     for vm in rows {
-        items.push(vm_view(&state, &mut conn, vm).await?);
+        items.push(vm_view(state.views(), &mut conn, vm).await?);
     }
     Ok(axum::Json(VmList { items, next_cursor }))
 }
@@ -467,7 +471,7 @@ async fn get_vm(
 ) -> Result<axum::Json<VmView>> {
     let mut conn = state.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
-    Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
+    Ok(axum::Json(vm_view(state.views(), &mut conn, vm).await?))
 }
 
 problems!(PatchVmProblems = JSON_BODY, NAMED, VM; VmBusy, SocketRefused, QmpUnavailable);
@@ -480,6 +484,7 @@ problems!(PatchVmProblems = JSON_BODY, NAMED, VM; VmBusy, SocketRefused, QmpUnav
         PatchVmProblems,
     ))]
 async fn patch_vm(
+    caller: Caller,
     State(state): State<AppState>,
     Path(id): Path<String>,
     Json(body): Json<PatchVm>,
@@ -496,6 +501,7 @@ async fn patch_vm(
     // Checked before the write transaction: greeting a monitor may take seconds.
     let sockets = checked_sockets(&state, &id, &body).await?;
     let mut tx = state.db.begin().await?;
+    tx.act_for(caller.name());
     let mut vm = find_vm(&mut tx, &id).await?;
     // A VM started, or a QEMU strata reaches another way, while jobs work on its
     // files could write a layer a job is switching away from.
@@ -525,7 +531,7 @@ async fn patch_vm(
         state.live.forget(vm.id);
     }
     let mut conn = state.db.reader().await?;
-    Ok(axum::Json(vm_view(&state, &mut conn, vm).await?))
+    Ok(axum::Json(vm_view(state.views(), &mut conn, vm).await?))
 }
 
 /// `vm_busy` while jobs work on the VM's files.
@@ -670,7 +676,7 @@ async fn list_disks(
     let (rows, next_cursor) = page(rows, limit, |d| d.id);
     let items = rows
         .into_iter()
-        .map(|d| disk_view(&state, d, &volumes))
+        .map(|d| disk_view(state.views(), d, &volumes))
         .collect();
     Ok(axum::Json(DiskList { items, next_cursor }))
 }
@@ -722,7 +728,7 @@ async fn get_disk(
     let vm = find_vm(&mut conn, &vm_id).await?;
     let disk = find_disk(&mut conn, &vm, &disk_id).await?;
     let volumes = store::vms::list_volumes(&mut conn, vm.id).await?;
-    Ok(axum::Json(disk_view(&state, disk, &volumes)))
+    Ok(axum::Json(disk_view(state.views(), disk, &volumes)))
 }
 
 problems!(DeleteDiskProblems = DISK, CHAIN_JOB; DiskNotReady);

@@ -72,6 +72,7 @@ pub async fn start(
     requested_by: Option<&str>,
 ) -> Result<Option<ScheduleRun>> {
     let mut tx = db.begin().await?;
+    tx.act_for(requested_by);
     let mut schedule = store::schedules::get(&mut tx, id)
         .await?
         .ok_or_else(|| not_found(id))?;
@@ -338,6 +339,7 @@ pub async fn finish_ended(db: &Db, engine: &Engine, now: Timestamp) -> Result<Ve
 /// it): then there is nothing to record.
 async fn save_if_scheduled(db: &Db, run: &ScheduleRun) -> Result<()> {
     let mut tx = db.begin().await?;
+    tx.act_for(Some(crate::scheduler::SCHEDULER));
     if store::schedules::get(&mut tx, run.schedule_id)
         .await?
         .is_some()

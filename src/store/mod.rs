@@ -5,6 +5,7 @@
 //! read-check-write sequence inside one transaction is atomic; reads use their own pool
 //! and see WAL snapshots.
 
+pub mod events;
 pub mod jobs;
 pub mod schedules;
 pub mod snapshots;
@@ -13,6 +14,7 @@ pub mod vms;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -38,27 +40,47 @@ use crate::error::{Error, Result};
 /// from a connection in an unknown state.
 pub struct Tx {
     conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
+    outbox: Arc<events::Outbox>,
+    /// Who asked for the change: the events it makes say so.
+    actor: Option<String>,
 }
 
 impl Tx {
-    async fn begin(pool: &SqlitePool) -> Result<Self> {
+    async fn begin(pool: &SqlitePool, outbox: &Arc<events::Outbox>) -> Result<Self> {
         let mut conn = pool.acquire().await?;
         if let Err(e) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
             discard(conn);
             return Err(e.into());
         }
-        Ok(Self { conn: Some(conn) })
+        Ok(Self {
+            conn: Some(conn),
+            outbox: Arc::clone(outbox),
+            actor: None,
+        })
     }
 
-    /// Make the transaction durable. On an error nothing of it is committed and the
-    /// connection is replaced.
+    /// Record `actor` (a token's name, `scheduler`) as who asked for this change.
+    pub fn act_for(&mut self, actor: Option<&str>) {
+        self.actor = actor.map(str::to_owned);
+    }
+
+    /// Seal the events of the transaction (see `events::seal`) and make it durable. On
+    /// an error nothing of it is committed and the connection is replaced.
     pub async fn commit(mut self) -> Result<()> {
         let mut conn = self
             .conn
             .take()
             .expect("an open transaction has its connection");
+        let sealed = events::seal(&mut conn, &self.outbox, self.actor.as_deref(), now()).await;
+        if let Err(e) = sealed {
+            discard(conn);
+            return Err(e);
+        }
         match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.outbox.committed.notify_one();
+                Ok(())
+            }
             Err(e) => {
                 discard(conn);
                 Err(e.into())
@@ -146,6 +168,7 @@ impl std::ops::DerefMut for Tx {
 pub struct Db {
     read: SqlitePool,
     write: SqlitePool,
+    outbox: Arc<events::Outbox>,
 }
 
 impl Db {
@@ -168,7 +191,11 @@ impl Db {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { read, write })
+        Ok(Self {
+            read,
+            write,
+            outbox: Arc::default(),
+        })
     }
 
     pub async fn reader(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
@@ -188,7 +215,12 @@ impl Db {
     }
 
     pub async fn begin(&self) -> Result<Tx> {
-        Tx::begin(&self.write).await
+        Tx::begin(&self.write, &self.outbox).await
+    }
+
+    /// What write transactions share for the event stream.
+    pub fn outbox(&self) -> &Arc<events::Outbox> {
+        &self.outbox
     }
 
     pub async fn close(&self) {

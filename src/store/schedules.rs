@@ -209,6 +209,15 @@ pub async fn get_run(
     row.as_ref().map(run_from_row).transpose()
 }
 
+/// A run by its id alone, whatever its schedule.
+pub async fn find_run(conn: &mut SqliteConnection, run: Uuid) -> Result<Option<ScheduleRun>> {
+    let row = sqlx::query("SELECT * FROM schedule_runs WHERE id = ?")
+        .bind(id_text(run))
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(run_from_row).transpose()
+}
+
 pub async fn last_run(conn: &mut SqliteConnection, schedule: Uuid) -> Result<Option<ScheduleRun>> {
     Ok(runs(conn, schedule, None, 1).await?.pop())
 }

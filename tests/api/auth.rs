@@ -36,7 +36,7 @@ fn token_cli_in(data_dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
-fn create_token(app: &TestApp, name: &str, scope: &str) -> String {
+pub(crate) fn create_token(app: &TestApp, name: &str, scope: &str) -> String {
     token_cli(app, &["create", "--name", name, "--scope", scope])
 }
 

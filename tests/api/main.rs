@@ -5,6 +5,7 @@ mod cancel_timing;
 mod clones;
 mod deploy;
 mod durability;
+mod events;
 mod expiry;
 mod full_disk;
 mod guest_agent;

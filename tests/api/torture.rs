@@ -19,7 +19,11 @@
 //! 4. the files in volumes/ are exactly those the API references (directly, or as the
 //!    backing chain of such a file): no orphan, none missing;
 //! 5. no job is left queued or running, and nothing is left creating, deleting,
-//!    rewriting or in error.
+//!    rewriting or in error;
+//! 6. the event history replays to the present: read from its first event, the last
+//!    event of every VM, disk, snapshot, template and job is its view as `GET`
+//!    answers it now, or its deletion when `GET` finds nothing (no event for a change
+//!    a crash undid, none missing for one it did not).
 //!
 //! A violation (or a job that ended neither whole nor absent) fails the seed with its
 //! number, the cycle, every violation found, the whole operation log and the tail of
@@ -231,6 +235,8 @@ impl Service {
             .arg(&self.data_dir)
             .args(["--workers", "2", "--shutdown-grace-secs", "1"])
             .env("STRATA_LOG", "info,sqlx=warn,tower_http=off")
+            // The whole history, for invariant 6.
+            .env("STRATA_EVENT_HISTORY", "1000000")
             .env_remove("STRATA_FAULT")
             .env_remove("STRATA_RESERVED_SPACE")
             .stdout(Stdio::piped())
@@ -2000,6 +2006,18 @@ impl Runner {
                     job["kind"].as_str().unwrap_or("?")
                 ));
             }
+        }
+
+        // 6. The event history replays to the present.
+        let replayed = crate::support::history_replays_to_the_present(
+            &svc.client,
+            &svc.base,
+            None,
+            &svc.data_dir,
+        )
+        .await;
+        if let Err(e) = replayed {
+            v.push(format!("[6 events] {e}"));
         }
 
         let api = fetch_api(svc).await?;

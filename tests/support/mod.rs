@@ -13,6 +13,7 @@
 mod app;
 mod client;
 mod documented;
+mod events;
 pub mod guest_agent;
 mod http;
 pub mod live;
@@ -21,6 +22,7 @@ mod views;
 
 pub use app::*;
 pub use client::*;
+pub use events::*;
 pub use http::*;
 pub use qemu::*;
 pub use views::*;

@@ -26,6 +26,14 @@ enum Committed {
 }
 
 impl Engine {
+    /// A write transaction acting for whoever asked for `job`: the events of what it
+    /// changes say so.
+    async fn begin_for(&self, job: &Job) -> Result<crate::store::Tx> {
+        let mut tx = self.db.begin().await?;
+        tx.act_for(job.requested_by.as_deref());
+        Ok(tx)
+    }
+
     pub(super) async fn drive(
         self: &Arc<Self>,
         mut job: Job,
@@ -68,7 +76,7 @@ impl Engine {
         }
         // Committed: only the files the job replaced are left to remove.
         self.drop_files(&plan.drops).await?;
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.begin_for(&job).await?;
         store::jobs::finish(&mut tx, job.id, JobStatus::Succeeded, None, store::now()).await?;
         tx.commit().await?;
         tracing::info!(job = %job.id, kind = %job.kind, "job succeeded");
@@ -77,7 +85,7 @@ impl Engine {
 
     /// Journal the plan, with the status flags it sets, before any file is touched.
     async fn journal_plan(&self, job: &mut Job, plan: Plan) -> Result<()> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.begin_for(job).await?;
         store::apply(&mut tx, &plan.mark).await?;
         store::jobs::save_plan(&mut tx, job.id, &plan).await?;
         tx.commit().await?;
@@ -106,7 +114,7 @@ impl Engine {
                 return Ok(None);
             }
             if plan.point_of_no_return() == Some(index) && !job.past_no_return {
-                let mut tx = self.db.begin().await?;
+                let mut tx = self.begin_for(job).await?;
                 let entered = store::jobs::enter_no_return(&mut tx, job.id).await?;
                 tx.commit().await?;
                 if !entered {
@@ -179,7 +187,7 @@ impl Engine {
             return Ok(());
         }
         let total = plan.steps.len().max(1) as f32;
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.begin_for(job).await?;
         store::apply(&mut tx, &step.then).await?;
         let progress = ((index + 1) as f32 / total * 99.0) as u8;
         store::jobs::set_next_step(&mut tx, job.id, index + 1, progress).await?;
@@ -193,7 +201,7 @@ impl Engine {
     /// sees whether a cancel came first, so either the cancel was refused (409) or the
     /// job rolls back, never both.
     async fn commit(&self, job: &Job, plan: &Plan, last_step_done: bool) -> Result<Committed> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.begin_for(job).await?;
         if !job.past_no_return && !store::jobs::enter_no_return(&mut tx, job.id).await? {
             drop(tx);
             let last = plan.steps.len().saturating_sub(1);
@@ -237,7 +245,7 @@ impl Engine {
         // Decided once: the decision is journaled before any file is touched, so a crash
         // while rolling back rolls back again instead of running the job on from a
         // state whose files were already removed.
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.begin_for(job).await?;
         store::jobs::begin_stopping(&mut tx, job.id, outcome.error_pair()).await?;
         if undone {
             store::jobs::leave_no_return(&mut tx, job.id).await?;
@@ -367,7 +375,7 @@ impl Engine {
             "waiting for {waiting_for} to finish (tried again every {} s): {error}",
             PARK_FOR.as_secs()
         );
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.begin_for(job).await?;
         store::jobs::park(&mut tx, job.id, retry_at, (code.as_str(), &message)).await?;
         tx.commit().await?;
         Ok(())
@@ -381,7 +389,7 @@ impl Engine {
     }
 
     pub(super) async fn end(&self, job: &Job, ops: &[MetaOp], outcome: &Outcome) -> Result<()> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = self.begin_for(job).await?;
         store::apply(&mut tx, ops).await?;
         store::jobs::finish(
             &mut tx,

@@ -1,0 +1,330 @@
+//! `GET /v1/events`: the event stream (Server-Sent Events), and the renderer that puts
+//! each changed resource's API view into its event (see `store::events`).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{self, KeepAlive, Sse};
+use futures_util::Stream;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::extract::Query;
+use super::problem::problems;
+use super::{AppState, Views};
+use crate::domain::{Uuid, VmKind};
+use crate::error::{Error, ErrorCode, Result};
+use crate::events::{Hub, Since};
+use crate::store::events::{Event, Render, Rendering};
+use crate::store::{self};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(stream_events))
+}
+
+/// The kinds of resource events are about, and the changes of each.
+const KINDS: &[(&str, &[&str])] = &[
+    ("vm", &["created", "updated", "deleted"]),
+    ("template", &["created", "updated", "deleted"]),
+    ("disk", &["created", "updated", "deleted"]),
+    ("snapshot", &["created", "updated", "deleted"]),
+    ("job", &["created", "updated", "finished", "deleted"]),
+    ("schedule", &["created", "updated", "deleted"]),
+    ("run", &["created", "updated", "deleted"]),
+];
+
+/// Events sent per read of the history.
+const BATCH: usize = 256;
+/// A comment line this often keeps proxies from closing an idle stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventQuery {
+    /// Only events about this VM or template: itself, its disks, snapshots, jobs and
+    /// its own schedules' runs.
+    pub vm_id: Option<Uuid>,
+    /// Only these event types, comma-separated; `kind.*` stands for every type of a
+    /// kind.
+    #[param(example = "job.*,snapshot.created")]
+    pub types: Option<String>,
+    /// Resume after this event id, for a client that cannot send `Last-Event-ID` (the
+    /// header wins when both are given).
+    #[param(minimum = 0, example = 1042)]
+    pub last_event_id: Option<i64>,
+    /// Instead of the `Authorization` header, which a browser's `EventSource` cannot
+    /// send: a ticket from `POST /v1/tickets` (used once, within a minute). Never the
+    /// token itself.
+    pub ticket: Option<String>,
+}
+
+/// Which event types a subscriber asked for.
+struct TypeFilter(Vec<String>);
+
+impl TypeFilter {
+    fn parse(text: Option<&str>) -> Result<Self> {
+        let Some(text) = text else {
+            return Ok(Self(Vec::new()));
+        };
+        let mut patterns = Vec::new();
+        for pattern in text.split(',').map(str::trim) {
+            let (kind, action) = pattern.split_once('.').unwrap_or((pattern, ""));
+            let known = KINDS
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .is_some_and(|(_, actions)| action == "*" || actions.contains(&action));
+            if !known {
+                return Err(Error::validation(format!(
+                    "unknown event type {pattern:?} in types: use kind.change or kind.* with kind one of {}",
+                    KINDS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            patterns.push(pattern.trim_end_matches('*').to_owned());
+        }
+        Ok(Self(patterns))
+    }
+
+    /// A pattern ending in `.` (from `kind.*`) matches by prefix.
+    fn admits(&self, event_type: &str) -> bool {
+        self.0.is_empty()
+            || self.0.iter().any(|p| {
+                if p.ends_with('.') {
+                    event_type.starts_with(p.as_str())
+                } else {
+                    event_type == p
+                }
+            })
+    }
+}
+
+problems!(StreamEventsProblems = VM; ValidationFailed);
+
+/// Follow every change as it is committed (Server-Sent Events).
+///
+/// Each event reads `id: <n>`, `event: <type>` and `data: <JSON>`: the changed
+/// resource's view, the same JSON as its `GET` (with `requested_by`, the token that
+/// asked for the change, where the view has no such field), or `{"id": ...}` for a
+/// deletion. Types: `vm.*`, `template.*`, `disk.*`, `snapshot.*`, `schedule.*`,
+/// `run.*` (`created`, `updated`, `deleted`) and `job.created`, `job.updated`,
+/// `job.finished`, `job.deleted`. Events come in commit order, only for committed
+/// changes; ids only grow. A client reconnecting with `Last-Event-ID` gets every
+/// event it missed, or, when those are no longer kept (`--event-history`), an event
+/// `reset` (`data: {"last_event_id": n}`): reload, and the stream goes on after `n`. A
+/// comment line every 15 seconds keeps an idle stream open through proxies. A browser's
+/// `EventSource`, which cannot send `Authorization`, passes `?ticket=` (see
+/// `POST /v1/tickets`).
+#[utoipa::path(get, path = "/v1/events", tag = "events",
+    params(EventQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (sent by `EventSource` when it reconnects)")),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = String,
+            example = json!("id: 1043\nevent: job.finished\ndata: {\"id\":\"0193f5d2-7c1e-7a51-9f3b-2d6c1e0a9b41\",\"status\":\"succeeded\"}\n\n")),
+        StreamEventsProblems,
+    ))]
+async fn stream_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<EventQuery>,
+) -> Result<Sse<impl Stream<Item = std::result::Result<sse::Event, Infallible>>>> {
+    let types = TypeFilter::parse(query.types.as_deref())?;
+    let resume = match headers.get("last-event-id") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|id| *id >= 0)
+                .ok_or_else(|| {
+                    Error::validation("Last-Event-ID must be an event id this stream sent")
+                })?,
+        ),
+        None => query.last_event_id,
+    };
+    if resume.is_some_and(|id| id < 0) {
+        return Err(Error::validation("last_event_id must be 0 or more"));
+    }
+    let vm_id = match query.vm_id {
+        Some(id) => {
+            let found = store::vms::get_vm(&mut *state.db.reader().await?, id).await?;
+            if found.is_none() {
+                return Err(Error::problem(
+                    ErrorCode::VmNotFound,
+                    format!("no VM or template {id}"),
+                ));
+            }
+            Some(id.hyphenated().to_string())
+        }
+        None => None,
+    };
+    let hub = Arc::clone(&state.events);
+    let subscription = Subscription {
+        updates: hub.subscribe(),
+        after: resume.unwrap_or_else(|| hub.latest()),
+        hub,
+        types,
+        vm_id,
+        ready: VecDeque::new(),
+    };
+    let stream = futures_util::stream::unfold(subscription, |mut s| async move {
+        let event = s.next().await?;
+        Some((Ok(event), s))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+}
+
+/// One subscriber's place in the history and what it asked for.
+struct Subscription {
+    hub: Arc<Hub>,
+    updates: tokio::sync::watch::Receiver<i64>,
+    after: i64,
+    types: TypeFilter,
+    vm_id: Option<String>,
+    ready: VecDeque<sse::Event>,
+}
+
+impl Subscription {
+    /// The next event to send; none once the service stops.
+    async fn next(&mut self) -> Option<sse::Event> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(event);
+            }
+            // Marked seen before reading, so an append after the read wakes the wait.
+            self.updates.borrow_and_update();
+            match self.hub.since(self.after, BATCH) {
+                Since::Gone { latest } => {
+                    self.after = latest;
+                    self.ready.push_back(
+                        sse::Event::default()
+                            .id(latest.to_string())
+                            .event("reset")
+                            .data(serde_json::json!({ "last_event_id": latest }).to_string()),
+                    );
+                }
+                Since::Events(events) if events.is_empty() => {
+                    let mut stopping = self.hub.stopping();
+                    tokio::select! {
+                        changed = self.updates.changed() => changed.ok()?,
+                        _ = stopping.wait_for(|stop| *stop) => return None,
+                    }
+                }
+                Since::Events(events) => {
+                    self.after = events.last().map_or(self.after, |e| e.id);
+                    let wanted: Vec<_> = events
+                        .iter()
+                        .filter(|e| self.admits(e))
+                        .map(|e| to_sse(e))
+                        .collect();
+                    self.ready.extend(wanted);
+                }
+            }
+        }
+    }
+
+    fn admits(&self, event: &Event) -> bool {
+        self.types.admits(&event.event_type)
+            && self
+                .vm_id
+                .as_ref()
+                .is_none_or(|vm| event.vm_id.as_ref() == Some(vm))
+    }
+}
+
+fn to_sse(event: &Event) -> sse::Event {
+    sse::Event::default()
+        .id(event.id.to_string())
+        .event(&event.event_type)
+        .data(&event.data)
+}
+
+/// Renders events' views with the same functions the handlers answer with.
+pub struct ViewRenderer {
+    pub volumes_dir: std::path::PathBuf,
+    pub live: Arc<crate::live::Live>,
+}
+
+impl Render for ViewRenderer {
+    fn render<'a>(
+        &'a self,
+        conn: &'a mut sqlx::SqliteConnection,
+        kind: &'a str,
+        id: &'a str,
+    ) -> Rendering<'a> {
+        Box::pin(async move {
+            let Ok(id) = id.parse::<Uuid>() else {
+                return Ok(None);
+            };
+            let views = Views {
+                volumes_dir: &self.volumes_dir,
+                live: &self.live,
+            };
+            let view = match kind {
+                "vm" | "template" => match store::vms::get_vm(conn, id).await? {
+                    Some(vm) if vm.kind == VmKind::Vm => {
+                        to_json(super::vms::vm_view(views, conn, vm).await?)
+                    }
+                    Some(template) => {
+                        to_json(super::templates::template_view(views, conn, template).await?)
+                    }
+                    None => None,
+                },
+                "disk" => match store::vms::get_disk(conn, id).await? {
+                    Some(disk) => {
+                        let volumes = store::vms::list_volumes(conn, disk.vm_id).await?;
+                        to_json(super::vms::disk_view(views, disk, &volumes))
+                    }
+                    None => None,
+                },
+                "snapshot" => match store::snapshots::get(conn, id).await? {
+                    Some(snapshot) => match store::vms::get_vm(conn, snapshot.vm_id).await? {
+                        Some(vm) => to_json(super::snapshots::snapshot_view(views, &vm, snapshot)),
+                        None => None,
+                    },
+                    None => None,
+                },
+                "job" => store::jobs::get(conn, id)
+                    .await?
+                    .and_then(|job| to_json(super::jobs::JobView::from(job))),
+                "schedule" => match store::schedules::get(conn, id).await? {
+                    Some(schedule) => {
+                        to_json(super::schedules::schedule_view(conn, schedule).await?)
+                    }
+                    None => None,
+                },
+                "run" => store::schedules::find_run(conn, id)
+                    .await?
+                    .and_then(|run| to_json(super::schedules::run_view(run))),
+                _ => None,
+            };
+            Ok(view)
+        })
+    }
+}
+
+fn to_json(view: impl serde::Serialize) -> Option<serde_json::Value> {
+    serde_json::to_value(view).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_filters_take_exact_types_and_kind_wildcards_and_refuse_the_unknown() {
+        let filter = TypeFilter::parse(Some("job.*, snapshot.created")).unwrap();
+        assert!(filter.admits("job.finished"));
+        assert!(filter.admits("snapshot.created"));
+        assert!(!filter.admits("snapshot.deleted"));
+        assert!(!filter.admits("jobs.created"));
+        assert!(TypeFilter::parse(None).unwrap().admits("vm.updated"));
+        for bad in ["", "job", "vm.finished", "volume.*", "job.*x", "*"] {
+            assert!(TypeFilter::parse(Some(bad)).is_err(), "{bad}");
+        }
+    }
+}

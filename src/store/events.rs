@@ -1,0 +1,417 @@
+//! The event stream's history in the database: sealing a transaction's events before
+//! it commits (folding them, rendering each resource's view, recording who asked),
+//! reading committed ones back in order, and pruning the oldest.
+//!
+//! Triggers (migration 0017) write a row for every change inside the transaction that
+//! makes it; `seal` runs last in that transaction, on the one writer connection, so
+//! what it renders is exactly what the transaction commits, and the ids follow commit
+//! order. An event exists exactly when its change does: a crash before `COMMIT` takes
+//! both away.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use sqlx::{Row, SqliteConnection};
+
+use super::{get_ts, ts};
+use crate::domain::Timestamp;
+use crate::error::Result;
+
+/// One committed event, as the stream sends it.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub id: i64,
+    /// `vm.created`, `job.finished`, ...
+    pub event_type: String,
+    pub resource_id: String,
+    /// The VM it concerns, for `?vm_id=` (none for a schedule over a selector).
+    pub vm_id: Option<String>,
+    pub requested_by: Option<String>,
+    pub at: Timestamp,
+    /// The resource's API view (JSON) after the change, or `{"id": ...}` for a deletion.
+    pub data: String,
+}
+
+/// A future rendering a resource's view.
+pub type Rendering<'a> =
+    Pin<Box<dyn Future<Output = Result<Option<serde_json::Value>>> + Send + 'a>>;
+
+/// Renders the API view of a resource (`kind`: `vm`, `disk`, `job`, ...) as the
+/// connection's transaction sees it; none when it is not there. The API layer provides
+/// it, so the views in events are the views its GETs answer.
+pub trait Render: Send + Sync {
+    fn render<'a>(
+        &'a self,
+        conn: &'a mut SqliteConnection,
+        kind: &'a str,
+        id: &'a str,
+    ) -> Rendering<'a>;
+}
+
+/// What every write transaction shares: the renderer (set once at start; without one,
+/// as in `strata token`, an event carries only its resource's id) and the signal that
+/// a transaction with events committed.
+#[derive(Default)]
+pub struct Outbox {
+    render: OnceLock<Arc<dyn Render>>,
+    pub committed: tokio::sync::Notify,
+}
+
+impl Outbox {
+    pub fn set_renderer(&self, render: Arc<dyn Render>) {
+        let _ = self.render.set(render);
+    }
+}
+
+/// A change's kind, the part of an event type after the dot.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Action {
+    Created,
+    Updated,
+    Finished,
+    Deleted,
+}
+
+fn split(event_type: &str) -> (&str, Action) {
+    let (kind, action) = event_type
+        .split_once('.')
+        .unwrap_or((event_type, "updated"));
+    let action = match action {
+        "created" => Action::Created,
+        "finished" => Action::Finished,
+        "deleted" => Action::Deleted,
+        _ => Action::Updated,
+    };
+    (kind, action)
+}
+
+/// An event row of the transaction in progress: id, type, resource id.
+type Pending = (i64, String, String);
+
+/// One event per change a client can see: the rows one transaction's statements
+/// produced, folded. A resource created and then changed is one `created` (its view is
+/// rendered as the transaction leaves it), changes in a row are one `updated`, a change
+/// followed by a deletion is the deletion alone, and a resource created and deleted
+/// again was never seen. A job's `finished` stays apart from its `created`: a client
+/// waits for it. What remains keeps the order of its first row. Returns the rows kept
+/// and the ids of those folded away.
+fn fold(rows: Vec<Pending>) -> (Vec<Pending>, Vec<i64>) {
+    enum Seen {
+        At(usize),
+        Gone,
+    }
+    let mut seen: std::collections::HashMap<(String, String), Seen> = Default::default();
+    let mut out: Vec<Option<Pending>> = Vec::with_capacity(rows.len());
+    let mut dropped = Vec::new();
+    for row in rows {
+        let (kind, action) = split(&row.1);
+        let key = (kind.to_owned(), row.2.clone());
+        let earlier = match seen.get(&key) {
+            None => None,
+            Some(Seen::Gone) => {
+                dropped.push(row.0);
+                continue;
+            }
+            Some(Seen::At(i)) => Some(*i),
+        };
+        let Some(i) = earlier else {
+            seen.insert(key, Seen::At(out.len()));
+            out.push(Some(row));
+            continue;
+        };
+        let prev = split(&out[i].as_ref().expect("a seen row is kept").1).1;
+        match (prev, action) {
+            (Action::Created, Action::Deleted) => {
+                dropped.extend([out[i].take().expect("kept").0, row.0]);
+                seen.insert(key, Seen::Gone);
+            }
+            (Action::Deleted, _) => dropped.push(row.0),
+            (_, Action::Deleted) | (Action::Updated, Action::Finished) => {
+                dropped.push(out[i].take().expect("kept").0);
+                seen.insert(key, Seen::At(out.len()));
+                out.push(Some(row));
+            }
+            (Action::Created, Action::Finished) => {
+                seen.insert(key, Seen::At(out.len()));
+                out.push(Some(row));
+            }
+            _ => dropped.push(row.0),
+        }
+    }
+    (out.into_iter().flatten().collect(), dropped)
+}
+
+/// Seal the events of the transaction `conn` has open: fold them, render each one's
+/// view, stamp it with `at` and (unless a job's own row named its requester) `actor`.
+pub async fn seal(
+    conn: &mut SqliteConnection,
+    outbox: &Outbox,
+    actor: Option<&str>,
+    at: Timestamp,
+) -> Result<()> {
+    let rows: Vec<Pending> =
+        sqlx::query_as("SELECT id, type, resource_id FROM events WHERE data IS NULL ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    // Without a caller of its own, a transaction that writes a job's rows acts for
+    // whoever asked for the job: a snapshot's events say who asked for the snapshot.
+    let job_actor: Option<String> = match actor {
+        Some(_) => None,
+        None => {
+            sqlx::query_scalar(
+                "SELECT requested_by FROM events WHERE data IS NULL AND type LIKE 'job.%'
+               AND requested_by IS NOT NULL ORDER BY id LIMIT 1",
+            )
+            .fetch_optional(&mut *conn)
+            .await?
+        }
+    };
+    let actor = actor.or(job_actor.as_deref());
+    let (kept, dropped) = fold(rows);
+    for id in dropped {
+        sqlx::query("DELETE FROM events WHERE id = ?")
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let at = ts(at);
+    for (id, event_type, resource_id) in kept {
+        let (kind, action) = split(&event_type);
+        let rendered = match (action, outbox.render.get()) {
+            (Action::Deleted, _) | (_, None) => None,
+            // A view that cannot be rendered must not fail the change it reports: the
+            // event then carries the id alone (and a broken transaction still fails
+            // at its COMMIT).
+            (_, Some(render)) => match render.render(conn, kind, &resource_id).await {
+                Ok(view) => view,
+                Err(e) => {
+                    tracing::warn!(error = %e, %event_type, %resource_id, "cannot render an event's view");
+                    None
+                }
+            },
+        };
+        let mut data = rendered.unwrap_or_else(|| serde_json::json!({ "id": resource_id }));
+        let requested_by: Option<String> =
+            sqlx::query_scalar("SELECT requested_by FROM events WHERE id = ?")
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?;
+        let requested_by = requested_by.or(actor.map(str::to_owned));
+        // Who asked, also where the view itself does not say (a job's does).
+        if let (Some(by), Some(object)) = (&requested_by, data.as_object_mut()) {
+            object
+                .entry("requested_by")
+                .or_insert_with(|| by.clone().into());
+        }
+        let data = data.to_string();
+        // A change that leaves the view as the resource's last event showed it (a
+        // journal write, a status set again) is not news.
+        if action == Action::Updated
+            && last_data(conn, kind, &resource_id, id).await? == Some(data.clone())
+        {
+            sqlx::query("DELETE FROM events WHERE id = ?")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+            continue;
+        }
+        sqlx::query("UPDATE events SET data = ?, at = ?, requested_by = ? WHERE id = ?")
+            .bind(data)
+            .bind(&at)
+            .bind(requested_by)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The data of the last sealed event of resource `id` of `kind`, before event `before`.
+async fn last_data(
+    conn: &mut SqliteConnection,
+    kind: &str,
+    id: &str,
+    before: i64,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT data FROM events WHERE resource_id = ? AND id < ? AND data IS NOT NULL
+           AND substr(type, 1, length(?) + 1) = ? || '.'
+         ORDER BY id DESC LIMIT 1",
+    )
+    .bind(id)
+    .bind(before)
+    .bind(kind)
+    .bind(kind)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+fn from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Event> {
+    Ok(Event {
+        id: row.try_get("id")?,
+        event_type: row.try_get("type")?,
+        resource_id: row.try_get("resource_id")?,
+        vm_id: row.try_get("vm_id")?,
+        requested_by: row.try_get("requested_by")?,
+        at: get_ts(row, "at")?,
+        data: row.try_get("data")?,
+    })
+}
+
+/// Committed events after `after`, oldest first, at most `limit`.
+pub async fn after(conn: &mut SqliteConnection, after: i64, limit: i64) -> Result<Vec<Event>> {
+    let rows =
+        sqlx::query("SELECT * FROM events WHERE id > ? AND data IS NOT NULL ORDER BY id LIMIT ?")
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// The newest event id pruned from the history (0: none yet).
+pub async fn pruned_through(conn: &mut SqliteConnection) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT through_id FROM events_pruned")
+        .fetch_one(&mut *conn)
+        .await?)
+}
+
+/// Keep only the newest `keep` events; the new `pruned_through`.
+pub async fn prune(conn: &mut SqliteConnection, keep: i64) -> Result<i64> {
+    let cut: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM events WHERE data IS NOT NULL ORDER BY id DESC LIMIT 1 OFFSET ?",
+    )
+    .bind(keep)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(cut) = cut else {
+        return pruned_through(conn).await;
+    };
+    sqlx::query("DELETE FROM events WHERE id <= ? AND data IS NOT NULL")
+        .bind(cut)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE events_pruned SET through_id = max(through_id, ?)")
+        .bind(cut)
+        .execute(&mut *conn)
+        .await?;
+    pruned_through(conn).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(types: &[(&str, &str)]) -> Vec<Pending> {
+        types
+            .iter()
+            .enumerate()
+            .map(|(i, (t, id))| (i as i64 + 1, t.to_string(), id.to_string()))
+            .collect()
+    }
+
+    fn kept(types: &[(&str, &str)]) -> Vec<(String, String)> {
+        fold(rows(types))
+            .0
+            .into_iter()
+            .map(|(_, t, id)| (t, id))
+            .collect()
+    }
+
+    fn pairs(types: &[(&str, &str)]) -> Vec<(String, String)> {
+        types
+            .iter()
+            .map(|(t, id)| (t.to_string(), id.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_resource_made_and_then_changed_in_one_transaction_is_one_created_event() {
+        let input = [
+            ("vm.created", "v"),
+            ("disk.created", "d"),
+            ("disk.updated", "d"),
+            ("vm.updated", "v"),
+            ("job.created", "j"),
+        ];
+        assert_eq!(
+            kept(&input),
+            pairs(&[
+                ("vm.created", "v"),
+                ("disk.created", "d"),
+                ("job.created", "j")
+            ])
+        );
+    }
+
+    #[test]
+    fn changes_fold_into_one_update_and_a_deletion_ends_a_resource() {
+        let input = [
+            ("snapshot.updated", "s"),
+            ("disk.updated", "d"),
+            ("snapshot.updated", "s"),
+            ("snapshot.deleted", "s"),
+            // A cascade's rows after the deletion are not news.
+            ("snapshot.updated", "s"),
+            ("disk.updated", "d"),
+        ];
+        assert_eq!(
+            kept(&input),
+            pairs(&[("disk.updated", "d"), ("snapshot.deleted", "s")])
+        );
+        let (kept_rows, dropped) = fold(rows(&input));
+        assert_eq!(kept_rows.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 4]);
+        assert_eq!(dropped.len(), 4);
+    }
+
+    #[test]
+    fn something_made_and_removed_in_one_transaction_was_never_seen() {
+        let input = [
+            ("vm.created", "v"),
+            ("vm.updated", "v"),
+            ("vm.deleted", "v"),
+            ("vm.updated", "v"),
+        ];
+        assert!(kept(&input).is_empty());
+    }
+
+    #[test]
+    fn a_job_finishing_stays_its_own_event_after_its_creation() {
+        let input = [
+            ("job.created", "j"),
+            ("job.updated", "j"),
+            ("job.finished", "j"),
+            ("job.updated", "j"),
+        ];
+        assert_eq!(
+            kept(&input),
+            pairs(&[("job.created", "j"), ("job.finished", "j")])
+        );
+        let input = [
+            ("job.updated", "j"),
+            ("vm.updated", "v"),
+            ("job.finished", "j"),
+        ];
+        assert_eq!(
+            kept(&input),
+            pairs(&[("vm.updated", "v"), ("job.finished", "j")])
+        );
+    }
+
+    #[test]
+    fn a_vm_turned_template_is_the_vms_deletion_and_the_templates_creation() {
+        let input = [
+            ("vm.updated", "v"),
+            ("vm.deleted", "v"),
+            ("template.created", "v"),
+        ];
+        assert_eq!(
+            kept(&input),
+            pairs(&[("vm.deleted", "v"), ("template.created", "v")])
+        );
+    }
+}
