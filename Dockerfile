@@ -17,15 +17,19 @@ COPY src ./src
 COPY migrations ./migrations
 COPY benches ./benches
 
+# The commit GET /v1/version reports: docker build --build-arg STRATA_GIT_COMMIT=$(git rev-parse HEAD)
+ARG STRATA_GIT_COMMIT=""
+ENV STRATA_GIT_COMMIT=${STRATA_GIT_COMMIT}
 RUN cargo build --release --locked --bin strata \
     && install -m 0755 target/release/strata /usr/local/bin/strata
 
 # --- runtime -----------------------------------------------------------------------
 FROM debian:bookworm-slim
 
-# qemu-img does every file operation. SQLite is compiled into the binary.
+# qemu-img does every file operation; curl is the compose healthcheck's probe of
+# /readyz. SQLite is compiled into the binary.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends qemu-utils \
+    && apt-get install -y --no-install-recommends qemu-utils curl ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system strata \
@@ -43,6 +47,8 @@ VOLUME ["/var/lib/strata"]
 EXPOSE 8080
 ENV STRATA_LOG=info
 
-# No HEALTHCHECK: the slim image has no HTTP client. Probe GET /readyz from outside.
+# Ready once the jobs a crash interrupted are finished or rolled back (503 until then).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8080/readyz"]
 ENTRYPOINT ["strata"]
 CMD ["serve", "--listen", "0.0.0.0:8080", "--data-dir", "/var/lib/strata"]

@@ -48,7 +48,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     let volumes_dir = data_dir.join("volumes");
     // Before anything writes: a second service must not even migrate the database.
     let _data_dir_lock = lock_data_dir(&data_dir)?;
-    check_qemu_img(&config).await?;
+    let qemu_img_version = check_qemu_img(&config).await?;
     let live = crate::live::Live::new(config.runtime_dir.as_deref()).map_err(|e| {
         Error::Internal(format!(
             "cannot open --runtime-dir {}: {e}",
@@ -118,6 +118,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         request_timeout: Duration::from_secs(config.request_timeout_secs),
         live,
         events: Arc::clone(&events),
+        qemu_img_version: qemu_img_version.into(),
         auth: Arc::new(api::auth::Auth::new(auth_mode, token_key)),
         import: api::ImportSettings {
             dir: config.import_dir.clone(),
@@ -346,7 +347,8 @@ fn spawn_export_cleanup(
     })
 }
 
-async fn check_qemu_img(config: &ServeConfig) -> Result<()> {
+/// The first line of `qemu-img --version`, or why qemu-img cannot be run.
+async fn check_qemu_img(config: &ServeConfig) -> Result<String> {
     let output = tokio::process::Command::new(&config.qemu_img)
         .arg("--version")
         .output()
@@ -365,8 +367,9 @@ async fn check_qemu_img(config: &ServeConfig) -> Result<()> {
         )));
     }
     let version = String::from_utf8_lossy(&output.stdout);
-    tracing::info!(version = %version.lines().next().unwrap_or_default(), "qemu-img found");
-    Ok(())
+    let version = version.lines().next().unwrap_or_default().trim().to_owned();
+    tracing::info!(%version, "qemu-img found");
+    Ok(version)
 }
 
 async fn shutdown_signal() {
@@ -407,12 +410,21 @@ fn with_middleware(router: axum::Router, config: &ServeConfig) -> axum::Router {
                     .filter_map(|o| HeaderValue::from_str(o).ok()),
             )
         };
+        // `Authorization` must be named: a wildcard never covers it (Fetch standard).
         router = router.layer(
             CorsLayer::new()
                 .allow_origin(origin)
                 .allow_methods(tower_http::cors::Any)
-                .allow_headers(tower_http::cors::Any)
-                .expose_headers([header::LOCATION]),
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    header::HeaderName::from_static("last-event-id"),
+                ])
+                .expose_headers([
+                    header::LOCATION,
+                    header::WWW_AUTHENTICATE,
+                    header::RETRY_AFTER,
+                ]),
         );
     }
     router

@@ -57,6 +57,8 @@ pub struct AppState {
     pub auth: Arc<auth::Auth>,
     /// The committed events, for `/v1/events`.
     pub events: Arc<crate::events::Hub>,
+    /// The first line of `qemu-img --version`, for `/v1/version`.
+    pub qemu_img_version: Arc<str>,
 }
 
 /// What rendering a view needs beyond the database: where the volume files are (their

@@ -1,4 +1,4 @@
-//! Health, readiness and the OpenAPI document.
+//! Health, readiness, versions and the OpenAPI document.
 
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
@@ -18,6 +18,42 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
+        .routes(routes!(version))
+}
+
+/// What is running.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+#[schema(example = json!({
+    "version": "0.1.0",
+    "git_commit": "e7775f6c0a1d2b3c4d5e6f708192a3b4c5d6e7f8",
+    "qemu_img": "qemu-img version 10.0.2 (Debian 1:10.0.2+ds-2)",
+    "schema_version": 17
+}))]
+pub struct Version {
+    /// strata's version (`strata --version` prints the same).
+    pub version: String,
+    /// The git commit strata was built from, when the build was told
+    /// (`STRATA_GIT_COMMIT` at build time); null otherwise.
+    pub git_commit: Option<String>,
+    /// The first line of `qemu-img --version` of the qemu-img strata runs.
+    pub qemu_img: String,
+    /// The newest database migration applied (`migrations/NNNN_*.sql`).
+    pub schema_version: i64,
+}
+
+/// Versions of strata, of the qemu-img it runs and of its database schema.
+#[utoipa::path(get, path = "/v1/version", tag = "system",
+    responses((status = 200, description = "What is running", body = Version)))]
+async fn version(State(state): State<AppState>) -> Result<axum::Json<Version>> {
+    let schema_version = crate::store::schema_version(&mut *state.db.reader().await?).await?;
+    Ok(axum::Json(Version {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        git_commit: option_env!("STRATA_GIT_COMMIT")
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned),
+        qemu_img: state.qemu_img_version.to_string(),
+        schema_version,
+    }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

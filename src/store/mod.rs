@@ -229,6 +229,15 @@ impl Db {
     }
 }
 
+/// The newest migration applied to the database.
+pub async fn schema_version(conn: &mut SqliteConnection) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
 /// The current time (see `crate::clock`) at the precision stored.
 pub fn now() -> Timestamp {
     crate::clock::now()

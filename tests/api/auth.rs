@@ -850,3 +850,66 @@ async fn stored_digests_are_keyed_by_the_data_directorys_key_and_old_ones_are_up
     let reply = as_token(&mut app, Some(&admin), Method::GET, "/v1/vms", None).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
 }
+
+/// CORS is off unless origins are configured; then a page of such an origin may send
+/// the token (`Authorization` is named: a wildcard would not cover it) and read the
+/// headers the API answers with.
+#[tokio::test]
+async fn a_configured_origin_may_send_the_token_and_no_other_origin_is_let_in() {
+    let preflight = |app: &TestApp, origin: &str| {
+        app.client
+            .request(Method::OPTIONS, format!("{}/v1/vms", app.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let app = TestApp::spawn().await;
+    let reply = preflight(&app, "https://dash.example").await.unwrap();
+    assert!(
+        reply.headers().get("access-control-allow-origin").is_none(),
+        "off by default"
+    );
+
+    let app = TestApp::spawn_with(&[("STRATA_CORS_ORIGINS", "https://dash.example")]).await;
+    let reply = preflight(&app, "https://dash.example").await.unwrap();
+    let header = |name: &str| {
+        reply
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+    };
+    assert_eq!(
+        header("access-control-allow-origin").as_deref(),
+        Some("https://dash.example")
+    );
+    let allowed = header("access-control-allow-headers").unwrap();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    let other = preflight(&app, "https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    let token = create_token(&app, "dash", "read");
+    let reply = app
+        .client
+        .get(format!("{}/v1/vms", app.base))
+        .header("origin", "https://dash.example")
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let exposed = reply.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        exposed.contains("www-authenticate") && exposed.contains("location"),
+        "{exposed}"
+    );
+}

@@ -479,3 +479,46 @@ fn compose_sets_only_environment_variables_the_binary_reads() {
         }
     }
 }
+
+/// Both the image and the compose service probe readiness (`/readyz`: 503 while
+/// recovery runs) on the port the service listens on, with a probe the image has.
+#[test]
+fn the_image_and_the_compose_service_probe_readyz_with_curl_from_the_image() {
+    let stage = runtime_stage();
+    let installs = stage
+        .iter()
+        .filter(|(keyword, _)| keyword == "RUN")
+        .any(|(_, run)| run.contains("apt-get install") && run.contains(" curl"));
+    assert!(installs, "the runtime image installs curl for the probe");
+    let (_, check) = stage
+        .iter()
+        .find(|(keyword, _)| keyword == "HEALTHCHECK")
+        .expect("the Dockerfile has a HEALTHCHECK");
+    let probe = check
+        .split_once("CMD")
+        .expect("HEALTHCHECK ... CMD [...]")
+        .1;
+    let probe: Vec<String> = serde_json::from_str(probe.trim()).expect("an exec-form probe");
+    let (_, service) = compose_service();
+    let test: Vec<String> = service["healthcheck"]["test"]
+        .as_sequence()
+        .expect("the compose service has a healthcheck test list")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(test[0], "CMD");
+    assert_eq!(
+        test[1..],
+        probe[..],
+        "the compose file and the image probe alike"
+    );
+    assert_eq!(probe[0], "curl");
+    let port = compose_command(&service)
+        .iter()
+        .find_map(|a| a.strip_prefix("0.0.0.0:").map(str::to_owned))
+        .expect("the compose command listens on 0.0.0.0:PORT");
+    assert_eq!(
+        probe.last().unwrap(),
+        &format!("http://127.0.0.1:{port}/readyz")
+    );
+}

@@ -777,3 +777,41 @@ async fn a_job_whose_stored_parameters_cannot_be_read_fails_alone() {
     let other = app.create_vm("other", &[("root", MIB)]).await;
     assert_eq!(app.vm(other.id).await.status, ResourceStatus::Ready);
 }
+
+#[tokio::test]
+async fn the_version_names_strata_the_qemu_img_it_runs_and_the_schema() {
+    let app = TestApp::spawn().await;
+    let (status, body) = app.get("/v1/version").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    let qemu = std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let first_line = String::from_utf8(qemu.stdout).unwrap();
+    assert_eq!(body["qemu_img"], first_line.lines().next().unwrap().trim());
+    let newest_migration = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .filter_map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_str()?
+                .split('_')
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .max()
+        .unwrap();
+    assert_eq!(body["schema_version"], newest_migration);
+    assert!(body["git_commit"].is_null() || body["git_commit"].is_string());
+
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(cli.stdout).unwrap().trim(),
+        format!("strata {}", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -90,6 +90,7 @@ const LABELS: &[(&str, &str, usize)] = &[
     ("vm_deleted", DELETE_VM, 1),
     ("healthz", "$API/healthz", 0),
     ("readyz", "$API/readyz", 0),
+    ("version", "$API/v1/version", 0),
 ];
 
 #[tokio::test]
@@ -521,6 +522,10 @@ fn check_schedule_and_job_answers(walk: &Walk) {
     walk.assert_jobs("vm_deleted", "vm_delete", 1);
     walk.assert_answers("healthz", json!([{"status": "ok"}]));
     walk.assert_answers("readyz", json!([{"status": "ready"}]));
+    let version = walk.answers("version");
+    assert_eq!(version.len(), 1, "{version:?}");
+    assert_eq!(version[0]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(version[0]["qemu_img"].as_str().unwrap().starts_with("qemu-img version"));
 }
 
 async fn check_every_job_succeeded(app: &TestApp, walk: &Walk) {
