@@ -188,5 +188,6 @@ CREATE TRIGGER schedule_runs_updated AFTER UPDATE ON schedule_runs BEGIN
     SELECT 'schedule.updated', id, vm_id FROM schedules WHERE id = NEW.schedule_id;
 END;
 CREATE TRIGGER schedule_runs_deleted AFTER DELETE ON schedule_runs BEGIN
-    INSERT INTO events (type, resource_id, vm_id) VALUES ('run.deleted', OLD.id, NULL);
+    INSERT INTO events (type, resource_id, vm_id)
+    VALUES ('run.deleted', OLD.id, (SELECT vm_id FROM schedules WHERE id = OLD.schedule_id));
 END;

@@ -54,10 +54,18 @@ impl Hub {
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Self>> {
         let capacity = capacity.max(1);
-        let mut tx = db.begin().await?;
-        let pruned_through = events::prune(&mut tx, capacity as i64).await?;
-        tx.commit().await?;
+        // Trimming is housekeeping: on a full disk the service starts with the longer
+        // history rather than not at all.
+        let trimmed = async {
+            let mut tx = db.begin().await?;
+            events::prune(&mut tx, capacity as i64, i64::MAX).await?;
+            tx.commit().await
+        };
+        if let Err(e) = trimmed.await {
+            tracing::warn!(error = %e, "cannot trim the event history; keeping it whole");
+        }
         let mut conn = db.reader().await?;
+        let pruned_through = events::pruned_through(&mut conn).await?;
         let mut kept = VecDeque::new();
         let mut after = pruned_through;
         loop {
@@ -118,21 +126,20 @@ impl Hub {
                 return Ok(pulled);
             };
             pulled += batch.len();
-            {
-                let mut history = self.history.write().expect("event history lock");
-                history.events.extend(batch.into_iter().map(Arc::new));
-                while history.events.len() > self.capacity {
-                    let oldest = history.events.pop_front().expect("over capacity");
-                    history.pruned_through = oldest.id;
-                }
+            let mut history = self.history.write().expect("event history lock");
+            history.events.extend(batch.into_iter().map(Arc::new));
+            while history.events.len() > self.capacity {
+                let oldest = history.events.pop_front().expect("over capacity");
+                history.pruned_through = oldest.id;
             }
+            // Under the lock, so no subscriber sees the events before `latest` does.
             self.latest.send_replace(last);
         }
     }
 
     async fn prune_stored(&self) -> Result<()> {
         let mut tx = self.db.begin().await?;
-        events::prune(&mut tx, self.capacity as i64).await?;
+        events::prune(&mut tx, self.capacity as i64, self.latest()).await?;
         tx.commit().await
     }
 
@@ -153,8 +160,11 @@ impl Hub {
 
     /// Up to `limit` events after `after`.
     pub fn since(&self, after: i64, limit: usize) -> Since {
-        let latest = self.latest();
         let history = self.history.read().expect("event history lock");
+        let latest = history
+            .events
+            .back()
+            .map_or(history.pruned_through, |e| e.id);
         if after < history.pruned_through || after > latest {
             return Since::Gone { latest };
         }

@@ -72,6 +72,9 @@ pub struct JobView {
     /// The name of the token whose request made the job (`scheduler` for the
     /// scheduler's runs and prunes); null when the request was anonymous.
     pub requested_by: Option<String>,
+    /// The name of the token whose request cancelled the job; null when none did (or
+    /// the request was anonymous).
+    pub cancelled_by: Option<String>,
     pub error: Option<JobError>,
     /// What the job makes and what its planner chose once it started.
     pub detail: Option<JobDetail>,
@@ -159,6 +162,7 @@ impl From<Job> for JobView {
             finished_at: job.finished_at,
             cancel_requested: job.cancel_requested,
             requested_by: job.requested_by,
+            cancelled_by: job.cancelled_by,
             error,
             // Written only by this service (`store::jobs`): a shape it cannot read is
             // shown as no detail rather than failing the view.
@@ -302,9 +306,13 @@ problems!(CancelJobProblems = JOB; JobNotCancellable);
             headers(("Location" = String, description = "/v1/jobs/{id}"))),
         CancelJobProblems,
     ))]
-async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
+async fn cancel_job(
+    State(state): State<AppState>,
+    caller: super::auth::Caller,
+    Path(id): Path<String>,
+) -> Result<Response> {
     let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;
-    let job = state.engine.cancel(id).await?;
+    let job = state.engine.cancel(id, caller.name()).await?;
     Ok(accepted(job.into()))
 }
 

@@ -307,6 +307,8 @@ pub struct Job {
     /// The name of the token whose request made the job (`scheduler` for the
     /// scheduler's own); none when the request was anonymous.
     pub requested_by: Option<String>,
+    /// The name of the token whose request cancelled the job, if one did.
+    pub cancelled_by: Option<String>,
 }
 
 string_enum!(

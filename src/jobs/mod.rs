@@ -153,9 +153,11 @@ impl Engine {
         }
     }
 
-    /// Cancel a queued job at once, or ask a running one to stop while it still can.
-    pub async fn cancel(&self, id: Uuid) -> Result<Job> {
+    /// Cancel a queued job at once, or ask a running one to stop while it still can;
+    /// `by` (a token's name) is recorded as who cancelled it.
+    pub async fn cancel(&self, id: Uuid, by: Option<&str>) -> Result<Job> {
         let mut tx = self.db.begin().await?;
+        tx.act_for(by);
         let job = store::jobs::get(&mut tx, id).await?.ok_or_else(|| {
             Error::problem(ErrorCode::JobNotFound, format!("job {id} does not exist"))
         })?;
@@ -188,6 +190,9 @@ impl Engine {
                     format!("the job has already ended ({status})"),
                 ));
             }
+        }
+        if let Some(by) = by {
+            store::jobs::set_cancelled_by(&mut tx, id, by).await?;
         }
         let job = store::jobs::get(&mut tx, id)
             .await?

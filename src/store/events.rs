@@ -172,9 +172,9 @@ pub async fn seal(
     };
     let actor = actor.or(job_actor.as_deref());
     let (kept, dropped) = fold(rows);
-    for id in dropped {
-        sqlx::query("DELETE FROM events WHERE id = ?")
-            .bind(id)
+    if !dropped.is_empty() {
+        sqlx::query("DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(serde_json::to_string(&dropped).expect("ids serialise"))
             .execute(&mut *conn)
             .await?;
     }
@@ -280,11 +280,14 @@ pub async fn pruned_through(conn: &mut SqliteConnection) -> Result<i64> {
         .await?)
 }
 
-/// Keep only the newest `keep` events; the new `pruned_through`.
-pub async fn prune(conn: &mut SqliteConnection, keep: i64) -> Result<i64> {
+/// Keep the newest `keep` events up to `read_through` (the newest the stream has
+/// read: younger ones are kept whatever their number, or it would never see them);
+/// the new `pruned_through`.
+pub async fn prune(conn: &mut SqliteConnection, keep: i64, read_through: i64) -> Result<i64> {
     let cut: Option<i64> = sqlx::query_scalar(
-        "SELECT id FROM events WHERE data IS NOT NULL ORDER BY id DESC LIMIT 1 OFFSET ?",
+        "SELECT id FROM events WHERE data IS NOT NULL AND id <= ? ORDER BY id DESC LIMIT 1 OFFSET ?",
     )
+    .bind(read_through)
     .bind(keep)
     .fetch_optional(&mut *conn)
     .await?;
@@ -400,6 +403,66 @@ mod tests {
             kept(&input),
             pairs(&[("vm.updated", "v"), ("job.finished", "j")])
         );
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_what_the_stream_has_not_read_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::Db::open(&dir.path().join("strata.db"))
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        for i in 1..=10 {
+            sqlx::query(
+                "INSERT INTO events (type, resource_id, data) VALUES ('vm.updated', ?, '{}')",
+            )
+            .bind(i.to_string())
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+        // The stream has read up to 5: keep two of those, and everything after.
+        assert_eq!(prune(&mut tx, 2, 5).await.unwrap(), 3);
+        let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM events ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(left, (4..=10).collect::<Vec<_>>());
+        // Nothing older than the newest read beyond what to keep: nothing goes, and the
+        // mark never moves back.
+        assert_eq!(prune(&mut tx, 20, 10).await.unwrap(), 3);
+        tx.commit().await.unwrap();
+    }
+
+    /// A commit cancelled while it seals (a request timed out, its client gone) takes
+    /// its connection with it: the next writer is not handed a transaction still open.
+    #[tokio::test]
+    async fn a_commit_cancelled_while_sealing_leaves_the_writer_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::Db::open(&dir.path().join("strata.db"))
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        for i in 0..2000 {
+            sqlx::query("INSERT INTO events (type, resource_id) VALUES ('vm.updated', ?)")
+                .bind(i.to_string())
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        let cancelled =
+            tokio::time::timeout(std::time::Duration::from_micros(1), tx.commit()).await;
+        assert!(cancelled.is_err(), "the commit was still sealing");
+        let mut next = db.begin().await.expect("a fresh writer");
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&mut *next)
+            .await
+            .unwrap();
+        assert_eq!(
+            count, 0,
+            "nothing of the cancelled transaction was committed"
+        );
+        next.commit().await.unwrap();
     }
 
     #[test]

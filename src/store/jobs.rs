@@ -55,6 +55,7 @@ fn from_row(row: &SqliteRow) -> Result<Job> {
         started_at: get_opt_ts(row, "started_at")?,
         finished_at: get_opt_ts(row, "finished_at")?,
         requested_by: row.try_get("requested_by")?,
+        cancelled_by: row.try_get("cancelled_by")?,
     })
 }
 
@@ -83,6 +84,7 @@ pub fn new_job(spec: JobSpec) -> Job {
         started_at: None,
         finished_at: None,
         requested_by: None,
+        cancelled_by: None,
     }
 }
 
@@ -307,6 +309,16 @@ pub async fn finish(
 
 pub async fn request_cancel(conn: &mut SqliteConnection, id: Uuid) -> Result<()> {
     sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = ?")
+        .bind(id_text(id))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Record whose request cancelled the job.
+pub async fn set_cancelled_by(conn: &mut SqliteConnection, id: Uuid, by: &str) -> Result<()> {
+    sqlx::query("UPDATE jobs SET cancelled_by = ? WHERE id = ?")
+        .bind(by)
         .bind(id_text(id))
         .execute(conn)
         .await?;

@@ -67,15 +67,16 @@ impl Tx {
     /// Seal the events of the transaction (see `events::seal`) and make it durable. On
     /// an error nothing of it is committed and the connection is replaced.
     pub async fn commit(mut self) -> Result<()> {
+        // Sealed on the connection the transaction still owns: cancelled, failed or
+        // panicking in here, the transaction is dropped and its connection discarded
+        // (never pooled with the transaction open).
+        let outbox = Arc::clone(&self.outbox);
+        let actor = self.actor.take();
+        events::seal(&mut self, &outbox, actor.as_deref(), now()).await?;
         let mut conn = self
             .conn
             .take()
             .expect("an open transaction has its connection");
-        let sealed = events::seal(&mut conn, &self.outbox, self.actor.as_deref(), now()).await;
-        if let Err(e) = sealed {
-            discard(conn);
-            return Err(e);
-        }
         match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
             Ok(_) => {
                 self.outbox.committed.notify_one();

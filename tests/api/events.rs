@@ -400,3 +400,48 @@ async fn streams_need_a_read_token_or_a_ticket_and_bad_requests_are_refused() {
     assert_eq!(reply.status(), StatusCode::BAD_REQUEST);
     let _ = vm;
 }
+
+/// A cancel is a change someone asked for too: the job records who (`cancelled_by`, its
+/// `requested_by` staying the requester's), and so does the event of it.
+#[tokio::test]
+async fn a_cancel_records_who_asked_for_it_on_the_job_and_in_the_stream() {
+    // The first snapshot job holds at `planned`, so the second waits queued behind it.
+    let mut app =
+        TestApp::spawn_with(&[("STRATA_FAULT", "snapshot_create:planned:pause=3000")]).await;
+    let ops = create_token(&app, "ops", "operate");
+    let oncall = create_token(&app, "oncall", "operate");
+    app.token = Some(ops.clone());
+    let vm = app.create_vm("a", &[("root", MIB)]).await;
+    let path = format!("/v1/vms/{}/snapshots", vm.id);
+    let first = app
+        .accept(Method::POST, &path, Some(json!({"name": "s1"})))
+        .await;
+    let second = app
+        .accept(Method::POST, &path, Some(json!({"name": "s2"})))
+        .await;
+    let mut stream = EventStream::open(&app, "types=job.finished", None).await;
+
+    app.token = Some(oncall);
+    let cancelled = app
+        .accept(
+            Method::POST,
+            &format!("/v1/jobs/{}/cancel", second.id),
+            None,
+        )
+        .await;
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+    let (_, job) = app.get(&format!("/v1/jobs/{}", second.id)).await;
+    assert_eq!(
+        (&job["requested_by"], &job["cancelled_by"]),
+        (&json!("ops"), &json!("oncall"))
+    );
+    let finished = stream.next().await;
+    assert_eq!(finished.resource(), second.id.to_string());
+    assert_eq!(finished.data["cancelled_by"], "oncall");
+    assert_eq!(finished.data["status"], "cancelled");
+
+    let done = app.wait_job(first.id).await;
+    assert_eq!(done.status, JobStatus::Succeeded);
+    let (_, job) = app.get(&format!("/v1/jobs/{}", first.id)).await;
+    assert_eq!(job["cancelled_by"], Value::Null);
+}

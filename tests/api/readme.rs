@@ -525,7 +525,12 @@ fn check_schedule_and_job_answers(walk: &Walk) {
     let version = walk.answers("version");
     assert_eq!(version.len(), 1, "{version:?}");
     assert_eq!(version[0]["version"], env!("CARGO_PKG_VERSION"));
-    assert!(version[0]["qemu_img"].as_str().unwrap().starts_with("qemu-img version"));
+    assert!(
+        version[0]["qemu_img"]
+            .as_str()
+            .unwrap()
+            .starts_with("qemu-img version")
+    );
 }
 
 async fn check_every_job_succeeded(app: &TestApp, walk: &Walk) {
