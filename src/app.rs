@@ -107,6 +107,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         },
     );
     let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     let state = AppState {
         db: db.clone(),
         files: files.clone(),
@@ -119,6 +120,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         live,
         events: Arc::clone(&events),
         qemu_img_version: qemu_img_version.into(),
+        metrics: Arc::clone(&metrics),
         auth: Arc::new(api::auth::Auth::new(auth_mode, token_key)),
         import: api::ImportSettings {
             dir: config.import_dir.clone(),
@@ -136,6 +138,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     tracing::info!(%address, data_dir = %data_dir.display(), "strata started");
 
     let event_feed = events.spawn();
+    let job_counter = metrics.follow_jobs(Arc::clone(&events));
     let scheduler_settings = crate::scheduler::Settings {
         tick: Duration::from_millis(config.scheduler_tick_ms.max(10)),
         sweep_interval: Duration::from_secs(config.sweep_interval_secs.max(1)),
@@ -194,6 +197,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     }
     let _ = tokio::time::timeout(grace, server).await;
     let _ = event_feed.await;
+    let _ = job_counter.await;
     db.close().await;
     Ok(())
 }

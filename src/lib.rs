@@ -12,6 +12,7 @@ pub mod events;
 pub mod files;
 pub mod jobs;
 pub mod live;
+pub mod metrics;
 pub mod qemu;
 pub mod scheduler;
 pub mod store;

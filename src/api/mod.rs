@@ -59,6 +59,8 @@ pub struct AppState {
     pub events: Arc<crate::events::Hub>,
     /// The first line of `qemu-img --version`, for `/v1/version`.
     pub qemu_img_version: Arc<str>,
+    /// What `/metrics` reports.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What rendering a view needs beyond the database: where the volume files are (their
@@ -158,6 +160,11 @@ pub fn router(state: AppState) -> axum::Router {
             state.clone(),
             auth::authenticate,
         ))
+        // Outermost, so refusals count too.
+        .route_layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            count_request,
+        ))
         .fallback(|| async {
             Error::problem(
                 ErrorCode::RouteNotFound,
@@ -171,6 +178,26 @@ pub fn router(state: AppState) -> axum::Router {
             )
         })
         .with_state(state)
+}
+
+/// Count every request to a route in the metrics, by its route's template.
+async fn count_request(
+    axum::extract::State(metrics): axum::extract::State<Arc<crate::metrics::Metrics>>,
+    matched: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let route = matched.as_ref().map_or("unmatched", |m| m.as_str());
+    metrics.observe_request(
+        method.as_str(),
+        route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 /// The OpenAPI document, generated from the same handler list as the router and

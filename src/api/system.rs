@@ -19,6 +19,32 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(readyz))
         .routes(routes!(openapi_json))
         .routes(routes!(version))
+        .routes(routes!(metrics))
+}
+
+/// Metrics in the Prometheus text format: HTTP requests by route template and status
+/// with a latency histogram; jobs finished by kind and outcome with a duration
+/// histogram; bytes the merges copied; jobs queued and running; the data file
+/// system's free bytes and the volumes' bytes; VMs, templates, snapshots and the
+/// longest chain. Scrape it with a `read` token (`authorization` in Prometheus'
+/// `scrape_config`).
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "The metrics", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String,
+        example = json!("# HELP strata_jobs Jobs queued or running now, by status.\n# TYPE strata_jobs gauge\nstrata_jobs{status=\"queued\"} 0\n"))))]
+async fn metrics(State(state): State<AppState>) -> Result<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let text = state
+        .metrics
+        .scrape(&state.db, state.files.volumes_dir())
+        .await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// What is running.

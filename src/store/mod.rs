@@ -230,6 +230,49 @@ impl Db {
     }
 }
 
+/// What the metrics count at each scrape.
+pub struct Inventory {
+    pub vms: i64,
+    pub templates: i64,
+    pub snapshots: i64,
+    pub jobs_queued: i64,
+    pub jobs_running: i64,
+    /// Layers of the longest chain of any disk, from its active layer down.
+    pub longest_chain: i64,
+}
+
+pub async fn inventory(conn: &mut SqliteConnection) -> Result<Inventory> {
+    let (vms, templates, snapshots, jobs_queued, jobs_running): (i64, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM vms WHERE kind = 'vm'),
+                    (SELECT count(*) FROM vms WHERE kind = 'template'),
+                    (SELECT count(*) FROM snapshots),
+                    (SELECT count(*) FROM jobs WHERE status = 'queued'),
+                    (SELECT count(*) FROM jobs WHERE status = 'running')",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+    let longest_chain: Option<i64> = sqlx::query_scalar(
+        "WITH RECURSIVE chain(volume, depth) AS (
+             SELECT active_volume_id, 1 FROM disks WHERE active_volume_id IS NOT NULL
+             UNION ALL
+             SELECT v.parent_id, c.depth + 1 FROM chain c JOIN volumes v ON v.id = c.volume
+             WHERE v.parent_id IS NOT NULL
+         )
+         SELECT max(depth) FROM chain",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(Inventory {
+        vms,
+        templates,
+        snapshots,
+        jobs_queued,
+        jobs_running,
+        longest_chain: longest_chain.unwrap_or(0),
+    })
+}
+
 /// The newest migration applied to the database.
 pub async fn schema_version(conn: &mut SqliteConnection) -> Result<i64> {
     Ok(

@@ -14,6 +14,7 @@ mod jobs;
 mod live;
 mod live_merge;
 mod live_torture;
+mod metrics;
 mod openapi;
 mod qmp;
 mod quiesce;
