@@ -18,8 +18,11 @@
 //! 4. Clones and templates (`clones.rs`): linked clone time against the disk size,
 //!    full clone against plain `qemu-img convert`, a batch deploy of 100 linked VMs.
 //!
-//! `--only-scheduler` and `--only-clones` run one part alone and print it without
-//! touching the docs.
+//! 5. The event stream (`events.rs`): reads and snapshots with no subscriber against
+//!    the same with 100 subscribers of `/v1/events` reading every event.
+//!
+//! `--only-scheduler`, `--only-clones`, `--only-live` and `--only-events` run one part
+//! alone and print it without touching the docs.
 //!
 //! Prints a Markdown table and rewrites the "Latest run" section of docs/benchmarks.md.
 //! Any HTTP status, job status or qemu tool failure aborts the run with the details (the
@@ -29,6 +32,8 @@
 
 #[path = "strata/clones.rs"]
 mod clones;
+#[path = "strata/events.rs"]
+mod events;
 #[path = "strata/live.rs"]
 mod live;
 #[path = "strata/scheduler.rs"]
@@ -118,6 +123,12 @@ fn run() -> Result<Vec<String>> {
         println!("{section}");
         return Ok(problems);
     }
+    if std::env::args().any(|a| a == "--only-events") {
+        let figures = rt.block_on(events::bench_events(&app))?;
+        let (section, problems) = events::report(&figures);
+        println!("{section}");
+        return Ok(problems);
+    }
     if std::env::args().any(|a| a == "--only-clones") {
         let figures = rt.block_on(clones::bench_clones(&app, work.path()))?;
         let (section, problems) = clones::report(&figures);
@@ -134,9 +145,10 @@ fn run() -> Result<Vec<String>> {
         let snapshots = bench_snapshots(&app, work.path()).await?;
         let merges = bench_merges(&app, work.path()).await?;
         let clones = clones::bench_clones(&app, work.path()).await?;
-        Ok::<_, Box<dyn std::error::Error>>((snapshots, merges, clones))
+        let events = events::bench_events(&app).await?;
+        Ok::<_, Box<dyn std::error::Error>>((snapshots, merges, clones, events))
     });
-    let (snapshots, merges, clone_figures) = match outcome {
+    let (snapshots, merges, clone_figures, event_figures) = match outcome {
         Ok(figures) => figures,
         Err(e) => {
             // The service's own account of what went wrong is in its log.
@@ -157,11 +169,14 @@ fn run() -> Result<Vec<String>> {
     let (live_section, live_problems) = live::report(&live_figures);
     problems.extend(live_problems);
     let (clones_section, clones_problems) = clones::report(&clone_figures);
+    let (events_section, events_problems) = events::report(&event_figures);
+    problems.extend(events_problems);
     let (scheduler_section, scheduler_problems) = scheduler_part()?;
     problems.extend(clones_problems);
     problems.extend(scheduler_problems);
     let mut section = report(&machine, &snapshots, &merges, &problems);
     section.push_str(&clones_section);
+    section.push_str(&events_section);
     section.push_str(&live_section);
     section.push_str(&scheduler_section);
     println!("\n{section}");

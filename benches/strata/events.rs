@@ -1,0 +1,147 @@
+//! The event stream's cost to everyone else: 100 subscribers of `/v1/events` must slow
+//! no request. The same reads (`GET /v1/vms/{id}` of a VM with 2 disks and 3
+//! snapshots) and writes (a snapshot, request to job end, each making a dozen events)
+//! are timed with no subscriber and then with 100 connected, each reading every event;
+//! every subscriber must receive every snapshot job's `job.finished`.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use super::support::{EventStream, TestApp};
+use super::{Result, create_vm, median, ms, ratio, snapshot};
+
+const SUBSCRIBERS: usize = 100;
+const READS: usize = 500;
+const WRITES: usize = 10;
+/// "Slows no request": within this factor of the figures with no subscriber.
+const TARGET: f64 = 1.25;
+
+pub struct EventFigures {
+    reads_alone: Vec<Duration>,
+    reads_watched: Vec<Duration>,
+    writes_alone: Vec<Duration>,
+    writes_watched: Vec<Duration>,
+    problems: Vec<String>,
+}
+
+async fn reads(app: &TestApp, vm: impl std::fmt::Display) -> Vec<Duration> {
+    let path = format!("/v1/vms/{vm}");
+    let mut times = Vec::with_capacity(READS);
+    for _ in 0..READS {
+        let start = Instant::now();
+        let (status, _) = app.get(&path).await;
+        times.push(start.elapsed());
+        assert!(status.is_success(), "GET {path}: {status}");
+    }
+    times
+}
+
+async fn writes(app: &TestApp, vm: super::support::Uuid, round: &str) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(WRITES);
+    for i in 0..WRITES {
+        let start = Instant::now();
+        snapshot(app, vm, &format!("{round}-{i}")).await;
+        times.push(start.elapsed());
+    }
+    times
+}
+
+pub async fn bench_events(app: &TestApp) -> Result<EventFigures> {
+    let vm = create_vm(app, "events-bench", 2, 1 << 30).await;
+    for i in 0..3 {
+        snapshot(app, vm, &format!("base-{i}")).await;
+    }
+    let reads_alone = reads(app, vm).await;
+    let writes_alone = writes(app, vm, "alone").await;
+
+    let mut subscribers = Vec::with_capacity(SUBSCRIBERS);
+    for _ in 0..SUBSCRIBERS {
+        let mut stream = EventStream::open(app, "", None).await;
+        subscribers.push(tokio::spawn(async move {
+            let mut finished = 0;
+            while let Some(event) = stream.next_within(Duration::from_secs(120)).await {
+                if event.event == "job.finished" && event.data["kind"] == "snapshot_create" {
+                    finished += 1;
+                    if finished == WRITES {
+                        break;
+                    }
+                }
+            }
+            finished
+        }));
+    }
+    let reads_watched = reads(app, vm).await;
+    let writes_watched = writes(app, vm, "watched").await;
+    let mut problems = Vec::new();
+    for (i, subscriber) in subscribers.into_iter().enumerate() {
+        let seen = subscriber.await?;
+        if seen != WRITES {
+            problems.push(format!(
+                "subscriber {i} saw {seen} of the {WRITES} snapshot jobs finish"
+            ));
+        }
+    }
+    Ok(EventFigures {
+        reads_alone,
+        reads_watched,
+        writes_alone,
+        writes_watched,
+        problems,
+    })
+}
+
+fn p99(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]
+}
+
+pub fn report(figures: &EventFigures) -> (String, Vec<String>) {
+    let mut s = String::new();
+    let mut problems = figures.problems.clone();
+    let _ = writeln!(
+        s,
+        "\n### {SUBSCRIBERS} subscribers of /v1/events ({READS} reads, {WRITES} snapshots each way)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| what | no subscriber | {SUBSCRIBERS} subscribers | ratio (target ≤ {TARGET}) |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- |");
+    let rows = [
+        (
+            "GET /v1/vms/{id}, median",
+            median(&figures.reads_alone),
+            median(&figures.reads_watched),
+        ),
+        (
+            "GET /v1/vms/{id}, p99",
+            p99(&figures.reads_alone),
+            p99(&figures.reads_watched),
+        ),
+        (
+            "snapshot (2 disks), request to job end, median",
+            median(&figures.writes_alone),
+            median(&figures.writes_watched),
+        ),
+    ];
+    for (what, alone, watched) in rows {
+        let r = ratio(watched, alone);
+        let _ = writeln!(s, "| {what} | {} | {} | {r:.2} |", ms(alone), ms(watched));
+        if r > TARGET {
+            problems.push(format!(
+                "{what}: {r:.2} × with {SUBSCRIBERS} subscribers (target ≤ {TARGET})"
+            ));
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nEvery subscriber received every snapshot job's `job.finished`{}.",
+        if figures.problems.is_empty() {
+            ""
+        } else {
+            " — NOT: see the problems"
+        }
+    );
+    (s, problems)
+}
