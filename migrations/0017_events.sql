@@ -135,14 +135,38 @@ END;
 CREATE TRIGGER snapshots_deleted AFTER DELETE ON snapshots BEGIN
     INSERT INTO events (type, resource_id, vm_id) VALUES ('snapshot.deleted', OLD.id, OLD.vm_id);
 END;
--- A snapshot's view lists the volume it keeps of each disk.
+-- A snapshot's view lists the volume it keeps of each disk, and a disk's chain (so its
+-- VM's view) names the snapshot each layer belongs to.
 CREATE TRIGGER snapshot_volumes_created AFTER INSERT ON snapshot_volumes BEGIN
     INSERT INTO events (type, resource_id, vm_id)
     SELECT 'snapshot.updated', id, vm_id FROM snapshots WHERE id = NEW.snapshot_id;
+    INSERT INTO events (type, resource_id, vm_id)
+    SELECT 'disk.updated', d.id, d.vm_id FROM disks d JOIN vms v ON v.id = d.vm_id
+    WHERE d.id = NEW.disk_id AND v.kind = 'vm';
+    INSERT INTO events (type, resource_id, vm_id)
+    SELECT 'vm.updated', v.id, v.id FROM disks d JOIN vms v ON v.id = d.vm_id
+    WHERE d.id = NEW.disk_id AND v.kind = 'vm';
 END;
 CREATE TRIGGER snapshot_volumes_updated AFTER UPDATE ON snapshot_volumes BEGIN
     INSERT INTO events (type, resource_id, vm_id)
     SELECT 'snapshot.updated', id, vm_id FROM snapshots WHERE id = NEW.snapshot_id;
+    INSERT INTO events (type, resource_id, vm_id)
+    SELECT 'disk.updated', d.id, d.vm_id FROM disks d JOIN vms v ON v.id = d.vm_id
+    WHERE d.id = NEW.disk_id AND v.kind = 'vm';
+    INSERT INTO events (type, resource_id, vm_id)
+    SELECT 'vm.updated', v.id, v.id FROM disks d JOIN vms v ON v.id = d.vm_id
+    WHERE d.id = NEW.disk_id AND v.kind = 'vm';
+END;
+-- Deleting a disk takes its layer out of every snapshot (a cascade).
+CREATE TRIGGER snapshot_volumes_deleted AFTER DELETE ON snapshot_volumes BEGIN
+    INSERT INTO events (type, resource_id, vm_id)
+    SELECT 'snapshot.updated', id, vm_id FROM snapshots WHERE id = OLD.snapshot_id;
+    INSERT INTO events (type, resource_id, vm_id)
+    SELECT 'disk.updated', d.id, d.vm_id FROM disks d JOIN vms v ON v.id = d.vm_id
+    WHERE d.id = OLD.disk_id AND v.kind = 'vm';
+    INSERT INTO events (type, resource_id, vm_id)
+    SELECT 'vm.updated', v.id, v.id FROM disks d JOIN vms v ON v.id = d.vm_id
+    WHERE d.id = OLD.disk_id AND v.kind = 'vm';
 END;
 
 -- A job's journal (phase, plan, next step) is not in its view: only a change a client
