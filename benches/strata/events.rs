@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use super::support::{EventStream, TestApp};
+use super::support::TestApp;
 use super::{Result, create_vm, median, ms, ratio, snapshot};
 
 const SUBSCRIBERS: usize = 100;
@@ -54,27 +54,59 @@ pub async fn bench_events(app: &TestApp) -> Result<EventFigures> {
     let reads_alone = reads(app, vm).await;
     let writes_alone = writes(app, vm, "alone").await;
 
-    let mut subscribers = Vec::with_capacity(SUBSCRIBERS);
-    for _ in 0..SUBSCRIBERS {
-        let mut stream = EventStream::open(app, "", None).await;
-        subscribers.push(tokio::spawn(async move {
-            let mut finished = 0;
-            while let Some(event) = stream.next_within(Duration::from_secs(120)).await {
-                if event.event == "job.finished" && event.data["kind"] == "snapshot_create" {
-                    finished += 1;
-                    if finished == WRITES {
-                        break;
+    // The subscribers run on a runtime of their own, in another thread, and only
+    // count what they read: the timed client must not wait behind their work.
+    let url = format!("{}/v1/events", app.base);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let subscribers = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the subscribers");
+        rt.block_on(async move {
+            let client = reqwest::Client::new();
+            let mut tasks = Vec::with_capacity(SUBSCRIBERS);
+            for _ in 0..SUBSCRIBERS {
+                let mut response = client.get(&url).send().await.expect("subscribe");
+                assert!(response.status().is_success());
+                tasks.push(tokio::spawn(async move {
+                    let mut finished = 0;
+                    let mut buffer = String::new();
+                    while finished < WRITES {
+                        let chunk =
+                            tokio::time::timeout(Duration::from_secs(120), response.chunk());
+                        let Ok(Ok(Some(chunk))) = chunk.await else {
+                            break;
+                        };
+                        buffer.push_str(&String::from_utf8_lossy(&chunk));
+                        while let Some(end) = buffer.find("\n\n") {
+                            let block: String = buffer.drain(..end + 2).collect();
+                            if block.contains("event: job.finished\n")
+                                && block.contains(r#""kind":"snapshot_create""#)
+                            {
+                                finished += 1;
+                            }
+                        }
                     }
-                }
+                    finished
+                }));
             }
-            finished
-        }));
-    }
+            ready_tx.send(()).expect("the bench waits");
+            let mut seen = Vec::with_capacity(SUBSCRIBERS);
+            for task in tasks {
+                seen.push(task.await.unwrap_or(0));
+            }
+            seen
+        })
+    });
+    ready_rx
+        .recv()
+        .map_err(|_| "the subscribers did not connect")?;
     let reads_watched = reads(app, vm).await;
     let writes_watched = writes(app, vm, "watched").await;
     let mut problems = Vec::new();
-    for (i, subscriber) in subscribers.into_iter().enumerate() {
-        let seen = subscriber.await?;
+    let seen = subscribers.join().map_err(|_| "a subscriber panicked")?;
+    for (i, seen) in seen.into_iter().enumerate() {
         if seen != WRITES {
             problems.push(format!(
                 "subscriber {i} saw {seen} of the {WRITES} snapshot jobs finish"
