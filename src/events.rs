@@ -158,6 +158,30 @@ impl Hub {
         *self.latest.borrow()
     }
 
+    /// Up to `limit` events after `after`, waiting until there are some; none once the
+    /// service stops. `updates` is the caller's own `subscribe()`.
+    pub async fn next_after(
+        &self,
+        after: i64,
+        limit: usize,
+        updates: &mut watch::Receiver<i64>,
+    ) -> Option<Since> {
+        let mut stopping = self.stopping();
+        loop {
+            // Marked seen before reading, so an append after the read wakes the wait.
+            updates.borrow_and_update();
+            match self.since(after, limit) {
+                Since::Events(events) if events.is_empty() => {
+                    tokio::select! {
+                        changed = updates.changed() => changed.ok()?,
+                        _ = stopping.wait_for(|stop| *stop) => return None,
+                    }
+                }
+                found => return Some(found),
+            }
+        }
+    }
+
     /// Up to `limit` events after `after`.
     pub fn since(&self, after: i64, limit: usize) -> Since {
         let history = self.history.read().expect("event history lock");

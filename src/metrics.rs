@@ -167,18 +167,10 @@ impl Metrics {
         let metrics = Arc::clone(self);
         tokio::spawn(async move {
             let mut updates = hub.subscribe();
-            let mut stopping = hub.stopping();
             let mut after = hub.latest();
-            loop {
-                updates.borrow_and_update();
-                match hub.since(after, 512) {
+            while let Some(found) = hub.next_after(after, 512, &mut updates).await {
+                match found {
                     Since::Gone { latest } => after = latest,
-                    Since::Events(events) if events.is_empty() => {
-                        tokio::select! {
-                            changed = updates.changed() => if changed.is_err() { return },
-                            _ = stopping.wait_for(|stop| *stop) => return,
-                        }
-                    }
                     Since::Events(events) => {
                         after = events.last().map_or(after, |e| e.id);
                         for event in events.iter().filter(|e| e.event_type == "job.finished") {

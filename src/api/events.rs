@@ -195,9 +195,11 @@ impl Subscription {
             if let Some(event) = self.ready.pop_front() {
                 return Some(event);
             }
-            // Marked seen before reading, so an append after the read wakes the wait.
-            self.updates.borrow_and_update();
-            match self.hub.since(self.after, BATCH) {
+            match self
+                .hub
+                .next_after(self.after, BATCH, &mut self.updates)
+                .await?
+            {
                 Since::Gone { latest } => {
                     self.after = latest;
                     self.ready.push_back(
@@ -206,13 +208,6 @@ impl Subscription {
                             .event("reset")
                             .data(serde_json::json!({ "last_event_id": latest }).to_string()),
                     );
-                }
-                Since::Events(events) if events.is_empty() => {
-                    let mut stopping = self.hub.stopping();
-                    tokio::select! {
-                        changed = self.updates.changed() => changed.ok()?,
-                        _ = stopping.wait_for(|stop| *stop) => return None,
-                    }
                 }
                 Since::Events(events) => {
                     self.after = events.last().map_or(self.after, |e| e.id);
