@@ -25,7 +25,7 @@ set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-SEEDS=${SEEDS:-"$(seq 101 106) 201 206 208 213 227 228"}
+SEEDS=${SEEDS:-"$(seq 101 106) 201 206 208 213 227 228 301"}
 SEEDS=${SEEDS//,/ }
 CYCLES=${CYCLES:-150}
 MAX_MIB=${MAX_MIB:-256}
