@@ -86,8 +86,9 @@ fn split(event_type: &str) -> (&str, Action) {
     (kind, action)
 }
 
-/// An event row of the transaction in progress: id, type, resource id.
-type Pending = (i64, String, String);
+/// An event row of the transaction in progress: id, type, resource id, and who asked
+/// when its trigger knew (a job's rows name their requester).
+type Pending = (i64, String, String, Option<String>);
 
 /// One event per change a client can see: the rows one transaction's statements
 /// produced, folded. A resource created and then changed is one `created` (its view is
@@ -150,27 +151,21 @@ pub async fn seal(
     actor: Option<&str>,
     at: Timestamp,
 ) -> Result<()> {
-    let rows: Vec<Pending> =
-        sqlx::query_as("SELECT id, type, resource_id FROM events WHERE data IS NULL ORDER BY id")
-            .fetch_all(&mut *conn)
-            .await?;
+    let rows: Vec<Pending> = sqlx::query_as(
+        "SELECT id, type, resource_id, requested_by FROM events WHERE data IS NULL ORDER BY id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
     if rows.is_empty() {
         return Ok(());
     }
     // Without a caller of its own, a transaction that writes a job's rows acts for
     // whoever asked for the job: a snapshot's events say who asked for the snapshot.
-    let job_actor: Option<String> = match actor {
-        Some(_) => None,
-        None => {
-            sqlx::query_scalar(
-                "SELECT requested_by FROM events WHERE data IS NULL AND type LIKE 'job.%'
-               AND requested_by IS NOT NULL ORDER BY id LIMIT 1",
-            )
-            .fetch_optional(&mut *conn)
-            .await?
-        }
-    };
-    let actor = actor.or(job_actor.as_deref());
+    let job_actor = rows
+        .iter()
+        .filter(|(_, event_type, _, _)| event_type.starts_with("job."))
+        .find_map(|(_, _, _, by)| by.clone());
+    let actor = actor.map(str::to_owned).or(job_actor);
     let (kept, dropped) = fold(rows);
     if !dropped.is_empty() {
         sqlx::query("DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))")
@@ -179,7 +174,7 @@ pub async fn seal(
             .await?;
     }
     let at = ts(at);
-    for (id, event_type, resource_id) in kept {
+    for (id, event_type, resource_id, requested_by) in kept {
         let (kind, action) = split(&event_type);
         let rendered = match (action, outbox.render.get()) {
             (Action::Deleted, _) | (_, None) => None,
@@ -195,12 +190,7 @@ pub async fn seal(
             },
         };
         let mut data = rendered.unwrap_or_else(|| serde_json::json!({ "id": resource_id }));
-        let requested_by: Option<String> =
-            sqlx::query_scalar("SELECT requested_by FROM events WHERE id = ?")
-                .bind(id)
-                .fetch_one(&mut *conn)
-                .await?;
-        let requested_by = requested_by.or(actor.map(str::to_owned));
+        let requested_by = requested_by.or_else(|| actor.clone());
         // Who asked, also where the view itself does not say (a job's does).
         if let (Some(by), Some(object)) = (&requested_by, data.as_object_mut()) {
             object
@@ -313,7 +303,7 @@ mod tests {
         types
             .iter()
             .enumerate()
-            .map(|(i, (t, id))| (i as i64 + 1, t.to_string(), id.to_string()))
+            .map(|(i, (t, id))| (i as i64 + 1, t.to_string(), id.to_string(), None))
             .collect()
     }
 
@@ -321,7 +311,7 @@ mod tests {
         fold(rows(types))
             .0
             .into_iter()
-            .map(|(_, t, id)| (t, id))
+            .map(|(_, t, id, _)| (t, id))
             .collect()
     }
 
