@@ -16,6 +16,8 @@ COPY Cargo.toml Cargo.lock build.r[s] ./
 COPY src ./src
 COPY migrations ./migrations
 COPY benches ./benches
+# The dashboard's checked-in build, embedded in the binary (no npm step here).
+COPY web/dist ./web/dist
 
 # The commit GET /v1/version reports: docker build --build-arg STRATA_GIT_COMMIT=$(git rev-parse HEAD)
 ARG STRATA_GIT_COMMIT=""

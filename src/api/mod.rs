@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod clones;
+mod dashboard;
 pub mod events;
 mod extract;
 pub mod imports;
@@ -160,6 +161,10 @@ pub fn router(state: AppState) -> axum::Router {
             state.clone(),
             auth::authenticate,
         ))
+        // After the authentication layer, which applies only to the routes before it:
+        // the dashboard's files are public (they hold no data), and are not API
+        // operations to count.
+        .merge(dashboard::routes())
         // Outermost, so refusals count too.
         .route_layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state.metrics),

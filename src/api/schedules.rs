@@ -194,7 +194,7 @@ pub struct RunList {
 /// What the policy would do now, without doing it.
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(example = json!({
-    "evaluated_at": "2026-11-21T12:00:00Z", "keep_count": 1, "prune_count": 1,
+    "evaluated_at": "2026-11-21T12:00:00Z", "next_runs": ["2026-11-22T03:00:00+01:00", "2026-11-23T03:00:00+01:00"], "keep_count": 1, "prune_count": 1,
     "items": [
         {"vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "snapshot_id": "019a6f5e-cccc-7b3e-9f2a-3c4d5e6f7a8b",
          "snapshot_name": "auto-20261114-030000", "created_at": "2026-11-14T02:00:00Z", "hold": false,
@@ -206,6 +206,8 @@ pub struct RunList {
 }))]
 pub struct Preview {
     pub evaluated_at: DateTime<Utc>,
+    /// The schedule's next five runs, in its time zone (empty while it is disabled).
+    pub next_runs: Vec<DateTime<chrono::FixedOffset>>,
     pub keep_count: usize,
     pub prune_count: usize,
     /// The schedule's snapshots, by VM and oldest first.
@@ -860,8 +862,15 @@ async fn preview(
         .iter()
         .filter(|i| matches!(i.action, PreviewAction::Prune))
         .count();
+    let next_runs = match CronSpec::parse(&schedule.cron, &schedule.timezone) {
+        Ok(spec) if schedule.enabled => spec.upcoming(now, 5),
+        // A schedule's cron was checked when it was saved; one the parser no longer
+        // takes has no runs to show (the scheduler skips it and says why in its runs).
+        _ => Vec::new(),
+    };
     Ok(axum::Json(Preview {
         evaluated_at: now,
+        next_runs,
         keep_count: items.len() - prune_count,
         prune_count,
         items,

@@ -41,6 +41,10 @@ pub struct SnapshotVolume {
     pub volume_id: Uuid,
     /// Absolute path of the frozen qcow2 file.
     pub path: String,
+    /// Bytes the file takes on disk: what the snapshot keeps on this disk, since the
+    /// file holds only what the guest changed after the snapshot before it (a merge
+    /// into it grows it).
+    pub allocated_bytes: u64,
 }
 
 /// A restore point covering every disk the VM had when it was taken.
@@ -50,7 +54,7 @@ pub struct SnapshotVolume {
     "name": "before-upgrade", "description": "", "parent_id": null, "created_at": "2026-11-21T10:00:00Z",
     "status": "ready", "is_current": true, "expires_at": null, "hold": false, "schedule_id": null,
     "consistency": "filesystem", "volumes": [{"disk_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "volume_id": "019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b",
-        "path": "/var/lib/strata/volumes/019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b.qcow2"}]
+        "path": "/var/lib/strata/volumes/019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b.qcow2", "allocated_bytes": 1048576}]
 }))]
 pub struct SnapshotView {
     pub id: Uuid,
@@ -195,10 +199,14 @@ pub(crate) fn snapshot_view(views: Views, vm: &Vm, snapshot: Snapshot) -> Snapsh
         volumes: snapshot
             .volumes
             .into_iter()
-            .map(|(disk_id, volume_id)| SnapshotVolume {
-                disk_id,
-                volume_id,
-                path: storage::volume_path(dir, volume_id).display().to_string(),
+            .map(|(disk_id, volume_id)| {
+                let path = storage::volume_path(dir, volume_id);
+                SnapshotVolume {
+                    disk_id,
+                    volume_id,
+                    allocated_bytes: storage::allocated_bytes(&path),
+                    path: path.display().to_string(),
+                }
             })
             .collect(),
     }

@@ -1,7 +1,7 @@
 //! `/v1/tokens`: API tokens, for an `admin` token (as `strata token` on the data
 //! directory). A token's text is shown once, in the answer that creates it.
 //! `/v1/tickets`: one-use tickets standing for the caller's token where a browser
-//! cannot send the `Authorization` header.
+//! cannot send the `Authorization` header. `/v1/whoami`: the caller's token and scope.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -25,6 +25,45 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
         .routes(routes!(create_ticket))
+        .routes(routes!(whoami))
+}
+
+/// Who a request is made as, so that a client (the dashboard) can show what it may do
+/// before it tries.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"authenticated": true, "name": "ops", "scope": "operate"}))]
+pub struct WhoAmI {
+    /// Whether the request came with a token. False only where no token is needed
+    /// (`--insecure-no-auth`, or loopback before the first token is made); the scope is
+    /// then `admin`, since every operation is allowed.
+    pub authenticated: bool,
+    /// The token's name, as jobs and events record it in `requested_by`.
+    pub name: Option<String>,
+    /// What the request may do: `read` < `operate` < `admin`.
+    pub scope: Scope,
+}
+
+problems!(WhoAmIProblems =);
+
+/// The caller's token name and scope.
+#[utoipa::path(get, path = "/v1/whoami", tag = "tokens",
+    responses(
+        (status = 200, description = "Who the request is made as", body = WhoAmI),
+        WhoAmIProblems,
+    ))]
+async fn whoami(caller: super::auth::Caller) -> axum::Json<WhoAmI> {
+    axum::Json(match caller {
+        super::auth::Caller::Anonymous => WhoAmI {
+            authenticated: false,
+            name: None,
+            scope: Scope::Admin,
+        },
+        super::auth::Caller::Token { name, scope, .. } => WhoAmI {
+            authenticated: true,
+            name: Some(name),
+            scope,
+        },
+    })
 }
 
 /// A ticket: use it once, within a minute, as `?ticket=` where the operation says so.

@@ -91,7 +91,7 @@ pub struct DiskView {
 #[schema(example = json!({
     "id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "web-01", "description": "front end",
     "labels": {"tier": "web"}, "dependent_vm_ids": [], "runtime": null,
-    "state": "stopped", "status": "ready", "current_snapshot_id": null,
+    "state": "stopped", "status": "ready", "current_snapshot_id": null, "snapshot_count": 0,
     "disks": [{"id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
         "name": "root", "size_bytes": 10737418240u64, "format": "qcow2", "status": "ready",
         "active_path": "/var/lib/strata/volumes/019a6f5e-4444-7b3e-9f2a-3c4d5e6f7a8b.qcow2",
@@ -111,6 +111,8 @@ pub struct VmView {
     pub status: ResourceStatus,
     /// The snapshot the present state grows from.
     pub current_snapshot_id: Option<Uuid>,
+    /// How many snapshots the VM has, in every branch of its tree.
+    pub snapshot_count: u32,
     pub disks: Vec<DiskView>,
     /// The VM this one was cloned from.
     pub source_vm_id: Option<Uuid>,
@@ -298,6 +300,7 @@ pub(crate) async fn vm_view(
     dependent_vm_ids.sort();
     dependent_vm_ids.dedup();
     let runtime = runtime_view(views, &vm);
+    let snapshot_count = store::snapshots::count_of_vm(conn, vm.id).await?;
     Ok(VmView {
         id: vm.id,
         name: vm.name,
@@ -306,6 +309,7 @@ pub(crate) async fn vm_view(
         state: vm.state,
         status: vm.status,
         current_snapshot_id: vm.current_snapshot_id,
+        snapshot_count,
         disks: disks
             .into_iter()
             .map(|d| disk_view(views, d, &volumes))

@@ -4,7 +4,7 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, FixedOffset, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 
@@ -56,6 +56,21 @@ impl CronSpec {
 
     pub fn timezone(&self) -> Tz {
         self.tz
+    }
+
+    /// The next `count` runs after `after`, in the schedule's time zone (each with the
+    /// zone's offset on that day, so a daylight-saving change shows).
+    pub fn upcoming(&self, after: DateTime<Utc>, count: usize) -> Vec<DateTime<FixedOffset>> {
+        let mut runs = Vec::with_capacity(count);
+        let mut from = after;
+        while runs.len() < count {
+            let Some(next) = self.next_after(from) else {
+                break;
+            };
+            runs.push(next.with_timezone(&self.tz).fixed_offset());
+            from = next;
+        }
+        runs
     }
 
     /// The first run strictly after `after`.
@@ -151,6 +166,26 @@ mod tests {
             assert!(CronSpec::parse(bad, "UTC").is_err(), "{bad}");
         }
         assert!(CronSpec::parse("@daily", "Mars/Olympus").is_err());
+    }
+
+    #[test]
+    fn upcoming_runs_are_in_the_zone_with_its_offset_of_the_day() {
+        // Paris leaves summer time on 2026-10-25: 03:00 is +02:00 before, +01:00 after.
+        let paris = CronSpec::parse("0 3 * * *", "Europe/Paris").unwrap();
+        let after = "2026-10-23T12:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        let runs: Vec<String> = paris
+            .upcoming(after, 3)
+            .iter()
+            .map(|t| t.to_rfc3339())
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                "2026-10-24T03:00:00+02:00",
+                "2026-10-25T03:00:00+01:00",
+                "2026-10-26T03:00:00+01:00"
+            ]
+        );
     }
 
     #[test]

@@ -196,6 +196,15 @@ fn id_list(ids: &[Uuid]) -> String {
 }
 
 /// Whether a VM already has a snapshot with this name.
+/// How many snapshots a VM has, in every branch of its tree.
+pub async fn count_of_vm(conn: &mut SqliteConnection, vm: Uuid) -> Result<u32> {
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE vm_id = ?")
+        .bind(id_text(vm))
+        .fetch_one(conn)
+        .await?;
+    Ok(count as u32)
+}
+
 pub async fn name_exists(conn: &mut SqliteConnection, vm: Uuid, name: &str) -> Result<bool> {
     let found: Option<i64> =
         sqlx::query_scalar("SELECT 1 FROM snapshots WHERE vm_id = ? AND name = ?")

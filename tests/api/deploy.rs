@@ -522,3 +522,63 @@ fn the_image_and_the_compose_service_probe_readyz_with_curl_from_the_image() {
         &format!("http://127.0.0.1:{port}/readyz")
     );
 }
+
+/// The build stage copies every directory the binary embeds (`#[folder = ...]` of
+/// rust-embed: the dashboard's build), or the image would not build.
+#[test]
+fn dockerfile_build_stage_copies_what_the_binary_embeds() {
+    let instructions = dockerfile_instructions();
+    let runtime = instructions
+        .iter()
+        .rposition(|(keyword, _)| keyword == "FROM")
+        .unwrap();
+    let copied: Vec<String> = instructions[..runtime]
+        .iter()
+        .filter(|(keyword, text)| keyword == "COPY" && !text.starts_with("--from"))
+        .flat_map(|(_, text)| {
+            let parts: Vec<&str> = text.split_whitespace().collect();
+            parts[..parts.len() - 1]
+                .iter()
+                .map(|p| p.trim_end_matches('/').to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut embedded = Vec::new();
+    let mut pending = vec![std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src"
+    ))];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for line in text.lines() {
+                    if let Some(rest) = line.trim().strip_prefix("#[folder = \"") {
+                        embedded.push(
+                            rest.split('"')
+                                .next()
+                                .unwrap()
+                                .trim_end_matches('/')
+                                .to_owned(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        !embedded.is_empty(),
+        "the dashboard is embedded from a folder"
+    );
+    for folder in embedded {
+        assert!(
+            copied
+                .iter()
+                .any(|c| folder == *c || folder.starts_with(&format!("{c}/"))),
+            "the build stage does not COPY {folder}, which the binary embeds: {copied:?}"
+        );
+    }
+}

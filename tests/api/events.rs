@@ -56,6 +56,8 @@ async fn a_subscriber_sees_a_snapshot_a_merging_delete_and_a_clone_as_exactly_th
     assert_eq!(
         kinds(&seen),
         pairs(&[
+            // The VM counts the new snapshot as soon as it is accepted.
+            ("vm.updated", vm_id.clone()),
             ("snapshot.created", s1_id.clone()),
             ("job.created", j1_id.clone()),
             ("vm.updated", vm_id.clone()),
@@ -63,11 +65,12 @@ async fn a_subscriber_sees_a_snapshot_a_merging_delete_and_a_clone_as_exactly_th
             ("job.finished", j1_id.clone()),
         ])
     );
-    assert_eq!(seen[0].data["status"], "creating");
-    assert_eq!(seen[1].data["status"], "queued");
-    assert_eq!(seen[2].data["current_snapshot_id"], s1_id.as_str());
-    assert_eq!(seen[3].data["status"], "ready");
-    assert_eq!(seen[4].data["status"], "succeeded");
+    assert_eq!(seen[0].data["snapshot_count"], 1);
+    assert_eq!(seen[1].data["status"], "creating");
+    assert_eq!(seen[2].data["status"], "queued");
+    assert_eq!(seen[3].data["current_snapshot_id"], s1_id.as_str());
+    assert_eq!(seen[4].data["status"], "ready");
+    assert_eq!(seen[5].data["status"], "succeeded");
     for event in &seen {
         assert_eq!(
             event.data["requested_by"], "ops",
@@ -89,6 +92,7 @@ async fn a_subscriber_sees_a_snapshot_a_merging_delete_and_a_clone_as_exactly_th
     assert_eq!(
         kinds(&seen),
         pairs(&[
+            ("vm.updated", vm_id.clone()),
             ("snapshot.created", s2_id.clone()),
             ("job.created", j2_id.clone()),
             ("vm.updated", vm_id.clone()),
@@ -198,7 +202,7 @@ async fn a_subscriber_sees_a_snapshot_a_merging_delete_and_a_clone_as_exactly_th
         })
         .map(|e| e.id)
         .collect();
-    assert_eq!(filtered.len(), 5 + 6 + 7 + 5 + 1);
+    assert_eq!(filtered.len(), 6 + 7 + 7 + 5 + 1);
     assert!(all.iter().any(|e| e.event == "disk.updated"));
     assert!(all.iter().any(|e| e.event == "job.updated"));
     let (status, _) = app
@@ -253,7 +257,9 @@ async fn a_client_resuming_with_last_event_id_misses_nothing_also_across_a_resta
     app.snapshot(vm.id, "s3").await;
     let next = after_restart.next().await;
     assert!(next.id > last, "{} after {last}", next.id);
-    assert_eq!(next.event, "snapshot.created");
+    // The VM counts the new snapshot in the same transaction.
+    assert_eq!(next.event, "vm.updated");
+    assert_eq!(after_restart.next().await.event, "snapshot.created");
 }
 
 #[tokio::test]
@@ -273,7 +279,8 @@ async fn a_client_whose_missed_events_are_gone_is_told_to_reload() {
     // Then it goes on like any other subscriber.
     app.snapshot(vm.id, "s3").await;
     let next = late.next().await;
-    assert_eq!(next.event, "snapshot.created");
+    assert_eq!(next.event, "vm.updated");
+    assert_eq!(next.data["snapshot_count"], 3);
     assert!(next.id > last);
 
     // Resuming from an event still kept is no reset.

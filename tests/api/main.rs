@@ -3,6 +3,7 @@
 mod auth;
 mod cancel_timing;
 mod clones;
+mod dashboard;
 mod deploy;
 mod durability;
 mod events;
