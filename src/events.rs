@@ -6,11 +6,14 @@
 //! transaction commits (and once a second, should a wake-up be lost to a cancelled
 //! request), it reads the rows after the last one it has and appends them here.
 //! Subscribers read from memory and wait on `latest`; none of them touches the database.
+//! Each event's Server-Sent Events frame is encoded once, when it is appended, and
+//! every subscriber sends that same buffer (a reference count, not a copy).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::error::Result;
@@ -31,8 +34,42 @@ pub struct Hub {
     shutdown: watch::Receiver<bool>,
 }
 
+/// A committed event and its encoded frame.
+pub struct Published {
+    pub event: Event,
+    /// `id: <id>`, `event: <type>` and `data: <view>` lines and the blank line that
+    /// ends an event (the view is compact JSON: it holds no line break).
+    pub frame: Bytes,
+}
+
+impl Published {
+    fn new(event: Event) -> Self {
+        let mut frame = format!("id: {}\nevent: {}\n", event.id, event.event_type);
+        // Compact JSON has no line break; were there one, each line is a `data:` line
+        // of its own, as the format requires.
+        for line in event.data.split('\n') {
+            frame.push_str("data: ");
+            frame.push_str(line);
+            frame.push('\n');
+        }
+        frame.push('\n');
+        Self {
+            event,
+            frame: Bytes::from(frame),
+        }
+    }
+}
+
+impl std::ops::Deref for Published {
+    type Target = Event;
+
+    fn deref(&self) -> &Event {
+        &self.event
+    }
+}
+
 struct History {
-    events: VecDeque<Arc<Event>>,
+    events: VecDeque<Arc<Published>>,
     /// The newest id no longer kept: a client resuming from an older one missed events.
     pruned_through: i64,
 }
@@ -40,7 +77,7 @@ struct History {
 /// What a client resuming after an id gets.
 pub enum Since {
     /// The events after it (possibly none yet).
-    Events(Vec<Arc<Event>>),
+    Events(Vec<Arc<Published>>),
     /// Events it missed are gone (pruned, or the id is not one of this history's); it
     /// must reload and go on from `latest`.
     Gone { latest: i64 },
@@ -72,7 +109,7 @@ impl Hub {
             let batch = events::after(&mut conn, after, BATCH).await?;
             let Some(last) = batch.last() else { break };
             after = last.id;
-            kept.extend(batch.into_iter().map(Arc::new));
+            kept.extend(batch.into_iter().map(|e| Arc::new(Published::new(e))));
         }
         let latest = kept.back().map_or(pruned_through, |e| e.id);
         drop(conn);
@@ -126,8 +163,13 @@ impl Hub {
                 return Ok(pulled);
             };
             pulled += batch.len();
+            // Encoded before taking the lock, which subscribers read under.
+            let published: Vec<_> = batch
+                .into_iter()
+                .map(|e| Arc::new(Published::new(e)))
+                .collect();
             let mut history = self.history.write().expect("event history lock");
-            history.events.extend(batch.into_iter().map(Arc::new));
+            history.events.extend(published);
             while history.events.len() > self.capacity {
                 let oldest = history.events.pop_front().expect("over capacity");
                 history.pruned_through = oldest.id;

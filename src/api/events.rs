@@ -6,10 +6,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::HeaderMap;
-use axum::response::sse::{self, KeepAlive, Sse};
-use futures_util::Stream;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -43,6 +44,7 @@ const KINDS: &[(&str, &[&str])] = &[
 const BATCH: usize = 256;
 /// A comment line this often keeps proxies from closing an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+const KEEP_ALIVE_FRAME: &[u8] = b":\n\n";
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -131,7 +133,7 @@ async fn stream_events(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(query): Query<EventQuery>,
-) -> Result<Sse<impl Stream<Item = std::result::Result<sse::Event, Infallible>>>> {
+) -> Result<Response> {
     let types = TypeFilter::parse(query.types.as_deref())?;
     let resume = match headers.get("last-event-id") {
         Some(value) => Some(
@@ -172,10 +174,20 @@ async fn stream_events(
         ready: VecDeque::new(),
     };
     let stream = futures_util::stream::unfold(subscription, |mut s| async move {
-        let event = s.next().await?;
-        Some((Ok(event), s))
+        let frame = s.next().await?;
+        Some((Ok::<_, Infallible>(frame), s))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    // The frames are encoded once per event by the hub and shared by every
+    // subscriber, so the body is written by hand rather than with axum's `Sse`, which
+    // would encode each event again for each subscriber.
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
 }
 
 /// One subscriber's place in the history and what it asked for.
@@ -185,36 +197,39 @@ struct Subscription {
     after: i64,
     types: TypeFilter,
     vm_id: Option<String>,
-    ready: VecDeque<sse::Event>,
+    ready: VecDeque<Bytes>,
 }
 
 impl Subscription {
-    /// The next event to send; none once the service stops.
-    async fn next(&mut self) -> Option<sse::Event> {
+    /// The next frame to send: an event, or a keep-alive comment after a quiet
+    /// `KEEP_ALIVE`; none once the service stops.
+    async fn next(&mut self) -> Option<Bytes> {
         loop {
-            if let Some(event) = self.ready.pop_front() {
-                return Some(event);
+            if let Some(frame) = self.ready.pop_front() {
+                return Some(frame);
             }
-            match self
-                .hub
-                .next_after(self.after, BATCH, &mut self.updates)
-                .await?
-            {
+            // `next_after` only reads the history, so dropping it for the keep-alive
+            // loses nothing: the next call reads from `after` again.
+            let found = tokio::select! {
+                found = self.hub.next_after(self.after, BATCH, &mut self.updates) => found?,
+                _ = tokio::time::sleep(KEEP_ALIVE) => {
+                    return Some(Bytes::from_static(KEEP_ALIVE_FRAME));
+                }
+            };
+            match found {
                 Since::Gone { latest } => {
                     self.after = latest;
-                    self.ready.push_back(
-                        sse::Event::default()
-                            .id(latest.to_string())
-                            .event("reset")
-                            .data(serde_json::json!({ "last_event_id": latest }).to_string()),
-                    );
+                    let data = serde_json::json!({ "last_event_id": latest });
+                    self.ready.push_back(Bytes::from(format!(
+                        "id: {latest}\nevent: reset\ndata: {data}\n\n"
+                    )));
                 }
                 Since::Events(events) => {
                     self.after = events.last().map_or(self.after, |e| e.id);
-                    let wanted: Vec<_> = events
+                    let wanted: Vec<Bytes> = events
                         .iter()
                         .filter(|e| self.admits(e))
-                        .map(|e| to_sse(e))
+                        .map(|e| e.frame.clone())
                         .collect();
                     self.ready.extend(wanted);
                 }
@@ -229,13 +244,6 @@ impl Subscription {
                 .as_ref()
                 .is_none_or(|vm| event.vm_id.as_ref() == Some(vm))
     }
-}
-
-fn to_sse(event: &Event) -> sse::Event {
-    sse::Event::default()
-        .id(event.id.to_string())
-        .event(&event.event_type)
-        .data(&event.data)
 }
 
 /// Renders events' views with the same functions the handlers answer with.
