@@ -8,7 +8,8 @@
 // Prints one JSON line with what the Rust side checks next (names of what it made),
 // and exits non-zero with the reason on the first failed expectation.
 import { execFileSync } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -233,6 +234,19 @@ async function dashboard(browser) {
     (await page.getByTestId('template-golden').textContent()).includes('Linked VMs'),
   );
   await shoot(page, 'templates');
+
+  // The export: the download (through a one-use ticket) has the manifest's digest.
+  await page.getByTestId('template-golden').getByRole('button', { name: 'Export' }).click();
+  const exportDialog = page.getByTestId('export-dialog');
+  const digest = (await exportDialog.getByTestId('digest').textContent()).replace('sha256 ', '').trim();
+  const [download] = await Promise.all([
+    page.waitForEvent('download'),
+    exportDialog.getByRole('button', { name: /^Download root/ }).click(),
+  ]);
+  const file = await download.path();
+  const downloaded = createHash('sha256').update(readFileSync(file)).digest('hex');
+  if (downloaded !== digest) fail(`the export's SHA-256 ${downloaded} is not the manifest's ${digest}`);
+  await exportDialog.getByRole('button', { name: 'Close' }).click();
 
   // The schedule's retention preview and next runs.
   await page.getByRole('link', { name: 'Schedules' }).click();
