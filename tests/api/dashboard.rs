@@ -301,3 +301,26 @@ fn the_checked_in_dashboard_build_is_current() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_user_cancels_a_running_job_from_the_jobs_panel() {
+    // The clone is held after its plan is journaled, long enough to be cancelled.
+    let app = TestApp::spawn_with(&[("STRATA_FAULT", "vm_clone:planned:pause=15000")]).await;
+    let vm = app.create_vm("src", &[("root", 1 << 20)]).await;
+    write(app.active_path(vm.id, "root").await, 0xaa, 0, 1);
+    let clone = app
+        .accept(
+            Method::POST,
+            &format!("/v1/vms/{}/clone", vm.id),
+            Some(json!({"name": "copy", "mode": "full"})),
+        )
+        .await;
+    browse(&app, "cancel", json!({}));
+    let job = app.wait_job(clone.id).await;
+    assert_eq!(job.status, JobStatus::Cancelled);
+    let (status, _) = app.get(&format!("/v1/vms/{}", clone.target.id)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the cancelled clone is gone");
+    let root = app.active_path(vm.id, "root").await;
+    expect(&root, 0xaa, 0, 1);
+    check_clean(&root);
+}

@@ -1,7 +1,7 @@
 // The dashboard and /docs in a real browser (Debian's Chromium driven by
 // playwright-core), against a strata the Rust test started (tests/api/dashboard.rs):
 //
-//   node tests/e2e.mjs dashboard|docs|auth
+//   node tests/e2e.mjs dashboard|docs|auth|cancel
 //
 // STRATA_URL is the service; STRATA_TOKENS (JSON) the tokens the auth scenario uses;
 // STRATA_SCREENSHOTS a directory for the screenshots (docs/screenshots in the repo).
@@ -351,7 +351,20 @@ async function auth(browser) {
   return { vm: vm.id };
 }
 
-const scenarios = { dashboard, docs, auth };
+/** A job held running by the test (STRATA_FAULT pause): cancelled from the panel. */
+async function cancel(browser) {
+  const page = await open(browser);
+  await page.goto(`${base}/`);
+  const row = page.locator('[data-testid^="job-"][data-kind="vm_clone"]').first();
+  await until('the clone to run', async () => (await row.getAttribute('data-status')) === 'running');
+  await row.getByRole('button', { name: 'Cancel' }).click();
+  await row.getByText('cancelling…').waitFor();
+  await until('the clone to be cancelled', async () => (await row.getAttribute('data-status')) === 'cancelled');
+  onlyLocal(page);
+  return {};
+}
+
+const scenarios = { dashboard, docs, auth, cancel };
 const browser = await launch();
 try {
   if (!scenarios[scenario]) fail(`no scenario ${scenario}`);
