@@ -518,3 +518,116 @@ pub async fn enter_no_return(conn: &mut SqliteConnection, id: Uuid) -> Result<bo
             .await?;
     Ok(done.rows_affected() == 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::new_id;
+
+    const COPY: CopyProgress = CopyProgress {
+        bytes_done: 3 << 20,
+        bytes_total: 8 << 20,
+        eta_seconds: Some(4),
+    };
+
+    /// A running job, executing step `next_step` of its plan.
+    async fn running_job(conn: &mut SqliteConnection, next_step: i64) -> Uuid {
+        let id = new_id();
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, status, target_type, target_id, created_at, phase, next_step)
+             VALUES (?, 'vm_clone', 'running', 'vm', ?, ?, 'executing', ?)",
+        )
+        .bind(id_text(id))
+        .bind(id_text(new_id()))
+        .bind(ts(super::super::now()))
+        .bind(next_step)
+        .execute(conn)
+        .await
+        .unwrap();
+        id
+    }
+
+    async fn copy_of(conn: &mut SqliteConnection, id: Uuid) -> Option<CopyProgress> {
+        get(conn, id).await.unwrap().unwrap().copy
+    }
+
+    #[tokio::test]
+    async fn copy_figures_are_live_only_while_the_job_runs_the_step_they_describe() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::Db::open(&dir.path().join("strata.db"))
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        // Step 2 runs while the journal still says 0 (its Creates are not journaled).
+        let id = running_job(&mut tx, 0).await;
+        assert!(set_copy_progress(&mut tx, id, 2, 40, &COPY).await.unwrap());
+        assert_eq!(copy_of(&mut tx, id).await, Some(COPY));
+        assert_eq!(get(&mut tx, id).await.unwrap().unwrap().progress, 40);
+
+        // Journaled past it: the figures are stale, and a late write changes nothing.
+        set_next_step(&mut tx, id, 3, 60).await.unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, None);
+        assert!(!set_copy_progress(&mut tx, id, 2, 50, &COPY).await.unwrap());
+        assert_eq!(get(&mut tx, id).await.unwrap().unwrap().progress, 60);
+
+        // Parked, stopping or ended: not live either.
+        assert!(set_copy_progress(&mut tx, id, 3, 70, &COPY).await.unwrap());
+        assert_eq!(copy_of(&mut tx, id).await, Some(COPY));
+        park(
+            &mut tx,
+            id,
+            super::super::now(),
+            ("insufficient_storage", "full"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, None);
+        assert!(!set_copy_progress(&mut tx, id, 3, 70, &COPY).await.unwrap());
+        claim_parked(&mut tx, super::super::now()).await.unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, Some(COPY));
+        begin_stopping(&mut tx, id, None).await.unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, None);
+        finish(&mut tx, id, JobStatus::Cancelled, None, super::super::now())
+            .await
+            .unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, None);
+        tx.commit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn ending_a_copy_clears_its_figures_and_counts_its_bytes_and_a_restart_clears_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::Db::open(&dir.path().join("strata.db"))
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        let id = running_job(&mut tx, 1).await;
+        set_copy_progress(&mut tx, id, 1, 10, &COPY).await.unwrap();
+        end_copy(&mut tx, id, 8 << 20).await.unwrap();
+        set_copy_progress(&mut tx, id, 1, 20, &COPY).await.unwrap();
+        end_copy(&mut tx, id, 2 << 20).await.unwrap();
+        let job = get(&mut tx, id).await.unwrap().unwrap();
+        assert_eq!((job.copy, job.bytes_copied), (None, 10 << 20));
+
+        // What a crash left goes at the next start, and only that.
+        let other = running_job(&mut tx, 0).await;
+        set_copy_progress(&mut tx, other, 0, 10, &COPY)
+            .await
+            .unwrap();
+        assert_eq!(clear_copy_progress(&mut tx).await.unwrap(), 1);
+        let other = get(&mut tx, other).await.unwrap().unwrap();
+        assert_eq!((other.copy, other.progress), (None, 10));
+        let left: Option<i64> = sqlx::query_scalar(
+            "SELECT max(coalesce(copy_step, bytes_done, bytes_total, eta_seconds)) FROM jobs",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(left, None);
+        assert_eq!(
+            get(&mut tx, id).await.unwrap().unwrap().bytes_copied,
+            10 << 20
+        );
+        tx.commit().await.unwrap();
+    }
+}

@@ -114,6 +114,61 @@ struct Meter {
     copy: Option<Copying>,
 }
 
+impl Meter {
+    /// The step's own progress `fraction` (0-1), which is `percent` of the job's.
+    fn fraction(&mut self, percent: u8, fraction: f64) {
+        self.progress = Some(percent);
+        if let Some(copy) = &mut self.copy {
+            let (offset, len) = copy.part;
+            copy.done = (offset + (len as f64 * fraction) as u64).min(copy.total);
+        }
+    }
+
+    /// A copy of the part `offset..offset + len` of the step's `total` bytes starts.
+    /// The step's total is the one its first copy gave; a copy starting at 0 (the
+    /// first, or one tried again) restarts the rate's clock.
+    fn start_part(&mut self, now: Instant, total: u64, offset: u64, len: u64) {
+        let earlier = self.copy;
+        let total = earlier.map_or(total, |c| c.total);
+        let offset = offset.min(total);
+        let (began, done_at_start) = match earlier {
+            Some(copy) if offset > 0 => (copy.began, copy.done_at_start),
+            _ => (now, offset),
+        };
+        self.copy = Some(Copying {
+            total,
+            part: (offset, len.min(total - offset)),
+            began,
+            done_at_start,
+            done: offset,
+        });
+    }
+
+    /// QEMU's figures, `done` of `total` (not 0) bytes, `percent` of the job. The first
+    /// ones fix the step's total; later ones are scaled to it, so it never moves and is
+    /// never passed (a commit's total grows while the guest writes). True when they
+    /// started the step's copy.
+    fn bytes(&mut self, now: Instant, percent: u8, done: u64, total: u64) -> bool {
+        self.progress = Some(percent);
+        let fraction = (done as f64 / total as f64).clamp(0.0, 1.0);
+        let first = self.copy.is_none();
+        let copy = self.copy.get_or_insert_with(|| {
+            // A QEMU job found under way (a step redone) was partway already: the rate
+            // counts from here.
+            let done = done.min(total);
+            Copying {
+                total,
+                part: (0, total),
+                began: now,
+                done_at_start: done,
+                done,
+            }
+        });
+        copy.done = ((copy.total as f64 * fraction) as u64).min(copy.total);
+        first
+    }
+}
+
 struct Shared {
     meter: Mutex<Meter>,
     /// Told of every report; the writer waits on it.
@@ -164,11 +219,7 @@ impl StepProgress {
     pub(super) fn fraction(&self, fraction: f32) {
         let fraction = f64::from(fraction).clamp(0.0, 1.0);
         let mut meter = self.shared.meter.lock().expect("progress meter");
-        meter.progress = Some(self.percent(fraction));
-        if let Some(copy) = &mut meter.copy {
-            let (offset, len) = copy.part;
-            copy.done = (offset + (len as f64 * fraction) as u64).min(copy.total);
-        }
+        meter.fraction(self.percent(fraction), fraction);
         self.publish(&meter);
     }
 
@@ -181,53 +232,24 @@ impl StepProgress {
     }
 
     /// A qemu-img copy of the part `offset..offset + len` of the step's `total` bytes
-    /// starts. The step's total is the one its first copy gave; a copy starting at 0
-    /// (the first, or one tried again) restarts the rate's clock.
+    /// starts (see `Meter::start_part`).
     pub(super) fn start_part(&self, total: u64, offset: u64, len: u64) {
-        let now = Instant::now();
         let mut meter = self.shared.meter.lock().expect("progress meter");
-        let earlier = meter.copy;
-        let total = earlier.map_or(total, |c| c.total);
-        let offset = offset.min(total);
-        let (began, done_at_start) = match earlier {
-            Some(copy) if offset > 0 => (copy.began, copy.done_at_start),
-            _ => (now, offset),
-        };
-        meter.copy = Some(Copying {
-            total,
-            part: (offset, len.min(total - offset)),
-            began,
-            done_at_start,
-            done: offset,
-        });
+        meter.start_part(Instant::now(), total, offset, len);
         self.publish(&meter);
         drop(meter);
         self.ensure_writer();
     }
 
     /// QEMU's figures of a copy it makes (a live merge or full clone): `done` of `total`
-    /// bytes. The first ones fix the step's total; later ones are scaled to it.
+    /// bytes (see `Meter::bytes`).
     pub(super) fn bytes(&self, done: u64, total: u64) {
         if total == 0 {
             return;
         }
         let fraction = (done as f64 / total as f64).clamp(0.0, 1.0);
         let mut meter = self.shared.meter.lock().expect("progress meter");
-        meter.progress = Some(self.percent(fraction));
-        let first = meter.copy.is_none();
-        let copy = meter.copy.get_or_insert_with(|| {
-            // A QEMU job found under way (a step redone) was partway already: the rate
-            // counts from here.
-            let done = done.min(total);
-            Copying {
-                total,
-                part: (0, total),
-                began: Instant::now(),
-                done_at_start: done,
-                done,
-            }
-        });
-        copy.done = ((copy.total as f64 * fraction) as u64).min(copy.total);
+        let first = meter.bytes(Instant::now(), self.percent(fraction), done, total);
         self.publish(&meter);
         drop(meter);
         if first {
@@ -400,6 +422,63 @@ mod tests {
         // Rounded up, and 0 once done.
         assert_eq!(eta_seconds(0, 30 * MIB, 31 * MIB, 3 * second), Some(1));
         assert_eq!(eta_seconds(0, 100 * MIB, 100 * MIB, 3 * second), Some(0));
+    }
+
+    fn done(meter: &Meter) -> (u64, u64) {
+        let copy = meter.copy.expect("a copy");
+        (copy.done, copy.total)
+    }
+
+    #[test]
+    fn a_copys_bytes_follow_its_fraction_against_a_total_fixed_for_the_step() {
+        let began = Instant::now();
+        let mut meter = Meter::default();
+        meter.start_part(began, 100 * MIB, 0, 100 * MIB);
+        meter.fraction(10, 0.25);
+        assert_eq!(done(&meter), (25 * MIB, 100 * MIB));
+        // Tried again, measured anew: the total the step showed stays, the count and
+        // the rate's clock start over.
+        let again = began + Duration::from_secs(3);
+        meter.start_part(again, 120 * MIB, 0, 120 * MIB);
+        assert_eq!(done(&meter), (0, 100 * MIB));
+        assert_eq!(meter.copy.unwrap().began, again);
+        meter.fraction(40, 1.0);
+        assert_eq!(done(&meter), (100 * MIB, 100 * MIB));
+        assert_eq!(meter.progress, Some(40));
+    }
+
+    #[test]
+    fn copies_made_one_after_another_are_parts_of_the_steps_total() {
+        let began = Instant::now();
+        let mut meter = Meter::default();
+        meter.start_part(began, 300 * MIB, 0, 100 * MIB);
+        meter.fraction(5, 1.0);
+        assert_eq!(done(&meter), (100 * MIB, 300 * MIB));
+        meter.start_part(
+            began + Duration::from_secs(2),
+            300 * MIB,
+            100 * MIB,
+            200 * MIB,
+        );
+        meter.fraction(20, 0.5);
+        assert_eq!(done(&meter), (200 * MIB, 300 * MIB));
+        // One rate since the first part began.
+        assert_eq!(meter.copy.unwrap().began, began);
+    }
+
+    #[test]
+    fn qemus_figures_are_scaled_to_its_first_total() {
+        let began = Instant::now();
+        let mut meter = Meter::default();
+        // Found partway (a step redone): the rate counts from there.
+        assert!(meter.bytes(began, 30, 40 * MIB, 100 * MIB));
+        assert_eq!(done(&meter), (40 * MIB, 100 * MIB));
+        assert_eq!(meter.copy.unwrap().done_at_start, 40 * MIB);
+        // The guest wrote meanwhile: QEMU's total grew, the step's did not.
+        assert!(!meter.bytes(began, 35, 75 * MIB, 150 * MIB));
+        assert_eq!(done(&meter), (50 * MIB, 100 * MIB));
+        assert!(!meter.bytes(began, 60, 150 * MIB, 150 * MIB));
+        assert_eq!(done(&meter), (100 * MIB, 100 * MIB));
     }
 
     fn figures(done: u64, eta: Option<u64>) -> Figures {
