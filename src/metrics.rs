@@ -79,7 +79,7 @@ impl Metrics {
         let bytes_copied = Family::<Labels, Counter>::default();
         registry.register(
             "job_bytes_copied",
-            "Bytes the succeeded merges of snapshot deletions copied, by job kind (the planner's estimate of each merge's copy, which it chose the direction by)",
+            "Bytes the jobs' copies moved (merges, full clones, imports, flattens), by job kind, counted when the job ends whatever its outcome: each copying step's estimated total when it completed (for a merge the planner's estimate, which it chose the direction by; QEMU's figure for a copy a running VM's QEMU made), else as far as it got",
             bytes_copied.clone(),
         );
         let jobs = Family::<Labels, Gauge>::default();
@@ -138,7 +138,7 @@ impl Metrics {
         let kind = text("kind");
         let outcome = text("status");
         self.jobs_finished
-            .get_or_create(&vec![("kind", kind.clone()), ("outcome", outcome.clone())])
+            .get_or_create(&vec![("kind", kind.clone()), ("outcome", outcome)])
             .inc();
         let time = |key: &str| chrono::DateTime::parse_from_rfc3339(&text(key)).ok();
         if let (Some(start), Some(end)) = (time("started_at"), time("finished_at")) {
@@ -147,18 +147,13 @@ impl Metrics {
                 .get_or_create(&vec![("kind", kind.clone())])
                 .observe(seconds);
         }
-        if outcome == "succeeded" {
-            let merged: u64 = view["detail"]["merges"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|m| m["bytes_to_copy"].as_u64())
-                .sum();
-            if merged > 0 {
-                self.bytes_copied
-                    .get_or_create(&vec![("kind", kind)])
-                    .inc_by(merged);
-            }
+        // The same figures the job's progress showed, added up by the engine as each
+        // copying step ended.
+        let copied = view["bytes_copied"].as_u64().unwrap_or(0);
+        if copied > 0 {
+            self.bytes_copied
+                .get_or_create(&vec![("kind", kind)])
+                .inc_by(copied);
         }
     }
 

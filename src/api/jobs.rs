@@ -14,7 +14,7 @@ use super::extract::{Query, parse_id};
 use super::problem::problems;
 use super::{AppState, PageQuery, accepted, page};
 use crate::domain::plan::MergeAction;
-use crate::domain::{Job, JobKind, JobStatus, SnapshotConsistency, TargetType, Uuid};
+use crate::domain::{CopyProgress, Job, JobKind, JobStatus, SnapshotConsistency, TargetType, Uuid};
 use crate::error::{Error, ErrorCode, Result};
 use crate::store;
 
@@ -45,17 +45,24 @@ pub struct JobError {
 #[schema(example = json!({
     "id": "019a6f5e-7c1d-7b3e-9f2a-3c4d5e6f7a8b",
     "kind": "snapshot_delete",
-    "status": "succeeded",
-    "progress": 100,
+    "status": "running",
+    "progress": 41,
+    "bytes_done": 222298112u64,
+    "bytes_total": 536870912u64,
+    "eta_seconds": 7,
+    "bytes_copied": 0,
     "target": {"type": "snapshot", "id": "019a6f5e-1111-7b3e-9f2a-3c4d5e6f7a8b"},
     "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
     "created_at": "2026-11-21T10:00:00Z",
     "started_at": "2026-11-21T10:00:00.010Z",
-    "finished_at": "2026-11-21T10:00:00.420Z",
+    "finished_at": null,
     "cancel_requested": false,
+    "requested_by": "ops",
+    "cancelled_by": null,
     "error": null,
-    "detail": {"merges": [{"disk_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "action": "commit",
-        "commit_bytes": 1048576, "stream_bytes": 536870912, "bytes_to_copy": 1048576}], "space_needed_bytes": 1048576}
+    "detail": {"merges": [{"disk_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "action": "stream",
+        "commit_bytes": 2147483648u64, "stream_bytes": 536870912, "bytes_to_copy": 536870912}],
+        "space_needed_bytes": 536870912}
 }))]
 pub struct JobView {
     pub id: Uuid,
@@ -63,6 +70,23 @@ pub struct JobView {
     pub status: JobStatus,
     /// 0 to 100.
     pub progress: u8,
+    /// Bytes the copy the job is making now (one step's: a merge, a full clone's or an
+    /// import's copy) has moved; null when no copy is running.
+    #[schema(example = 222298112u64)]
+    pub bytes_done: Option<u64>,
+    /// What that copy moves in all, an estimate fixed when it starts (the allocated
+    /// bytes of the layers it copies, or QEMU's own figure for a copy a running VM's
+    /// QEMU makes): it does not change while the copy runs and is never below
+    /// `bytes_done`. Null when no copy is running.
+    #[schema(example = 536870912u64)]
+    pub bytes_total: Option<u64>,
+    /// Seconds that copy needs yet at the rate it kept since it began; null when no copy
+    /// is running or it has not run long enough to tell.
+    #[schema(example = 7)]
+    pub eta_seconds: Option<u64>,
+    /// Bytes the job's copies moved so far, counted as each copying step ends (its
+    /// `bytes_total` when it completed, else as far as it got).
+    pub bytes_copied: u64,
     pub target: JobTarget,
     pub vm_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
@@ -128,17 +152,27 @@ pub struct MergeChoice {
     pub bytes_to_copy: u64,
 }
 
-/// A job's view with the live progress of its current step (kept in memory by the
-/// engine between journal writes).
+/// A job's view with the live progress of its current step, as the engine keeps it in
+/// memory: fresher than what the job's row holds (written at most once a second), and,
+/// while this process runs the job, what its copy is (none between copies).
 fn live_view(state: &AppState, job: Job) -> JobView {
     let live = (job.status == JobStatus::Running)
         .then(|| state.engine.progress_of(job.id))
         .flatten();
     let mut view = JobView::from(job);
     if let Some(live) = live {
-        view.progress = view.progress.max(live);
+        view.progress = view.progress.max(live.progress);
+        view.show_copy(live.copy);
     }
     view
+}
+
+impl JobView {
+    fn show_copy(&mut self, copy: Option<CopyProgress>) {
+        self.bytes_done = copy.map(|c| c.bytes_done);
+        self.bytes_total = copy.map(|c| c.bytes_total);
+        self.eta_seconds = copy.and_then(|c| c.eta_seconds);
+    }
 }
 
 impl From<Job> for JobView {
@@ -147,11 +181,17 @@ impl From<Job> for JobView {
             code,
             message: job.error_message.unwrap_or_default(),
         });
+        // The row's figures are live ones only (see `store::jobs`).
+        let copy = job.copy;
         Self {
             id: job.id,
             kind: job.kind,
             status: job.status,
             progress: job.progress,
+            bytes_done: copy.map(|c| c.bytes_done),
+            bytes_total: copy.map(|c| c.bytes_total),
+            eta_seconds: copy.and_then(|c| c.eta_seconds),
+            bytes_copied: job.bytes_copied,
             target: JobTarget {
                 target_type: job.target_type,
                 id: job.target_id,

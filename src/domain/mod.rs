@@ -309,6 +309,25 @@ pub struct Job {
     pub requested_by: Option<String>,
     /// The name of the token whose request cancelled the job, if one did.
     pub cancelled_by: Option<String>,
+    /// The copy the running job is making, as its last progress write left it; none
+    /// when no copy runs (or the figures are no longer live: see `store::jobs`).
+    pub copy: Option<CopyProgress>,
+    /// Bytes the job's copying steps moved, counted as each of them ended.
+    pub bytes_copied: u64,
+}
+
+/// How far the copy a running job is making has got: a step that copies data (a merge,
+/// a full clone's copy, an import, a copy QEMU makes for a running VM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyProgress {
+    /// Bytes copied so far; never more than `bytes_total`.
+    pub bytes_done: u64,
+    /// What the step copies in all: an estimate fixed when its copy starts (see
+    /// `jobs::engine::progress`).
+    pub bytes_total: u64,
+    /// Seconds left at the rate observed since the copy began; none until that rate
+    /// says something.
+    pub eta_seconds: Option<u64>,
 }
 
 string_enum!(

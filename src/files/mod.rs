@@ -132,9 +132,22 @@ pub async fn chain_bytes(
     conn: &mut sqlx::SqliteConnection,
     top: Uuid,
 ) -> crate::error::Result<u64> {
+    layers_bytes(volumes_dir, conn, top, None).await
+}
+
+/// Bytes the files of the layers from `top` down to `stop` (not included; `None`: the
+/// whole chain) hold, as the records chain them: the most a merge of those layers
+/// copies (the planner's figure, `allocated_bytes` summed over the layers).
+pub async fn layers_bytes(
+    volumes_dir: &Path,
+    conn: &mut sqlx::SqliteConnection,
+    top: Uuid,
+    stop: Option<Uuid>,
+) -> crate::error::Result<u64> {
     Ok(crate::store::vms::volume_chain(conn, top)
         .await?
         .iter()
+        .take_while(|v| Some(**v) != stop)
         .map(|v| allocated_bytes(&volume_path(volumes_dir, *v)))
         .sum())
 }

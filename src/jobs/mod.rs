@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
-use crate::domain::{Job, JobStatus, Uuid};
+use crate::domain::{CopyProgress, Job, JobStatus, Uuid};
 use crate::error::{Error, ErrorCode, Result};
 use crate::files::{Files, uploads};
 use crate::qemu::Qemu;
@@ -54,6 +54,16 @@ pub struct EngineConfig {
     pub freeze_timeout: Duration,
 }
 
+/// How far a running job has got, as its current step last reported (fresher than the
+/// figures its row holds, which are written at most once a second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveProgress {
+    /// 0 to 99 (100 is written when the job succeeds).
+    pub progress: u8,
+    /// The copy the step is making, if it copies data.
+    pub copy: Option<CopyProgress>,
+}
+
 pub struct Engine {
     db: Db,
     qemu: Qemu,
@@ -65,8 +75,8 @@ pub struct Engine {
     changed: watch::Sender<u64>,
     /// Cancel signals of running jobs.
     running: Mutex<HashMap<Uuid, watch::Sender<bool>>>,
-    /// Progress of running jobs within a step (see `progress_reporter`).
-    live_progress: Mutex<HashMap<Uuid, u8>>,
+    /// Progress of running jobs within a step (see `engine::progress`).
+    live_progress: Mutex<HashMap<Uuid, LiveProgress>>,
     /// Slots for work on untrusted images (see `EngineConfig::import_slots`).
     import_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -209,7 +219,7 @@ impl Engine {
     }
 
     /// The progress of a running job within its current step, if it reported any.
-    pub fn progress_of(&self, job: Uuid) -> Option<u8> {
+    pub fn progress_of(&self, job: Uuid) -> Option<LiveProgress> {
         self.live_progress
             .lock()
             .expect("progress map")

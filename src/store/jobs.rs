@@ -3,9 +3,11 @@
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
-use super::{get_enum, get_id, get_opt_id, get_opt_ts, get_ts, id_text, opt_id_text, ts};
+use super::{get_enum, get_id, get_opt_id, get_opt_ts, get_ts, get_u64, id_text, opt_id_text, ts};
 use crate::domain::plan::Plan;
-use crate::domain::{Job, JobKind, JobPhase, JobSpec, JobStatus, TargetType, Timestamp, Uuid};
+use crate::domain::{
+    CopyProgress, Job, JobKind, JobPhase, JobSpec, JobStatus, TargetType, Timestamp, Uuid,
+};
 use crate::error::{Error, Result};
 
 fn json_column<T: serde::de::DeserializeOwned>(row: &SqliteRow, column: &str) -> Result<Option<T>> {
@@ -31,21 +33,55 @@ fn spec_column(row: &SqliteRow) -> Result<JobSpec> {
     Ok(spec)
 }
 
+/// The figures of the copy a running job is making, as its last progress write left
+/// them; none unless they can still be live. The engine clears them when a copying step
+/// ends and at start, but those writes may fail (a full disk) or a crash may come
+/// first: figures are live only while the job runs (not parked) in the step they
+/// describe, before the journal moved past it.
+fn copy_columns(
+    row: &SqliteRow,
+    status: JobStatus,
+    phase: Option<JobPhase>,
+    next_step: usize,
+) -> Result<Option<CopyProgress>> {
+    let step: Option<i64> = row.try_get("copy_step")?;
+    let done: Option<i64> = row.try_get("bytes_done")?;
+    let total: Option<i64> = row.try_get("bytes_total")?;
+    let eta: Option<i64> = row.try_get("eta_seconds")?;
+    let parked: Option<String> = row.try_get("retry_at")?;
+    let live = status == JobStatus::Running
+        && phase == Some(JobPhase::Executing)
+        && parked.is_none()
+        && step.is_some_and(|step| step >= next_step as i64);
+    let (Some(done), Some(total), true) = (done, total, live) else {
+        return Ok(None);
+    };
+    let total = total.max(0) as u64;
+    Ok(Some(CopyProgress {
+        bytes_done: (done.max(0) as u64).min(total),
+        bytes_total: total,
+        eta_seconds: eta.map(|eta| eta.max(0) as u64),
+    }))
+}
+
 fn from_row(row: &SqliteRow) -> Result<Job> {
     let phase: Option<String> = row.try_get("phase")?;
+    let phase = phase.as_deref().and_then(JobPhase::parse);
+    let status = get_enum(row, "status", JobStatus::parse)?;
+    let next_step = row.try_get::<i64, _>("next_step")? as usize;
     Ok(Job {
         seq: row.try_get("seq")?,
         id: get_id(row, "id")?,
         kind: get_enum(row, "kind", JobKind::parse)?,
-        status: get_enum(row, "status", JobStatus::parse)?,
+        status,
         progress: row.try_get::<i64, _>("progress")?.clamp(0, 100) as u8,
         target_type: get_enum(row, "target_type", TargetType::parse)?,
         target_id: get_id(row, "target_id")?,
         vm_id: get_opt_id(row, "vm_id")?,
         spec: spec_column(row)?,
-        phase: phase.as_deref().and_then(JobPhase::parse),
+        phase,
         plan: json_column::<Plan>(row, "plan")?,
-        next_step: row.try_get::<i64, _>("next_step")? as usize,
+        next_step,
         detail: json_column(row, "detail")?,
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
         past_no_return: row.try_get::<i64, _>("past_no_return")? != 0,
@@ -56,6 +92,8 @@ fn from_row(row: &SqliteRow) -> Result<Job> {
         finished_at: get_opt_ts(row, "finished_at")?,
         requested_by: row.try_get("requested_by")?,
         cancelled_by: row.try_get("cancelled_by")?,
+        copy: copy_columns(row, status, phase, next_step)?,
+        bytes_copied: get_u64(row, "bytes_copied")?,
     })
 }
 
@@ -85,6 +123,8 @@ pub fn new_job(spec: JobSpec) -> Job {
         finished_at: None,
         requested_by: None,
         cancelled_by: None,
+        copy: None,
+        bytes_copied: 0,
     }
 }
 
@@ -256,6 +296,66 @@ pub async fn set_next_step(
     Ok(())
 }
 
+/// Record how far the copy of step `step` has got (and the job's percentage, which
+/// only grows), unless the job is no longer running that step: parked, stopping,
+/// committed, ended, or journaled past it. A progress write landing late therefore
+/// changes nothing. Not a journal write: nothing reads these figures back but views.
+pub async fn set_copy_progress(
+    conn: &mut SqliteConnection,
+    id: Uuid,
+    step: usize,
+    progress: u8,
+    copy: &CopyProgress,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE jobs SET progress = MAX(progress, ?), copy_step = ?, bytes_done = ?,
+           bytes_total = ?, eta_seconds = ?
+         WHERE id = ? AND status = 'running' AND phase = 'executing' AND retry_at IS NULL
+           AND next_step <= ?",
+    )
+    .bind(progress as i64)
+    .bind(step as i64)
+    .bind(i64::try_from(copy.bytes_done).unwrap_or(i64::MAX))
+    .bind(i64::try_from(copy.bytes_total).unwrap_or(i64::MAX))
+    .bind(
+        copy.eta_seconds
+            .map(|eta| i64::try_from(eta).unwrap_or(i64::MAX)),
+    )
+    .bind(id_text(id))
+    .bind(step as i64)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A copying step ended: its live figures go, and the bytes it moved are added to the
+/// job's count.
+pub async fn end_copy(conn: &mut SqliteConnection, id: Uuid, copied: u64) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET copy_step = NULL, bytes_done = NULL, bytes_total = NULL,
+           eta_seconds = NULL, bytes_copied = bytes_copied + ? WHERE id = ?",
+    )
+    .bind(i64::try_from(copied).unwrap_or(i64::MAX))
+    .bind(id_text(id))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Clear the live figures a previous process left (it stopped while copying): no copy
+/// runs before a job is resumed. The number of jobs that had some.
+pub async fn clear_copy_progress(conn: &mut SqliteConnection) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE jobs SET copy_step = NULL, bytes_done = NULL, bytes_total = NULL,
+           eta_seconds = NULL
+         WHERE copy_step IS NOT NULL OR bytes_done IS NOT NULL OR bytes_total IS NOT NULL
+           OR eta_seconds IS NOT NULL",
+    )
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 pub async fn set_phase(conn: &mut SqliteConnection, id: Uuid, phase: JobPhase) -> Result<()> {
     sqlx::query("UPDATE jobs SET phase = ? WHERE id = ?")
         .bind(phase.as_str())
@@ -417,4 +517,117 @@ pub async fn enter_no_return(conn: &mut SqliteConnection, id: Uuid) -> Result<bo
             .execute(conn)
             .await?;
     Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::new_id;
+
+    const COPY: CopyProgress = CopyProgress {
+        bytes_done: 3 << 20,
+        bytes_total: 8 << 20,
+        eta_seconds: Some(4),
+    };
+
+    /// A running job, executing step `next_step` of its plan.
+    async fn running_job(conn: &mut SqliteConnection, next_step: i64) -> Uuid {
+        let id = new_id();
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, status, target_type, target_id, created_at, phase, next_step)
+             VALUES (?, 'vm_clone', 'running', 'vm', ?, ?, 'executing', ?)",
+        )
+        .bind(id_text(id))
+        .bind(id_text(new_id()))
+        .bind(ts(super::super::now()))
+        .bind(next_step)
+        .execute(conn)
+        .await
+        .unwrap();
+        id
+    }
+
+    async fn copy_of(conn: &mut SqliteConnection, id: Uuid) -> Option<CopyProgress> {
+        get(conn, id).await.unwrap().unwrap().copy
+    }
+
+    #[tokio::test]
+    async fn copy_figures_are_live_only_while_the_job_runs_the_step_they_describe() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::Db::open(&dir.path().join("strata.db"))
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        // Step 2 runs while the journal still says 0 (its Creates are not journaled).
+        let id = running_job(&mut tx, 0).await;
+        assert!(set_copy_progress(&mut tx, id, 2, 40, &COPY).await.unwrap());
+        assert_eq!(copy_of(&mut tx, id).await, Some(COPY));
+        assert_eq!(get(&mut tx, id).await.unwrap().unwrap().progress, 40);
+
+        // Journaled past it: the figures are stale, and a late write changes nothing.
+        set_next_step(&mut tx, id, 3, 60).await.unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, None);
+        assert!(!set_copy_progress(&mut tx, id, 2, 50, &COPY).await.unwrap());
+        assert_eq!(get(&mut tx, id).await.unwrap().unwrap().progress, 60);
+
+        // Parked, stopping or ended: not live either.
+        assert!(set_copy_progress(&mut tx, id, 3, 70, &COPY).await.unwrap());
+        assert_eq!(copy_of(&mut tx, id).await, Some(COPY));
+        park(
+            &mut tx,
+            id,
+            super::super::now(),
+            ("insufficient_storage", "full"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, None);
+        assert!(!set_copy_progress(&mut tx, id, 3, 70, &COPY).await.unwrap());
+        claim_parked(&mut tx, super::super::now()).await.unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, Some(COPY));
+        begin_stopping(&mut tx, id, None).await.unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, None);
+        finish(&mut tx, id, JobStatus::Cancelled, None, super::super::now())
+            .await
+            .unwrap();
+        assert_eq!(copy_of(&mut tx, id).await, None);
+        tx.commit().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn ending_a_copy_clears_its_figures_and_counts_its_bytes_and_a_restart_clears_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::store::Db::open(&dir.path().join("strata.db"))
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        let id = running_job(&mut tx, 1).await;
+        set_copy_progress(&mut tx, id, 1, 10, &COPY).await.unwrap();
+        end_copy(&mut tx, id, 8 << 20).await.unwrap();
+        set_copy_progress(&mut tx, id, 1, 20, &COPY).await.unwrap();
+        end_copy(&mut tx, id, 2 << 20).await.unwrap();
+        let job = get(&mut tx, id).await.unwrap().unwrap();
+        assert_eq!((job.copy, job.bytes_copied), (None, 10 << 20));
+
+        // What a crash left goes at the next start, and only that.
+        let other = running_job(&mut tx, 0).await;
+        set_copy_progress(&mut tx, other, 0, 10, &COPY)
+            .await
+            .unwrap();
+        assert_eq!(clear_copy_progress(&mut tx).await.unwrap(), 1);
+        let other = get(&mut tx, other).await.unwrap().unwrap();
+        assert_eq!((other.copy, other.progress), (None, 10));
+        let left: Option<i64> = sqlx::query_scalar(
+            "SELECT max(coalesce(copy_step, bytes_done, bytes_total, eta_seconds)) FROM jobs",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert_eq!(left, None);
+        assert_eq!(
+            get(&mut tx, id).await.unwrap().unwrap().bytes_copied,
+            10 << 20
+        );
+        tx.commit().await.unwrap();
+    }
 }

@@ -17,6 +17,7 @@ mod live_merge;
 mod live_torture;
 mod metrics;
 mod openapi;
+mod progress;
 mod qmp;
 mod quiesce;
 mod readme;

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::super::{Engine, PARK_FOR, run};
 use super::execute::{StepPlace, remove_if_exists};
+use super::progress::StepProgress;
 use super::{Outcome, Stop};
 use crate::domain::plan::{FileOp, MetaOp, Plan};
 use crate::domain::{Job, JobPhase, JobStatus, Uuid};
@@ -151,7 +152,8 @@ impl Engine {
         Ok(Some(last_step_done))
     }
 
-    /// Execute step `index`, with its progress mapped into the job's.
+    /// Execute step `index`, with its progress mapped into the job's (and its copy's
+    /// figures, if it copies, cleared when it ends).
     async fn run_step(
         self: &Arc<Self>,
         job: &Job,
@@ -162,15 +164,19 @@ impl Engine {
     ) -> std::result::Result<(), Stop> {
         let step = &plan.steps[index];
         let total = plan.steps.len().max(1) as f32;
-        let progress = self.progress_reporter(job.id, index as f32 / total, 1.0 / total);
+        let progress = StepProgress::new(self, job, index, index as f32 / total, 1.0 / total);
         let interrupt = cancel.filter(|_| step.op.is_interruptible());
         let place = StepPlace {
             past_no_return: job.past_no_return,
             first_of_no_return: plan.point_of_no_return() == Some(index),
             live_plan: plan.is_live(),
         };
-        self.execute_with_retries(job, &step.op, again, place, interrupt, &progress)
-            .await
+        let ran = self
+            .execute_with_retries(job, &step.op, again, place, interrupt, &progress)
+            .await;
+        // The copy's figures go before the journal records how the step ended.
+        progress.finish(ran.is_ok()).await;
+        ran
     }
 
     /// Record that step `index` is done, with the metadata that describes its result.

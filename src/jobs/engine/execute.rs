@@ -1,8 +1,7 @@
 //! Executing one file operation of a plan with qemu-img: idempotently (a step may be
 //! redone after a crash), with the retries each failure calls for, and reporting its
-//! progress.
+//! progress (with the bytes a copy is estimated to move, see `copy_estimate`).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -11,6 +10,7 @@ use super::super::{Engine, FORWARD_RETRIES, KILLED_RETRIES};
 use super::Stop;
 use super::live::Switch;
 use super::live_merge::LiveMerge;
+use super::progress::StepProgress;
 use crate::domain::plan::FileOp;
 use crate::domain::{Job, Uuid};
 use crate::error::{Error, Result};
@@ -46,7 +46,7 @@ impl Engine {
         mut again: bool,
         place: StepPlace,
         cancel: Option<&watch::Receiver<bool>>,
-        progress: &(dyn Fn(f32) + Send + Sync),
+        progress: &StepProgress,
     ) -> Result<(), Stop> {
         let past_no_return = place.past_no_return;
         let mut failures = 0u32;
@@ -139,7 +139,7 @@ impl Engine {
         op: &FileOp,
         again: bool,
         cancel: Option<&watch::Receiver<bool>>,
-        progress: &(dyn Fn(f32) + Send + Sync),
+        progress: &StepProgress,
     ) -> Result<()> {
         match *op {
             FileOp::Create {
@@ -156,6 +156,7 @@ impl Engine {
                     .await?;
             }
             FileOp::Commit { .. } | FileOp::Stream { .. } => {
+                progress.start(self.copy_estimate(op).await);
                 self.merge(op, again, cancel, progress).await?;
             }
             FileOp::Repoint { volume, backing } => {
@@ -172,6 +173,7 @@ impl Engine {
                 self.qemu.resize(&path, size_bytes).await?;
             }
             FileOp::Import { .. } | FileOp::Convert { .. } => {
+                progress.start(self.copy_estimate(op).await);
                 self.copy(op, cancel, progress).await?;
             }
             FileOp::LiveAdd { vm, ref overlays } => self.live_add(vm, overlays).await?,
@@ -225,7 +227,7 @@ impl Engine {
         op: &FileOp,
         again: bool,
         cancel: Option<&watch::Receiver<bool>>,
-        progress: &(dyn Fn(f32) + Send + Sync),
+        progress: &StepProgress,
     ) -> Result<()> {
         match *op {
             FileOp::Commit { top, base } => {
@@ -235,9 +237,8 @@ impl Engine {
                     self.qemu.repair_leaks(&self.volume_path(base)).await?;
                 }
                 let (top, base) = (self.volume_path(top), self.volume_path(base));
-                self.qemu
-                    .commit(&top, &base, cancel, Some(progress))
-                    .await?;
+                let report = |fraction| progress.fraction(fraction);
+                self.qemu.commit(&top, &base, cancel, Some(&report)).await?;
                 self.qemu.repair_leaks(&base).await?;
             }
             FileOp::Stream {
@@ -250,9 +251,10 @@ impl Engine {
                 }
                 let backing = backing.map(files::volume_file_name);
                 let path = self.volume_path(volume);
+                let report = |fraction| progress.fraction(fraction);
                 let stream = self
                     .qemu
-                    .stream(&path, backing.as_deref(), cancel, Some(progress));
+                    .stream(&path, backing.as_deref(), cancel, Some(&report));
                 stream.await?;
                 self.qemu.repair_leaks(&path).await?;
             }
@@ -266,7 +268,7 @@ impl Engine {
         &self,
         op: &FileOp,
         cancel: Option<&watch::Receiver<bool>>,
-        progress: &(dyn Fn(f32) + Send + Sync),
+        progress: &StepProgress,
     ) -> Result<()> {
         match *op {
             FileOp::Import {
@@ -276,16 +278,18 @@ impl Engine {
             } => {
                 let source = files::upload_path(self.volumes_dir(), upload);
                 let path = self.volume_path(volume);
-                let copy =
-                    self.qemu
-                        .import(&source, format.as_str(), &path, cancel, Some(progress));
+                let report = |fraction| progress.fraction(fraction);
+                let copy = self
+                    .qemu
+                    .import(&source, format.as_str(), &path, cancel, Some(&report));
                 self.copy_into(&path, copy).await?;
             }
             FileOp::Convert { source, volume } => {
                 let (source, path) = (self.volume_path(source), self.volume_path(volume));
+                let report = |fraction| progress.fraction(fraction);
                 let copy = self
                     .qemu
-                    .convert(&source, &path, false, cancel, Some(progress));
+                    .convert(&source, &path, false, cancel, Some(&report));
                 self.copy_into(&path, copy).await?;
             }
             _ => return Err(Error::Internal(format!("not a copy step: {op:?}"))),
@@ -341,25 +345,53 @@ impl Engine {
         Ok(())
     }
 
-    /// Maps a step's own progress into the job's 0-100 range and stores it (at most a
-    /// few times a second).
-    pub(super) fn progress_reporter(
-        self: &Arc<Self>,
-        job: Uuid,
-        start: f32,
-        span: f32,
-    ) -> impl Fn(f32) + Send + Sync + use<> {
-        // Kept in memory, not written: a progress write per tick would fsync the
-        // database in the middle of every copy. The journal records progress at each
-        // step boundary; `progress_of` gives the live figure in between.
-        let engine = Arc::clone(self);
-        move |fraction: f32| {
-            let value = ((start + fraction * span) * 99.0) as u8;
-            engine
-                .live_progress
-                .lock()
-                .expect("progress map")
-                .insert(job, value);
+    /// The bytes a qemu-img copy step moves, estimated before it starts (its progress
+    /// shows them as `bytes_total`): the allocated bytes of the files of the layers it
+    /// copies, as the records chain them (what the planner compared to choose a merge's
+    /// direction, and a full clone's space check): for a commit, the layers from the top
+    /// down to the base; for a safe rebase, those from the layer it read down to its new
+    /// backing; for a convert, the source's whole chain; for an import, the upload's
+    /// file. An upper bound of what qemu-img writes (zeros are skipped). None, logged,
+    /// when the records cannot be read: the step shows its percentage only.
+    pub(super) async fn copy_estimate(&self, op: &FileOp) -> Option<u64> {
+        let dir = self.volumes_dir();
+        let estimate = async {
+            let mut conn = self.db.reader().await?;
+            Ok::<_, Error>(match *op {
+                FileOp::Commit { top, base } => {
+                    Some(files::layers_bytes(dir, &mut conn, top, Some(base)).await?)
+                }
+                FileOp::Stream {
+                    volume,
+                    from,
+                    backing,
+                } => {
+                    let from = match from {
+                        Some(from) => Some(from),
+                        None => store::vms::volume_parent(&mut conn, volume).await?,
+                    };
+                    match from {
+                        Some(from) => {
+                            Some(files::layers_bytes(dir, &mut conn, from, backing).await?)
+                        }
+                        None => None,
+                    }
+                }
+                FileOp::Convert { source, .. } => {
+                    Some(files::chain_bytes(dir, &mut conn, source).await?)
+                }
+                FileOp::Import { upload, .. } => {
+                    Some(files::allocated_bytes(&files::upload_path(dir, upload)))
+                }
+                _ => None,
+            })
+        };
+        match estimate.await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(error = %e, ?op, "cannot estimate a copy's bytes; its progress shows a percentage only");
+                None
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use super::super::Engine;
 use super::execute::{remove_if_exists, sync_file};
 use super::live::{Frozen, Reach};
+use super::progress::StepProgress;
 use crate::domain::plan::{FileOp, LiveCopy};
 use crate::domain::{Quiesce, Uuid};
 use crate::error::{Error, ErrorCode, Result};
@@ -45,18 +46,33 @@ impl Engine {
         copies: &[LiveCopy],
         freeze: Option<Quiesce>,
         cancel: Option<&watch::Receiver<bool>>,
-        progress: &(dyn Fn(f32) + Send + Sync),
+        progress: &StepProgress,
     ) -> Result<()> {
         let mut qmp = match self.connect_live(vm).await? {
             Reach::Reached(qmp) => qmp,
             Reach::Stopped => {
                 tracing::warn!(%job, %vm, "the VM stopped; its disks are copied offline");
-                for copy in copies {
-                    let convert = FileOp::Convert {
+                let converts: Vec<FileOp> = copies
+                    .iter()
+                    .map(|copy| FileOp::Convert {
                         source: copy.source,
                         volume: copy.volume,
-                    };
-                    self.copy(&convert, cancel, progress).await?;
+                    })
+                    .collect();
+                // One after another, as parts of the step's total.
+                let mut parts = Vec::with_capacity(converts.len());
+                for convert in &converts {
+                    parts.push(self.copy_estimate(convert).await);
+                }
+                let parts: Option<Vec<u64>> = parts.into_iter().collect();
+                let total = parts.as_ref().map_or(0, |parts| parts.iter().sum());
+                let mut offset = 0;
+                for (index, convert) in converts.iter().enumerate() {
+                    if let Some(part) = parts.as_ref().map(|parts| parts[index]) {
+                        progress.start_part(total, offset, part);
+                        offset += part;
+                    }
+                    self.copy(convert, cancel, progress).await?;
                 }
                 return Ok(());
             }
@@ -147,7 +163,7 @@ impl Engine {
         job: Uuid,
         copies: &[LiveCopy],
         cancel: Option<&watch::Receiver<bool>>,
-        progress: &(dyn Fn(f32) + Send + Sync),
+        progress: &StepProgress,
     ) -> Result<()> {
         loop {
             if cancel.is_some_and(|c| *c.borrow()) {
@@ -163,9 +179,7 @@ impl Engine {
             let (done, total) = jobs.iter().fold((0, 0), |(d, t), j| {
                 (d + j.current_progress, t + j.total_progress)
             });
-            if total > 0 {
-                progress(done as f32 / total as f32);
-            }
+            progress.bytes(done, total);
             if jobs.iter().all(|j| j.status == "concluded") {
                 if let Some(failed) = jobs.iter().find(|j| j.error.is_some()) {
                     return Err(Error::problem(

@@ -34,6 +34,7 @@ use serde_json::{Value, json};
 
 use super::super::Engine;
 use super::live::Reach;
+use super::progress::StepProgress;
 use crate::domain::Uuid;
 use crate::domain::plan::FileOp;
 use crate::error::{Error, ErrorCode, Result};
@@ -142,7 +143,7 @@ impl Engine {
         &self,
         job: Uuid,
         merge: LiveMerge,
-        progress: &(dyn Fn(f32) + Send + Sync),
+        progress: &StepProgress,
     ) -> Result<()> {
         let mut qmp = match self.connect_live(merge.vm()).await? {
             Reach::Reached(qmp) => qmp,
@@ -184,7 +185,7 @@ impl Engine {
         job: Uuid,
         merge: &LiveMerge,
         gone: &[Uuid],
-        progress: &(dyn Fn(f32) + Send + Sync),
+        progress: &StepProgress,
     ) -> Result<()> {
         let id = merge.qemu_job_id(job);
         let mut paused_at: Option<Instant> = None;
@@ -203,9 +204,7 @@ impl Engine {
                 self.live_fault_point(job, "started").await;
                 continue;
             };
-            if info.total_progress > 0 {
-                progress(info.current_progress as f32 / info.total_progress as f32);
-            }
+            progress.bytes(info.current_progress, info.total_progress);
             match info.status.as_str() {
                 "concluded" => {
                     // A stream ends only by changing the backing or with an error; its
@@ -650,7 +649,7 @@ impl Engine {
         &self,
         job: Uuid,
         merge: LiveMerge,
-        progress: &(dyn Fn(f32) + Send + Sync),
+        progress: &StepProgress,
     ) -> Result<()> {
         tracing::warn!(%job, vm = %merge.vm(), "the VM stopped; the merge is finished offline");
         match merge {
@@ -666,8 +665,9 @@ impl Engine {
                 self.qemu
                     .repoint(&self.volume_path(above), &files::volume_file_name(top))
                     .await?;
-                self.merge(&FileOp::Commit { top, base }, true, None, progress)
-                    .await?;
+                let commit = FileOp::Commit { top, base };
+                progress.start(self.copy_estimate(&commit).await);
+                self.merge(&commit, true, None, progress).await?;
                 self.qemu
                     .repoint(&self.volume_path(above), &files::volume_file_name(base))
                     .await?;
@@ -682,8 +682,9 @@ impl Engine {
                     // Pivoted: the base alone is the disk; the old top is never read.
                     self.qemu.repair_leaks(&self.volume_path(base)).await?;
                 } else {
-                    self.merge(&FileOp::Commit { top, base }, true, None, progress)
-                        .await?;
+                    let commit = FileOp::Commit { top, base };
+                    progress.start(self.copy_estimate(&commit).await);
+                    self.merge(&commit, true, None, progress).await?;
                 }
             }
             LiveMerge::Stream {
@@ -698,6 +699,7 @@ impl Engine {
                     from: Some(from),
                     backing,
                 };
+                progress.start(self.copy_estimate(&stream).await);
                 self.merge(&stream, true, None, progress).await?;
             }
         }

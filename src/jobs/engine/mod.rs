@@ -1,7 +1,8 @@
 //! The engine's machinery, by concern: `worker` (the worker loop, claiming, recovery
 //! at start, resuming after a failed journal write), `drive` (driving one job through
 //! its plan and journal: plan, steps, commit, stop, park), `execute` (one file
-//! operation, with its retries and progress), `live` (the steps that work on a running
+//! operation, with its retries), `progress` (a step's progress, in memory and in the
+//! job's row), `live` (the steps that work on a running
 //! VM's QEMU), `live_merge` (merges done by a running VM's QEMU), `live_copy` (full
 //! clones copied by it) and `fault` (test-only crash points).
 //! The `Engine` type and what the rest of the service calls live in `jobs`.
@@ -12,6 +13,7 @@ mod fault;
 mod live;
 mod live_copy;
 mod live_merge;
+mod progress;
 mod worker;
 
 use crate::domain::{Job, JobStatus};

@@ -17,6 +17,7 @@ impl Engine {
     /// Finish or roll back every job a crash interrupted, oldest first, before any
     /// worker claims new work. Each resumes from its journal.
     pub async fn recover(self: &Arc<Self>) -> Result<usize> {
+        self.clear_stale_copy_progress().await;
         let interrupted = store::jobs::list_running(&mut *self.db.reader().await?).await?;
         let count = interrupted.len();
         // A guest frozen for a switch the crash cut short must not wait for the older
@@ -59,6 +60,26 @@ impl Engine {
             self.run(job).await;
         }
         Ok(count)
+    }
+
+    /// No copy runs before a job is resumed: the figures a previous process left in
+    /// the rows (it stopped while copying) go. Best effort, like every progress write:
+    /// views never show such figures as live anyway once the job left its step (see
+    /// `store::jobs`), and a resumed copy writes its own.
+    async fn clear_stale_copy_progress(&self) {
+        let cleared = async {
+            let mut tx = self.db.begin().await?;
+            let cleared = store::jobs::clear_copy_progress(&mut tx).await?;
+            tx.commit().await?;
+            Ok::<_, crate::error::Error>(cleared)
+        };
+        match cleared.await {
+            Ok(0) => {}
+            Ok(jobs) => tracing::info!(jobs, "cleared the copy progress an earlier process left"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not clear the copy progress an earlier process left; ignored")
+            }
+        }
     }
 
     /// Start the worker tasks; they stop when `shutdown` turns true.
