@@ -324,3 +324,28 @@ async fn a_user_cancels_a_running_job_from_the_jobs_panel() {
     expect(&root, 0xaa, 0, 1);
     check_clean(&root);
 }
+
+#[tokio::test]
+async fn the_jobs_panel_shows_a_copys_bytes_and_time_left() {
+    let scratch = tempfile::tempdir().unwrap();
+    // qemu-img copies at 32 MiB/s: the 256 MiB clone lasts several seconds.
+    let wrapper = crate::progress::rate_capped_qemu_img(scratch.path(), "32M");
+    let app = TestApp::spawn_with(&[("STRATA_QEMU_IMG", wrapper.to_str().unwrap())]).await;
+    let vm = app.create_vm("big", &[("root", 512 << 20)]).await;
+    write(app.active_path(vm.id, "root").await, 0x5a, 0, 256);
+    let clone = app
+        .accept(
+            Method::POST,
+            &format!("/v1/vms/{}/clone", vm.id),
+            Some(json!({"name": "big-copy", "mode": "full"})),
+        )
+        .await;
+    let result = browse(&app, "progress", json!({}));
+    assert!(
+        result["figures"].as_str().unwrap().contains(" of "),
+        "{result}"
+    );
+    let job = app.wait_job(clone.id).await;
+    assert_eq!(job.status, JobStatus::Succeeded);
+    expect(app.active_path(clone.target.id, "root").await, 0x5a, 0, 256);
+}

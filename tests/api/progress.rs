@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use crate::support::*;
 
 /// A qemu-img that copies (convert, commit) at most `rate` bytes a second.
-fn rate_capped_qemu_img(dir: &Path, rate: &str) -> PathBuf {
+pub(crate) fn rate_capped_qemu_img(dir: &Path, rate: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let wrapper = dir.join("qemu-img");
     let script = format!(

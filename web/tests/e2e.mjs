@@ -1,7 +1,7 @@
 // The dashboard and /docs in a real browser (Debian's Chromium driven by
 // playwright-core), against a strata the Rust test started (tests/api/dashboard.rs):
 //
-//   node tests/e2e.mjs dashboard|docs|auth|cancel
+//   node tests/e2e.mjs dashboard|docs|auth|cancel|progress
 //
 // STRATA_URL is the service; STRATA_TOKENS (JSON) the tokens the auth scenario uses;
 // STRATA_SCREENSHOTS a directory for the screenshots (docs/screenshots in the repo).
@@ -365,7 +365,26 @@ async function cancel(browser) {
   return {};
 }
 
-const scenarios = { dashboard, docs, auth, cancel };
+/** A slow full clone (the test caps qemu-img's rate): the panel shows its bytes and
+ * the time left while it copies, then 100%. */
+async function progress(browser) {
+  const page = await open(browser);
+  await page.goto(`${base}/`);
+  await page.getByTestId('vm-row-big').waitFor();
+  const row = page.locator('[data-testid^="job-"][data-kind="vm_clone"]').first();
+  const text = row.getByTestId('job-progress-text');
+  const figures = await until('the copy to show its bytes and the time left', async () => {
+    const shown = await text.textContent();
+    return / · [\d.]+ [KMG]?i?B of [\d.]+ [KMG]?i?B · .+ left$/.test(shown) && shown;
+  });
+  await shoot(page, 'jobs-progress');
+  await until('the clone to succeed', async () => (await row.getAttribute('data-status')) === 'succeeded');
+  if ((await text.textContent()) !== '100%') fail(`the finished copy still shows figures: ${await text.textContent()}`);
+  onlyLocal(page);
+  return { figures };
+}
+
+const scenarios = { dashboard, docs, auth, cancel, progress };
 const browser = await launch();
 try {
   if (!scenarios[scenario]) fail(`no scenario ${scenario}`);

@@ -1128,27 +1128,33 @@ export interface components {
         /**
          * @description A background job.
          * @example {
+         *       "bytes_copied": 0,
+         *       "bytes_done": 222298112,
+         *       "bytes_total": 536870912,
          *       "cancel_requested": false,
+         *       "cancelled_by": null,
          *       "created_at": "2026-11-21T10:00:00Z",
          *       "detail": {
          *         "merges": [
          *           {
-         *             "action": "commit",
-         *             "bytes_to_copy": 1048576,
-         *             "commit_bytes": 1048576,
+         *             "action": "stream",
+         *             "bytes_to_copy": 536870912,
+         *             "commit_bytes": 2147483648,
          *             "disk_id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b",
          *             "stream_bytes": 536870912
          *           }
          *         ],
-         *         "space_needed_bytes": 1048576
+         *         "space_needed_bytes": 536870912
          *       },
          *       "error": null,
-         *       "finished_at": "2026-11-21T10:00:00.420Z",
+         *       "eta_seconds": 7,
+         *       "finished_at": null,
          *       "id": "019a6f5e-7c1d-7b3e-9f2a-3c4d5e6f7a8b",
          *       "kind": "snapshot_delete",
-         *       "progress": 100,
+         *       "progress": 41,
+         *       "requested_by": "ops",
          *       "started_at": "2026-11-21T10:00:00.010Z",
-         *       "status": "succeeded",
+         *       "status": "running",
          *       "target": {
          *         "id": "019a6f5e-1111-7b3e-9f2a-3c4d5e6f7a8b",
          *         "type": "snapshot"
@@ -1157,6 +1163,28 @@ export interface components {
          *     }
          */
         JobView: {
+            /**
+             * Format: int64
+             * @description Bytes the job's copies moved so far, counted as each copying step ends (its
+             *     `bytes_total` when it completed, else as far as it got).
+             */
+            bytes_copied: number;
+            /**
+             * Format: int64
+             * @description Bytes the copy the job is making now (one step's: a merge, a full clone's or an
+             *     import's copy) has moved; null when no copy is running.
+             * @example 222298112
+             */
+            bytes_done?: number | null;
+            /**
+             * Format: int64
+             * @description What that copy moves in all, an estimate fixed when it starts (the allocated
+             *     bytes of the layers it copies, or QEMU's own figure for a copy a running VM's
+             *     QEMU makes): it does not change while the copy runs and is never below
+             *     `bytes_done`. Null when no copy is running.
+             * @example 536870912
+             */
+            bytes_total?: number | null;
             cancel_requested: boolean;
             /**
              * @description The name of the token whose request cancelled the job; null when none did (or
@@ -1167,6 +1195,13 @@ export interface components {
             created_at: string;
             detail?: components["schemas"]["JobDetail"] | null;
             error?: components["schemas"]["JobError"] | null;
+            /**
+             * Format: int64
+             * @description Seconds that copy needs yet at the rate it kept since it began; null when no copy
+             *     is running or it has not run long enough to tell.
+             * @example 7
+             */
+            eta_seconds?: number | null;
             /** Format: date-time */
             finished_at?: string | null;
             /** Format: uuid */

@@ -2,7 +2,7 @@
 // the event stream (no polling), with progress, bytes, time left and cancel.
 import { useEffect, useState } from 'preact/hooks';
 import { api, must, type Job } from '../api/client';
-import { age, shortId } from '../format';
+import { age, bytes, duration, shortId } from '../format';
 import { subscribe } from '../state';
 import { ActionButton, ProblemBox, ProgressBar, Status, useAction } from './ui';
 
@@ -73,6 +73,7 @@ export function JobsPanel() {
 }
 
 function JobRow({ job, onCancel }: { job: Job; onCancel: () => void }) {
+  const copying = job.bytes_total !== null && job.bytes_total !== undefined;
   return (
     <tr data-testid={`job-${job.id}`} data-kind={job.kind} data-status={job.status}>
       <td>
@@ -93,7 +94,8 @@ function JobRow({ job, onCancel }: { job: Job; onCancel: () => void }) {
       <td class="job-progress">
         <ProgressBar value={job.progress} label={`${job.kind} progress`} />
         <span class="muted" data-testid="job-progress-text">
-          {job.progress}%
+          {job.progress}%{copying && ` · ${bytes(job.bytes_done ?? 0)} of ${bytes(job.bytes_total)}`}
+          {active(job) && job.eta_seconds !== null && job.eta_seconds !== undefined && ` · ${duration(job.eta_seconds)} left`}
         </span>
         {job.error && (
           <div class="error-text">
