@@ -119,8 +119,16 @@ fn shape(world: &World, id: &str, with_dependents: bool) -> Value {
         let snapshots: Vec<Value> = world
             .snapshots_of(id)
             .iter()
-            .map(|s| json!({"id": s["id"], "name": s["name"], "parent_id": s["parent_id"], "status": s["status"],
-                "volumes": s["volumes"]}))
+            .map(|s| {
+                let volumes: Vec<Value> = s["volumes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| json!({"disk_id": v["disk_id"], "volume_id": v["volume_id"], "path": v["path"]}))
+                    .collect();
+                json!({"id": s["id"], "name": s["name"], "parent_id": s["parent_id"], "status": s["status"],
+                    "volumes": volumes})
+            })
             .collect();
         let mut view = json!({"vm": {"name": vm["name"], "status": vm["status"], "state": vm["state"],
             "current_snapshot_id": vm["current_snapshot_id"], "source_vm_id": vm["source_vm_id"],

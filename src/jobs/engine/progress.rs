@@ -339,9 +339,13 @@ async fn write_figures(
 ) {
     let mut last: Option<(Instant, Figures)> = None;
     loop {
+        // Biased towards the stop: at the end of a step a last report usually leaves a
+        // wake-up pending, which must not win over the stop and write once more before
+        // the step's journal entry.
         tokio::select! {
-            _ = shared.changed.notified() => {}
+            biased;
             _ = stopped.changed() => return,
+            _ = shared.changed.notified() => {}
         }
         // Wait until a write is due, then write the figures as they are then.
         loop {
@@ -360,9 +364,13 @@ async fn write_figures(
             };
             if at > now {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(at.into()) => continue,
+                    biased;
                     _ = stopped.changed() => return,
+                    _ = tokio::time::sleep_until(at.into()) => continue,
                 }
+            }
+            if *stopped.borrow() {
+                return;
             }
             // Tried once whatever happens: a failing database is not hammered.
             last = Some((now, figures));

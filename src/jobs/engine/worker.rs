@@ -17,7 +17,6 @@ impl Engine {
     /// Finish or roll back every job a crash interrupted, oldest first, before any
     /// worker claims new work. Each resumes from its journal.
     pub async fn recover(self: &Arc<Self>) -> Result<usize> {
-        self.clear_stale_copy_progress().await;
         let interrupted = store::jobs::list_running(&mut *self.db.reader().await?).await?;
         let count = interrupted.len();
         // A guest frozen for a switch the crash cut short must not wait for the older
@@ -55,6 +54,9 @@ impl Engine {
                 }
             }
         }
+        // After the thaws and resumes, which must not wait for the writer connection
+        // (a frozen or paused guest waits for nothing), and before any copy resumes.
+        self.clear_stale_copy_progress().await;
         for job in interrupted {
             tracing::warn!(job = %job.id, kind = %job.kind, phase = ?job.phase, step = job.next_step, "resuming interrupted job");
             self.run(job).await;

@@ -1,10 +1,10 @@
 // The VM list: name, state, status, disks, snapshots, size on disk and labels, with a
 // filter by name or label, and a form to create a VM.
-import { useState } from 'preact/hooks';
+import { useEffect, useState } from 'preact/hooks';
 import { api, must, type Vm } from '../api/client';
 import { ActionButton, FormDialog, Loading, Status } from '../components/ui';
 import { bytes } from '../format';
-import { useChanges, useLoad } from '../state';
+import { subscribe, useLoad } from '../state';
 
 /** Every VM, a thousand a page. */
 export async function allVms(): Promise<Vm[]> {
@@ -34,13 +34,41 @@ export function matches(vm: Vm, filter: string): boolean {
   return vm.name.toLowerCase().includes(text) || Object.entries(vm.labels).some(([k, v]) => `${k}=${v}`.includes(text));
 }
 
+/** The VMs, loaded once and then kept up to date from the events: a `vm.*` event
+ * carries the VM's whole view (a change to a disk is also its VM's `vm.updated`), so a
+ * fleet's list is not fetched again for every change. Loaded again after a reset. */
+function useFleet() {
+  const [resets, setResets] = useState(0);
+  const loaded = useLoad(allVms, [resets]);
+  const [vms, setVms] = useState<Map<string, Vm> | null>(null);
+  useEffect(() => {
+    if (loaded.data) setVms(new Map(loaded.data.map((vm) => [vm.id, vm])));
+  }, [loaded.data]);
+  useEffect(
+    () =>
+      subscribe((event) => {
+        if (event === null) return setResets((n) => n + 1);
+        if (!event.type.startsWith('vm.')) return;
+        setVms((previous) => {
+          if (!previous) return previous;
+          const next = new Map(previous);
+          if (event.type === 'vm.deleted') next.delete(String(event.data.id));
+          else next.set(String(event.data.id), event.data as unknown as Vm);
+          return next;
+        });
+      }),
+    [],
+  );
+  return { vms, error: loaded.error };
+}
+
 export function VmList() {
-  const changes = useChanges((e) => e.type.startsWith('vm.') || e.type.startsWith('disk.'));
-  const vms = useLoad(allVms, [changes]);
+  const fleet = useFleet();
   const [filter, setFilter] = useState('');
   const [creating, setCreating] = useState(false);
-  if (!vms.data) return <Loading error={vms.error} />;
-  const shown = vms.data.filter((vm) => matches(vm, filter));
+  if (!fleet.vms) return <Loading error={fleet.error} />;
+  const all = [...fleet.vms.values()].sort((a, b) => a.name.localeCompare(b.name));
+  const shown = all.filter((vm) => matches(vm, filter));
   return (
     <section>
       <div class="page-head">
@@ -99,7 +127,7 @@ export function VmList() {
           </tbody>
         </table>
       </div>
-      {shown.length === 0 && <p class="muted">{vms.data.length === 0 ? 'No VMs yet.' : 'No VM matches the filter.'}</p>}
+      {shown.length === 0 && <p class="muted">{all.length === 0 ? 'No VMs yet.' : 'No VM matches the filter.'}</p>}
       {creating && <CreateVm onClose={() => setCreating(false)} />}
     </section>
   );

@@ -40,7 +40,12 @@ type Asking =
   | { kind: 'delete-vm' | 'to-template' };
 
 export function VmPage({ id }: { id: string }) {
-  const changes = useChanges((e) => e.data.vm_id === id || e.data.id === id || e.type.startsWith('schedule.'));
+  // A job's own events are left out: what a job changes comes as the VM's, its disks'
+  // and its snapshots' events, and a running copy's progress would reload the page
+  // every second.
+  const changes = useChanges(
+    (e) => !e.type.startsWith('job.') && (e.data.vm_id === id || e.data.id === id || e.type.startsWith('schedule.')),
+  );
   const loaded = useLoad(() => loadVm(id), [id, changes]);
   const [selectedId, setSelectedId] = useState<string | null>(null);
   const [asking, setAsking] = useState<Asking | null>(null);
