@@ -201,12 +201,14 @@ struct Subscription {
 }
 
 impl Subscription {
-    /// The next frame to send: an event, or a keep-alive comment after a quiet
+    /// What to send next: the events ready, in one write (a commit's events are
+    /// appended together, and each write is a system call here and a read at the
+    /// subscriber, for every subscriber), or a keep-alive comment after a quiet
     /// `KEEP_ALIVE`; none once the service stops.
     async fn next(&mut self) -> Option<Bytes> {
         loop {
-            if let Some(frame) = self.ready.pop_front() {
-                return Some(frame);
+            if let Some(frames) = self.take_ready() {
+                return Some(frames);
             }
             // `next_after` only reads the history, so dropping it for the keep-alive
             // loses nothing: the next call reads from `after` again.
@@ -216,25 +218,47 @@ impl Subscription {
                     return Some(Bytes::from_static(KEEP_ALIVE_FRAME));
                 }
             };
-            match found {
-                Since::Gone { latest } => {
-                    self.after = latest;
-                    let data = serde_json::json!({ "last_event_id": latest });
-                    self.ready.push_back(Bytes::from(format!(
-                        "id: {latest}\nevent: reset\ndata: {data}\n\n"
-                    )));
-                }
-                Since::Events(events) => {
-                    self.after = events.last().map_or(self.after, |e| e.id);
-                    let wanted: Vec<Bytes> = events
-                        .iter()
-                        .filter(|e| self.admits(e))
-                        .map(|e| e.frame.clone())
-                        .collect();
-                    self.ready.extend(wanted);
-                }
+            self.queue(found);
+        }
+    }
+
+    /// Queue the frames of what the history gave.
+    fn queue(&mut self, found: Since) {
+        match found {
+            Since::Gone { latest } => {
+                self.after = latest;
+                let data = serde_json::json!({ "last_event_id": latest });
+                self.ready.push_back(Bytes::from(format!(
+                    "id: {latest}\nevent: reset\ndata: {data}\n\n"
+                )));
+            }
+            Since::Events(events) => {
+                self.after = events.last().map_or(self.after, |e| e.id);
+                let wanted: Vec<Bytes> = events
+                    .iter()
+                    .filter(|e| self.admits(e))
+                    .map(|e| e.frame.clone())
+                    .collect();
+                self.ready.extend(wanted);
             }
         }
+    }
+
+    /// Everything queued, as one buffer (a single event is the hub's own, uncopied).
+    fn take_ready(&mut self) -> Option<Bytes> {
+        let frames = match self.ready.len() {
+            0 => return None,
+            1 => self.ready.pop_front()?,
+            _ => {
+                let size = self.ready.iter().map(Bytes::len).sum();
+                let mut joined = bytes::BytesMut::with_capacity(size);
+                for frame in self.ready.drain(..) {
+                    joined.extend_from_slice(&frame);
+                }
+                joined.freeze()
+            }
+        };
+        Some(frames)
     }
 
     fn admits(&self, event: &Event) -> bool {
