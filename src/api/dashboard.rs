@@ -7,7 +7,7 @@
 use axum::extract::Path;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
 use rust_embed::RustEmbed;
 
 use crate::error::{Error, ErrorCode};
@@ -26,32 +26,27 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; img-src 'self' data:;
 
 pub fn routes<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
     axum::Router::new()
-        .route(
-            "/",
-            get(|headers: HeaderMap| async move { file("index.html", &headers) }),
-        )
+        .route("/", one("index.html"))
         .route("/ui", get(|| async { Redirect::permanent("/") }))
-        .route(
-            "/favicon.svg",
-            get(|headers: HeaderMap| async move { file("favicon.svg", &headers) }),
-        )
-        .route(
-            "/assets/{*path}",
-            get(|Path(path): Path<String>, headers: HeaderMap| async move {
-                file(&format!("assets/{path}"), &headers)
-            }),
-        )
+        .route("/favicon.svg", one("favicon.svg"))
+        .route("/assets/{*path}", under("assets"))
         .route("/docs", get(|| async { Redirect::permanent("/docs/") }))
-        .route(
-            "/docs/",
-            get(|headers: HeaderMap| async move { file("docs/index.html", &headers) }),
-        )
-        .route(
-            "/docs/{*path}",
-            get(|Path(path): Path<String>, headers: HeaderMap| async move {
-                file(&format!("docs/{path}"), &headers)
-            }),
-        )
+        .route("/docs/", one("docs/index.html"))
+        .route("/docs/{*path}", under("docs"))
+}
+
+/// A route serving the built file `path`.
+fn one<S: Clone + Send + Sync + 'static>(path: &'static str) -> MethodRouter<S> {
+    get(move |headers: HeaderMap| async move { file(path, &headers) })
+}
+
+/// A route serving the built files under `dir`, by the rest of the request's path.
+fn under<S: Clone + Send + Sync + 'static>(dir: &'static str) -> MethodRouter<S> {
+    get(
+        move |Path(path): Path<String>, headers: HeaderMap| async move {
+            file(&format!("{dir}/{path}"), &headers)
+        },
+    )
 }
 
 /// One built file, with its type, caching and an ETag from its digest.
