@@ -159,7 +159,7 @@ async function dashboard(browser) {
   await page.getByTestId('vm-row-db-1').waitFor();
   await shoot(page, 'vms');
 
-  await page.getByRole('link', { name: 'web-1' }).click();
+  await page.getByTestId('vm-row-web-1').getByRole('link', { name: 'web-1' }).click();
   await page.getByTestId('vm-name').waitFor();
 
   // Snapshots taken in the dashboard, with guest writes between them.
@@ -201,6 +201,8 @@ async function dashboard(browser) {
   await cloneDialog.getByRole('button', { name: 'Clone' }).click();
   await jobInPanel(page, 'vm_clone', 'succeeded');
   await vmSettled(vm.id);
+  // The source's page learns of its new linked clone from the stream.
+  await page.locator('dl.facts').getByRole('link', { name: 'web-1-clone' }).waitFor();
 
   // Keyboard: a snapshot of the picture is reachable and chosen with Enter.
   await page.getByTestId('snapshot-panel').getByRole('button', { name: 'Close' }).click();
@@ -319,7 +321,7 @@ async function auth(browser) {
   await until('the event stream to be live with the token', async () =>
     (await page.getByTestId('stream-state').textContent()).includes('live'),
   );
-  await page.getByRole('link', { name: 'web-1' }).click();
+  await page.getByTestId('vm-row-web-1').getByRole('link', { name: 'web-1' }).click();
   const take = page.getByTestId('take-snapshot');
   await take.waitFor();
   if (!(await take.isDisabled())) fail('a read token can press Take snapshot');

@@ -4,6 +4,7 @@ import { useEffect, useState } from 'preact/hooks';
 import { api, must, type Job } from '../api/client';
 import { age, bytes, duration, shortId } from '../format';
 import { subscribe } from '../state';
+import { VmLink } from './VmName';
 import { ActionButton, ProblemBox, ProgressBar, Status, useAction } from './ui';
 
 /** Jobs loaded at start; the panel shows the active ones and the latest finished. */
@@ -79,9 +80,7 @@ function JobRow({ job, onCancel }: { job: Job; onCancel: () => void }) {
       <td>
         <span class="job-kind">{job.kind.replaceAll('_', ' ')}</span>{' '}
         {job.vm_id ? (
-          <a href={`#/vms/${job.vm_id}`} class="muted">
-            {job.target.type} {shortId(job.target.id)}
-          </a>
+          <VmLink id={job.vm_id} class="muted" />
         ) : (
           <span class="muted">
             {job.target.type} {shortId(job.target.id)}

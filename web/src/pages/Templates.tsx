@@ -2,6 +2,7 @@
 // manifest's digest beside it, convert back to a VM, delete.
 import { useState } from 'preact/hooks';
 import { api, must, type Template } from '../api/client';
+import { VmLink } from '../components/VmName';
 import { ActionButton, Confirm, Dialog, FormDialog, Loading, ProblemBox, Status, useAction } from '../components/ui';
 import { bytes, when } from '../format';
 import { useChanges, useLoad } from '../state';
@@ -40,15 +41,7 @@ export function Templates() {
                 ))}
               </dd>
               <dt>Linked VMs</dt>
-              <dd>
-                {t.linked_vm_count === 0
-                  ? 'none'
-                  : t.linked_vm_ids.map((id) => (
-                      <a class="chip" key={id} href={`#/vms/${id}`}>
-                        {id.slice(-8)}
-                      </a>
-                    ))}
-              </dd>
+              <dd>{t.linked_vm_count === 0 ? 'none' : t.linked_vm_ids.map((id) => <VmLink key={id} id={id} class="chip" />)}</dd>
               <dt>Created</dt>
               <dd>{when(t.created_at)}</dd>
             </dl>

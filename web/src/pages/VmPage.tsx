@@ -3,6 +3,7 @@
 import { useState } from 'preact/hooks';
 import { api, must, type Schemas, type Snapshot, type Vm } from '../api/client';
 import { SnapshotTree } from '../components/SnapshotTree';
+import { VmLink } from '../components/VmName';
 import { ActionButton, Confirm, FormDialog, Loading, Status } from '../components/ui';
 import { age, bytes, when } from '../format';
 import { useChanges, useLoad } from '../state';
@@ -75,7 +76,7 @@ export function VmPage({ id }: { id: string }) {
           <>
             <dt>Cloned from</dt>
             <dd>
-              <a href={`#/vms/${vm.source_vm_id}`}>VM {vm.source_vm_id.slice(-8)}</a>
+              <VmLink id={vm.source_vm_id} />
             </dd>
           </>
         )}
@@ -92,9 +93,7 @@ export function VmPage({ id }: { id: string }) {
             <dt>Linked clones</dt>
             <dd>
               {vm.dependent_vm_ids.map((d) => (
-                <a key={d} href={`#/vms/${d}`} class="chip">
-                  {d.slice(-8)}
-                </a>
+                <VmLink key={d} id={d} class="chip" />
               ))}
             </dd>
           </>
