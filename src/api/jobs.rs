@@ -183,14 +183,14 @@ impl From<Job> for JobView {
         });
         // The row's figures are live ones only (see `store::jobs`).
         let copy = job.copy;
-        Self {
+        let mut view = Self {
             id: job.id,
             kind: job.kind,
             status: job.status,
             progress: job.progress,
-            bytes_done: copy.map(|c| c.bytes_done),
-            bytes_total: copy.map(|c| c.bytes_total),
-            eta_seconds: copy.and_then(|c| c.eta_seconds),
+            bytes_done: None,
+            bytes_total: None,
+            eta_seconds: None,
             bytes_copied: job.bytes_copied,
             target: JobTarget {
                 target_type: job.target_type,
@@ -209,7 +209,9 @@ impl From<Job> for JobView {
             detail: job
                 .detail
                 .and_then(|detail| serde_json::from_value(detail).ok()),
-        }
+        };
+        view.show_copy(copy);
+        view
     }
 }
 

@@ -18,6 +18,16 @@ export function subscribe(listener: Listener): () => void {
   return () => listeners.delete(listener);
 }
 
+/** `views` with an event of their kind applied: its data is the resource's view, or
+ * `{id}` for `<kind>.deleted`. */
+export function applied<T>(views: Map<string, T>, event: StrataEvent): Map<string, T> {
+  const next = new Map(views);
+  const id = String(event.data.id);
+  if (event.type.endsWith('.deleted')) next.delete(id);
+  else next.set(id, event.data as unknown as T);
+  return next;
+}
+
 export interface Session {
   who: WhoAmI | null;
   stream: StreamState;

@@ -3,7 +3,7 @@
 import { useEffect, useState } from 'preact/hooks';
 import { api, must, type Job } from '../api/client';
 import { age, bytes, duration, shortId } from '../format';
-import { subscribe } from '../state';
+import { applied, subscribe } from '../state';
 import { VmLink } from './VmName';
 import { ActionButton, ProblemBox, ProgressBar, Status, useAction } from './ui';
 
@@ -30,13 +30,7 @@ export function JobsPanel() {
     const unsubscribe = subscribe((event) => {
       if (event === null) return void load();
       if (!event.type.startsWith('job.')) return;
-      setJobs((previous) => {
-        const next = new Map(previous);
-        const id = String(event.data.id);
-        if (event.type === 'job.deleted') next.delete(id);
-        else next.set(id, event.data as unknown as Job);
-        return next;
-      });
+      setJobs((previous) => applied(previous, event));
     });
     return () => {
       current = false;

@@ -4,7 +4,7 @@ import { useEffect, useState } from 'preact/hooks';
 import { api, must, type Vm } from '../api/client';
 import { ActionButton, FormDialog, Loading, Status } from '../components/ui';
 import { bytes } from '../format';
-import { subscribe, useLoad } from '../state';
+import { applied, subscribe, useLoad } from '../state';
 
 /** Every VM, a thousand a page. */
 export async function allVms(): Promise<Vm[]> {
@@ -49,13 +49,7 @@ function useFleet() {
       subscribe((event) => {
         if (event === null) return setResets((n) => n + 1);
         if (!event.type.startsWith('vm.')) return;
-        setVms((previous) => {
-          if (!previous) return previous;
-          const next = new Map(previous);
-          if (event.type === 'vm.deleted') next.delete(String(event.data.id));
-          else next.set(String(event.data.id), event.data as unknown as Vm);
-          return next;
-        });
+        setVms((previous) => previous && applied(previous, event));
       }),
     [],
   );
