@@ -77,6 +77,16 @@ fn main() -> ExitCode {
         println!("strata bench: skipped (run it with `cargo bench --bench strata`)");
         return ExitCode::SUCCESS;
     }
+    if let Some(at) = std::env::args().position(|a| a == events::SUBSCRIBER_FLAG) {
+        let url = std::env::args().nth(at + 1).unwrap_or_default();
+        return match events::run_subscribers(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("strata bench subscribers: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run() {
         Ok(problems) if problems.is_empty() => ExitCode::SUCCESS,
         Ok(problems) => {
