@@ -338,3 +338,34 @@ async fn figures_a_crash_left_are_not_shown_as_live_after_the_restart() {
     expect(app.active_path(clone.id, "root").await, 0x71, 0, 256);
     assert_history_replays_to_the_present(&app).await;
 }
+
+#[tokio::test]
+async fn a_copy_redone_after_a_crash_before_its_journal_entry_is_counted_once() {
+    // Killed when the merge's copy is done and its journal entry is not: the resumed
+    // job copies again, and only that copy, the one journaled, is counted.
+    let mut app = TestApp::spawn_with(&[("STRATA_FAULT", "snapshot_delete:ran-step-0")]).await;
+    let vm = app.create_vm("redo", &[("root", 1024 * MIB)]).await.id;
+    write(app.active_path(vm, "root").await, 0x31, 0, 64);
+    let s1 = app.snapshot(vm, "s1").await.id;
+    write(app.active_path(vm, "root").await, 0x32, 256, 16);
+    let job = app
+        .accept(Method::DELETE, &format!("/v1/snapshots/{s1}"), None)
+        .await;
+    assert!(!app.wait_exit().success(), "the fault aborts strata");
+    app.restart(&[]).await;
+
+    let (status, ended) = app.get(&format!("/v1/jobs/{}?wait=60", job.id)).await;
+    assert!(status.is_success(), "{ended}");
+    assert_eq!(ended["status"], "succeeded", "{ended}");
+    let planned = ended["detail"]["merges"][0]["bytes_to_copy"]
+        .as_u64()
+        .unwrap();
+    assert!(planned > 0, "{ended}");
+    assert_eq!(ended["bytes_copied"], planned, "{ended}");
+    assert_no_copy(&ended);
+    assert_eq!(bytes_copied_metric(&app, "snapshot_delete").await, planned);
+    expect_all(
+        app.active_path(vm, "root").await,
+        &[(0x31, 0, 64), (0x32, 256, 16)],
+    );
+}

@@ -17,6 +17,15 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::files::exports;
 use crate::store;
 
+/// How the plan's last step ended, for the commit.
+#[derive(Debug, Default)]
+struct LastStep {
+    /// It ran in this process (a resumed job past it has nothing to apply).
+    done: bool,
+    /// The bytes its copy moved (see `StepProgress::finish`).
+    copied: Option<u64>,
+}
+
 /// Where a job stands after its commit.
 #[derive(Debug, PartialEq, Eq)]
 enum Committed {
@@ -64,12 +73,11 @@ impl Engine {
                     .await;
             }
             Some(JobPhase::Executing) => {
-                let Some(last_step_done) =
-                    self.run_steps(&mut job, &plan, resumed_at, &cancel).await?
+                let Some(last_step) = self.run_steps(&mut job, &plan, resumed_at, &cancel).await?
                 else {
                     return Ok(());
                 };
-                if self.commit(&job, &plan, last_step_done).await? == Committed::Ended {
+                if self.commit(&job, &plan, last_step).await? == Committed::Ended {
                     return Ok(());
                 }
             }
@@ -97,17 +105,17 @@ impl Engine {
         Ok(())
     }
 
-    /// Run the steps from the journal's next one. `Some(last_step_done)` when every step
-    /// ran (the last one's metadata is then committed with the plan's); `None` when the
-    /// job was stopped or parked instead, which is already recorded.
+    /// Run the steps from the journal's next one. `Some` when every step ran (the last
+    /// one's metadata is then committed with the plan's); `None` when the job was
+    /// stopped or parked instead, which is already recorded.
     async fn run_steps(
         self: &Arc<Self>,
         job: &mut Job,
         plan: &Plan,
         resumed_at: Option<usize>,
         cancel: &watch::Receiver<bool>,
-    ) -> Result<Option<bool>> {
-        let mut last_step_done = false;
+    ) -> Result<Option<LastStep>> {
+        let mut last_step = LastStep::default();
         for index in job.next_step..plan.steps.len() {
             let cancellable = plan.point_of_no_return().is_none_or(|p| index <= p);
             if *cancel.borrow() && cancellable {
@@ -128,8 +136,8 @@ impl Engine {
             // record one by one, a later one) before the process died.
             let again = resumed_at.is_some_and(|first| index >= first);
             let interrupt = cancellable.then_some(cancel);
-            match self.run_step(job, plan, index, again, interrupt).await {
-                Ok(()) => {}
+            let copied = match self.run_step(job, plan, index, again, interrupt).await {
+                Ok(copied) => copied,
                 Err(Stop::Parked(error)) => {
                     self.park(job, &error).await?;
                     return Ok(None);
@@ -138,22 +146,22 @@ impl Engine {
                     self.stop(job, plan, index, stop).await?;
                     return Ok(None);
                 }
-            }
+            };
             // A crash after the step did its work but before the journal says so.
             self.fault_point(job, &format!("ran-step-{index}")).await;
             let last = index + 1 == plan.steps.len();
             if last {
-                last_step_done = true;
+                last_step = LastStep { done: true, copied };
             } else {
-                self.journal_step(job, plan, index).await?;
+                self.journal_step(job, plan, index, copied).await?;
             }
             self.fault_point(job, &format!("after-step-{index}")).await;
         }
-        Ok(Some(last_step_done))
+        Ok(Some(last_step))
     }
 
-    /// Execute step `index`, with its progress mapped into the job's (and its copy's
-    /// figures, if it copies, cleared when it ends).
+    /// Execute step `index`, with its progress mapped into the job's. The bytes a copy
+    /// it made moved, for its journal entry to count (see `StepProgress::finish`).
     async fn run_step(
         self: &Arc<Self>,
         job: &Job,
@@ -161,7 +169,7 @@ impl Engine {
         index: usize,
         again: bool,
         cancel: Option<&watch::Receiver<bool>>,
-    ) -> std::result::Result<(), Stop> {
+    ) -> std::result::Result<Option<u64>, Stop> {
         let step = &plan.steps[index];
         let total = plan.steps.len().max(1) as f32;
         let progress = StepProgress::new(self, job, index, index as f32 / total, 1.0 / total);
@@ -174,27 +182,41 @@ impl Engine {
         let ran = self
             .execute_with_retries(job, &step.op, again, place, interrupt, &progress)
             .await;
-        // The copy's figures go before the journal records how the step ended.
-        progress.finish(ran.is_ok()).await;
-        ran
+        // The copy's figures stop before the journal records how the step ended.
+        let copied = progress.finish(ran.is_ok()).await;
+        ran.map(|()| copied)
     }
 
-    /// Record that step `index` is done, with the metadata that describes its result.
+    /// Record that step `index` is done, with the metadata that describes its result
+    /// and the bytes it `copied`.
     /// Creating an empty file is cheap and is redone from scratch on resume (outside
     /// live plans), so only steps that copy data or change metadata cost a journal
     /// write. (The last step's
     /// entry goes into the final transaction instead: a crash between the two redoes
     /// that step, and every file operation is idempotent.)
-    async fn journal_step(&self, job: &Job, plan: &Plan, index: usize) -> Result<()> {
+    async fn journal_step(
+        &self,
+        job: &Job,
+        plan: &Plan,
+        index: usize,
+        copied: Option<u64>,
+    ) -> Result<()> {
         let step = &plan.steps[index];
         // Except in a live plan: once a later step may have opened the file in a running
         // VM's QEMU, making it again would unlink the file QEMU holds.
-        if matches!(step.op, FileOp::Create { .. }) && step.then.is_empty() && !plan.is_live() {
+        if matches!(step.op, FileOp::Create { .. })
+            && step.then.is_empty()
+            && copied.is_none()
+            && !plan.is_live()
+        {
             return Ok(());
         }
         let total = plan.steps.len().max(1) as f32;
         let mut tx = self.begin_for(job).await?;
         store::apply(&mut tx, &step.then).await?;
+        if let Some(copied) = copied {
+            store::jobs::end_copy(&mut tx, job.id, copied).await?;
+        }
         let progress = ((index + 1) as f32 / total * 99.0) as u8;
         store::jobs::set_next_step(&mut tx, job.id, index + 1, progress).await?;
         tx.commit().await?;
@@ -206,16 +228,27 @@ impl Engine {
     /// otherwise commit the result: the same statement that makes the job uncancellable
     /// sees whether a cancel came first, so either the cancel was refused (409) or the
     /// job rolls back, never both.
-    async fn commit(&self, job: &Job, plan: &Plan, last_step_done: bool) -> Result<Committed> {
+    async fn commit(&self, job: &Job, plan: &Plan, last_step: LastStep) -> Result<Committed> {
         let mut tx = self.begin_for(job).await?;
         if !job.past_no_return && !store::jobs::enter_no_return(&mut tx, job.id).await? {
             drop(tx);
+            if let Some(copied) = last_step.copied {
+                // Rolled back, but the bytes were copied: counted, and the figures go.
+                let mut tx = self.begin_for(job).await?;
+                store::jobs::end_copy(&mut tx, job.id, copied).await?;
+                tx.commit().await?;
+            }
             let last = plan.steps.len().saturating_sub(1);
             self.stop(job, plan, last, Stop::Cancelled).await?;
             return Ok(Committed::Ended);
         }
-        if last_step_done && let Some(step) = plan.steps.last() {
+        if last_step.done
+            && let Some(step) = plan.steps.last()
+        {
             store::apply(&mut tx, &step.then).await?;
+        }
+        if let Some(copied) = last_step.copied {
+            store::jobs::end_copy(&mut tx, job.id, copied).await?;
         }
         store::apply(&mut tx, &plan.finish).await?;
         store::jobs::set_phase(&mut tx, job.id, JobPhase::Committed).await?;

@@ -292,31 +292,29 @@ impl StepProgress {
     }
 
     /// The step ended (`completed`: its work is done). Stop the writes and wait for
-    /// one under way, then clear the figures and count the bytes the copy moved (all of
-    /// its total when it completed, else as far as it got): called before the step's
-    /// journal entry. Best effort: a failed write is logged, the job goes on.
-    pub(super) async fn finish(self, completed: bool) {
-        let writer = self.writer.lock().expect("progress writer").take();
-        let Some(writer) = writer else {
-            return;
-        };
+    /// one under way. A completed copy's bytes (all of its total) are returned, for the
+    /// step's journal entry to clear the figures and count them in the same
+    /// transaction: a crash before that entry redoes the copy, and the bytes are counted
+    /// once, by the attempt that is journaled. An unfinished copy's figures are cleared
+    /// here, counting as far as it got. Best effort: a failed write is logged, the job
+    /// goes on.
+    pub(super) async fn finish(self, completed: bool) -> Option<u64> {
+        let writer = self.writer.lock().expect("progress writer").take()?;
         let _ = writer.stop.send(true);
         let _ = writer.task.await;
-        let copied = {
+        let copy = {
             let mut meter = self.shared.meter.lock().expect("progress meter");
-            let copied = meter
-                .copy
-                .take()
-                .map(|c| if completed { c.total } else { c.done });
+            let copy = meter.copy.take();
             self.publish(&meter);
-            copied
-        };
-        let Some(copied) = copied else {
-            return;
-        };
-        if let Err(e) = self.end_copy(copied).await {
-            tracing::warn!(job = %self.job, step = self.step, error = %e, "could not clear a finished copy's progress; ignored");
+            copy
+        }?;
+        if completed {
+            return Some(copy.total);
         }
+        if let Err(e) = self.end_copy(copy.done).await {
+            tracing::warn!(job = %self.job, step = self.step, error = %e, "could not clear a stopped copy's progress; ignored");
+        }
+        None
     }
 
     async fn end_copy(&self, copied: u64) -> Result<()> {
