@@ -7,6 +7,7 @@
 
 pub mod children;
 pub mod guest_agent;
+pub mod qcow2;
 pub mod qmp;
 
 use std::path::{Path, PathBuf};
