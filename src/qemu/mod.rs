@@ -1,9 +1,10 @@
-//! The qemu-img runner (this module), the QMP client for running VMs (`qmp`) and the
-//! guest-agent client that freezes and thaws their file systems (`guest_agent`). Every
-//! qemu-img call names its formats explicitly (`-f`, `-F`, `-O`) so qemu-img never
-//! probes one, reads `--output=json` into typed structs, runs under a timeout, dies
-//! with the service (PR_SET_PDEATHSIG) and is killed when its job is cancelled. Knows
-//! nothing of HTTP or the database.
+//! The qemu-img runner (this module), the native writer of empty qcow2 images
+//! (`qcow2`: a snapshot's overlays and new disks, without a process each), the QMP
+//! client for running VMs (`qmp`) and the guest-agent client that freezes and thaws
+//! their file systems (`guest_agent`). Every qemu-img call names its formats
+//! explicitly (`-f`, `-F`, `-O`) so qemu-img never probes one, reads `--output=json`
+//! into typed structs, runs under a timeout, dies with the service (PR_SET_PDEATHSIG)
+//! and is killed when its job is cancelled. Knows nothing of HTTP or the database.
 
 pub mod children;
 pub mod guest_agent;
@@ -163,36 +164,6 @@ impl Qemu {
     pub fn with_child_tag(mut self, tag: String) -> Self {
         self.child_tag = Some(tag);
         self
-    }
-
-    /// Create an empty qcow2 file, optionally on a backing file given by name relative
-    /// to the new file's directory (`-u`: the size is known, so the backing file is not
-    /// opened and the cost does not depend on its size).
-    pub async fn create(
-        &self,
-        path: &Path,
-        size_bytes: u64,
-        backing: Option<&str>,
-    ) -> Result<(), QemuError> {
-        let mut args = vec![
-            "create".to_owned(),
-            "-q".into(),
-            "-f".into(),
-            "qcow2".into(),
-        ];
-        if let Some(backing) = backing {
-            args.extend([
-                "-u".into(),
-                "-b".into(),
-                backing.into(),
-                "-F".into(),
-                "qcow2".into(),
-            ]);
-        }
-        args.extend([path_arg(path), size_bytes.to_string()]);
-        self.run(&args, self.quick_timeout, None, None)
-            .await
-            .map(drop)
     }
 
     /// Copy `top`'s clusters (and those of any layer between) into `base`, keeping

@@ -17,6 +17,29 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::files::exports;
 use crate::store;
 
+/// The end of the run of steps from `index` that may run at once: `Create` steps the
+/// journal does not record one by one (see `journal_step`), none of them the point of
+/// no return but the first. Each makes a new file nothing reads before the commit, and
+/// a restart or a stop handles them as a whole already: a resumed job makes them all
+/// again, a rolled-back one removes them all. At least `index + 1`.
+fn together_from(plan: &Plan, index: usize) -> usize {
+    let unjournaled_create = |i: usize| {
+        let step = &plan.steps[i];
+        matches!(step.op, FileOp::Create { .. }) && step.then.is_empty() && !plan.is_live()
+    };
+    if !unjournaled_create(index) {
+        return index + 1;
+    }
+    let mut end = index + 1;
+    while end < plan.steps.len()
+        && unjournaled_create(end)
+        && plan.point_of_no_return() != Some(end)
+    {
+        end += 1;
+    }
+    end
+}
+
 /// How the plan's last step ended, for the commit.
 #[derive(Debug, Default)]
 struct LastStep {
@@ -116,7 +139,8 @@ impl Engine {
         cancel: &watch::Receiver<bool>,
     ) -> Result<Option<LastStep>> {
         let mut last_step = LastStep::default();
-        for index in job.next_step..plan.steps.len() {
+        let mut index = job.next_step;
+        while index < plan.steps.len() {
             let cancellable = plan.point_of_no_return().is_none_or(|p| index <= p);
             if *cancel.borrow() && cancellable {
                 self.stop(job, plan, index, Stop::Cancelled).await?;
@@ -132,30 +156,45 @@ impl Engine {
                 }
                 job.past_no_return = true;
             }
-            // A resumed job may have run this step (or, for steps the journal does not
-            // record one by one, a later one) before the process died.
-            let again = resumed_at.is_some_and(|first| index >= first);
-            let interrupt = cancellable.then_some(cancel);
-            let copied = match self.run_step(job, plan, index, again, interrupt).await {
-                Ok(copied) => copied,
-                Err(Stop::Parked(error)) => {
-                    self.park(job, &error).await?;
-                    return Ok(None);
+            // Steps that only make new files, which nothing else reads until the
+            // commit, run at once: a snapshot makes all its disks' overlays together.
+            let group = index..together_from(plan, index);
+            let ran = futures_util::future::join_all(group.clone().map(|i| {
+                // A resumed job may have run this step (or, for steps the journal does
+                // not record one by one, a later one) before the process died.
+                let again = resumed_at.is_some_and(|first| i >= first);
+                let cancellable = plan.point_of_no_return().is_none_or(|p| i <= p);
+                self.run_step(job, plan, i, again, cancellable.then_some(cancel))
+            }))
+            .await;
+            // Every step of the group has ended, so a stop finds no file still being
+            // made; it is recorded at the first step that did not complete.
+            let mut copies = Vec::with_capacity(ran.len());
+            for (i, ran) in group.clone().zip(ran) {
+                match ran {
+                    Ok(copied) => copies.push(copied),
+                    Err(Stop::Parked(error)) => {
+                        self.park(job, &error).await?;
+                        return Ok(None);
+                    }
+                    Err(stop) => {
+                        self.stop(job, plan, i, stop).await?;
+                        return Ok(None);
+                    }
                 }
-                Err(stop) => {
-                    self.stop(job, plan, index, stop).await?;
-                    return Ok(None);
-                }
-            };
-            // A crash after the step did its work but before the journal says so.
-            self.fault_point(job, &format!("ran-step-{index}")).await;
-            let last = index + 1 == plan.steps.len();
-            if last {
-                last_step = LastStep { done: true, copied };
-            } else {
-                self.journal_step(job, plan, index, copied).await?;
             }
-            self.fault_point(job, &format!("after-step-{index}")).await;
+            for (i, copied) in group.clone().zip(copies) {
+                // A crash after the step did its work but before the journal says so.
+                self.fault_point(job, &format!("ran-step-{i}")).await;
+                let last = i + 1 == plan.steps.len();
+                if last {
+                    last_step = LastStep { done: true, copied };
+                } else {
+                    self.journal_step(job, plan, i, copied).await?;
+                }
+                self.fault_point(job, &format!("after-step-{i}")).await;
+            }
+            index = group.end;
         }
         Ok(Some(last_step))
     }
@@ -462,5 +501,77 @@ impl Engine {
             exports::remove_of(&self.files, volume).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::plan::Step;
+
+    fn create(then: Vec<MetaOp>) -> Step {
+        Step {
+            op: FileOp::Create {
+                volume: Uuid::now_v7(),
+                backing: Some(Uuid::now_v7()),
+                size_bytes: 1 << 30,
+            },
+            then,
+        }
+    }
+
+    fn plan(steps: Vec<Step>) -> Plan {
+        Plan {
+            steps,
+            ..Plan::default()
+        }
+    }
+
+    #[test]
+    fn a_snapshots_overlays_are_made_together() {
+        let snapshot = plan((0..4).map(|_| create(vec![])).collect());
+        assert_eq!(together_from(&snapshot, 0), 4);
+        // Resumed at a later step: the rest of them.
+        assert_eq!(together_from(&snapshot, 2), 4);
+    }
+
+    #[test]
+    fn steps_the_journal_records_or_that_copy_run_one_at_a_time() {
+        let volume = Uuid::now_v7();
+        let recorded = vec![MetaOp::SetVolumeStatus {
+            volume,
+            status: crate::domain::VolumeStatus::Ready,
+        }];
+        let mixed = plan(vec![
+            create(vec![]),
+            create(recorded),
+            create(vec![]),
+            Step {
+                op: FileOp::Repoint {
+                    volume,
+                    backing: Uuid::now_v7(),
+                },
+                then: vec![],
+            },
+            create(vec![]),
+        ]);
+        assert_eq!(together_from(&mixed, 0), 1, "the next one is journaled");
+        assert_eq!(together_from(&mixed, 1), 2, "a journaled create is alone");
+        assert_eq!(together_from(&mixed, 2), 3, "a repoint follows");
+        assert_eq!(together_from(&mixed, 3), 4);
+        assert_eq!(together_from(&mixed, 4), 5);
+    }
+
+    #[test]
+    fn a_live_plans_overlays_are_made_one_at_a_time() {
+        let mut live = plan(vec![create(vec![]), create(vec![])]);
+        live.steps.push(Step {
+            op: FileOp::LiveAdd {
+                vm: Uuid::now_v7(),
+                overlays: vec![],
+            },
+            then: vec![],
+        });
+        assert_eq!(together_from(&live, 0), 1);
     }
 }

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::super::Engine;
-use super::execute::{remove_if_exists, sync_file};
+use super::execute::{create_image, remove_if_exists, sync_file};
 use super::live::{Frozen, Reach};
 use super::progress::StepProgress;
 use crate::domain::plan::{FileOp, LiveCopy};
@@ -137,7 +137,7 @@ impl Engine {
             let device = self.node_reading(&nodes, copy.source, None)?;
             let path = self.volume_path(copy.volume);
             remove_if_exists(&path).await?;
-            self.qemu.create(&path, copy.size_bytes, None).await?;
+            create_image(path.clone(), copy.size_bytes, None).await?;
             let node = json!({
                 "driver": "qcow2",
                 "node-name": target_node(copy),
