@@ -208,6 +208,9 @@ async fn start_service(work: &Path, name: &str, env: &[(&str, &str)]) -> Result<
     if !env.iter().any(|(key, _)| *key == "STRATA_WORKERS") {
         env.push(("STRATA_WORKERS", "4"));
     }
+    // The tests check every read from memory against the database; a deployed
+    // service does not.
+    env.push(("STRATA_VERIFY_READS", "false"));
     let mut app = TestApp::launch(Launch {
         env: &env,
         dir: Some(tempfile::Builder::new().prefix(name).tempdir_in(work)?),

@@ -62,11 +62,16 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     let db = Db::open(&data_dir.join("strata.db")).await?;
     let live = Arc::new(live);
     // Before the first write: every transaction's events carry their resources' views.
-    db.outbox()
-        .set_renderer(Arc::new(api::events::ViewRenderer {
-            volumes_dir: volumes_dir.clone(),
-            live: Arc::clone(&live),
-        }));
+    if config.verify_reads {
+        tracing::warn!(
+            "--verify-reads: every view read from memory is checked against the database (slow; for tests)"
+        );
+    }
+    let renderer = Arc::new(api::events::ViewRenderer {
+        volumes_dir: volumes_dir.clone(),
+        live: Arc::clone(&live),
+    });
+    db.outbox().set_renderer(Arc::clone(&renderer) as _);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let events =
         crate::events::Hub::load(db.clone(), config.event_history, shutdown_rx.clone()).await?;
@@ -121,6 +126,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         events: Arc::clone(&events),
         qemu_img_version: qemu_img_version.into(),
         metrics: Arc::clone(&metrics),
+        read_model: api::read_model::ReadModel::new(&db, renderer, config.verify_reads),
         auth: Arc::new(api::auth::Auth::new(auth_mode, token_key)),
         import: api::ImportSettings {
             dir: config.import_dir.clone(),

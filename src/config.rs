@@ -173,4 +173,10 @@ pub struct ServeConfig {
     /// Test-only crash injection: `<job kind>:<point>` aborts the process there.
     #[arg(long, env = "STRATA_FAULT", hide = true)]
     pub fault: Option<String>,
+
+    /// Test-only check of the read model: every view served from memory is rendered
+    /// again from the database, writes held meanwhile, and a difference is a 500
+    /// `read_model_diverged` (slow: the test suite runs with it).
+    #[arg(long, env = "STRATA_VERIFY_READS", hide = true)]
+    pub verify_reads: bool,
 }

@@ -22,7 +22,7 @@ use super::{AppState, Views};
 use crate::domain::{Uuid, VmKind};
 use crate::error::{Error, ErrorCode, Result};
 use crate::events::{Hub, Since};
-use crate::store::events::{Event, Render, Rendering};
+use crate::store::events::{Event, Render, Rendered, Rendering};
 use crate::store::{self};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -334,8 +334,13 @@ impl Render for ViewRenderer {
     }
 }
 
-fn to_json(view: impl serde::Serialize) -> Option<serde_json::Value> {
-    serde_json::to_value(view).ok()
+/// The view as the event's JSON and, typed, for the read model.
+fn to_json<V: serde::Serialize + Send + Sync + 'static>(view: V) -> Option<Rendered> {
+    let json = serde_json::to_value(&view).ok()?;
+    Some(Rendered {
+        json,
+        view: Arc::new(view),
+    })
 }
 
 #[cfg(test)]

@@ -26,14 +26,14 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 /// The resource a job works on.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct JobTarget {
     #[serde(rename = "type")]
     pub target_type: TargetType,
     pub id: Uuid,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct JobError {
     /// Same codes as problem answers (e.g. `insufficient_storage`, `vm_running`, `qemu_failed`).
     pub code: String,
@@ -41,7 +41,7 @@ pub struct JobError {
 }
 
 /// A background job.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-7c1d-7b3e-9f2a-3c4d5e6f7a8b",
     "kind": "snapshot_delete",
@@ -106,7 +106,7 @@ pub struct JobView {
 
 /// What a job makes (known when it is accepted) and what its planner chose (once it
 /// started).
-#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct JobDetail {
     /// The VMs (or templates) a clone, deploy or template copy makes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,6 +167,18 @@ fn live_view(state: &AppState, job: Job) -> JobView {
     view
 }
 
+/// Bring a job's view up to date with the copy it runs, whose figures are written to
+/// its row at most once a second (as `live_view`).
+fn refresh_job(state: &AppState, view: &mut JobView) {
+    if view.status != JobStatus::Running {
+        return;
+    }
+    if let Some(live) = state.engine.progress_of(view.id) {
+        view.progress = view.progress.max(live.progress);
+        view.show_copy(live.copy);
+    }
+}
+
 impl JobView {
     fn show_copy(&mut self, copy: Option<CopyProgress>) {
         self.bytes_done = copy.map(|c| c.bytes_done);
@@ -215,7 +227,7 @@ impl From<Job> for JobView {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct JobList {
     pub items: Vec<JobView>,
     /// Pass as `cursor` to get the next page; null on the last page.
@@ -316,9 +328,13 @@ async fn get_job(
     let deadline = tokio::time::Instant::now() + wait;
     let mut changes = state.engine.subscribe();
     loop {
-        let job = load(&state, id).await?;
-        if job.status.is_terminal() || tokio::time::Instant::now() >= deadline {
-            return Ok(axum::Json(live_view(&state, job)));
+        let refresh = |view: &mut JobView| refresh_job(&state, view);
+        let view = match state.read_model.view("job", id, refresh).await? {
+            Some(view) => view,
+            None => live_view(&state, load(&state, id).await?),
+        };
+        if view.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+            return Ok(axum::Json(view));
         }
         // Wake on any job change, or poll now and then in case a change raced us.
         let _ = tokio::time::timeout_at(

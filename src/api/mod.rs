@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod openapi;
 pub mod problem;
 mod query_check;
+pub mod read_model;
 pub mod schedules;
 mod schemas;
 pub mod snapshots;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub qemu_img_version: Arc<str>,
     /// What `/metrics` reports.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Views served from memory (`store::views`).
+    pub read_model: read_model::ReadModel,
 }
 
 /// What rendering a view needs beyond the database: where the volume files are (their

@@ -101,7 +101,7 @@ pub struct PatchSchedule {
     pub quiesce: Option<Option<Quiesce>>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-8888-7b3e-9f2a-3c4d5e6f7a8b", "name": "web-nightly", "vm_id": null, "selector": "tier=web",
     "cron": "0 3 * * *", "timezone": "Europe/Paris", "enabled": true, "name_template": "auto-%Y%m%d-%H%M%S",
@@ -135,7 +135,7 @@ pub struct ScheduleView {
 }
 
 /// The newest run, in short.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LastRun {
     pub id: Uuid,
     pub at: DateTime<Utc>,
@@ -145,13 +145,13 @@ pub struct LastRun {
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ScheduleList {
     pub items: Vec<ScheduleView>,
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-9999-7b3e-9f2a-3c4d5e6f7a8b", "schedule_id": "019a6f5e-8888-7b3e-9f2a-3c4d5e6f7a8b",
     "trigger": "cron", "started_at": "2026-11-21T02:00:00Z", "finished_at": "2026-11-21T02:00:01Z",
@@ -185,7 +185,7 @@ pub struct RunView {
     pub retention: Option<PruneReport>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RunList {
     pub items: Vec<RunView>,
     pub next_cursor: Option<String>,

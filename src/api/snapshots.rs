@@ -35,7 +35,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 /// The layer a snapshot froze on one disk.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotVolume {
     pub disk_id: Uuid,
     pub volume_id: Uuid,
@@ -48,7 +48,7 @@ pub struct SnapshotVolume {
 }
 
 /// A restore point covering every disk the VM had when it was taken.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-1111-7b3e-9f2a-3c4d5e6f7a8b", "vm_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b",
     "name": "before-upgrade", "description": "", "parent_id": null, "created_at": "2026-11-21T10:00:00Z",
@@ -82,7 +82,7 @@ pub struct SnapshotView {
     pub volumes: Vec<SnapshotVolume>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotList {
     pub items: Vec<SnapshotView>,
     /// Pass as `cursor` to get the next page; null on the last page.
@@ -92,7 +92,7 @@ pub struct SnapshotList {
 }
 
 /// A snapshot with the snapshots taken after it.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotNode {
     #[serde(flatten)]
     pub snapshot: SnapshotView,
@@ -100,7 +100,7 @@ pub struct SnapshotNode {
     pub children: Vec<SnapshotNode>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SnapshotTree {
     pub vm_id: Uuid,
     pub current_snapshot_id: Option<Uuid>,
@@ -109,7 +109,7 @@ pub struct SnapshotTree {
 }
 
 /// `?view=list` (default) or `?view=tree`.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum SnapshotListing {
     List(SnapshotList),
@@ -327,9 +327,23 @@ async fn get_snapshot(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<SnapshotView>> {
+    let snapshot_id = parse_id(&id, ErrorCode::SnapshotNotFound, "snapshot")?;
+    let kept = state
+        .read_model
+        .view("snapshot", snapshot_id, refresh_snapshot);
+    if let Some(view) = kept.await? {
+        return Ok(axum::Json(view));
+    }
     let mut conn = state.db.reader().await?;
     let (snapshot, vm) = find_snapshot(&mut conn, &id).await?;
     Ok(axum::Json(snapshot_view(state.views(), &vm, snapshot)))
+}
+
+/// Each layer's allocation, as it is now (a merge into it grows it).
+pub(crate) fn refresh_snapshot(view: &mut SnapshotView) {
+    for volume in &mut view.volumes {
+        volume.allocated_bytes = storage::allocated_bytes(std::path::Path::new(&volume.path));
+    }
 }
 
 problems!(DeleteSnapshotProblems = SNAPSHOT, CHAIN_JOB, READ_BY_CLONES; SnapshotBusy, SnapshotNotReady);

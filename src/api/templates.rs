@@ -39,7 +39,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 /// Most VMs one deploy request makes.
 pub const MAX_DEPLOY: u32 = 1000;
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TemplateDisk {
     pub id: Uuid,
     pub name: String,
@@ -51,7 +51,7 @@ pub struct TemplateDisk {
 }
 
 /// A template.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "debian-13", "description": "generalised",
     "status": "ready", "disks": [{"id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "name": "root",
@@ -78,7 +78,7 @@ pub struct TemplateView {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct TemplateList {
     pub items: Vec<TemplateView>,
     pub next_cursor: Option<String>,
@@ -400,7 +400,7 @@ pub struct ManifestQuery {
 }
 
 /// What a template's export holds: one qcow2 file per disk, with its digest.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "template_id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "debian-13", "format": "qcow2", "compressed": false,
     "disks": [{"id": "019a6f5e-3333-7b3e-9f2a-3c4d5e6f7a8b", "name": "root", "size_bytes": 10737418240u64,
@@ -415,7 +415,7 @@ pub struct Manifest {
     pub disks: Vec<ManifestDisk>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ManifestDisk {
     pub id: Uuid,
     pub name: String,

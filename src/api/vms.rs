@@ -47,7 +47,7 @@ pub enum VolumeRole {
 }
 
 /// One qcow2 file in a disk's backing chain.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ChainEntry {
     pub volume_id: Uuid,
     /// Absolute path of the file.
@@ -65,7 +65,7 @@ pub struct ChainEntry {
 }
 
 /// A virtual disk: a chain of qcow2 files, of which the top is writable.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DiskView {
     pub id: Uuid,
     pub vm_id: Uuid,
@@ -87,7 +87,7 @@ pub struct DiskView {
 }
 
 /// A VM with its disks.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({
     "id": "019a6f5e-2222-7b3e-9f2a-3c4d5e6f7a8b", "name": "web-01", "description": "front end",
     "labels": {"tier": "web"}, "dependent_vm_ids": [], "runtime": null,
@@ -127,14 +127,14 @@ pub struct VmView {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmList {
     pub items: Vec<VmView>,
     /// Pass as `cursor` to get the next page; null on the last page.
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DiskList {
     pub items: Vec<DiskView>,
     /// Pass as `cursor` to get the next page; null on the last page.
@@ -453,10 +453,18 @@ async fn list_vms(
         limit + 1,
     )
     .await?;
+    drop(conn);
     let (rows, next_cursor) = page(rows, limit, |vm| vm.id);
+    let views = state.views();
     let mut items = Vec::with_capacity(rows.len());
     for vm in rows {
-        items.push(vm_view(state.views(), &mut conn, vm).await?);
+        let kept = state
+            .read_model
+            .view("vm", vm.id, |view| refresh_vm(views, view));
+        // Gone since the page was read: left out, as if the page had been read later.
+        if let Some(view) = kept.await? {
+            items.push(view);
+        }
     }
     Ok(axum::Json(VmList { items, next_cursor }))
 }
@@ -473,9 +481,40 @@ async fn get_vm(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<VmView>> {
+    let vm_id = parse_id(&id, ErrorCode::VmNotFound, "VM")?;
+    let views = state.views();
+    let kept = state
+        .read_model
+        .view("vm", vm_id, |view| refresh_vm(views, view));
+    if let Some(view) = kept.await? {
+        return Ok(axum::Json(view));
+    }
+    // Not a VM: which answer (none, or a template).
     let mut conn = state.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
-    Ok(axum::Json(vm_view(state.views(), &mut conn, vm).await?))
+    Ok(axum::Json(vm_view(views, &mut conn, vm).await?))
+}
+
+/// Bring a VM's view up to date in what changes without a write: the allocation of
+/// each volume file (a guest writing) and the last contact with its monitor.
+pub(crate) fn refresh_vm(views: Views, view: &mut VmView) {
+    for disk in &mut view.disks {
+        refresh_chain(disk);
+    }
+    let vm = view.id;
+    if let Some(runtime) = &mut view.runtime {
+        runtime.connected = runtime
+            .qmp_socket
+            .as_ref()
+            .and_then(|_| views.live.last_contact(vm));
+    }
+}
+
+/// Each volume file's allocation, as it is now.
+pub(crate) fn refresh_chain(disk: &mut DiskView) {
+    for entry in &mut disk.chain {
+        entry.allocated_bytes = storage::allocated_bytes(std::path::Path::new(&entry.path));
+    }
 }
 
 problems!(PatchVmProblems = JSON_BODY, NAMED, VM; VmBusy, SocketRefused, QmpUnavailable);

@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use sqlx::{Row, SqliteConnection};
 
+use super::views::{Applied, View, ViewCache};
 use super::{get_ts, ts};
 use crate::domain::Timestamp;
 use crate::error::Result;
@@ -33,9 +34,15 @@ pub struct Event {
     pub data: String,
 }
 
+/// A resource's view as the renderer made it: its JSON, for the event, and the typed
+/// view itself, for the read model (`store::views`).
+pub struct Rendered {
+    pub json: serde_json::Value,
+    pub view: View,
+}
+
 /// A future rendering a resource's view.
-pub type Rendering<'a> =
-    Pin<Box<dyn Future<Output = Result<Option<serde_json::Value>>> + Send + 'a>>;
+pub type Rendering<'a> = Pin<Box<dyn Future<Output = Result<Option<Rendered>>> + Send + 'a>>;
 
 /// Renders the API view of a resource (`kind`: `vm`, `disk`, `job`, ...) as the
 /// connection's transaction sees it; none when it is not there. The API layer provides
@@ -50,12 +57,13 @@ pub trait Render: Send + Sync {
 }
 
 /// What every write transaction shares: the renderer (set once at start; without one,
-/// as in `strata token`, an event carries only its resource's id) and the signal that
-/// a transaction with events committed.
+/// as in `strata token`, an event carries only its resource's id), the signal that a
+/// transaction with events committed, and the read model its views go to.
 #[derive(Default)]
 pub struct Outbox {
     render: OnceLock<Arc<dyn Render>>,
     pub committed: tokio::sync::Notify,
+    pub views: ViewCache,
 }
 
 impl Outbox {
@@ -145,19 +153,20 @@ fn fold(rows: Vec<Pending>) -> (Vec<Pending>, Vec<i64>) {
 
 /// Seal the events of the transaction `conn` has open: fold them, render each one's
 /// view, stamp it with `at` and (unless a job's own row named its requester) `actor`.
+/// Returns the views for the read model, to apply once the transaction commits.
 pub async fn seal(
     conn: &mut SqliteConnection,
     outbox: &Outbox,
     actor: Option<&str>,
     at: Timestamp,
-) -> Result<()> {
+) -> Result<Vec<Applied>> {
     let rows: Vec<Pending> = sqlx::query_as(
         "SELECT id, type, resource_id, requested_by FROM events WHERE data IS NULL ORDER BY id",
     )
     .fetch_all(&mut *conn)
     .await?;
     if rows.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     // Without a caller of its own, a transaction that writes a job's rows acts for
     // whoever asked for the job: a snapshot's events say who asked for the snapshot.
@@ -174,9 +183,10 @@ pub async fn seal(
             .await?;
     }
     let at = ts(at);
+    let mut applied = Vec::with_capacity(kept.len());
     for (id, event_type, resource_id, requested_by) in kept {
         let (kind, action) = split(&event_type);
-        let rendered = match (action, outbox.render.get()) {
+        let rendered: Option<Rendered> = match (action, outbox.render.get()) {
             (Action::Deleted, _) | (_, None) => None,
             // A view that cannot be rendered must not fail the change it reports: the
             // event then carries the id alone (and a broken transaction still fails
@@ -189,7 +199,18 @@ pub async fn seal(
                 }
             },
         };
-        let mut data = rendered.unwrap_or_else(|| serde_json::json!({ "id": resource_id }));
+        // Not rendered (deleted, gone, or not renderable): the read model drops what it
+        // had, and a read renders it again from the database.
+        if let Ok(resource) = resource_id.parse() {
+            applied.push(Applied {
+                kind: kind.to_owned(),
+                id: resource,
+                view: rendered.as_ref().map(|r| Arc::clone(&r.view)),
+            });
+        }
+        let mut data = rendered
+            .map(|r| r.json)
+            .unwrap_or_else(|| serde_json::json!({ "id": resource_id }));
         let requested_by = requested_by.or_else(|| actor.clone());
         // Who asked, also where the view itself does not say (a job's does).
         if let (Some(by), Some(object)) = (&requested_by, data.as_object_mut()) {
@@ -217,7 +238,7 @@ pub async fn seal(
             .execute(&mut *conn)
             .await?;
     }
-    Ok(())
+    Ok(applied)
 }
 
 /// The data of the last sealed event of resource `id` of `kind`, before event `before`.

@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod schedules;
 pub mod snapshots;
 pub mod tokens;
+pub mod views;
 pub mod vms;
 
 use std::path::Path;
@@ -72,20 +73,59 @@ impl Tx {
         // (never pooled with the transaction open).
         let outbox = Arc::clone(&self.outbox);
         let actor = self.actor.take();
-        events::seal(&mut self, &outbox, actor.as_deref(), now()).await?;
+        let applied = events::seal(&mut self, &outbox, actor.as_deref(), now()).await?;
         let mut conn = self
             .conn
             .take()
             .expect("an open transaction has its connection");
+        // Should the commit fail, or this future be dropped while it runs, whether the
+        // changes took is not known here: the read model then forgets everything.
+        let unknown = ForgetViewsUnlessDone(Some(&outbox.views));
         match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
             Ok(_) => {
+                unknown.done();
+                // Before the writer connection goes back to the pool: in commit order.
+                if !applied.is_empty() {
+                    outbox.views.apply(applied);
+                }
                 self.outbox.committed.notify_one();
+                drop(conn);
                 Ok(())
             }
             Err(e) => {
                 discard(conn);
                 Err(e.into())
             }
+        }
+    }
+}
+
+impl Tx {
+    /// End the transaction without changing anything.
+    pub async fn rollback(mut self) {
+        let mut conn = self
+            .conn
+            .take()
+            .expect("an open transaction has its connection");
+        if sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
+            discard(conn);
+        }
+    }
+}
+
+/// Clears the read model when dropped before `done`: see `Tx::commit`.
+struct ForgetViewsUnlessDone<'a>(Option<&'a views::ViewCache>);
+
+impl ForgetViewsUnlessDone<'_> {
+    fn done(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ForgetViewsUnlessDone<'_> {
+    fn drop(&mut self) {
+        if let Some(views) = self.0 {
+            views.clear();
         }
     }
 }

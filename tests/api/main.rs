@@ -20,6 +20,7 @@ mod openapi;
 mod progress;
 mod qmp;
 mod quiesce;
+mod read_model;
 mod readme;
 mod recovery;
 mod runtime;

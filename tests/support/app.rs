@@ -93,6 +93,9 @@ impl TestApp {
             .env("STRATA_WORKERS", "2")
             .env("STRATA_SHUTDOWN_GRACE", "1")
             .env_remove("STRATA_FAULT")
+            // Every view served from memory is checked against the database: a change
+            // no event reports fails the test that reads it.
+            .env("STRATA_VERIFY_READS", "true")
             .env_remove("STRATA_RESERVED_SPACE")
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
