@@ -119,7 +119,16 @@ pub async fn issue(
     let mut tx = db.begin().await?;
     store::tokens::insert(&mut tx, &token, &new.digest).await?;
     tx.commit().await?;
+    tokens_changed(db);
     Ok((token, new.text))
+}
+
+/// Tell a running service the tokens changed (see `Db::tokens_marker`). Should that
+/// fail, it reads them again within a second anyway.
+fn tokens_changed(db: &Db) {
+    if let Err(e) = db.mark_tokens_changed() {
+        tracing::warn!(error = %e, marker = %db.tokens_marker().display(), "cannot mark the tokens as changed; a running service sees the change within a second");
+    }
 }
 
 /// Revoke the token named `name`: refused from the next request on.
@@ -127,6 +136,7 @@ pub async fn revoke(db: &Db, name: &str) -> Result<ApiToken> {
     let mut tx = db.begin().await?;
     let revoked = store::tokens::revoke(&mut tx, name, store::now()).await?;
     tx.commit().await?;
+    tokens_changed(db);
     revoked.ok_or_else(|| {
         Error::problem(
             ErrorCode::TokenNotFound,

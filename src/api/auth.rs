@@ -169,6 +169,104 @@ pub struct Auth {
     failures: Mutex<HashMap<IpAddr, Failures>>,
     /// Outstanding tickets by their text's digest.
     tickets: Mutex<HashMap<Vec<u8>, Ticket>>,
+    /// Token rows recently read, so a request does not wait for the database.
+    known: TokenCache,
+}
+
+/// What requests ask of the tokens table, each answer kept for `TOKEN_CACHE_FOR`: a
+/// token's row by id (or that there is none), and whether any token ever existed.
+/// Every change to the table, by this process or by `strata token` in another,
+/// replaces the database's `tokens_marker` file; each lookup first compares the
+/// marker's inode with the one this cache holds open (so it cannot be reused by a new
+/// file) and forgets everything when it differs. A change takes effect from the next
+/// request, as it did when each request read the table; the lifetime only bounds what
+/// a lost marker update could keep.
+#[derive(Default)]
+struct TokenCache {
+    /// The marker as last seen: held open, with its inode.
+    marker: Mutex<Option<(std::fs::File, u64)>>,
+    rows: Mutex<HashMap<String, (Instant, Option<(ApiToken, Vec<u8>)>)>>,
+    any_ever: Mutex<Option<(Instant, bool)>>,
+    /// Counts the clears: a row read before one is not kept (it may predate the
+    /// change that caused it).
+    clears: std::sync::atomic::AtomicU64,
+}
+
+const TOKEN_CACHE_FOR: Duration = Duration::from_secs(1);
+/// Token ids kept at once (unknown ids a client presents count too).
+const TOKEN_CACHE_SIZE: usize = 10_000;
+
+impl TokenCache {
+    /// Forget everything if the tokens changed since the marker was last seen.
+    fn check_marker(&self, db: &crate::store::Db) {
+        use std::os::unix::fs::MetadataExt;
+        let path = db.tokens_marker();
+        let mut marker = self.marker.lock().expect("token cache lock");
+        let now = std::fs::metadata(path).ok().map(|m| m.ino());
+        if now.is_some() && marker.as_ref().map(|(_, ino)| *ino) == now {
+            return;
+        }
+        // Opened before its inode is read again: if it is replaced in between, the
+        // next lookup sees a difference and reads the rows again.
+        *marker = std::fs::File::open(path)
+            .and_then(|file| Ok((file.metadata()?.ino(), file)))
+            .ok()
+            .map(|(ino, file)| (file, ino));
+        if marker.is_none() {
+            // Missing (or unreadable): nothing to compare with, so nothing is kept.
+            if let Err(e) = db.mark_tokens_changed() {
+                tracing::debug!(error = %e, "cannot make the tokens marker");
+            }
+        }
+        drop(marker);
+        self.clear();
+    }
+
+    async fn get(&self, db: &crate::store::Db, id: &str) -> Result<Option<(ApiToken, Vec<u8>)>> {
+        self.check_marker(db);
+        if let Some((at, row)) = self.rows.lock().expect("token cache lock").get(id)
+            && at.elapsed() < TOKEN_CACHE_FOR
+        {
+            return Ok(row.clone());
+        }
+        let clears = self.clears.load(std::sync::atomic::Ordering::SeqCst);
+        let row = store::tokens::get(&mut *db.reader().await?, id).await?;
+        let mut rows = self.rows.lock().expect("token cache lock");
+        if self.clears.load(std::sync::atomic::Ordering::SeqCst) != clears {
+            return Ok(row);
+        }
+        if rows.len() >= TOKEN_CACHE_SIZE {
+            rows.clear();
+        }
+        rows.insert(id.to_owned(), (Instant::now(), row.clone()));
+        Ok(row)
+    }
+
+    /// Once a token existed, the answer never changes back.
+    async fn any_ever(&self, db: &crate::store::Db) -> Result<bool> {
+        self.check_marker(db);
+        if let Some((at, any)) = *self.any_ever.lock().expect("token cache lock")
+            && (any || at.elapsed() < TOKEN_CACHE_FOR)
+        {
+            return Ok(any);
+        }
+        let clears = self.clears.load(std::sync::atomic::Ordering::SeqCst);
+        let any = store::tokens::any_ever(&mut *db.reader().await?).await?;
+        let mut kept = self.any_ever.lock().expect("token cache lock");
+        if self.clears.load(std::sync::atomic::Ordering::SeqCst) == clears {
+            *kept = Some((Instant::now(), any));
+        }
+        Ok(any)
+    }
+
+    fn clear(&self) {
+        let mut rows = self.rows.lock().expect("token cache lock");
+        let mut any_ever = self.any_ever.lock().expect("token cache lock");
+        self.clears
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        rows.clear();
+        *any_ever = None;
+    }
 }
 
 /// Failed attempts of one client address within the current window.
@@ -192,7 +290,13 @@ impl Auth {
             key,
             failures: Mutex::new(HashMap::new()),
             tickets: Mutex::new(HashMap::new()),
+            known: TokenCache::default(),
         }
+    }
+
+    /// The service changed the tokens table: read it again.
+    pub fn forget_tokens(&self) {
+        self.known.clear();
     }
 
     /// A ticket for one request of `token_id`'s holder (none: an anonymous caller),
@@ -430,7 +534,7 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         _ => None,
     };
     if let Some(Some(token_id)) = ticket_token {
-        let found = store::tokens::get(&mut *state.db.reader().await?, &token_id).await?;
+        let found = auth.known.get(&state.db, &token_id).await?;
         let Some((token, _)) = found.filter(|(t, _)| t.usable_at(now)) else {
             return Err(refused("the ticket's token was revoked or has expired"));
         };
@@ -440,8 +544,7 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         // Open only until the first token is made: once one existed, its expiry or
         // revocation does not open the service again.
         if auth.mode == Mode::WhenDefined && !manages_tokens {
-            let mut conn = state.db.reader().await?;
-            if !store::tokens::any_ever(&mut conn).await? {
+            if !auth.known.any_ever(&state.db).await? {
                 // A web page can point a name of its own at 127.0.0.1 (DNS
                 // rebinding); the browser then sends that name as Host.
                 if host.as_deref().is_some_and(is_loopback_host) {
@@ -468,7 +571,7 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
         Ok(presented) => presented,
         Err(e) => return Err(refused(&e.to_string())),
     };
-    let found = store::tokens::get(&mut *state.db.reader().await?, &presented.id).await?;
+    let found = auth.known.get(&state.db, &presented.id).await?;
     let Some((token, _)) = found.filter(|(_, digest)| presented.matches(&state.auth.key, digest))
     else {
         return Err(refused("unknown token"));

@@ -191,6 +191,7 @@ async fn create_token(
         body.expires_at,
     )
     .await?;
+    state.auth.forget_tokens();
     let created = CreatedToken {
         token: text,
         view: TokenView::of(token, store::now()),
@@ -213,5 +214,6 @@ async fn revoke_token(
     Path(name): Path<String>,
 ) -> Result<StatusCode> {
     crate::auth::revoke(&state.db, &name).await?;
+    state.auth.forget_tokens();
     Ok(StatusCode::NO_CONTENT)
 }

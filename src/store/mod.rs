@@ -210,6 +210,8 @@ pub struct Db {
     read: SqlitePool,
     write: SqlitePool,
     outbox: Arc<events::Outbox>,
+    /// `tokens.changed` beside the database file (see `mark_tokens_changed`).
+    tokens_marker: Arc<std::path::PathBuf>,
 }
 
 impl Db {
@@ -236,7 +238,24 @@ impl Db {
             read,
             write,
             outbox: Arc::default(),
+            tokens_marker: Arc::new(path.with_file_name("tokens.changed")),
         })
+    }
+
+    /// A file replaced (a new one renamed over it) after every change to the tokens
+    /// table, by this process or another (`strata token`): a running service that
+    /// keeps token rows in memory sees its inode change and reads them again.
+    pub fn tokens_marker(&self) -> &Path {
+        &self.tokens_marker
+    }
+
+    /// Replace `tokens_marker` (after a committed change to the tokens table).
+    pub fn mark_tokens_changed(&self) -> std::io::Result<()> {
+        let fresh = self
+            .tokens_marker
+            .with_file_name(format!("tokens.changed.{}", std::process::id()));
+        std::fs::write(&fresh, b"")?;
+        std::fs::rename(&fresh, &*self.tokens_marker)
     }
 
     pub async fn reader(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>> {
