@@ -6,8 +6,9 @@
 //! 2. Full clone of a VM's present state (one disk of 8 GiB, 2 GiB of data over a
 //!    two-layer chain) against plain `qemu-img convert -f qcow2 -O qcow2` of the same
 //!    active file followed by `sync` of the copy (the service makes its copy durable
-//!    before recording it), interleaved, with `sync` before each. Target: service/plain at most
-//!    1.1.
+//!    before recording it), interleaved, with `sync` before each: both read the same
+//!    chain, the source's own files. Target: service/plain at most 1.1 (a miss is a
+//!    problem); issue 13's goal: at most 1.0 (in the goals table).
 //! 3. Deploying 100 linked VMs from a template in one request, against 100 sequential
 //!    plain `qemu-img create -u -b TEMPLATE` calls.
 //!
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use super::goals::Goal;
 use super::support::{
     JobViewExt, MIB, TestApp, Uuid, path_str, run_tool, try_compare, write_bytes,
 };
@@ -30,6 +32,8 @@ const FULL_ROUNDS: usize = 5;
 const DEPLOY_COUNT: usize = 100;
 /// Service/plain ratio a full clone is expected to stay under.
 const FULL_TARGET_RATIO: f64 = 1.1;
+/// Issue 13's goal for the same ratio: at least as fast as the plain copy.
+const FULL_GOAL_RATIO: f64 = 1.0;
 
 pub struct CloneFigures {
     linked_10g: Vec<Duration>,
@@ -258,6 +262,15 @@ async fn template_disk_path(app: &TestApp, template: Uuid) -> Result<PathBuf> {
     Ok(path.into())
 }
 
+/// Issue 13's goal for the full clone.
+pub fn goals(figures: &CloneFigures) -> Vec<Goal> {
+    vec![Goal::at_most(
+        "full clone ÷ `qemu-img convert` + `sync` of the same chain",
+        ratio(median(&figures.full_service), median(&figures.full_plain)),
+        FULL_GOAL_RATIO,
+    )]
+}
+
 pub fn report(figures: &CloneFigures) -> (String, Vec<String>) {
     let mut s = String::new();
     let mut problems = figures.problems.clone();
@@ -297,7 +310,8 @@ pub fn report(figures: &CloneFigures) -> (String, Vec<String>) {
     );
     let _ = writeln!(
         s,
-        "\nThe copy is {:.0} MiB on disk (sparse). Service/plain: {full:.2} (target at most {FULL_TARGET_RATIO}: {}).",
+        "\nThe copy is {:.0} MiB on disk (sparse). Service/plain: {full:.2} (target at most {FULL_TARGET_RATIO}: {}; \
+         issue 13's goal: at most {FULL_GOAL_RATIO}).",
         figures.full_bytes as f64 / MIB as f64,
         if full <= FULL_TARGET_RATIO {
             "met"

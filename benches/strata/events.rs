@@ -9,7 +9,7 @@ use std::io::BufRead as _;
 use std::time::{Duration, Instant};
 
 use super::support::TestApp;
-use super::{Result, create_vm, median, ms, ratio, snapshot};
+use super::{Result, create_vm, median, ms, p99, ratio, snapshot};
 
 const SUBSCRIBERS: usize = 100;
 const READS: usize = 500;
@@ -153,12 +153,6 @@ pub async fn bench_events(app: &TestApp) -> Result<EventFigures> {
         writes_watched,
         problems,
     })
-}
-
-fn p99(samples: &[Duration]) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    sorted[(sorted.len() * 99 / 100).min(sorted.len() - 1)]
 }
 
 pub fn report(figures: &EventFigures) -> (String, Vec<String>) {
