@@ -185,12 +185,15 @@ pub struct Auth {
 struct TokenCache {
     /// The marker as last seen: held open, with its inode.
     marker: Mutex<Option<(std::fs::File, u64)>>,
-    rows: Mutex<HashMap<String, (Instant, Option<(ApiToken, Vec<u8>)>)>>,
+    rows: Mutex<HashMap<String, (Instant, Option<TokenRow>)>>,
     any_ever: Mutex<Option<(Instant, bool)>>,
     /// Counts the clears: a row read before one is not kept (it may predate the
     /// change that caused it).
     clears: std::sync::atomic::AtomicU64,
 }
+
+/// A token and its digest, as the table holds them.
+type TokenRow = (ApiToken, Vec<u8>);
 
 const TOKEN_CACHE_FOR: Duration = Duration::from_secs(1);
 /// Token ids kept at once (unknown ids a client presents count too).
@@ -222,7 +225,7 @@ impl TokenCache {
         self.clear();
     }
 
-    async fn get(&self, db: &crate::store::Db, id: &str) -> Result<Option<(ApiToken, Vec<u8>)>> {
+    async fn get(&self, db: &crate::store::Db, id: &str) -> Result<Option<TokenRow>> {
         self.check_marker(db);
         if let Some((at, row)) = self.rows.lock().expect("token cache lock").get(id)
             && at.elapsed() < TOKEN_CACHE_FOR
@@ -543,17 +546,18 @@ async fn check(state: &AppState, asked: Asked) -> Result<Caller> {
     let Some(header) = authorization else {
         // Open only until the first token is made: once one existed, its expiry or
         // revocation does not open the service again.
-        if auth.mode == Mode::WhenDefined && !manages_tokens {
-            if !auth.known.any_ever(&state.db).await? {
-                // A web page can point a name of its own at 127.0.0.1 (DNS
-                // rebinding); the browser then sends that name as Host.
-                if host.as_deref().is_some_and(is_loopback_host) {
-                    return Ok(Caller::Anonymous);
-                }
-                return Err(unauthorized(
-                    "without a token, only requests addressed to the loopback interface (Host localhost, 127.0.0.1 or [::1]) are served",
-                ));
+        if auth.mode == Mode::WhenDefined
+            && !manages_tokens
+            && !auth.known.any_ever(&state.db).await?
+        {
+            // A web page can point a name of its own at 127.0.0.1 (DNS rebinding); the
+            // browser then sends that name as Host.
+            if host.as_deref().is_some_and(is_loopback_host) {
+                return Ok(Caller::Anonymous);
             }
+            return Err(unauthorized(
+                "without a token, only requests addressed to the loopback interface (Host localhost, 127.0.0.1 or [::1]) are served",
+            ));
         }
         return Err(unauthorized(
             "this endpoint needs a token: send Authorization: Bearer <token>",
