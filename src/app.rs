@@ -61,12 +61,12 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     })?;
     let db = Db::open(&data_dir.join("strata.db")).await?;
     let live = Arc::new(live);
-    // Before the first write: every transaction's events carry their resources' views.
     if config.verify_reads {
-        tracing::warn!(
+        tracing::info!(
             "--verify-reads: every view read from memory is checked against the database (slow; for tests)"
         );
     }
+    // Before the first write: every transaction's events carry their resources' views.
     let renderer = Arc::new(api::events::ViewRenderer {
         volumes_dir: volumes_dir.clone(),
         live: Arc::clone(&live),
@@ -113,7 +113,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
     );
     let ready = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let state = AppState {
+    let state = AppState::new(api::Shared {
         db: db.clone(),
         files: files.clone(),
         engine: Arc::clone(&engine),
@@ -132,7 +132,7 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
             dir: config.import_dir.clone(),
             max_bytes: config.import_max_bytes,
         },
-    };
+    });
     let app = with_middleware(api::router(state), &config);
 
     let listener = tokio::net::TcpListener::bind(config.listen)

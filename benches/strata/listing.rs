@@ -309,7 +309,8 @@ async fn seeded_service(work: &Path, name: &str, fleet: &Fleet) -> Result<(TestA
     app.kill();
     let seeded = seed(&app.data_dir.join("strata.db"), fleet).await?;
     // The environment `start_service` gave it.
-    app.restart(&[("STRATA_WORKERS", "4")]).await;
+    app.restart(&[("STRATA_WORKERS", "4"), ("STRATA_VERIFY_READS", "false")])
+        .await;
     Ok((app, seeded))
 }
 

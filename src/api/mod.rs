@@ -34,9 +34,27 @@ use crate::domain::Uuid;
 use crate::error::{Error, ErrorCode, Result};
 use crate::jobs::Engine;
 
-/// What handlers share.
+/// What handlers share: cloned for every request (axum's `State`), so one reference
+/// count, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of `AppState`.
+pub struct Shared {
     /// Reads of the records views show; every change goes through `engine`.
     pub db: crate::store::Db,
     /// Exports, and the inspection of an uploaded image.

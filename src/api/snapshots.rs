@@ -43,7 +43,7 @@ pub struct SnapshotVolume {
     pub path: String,
     /// Bytes the file takes on disk: what the snapshot keeps on this disk, since the
     /// file holds only what the guest changed after the snapshot before it (a merge
-    /// into it grows it).
+    /// into it grows it). Measured at most a second ago.
     pub allocated_bytes: u64,
 }
 
@@ -204,7 +204,7 @@ pub(crate) fn snapshot_view(views: Views, vm: &Vm, snapshot: Snapshot) -> Snapsh
                 SnapshotVolume {
                     disk_id,
                     volume_id,
-                    allocated_bytes: storage::allocated_bytes(&path),
+                    allocated_bytes: storage::shown_allocation(&path),
                     path: path.display().to_string(),
                 }
             })
@@ -342,7 +342,7 @@ async fn get_snapshot(
 /// Each layer's allocation, as it is now (a merge into it grows it).
 pub(crate) fn refresh_snapshot(view: &mut SnapshotView) {
     for volume in &mut view.volumes {
-        volume.allocated_bytes = storage::allocated_bytes(std::path::Path::new(&volume.path));
+        volume.allocated_bytes = storage::shown_allocation(std::path::Path::new(&volume.path));
     }
 }
 

@@ -150,7 +150,7 @@ pub(crate) async fn template_view(
                     id: disk.id,
                     name: disk.name,
                     size_bytes: disk.size_bytes,
-                    allocated_bytes: path.as_deref().map_or(0, storage::allocated_bytes),
+                    allocated_bytes: path.as_deref().map_or(0, storage::shown_allocation),
                     path: path.map(|p| p.display().to_string()),
                 }
             })

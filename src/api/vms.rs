@@ -57,7 +57,7 @@ pub struct ChainEntry {
     pub snapshot_id: Option<Uuid>,
     /// Virtual size of the layer.
     pub size_bytes: u64,
-    /// Bytes the file occupies on disk.
+    /// Bytes the file occupies on disk (measured at most a second ago).
     pub allocated_bytes: u64,
     /// `rewriting` while a merge changes the file's own content (its snapshot is not
     /// usable until the job ends), `deleting` while it is about to go.
@@ -266,7 +266,7 @@ pub(crate) fn disk_view(views: Views, disk: Disk, volumes: &[Volume]) -> DiskVie
             },
             snapshot_id: volume.snapshot_id,
             size_bytes: volume.size_bytes,
-            allocated_bytes: storage::allocated_bytes(&path),
+            allocated_bytes: storage::shown_allocation(&path),
             status: volume.status,
         });
         next = volume.parent_id;
@@ -513,7 +513,7 @@ pub(crate) fn refresh_vm(views: Views, view: &mut VmView) {
 /// Each volume file's allocation, as it is now.
 pub(crate) fn refresh_chain(disk: &mut DiskView) {
     for entry in &mut disk.chain {
-        entry.allocated_bytes = storage::allocated_bytes(std::path::Path::new(&entry.path));
+        entry.allocated_bytes = storage::shown_allocation(std::path::Path::new(&entry.path));
     }
 }
 

@@ -85,6 +85,37 @@ pub fn allocated_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// How long views may show a file's allocation before measuring it again.
+pub const SHOWN_ALLOCATION_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Files whose allocation is remembered at once.
+const SHOWN_ALLOCATIONS: usize = 100_000;
+
+/// A file's allocation as views show it: measured at most once every
+/// `SHOWN_ALLOCATION_AGE`. A read of a VM stats each layer of each disk's chain, which
+/// cost more than the rest of a read served from memory; a figure a second old is as
+/// good to a reader (a guest's writes move it all the time). Never for planning: the
+/// planner measures with `allocated_bytes`.
+pub fn shown_allocation(path: &Path) -> u64 {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+    use std::time::Instant;
+    static RECENT: LazyLock<Mutex<HashMap<PathBuf, (Instant, u64)>>> =
+        LazyLock::new(Mutex::default);
+    if let Some((at, bytes)) = RECENT.lock().expect("allocations lock").get(path)
+        && at.elapsed() < SHOWN_ALLOCATION_AGE
+    {
+        return *bytes;
+    }
+    let bytes = allocated_bytes(path);
+    let mut recent = RECENT.lock().expect("allocations lock");
+    if recent.len() >= SHOWN_ALLOCATIONS {
+        recent.clear();
+    }
+    recent.insert(path.to_owned(), (Instant::now(), bytes));
+    bytes
+}
+
 /// Fill the planner's allocation figures from the files.
 pub fn measure(volumes_dir: &Path, graphs: &mut [DiskGraph]) {
     for graph in graphs {

@@ -183,7 +183,7 @@ pub async fn list(
         "SELECT * FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?3 IS NULL OR kind = ?3)
          AND (?2 IS NULL OR EXISTS (SELECT 1 FROM job_vms v WHERE v.job_seq = jobs.seq AND v.vm_id = ?2))
          AND (?6 IS NULL OR requested_by = ?6)
-         AND (?4 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?4)) ORDER BY seq DESC LIMIT ?5",
+         AND seq < coalesce((SELECT seq FROM jobs WHERE id = ?4), 9223372036854775807) ORDER BY seq DESC LIMIT ?5",
     )
     .bind(filter.status.map(|s| s.as_str()))
     .bind(opt_id_text(filter.vm_id))

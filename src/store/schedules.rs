@@ -98,7 +98,7 @@ pub async fn list(
     limit: u32,
 ) -> Result<Vec<Schedule>> {
     let rows = sqlx::query(
-        "SELECT * FROM schedules WHERE (?1 IS NULL OR vm_id = ?1) AND (?2 IS NULL OR id > ?2)
+        "SELECT * FROM schedules WHERE (?1 IS NULL OR vm_id = ?1) AND id > coalesce(?2, '')
          ORDER BY id LIMIT ?3",
     )
     .bind(opt_id_text(vm))

@@ -60,7 +60,7 @@ pub async fn list(
     limit: u32,
 ) -> Result<Vec<Snapshot>> {
     let rows = sqlx::query(
-        "SELECT * FROM snapshots WHERE vm_id = ?1 AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3",
+        "SELECT * FROM snapshots WHERE vm_id = ?1 AND id > coalesce(?2, '') ORDER BY id LIMIT ?3",
     )
     .bind(id_text(vm_id))
     .bind(opt_id_text(after))
