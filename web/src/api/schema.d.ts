@@ -772,7 +772,7 @@ export interface components {
         ChainEntry: {
             /**
              * Format: int64
-             * @description Bytes the file occupies on disk.
+             * @description Bytes the file occupies on disk (measured at most a second ago).
              */
             allocated_bytes: number;
             /** @description Absolute path of the file. */
@@ -1927,7 +1927,7 @@ export interface components {
              * Format: int64
              * @description Bytes the file takes on disk: what the snapshot keeps on this disk, since the
              *     file holds only what the guest changed after the snapshot before it (a merge
-             *     into it grows it).
+             *     into it grows it). Measured at most a second ago.
              */
             allocated_bytes: number;
             /** Format: uuid */
