@@ -113,6 +113,11 @@ impl Hub {
         }
         let latest = kept.back().map_or(pruned_through, |e| e.id);
         drop(conn);
+        // Committed before this process made any: their views are in no read model,
+        // which starts empty and renders from the database.
+        db.outbox()
+            .applied_through
+            .fetch_max(latest, std::sync::atomic::Ordering::SeqCst);
         Ok(Arc::new(Self {
             db,
             history: RwLock::new(History {
@@ -158,7 +163,15 @@ impl Hub {
         let mut pulled = 0;
         loop {
             let after = *self.latest.borrow();
-            let batch = events::after(&mut conn, after, BATCH).await?;
+            // Only events whose views the read model has (see `applied_through`): a
+            // subscriber that reads what an event announces finds it there.
+            let applied = self
+                .db
+                .outbox()
+                .applied_through
+                .load(std::sync::atomic::Ordering::SeqCst);
+            let mut batch = events::after(&mut conn, after, BATCH).await?;
+            batch.retain(|e| e.id <= applied);
             let Some(last) = batch.last().map(|e| e.id) else {
                 return Ok(pulled);
             };

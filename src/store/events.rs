@@ -64,6 +64,18 @@ pub struct Outbox {
     render: OnceLock<Arc<dyn Render>>,
     pub committed: tokio::sync::Notify,
     pub views: ViewCache,
+    /// The newest event whose transaction's views the read model has: the stream
+    /// publishes no event past it, so a client reading what an event announces finds
+    /// it (a commit lands before its views are applied).
+    pub applied_through: std::sync::atomic::AtomicI64,
+}
+
+/// What sealing a transaction's events gives its commit: the views for the read
+/// model, and the newest event id it keeps.
+#[derive(Default)]
+pub struct Sealed {
+    pub applied: Vec<Applied>,
+    pub last_event: Option<i64>,
 }
 
 impl Outbox {
@@ -159,14 +171,14 @@ pub async fn seal(
     outbox: &Outbox,
     actor: Option<&str>,
     at: Timestamp,
-) -> Result<Vec<Applied>> {
+) -> Result<Sealed> {
     let rows: Vec<Pending> = sqlx::query_as(
         "SELECT id, type, resource_id, requested_by FROM events WHERE data IS NULL ORDER BY id",
     )
     .fetch_all(&mut *conn)
     .await?;
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Sealed::default());
     }
     // Without a caller of its own, a transaction that writes a job's rows acts for
     // whoever asked for the job: a snapshot's events say who asked for the snapshot.
@@ -184,6 +196,7 @@ pub async fn seal(
     }
     let at = ts(at);
     let mut applied = Vec::with_capacity(kept.len());
+    let last_event = kept.iter().map(|row| row.0).max();
     for (id, event_type, resource_id, requested_by) in kept {
         let (kind, action) = split(&event_type);
         let rendered: Option<Rendered> = match (action, outbox.render.get()) {
@@ -238,7 +251,10 @@ pub async fn seal(
             .execute(&mut *conn)
             .await?;
     }
-    Ok(applied)
+    Ok(Sealed {
+        applied,
+        last_event,
+    })
 }
 
 /// The data of the last sealed event of resource `id` of `kind`, before event `before`.

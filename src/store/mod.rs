@@ -73,30 +73,45 @@ impl Tx {
         // (never pooled with the transaction open).
         let outbox = Arc::clone(&self.outbox);
         let actor = self.actor.take();
-        let applied = events::seal(&mut self, &outbox, actor.as_deref(), now()).await?;
+        let sealed = events::seal(&mut self, &outbox, actor.as_deref(), now()).await?;
         let mut conn = self
             .conn
             .take()
             .expect("an open transaction has its connection");
-        // Should the commit fail, or this future be dropped while it runs, whether the
-        // changes took is not known here: the read model then forgets everything.
-        let unknown = ForgetViewsUnlessDone(Some(&outbox.views));
-        match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
-            Ok(_) => {
-                unknown.done();
-                // Before the writer connection goes back to the pool: in commit order.
-                if !applied.is_empty() {
-                    outbox.views.apply(applied);
+        // The commit and the read model's update run as a task of their own, which a
+        // caller dropped meanwhile (a client gone, a request timed out) cannot stop
+        // between them: a commit that lands always has its views applied, before the
+        // writer connection goes back to the pool, so in commit order.
+        let shared = Arc::clone(&outbox);
+        let committing = tokio::spawn(async move {
+            match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
+                Ok(_) => {
+                    if !sealed.applied.is_empty() {
+                        outbox.views.apply(sealed.applied);
+                    }
+                    if let Some(last) = sealed.last_event {
+                        outbox
+                            .applied_through
+                            .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    outbox.committed.notify_one();
+                    drop(conn);
+                    Ok(())
                 }
-                self.outbox.committed.notify_one();
-                drop(conn);
-                Ok(())
+                Err(e) => {
+                    // Whether any of it took is not known here: the read model
+                    // forgets everything, and the connection goes.
+                    outbox.views.clear();
+                    discard(conn);
+                    Err(e.into())
+                }
             }
-            Err(e) => {
-                discard(conn);
-                Err(e.into())
-            }
-        }
+        });
+        committing.await.map_err(|e| {
+            // It panicked: whether it committed or applied is not known.
+            shared.views.clear();
+            Error::Internal(format!("a commit's task failed: {e}"))
+        })?
     }
 }
 
@@ -109,23 +124,6 @@ impl Tx {
             .expect("an open transaction has its connection");
         if sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
             discard(conn);
-        }
-    }
-}
-
-/// Clears the read model when dropped before `done`: see `Tx::commit`.
-struct ForgetViewsUnlessDone<'a>(Option<&'a views::ViewCache>);
-
-impl ForgetViewsUnlessDone<'_> {
-    fn done(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for ForgetViewsUnlessDone<'_> {
-    fn drop(&mut self) {
-        if let Some(views) = self.0 {
-            views.clear();
         }
     }
 }

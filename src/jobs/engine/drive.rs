@@ -270,7 +270,8 @@ impl Engine {
     async fn commit(&self, job: &Job, plan: &Plan, last_step: LastStep) -> Result<Committed> {
         let mut tx = self.begin_for(job).await?;
         if !job.past_no_return && !store::jobs::enter_no_return(&mut tx, job.id).await? {
-            drop(tx);
+            // Ended cleanly: the writer connection is kept, not replaced.
+            tx.rollback().await;
             if let Some(copied) = last_step.copied {
                 // Rolled back, but the bytes were copied: counted, and the figures go.
                 let mut tx = self.begin_for(job).await?;
