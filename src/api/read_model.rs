@@ -97,11 +97,10 @@ impl ReadModel {
         let Some(rendered) = rendered else {
             return Ok(None);
         };
-        let Some(view) = rendered.view.downcast_ref::<V>().cloned() else {
+        let Some(mut view) = rendered.view.downcast_ref::<V>().cloned() else {
             return Ok(None);
         };
         self.cache().fill(kind, id, rendered.view, mark);
-        let mut view = view;
         refresh(&mut view);
         Ok(Some(view))
     }
