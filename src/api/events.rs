@@ -45,6 +45,8 @@ const BATCH: usize = 256;
 /// A comment line this often keeps proxies from closing an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const KEEP_ALIVE_FRAME: &[u8] = b":\n\n";
+/// How long a subscriber woken by new events waits for more before it writes.
+const GATHER: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -219,6 +221,14 @@ impl Subscription {
                 }
             };
             self.queue(found);
+            // A job commits several transactions a few milliseconds apart: waiting a
+            // moment sends them in one write. Each write is a system call here and a
+            // read at the subscriber, for every subscriber, on the cores the jobs run on.
+            if !self.ready.is_empty() {
+                tokio::time::sleep(GATHER).await;
+                let more = self.hub.since(self.after, BATCH);
+                self.queue(more);
+            }
         }
     }
 
