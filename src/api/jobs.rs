@@ -156,19 +156,13 @@ pub struct MergeChoice {
 /// memory: fresher than what the job's row holds (written at most once a second), and,
 /// while this process runs the job, what its copy is (none between copies).
 fn live_view(state: &AppState, job: Job) -> JobView {
-    let live = (job.status == JobStatus::Running)
-        .then(|| state.engine.progress_of(job.id))
-        .flatten();
     let mut view = JobView::from(job);
-    if let Some(live) = live {
-        view.progress = view.progress.max(live.progress);
-        view.show_copy(live.copy);
-    }
+    refresh_job(state, &mut view);
     view
 }
 
 /// Bring a job's view up to date with the copy it runs, whose figures are written to
-/// its row at most once a second (as `live_view`).
+/// its row at most once a second.
 fn refresh_job(state: &AppState, view: &mut JobView) {
     if view.status != JobStatus::Running {
         return;
