@@ -86,7 +86,7 @@ pub fn allocated_bytes(path: &Path) -> u64 {
 }
 
 /// How long views may show a file's allocation before measuring it again.
-pub const SHOWN_ALLOCATION_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+const SHOWN_ALLOCATION_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Files whose allocation is remembered at once.
 const SHOWN_ALLOCATIONS: usize = 100_000;

@@ -113,9 +113,7 @@ impl Tx {
             Error::Internal(format!("a commit's task failed: {e}"))
         })?
     }
-}
 
-impl Tx {
     /// End the transaction without changing anything.
     pub async fn rollback(mut self) {
         let mut conn = self
