@@ -157,6 +157,19 @@ impl Error {
         }
     }
 
+    /// The same failure told to another party to it (the other transactions of a
+    /// group commit): of the same kind, so a full disk still answers 507.
+    pub fn shared(&self) -> Error {
+        if self.is_out_of_space() {
+            Error::Io(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                self.to_string(),
+            ))
+        } else {
+            Error::Internal(self.to_string())
+        }
+    }
+
     /// A write failed because a file system is full: SQLite's `SQLITE_FULL` (13), an
     /// `ENOSPC` from a file write, or qemu-img saying so. The client gets
     /// `507 insufficient_storage`, not a 500: freeing space fixes it.

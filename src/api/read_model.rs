@@ -106,14 +106,15 @@ impl ReadModel {
     }
 
     /// Render the view from the database with no write under way (the writer is held,
-    /// so the read model has every commit applied) and compare it with the read
+    /// every waiting group committed, so the read model has every commit applied) and
+    /// compare it with the read
     /// model's, both as stored: what a read refreshes comes from outside the database
     /// (files, QEMU, a running copy) and moves between two looks, so it is left out.
     async fn verify<V>(&self, kind: &str, id: Uuid) -> Result<()>
     where
         V: Clone + Serialize + Send + Sync + Outside + 'static,
     {
-        let mut writer = self.db.begin().await?;
+        let mut writer = self.db.begin_settled().await?;
         let rendered = self
             .renderer
             .render(&mut writer, kind, &id.hyphenated().to_string())

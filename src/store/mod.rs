@@ -1,9 +1,10 @@
 //! SQLite access: typed queries returning domain records, and the one function that
 //! applies planner metadata changes. Knows nothing of HTTP.
 //!
-//! Writes go through a single-connection pool, so SQLite never sees two writers and a
-//! read-check-write sequence inside one transaction is atomic; reads use their own pool
-//! and see WAL snapshots.
+//! Writes go through a single writer connection (`writer`), so SQLite never sees two
+//! writers and a read-check-write sequence inside one transaction is atomic; concurrent
+//! transactions share one fsync through group commit. Reads use their own pool and see
+//! WAL snapshots.
 
 pub mod events;
 pub mod jobs;
@@ -12,6 +13,9 @@ pub mod snapshots;
 pub mod tokens;
 pub mod views;
 pub mod vms;
+mod writer;
+
+pub use writer::Tx;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -27,104 +31,6 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 use crate::domain::plan::MetaOp;
 use crate::domain::{Timestamp, Uuid};
 use crate::error::{Error, Result};
-
-/// A write transaction on the single writer connection.
-///
-/// sqlx's own `Transaction` keeps a depth counter in the connection and rolls back
-/// lazily on drop; after a failed `COMMIT` or a statement SQLite rolled back on its
-/// own (`SQLITE_FULL`, `SQLITE_IOERR`), that counter no longer matches the
-/// connection, and later transactions silently became savepoints of a transaction
-/// that never commits. So this one issues `BEGIN IMMEDIATE` / `COMMIT` itself, and a
-/// transaction that does not commit cleanly (an error, or dropped early) takes its
-/// connection with it: closing a SQLite connection rolls back whatever it had open,
-/// and the pool opens a fresh one for the next writer. Nothing is ever acknowledged
-/// from a connection in an unknown state.
-pub struct Tx {
-    conn: Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>,
-    outbox: Arc<events::Outbox>,
-    /// Who asked for the change: the events it makes say so.
-    actor: Option<String>,
-}
-
-impl Tx {
-    async fn begin(pool: &SqlitePool, outbox: &Arc<events::Outbox>) -> Result<Self> {
-        let mut conn = pool.acquire().await?;
-        if let Err(e) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
-            discard(conn);
-            return Err(e.into());
-        }
-        Ok(Self {
-            conn: Some(conn),
-            outbox: Arc::clone(outbox),
-            actor: None,
-        })
-    }
-
-    /// Record `actor` (a token's name, `scheduler`) as who asked for this change.
-    pub fn act_for(&mut self, actor: Option<&str>) {
-        self.actor = actor.map(str::to_owned);
-    }
-
-    /// Seal the events of the transaction (see `events::seal`) and make it durable. On
-    /// an error nothing of it is committed and the connection is replaced.
-    pub async fn commit(mut self) -> Result<()> {
-        // Sealed on the connection the transaction still owns: cancelled, failed or
-        // panicking in here, the transaction is dropped and its connection discarded
-        // (never pooled with the transaction open).
-        let outbox = Arc::clone(&self.outbox);
-        let actor = self.actor.take();
-        let sealed = events::seal(&mut self, &outbox, actor.as_deref(), now()).await?;
-        let mut conn = self
-            .conn
-            .take()
-            .expect("an open transaction has its connection");
-        // The commit and the read model's update run as a task of their own, which a
-        // caller dropped meanwhile (a client gone, a request timed out) cannot stop
-        // between them: a commit that lands always has its views applied, before the
-        // writer connection goes back to the pool, so in commit order.
-        let shared = Arc::clone(&outbox);
-        let committing = tokio::spawn(async move {
-            match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
-                Ok(_) => {
-                    if !sealed.applied.is_empty() {
-                        outbox.views.apply(sealed.applied);
-                    }
-                    if let Some(last) = sealed.last_event {
-                        outbox
-                            .applied_through
-                            .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    outbox.committed.notify_one();
-                    drop(conn);
-                    Ok(())
-                }
-                Err(e) => {
-                    // Whether any of it took is not known here: the read model
-                    // forgets everything, and the connection goes.
-                    outbox.views.clear();
-                    discard(conn);
-                    Err(e.into())
-                }
-            }
-        });
-        committing.await.map_err(|e| {
-            // It panicked: whether it committed or applied is not known.
-            shared.views.clear();
-            Error::Internal(format!("a commit's task failed: {e}"))
-        })?
-    }
-
-    /// End the transaction without changing anything.
-    pub async fn rollback(mut self) {
-        let mut conn = self
-            .conn
-            .take()
-            .expect("an open transaction has its connection");
-        if sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
-            discard(conn);
-        }
-    }
-}
 
 /// A read transaction (see `Db::read_tx`). `finish` ends it; dropped unfinished (an
 /// early return, a cancelled request), its connection is closed rather than pooled
@@ -176,35 +82,11 @@ fn discard(conn: sqlx::pool::PoolConnection<sqlx::Sqlite>) {
     drop(conn.detach());
 }
 
-impl Drop for Tx {
-    fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            discard(conn);
-        }
-    }
-}
-
-impl std::ops::Deref for Tx {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
-        self.conn
-            .as_ref()
-            .expect("an open transaction has its connection")
-    }
-}
-
-impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        self.conn
-            .as_mut()
-            .expect("an open transaction has its connection")
-    }
-}
-
 #[derive(Clone)]
 pub struct Db {
     read: SqlitePool,
     write: SqlitePool,
+    writer: Arc<tokio::sync::Mutex<writer::Writer>>,
     outbox: Arc<events::Outbox>,
     /// `tokens.changed` beside the database file (see `mark_tokens_changed`).
     tokens_marker: Arc<std::path::PathBuf>,
@@ -232,6 +114,7 @@ impl Db {
             .await?;
         Ok(Self {
             read,
+            writer: writer::Writer::new(write.clone()),
             write,
             outbox: Arc::default(),
             tokens_marker: Arc::new(path.with_file_name("tokens.changed")),
@@ -271,7 +154,13 @@ impl Db {
     }
 
     pub async fn begin(&self) -> Result<Tx> {
-        Tx::begin(&self.write, &self.outbox).await
+        Tx::begin(&self.writer, &self.outbox, false).await
+    }
+
+    /// A write transaction that begins after every transaction waiting for its group
+    /// commit has committed: what it reads is durable, and the read model has it.
+    pub async fn begin_settled(&self) -> Result<Tx> {
+        Tx::begin(&self.writer, &self.outbox, true).await
     }
 
     /// What write transactions share for the event stream.
@@ -280,6 +169,9 @@ impl Db {
     }
 
     pub async fn close(&self) {
+        // After the commits already queued for the writer; its connection goes back
+        // to the pool, which waits for it.
+        self.writer.lock().await.release();
         self.read.close().await;
         self.write.close().await;
     }
