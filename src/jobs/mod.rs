@@ -141,9 +141,10 @@ impl Engine {
             })
     }
 
-    /// Tell idle workers that a job was queued.
+    /// Tell an idle worker that a job was queued (one job wakes one worker; each
+    /// worker that claims a job looks for another after it).
     pub fn notify_enqueued(&self) {
-        self.wake.notify_waiters();
+        self.wake.notify_one();
         self.bump();
     }
 

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::super::{BOOKKEEPING_RETRIES, Engine};
+use super::super::{BOOKKEEPING_RETRIES, Engine, run};
 use crate::domain::plan::FileOp;
-use crate::domain::{Job, JobKind, JobStatus, Uuid};
+use crate::domain::{Job, JobKind, JobPhase, JobStatus, Uuid};
 use crate::error::Result;
 use crate::files::uploads;
 use crate::store;
@@ -59,7 +59,7 @@ impl Engine {
         self.clear_stale_copy_progress().await;
         for job in interrupted {
             tracing::warn!(job = %job.id, kind = %job.kind, phase = ?job.phase, step = job.next_step, "resuming interrupted job");
-            self.run(job).await;
+            self.run(job, false).await;
         }
         Ok(count)
     }
@@ -100,8 +100,10 @@ impl Engine {
                         }
                         let notified = engine.wake.notified();
                         match engine.claim().await {
-                            Ok(Some(job)) => {
-                                engine.run(job).await;
+                            Ok(Some((job, planned))) => {
+                                // More may be queued: the next idle worker looks.
+                                engine.wake.notify_one();
+                                engine.run(job, planned).await;
                                 continue;
                             }
                             Ok(None) => {}
@@ -118,19 +120,40 @@ impl Engine {
             .collect()
     }
 
-    pub(super) async fn claim(&self) -> Result<Option<Job>> {
+    /// Take the next runnable job. A job never planned is planned and its plan
+    /// journaled in the same transaction: the state it is planned from is the one its
+    /// claim commits with, and the job costs one write transaction less. A job whose
+    /// planning fails is claimed unplanned; `drive` plans it again and ends it with
+    /// the error. True with the job when its plan was journaled here.
+    pub(super) async fn claim(&self) -> Result<Option<(Job, bool)>> {
         let mut tx = self.db.begin().await?;
         let now = store::now();
-        let job = match store::jobs::claim_parked(&mut tx, now).await? {
+        let mut job = match store::jobs::claim_parked(&mut tx, now).await? {
             Some(job) => Some(job),
             None => store::jobs::claim_next(&mut tx, now).await?,
         };
+        let mut planned = false;
+        if let Some(job) = &mut job
+            && job.phase.is_none()
+            && !job.cancel_requested
+        {
+            tx.act_for(job.requested_by.as_deref());
+            if let Ok(plan) = run::plan_in(self, &mut tx, &job.spec, Some(job.seq)).await {
+                store::apply(&mut tx, &plan.mark).await?;
+                store::jobs::save_plan(&mut tx, job.id, &plan).await?;
+                job.phase = Some(JobPhase::Executing);
+                job.next_step = 0;
+                job.plan = Some(plan);
+                planned = true;
+            }
+        }
         tx.commit().await?;
-        Ok(job)
+        Ok(job.map(|job| (job, planned)))
     }
 
-    /// Drive one claimed job to its end and record the outcome.
-    pub(super) async fn run(self: &Arc<Self>, job: Job) {
+    /// Drive one claimed job to its end and record the outcome; `planned`: its claim
+    /// journaled its plan.
+    pub(super) async fn run(self: &Arc<Self>, job: Job, planned: bool) {
         let (cancel_tx, cancel_rx) = watch::channel(job.cancel_requested);
         self.running
             .lock()
@@ -145,6 +168,10 @@ impl Engine {
             JobKind::TemplateImport => Arc::clone(&self.import_slots).acquire_owned().await.ok(),
             _ => None,
         };
+        if planned {
+            // Where `drive` marks a plan it journals itself.
+            self.fault_point(&job, "planned").await;
+        }
         let mut outcome = self.drive(job, cancel_rx.clone()).await;
         // A failed journal write (e.g. the database's file system was full) leaves the
         // job as its last committed entry describes it: resume from there, as a restart
