@@ -93,7 +93,8 @@ pub async fn serve(config: ServeConfig) -> Result<()> {
         config.qemu_img.clone(),
         Duration::from_secs(config.copy_timeout_secs),
     )
-    .with_child_tag(child_tag);
+    .with_child_tag(child_tag)
+    .with_direct_io(crate::files::takes_direct_io(&volumes_dir));
     let files = Files::new(
         volumes_dir.clone(),
         config.reserved_space,

@@ -138,6 +138,21 @@ pub fn available_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(stats.f_bavail as u64 * stats.f_frsize as u64)
 }
 
+/// Whether files in `dir` can be opened for `O_DIRECT` writes (tmpfs refuses them).
+/// Probed with a file of its own, removed after.
+pub fn takes_direct_io(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let probe = dir.join(".direct-io-probe");
+    let opened = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe);
+    let _ = std::fs::remove_file(&probe);
+    opened.is_ok()
+}
+
 /// Make the entries of `dir` (a file just created, linked or renamed in it) survive a
 /// power cut: fsync of the file alone does not promise its name.
 pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
