@@ -33,9 +33,9 @@
 //! The printed section opens with the goals of issue 13 (`goals.rs`): each one's
 //! measured ratio or time beside its target, and whether it is met.
 //!
-//! `--only-scheduler`, `--only-clones`, `--only-live`, `--only-events`, `--only-reads`
-//! (6 and 7) and `--only-storm` (8) run one part alone and print it without touching
-//! the docs.
+//! `--only-snapshots` (1), `--only-scheduler`, `--only-clones`, `--only-live`,
+//! `--only-events`, `--only-reads` (6 and 7) and `--only-storm` (8) run one part alone
+//! and print it without touching the docs.
 //!
 //! Prints a Markdown table and rewrites the "Latest run" section of docs/benchmarks.md.
 //! Any HTTP status, job status or qemu tool failure aborts the run with the details (the
@@ -185,6 +185,12 @@ fn run() -> Result<Vec<String>> {
             reads::report(&reads)
         );
         return Ok(problems);
+    }
+    if std::env::args().any(|a| a == "--only-snapshots") {
+        let snapshots = rt.block_on(bench_snapshots(&app, work.path()))?;
+        let goals = snapshot_goals(&snapshots);
+        println!("{}", report(&machine, &goals, &snapshots, &[], &[]));
+        return Ok(Vec::new());
     }
     if std::env::args().any(|a| a == "--only-clones") {
         let figures = rt.block_on(clones::bench_clones(&app, work.path()))?;
