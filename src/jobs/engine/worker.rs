@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use super::super::{BOOKKEEPING_RETRIES, Engine, run};
 use crate::domain::plan::FileOp;
 use crate::domain::{Job, JobKind, JobPhase, JobStatus, Uuid};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::files::uploads;
 use crate::store;
 
@@ -123,8 +123,11 @@ impl Engine {
     /// Take the next runnable job. A job never planned is planned and its plan
     /// journaled in the same transaction: the state it is planned from is the one its
     /// claim commits with, and the job costs one write transaction less. A job whose
-    /// planning fails is claimed unplanned; `drive` plans it again and ends it with
-    /// the error. True with the job when its plan was journaled here.
+    /// plan is refused (`has_dependents`, no space) is claimed unplanned; `drive` plans
+    /// it again and ends it with the refusal. Any other error fails the claim (the job
+    /// stays queued), as it may have cost the transaction. An import is planned by
+    /// `drive` after it holds an import slot, which it may wait for. True with the job
+    /// when its plan was journaled here.
     pub(super) async fn claim(&self) -> Result<Option<(Job, bool)>> {
         let mut tx = self.db.begin().await?;
         let now = store::now();
@@ -136,15 +139,20 @@ impl Engine {
         if let Some(job) = &mut job
             && job.phase.is_none()
             && !job.cancel_requested
+            && job.kind != JobKind::TemplateImport
         {
             tx.act_for(job.requested_by.as_deref());
-            if let Ok(plan) = run::plan_in(self, &mut tx, &job.spec, Some(job.seq)).await {
-                store::apply(&mut tx, &plan.mark).await?;
-                store::jobs::save_plan(&mut tx, job.id, &plan).await?;
-                job.phase = Some(JobPhase::Executing);
-                job.next_step = 0;
-                job.plan = Some(plan);
-                planned = true;
+            match run::plan_in(self, &mut tx, &job.spec, Some(job.seq)).await {
+                Ok(plan) => {
+                    store::apply(&mut tx, &plan.mark).await?;
+                    store::jobs::save_plan(&mut tx, job.id, &plan).await?;
+                    job.phase = Some(JobPhase::Executing);
+                    job.next_step = 0;
+                    job.plan = Some(plan);
+                    planned = true;
+                }
+                Err(Error::Problem { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         tx.commit().await?;
