@@ -123,9 +123,10 @@ impl Engine {
     /// Take the next runnable job. A job never planned is planned and its plan
     /// journaled in the same transaction: the state it is planned from is the one its
     /// claim commits with, and the job costs one write transaction less. A job whose
-    /// plan is refused (`has_dependents`, no space) is claimed unplanned; `drive` plans
-    /// it again and ends it with the refusal. Any other error fails the claim (the job
-    /// stays queued), as it may have cost the transaction. An import is planned by
+    /// plan is refused (`has_dependents`, no space, unreadable parameters) is claimed
+    /// unplanned; `drive` plans it again and ends it with the refusal. A database
+    /// error fails the claim (the job stays queued), as it may have cost the
+    /// transaction. An import is planned by
     /// `drive` after it holds an import slot, which it may wait for. True with the job
     /// when its plan was journaled here.
     pub(super) async fn claim(&self) -> Result<Option<(Job, bool)>> {
@@ -151,8 +152,10 @@ impl Engine {
                     job.plan = Some(plan);
                     planned = true;
                 }
-                Err(Error::Problem { .. }) => {}
-                Err(e) => return Err(e),
+                // SQLite may have rolled the transaction back behind it (and the
+                // RELEASE at commit would fail anyway): the job stays queued.
+                Err(e @ Error::Database(_)) => return Err(e),
+                Err(_) => {}
             }
         }
         tx.commit().await?;
