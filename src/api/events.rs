@@ -325,6 +325,20 @@ impl Render for ViewRenderer {
                     },
                     None => None,
                 },
+                store::views::VM_SNAPSHOTS => match store::vms::get_vm(conn, id).await? {
+                    Some(vm) if vm.kind == VmKind::Vm => {
+                        let snapshots = store::snapshots::list(conn, id, None, u32::MAX).await?;
+                        let items = snapshots
+                            .into_iter()
+                            .map(|s| super::snapshots::snapshot_view(views, &vm, s))
+                            .collect();
+                        Some(Rendered::typed(super::snapshots::VmSnapshots {
+                            current_snapshot_id: vm.current_snapshot_id,
+                            items,
+                        }))
+                    }
+                    _ => None,
+                },
                 "job" => store::jobs::get(conn, id)
                     .await?
                     .and_then(|job| to_json(super::jobs::JobView::from(job))),
@@ -348,7 +362,7 @@ impl Render for ViewRenderer {
 fn to_json<V: serde::Serialize + Send + Sync + 'static>(view: V) -> Option<Rendered> {
     let json = serde_json::to_value(&view).ok()?;
     Some(Rendered {
-        json,
+        json: Some(json),
         view: Arc::new(view),
     })
 }

@@ -45,6 +45,12 @@ impl Outside for super::snapshots::SnapshotView {
     }
 }
 
+impl Outside for super::snapshots::VmSnapshots {
+    fn blank_outside(&mut self) {
+        self.items.iter_mut().for_each(Outside::blank_outside);
+    }
+}
+
 /// A job's row holds all of its view; only a read adds the running copy's figures.
 impl Outside for super::jobs::JobView {
     fn blank_outside(&mut self) {}
