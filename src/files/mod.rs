@@ -88,32 +88,95 @@ pub fn allocated_bytes(path: &Path) -> u64 {
 /// How long views may show a file's allocation before measuring it again.
 const SHOWN_ALLOCATION_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Files whose allocation is remembered at once.
-const SHOWN_ALLOCATIONS: usize = 100_000;
+/// Files whose allocation is remembered at once (past it, figures older than
+/// `SHOWN_ALLOCATION_AGE` are forgotten first).
+const SHOWN_ALLOCATIONS: usize = 250_000;
 
 /// A file's allocation as views show it: measured at most once every
 /// `SHOWN_ALLOCATION_AGE`. A read of a VM stats each layer of each disk's chain, which
 /// cost more than the rest of a read served from memory; a figure a second old is as
 /// good to a reader (a guest's writes move it all the time). Never for planning: the
 /// planner measures with `allocated_bytes`.
+///
+/// A page of 100 VMs measures a thousand files or more: figures are kept by the
+/// path's bytes (hashing a `Path` walks its components), updated in place, and
+/// measured relative to their directory (`allocated_bytes_in_dir`).
 pub fn shown_allocation(path: &Path) -> u64 {
     use std::collections::HashMap;
+    use std::os::unix::ffi::OsStrExt;
     use std::sync::{LazyLock, Mutex};
     use std::time::Instant;
-    static RECENT: LazyLock<Mutex<HashMap<PathBuf, (Instant, u64)>>> =
-        LazyLock::new(Mutex::default);
-    if let Some((at, bytes)) = RECENT.lock().expect("allocations lock").get(path)
-        && at.elapsed() < SHOWN_ALLOCATION_AGE
+    /// Each path's figure and when it was measured.
+    type Figures = HashMap<Box<[u8]>, (Instant, u64)>;
+    static RECENT: LazyLock<Mutex<Figures>> = LazyLock::new(Mutex::default);
+    let key = path.as_os_str().as_bytes();
+    let now = Instant::now();
+    if let Some((at, bytes)) = RECENT.lock().expect("allocations lock").get(key)
+        && now.saturating_duration_since(*at) < SHOWN_ALLOCATION_AGE
     {
         return *bytes;
     }
-    let bytes = allocated_bytes(path);
+    let bytes = allocated_bytes_in_dir(path);
     let mut recent = RECENT.lock().expect("allocations lock");
-    if recent.len() >= SHOWN_ALLOCATIONS {
-        recent.clear();
+    if let Some(kept) = recent.get_mut(key) {
+        *kept = (now, bytes);
+        return bytes;
     }
-    recent.insert(path.to_owned(), (Instant::now(), bytes));
+    if recent.len() >= SHOWN_ALLOCATIONS {
+        recent.retain(|_, (at, _)| now.saturating_duration_since(*at) < SHOWN_ALLOCATION_AGE);
+        if recent.len() >= SHOWN_ALLOCATIONS {
+            recent.clear();
+        }
+    }
+    recent.insert(key.into(), (now, bytes));
     bytes
+}
+
+/// `allocated_bytes`, looked up from a descriptor of the file's directory kept open
+/// (`fstatat`), so the kernel resolves one name instead of the whole path: the
+/// volumes directory lives as long as the service. Falls back to the path.
+fn allocated_bytes_in_dir(path: &Path) -> u64 {
+    use std::collections::HashMap;
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::sync::{LazyLock, Mutex};
+    // Never closed (so a descriptor read from the map stays valid once the lock is
+    // released): at most `MAX_DIRS`, then the path is used.
+    static DIRS: LazyLock<Mutex<HashMap<PathBuf, OwnedFd>>> = LazyLock::new(Mutex::default);
+    /// Directories kept open (normally one: the volumes directory).
+    const MAX_DIRS: usize = 16;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return allocated_bytes(path);
+    };
+    let Ok(name) = std::ffi::CString::new(name.as_bytes()) else {
+        return allocated_bytes(path);
+    };
+    let mut dirs = DIRS.lock().expect("directories lock");
+    let fd = match dirs.get(dir) {
+        Some(fd) => fd.as_raw_fd(),
+        None => {
+            if dirs.len() >= MAX_DIRS {
+                return allocated_bytes(path);
+            }
+            let Ok(opened) = std::fs::File::open(dir) else {
+                return allocated_bytes(path);
+            };
+            let fd = OwnedFd::from(opened);
+            let raw = fd.as_raw_fd();
+            dirs.insert(dir.to_owned(), fd);
+            raw
+        }
+    };
+    drop(dirs);
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an open directory descriptor never closed, `name` a valid
+    // NUL-terminated string and `stat` a writable struct stat.
+    let found = unsafe { libc::fstatat(fd, name.as_ptr(), &mut stat, 0) } == 0;
+    if found {
+        stat.st_blocks as u64 * 512
+    } else {
+        0
+    }
 }
 
 /// Fill the planner's allocation figures from the files.
@@ -192,4 +255,23 @@ pub fn insufficient_storage(needed: u64, available: u64) -> Error {
         ),
         serde_json::json!({ "needed_bytes": needed, "available_bytes": available }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_measured_from_its_directory_takes_what_its_path_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layer.qcow2");
+        std::fs::write(&path, vec![7u8; 256 * 1024]).unwrap();
+        let expected = allocated_bytes(&path);
+        assert!(expected >= 256 * 1024, "{expected}");
+        assert_eq!(allocated_bytes_in_dir(&path), expected);
+        assert_eq!(shown_allocation(&path), expected);
+        // A missing file, in a directory already open and in one that does not exist.
+        assert_eq!(allocated_bytes_in_dir(&dir.path().join("gone.qcow2")), 0);
+        assert_eq!(allocated_bytes_in_dir(&dir.path().join("no/such.qcow2")), 0);
+    }
 }
