@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Path, State};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -352,20 +352,18 @@ problems!(GetSnapshotProblems = SNAPSHOT);
         (status = 200, description = "The snapshot", body = SnapshotView),
         GetSnapshotProblems,
     ))]
-async fn get_snapshot(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<axum::Json<SnapshotView>> {
+async fn get_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let snapshot_id = parse_id(&id, ErrorCode::SnapshotNotFound, "snapshot")?;
     let kept = state
         .read_model
-        .view("snapshot", snapshot_id, refresh_snapshot);
-    if let Some(view) = kept.await? {
-        return Ok(axum::Json(view));
+        .kept::<SnapshotView>("snapshot", snapshot_id);
+    if let Some(kept) = kept.await? {
+        let json = state.read_model.json(&kept, refresh_snapshot)?;
+        return Ok(super::json_answer(json));
     }
     let mut conn = state.db.reader().await?;
     let (snapshot, vm) = find_snapshot(&mut conn, &id).await?;
-    Ok(axum::Json(snapshot_view(state.views(), &vm, snapshot)))
+    Ok(axum::Json(snapshot_view(state.views(), &vm, snapshot)).into_response())
 }
 
 /// Each layer's allocation, as it is now (a merge into it grows it).
