@@ -13,7 +13,6 @@
 //! request: a change some event does not report would show up there. Its kept JSON,
 //! filled with markers, must also be the view serialised with the same markers.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -27,9 +26,12 @@ use crate::store::{Db, views::ViewCache};
 
 /// A part of a view that comes from outside the database when it is read: a file's
 /// allocation, or whether a running VM's QEMU answered strata's last contact.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The file's allocation is held, not its path: a read takes its figure without a
+/// look-up (`files::Allocation`).
+#[derive(Debug, Clone)]
 pub enum Outside {
-    Allocation(PathBuf),
+    Allocation(Arc<crate::files::Allocation>),
     Contact(Uuid),
 }
 
@@ -58,13 +60,17 @@ pub trait Parts {
     }
 }
 
+fn allocation(path: &str) -> Arc<crate::files::Allocation> {
+    crate::files::allocation(std::path::Path::new(path))
+}
+
 impl Parts for super::vms::VmView {
     fn mark_outside(&mut self, marked: bool) -> Option<Vec<Outside>> {
         let mut parts = Vec::new();
         for disk in &mut self.disks {
             for entry in &mut disk.chain {
                 entry.allocated_bytes = u64::from(marked);
-                parts.push(Outside::Allocation(PathBuf::from(&entry.path)));
+                parts.push(Outside::Allocation(allocation(&entry.path)));
             }
         }
         if let Some(runtime) = &mut self.runtime {
@@ -84,7 +90,7 @@ impl Parts for super::snapshots::SnapshotView {
         let mut parts = Vec::new();
         for volume in &mut self.volumes {
             volume.allocated_bytes = u64::from(marked);
-            parts.push(Outside::Allocation(PathBuf::from(&volume.path)));
+            parts.push(Outside::Allocation(allocation(&volume.path)));
         }
         Some(parts)
     }
@@ -274,9 +280,8 @@ impl ReadModel {
         };
         let live = &self.renderer.live;
         let text = template.fill(|part, out| match part {
-            Outside::Allocation(path) => {
-                let bytes = crate::files::shown_allocation(path);
-                out.extend_from_slice(bytes.to_string().as_bytes());
+            Outside::Allocation(file) => {
+                out.extend_from_slice(file.shown().to_string().as_bytes());
             }
             Outside::Contact(vm) => out.extend_from_slice(match live.last_contact(*vm) {
                 Some(true) => b"true",
@@ -399,8 +404,8 @@ mod tests {
         contact: Option<bool>,
     ) -> String {
         let text = template.fill(|part, out| match part {
-            Outside::Allocation(path) => {
-                out.extend_from_slice(allocation(path).to_string().as_bytes())
+            Outside::Allocation(file) => {
+                out.extend_from_slice(allocation(file.path()).to_string().as_bytes())
             }
             Outside::Contact(_) => {
                 out.extend_from_slice(serde_json::to_string(&contact).unwrap().as_bytes())
