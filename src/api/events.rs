@@ -18,6 +18,7 @@ use utoipa_axum::routes;
 
 use super::extract::Query;
 use super::problem::problems;
+use super::read_model::{Kept, Parts};
 use super::{AppState, Views};
 use crate::domain::{Uuid, VmKind};
 use crate::error::{Error, ErrorCode, Result};
@@ -308,7 +309,7 @@ impl Render for ViewRenderer {
             let view = match kind {
                 "vm" | "template" => match store::vms::get_vm(conn, id).await? {
                     Some(vm) if vm.kind == VmKind::Vm => {
-                        to_json(super::vms::vm_view(views, conn, vm).await?)
+                        kept_json(super::vms::vm_view(views, conn, vm).await?)
                     }
                     Some(template) => {
                         to_json(super::templates::template_view(views, conn, template).await?)
@@ -324,14 +325,32 @@ impl Render for ViewRenderer {
                 },
                 "snapshot" => match store::snapshots::get(conn, id).await? {
                     Some(snapshot) => match store::vms::get_vm(conn, snapshot.vm_id).await? {
-                        Some(vm) => to_json(super::snapshots::snapshot_view(views, &vm, snapshot)),
+                        Some(vm) => {
+                            kept_json(super::snapshots::snapshot_view(views, &vm, snapshot))
+                        }
                         None => None,
                     },
                     None => None,
                 },
+                store::views::VM_SNAPSHOTS => match store::vms::get_vm(conn, id).await? {
+                    Some(vm) if vm.kind == VmKind::Vm => {
+                        let snapshots = store::snapshots::list(conn, id, None, u32::MAX).await?;
+                        let items = snapshots
+                            .into_iter()
+                            .map(|s| super::snapshots::snapshot_view(views, &vm, s))
+                            .collect();
+                        Some(Rendered::typed(Kept::plain(
+                            super::snapshots::VmSnapshots {
+                                current_snapshot_id: vm.current_snapshot_id,
+                                items,
+                            },
+                        )))
+                    }
+                    _ => None,
+                },
                 "job" => store::jobs::get(conn, id)
                     .await?
-                    .and_then(|job| to_json(super::jobs::JobView::from(job))),
+                    .and_then(|job| kept_json(super::jobs::JobView::from(job))),
                 "schedule" => match store::schedules::get(conn, id).await? {
                     Some(schedule) => {
                         to_json(super::schedules::schedule_view(conn, schedule).await?)
@@ -348,11 +367,24 @@ impl Render for ViewRenderer {
     }
 }
 
-/// The view as the event's JSON and, typed, for the read model.
+/// The view as the event's JSON and, kept with its own JSON, for the read model
+/// (the kinds it serves: `read_model::Kept`).
+fn kept_json<V>(view: V) -> Option<Rendered>
+where
+    V: serde::Serialize + Clone + Parts + Send + Sync + 'static,
+{
+    let json = serde_json::to_value(&view).ok()?;
+    Some(Rendered {
+        json: Some(json),
+        view: Arc::new(Kept::new(view)),
+    })
+}
+
+/// The view as the event's JSON and, typed, for what else reads it.
 fn to_json<V: serde::Serialize + Send + Sync + 'static>(view: V) -> Option<Rendered> {
     let json = serde_json::to_value(&view).ok()?;
     Some(Rendered {
-        json,
+        json: Some(json),
         view: Arc::new(view),
     })
 }

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -306,7 +306,7 @@ async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(wait): Query<WaitQuery>,
-) -> Result<axum::Json<JobView>> {
+) -> Result<Response> {
     let id = parse_id(&id, ErrorCode::JobNotFound, "job")?;
     let wait = wait.wait.unwrap_or(0);
     if wait > MAX_WAIT_SECONDS {
@@ -323,12 +323,18 @@ async fn get_job(
     let mut changes = state.engine.subscribe();
     loop {
         let refresh = |view: &mut JobView| refresh_job(&state, view);
-        let view = match state.read_model.view("job", id, refresh).await? {
-            Some(view) => view,
-            None => live_view(&state, load(&state, id).await?),
-        };
-        if view.status.is_terminal() || tokio::time::Instant::now() >= deadline {
-            return Ok(axum::Json(view));
+        match state.read_model.kept::<JobView>("job", id).await? {
+            Some(kept) => {
+                if kept.view.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+                    return Ok(super::json_answer(state.read_model.json(&kept, refresh)?));
+                }
+            }
+            None => {
+                let view = live_view(&state, load(&state, id).await?);
+                if view.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+                    return Ok(axum::Json(view).into_response());
+                }
+            }
         }
         // Wake on any job change, or poll now and then in case a change raced us.
         let _ = tokio::time::timeout_at(

@@ -318,6 +318,18 @@ pub fn accepted(job: jobs::JobView) -> Response {
     located(StatusCode::ACCEPTED, job, &location)
 }
 
+/// 200 with a body already serialised as JSON (a view the read model kept).
+pub fn json_answer(body: bytes::Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
 /// An answer with a JSON body and a `Location` header naming the resource.
 pub fn located(status: StatusCode, body: impl serde::Serialize, location: &str) -> Response {
     let mut response = (status, axum::Json(body)).into_response();

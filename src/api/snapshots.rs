@@ -1,7 +1,9 @@
 //! `/v1/vms/{id}/snapshots` and `/v1/snapshots/{id}`: the snapshot tree of a VM.
 
+use std::collections::HashMap;
+
 use axum::extract::{Path, State};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -108,6 +110,14 @@ pub struct SnapshotTree {
     pub roots: Vec<SnapshotNode>,
 }
 
+/// Every snapshot of a VM in creation order, as the read model keeps it
+/// (`store::views::VM_SNAPSHOTS`): both listings are cut from it. Not an API type.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmSnapshots {
+    pub current_snapshot_id: Option<Uuid>,
+    pub items: Vec<SnapshotView>,
+}
+
 /// `?view=list` (default) or `?view=tree`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
@@ -212,17 +222,26 @@ pub(crate) fn snapshot_view(views: Views, vm: &Vm, snapshot: Snapshot) -> Snapsh
     }
 }
 
-fn build_tree(parent: Option<Uuid>, views: &mut Vec<SnapshotView>) -> Vec<SnapshotNode> {
-    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(views)
-        .into_iter()
-        .partition(|v| v.parent_id == parent);
-    *views = rest;
-    mine.into_iter()
-        .map(|snapshot| {
-            let children = build_tree(Some(snapshot.id), views);
-            SnapshotNode { snapshot, children }
-        })
-        .collect()
+/// The snapshots as a forest, each node's children in the order given (creation
+/// order). Snapshots whose parent is not among them are left out, as unreachable.
+fn build_tree(views: Vec<SnapshotView>) -> Vec<SnapshotNode> {
+    let mut children: HashMap<Option<Uuid>, Vec<SnapshotView>> = HashMap::new();
+    for view in views {
+        children.entry(view.parent_id).or_default().push(view);
+    }
+    fn nodes(
+        parent: Option<Uuid>,
+        children: &mut HashMap<Option<Uuid>, Vec<SnapshotView>>,
+    ) -> Vec<SnapshotNode> {
+        let mine = children.remove(&parent).unwrap_or_default();
+        mine.into_iter()
+            .map(|snapshot| {
+                let children = nodes(Some(snapshot.id), children);
+                SnapshotNode { snapshot, children }
+            })
+            .collect()
+    }
+    nodes(None, &mut children)
 }
 
 async fn find_snapshot(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<(Snapshot, Vm)> {
@@ -284,32 +303,42 @@ async fn list_snapshots(
     Query(page_query): Query<PageQuery>,
 ) -> Result<axum::Json<SnapshotListing>> {
     let (limit, cursor) = page_query.parse()?;
-    let mut conn = state.db.reader().await?;
-    let vm = find_vm(&mut conn, &id).await?;
+    let vm_id = parse_id(&id, ErrorCode::VmNotFound, "VM")?;
+    // Refreshed below, only for what is answered.
+    let kept = state
+        .read_model
+        .view(store::views::VM_SNAPSHOTS, vm_id, |_: &mut VmSnapshots| {});
+    let Some(all) = kept.await? else {
+        // Not a VM: which answer (none, or a template).
+        find_vm(&mut *state.db.reader().await?, &id).await?;
+        return Err(Error::problem(
+            ErrorCode::VmNotFound,
+            format!("VM {id} does not exist"),
+        ));
+    };
+    let VmSnapshots {
+        current_snapshot_id,
+        mut items,
+    } = all;
     Ok(axum::Json(match query.view.unwrap_or_default() {
         ListView::List => {
-            let rows = store::snapshots::list(&mut conn, vm.id, cursor, limit + 1).await?;
-            let (rows, next_cursor) = page(rows, limit, |s| s.id);
+            // Creation order is id order (UUIDv7): the page starts after the cursor.
+            let start = cursor.map_or(0, |c| items.partition_point(|s| s.id <= c));
+            let rows: Vec<SnapshotView> = items.drain(start..).take(limit as usize + 1).collect();
+            let (mut rows, next_cursor) = page(rows, limit, |s| s.id);
+            rows.iter_mut().for_each(refresh_snapshot);
             SnapshotListing::List(SnapshotList {
-                items: rows
-                    .into_iter()
-                    .map(|s| snapshot_view(state.views(), &vm, s))
-                    .collect(),
+                items: rows,
                 next_cursor,
-                current_snapshot_id: vm.current_snapshot_id,
+                current_snapshot_id,
             })
         }
         ListView::Tree => {
-            let rows = store::snapshots::list(&mut conn, vm.id, None, u32::MAX).await?;
-            let mut views: Vec<SnapshotView> = rows
-                .into_iter()
-                .map(|s| snapshot_view(state.views(), &vm, s))
-                .collect();
-            let roots = build_tree(None, &mut views);
+            items.iter_mut().for_each(refresh_snapshot);
             SnapshotListing::Tree(SnapshotTree {
-                vm_id: vm.id,
-                current_snapshot_id: vm.current_snapshot_id,
-                roots,
+                vm_id,
+                current_snapshot_id,
+                roots: build_tree(items),
             })
         }
     }))
@@ -323,20 +352,18 @@ problems!(GetSnapshotProblems = SNAPSHOT);
         (status = 200, description = "The snapshot", body = SnapshotView),
         GetSnapshotProblems,
     ))]
-async fn get_snapshot(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<axum::Json<SnapshotView>> {
+async fn get_snapshot(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let snapshot_id = parse_id(&id, ErrorCode::SnapshotNotFound, "snapshot")?;
     let kept = state
         .read_model
-        .view("snapshot", snapshot_id, refresh_snapshot);
-    if let Some(view) = kept.await? {
-        return Ok(axum::Json(view));
+        .kept::<SnapshotView>("snapshot", snapshot_id);
+    if let Some(kept) = kept.await? {
+        let json = state.read_model.json(&kept, refresh_snapshot)?;
+        return Ok(super::json_answer(json));
     }
     let mut conn = state.db.reader().await?;
     let (snapshot, vm) = find_snapshot(&mut conn, &id).await?;
-    Ok(axum::Json(snapshot_view(state.views(), &vm, snapshot)))
+    Ok(axum::Json(snapshot_view(state.views(), &vm, snapshot)).into_response())
 }
 
 /// Each layer's allocation, as it is now (a merge into it grows it).

@@ -189,15 +189,14 @@ async fn list_templates(
 ) -> Result<axum::Json<TemplateList>> {
     let (limit, cursor) = page_query.parse()?;
     let mut conn = state.db.reader().await?;
-    let rows = store::vms::list_vms(
-        &mut conn,
-        VmKind::Template,
-        filter.name.as_deref(),
-        None,
-        cursor,
-        limit + 1,
-    )
-    .await?;
+    let selected = store::vms::VmPage {
+        kind: VmKind::Template,
+        name: filter.name.as_deref(),
+        label: None,
+        after: cursor,
+        limit: limit + 1,
+    };
+    let rows = store::vms::list_vms(&mut conn, selected).await?;
     let (rows, next_cursor) = page(rows, limit, |t| t.id);
     let mut items = Vec::with_capacity(rows.len());
     for template in rows {

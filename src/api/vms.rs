@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, HashSet};
 
 use axum::extract::{Path, State};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -441,32 +441,41 @@ async fn list_vms(
     State(state): State<AppState>,
     Query(filter): Query<VmFilter>,
     Query(page_query): Query<PageQuery>,
-) -> Result<axum::Json<VmList>> {
+) -> Result<Response> {
     let (limit, cursor) = page_query.parse()?;
     let mut conn = state.db.reader().await?;
-    let rows = store::vms::list_vms(
-        &mut conn,
-        VmKind::Vm,
-        filter.name.as_deref(),
-        filter.label()?,
-        cursor,
-        limit + 1,
-    )
-    .await?;
+    let selected = store::vms::VmPage {
+        kind: VmKind::Vm,
+        name: filter.name.as_deref(),
+        label: filter.label()?,
+        after: cursor,
+        limit: limit + 1,
+    };
+    let ids = store::vms::list_vm_ids(&mut conn, selected).await?;
     drop(conn);
-    let (rows, next_cursor) = page(rows, limit, |vm| vm.id);
+    let (ids, next_cursor) = page(ids, limit, |id| *id);
     let views = state.views();
-    let mut items = Vec::with_capacity(rows.len());
-    for vm in rows {
-        let kept = state
-            .read_model
-            .view("vm", vm.id, |view| refresh_vm(views, view));
+    // A `VmList`, written from each VM's kept JSON.
+    let mut body = Vec::with_capacity(64 + ids.len() * 4096);
+    body.extend_from_slice(b"{\"items\":[");
+    let mut first = true;
+    for id in ids {
         // Gone since the page was read: left out, as if the page had been read later.
-        if let Some(view) = kept.await? {
-            items.push(view);
+        let Some(kept) = state.read_model.kept::<VmView>("vm", id).await? else {
+            continue;
+        };
+        if !std::mem::take(&mut first) {
+            body.push(b',');
         }
+        let json = state
+            .read_model
+            .json(&kept, |view| refresh_vm(views, view))?;
+        body.extend_from_slice(&json);
     }
-    Ok(axum::Json(VmList { items, next_cursor }))
+    body.extend_from_slice(b"],\"next_cursor\":");
+    serde_json::to_writer(&mut body, &next_cursor).map_err(|e| Error::Internal(e.to_string()))?;
+    body.push(b'}');
+    Ok(super::json_answer(body.into()))
 }
 
 problems!(GetVmProblems = VM);
@@ -477,22 +486,19 @@ problems!(GetVmProblems = VM);
         (status = 200, description = "The VM", body = VmView),
         GetVmProblems,
     ))]
-async fn get_vm(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<axum::Json<VmView>> {
+async fn get_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response> {
     let vm_id = parse_id(&id, ErrorCode::VmNotFound, "VM")?;
     let views = state.views();
-    let kept = state
-        .read_model
-        .view("vm", vm_id, |view| refresh_vm(views, view));
-    if let Some(view) = kept.await? {
-        return Ok(axum::Json(view));
+    if let Some(kept) = state.read_model.kept::<VmView>("vm", vm_id).await? {
+        let json = state
+            .read_model
+            .json(&kept, |view| refresh_vm(views, view))?;
+        return Ok(super::json_answer(json));
     }
     // Not a VM: which answer (none, or a template).
     let mut conn = state.db.reader().await?;
     let vm = find_vm(&mut conn, &id).await?;
-    Ok(axum::Json(vm_view(views, &mut conn, vm).await?))
+    Ok(axum::Json(vm_view(views, &mut conn, vm).await?).into_response())
 }
 
 /// Bring a VM's view up to date in what changes without a write: the allocation of

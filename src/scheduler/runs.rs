@@ -184,15 +184,14 @@ async fn target_vms(conn: &mut sqlx::SqliteConnection, target: &ScheduleTarget) 
             let mut vms = Vec::new();
             let mut after = None;
             loop {
-                let page = store::vms::list_vms(
-                    conn,
-                    VmKind::Vm,
-                    None,
-                    Some((key.as_str(), value.as_str())),
+                let selected = store::vms::VmPage {
+                    kind: VmKind::Vm,
+                    name: None,
+                    label: Some((key.as_str(), value.as_str())),
                     after,
-                    SELECTOR_PAGE,
-                )
-                .await?;
+                    limit: SELECTOR_PAGE,
+                };
+                let page = store::vms::list_vms(conn, selected).await?;
                 after = page.last().map(|vm| vm.id);
                 let full = page.len() == SELECTOR_PAGE as usize;
                 vms.extend(page);

@@ -37,8 +37,19 @@ pub struct Event {
 /// A resource's view as the renderer made it: its JSON, for the event, and the typed
 /// view itself, for the read model (`store::views`).
 pub struct Rendered {
-    pub json: serde_json::Value,
+    /// None for a view no event carries (one composed of several resources).
+    pub json: Option<serde_json::Value>,
     pub view: View,
+}
+
+impl Rendered {
+    /// A view for the read model only.
+    pub fn typed<V: Send + Sync + 'static>(view: V) -> Self {
+        Self {
+            json: None,
+            view: Arc::new(view),
+        }
+    }
 }
 
 /// A future rendering a resource's view.
@@ -106,9 +117,9 @@ fn split(event_type: &str) -> (&str, Action) {
     (kind, action)
 }
 
-/// An event row of the transaction in progress: id, type, resource id, and who asked
-/// when its trigger knew (a job's rows name their requester).
-type Pending = (i64, String, String, Option<String>);
+/// An event row of the transaction in progress: id, type, resource id, who asked when
+/// its trigger knew (a job's rows name their requester), and the VM it concerns.
+type Pending = (i64, String, String, Option<String>, Option<String>);
 
 /// One event per change a client can see: the rows one transaction's statements
 /// produced, folded. A resource created and then changed is one `created` (its view is
@@ -173,7 +184,7 @@ pub async fn seal(
     at: Timestamp,
 ) -> Result<Sealed> {
     let rows: Vec<Pending> = sqlx::query_as(
-        "SELECT id, type, resource_id, requested_by FROM events WHERE data IS NULL ORDER BY id",
+        "SELECT id, type, resource_id, requested_by, vm_id FROM events WHERE data IS NULL ORDER BY id",
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -184,8 +195,8 @@ pub async fn seal(
     // whoever asked for the job: a snapshot's events say who asked for the snapshot.
     let job_actor = rows
         .iter()
-        .filter(|(_, event_type, _, _)| event_type.starts_with("job."))
-        .find_map(|(_, _, _, by)| by.clone());
+        .filter(|(_, event_type, _, _, _)| event_type.starts_with("job."))
+        .find_map(|(_, _, _, by, _)| by.clone());
     let actor = actor.map(str::to_owned).or(job_actor);
     let (kept, dropped) = fold(rows);
     if !dropped.is_empty() {
@@ -197,7 +208,7 @@ pub async fn seal(
     let at = ts(at);
     let mut applied = Vec::with_capacity(kept.len());
     let last_event = kept.iter().map(|row| row.0).max();
-    for (id, event_type, resource_id, requested_by) in kept {
+    for (id, event_type, resource_id, requested_by, vm_id) in kept {
         let (kind, action) = split(&event_type);
         let rendered: Option<Rendered> = match (action, outbox.render.get()) {
             (Action::Deleted, _) | (_, None) => None,
@@ -218,11 +229,12 @@ pub async fn seal(
             applied.push(Applied {
                 kind: kind.to_owned(),
                 id: resource,
+                vm: vm_id.as_deref().and_then(|vm| vm.parse().ok()),
                 view: rendered.as_ref().map(|r| Arc::clone(&r.view)),
             });
         }
         let mut data = rendered
-            .map(|r| r.json)
+            .and_then(|r| r.json)
             .unwrap_or_else(|| serde_json::json!({ "id": resource_id }));
         let requested_by = requested_by.or_else(|| actor.clone());
         // Who asked, also where the view itself does not say (a job's does).
@@ -340,7 +352,7 @@ mod tests {
         types
             .iter()
             .enumerate()
-            .map(|(i, (t, id))| (i as i64 + 1, t.to_string(), id.to_string(), None))
+            .map(|(i, (t, id))| (i as i64 + 1, t.to_string(), id.to_string(), None, None))
             .collect()
     }
 
@@ -348,7 +360,7 @@ mod tests {
         fold(rows(types))
             .0
             .into_iter()
-            .map(|(_, t, id, _)| (t, id))
+            .map(|(_, t, id, _, _)| (t, id))
             .collect()
     }
 

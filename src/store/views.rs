@@ -16,6 +16,12 @@
 //! Views are stored typed (the API layer's structs, behind `Any`): the API refreshes
 //! what changes without a write (a volume's allocation, a running VM's monitor
 //! contact, a running job's copy) on each read.
+//!
+//! Some views are composed of several resources of one VM (`VM_SNAPSHOTS`: every
+//! snapshot of a VM, which its snapshot tree and list are cut from). No event renders
+//! them: a reader renders and keeps them like any other, and a commit drops them
+//! whenever it changes anything of their VM (every event names the VM it concerns),
+//! so the next read renders them again.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -29,10 +35,19 @@ pub type View = Arc<dyn Any + Send + Sync>;
 /// Views kept per kind before some are evicted.
 const CAPACITY: usize = 200_000;
 
+/// The kind of the view of all of a VM's snapshots, kept by the VM's id.
+pub const VM_SNAPSHOTS: &str = "vm_snapshots";
+
+/// Kinds composed of a VM's resources, kept by the VM's id and dropped by any change
+/// to the VM.
+const PER_VM: &[&str] = &[VM_SNAPSHOTS];
+
 /// One change a committed transaction made: the view after it, or none (deleted).
 pub struct Applied {
     pub kind: String,
     pub id: Uuid,
+    /// The VM the changed resource belongs to, if any.
+    pub vm: Option<Uuid>,
     pub view: Option<View>,
 }
 
@@ -82,6 +97,13 @@ impl ViewCache {
         let mut inner = self.inner.lock().expect("view cache lock");
         inner.applied += 1;
         for change in changes {
+            if let Some(vm) = change.vm {
+                for kind in PER_VM {
+                    if let Some(views) = inner.views.get_mut(*kind) {
+                        views.remove(&vm);
+                    }
+                }
+            }
             match change.view {
                 Some(view) => insert(&mut inner, &change.kind, change.id, view),
                 None => {
@@ -140,6 +162,7 @@ mod tests {
         cache.apply(vec![Applied {
             kind: "vm".into(),
             id,
+            vm: None,
             view: Some(view("after")),
         }]);
         cache.fill("vm", id, view("before"), mark);
@@ -158,11 +181,13 @@ mod tests {
         cache.apply(vec![Applied {
             kind: "vm".into(),
             id,
+            vm: None,
             view: Some(view("v")),
         }]);
         cache.apply(vec![Applied {
             kind: "vm".into(),
             id,
+            vm: None,
             view: None,
         }]);
         assert_eq!(text(&cache, id), None);
@@ -173,12 +198,32 @@ mod tests {
     }
 
     #[test]
+    fn any_change_to_a_vm_drops_the_views_composed_of_its_resources() {
+        let cache = ViewCache::default();
+        let (vm, other, snapshot) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        for id in [vm, other] {
+            let mark = cache.mark();
+            cache.fill(VM_SNAPSHOTS, id, view("all snapshots"), mark);
+        }
+        cache.apply(vec![Applied {
+            kind: "snapshot".into(),
+            id: snapshot,
+            vm: Some(vm),
+            view: Some(view("renamed")),
+        }]);
+        assert!(cache.get(VM_SNAPSHOTS, vm).is_none());
+        assert!(cache.get(VM_SNAPSHOTS, other).is_some());
+        assert!(cache.get("snapshot", snapshot).is_some());
+    }
+
+    #[test]
     fn kinds_are_kept_apart() {
         let cache = ViewCache::default();
         let id = Uuid::now_v7();
         cache.apply(vec![Applied {
             kind: "template".into(),
             id,
+            vm: None,
             view: Some(view("t")),
         }]);
         assert!(cache.get("vm", id).is_none());

@@ -36,8 +36,14 @@ async fn a_read_right_after_each_acknowledged_write_shows_it() {
     let listed = read(&app, "/v1/vms?label=tier=web").await;
     assert_eq!(listed["items"][0]["name"], "after", "{listed}");
 
-    // The 202 of a snapshot: the job, the snapshot (creating or already ready) and
-    // the VM's count all show it in the very next reads.
+    // The VM's snapshots, read so that the (empty) listings are in memory.
+    let tree_path = format!("/v1/vms/{vm}/snapshots?view=tree");
+    let list_path = format!("/v1/vms/{vm}/snapshots");
+    assert_eq!(read(&app, &tree_path).await["roots"], json!([]));
+    assert_eq!(read(&app, &list_path).await["items"], json!([]));
+
+    // The 202 of a snapshot: the job, the snapshot (creating or already ready), the
+    // VM's count and its snapshot listings all show it in the very next reads.
     let job = app
         .accept(
             Method::POST,
@@ -50,6 +56,10 @@ async fn a_read_right_after_each_acknowledged_write_shows_it() {
     let snapshot = read(&app, &format!("/v1/snapshots/{}", job.target.id)).await;
     assert_eq!(snapshot["name"], "s1", "{snapshot}");
     assert_eq!(read(&app, &path).await["snapshot_count"], 1);
+    let tree = read(&app, &tree_path).await;
+    assert_eq!(tree["roots"][0]["name"], "s1", "{tree}");
+    let list = read(&app, &list_path).await;
+    assert_eq!(list["items"][0]["name"], "s1", "{list}");
 
     // The job's end, seen by its long-poll, is in every view read after it.
     let ended = app.wait_job(job.id).await;
@@ -66,6 +76,32 @@ async fn a_read_right_after_each_acknowledged_write_shows_it() {
         (&snapshot["status"], &snapshot["is_current"]),
         (&json!("ready"), &json!(true))
     );
+    let tree = read(&app, &tree_path).await;
+    assert_eq!(
+        (
+            &tree["current_snapshot_id"],
+            &tree["roots"][0]["is_current"]
+        ),
+        (&json!(job.target.id), &json!(true)),
+        "{tree}"
+    );
+
+    // A change to the snapshot alone (no other resource of the VM changes).
+    let (status, body) = app
+        .patch(
+            &format!("/v1/snapshots/{}", job.target.id),
+            json!({"name": "renamed", "hold": true}),
+        )
+        .await;
+    assert!(status.is_success(), "{body}");
+    let tree = read(&app, &tree_path).await;
+    assert_eq!(
+        (&tree["roots"][0]["name"], &tree["roots"][0]["hold"]),
+        (&json!("renamed"), &json!(true)),
+        "{tree}"
+    );
+    let list = read(&app, &list_path).await;
+    assert_eq!(list["items"][0]["name"], "renamed", "{list}");
 
     // A deletion: the snapshot goes, and the VM's view follows.
     app.run_job(
@@ -81,9 +117,13 @@ async fn a_read_right_after_each_acknowledged_write_shows_it() {
         (&now["snapshot_count"], &now["current_snapshot_id"]),
         (&json!(0), &Value::Null)
     );
+    assert_eq!(read(&app, &tree_path).await["roots"], json!([]));
+    assert_eq!(read(&app, &list_path).await["items"], json!([]));
 
     app.delete_vm(vm).await;
     let (status, _) = app.get(&path).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = app.get(&tree_path).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
