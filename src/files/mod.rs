@@ -194,21 +194,47 @@ fn allocated_bytes_in_dir(path: &Path) -> u64 {
 /// kept open (`fstatat`), so the kernel resolves one name instead of the whole path:
 /// for files in directories that live as long as the service (the volumes, the
 /// database's). None when it is missing. Falls back to the path.
+///
+/// A directory replaced at its path (a file system mounted over it, or it moved and
+/// made again) would keep answering through the old descriptor: at most once a second
+/// the descriptor is checked against the path and opened again if they differ, and a
+/// name the descriptor cannot find is looked up by path too.
 pub fn stat_in_dir(path: &Path) -> Option<libc::stat> {
     use std::collections::HashMap;
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::ffi::OsStrExt;
     use std::sync::{LazyLock, Mutex};
-    // Never closed (so a descriptor read from the map stays valid once the lock is
-    // released): at most `MAX_DIRS`, then the path is used.
-    static DIRS: LazyLock<Mutex<HashMap<PathBuf, OwnedFd>>> = LazyLock::new(Mutex::default);
-    /// Directories kept open (normally two: the volumes and the database's).
+    use std::time::{Duration, Instant};
+    struct Dir {
+        fd: OwnedFd,
+        checked: Instant,
+    }
+    #[derive(Default)]
+    struct Dirs {
+        open: HashMap<PathBuf, Dir>,
+        /// Descriptors replaced by a fresh one: never closed, so a descriptor read
+        /// from the map stays valid (and names the same directory) once the lock is
+        /// released.
+        retired: Vec<OwnedFd>,
+    }
+    static DIRS: LazyLock<Mutex<Dirs>> = LazyLock::new(Mutex::default);
+    /// Directories kept open (normally two: the volumes and the database's), and
+    /// descriptors retired; past either, the path is used.
     const MAX_DIRS: usize = 16;
+    const CHECK_EVERY: Duration = Duration::from_secs(1);
     let by_path = |path: &Path| {
         let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: a valid NUL-terminated path and a writable struct stat.
         (unsafe { libc::stat(c_path.as_ptr(), &mut stat) } == 0).then_some(stat)
+    };
+    let same_dir = |fd: &OwnedFd, dir: &Path| {
+        let mut held: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: an open descriptor and a writable struct stat.
+        let held_ok = unsafe { libc::fstat(fd.as_raw_fd(), &mut held) } == 0;
+        held_ok
+            && by_path(dir)
+                .is_some_and(|now| (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino))
     };
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return by_path(path);
@@ -216,11 +242,28 @@ pub fn stat_in_dir(path: &Path) -> Option<libc::stat> {
     let Ok(name) = std::ffi::CString::new(name.as_bytes()) else {
         return by_path(path);
     };
-    let mut dirs = DIRS.lock().expect("directories lock");
-    let fd = match dirs.get(dir) {
-        Some(fd) => fd.as_raw_fd(),
+    let mut guard = DIRS.lock().expect("directories lock");
+    let dirs = &mut *guard;
+    let stale = dirs
+        .open
+        .get(dir)
+        .is_some_and(|d| d.checked.elapsed() >= CHECK_EVERY && !same_dir(&d.fd, dir));
+    if stale {
+        if dirs.retired.len() >= MAX_DIRS {
+            return by_path(path);
+        }
+        let old = dirs.open.remove(dir).expect("checked above");
+        dirs.retired.push(old.fd);
+    }
+    let fd = match dirs.open.get_mut(dir) {
+        Some(held) => {
+            if held.checked.elapsed() >= CHECK_EVERY {
+                held.checked = Instant::now();
+            }
+            held.fd.as_raw_fd()
+        }
         None => {
-            if dirs.len() >= MAX_DIRS {
+            if dirs.open.len() >= MAX_DIRS {
                 return by_path(path);
             }
             let Ok(opened) = std::fs::File::open(dir) else {
@@ -228,15 +271,17 @@ pub fn stat_in_dir(path: &Path) -> Option<libc::stat> {
             };
             let fd = OwnedFd::from(opened);
             let raw = fd.as_raw_fd();
-            dirs.insert(dir.to_owned(), fd);
+            let checked = Instant::now();
+            dirs.open.insert(dir.to_owned(), Dir { fd, checked });
             raw
         }
     };
-    drop(dirs);
+    drop(guard);
     let mut stat: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is an open directory descriptor never closed, `name` a valid
     // NUL-terminated string and `stat` a writable struct stat.
-    (unsafe { libc::fstatat(fd, name.as_ptr(), &mut stat, 0) } == 0).then_some(stat)
+    let found = unsafe { libc::fstatat(fd, name.as_ptr(), &mut stat, 0) } == 0;
+    if found { Some(stat) } else { by_path(path) }
 }
 
 /// Fill the planner's allocation figures from the files.
@@ -335,6 +380,30 @@ pub fn insufficient_storage(needed: u64, available: u64) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by review: a directory replaced at its path (moved, made again; or a
+    /// mount over it) kept answering through the descriptor of the old one.
+    #[test]
+    fn a_directory_replaced_at_its_path_is_measured_anew() {
+        let root = tempfile::tempdir().unwrap();
+        let volumes = root.path().join("volumes");
+        std::fs::create_dir(&volumes).unwrap();
+        let path = volumes.join("a.qcow2");
+        std::fs::write(&path, vec![1u8; 64 * 1024]).unwrap();
+        let small = allocated_bytes(&path);
+        assert_eq!(allocated_bytes_in_dir(&path), small);
+        std::fs::rename(&volumes, root.path().join("old")).unwrap();
+        std::fs::create_dir(&volumes).unwrap();
+        std::fs::write(&path, vec![1u8; 1024 * 1024]).unwrap();
+        let big = allocated_bytes(&path);
+        assert!(big > small, "{big} {small}");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(allocated_bytes_in_dir(&path), big);
+        // And a name the old directory never had is found by its path at once.
+        let fresh = volumes.join("b.qcow2");
+        std::fs::write(&fresh, vec![1u8; 128 * 1024]).unwrap();
+        assert_eq!(allocated_bytes_in_dir(&fresh), allocated_bytes(&fresh));
+    }
 
     #[test]
     fn a_file_measured_from_its_directory_takes_what_its_path_says() {
