@@ -40,6 +40,18 @@ fn together_from(plan: &Plan, index: usize) -> usize {
     end
 }
 
+/// Write `plan` and the status flags it sets into `tx` as `job`'s journal, and show
+/// it on `job`: once `tx` commits, a restart resumes the job from its first step
+/// instead of planning it again (the caller's `job` is dropped if `tx` fails).
+pub(super) async fn journal_plan_in(tx: &mut store::Tx, job: &mut Job, plan: Plan) -> Result<()> {
+    store::apply(tx, &plan.mark).await?;
+    store::jobs::save_plan(tx, job.id, &plan).await?;
+    job.phase = Some(JobPhase::Executing);
+    job.next_step = 0;
+    job.plan = Some(plan);
+    Ok(())
+}
+
 /// How the plan's last step ended, for the commit.
 #[derive(Debug, Default)]
 struct LastStep {
@@ -118,13 +130,9 @@ impl Engine {
     /// Journal the plan, with the status flags it sets, before any file is touched.
     async fn journal_plan(&self, job: &mut Job, plan: Plan) -> Result<()> {
         let mut tx = self.begin_for(job).await?;
-        store::apply(&mut tx, &plan.mark).await?;
-        store::jobs::save_plan(&mut tx, job.id, &plan).await?;
+        journal_plan_in(&mut tx, job, plan).await?;
         tx.commit().await?;
         self.fault_point(job, "planned").await;
-        job.phase = Some(JobPhase::Executing);
-        job.next_step = 0;
-        job.plan = Some(plan);
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::super::{BOOKKEEPING_RETRIES, Engine, run};
 use crate::domain::plan::FileOp;
-use crate::domain::{Job, JobKind, JobPhase, JobStatus, Uuid};
+use crate::domain::{Job, JobKind, JobStatus, Uuid};
 use crate::error::{Error, Result};
 use crate::files::uploads;
 use crate::store;
@@ -145,11 +145,7 @@ impl Engine {
             tx.act_for(job.requested_by.as_deref());
             match run::plan_in(self, &mut tx, &job.spec, Some(job.seq)).await {
                 Ok(plan) => {
-                    store::apply(&mut tx, &plan.mark).await?;
-                    store::jobs::save_plan(&mut tx, job.id, &plan).await?;
-                    job.phase = Some(JobPhase::Executing);
-                    job.next_step = 0;
-                    job.plan = Some(plan);
+                    super::drive::journal_plan_in(&mut tx, job, plan).await?;
                     planned = true;
                 }
                 // SQLite may have rolled the transaction back behind it (and the
