@@ -244,24 +244,21 @@ pub fn stat_in_dir(path: &Path) -> Option<libc::stat> {
     };
     let mut guard = DIRS.lock().expect("directories lock");
     let dirs = &mut *guard;
-    let stale = dirs
-        .open
-        .get(dir)
-        .is_some_and(|d| d.checked.elapsed() >= CHECK_EVERY && !same_dir(&d.fd, dir));
-    if stale {
-        if dirs.retired.len() >= MAX_DIRS {
-            return by_path(path);
-        }
-        let old = dirs.open.remove(dir).expect("checked above");
-        dirs.retired.push(old.fd);
-    }
-    let fd = match dirs.open.get_mut(dir) {
-        Some(held) => {
-            if held.checked.elapsed() >= CHECK_EVERY {
-                held.checked = Instant::now();
+    if let Some(held) = dirs.open.get_mut(dir)
+        && held.checked.elapsed() >= CHECK_EVERY
+    {
+        if same_dir(&held.fd, dir) {
+            held.checked = Instant::now();
+        } else {
+            if dirs.retired.len() >= MAX_DIRS {
+                return by_path(path);
             }
-            held.fd.as_raw_fd()
+            let old = dirs.open.remove(dir).expect("found above");
+            dirs.retired.push(old.fd);
         }
+    }
+    let fd = match dirs.open.get(dir) {
+        Some(held) => held.fd.as_raw_fd(),
         None => {
             if dirs.open.len() >= MAX_DIRS {
                 return by_path(path);
