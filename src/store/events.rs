@@ -174,9 +174,24 @@ fn fold(rows: Vec<Pending>) -> (Vec<Pending>, Vec<i64>) {
     (out.into_iter().flatten().collect(), dropped)
 }
 
+/// An event's row as sealing leaves it: its view's JSON and who asked.
+struct SealedRow {
+    id: i64,
+    kind: String,
+    resource_id: String,
+    updated: bool,
+    data: String,
+    requested_by: Option<String>,
+}
+
 /// Seal the events of the transaction `conn` has open: fold them, render each one's
 /// view, stamp it with `at` and (unless a job's own row named its requester) `actor`.
 /// Returns the views for the read model, to apply once the transaction commits.
+///
+/// Apart from the renders, sealing costs at most four statements however many events
+/// the transaction made (each statement is a round trip to SQLite's thread, and this
+/// runs on the one writer): read them, find the updates that are no news, delete
+/// those and the folded ones, write the rest.
 pub async fn seal(
     conn: &mut SqliteConnection,
     outbox: &Outbox,
@@ -198,16 +213,10 @@ pub async fn seal(
         .filter(|(_, event_type, _, _, _)| event_type.starts_with("job."))
         .find_map(|(_, _, _, by, _)| by.clone());
     let actor = actor.map(str::to_owned).or(job_actor);
-    let (kept, dropped) = fold(rows);
-    if !dropped.is_empty() {
-        sqlx::query("DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))")
-            .bind(serde_json::to_string(&dropped).expect("ids serialise"))
-            .execute(&mut *conn)
-            .await?;
-    }
-    let at = ts(at);
+    let (kept, mut dropped) = fold(rows);
     let mut applied = Vec::with_capacity(kept.len());
     let last_event = kept.iter().map(|row| row.0).max();
+    let mut sealed = Vec::with_capacity(kept.len());
     for (id, event_type, resource_id, requested_by, vm_id) in kept {
         let (kind, action) = split(&event_type);
         let rendered: Option<Rendered> = match (action, outbox.render.get()) {
@@ -243,25 +252,40 @@ pub async fn seal(
                 .entry("requested_by")
                 .or_insert_with(|| by.clone().into());
         }
-        let data = data.to_string();
-        // A change that leaves the view as the resource's last event showed it (a
-        // journal write, a status set again) is not news.
-        if action == Action::Updated
-            && last_data(conn, kind, &resource_id, id).await? == Some(data.clone())
-        {
-            sqlx::query("DELETE FROM events WHERE id = ?")
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-            continue;
-        }
-        sqlx::query("UPDATE events SET data = ?, at = ?, requested_by = ? WHERE id = ?")
-            .bind(data)
-            .bind(&at)
-            .bind(requested_by)
-            .bind(id)
+        sealed.push(SealedRow {
+            id,
+            kind: kind.to_owned(),
+            resource_id,
+            updated: action == Action::Updated,
+            data: data.to_string(),
+            requested_by,
+        });
+    }
+    // A change that leaves the view as the resource's last event showed it (a
+    // journal write, a status set again) is not news. (Folding left at most one event
+    // per resource in this transaction, so "last" is an earlier transaction's.)
+    let no_news = repeated_views(conn, &sealed).await?;
+    sealed.retain(|row| !no_news.contains(&row.id));
+    dropped.extend(no_news);
+    if !dropped.is_empty() {
+        sqlx::query("DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(serde_json::to_string(&dropped).expect("ids serialise"))
             .execute(&mut *conn)
             .await?;
+    }
+    if !sealed.is_empty() {
+        let rows: Vec<_> = sealed
+            .iter()
+            .map(|row| serde_json::json!([row.id, row.data, row.requested_by]))
+            .collect();
+        sqlx::query(
+            "UPDATE events SET data = u.value ->> 1, at = ?, requested_by = u.value ->> 2
+               FROM json_each(?) u WHERE events.id = u.value ->> 0",
+        )
+        .bind(ts(at))
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(Sealed {
         applied,
@@ -269,23 +293,27 @@ pub async fn seal(
     })
 }
 
-/// The data of the last sealed event of resource `id` of `kind`, before event `before`.
-async fn last_data(
-    conn: &mut SqliteConnection,
-    kind: &str,
-    id: &str,
-    before: i64,
-) -> Result<Option<String>> {
+/// The `updated` events among `rows` whose view is the one the last sealed event of
+/// their resource carried, in one statement.
+async fn repeated_views(conn: &mut SqliteConnection, rows: &[SealedRow]) -> Result<Vec<i64>> {
+    let updates: Vec<_> = rows
+        .iter()
+        .filter(|row| row.updated)
+        .map(|row| serde_json::json!([row.id, row.kind, row.resource_id, row.data]))
+        .collect();
+    if updates.is_empty() {
+        return Ok(Vec::new());
+    }
     Ok(sqlx::query_scalar(
-        "SELECT data FROM events WHERE resource_id = ? AND id < ? AND data IS NOT NULL
-           AND substr(type, 1, length(?) + 1) = ? || '.'
-         ORDER BY id DESC LIMIT 1",
+        "SELECT u.value ->> 0 FROM json_each(?) u
+          WHERE (SELECT e.data FROM events e
+                  WHERE e.resource_id = u.value ->> 2 AND e.id < u.value ->> 0
+                    AND e.data IS NOT NULL
+                    AND substr(e.type, 1, length(u.value ->> 1) + 1) = (u.value ->> 1) || '.'
+                  ORDER BY e.id DESC LIMIT 1) = u.value ->> 3",
     )
-    .bind(id)
-    .bind(before)
-    .bind(kind)
-    .bind(kind)
-    .fetch_optional(&mut *conn)
+    .bind(serde_json::Value::Array(updates).to_string())
+    .fetch_all(&mut *conn)
     .await?)
 }
 
