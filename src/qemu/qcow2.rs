@@ -4,8 +4,7 @@
 //! [`empty_image_bytes`] is the pure part: the exact bytes `qemu-img create -f qcow2
 //! [-u -b NAME -F qcow2] PATH SIZE` (qemu-img 10, default options) writes, checked
 //! byte for byte against qemu-img by this module's tests. [`create_overlay`] puts them
-//! on disk durably, writing only the blocks that are not all zeros (the rest is a
-//! hole, which reads as zeros). Nothing else here: reading, checking or changing existing images
+//! on disk durably. Nothing else here: reading, checking or changing existing images
 //! stays with qemu-img.
 //!
 //! The layout qemu-img produces with its defaults (64 KiB clusters, version 3,
@@ -23,7 +22,7 @@
 //! 0x30000 bytes long.
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -240,7 +239,7 @@ fn put_u64(buf: &mut [u8], offset: usize, value: u64) {
 /// Blocking: call it from `spawn_blocking`.
 pub fn create_overlay(path: &Path, size_bytes: u64, backing: Option<&str>) -> io::Result<()> {
     let bytes = empty_image_bytes(size_bytes, backing)?;
-    let file = OpenOptions::new()
+    let mut file = OpenOptions::new()
         .write(true)
         // O_EXCL: a name collision must fail, never truncate the file there (which
         // `qemu-img create` does: it opens with O_CREAT and truncates to 0).
@@ -248,7 +247,14 @@ pub fn create_overlay(path: &Path, size_bytes: u64, backing: Option<&str>) -> io
         // qemu-img's mode, so these files look like the ones it made.
         .mode(0o644)
         .open(path)?;
-    let written = write_sparse(&file, &bytes)
+    // Every byte is written, zeros too, as qemu-img does: QEMU rewrites the header,
+    // refcount and table clusters whole, in place, and a hole there would need new
+    // blocks for it. On a full file system that turned the header rewrite of a
+    // rollback (`qemu-img rebase -u`) into ENOSPC ("No space left in the file
+    // header"), and the stream it undid could not roll back (found by the full-disk
+    // test when writing only the blocks that are not zeros was tried).
+    let written = file
+        .write_all(&bytes)
         .and_then(|()| file.sync_all())
         .and_then(|()| sync_parent_dir(path));
     if let Err(err) = written {
@@ -257,24 +263,6 @@ pub fn create_overlay(path: &Path, size_bytes: u64, backing: Option<&str>) -> io
         return Err(err);
     }
     Ok(())
-}
-
-/// The page size of the file systems volumes live on: a write is done per block.
-const BLOCK: usize = 4096;
-
-/// Write `bytes` to the new, empty `file`: only the blocks holding a byte that is not
-/// zero, then the length. An empty image is mostly zeros (a 1 GiB one is 192 KiB of
-/// which three blocks are not), and what is not written is a hole, which reads as
-/// zeros: the file's contents are `bytes` exactly, for a twentieth of the copying
-/// and of what its fsync writes.
-fn write_sparse(file: &File, bytes: &[u8]) -> io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    for (index, block) in bytes.chunks(BLOCK).enumerate() {
-        if block.iter().any(|&byte| byte != 0) {
-            file.write_all_at(block, (index * BLOCK) as u64)?;
-        }
-    }
-    file.set_len(bytes.len() as u64)
 }
 
 /// fsyncs the directory holding `path`, which makes a new entry in it durable.

@@ -262,10 +262,14 @@ pub async fn seal(
         });
     }
     // A change that leaves the view as the resource's last event showed it (a
-    // journal write, a status set again) is not news. (Folding left at most one event
-    // per resource in this transaction, so "last" is an earlier transaction's.)
+    // journal write, a status set again) is not news. (Folding keeps an `updated`
+    // event only as the one event of its resource in this transaction, so "last" is
+    // an earlier transaction's, or an earlier member's of the same group commit.)
     let no_news = repeated_views(conn, &sealed).await?;
-    sealed.retain(|row| !no_news.contains(&row.id));
+    if !no_news.is_empty() {
+        let no_news: std::collections::HashSet<i64> = no_news.iter().copied().collect();
+        sealed.retain(|row| !no_news.contains(&row.id));
+    }
     dropped.extend(no_news);
     if !dropped.is_empty() {
         sqlx::query("DELETE FROM events WHERE id IN (SELECT value FROM json_each(?))")
