@@ -583,17 +583,16 @@ pub fn report(figures: &ListingFigures) -> (String, Vec<String>) {
         fine_spread(&figures.vm_alone),
         fine_ms(p99(&figures.vm_alone))
     );
+    let (growth, rounds) = cpu_growth(figures);
     let _ = writeln!(
         s,
-        "\nAmong {} VMs ÷ alone: CPU time per read {:.2} (the median of {VM_ROUNDS} rounds of \
-         {VM_READS} reads each, {}; all the service's threads; target ≤ {GROWTH_TARGET}), \
+        "\nAmong {} VMs ÷ alone: CPU time per read {growth:.2} (the median of {VM_ROUNDS} rounds of \
+         {VM_READS} reads each, {rounds}; all the service's threads; target ≤ {GROWTH_TARGET}), \
          request to last byte {:.2} (medians). The reads alternate between the two \
          services; the CPU time is the goal, as the latency of a read this short moves \
          with whether it wakes an idle vCPU. The databases are seeded directly, without \
          image files (views show 0 bytes allocated).",
         FLEET.vms,
-        cpu_growth(figures).0,
-        cpu_growth(figures).1,
         ratio(median(&figures.vm_in_fleet), median(&figures.vm_alone))
     );
     let problems = figures.problems.clone();
