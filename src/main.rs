@@ -1,14 +1,6 @@
 use clap::Parser;
 use strata::config::{Cli, Command};
 
-/// mimalloc rather than the C library's allocator. Profiled under load, glibc's
-/// malloc and free (with `malloc_consolidate`) were a tenth of the CPU of a `GET`
-/// served from memory; in A/B runs with wrk, interleaved, the same code with
-/// mimalloc answered 9-13% more `GET /v1/jobs/{id}` and `GET /v1/vms/{id}` a second
-/// (10 of 12 pairs; docs/benchmarks.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
