@@ -280,14 +280,14 @@ pub async fn seal(
     if !sealed.is_empty() {
         let rows: Vec<_> = sealed
             .iter()
-            .map(|row| serde_json::json!([row.id, row.data, row.requested_by]))
+            .map(|row| (row.id, &row.data, &row.requested_by))
             .collect();
         sqlx::query(
             "UPDATE events SET data = u.value ->> 1, at = ?, requested_by = u.value ->> 2
                FROM json_each(?) u WHERE events.id = u.value ->> 0",
         )
         .bind(ts(at))
-        .bind(serde_json::Value::Array(rows).to_string())
+        .bind(serde_json::to_string(&rows).expect("rows serialise"))
         .execute(&mut *conn)
         .await?;
     }
@@ -303,7 +303,7 @@ async fn repeated_views(conn: &mut SqliteConnection, rows: &[SealedRow]) -> Resu
     let updates: Vec<_> = rows
         .iter()
         .filter(|row| row.updated)
-        .map(|row| serde_json::json!([row.id, row.kind, row.resource_id, row.data]))
+        .map(|row| (row.id, &row.kind, &row.resource_id, &row.data))
         .collect();
     if updates.is_empty() {
         return Ok(Vec::new());
@@ -316,7 +316,7 @@ async fn repeated_views(conn: &mut SqliteConnection, rows: &[SealedRow]) -> Resu
                     AND substr(e.type, 1, length(u.value ->> 1) + 1) = (u.value ->> 1) || '.'
                   ORDER BY e.id DESC LIMIT 1) = u.value ->> 3",
     )
-    .bind(serde_json::Value::Array(updates).to_string())
+    .bind(serde_json::to_string(&updates).expect("rows serialise"))
     .fetch_all(&mut *conn)
     .await?)
 }
